@@ -1,0 +1,1540 @@
+#!/usr/bin/env python
+"""
+dail.py -- Distribution Aligned Imitation Learning (DAIL; Mendes, Park, Ritter, arXiv 2602.02405) in one file.
+
+DAIL turns a few hundred expert solutions into training signal a model can actually learn from:
+  1. rewrite  the model re-writes each expert solution as its own trace, decoding token by token from two
+              prompts of itself: a proposer (default: the student prompt) and a validator (default: the
+              privileged prompt that sees the expert solution) that accepts a proposed token only when it
+              finds it likely (probability >= threshold).
+  2. train    contrastive self-distillation on those traces: pull the student toward the frozen model that
+              saw the solution (privileged), push it away from the frozen model that only saw the answer and
+              the intermediate results (shortcut).
+  3. eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
+
+Launch manual
+-------------
+CPU, the shipped tiny default (no GPU, no network; a few minutes on 2 cores):
+    pip install -r requirements.txt && python examples/quickstart.py
+
+One GPU, Qwen2.5-7B-Instruct, the released non-reasoning configuration:
+    python dail.py rewrite --model Qwen/Qwen2.5-7B-Instruct --data expert.jsonl --out runs/q7/traces.jsonl
+    python dail.py train   --model Qwen/Qwen2.5-7B-Instruct --data runs/q7/traces.jsonl --out runs/q7/model \
+                           --grad-checkpointing
+    python dail.py eval    --model runs/q7/model --data test.jsonl --out runs/q7/eval --engine vllm
+  Reasoning models (Qwen3): add --thinking to all three (rewrite then writes 256-token thinking prefixes
+  with threshold 1.0; train uses 3 epochs and max length 2048).
+
+Several GPUs (data parallel; the master process logs and saves, every rank takes its share of each step):
+    torchrun --standalone --nproc_per_node 8 dail.py train --model ... --data traces.jsonl --out runs/q7/model
+  rewrite and eval on several GPUs: run one process per GPU on a shard of the data, or use
+  `eval --engine vllm --tensor-parallel-size N`.
+
+Every run resumes: rerun the same command after an interruption and it continues where it stopped
+(rewrite and eval skip what is already written; train takes --resume and a --save-every checkpoint).
+
+The file reads top to bottom in the paper's order:
+  0. plumbing: arguments, errors, JSONL files, models        (not the method)
+  1. data: problems, expert solutions and their boxed answers
+  2. the three contexts of one model (all prompt text lives here)
+  3. step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
+  4. trace filtering, and the `rewrite` command
+  5. step 2, the contrastive self-distillation loss           (the part to copy)
+  6. training: minimal LoRA and a plain PyTorch loop, the `train` command
+  7. evaluation: the unbiased pass@k and the `eval` command
+  8. plumbing: the vLLM engine and the command line           (not the method)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# A hub id that cannot be reached must fail quickly with our message, not hang on retries.
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+
+
+# =====================================================================================================
+# 0. Plumbing: arguments (each field's help is its --help line), errors, JSONL files, models
+# =====================================================================================================
+def arg(default=None, help="", **kw):
+    """A dataclass field that becomes one command-line flag; `help` is its --help line."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# The authors' released configuration differs between non-reasoning (Qwen2.5-Instruct) and reasoning
+# (Qwen3, --thinking) models. Flags whose default is None take their value from here.
+RELEASED = {
+    False: dict(threshold=0.8, max_new_tokens=2048, epochs=5, max_len=12288),
+    True: dict(threshold=1.0, max_new_tokens=256, epochs=3, max_len=2048),
+}
+
+# Phrases that show a rewritten trace leans on the expert solution instead of deriving it. The filter
+# rejects traces containing any of them (case-insensitive); override with --leak-phrases.
+LEAK_PHRASES = (
+    "reference solution", "the reference", "provided solution", "given solution", "expert solution",
+    "the solution provided", "the provided", "the hint", "as shown in the solution",
+    "according to the solution", "worked solution",
+)
+
+
+@dataclass
+class CommonArgs:
+    model: str = arg(None, "local Hugging Face model folder, or a hub id (needs network access)", required=True)
+    data: str = arg(None, "input JSONL, one problem per line: problem, solution, optional answer and id",
+                    required=True)
+    out: str = arg(None, "where results go (see the command's description)", required=True)
+    seed: int = arg(0, "random seed (sampling, LoRA init, data order)")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    dtype: str = arg("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
+                                "switches to the released reasoning defaults")
+    max_prompt_len: int = arg(None, "longest prompt in tokens (default: the model's context length minus "
+                                    "--max-new-tokens); longer prompts are an error or a counted skip",
+                              type=int)
+
+
+@dataclass
+class RewriteArgs(CommonArgs):
+    # sampling, as released: 32 traces per problem, temperature 0.6, top-p 0.95, top-20 candidates
+    samples: int = arg(32, "traces decoded per problem")
+    propose: str = arg("student", "which context proposes tokens; the other one validates",
+                       choices=["student", "privileged"])
+    threshold: float = arg(None, "accept a proposed token when the validator's probability of it is >= this "
+                                 "(0: pure proposer, >=1: pure validator) [default 0.8; 1.0 with --thinking]",
+                           type=float)
+    retries: int = arg(5, "proposals drawn per step before falling back to the validator")
+    temperature: float = arg(0.6, "sampling temperature of both contexts (0: greedy)")
+    top_p: float = arg(0.95, "nucleus sampling mass of both contexts")
+    top_k: int = arg(20, "keep only the k most likely tokens of both contexts (0: all)")
+    max_new_tokens: int = arg(None, "token budget per trace [default 2048; 256 with --thinking]", type=int)
+    # filtering, as released: keep one passing trace per problem
+    keep_per_problem: int = arg(1, "traces kept per problem (the released code keeps 1)")
+    no_filter: bool = arg(False, "keep every trace up to --keep-per-problem, graded or not")
+    leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that "
+                                                    "mentions the reference ('' disables the check)")
+    # engine
+    batch_size: int = arg(32, "traces decoded together (each takes two rows: proposer and validator)")
+    engine: str = arg("hf", "hf: the token-by-token rollout; vllm/auto: vLLM when the threshold makes the "
+                            "rule a pure policy (0 or >= 1), else hf", choices=["hf", "vllm", "auto"])
+    tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
+    max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
+    gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
+
+
+@dataclass
+class TrainArgs(CommonArgs):
+    # what to optimise (the paper's method and its baselines)
+    objective: str = arg("dail", "dail: contrastive self-distillation; sft: cross-entropy (a baseline)",
+                         choices=["dail", "sft"])
+    sft_target: str = arg("trace", "sft only: the rewritten traces, or the raw expert solutions",
+                          choices=["trace", "expert"])
+    lam: float = arg(0.1, "weight of the subtracted shortcut KL (0: DAIL without the contrastive term)")
+    direction: str = arg("reverse", "reverse: KL(student||teacher); forward: KL(teacher||student)",
+                         choices=["reverse", "forward"])
+    # LoRA, as released: r = alpha = 32, no dropout, all attention and MLP projections
+    lora_rank: int = arg(32, "LoRA rank (0: full fine-tuning with a frozen copy as the reference)")
+    lora_alpha: float = arg(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "comma-separated names of the nn.Linear modules that get adapters")
+    # optimisation, as released: AdamW 2e-4, wd 0.01, 5 warm-up steps then linear decay, 16 sequences a step
+    lr: float = arg(2e-4, "peak learning rate")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    warmup_steps: int = arg(5, "linear warm-up steps, then linear decay to 0")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off); not stated by the authors")
+    batch_size: int = arg(16, "sequences per optimizer step, over all GPUs and micro-steps")
+    micro_batch_size: int = arg(1, "sequences per forward pass (gradient accumulation makes up the rest)")
+    epochs: int = arg(None, "passes over the traces [default 5; 3 with --thinking]", type=int)
+    max_steps: int = arg(None, "stop after this many optimizer steps (default: all epochs)", type=int)
+    max_len: int = arg(None, "drop (and count) examples whose longest context exceeds this many tokens "
+                             "[default 12288; 2048 with --thinking]", type=int)
+    # memory
+    grad_checkpointing: bool = arg(False, "recompute the backbone's activations in backward (long traces)")
+    loss_chunk: int = arg(1024, "response positions per chunk of the LM head + loss (bounds peak memory)")
+    # bookkeeping
+    log_every: int = arg(1, "print a log line every this many steps (metrics.jsonl gets every step)")
+    save_every: int = arg(0, "write a resumable checkpoint every this many steps (0: only at the end)")
+    resume: bool = arg(False, "continue from OUT/checkpoint.pt")
+
+
+@dataclass
+class EvalArgs(CommonArgs):
+    # as released: 128 samples, temperature 0.6, top-p 0.95
+    n: int = arg(128, "samples per problem")
+    k: str = arg(None, "comma-separated k for pass@k (default: 1, 2, 4, ... <= n)")
+    temperature: float = arg(0.6, "sampling temperature (0: greedy)")
+    top_p: float = arg(0.95, "nucleus sampling mass")
+    top_k: int = arg(0, "keep only the k most likely tokens (0: all)")
+    max_new_tokens: int = arg(4096, "token budget per sample")
+    batch_size: int = arg(64, "hf engine: sequences decoded together")
+    engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
+                      choices=["auto", "hf", "vllm"])
+    tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
+    max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
+    gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
+
+
+class DailError(Exception):
+    """A user-facing problem (bad input, missing file): printed as one line, exit code 2, no traceback."""
+
+
+def resolve_released(args):
+    """Fill the flags left at None with the released default of this model kind (see RELEASED)."""
+    for name, value in RELEASED[args.thinking].items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def read_jsonl(path, flag="--data"):
+    """[(line number, record)] of a JSONL file; any defect is a DailError naming the file and the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DailError(f"{flag} {path}: no such file")
+    records = []
+    try:
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                records.append((lineno, rec))
+    except UnicodeDecodeError as e:
+        raise DailError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not records:
+        raise DailError(f"{path}: empty file, no JSON lines")
+    return records
+
+
+def resume_jsonl(path):
+    """Records an earlier run wrote to `path` (an output file), [] if none.
+
+    Lines are appended one `write` at a time, so an interruption can only leave a half-written *last*
+    line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    data = p.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(p, "r+b") as f:
+            f.truncate(keep)
+        print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
+        data = data[:keep]
+    out = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DailError(f"{path}:{lineno}: corrupt line in an earlier run's output; "
+                                f"move the file away to start over") from None
+    return out
+
+
+def append_jsonl(f, record):
+    """One record, one write, flushed: an interruption never leaves a record half on disk but for the last."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def check_resume_config(path, config):
+    """An output may only be resumed with the settings that wrote it: compare with (or write) `path`."""
+    p = Path(path)
+    if p.exists():
+        old = json.loads(p.read_text())
+        diff = [k for k in config if k in old and old[k] != config[k]]
+        if diff:
+            k = diff[0]
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old[k]!r}, this run "
+                            f"asks for {k}={config[k]!r}; use another --out, or the same settings to resume")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(config, indent=2))
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DailError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_model_name(name):
+    """An existing folder, or something shaped like a hub id ("org/name"); a missing folder fails here."""
+    if Path(name).exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise DailError(f"--model {name}: no such model folder")
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    check_model_name(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # hub unreachable, bad folder, ...: one clear line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DailError(f"--model {name}: could not load the tokenizer ({msg[:200]}); a hub id needs network "
+                        f"access, or a local copy (HF_HUB_OFFLINE=1 uses the cache)") from None
+    if not getattr(tok, "chat_template", None):
+        raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name, device, dtype):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DailError(f"--model {name}: could not load the model ({msg[:200]})") from None
+    return model.to(device)
+
+
+def context_length(name):
+    """The model's context length from its config (no weights loaded), or None."""
+    from transformers import AutoConfig
+    try:
+        return getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
+    except Exception:
+        return None
+
+
+def stop_token_ids(tok, name):
+    """Tokens that end a response: the tokenizer's and generation config's EOS, and ChatML's end of turn."""
+    ids = {tok.eos_token_id}
+    try:
+        from transformers import GenerationConfig
+        eos = GenerationConfig.from_pretrained(name).eos_token_id
+        ids |= set(eos if isinstance(eos, (list, tuple)) else [eos])
+    except Exception:
+        pass  # no generation_config.json: the tokenizer's EOS is enough
+    ids.add(end_of_turn_id(tok))
+    return sorted(i for i in ids if i is not None)
+
+
+def end_of_turn_id(tok):
+    """The token that closes an assistant turn (ChatML's <|im_end|>, else EOS): what a trace learns to stop on."""
+    vocab = tok.get_vocab()
+    return vocab.get("<|im_end|>", tok.eos_token_id)
+
+
+def progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, dynamic_ncols=True, **kw)
+
+
+def save_plot(path, title, xlabel, ylabel, curves, logx=False):
+    """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# =====================================================================================================
+# 1. Data: problems, expert solutions and their boxed answers
+# =====================================================================================================
+def extract_boxed(text):
+    """Content of the *last* \\boxed{...} or \\fbox{...} in `text`, braces matched, or None.
+
+    Nested braces are kept whole (\\boxed{\\frac{1}{2}} -> \\frac{1}{2}); escaped braces \\{ \\} do not
+    count. The space form `\\boxed 5` gives the token after the space. None when there is no box, when the
+    last box is empty, or when its braces never close (a truncated box is no answer)."""
+    if not text:
+        return None
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    if text.startswith(" ", i):  # \boxed 5  (no braces: up to the next space or $)
+        m = re.match(r"\s+([^\s$]+)", text[i:])
+        return m.group(1) if m else None
+    if not text.startswith("{", i):
+        return None
+    depth, j = 0, i
+    while j < len(text):
+        ch = text[j]
+        if ch == "\\":  # skip the escaped character, e.g. \{ or \}
+            j += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                content = text[i + 1:j].strip()
+                return content or None
+        j += 1
+    return None
+
+
+def _braced_frac(s):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: give both arguments braces."""
+    out, i = [], 0
+    while True:
+        j = s.find("\\frac", i)
+        if j < 0:
+            out.append(s[i:])
+            return "".join(out)
+        out.append(s[i:j] + "\\frac")
+        i = j + 5
+        for _ in range(2):
+            if i < len(s) and s[i] == "{":
+                depth, k = 0, i
+                while k < len(s):
+                    depth += {"{": 1, "}": -1}.get(s[k], 0)
+                    if depth == 0:
+                        break
+                    k += 1
+                out.append(s[i:k + 1])
+                i = k + 1
+            elif i < len(s):
+                out.append("{" + s[i] + "}")
+                i += 1
+
+
+def normalize_answer(s):
+    """The normal form that `is_equiv` compares. In order: strip surrounding $ and \\( \\); drop \\left,
+    \\right, spacing commands and all whitespace; \\dfrac, \\tfrac -> \\frac; a whole-answer \\text{X} -> X,
+    else drop \\text{...} units, degrees (^\\circ) and percent signs; drop a leading `x=` and a trailing
+    period; remove thousands separators (1,000 and 1{,}000); brace \\frac and \\sqrt arguments
+    (\\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}); integer a/b -> \\frac{a}{b}."""
+    s = s.strip()
+    s = re.sub(r"^\$+|\$+$", "", s).strip()
+    s = re.sub(r"^\\\(|\\\)$", "", s)
+    s = re.sub(r"\\(left|right)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\[,;:! ]|~", "", s)
+    s = re.sub(r"\s+", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{(.*)\}", s)
+    if m:
+        s = m.group(1)
+    else:
+        s = re.sub(r"\\(?:text|mbox|mathrm)\{[^{}]*\}", "", s)
+    s = re.sub(r"\^\{?\\circ\}?|\\%|%", "", s)
+    s = re.sub(r"^[a-zA-Z]=", "", s)
+    s = s.rstrip(".")
+    s = s.replace("{,}", "")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    s = _braced_frac(s)
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    s = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", s)
+    return s
+
+
+def _as_number(s):
+    """A normalized answer as an exact Fraction (integers, decimals, integer fractions), else None."""
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    if m:
+        num, den = int(m.group(2)), int(m.group(3))
+        return None if den == 0 else Fraction(num, den) * (-1 if m.group(1) else 1)
+    if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", s):
+        return Fraction(s)
+    return None
+
+
+def is_equiv(pred, ref):
+    """True when two answers are equal after `normalize_answer`, as strings or as exact numbers
+    (0.5 == \\frac{1}{2}; 0.333 != \\frac13: no tolerance). None is never equivalent, not even to None."""
+    if pred is None or ref is None:
+        return False
+    a, b = normalize_answer(str(pred)), normalize_answer(str(ref))
+    if a == b:
+        return True
+    x, y = _as_number(a), _as_number(b)
+    return x is not None and x == y
+
+
+def load_problems(path, need_solution, need_answer):
+    """Validate a whole problem file before any model is loaded; a list of dicts with id (str), problem,
+    solution (or None) and answer (the `answer` field, else the last \\boxed{} of `solution`, else None)."""
+    problems, seen = [], {}
+    for lineno, rec in read_jsonl(path):
+        for name in ("problem", "solution") if need_solution else ("problem",):
+            if name not in rec:
+                raise DailError(f"{path}:{lineno}: field '{name}': missing")
+            if not isinstance(rec[name], str) or not rec[name].strip():
+                raise DailError(f"{path}:{lineno}: field '{name}': expected a non-empty string")
+        solution = rec.get("solution")
+        if solution is not None and not isinstance(solution, str):
+            raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
+        answer = rec.get("answer")
+        if answer is not None:
+            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+                raise DailError(f"{path}:{lineno}: field 'answer': expected a string or a number")
+            answer = str(answer)
+        else:
+            answer = extract_boxed(solution)
+        if need_answer and answer is None:
+            raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
+        pid = rec.get("id", lineno)
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
+        pid = str(pid)
+        if pid in seen:
+            raise DailError(f"{path}:{lineno}: field 'id': duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = lineno
+        problems.append(dict(id=pid, line=lineno, problem=rec["problem"], solution=solution, answer=answer))
+    return problems
+
+
+# =====================================================================================================
+# 2. The three contexts of one model: student x_s, privileged x_e, shortcut x_c
+#    All prompt text of dail.py is in this section (our own wording, written to the spec's intent).
+# =====================================================================================================
+ANSWER_FORMAT = "Reason step by step, and write the final answer inside \\boxed{{}}."  # {{}}: a .format template
+
+STUDENT_PROMPT = "{problem}\n\n" + ANSWER_FORMAT
+
+PRIVILEGED_PROMPT = """{problem}
+
+An expert's worked solution to this problem is below. It is private background for you, not text to copy.
+
+<expert_solution>
+{solution}
+</expert_solution>
+
+Now solve the problem yourself, as if you were seeing it for the first time:
+- never mention, quote or allude to the expert solution or to having had any help;
+- derive every intermediate result yourself instead of stating it;
+- take each step explicitly and do not jump to the answer; length is no concern.
+""" + ANSWER_FORMAT
+
+SHORTCUT_PROMPT = """{problem}
+
+Hint: the final answer is {answer}. Values that appear along the way: {results}.
+
+""" + ANSWER_FORMAT
+
+
+def intermediate_results(solution, limit=20):
+    """The results an expert solution states, without its method: the right-hand sides of equations
+    inside $...$ and every number, in order of appearance, without repeats, at most `limit`."""
+    found = []
+    for math_span in re.findall(r"\$([^$]+)\$|\\\((.+?)\\\)", solution):
+        rhs = (math_span[0] or math_span[1]).split("=")[-1].strip()
+        if re.search(r"\d", rhs) and len(rhs) <= 24:
+            found.append(rhs)
+    found += re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?", solution)
+    unique = list(dict.fromkeys(x.strip() for x in found if x.strip()))
+    return unique[:limit]
+
+
+def chat_prompt_ids(tok, user_text, thinking):
+    """Token ids of one user turn plus the assistant's generation prompt. With `thinking` the response
+    starts inside <think>. Templating goes through text and the ids are taken once, here: responses are
+    appended as ids, never decoded and re-encoded (re-tokenizing can change the response tokens)."""
+    text = tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=thinking)
+    if thinking and not text.rstrip().endswith("<think>"):
+        text += "<think>\n"
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def shorten_solution(solution):
+    """One shortening step for an over-long privileged prompt: cut before the last "Solution N:" marker
+    (keep the first solutions of a multi-solution write-up), else keep the first half."""
+    marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
+    if marks and marks[-1] > 0:
+        return solution[:marks[-1]].rstrip()
+    return solution[:len(solution) // 2]
+
+
+def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
+    """Prompt ids of the requested contexts for one problem (dict). The privileged solution is shortened
+    until the prompt fits; a student prompt that does not fit raises DailError."""
+    out = {}
+    if "student" in which:
+        out["student"] = chat_prompt_ids(tok, STUDENT_PROMPT.format(problem=problem["problem"]), thinking)
+        if max_prompt_len and len(out["student"]) > max_prompt_len:
+            raise DailError(f"line {problem['line']}: field 'problem': the prompt is {len(out['student'])} "
+                            f"tokens, over --max-prompt-len {max_prompt_len}")
+    if "privileged" in which:
+        solution = problem["solution"]
+        while True:
+            text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
+            out["privileged"] = chat_prompt_ids(tok, text, thinking)
+            if not max_prompt_len or len(out["privileged"]) <= max_prompt_len:
+                break
+            if not solution:
+                raise DailError(f"line {problem['line']}: field 'problem': the privileged prompt does not fit "
+                                f"--max-prompt-len {max_prompt_len} even without the solution")
+            solution = shorten_solution(solution)
+    if "shortcut" in which:
+        results = intermediate_results(problem["solution"] or "")
+        text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
+                                      results=", ".join(results) if results else "none")
+        out["shortcut"] = chat_prompt_ids(tok, text, thinking)
+    return out
+
+
+# =====================================================================================================
+# 3. Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
+# =====================================================================================================
+def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
+    """[B, V] logits -> [B, V] float32 sampling distribution, rows summing to 1. Order as in vLLM:
+    temperature, then top-k, then top-p (the smallest set of most likely tokens with mass >= top_p).
+    temperature 0 is greedy: a one-hot row on the argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p  # keep a token while the mass before it is < top_p
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def mix_step(p_propose, p_validate, threshold, retries=5, generator=None):
+    """The DAIL token rule, vectorized over a batch. p_propose, p_validate: [B, V] sampling distributions.
+    Returns tokens [B] (long) and accepted [B] (bool: the token is an accepted proposal).
+
+    Per row: draw up to `retries` candidates c ~ p_propose; take the first with p_validate[c] >= threshold;
+    if none passes, draw the token from p_validate (a fallback). With A = {v : p_validate[v] >= threshold}
+    and a = p_propose(A), the token's distribution is exactly
+
+        P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
+               (accepted mass 1 - (1-a)^R)                          (fallback mass (1-a)^R)
+
+    so threshold = 0 is pure proposer sampling (a = 1) and threshold > 1 pure validator sampling (a = 0)."""
+    draws = torch.multinomial(p_propose, retries, replacement=True, generator=generator)    # [B, R]
+    passes = p_validate.gather(1, draws) >= threshold                                       # [B, R]
+    accepted = passes.any(1)                                                                # [B]
+    first = passes.int().argmax(1, keepdim=True)              # index of the first passing draw (0 if none)
+    proposal = draws.gather(1, first).squeeze(1)                                            # [B]
+    fallback = torch.multinomial(p_validate, 1, generator=generator).squeeze(1)             # [B]
+    return torch.where(accepted, proposal, fallback), accepted
+
+
+def left_pad(seqs, pad_id, device):
+    """Lists of ids -> ids [N, L] left-padded, attention mask [N, L], position ids [N, L] counted from each
+    row's first real token (so a padded row computes exactly what it would alone)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@torch.no_grad()
+def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), on_step=None):
+    """Decode one response per trace that is shared by G contexts (G = 2 for rewrite: proposer, validator;
+    G = 1 for eval). contexts: B traces, each a list of G prompt-id lists.
+    choose(logits [G, b, V]) -> (tokens [b], accepted [b] bool or None) picks each active trace's token.
+
+    All G*B rows run as one batch: the prompts are prefilled once into a KV cache (left padding, position
+    ids from the mask), then every step feeds one token per row and grows the mask by one column. The
+    token chosen for a trace is appended to all its contexts, so they share the response ids exactly.
+    A trace stops at a stop token (not kept in its ids) or at the budget; finished rows leave the batch.
+    Returns per trace: dict(ids, finish_reason 'stop'|'length', n_accepted, n_fallback)."""
+    device = next(model.parameters()).device
+    B, G = len(contexts), len(contexts[0])
+    rows = [trace[g] for g in range(G) for trace in contexts]          # row g*B + i = context g of trace i
+    ids, mask, positions = left_pad(rows, pad_id, device)
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
+    next_pos = positions[:, -1] + 1                                           # [G*B]
+    active = list(range(B))                                                   # traces still decoding
+    results = [dict(ids=[], finish_reason="length", n_accepted=0, n_fallback=0) for _ in range(B)]
+    stop = set(stop_ids)
+    for step in range(max_new_tokens):
+        if banned_ids:
+            logits[:, list(banned_ids)] = float("-inf")
+        b = len(active)
+        tokens, accepted = choose(logits.reshape(G, b, -1))
+        tok_list = tokens.tolist()
+        acc_list = accepted.tolist() if accepted is not None else [False] * b
+        keep = []
+        for j, i in enumerate(active):
+            if tok_list[j] in stop:
+                results[i]["finish_reason"] = "stop"
+                continue
+            results[i]["ids"].append(tok_list[j])
+            results[i]["n_accepted" if acc_list[j] else "n_fallback"] += 1
+            keep.append(j)
+        if on_step:
+            on_step(b)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < b:  # drop finished traces from every context's rows, cache included
+            kept = torch.tensor(keep, device=device)
+            rows_kept = torch.cat([kept + g * b for g in range(G)])
+            cache.batch_select_indices(rows_kept)
+            mask, next_pos, tokens = mask[rows_kept], next_pos[rows_kept], tokens[kept]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return results
+
+
+# =====================================================================================================
+# 4. Trace filtering, and the `rewrite` command
+# =====================================================================================================
+def filter_reason(trace, answer, thinking, leak_phrases):
+    """Why a trace is rejected (None: it passes). Non-reasoning traces must finish, have a boxed answer
+    equal to the reference, and not mention the reference. Thinking prefixes are not graded."""
+    if thinking:
+        return None
+    if trace["finish_reason"] != "stop":
+        return "truncated"
+    if trace["pred"] is None:
+        return "no_answer"
+    if not is_equiv(trace["pred"], answer):
+        return "wrong_answer"
+    text = trace["response"].lower()
+    if any(p in text for p in leak_phrases):
+        return "mentions_reference"
+    return None
+
+
+def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
+    """Grade, filter and append one line per trace; `kept_count` (id -> kept so far) enforces the limit."""
+    for s, r in zip(samples, results):
+        text = tok.decode(r["ids"], skip_special_tokens=False)
+        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
+                     answer=problem["answer"], response=text, response_ids=r["ids"],
+                     finish_reason=r["finish_reason"], n_accepted=r["n_accepted"],
+                     n_fallback=r["n_fallback"], pred=None if args.thinking else extract_boxed(text))
+        reason = None if args.no_filter else filter_reason(trace, problem["answer"], args.thinking, leak_phrases)
+        if reason is None and kept_count.get(problem["id"], 0) >= args.keep_per_problem:
+            reason = "per_problem_limit"
+        trace["kept"], trace["reject_reason"] = reason is None, reason
+        kept_count[problem["id"]] = kept_count.get(problem["id"], 0) + (reason is None)
+        append_jsonl(f, trace)
+
+
+def rewrite_summary(traces, n_problems, skipped, args):
+    reasons = {}
+    for t in traces:
+        if t["reject_reason"]:
+            reasons[t["reject_reason"]] = reasons.get(t["reject_reason"], 0) + 1
+    tokens = sum(len(t["response_ids"]) for t in traces)
+    return dict(problems=n_problems, problems_skipped_too_long=skipped, traces=len(traces),
+                kept=sum(t["kept"] for t in traces),
+                problems_with_kept=len({t["id"] for t in traces if t["kept"]}), reject_reasons=reasons,
+                acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
+                mean_tokens=tokens / max(len(traces), 1),
+                finished=sum(t["finish_reason"] == "stop" for t in traces),
+                settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
+
+
+def cmd_rewrite(args):
+    """Write OUT (traces.jsonl: one line per trace) and rewrite_summary.json beside it."""
+    resolve_released(args)
+    problems = load_problems(args.data, need_solution=True, need_answer=True)
+    if args.samples < 1 or args.retries < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise DailError("--samples, --retries, --max-new-tokens and --batch-size must be >= 1")
+    out = Path(args.out)
+    check_resume_config(out.with_suffix(".config.json"), dict(
+        model=args.model, data=str(args.data), samples=args.samples, propose=args.propose,
+        threshold=args.threshold, retries=args.retries, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking,
+        keep_per_problem=args.keep_per_problem, no_filter=args.no_filter))
+    done = resume_jsonl(out)
+    tok = load_tokenizer(args.model)
+    max_prompt = args.max_prompt_len or max((context_length(args.model) or 0) - args.max_new_tokens, 0)
+    contexts, skipped = {}, 0
+    for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
+        try:
+            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student", "privileged"))
+        except DailError as e:
+            skipped += 1
+            print(f"skip: {args.data}:{str(e)}", file=sys.stderr)
+    written = {(t["id"], t["sample"]) for t in done}
+    todo = [(p, s) for p in problems if p["id"] in contexts for s in range(args.samples)
+            if (p["id"], s) not in written]
+    kept_count = {}
+    for t in done:
+        kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
+    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
+    engine = args.engine
+    pure = args.threshold <= 0 or args.threshold >= 1
+    if engine in ("vllm", "auto") and not pure:
+        print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
+              f"sampling cannot do; using the transformers engine", file=sys.stderr)
+        engine = "hf"
+    if engine == "auto":
+        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    if todo:
+        device = resolve_device(args.device)
+        banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
+        stop_ids = stop_token_ids(tok, args.model)
+        proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
+        print(f"rewrite: {len(todo)} traces to decode ({len(written)} already in {out}), engine {engine}",
+              file=sys.stderr)
+        with open(out, "a", encoding="utf-8") as f:
+            if engine == "vllm":
+                rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
+                             leak_phrases)
+            else:
+                rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
+                           leak_phrases, device)
+    traces = resume_jsonl(out)
+    summary = rewrite_summary(traces, len(problems), skipped, args)
+    (out.parent / "rewrite_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
+
+
+def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
+               device):
+    """The token-by-token rollout: both contexts of every trace in one batched forward per step."""
+    model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def choose(logits):  # [2, b, V]: row 0 the proposer, row 1 the validator
+        p_propose = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
+        p_validate = sampling_probs(logits[1], args.temperature, args.top_p, args.top_k)
+        return mix_step(p_propose, p_validate, args.threshold, args.retries, gen)
+
+    bar = progress(total=len(todo), desc="rewrite", unit="trace")
+    n_tok, n_acc, t0 = 0, 0, time.time()
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        ctx = [[contexts[p["id"]][proposer], contexts[p["id"]][validator]] for p, _ in batch]
+        results = decode(model, ctx, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
+        for (p, s), r in zip(batch, results):
+            write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+            n_tok += len(r["ids"])
+            n_acc += r["n_accepted"]
+        bar.update(len(batch))
+        bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
+    bar.close()
+
+
+# =====================================================================================================
+# 5. Step 2, the contrastive self-distillation loss
+# =====================================================================================================
+def kl(log_p, log_q):
+    """KL(p || q) over the last (vocabulary) dim, from log-probabilities: sum_v p(v) (log p(v) - log q(v)).
+    Same as F.kl_div(log_q, log_p, log_target=True, reduction='none').sum(-1): note that F.kl_div takes
+    its arguments in the reverse of the math's order (input = log q, target = log p)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="reverse"):
+    """Per-position KL terms [...]: (to the privileged teacher, to the shortcut), full vocabulary, float32.
+    Teacher and shortcut are constants (no gradient flows into them)."""
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_e = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    log_c = F.log_softmax(shortcut_logits.detach().float(), dim=-1)
+    if direction == "reverse":
+        return kl(log_s, log_e), kl(log_s, log_c)
+    if direction == "forward":
+        return kl(log_e, log_s), kl(log_c, log_s)
+    raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
+
+
+def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
+              num_tokens=None):
+    """The DAIL loss. Logits: [B, T, V], aligned (position t of all three predicts the same response token:
+    student = p_theta(.|x_s, y<t), teacher = p_theta0(.|x_e, y<t), shortcut = p_theta0(.|x_c, y<t));
+    mask: [B, T] bool, True on response positions.
+
+        reverse (released default):  L = sum_t [ KL(student || teacher) - lam * KL(student || shortcut) ] / N
+        forward:                     L = sum_t [ KL(teacher || student) - lam * KL(shortcut || student) ] / N
+
+    N = num_tokens when given (the response tokens of the whole optimizer step, all micro-batches and
+    ranks: then accumulation and data parallelism give the gradient of one big batch), else mask.sum().
+    The subtracted term is unbounded above, which is why both terms are returned for logging.
+    Returns (loss, {"kl_teacher": float, "kl_shortcut": float}), both terms summed over the mask / N."""
+    kl_teacher, kl_shortcut = dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction)
+    zero = kl_teacher.new_zeros(())
+    kl_teacher = torch.where(mask, kl_teacher, zero)    # where, not multiply: padding may hold inf/nan
+    kl_shortcut = torch.where(mask, kl_shortcut, zero)
+    n = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+    loss = (kl_teacher - lam * kl_shortcut).sum() / n
+    stats = {"kl_teacher": float(kl_teacher.detach().sum() / n), "kl_shortcut": float(kl_shortcut.detach().sum() / n)}
+    return loss, stats
+
+
+def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
+                      direction="reverse", num_tokens=None, chunk_size=1024):
+    """dail_loss from hidden states, chunk by chunk, so peak memory grows with chunk_size x V, not N x V.
+    h_*: [N, H] final hidden states at the N response positions, row-aligned across the three contexts
+    (teacher and shortcut ones computed without gradient). student_head / reference_head: the LM heads of
+    theta and theta0. Each chunk's logits are recomputed in backward (activation checkpointing).
+    Equal to dail_loss(student_head(h_student)[None], ..., mask=all True, ...)."""
+    def chunk_terms(hs, he, hc):
+        with torch.no_grad():
+            te, tc = reference_head(he), reference_head(hc)
+        kl_e, kl_c = dail_kl_terms(student_head(hs), te, tc, direction)       # [n], [n]
+        return (kl_e - lam * kl_c).sum(), kl_e.detach().sum(), kl_c.detach().sum()
+
+    n = num_tokens if num_tokens is not None else h_student.shape[0]
+    total, sum_e, sum_c = h_student.new_zeros((), dtype=torch.float32), 0.0, 0.0
+    for i in range(0, h_student.shape[0], chunk_size):
+        part = slice(i, i + chunk_size)
+        loss, e, c = torch.utils.checkpoint.checkpoint(chunk_terms, h_student[part], h_teacher[part],
+                                                       h_shortcut[part], use_reentrant=False)
+        total, sum_e, sum_c = total + loss, sum_e + float(e), sum_c + float(c)
+    return total / n, {"kl_teacher": sum_e / n, "kl_shortcut": sum_c / n}
+
+
+def chunked_sft_loss(h_student, targets, student_head, num_tokens=None, chunk_size=1024):
+    """Summed token cross-entropy / num_tokens from [N, H] hidden states and [N] targets, chunked like
+    chunked_dail_loss (the SFT baselines)."""
+    def chunk_terms(hs, y):
+        return F.cross_entropy(student_head(hs).float(), y, reduction="sum")
+
+    n = num_tokens if num_tokens is not None else h_student.shape[0]
+    total = h_student.new_zeros((), dtype=torch.float32)
+    for i in range(0, h_student.shape[0], chunk_size):
+        part = slice(i, i + chunk_size)
+        total = total + torch.utils.checkpoint.checkpoint(chunk_terms, h_student[part], targets[part],
+                                                          use_reentrant=False)
+    return total / n, {"ce": float(total.detach()) / n}
+
+
+# =====================================================================================================
+# 6. Training: minimal LoRA, sequences and masks, and a plain PyTorch loop (the `train` command)
+# =====================================================================================================
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B (A x): the base nn.Linear W is frozen, A [r, in] starts random and
+    B [out, r] at zero, so training starts from the base model exactly. The adapter is kept in float32."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + (self.dropout(x) @ a.T @ b.T) * self.scale
+
+
+def add_lora(model, targets, rank, alpha, dropout=0.0):
+    """Freeze `model` and wrap every nn.Linear named in `targets` (e.g. q_proj) in a LoRALinear."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name in targets:
+                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+                wrapped += 1
+    if not wrapped:
+        raise DailError(f"--lora-targets {','.join(targets)}: no such nn.Linear in the model")
+    return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within the block the LoRA model computes theta0, the initial model (no-op without adapters)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight (W += scale * B @ A, in float32) and unwrap it."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                w = child.base.weight
+                delta = child.scale * (child.lora_B.float() @ child.lora_A.float())
+                w.data = (w.data.float() + delta.to(w.device)).to(w.dtype)
+                setattr(module, name, child.base)
+    return model
+
+
+def lora_state(model):
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def tokenize_training_example(tok, record, contexts, args, eot):
+    """Ids of every context of one example: prompt ids + response ids (+ the end-of-turn token when the
+    trace finished, so the model learns to stop; thinking prefixes end at the budget and get none)."""
+    if args.objective == "sft" and args.sft_target == "expert":
+        response = tok(record["solution"], add_special_tokens=False)["input_ids"] + [eot]
+    else:
+        response = list(record["response_ids"]) + ([eot] if record["finish_reason"] == "stop" else [])
+    return {name: (prompt, response) for name, prompt in contexts.items()}
+
+
+def collate(pairs, pad_id):
+    """[(prompt ids, response ids)] -> right-padded ids [B, L], attention mask [B, L], and `predicts`
+    [B, L-1] bool: True where logits[:, p] predict a response token ids[:, p+1]. The distribution that
+    predicts response token t of a row therefore sits at position prompt_len + t - 1 (the released code's
+    mask started two positions late and ran one past the end)."""
+    width = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    is_response = torch.zeros((len(pairs), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, :len(p) + len(r)] = 1
+        is_response[i, len(p):len(p) + len(r)] = True
+    return ids, mask, is_response[:, 1:]
+
+
+def response_hidden(model, batch, device):
+    """Final hidden states at the positions that predict response tokens: [N, H] in (row, t) order, and
+    their targets [N]. Every context of an example has the same response, so the N rows of the student,
+    privileged and shortcut contexts line up one to one whatever their prompt lengths."""
+    ids, mask, predicts = (x.to(device) for x in batch)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state    # [B, L, H]
+    return hidden[:, :-1][predicts], ids[:, 1:][predicts]
+
+
+def micro_batch_loss(model, reference, examples, args, num_tokens, pad_id, device):
+    """Loss of one micro-batch, already divided by the optimizer step's token count (sum over micro-batches
+    and ranks = the per-token mean of the step). reference is theta0: the model itself with adapters off
+    (LoRA), or a frozen copy (full fine-tuning)."""
+    batch = collate([ex["student"] for ex in examples], pad_id)
+    h_student, targets = response_hidden(model, batch, device)
+    head = model.get_output_embeddings()
+    if args.objective == "sft":
+        return chunked_sft_loss(h_student, targets, head, num_tokens, args.loss_chunk)
+    with torch.no_grad(), adapters_off(reference):
+        h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in examples], pad_id), device)
+        h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in examples], pad_id), device)
+    return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(),
+                             args.lam, args.direction, num_tokens, args.loss_chunk)
+
+
+def lr_at(step, total_steps, peak, warmup):
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total_steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def load_training_records(args):
+    """The examples `train` learns from: kept traces (dail, sft on traces), or expert solutions (sft on
+    expert; either an expert JSONL or the traces file, one per problem)."""
+    rows = read_jsonl(args.data)
+    if args.objective == "sft" and args.sft_target == "expert":
+        if "response_ids" in rows[0][1]:  # a traces file: one expert solution per problem
+            first = {}
+            for lineno, r in rows:
+                first.setdefault(str(r.get("id", lineno)), (lineno, r))
+            rows = list(first.values())
+        records = []
+        for lineno, r in rows:
+            for name in ("problem", "solution"):
+                if not isinstance(r.get(name), str) or not r[name].strip():
+                    raise DailError(f"{args.data}:{lineno}: field '{name}': missing or not a non-empty string")
+            records.append(dict(r, line=lineno, answer=r.get("answer") or extract_boxed(r["solution"])))
+        return records, 0
+    records, not_kept = [], 0
+    for lineno, r in rows:
+        for name, kind in (("problem", str), ("solution", str), ("response_ids", list), ("finish_reason", str),
+                           ("kept", bool)):
+            if not isinstance(r.get(name), kind):
+                hint = " (train reads the traces.jsonl written by `rewrite`)" if name == "response_ids" else ""
+                raise DailError(f"{args.data}:{lineno}: field '{name}': missing or not a {kind.__name__}{hint}")
+        if not all(isinstance(t, int) for t in r["response_ids"]):
+            raise DailError(f"{args.data}:{lineno}: field 'response_ids': expected a list of token ids")
+        if r["kept"]:
+            records.append(dict(r, line=lineno, answer=r.get("answer") or extract_boxed(r["solution"])))
+        else:
+            not_kept += 1
+    if not records:
+        raise DailError(f"{args.data}: no trace has kept=true ({not_kept} rejected by the filter)")
+    return records, not_kept
+
+
+def cmd_train(args):
+    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/, metrics.jsonl,
+    metrics.png, train_summary.json, and checkpoint.pt (with --save-every, for --resume)."""
+    resolve_released(args)
+    records, not_kept = load_training_records(args)            # all input checks before any model loads
+    out = Path(args.out)
+    if args.batch_size < 1 or args.micro_batch_size < 1 or args.loss_chunk < 1:
+        raise DailError("--batch-size, --micro-batch-size and --loss-chunk must be >= 1")
+    if args.resume and not (out / "checkpoint.pt").exists():
+        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+
+    # ---- distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise --------
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        import torch.distributed as dist
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, resolve_device(args.device)
+    master = rank == 0
+    torch.manual_seed(args.seed)
+
+    # ---- sequences: three contexts per trace (student, privileged, shortcut), dropped when too long ---
+    tok = load_tokenizer(args.model)
+    eot = end_of_turn_id(tok)
+    which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
+    examples, too_long = [], 0
+    for r in records:
+        ex = tokenize_training_example(tok, r, build_contexts(tok, r, args.thinking, None, which), args, eot)
+        if max(len(p) + len(y) for p, y in ex.values()) > args.max_len:
+            too_long += 1
+        else:
+            examples.append(ex)
+    if master:
+        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
+              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
+    if not examples:
+        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
+
+    # ---- models: theta (trainable) and theta0 (the reference for the teacher and shortcut passes) ------
+    full_ft = args.lora_rank == 0
+    base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
+    model = load_model(args.model, device, base_dtype)
+    if full_ft:
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
+    else:
+        model = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+        reference = model                                    # same network, adapters switched off
+    if args.grad_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    autocast_dtype = resolve_dtype(args.dtype, device)
+    use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
+
+    # ---- data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
+    order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
+                            for e in range(args.epochs)])
+    total_steps = math.ceil(len(order) / args.batch_size)
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    start = 0
+    if args.resume:
+        ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        start = ckpt["step"]
+    metrics_path = out / "metrics.jsonl"
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept_lines))
+
+    def save_checkpoint(step):
+        trainable = {k: v for k, v in model.state_dict().items()
+                     if ".lora_" in k or full_ft}
+        torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
+                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                                 python=random.getstate()), args=dataclasses.asdict(args)),
+                   out / "checkpoint.pt.tmp")
+        os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")   # never a half-written checkpoint
+
+    # ---- the training loop --------------------------------------------------------------------------
+    bar = progress(range(start, total_steps), desc=f"train {args.objective}", unit="step", disable=not master)
+    for step in bar:
+        t0 = time.time()
+        # 1. learning rate of this step
+        lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # 2. this step's sequences; the loss is a mean over every response token of the step, all ranks
+        items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        num_tokens = sum(len(ex["student"][1]) for ex in items)
+        mine = items[rank::world]
+        micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+        # 3. micro-steps: forward, backward, gradients accumulate in .grad
+        logged = {}
+        for mb in micro:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                loss, stats = micro_batch_loss(model, reference, mb, args, num_tokens, tok.pad_token_id, device)
+            loss.backward()
+            logged["loss"] = logged.get("loss", 0.0) + float(loss.detach())
+            for k, v in stats.items():
+                logged[k] = logged.get(k, 0.0) + v
+        # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
+        if ddp:
+            for p in params:
+                if p.grad is None:                 # a rank with no sequence in a short last step
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            keys = sorted(logged)
+            sums = torch.tensor([logged[k] for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            logged = dict(zip(keys, sums.tolist()))
+        # 5. clip, step, zero
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # 6. log
+        if master:
+            rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens,
+                       tok_per_s=num_tokens / (time.time() - t0), **logged)
+            with open(metrics_path, "a") as f:
+                append_jsonl(f, rec)
+            if (step + 1) % args.log_every == 0:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "kl_teacher", "kl_shortcut", "ce")})
+        # 7. checkpoint
+        if master and args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(step + 1)
+
+    # ---- save: adapters alone, then the merged model that from_pretrained and vLLM load ------------------
+    if master:
+        if args.save_every:
+            save_checkpoint(total_steps)
+        if not full_ft:
+            from safetensors.torch import save_file
+            (out / "adapters").mkdir(exist_ok=True)
+            save_file(lora_state(model), str(out / "adapters" / "adapters.safetensors"))
+            (out / "adapters" / "adapter_config.json").write_text(json.dumps(dict(
+                base_model=args.model, rank=args.lora_rank, alpha=args.lora_alpha,
+                targets=args.lora_targets.split(",")), indent=2))
+            merge_lora(model)
+        if args.grad_checkpointing:
+            model.gradient_checkpointing_disable()
+            model.config.use_cache = True
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        metrics = resume_jsonl(metrics_path)
+        keys = [k for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if metrics and k in metrics[0]]
+        save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
+                  {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
+        (out / "train_summary.json").write_text(json.dumps(dict(
+            examples=len(examples), dropped_too_long=too_long, traces_not_kept=not_kept, steps=total_steps,
+            world_size=world, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args)), indent=2))
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# =====================================================================================================
+# 7. Evaluation: the unbiased pass@k, and the `eval` command
+# =====================================================================================================
+def pass_at_k(n, c, k):
+    """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
+
+        pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+
+    in the product form, which stays accurate for n in the thousands (no huge binomials).
+    Edge cases: 0.0 when c = 0; 1.0 when n - c < k (every k-subset holds a correct sample).
+    ValueError when k > n (the estimator needs n >= k) or the counts are invalid."""
+    if min(n, k) < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs n >= 1, k >= 1 and 0 <= c <= n; got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass_at_k needs n >= k; got n={n}, k={k}")
+    if c == 0:
+        return 0.0
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def parse_ks(spec, n):
+    """k values for pass@k: the --k list (each must be <= n), or 1, 2, 4, ... <= n, and n itself."""
+    if spec:
+        try:
+            ks = sorted({int(x) for x in spec.split(",") if x.strip()})
+        except ValueError:
+            raise DailError(f"--k {spec}: expected comma-separated integers") from None
+        if not ks or ks[0] < 1 or ks[-1] > n:
+            raise DailError(f"--k {spec}: every k must be in 1..n (n = {n}); the unbiased estimator needs n >= k")
+        return ks
+    return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+
+
+def eval_summary(lines, ks):
+    """Mean pass@k over problems, response-length figures, and answer-extraction counts."""
+    all_tokens = [t for r in lines for t in r["n_tokens"]]
+    correct_tokens = [t for r in lines for t, ok in zip(r["n_tokens"], r["correct"]) if ok]
+    return dict(
+        problems=len(lines),
+        pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
+                   for k in ks},
+        mean_tokens=float(np.mean(all_tokens)) if all_tokens else None,
+        mean_tokens_correct=float(np.mean(correct_tokens)) if correct_tokens else None,
+        samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
+        problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
+        truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]))
+
+
+def cmd_eval(args):
+    """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
+    (the settings a resumed run must match)."""
+    problems = load_problems(args.data, need_solution=False, need_answer=True)
+    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise DailError("--n, --max-new-tokens and --batch-size must be >= 1")
+    ks = parse_ks(args.k, args.n)
+    out = Path(args.out)
+    check_resume_config(out / "eval_config.json", dict(
+        model=args.model, data=str(args.data), n=args.n, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking))
+    samples_path = out / "samples.jsonl"
+    done = {r["id"] for r in resume_jsonl(samples_path)}
+    tok = load_tokenizer(args.model)
+    max_prompt = args.max_prompt_len or max((context_length(args.model) or 0) - args.max_new_tokens, 0)
+    prompts = {}
+    for p in problems:
+        try:
+            prompts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student",))["student"]
+        except DailError as e:  # every problem counts in pass@k: a prompt that cannot fit is an error
+            raise DailError(f"{args.data}:{e}") from None
+    todo = [p for p in problems if p["id"] not in done]
+    position = {p["id"]: i for i, p in enumerate(problems)}          # per-problem seeds: seed + position
+    engine = args.engine
+    if engine == "auto":
+        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    t0, n_new = time.time(), 0
+    if todo:
+        stop_ids = stop_token_ids(tok, args.model)
+        print(f"eval: {len(todo)} problems x {args.n} samples ({len(done)} already in {samples_path}), "
+              f"engine {engine}", file=sys.stderr)
+        sampler = make_sampler(engine, args, tok, stop_ids)
+        # problems per call: the hf engine decodes --batch-size rows at a time; vLLM batches on its own
+        per_call = max(1, args.batch_size // args.n) if engine == "hf" else max(1, 8192 // args.n)
+        bar = progress(total=len(todo), desc="eval", unit="problem")
+        with open(samples_path, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), per_call):
+                chunk = todo[start:start + per_call]
+                outputs = sampler([prompts[p["id"]] for p in chunk],
+                                  [args.seed + position[p["id"]] for p in chunk])
+                for p, samples in zip(chunk, outputs):
+                    texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
+                    preds = [extract_boxed(t) for t in texts]
+                    correct = [is_equiv(x, p["answer"]) for x in preds]
+                    append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
+                                         n_correct=sum(correct), responses=texts, preds=preds, correct=correct,
+                                         n_tokens=[len(s["ids"]) for s in samples],
+                                         finish_reasons=[s["finish_reason"] for s in samples]))
+                    n_new += len(samples)
+                bar.update(len(chunk))
+        bar.close()
+    lines = resume_jsonl(samples_path)
+    summary = eval_summary(lines, ks)
+    summary.update(engine=engine, samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None,
+                   settings=dataclasses.asdict(args))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
+              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True)
+    print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
+    return summary
+
+
+def make_sampler(engine, args, tok, stop_ids):
+    """sampler(prompt id lists, seeds) -> per prompt, args.n dicts (ids, finish_reason), from one engine."""
+    if engine == "vllm":
+        llm = load_vllm(args)
+
+        def sample_vllm(prompts, seeds):
+            return vllm_sample(llm, prompts, args.n, args, stop_ids, seeds)
+        return sample_vllm
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def choose(logits):  # [1, b, V]: one context, plain sampling
+        probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1), None
+
+    def sample_hf(prompts, seeds):
+        rows = [[p] for p in prompts for _ in range(args.n)]
+        results = []
+        for i in range(0, len(rows), args.batch_size):
+            results += decode(model, rows[i:i + args.batch_size], choose, args.max_new_tokens, stop_ids,
+                              tok.pad_token_id)
+        return [results[j * args.n:(j + 1) * args.n] for j in range(len(prompts))]
+    return sample_hf
+
+
+# =====================================================================================================
+# 8. Plumbing: the vLLM engine (optional import) and the command line
+# =====================================================================================================
+def vllm_available():
+    try:
+        import vllm  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def load_vllm(args):
+    try:
+        import vllm
+    except ImportError:
+        raise DailError("--engine vllm: vLLM is not installed; `pip install -r requirements-vllm.txt` "
+                        "(GPU), or use --engine hf") from None
+    device = resolve_device(args.device) if args.device != "auto" else None
+    dtype = "auto" if args.dtype == "auto" else args.dtype
+    if dtype == "auto" and not torch.cuda.is_available():
+        dtype = "float32"
+    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+    else:
+        kw["enforce_eager"] = True
+    return vllm.LLM(**kw)
+
+
+def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=()):
+    """n samples per prompt (given as token ids, so both engines see the same prompt) with one request per
+    prompt and a per-prompt seed. Returns per prompt, n dicts (ids without the stop token, finish_reason)."""
+    from vllm import SamplingParams
+    params = [SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k if args.top_k > 0 else -1, max_tokens=args.max_new_tokens,
+                             seed=s, stop_token_ids=list(stop_ids), skip_special_tokens=False,
+                             logit_bias={t: -100.0 for t in banned_ids} or None) for s in seeds]
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    stop = set(stop_ids)
+    results = []
+    for o in outs:
+        samples = []
+        for c in o.outputs:
+            ids = list(c.token_ids)
+            finished = c.finish_reason == "stop"
+            if finished and ids and ids[-1] in stop:
+                ids = ids[:-1]
+            samples.append(dict(ids=ids, finish_reason="stop" if finished else "length"))
+        results.append(samples)
+    return results
+
+
+def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
+    """Rewrite at a pure-policy threshold as ordinary batched sampling: threshold >= 1 samples the
+    validator context (every token a fallback), threshold 0 the proposer (every token accepted)."""
+    llm = load_vllm(args)
+    context = validator if args.threshold >= 1 else proposer
+    by_problem = {}
+    for p, s in todo:
+        by_problem.setdefault(p["id"], (p, []))[1].append(s)
+    groups = list(by_problem.values())
+    bar = progress(total=len(todo), desc="rewrite (vLLM)", unit="trace")
+    per_call = max(1, 8192 // args.samples)
+    for start in range(0, len(groups), per_call):
+        chunk = groups[start:start + per_call]
+        # one request per problem; a problem resumed half-way asks for its missing samples only
+        outs = vllm_sample(llm, [contexts[p["id"]][context] for p, _ in chunk], args.samples, args, stop_ids,
+                           [args.seed + p["line"] for p, _ in chunk], banned)
+        for (p, samples), results in zip(chunk, outs):
+            results = results[:len(samples)]
+            for r in results:
+                n = len(r["ids"])
+                r["n_accepted"], r["n_fallback"] = (0, n) if args.threshold >= 1 else (n, 0)
+            write_traces(f, tok, args, p, samples, results, kept_count, leak_phrases)
+            bar.update(len(samples))
+    bar.close()
+
+
+COMMANDS = {
+    "rewrite": (RewriteArgs, cmd_rewrite, "Step 1: rewrite expert solutions into the model's own traces "
+                                          "(mixed-policy rollout), then filter them. OUT is traces.jsonl."),
+    "train": (TrainArgs, cmd_train, "Step 2: contrastive self-distillation on the kept traces (or the SFT "
+                                    "baselines). OUT is a folder; the merged model is saved there."),
+    "eval": (EvalArgs, cmd_eval, "Sample n responses per problem from the student prompt, grade the boxed "
+                                 "answers, report the unbiased pass@k. OUT is a folder."),
+}
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(prog="dail.py", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{rewrite,train,eval}")
+    for name, (cls, _, doc) in COMMANDS.items():
+        p = sub.add_parser(name, help=doc, description=doc)
+        for f in dataclasses.fields(cls):
+            meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
+            helptext = meta.pop("help") + ("" if f.default is None else f" (default: {f.default})")
+            if isinstance(f.default, bool):
+                p.add_argument(flag, action="store_true", help=helptext.replace(" (default: False)", ""))
+            else:
+                kind = meta.pop("type", type(f.default) if f.default is not None else str)
+                p.add_argument(flag, type=kind, default=f.default, help=helptext, **meta)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cls, run, _ = COMMANDS[args.command]
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    try:
+        run(cls(**values))
+    except DailError as e:
+        print(f"dail.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
