@@ -1385,6 +1385,7 @@ def cmd_eval(args):
                     n_new += len(samples)
                 bar.update(len(chunk))
         bar.close()
+        sampler.close()
     lines = resume_jsonl(samples_path)
     summary = eval_summary(lines, ks)
     summary.update(engine=engine, samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None,
@@ -1403,6 +1404,7 @@ def make_sampler(engine, args, tok, stop_ids):
 
         def sample_vllm(prompts, seeds):
             return vllm_sample(llm, prompts, args.n, args, stop_ids, seeds)
+        sample_vllm.close = lambda: close_vllm(llm)
         return sample_vllm
 
     device = resolve_device(args.device)
@@ -1420,6 +1422,7 @@ def make_sampler(engine, args, tok, stop_ids):
             results += decode(model, rows[i:i + args.batch_size], choose, args.max_new_tokens, stop_ids,
                               tok.pad_token_id)
         return [results[j * args.n:(j + 1) * args.n] for j in range(len(prompts))]
+    sample_hf.close = lambda: None
     return sample_hf
 
 
@@ -1458,6 +1461,8 @@ def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=()):
     """n samples per prompt (given as token ids, so both engines see the same prompt) with one request per
     prompt and a per-prompt seed. Returns per prompt, n dicts (ids without the stop token, finish_reason)."""
     from vllm import SamplingParams
+    copies = n if args.temperature == 0 else 1       # vLLM refuses n > 1 when greedy: the samples are equal
+    n = 1 if args.temperature == 0 else n
     params = [SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k if args.top_k > 0 else -1, max_tokens=args.max_new_tokens,
                              seed=s, stop_token_ids=list(stop_ids), skip_special_tokens=False,
@@ -1473,8 +1478,18 @@ def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=()):
             if finished and ids and ids[-1] in stop:
                 ids = ids[:-1]
             samples.append(dict(ids=ids, finish_reason="stop" if finished else "length"))
-        results.append(samples)
+        results.append([dict(s) for s in samples for _ in range(copies)])
     return results
+
+
+def close_vllm(llm):
+    """Tear an LLM's process-wide state down now. Left to a later garbage collection, it can happen while
+    the next LLM of the same process starts, and take that one's parallel groups with it."""
+    import gc
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
 
 
 def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
@@ -1501,6 +1516,7 @@ def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, ba
             write_traces(f, tok, args, p, samples, results, kept_count, leak_phrases)
             bar.update(len(samples))
     bar.close()
+    close_vllm(llm)
 
 
 COMMANDS = {
