@@ -33,16 +33,16 @@ Several GPUs (data parallel; the master process logs and saves, every rank takes
 Every run resumes: rerun the same command after an interruption and it continues where it stopped
 (rewrite and eval skip what is already written; train takes --resume and a --save-every checkpoint).
 
-The file reads top to bottom in the paper's order:
-  0. plumbing: arguments, errors, JSONL files, models        (not the method)
-  1. data: problems, expert solutions and their boxed answers
-  2. the three contexts of one model (all prompt text lives here)
-  3. step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
-  4. trace filtering, and the `rewrite` command
-  5. step 2, the contrastive self-distillation loss           (the part to copy)
-  6. training: minimal LoRA and a plain PyTorch loop, the `train` command
-  7. evaluation: the unbiased pass@k and the `eval` command
-  8. plumbing: the vLLM engine and the command line           (not the method)
+The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
+  Plumbing: arguments, errors, JSONL files, models            (not the method)
+  Data: problems, expert solutions and their boxed answers
+  Three contexts of one model (all prompt text lives here)
+  Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
+  Step 1, filtering the traces, and the rewrite command
+  Step 2, the contrastive self-distillation loss              (the part to copy)
+  Step 2, training: minimal LoRA and a plain PyTorch loop, the train command
+  Evaluation: the unbiased pass@k and the eval command
+  Plumbing: the vLLM engine and the command line              (not the method)
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
 
 # =====================================================================================================
-# 0. Plumbing: arguments (each field's help is its --help line), errors, JSONL files, models
+# Plumbing: arguments (each field help is its --help line), errors, JSONL files, models
 # =====================================================================================================
 def arg(default=None, help="", **kw):
     """A dataclass field that becomes one command-line flag; `help` is its --help line."""
@@ -346,6 +346,14 @@ def context_length(name):
         return None
 
 
+def prompt_budget(args):
+    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit)."""
+    if args.max_prompt_len is not None:
+        return args.max_prompt_len
+    n = context_length(args.model)
+    return None if n is None else max(n - args.max_new_tokens, 0)
+
+
 def stop_token_ids(tok, name):
     """Tokens that end a response: the tokenizer's and generation config's EOS, and ChatML's end of turn."""
     ids = {tok.eos_token_id}
@@ -392,7 +400,7 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False):
 
 
 # =====================================================================================================
-# 1. Data: problems, expert solutions and their boxed answers
+# Data: problems, expert solutions and their boxed answers
 # =====================================================================================================
 def extract_boxed(text):
     """Content of the *last* \\boxed{...} or \\fbox{...} in `text`, braces matched, or None.
@@ -532,13 +540,14 @@ def load_problems(path, need_solution, need_answer):
         if pid in seen:
             raise DailError(f"{path}:{lineno}: field 'id': duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = lineno
-        problems.append(dict(id=pid, line=lineno, problem=rec["problem"], solution=solution, answer=answer))
+        problems.append(dict(id=pid, index=len(problems), where=f"{path}:{lineno}", problem=rec["problem"],
+                             solution=solution, answer=answer))
     return problems
 
 
 # =====================================================================================================
-# 2. The three contexts of one model: student x_s, privileged x_e, shortcut x_c
-#    All prompt text of dail.py is in this section (our own wording, written to the spec's intent).
+# Three contexts of one model: student x_s, privileged x_e, shortcut x_c
+#   (all prompt text of dail.py is in this section: our own wording, written to the method's intent)
 # =====================================================================================================
 ANSWER_FORMAT = "Reason step by step, and write the final answer inside \\boxed{{}}."  # {{}}: a .format template
 
@@ -604,19 +613,20 @@ def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "pr
     out = {}
     if "student" in which:
         out["student"] = chat_prompt_ids(tok, STUDENT_PROMPT.format(problem=problem["problem"]), thinking)
-        if max_prompt_len and len(out["student"]) > max_prompt_len:
-            raise DailError(f"line {problem['line']}: field 'problem': the prompt is {len(out['student'])} "
-                            f"tokens, over --max-prompt-len {max_prompt_len}")
+        if max_prompt_len is not None and len(out["student"]) > max_prompt_len:
+            raise DailError(f"{problem['where']}: field 'problem': the prompt is {len(out['student'])} "
+                            f"tokens, over the prompt budget of {max_prompt_len} (--max-prompt-len, or the "
+                            f"model's context length minus --max-new-tokens)")
     if "privileged" in which:
         solution = problem["solution"]
         while True:
             text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
             out["privileged"] = chat_prompt_ids(tok, text, thinking)
-            if not max_prompt_len or len(out["privileged"]) <= max_prompt_len:
+            if max_prompt_len is None or len(out["privileged"]) <= max_prompt_len:
                 break
             if not solution:
-                raise DailError(f"line {problem['line']}: field 'problem': the privileged prompt does not fit "
-                                f"--max-prompt-len {max_prompt_len} even without the solution")
+                raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit "
+                                f"the prompt budget of {max_prompt_len} tokens even without the solution")
             solution = shorten_solution(solution)
     if "shortcut" in which:
         results = intermediate_results(problem["solution"] or "")
@@ -627,7 +637,7 @@ def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "pr
 
 
 # =====================================================================================================
-# 3. Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
+# Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
 # =====================================================================================================
 def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
     """[B, V] logits -> [B, V] float32 sampling distribution, rows summing to 1. Order as in vLLM:
@@ -740,7 +750,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 
 # =====================================================================================================
-# 4. Trace filtering, and the `rewrite` command
+# Step 1, filtering the traces, and the rewrite command
 # =====================================================================================================
 def filter_reason(trace, answer, thinking, leak_phrases):
     """Why a trace is rejected (None: it passes). Non-reasoning traces must finish, have a boxed answer
@@ -804,14 +814,14 @@ def cmd_rewrite(args):
         top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking,
         keep_per_problem=args.keep_per_problem, no_filter=args.no_filter), resuming=bool(done))
     tok = load_tokenizer(args.model)
-    max_prompt = args.max_prompt_len or max((context_length(args.model) or 0) - args.max_new_tokens, 0)
+    max_prompt = prompt_budget(args)
     contexts, skipped = {}, 0
     for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
         try:
             contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student", "privileged"))
         except DailError as e:
             skipped += 1
-            print(f"skip: {args.data}:{str(e)}", file=sys.stderr)
+            print(f"skip: {e}", file=sys.stderr)
     written = {(t["id"], t["sample"]) for t in done}
     todo = [(p, s) for p in problems if p["id"] in contexts for s in range(args.samples)
             if (p["id"], s) not in written]
@@ -874,7 +884,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
 
 
 # =====================================================================================================
-# 5. Step 2, the contrastive self-distillation loss
+# Step 2, the contrastive self-distillation loss
 # =====================================================================================================
 def kl(log_p, log_q):
     """KL(p || q) over the last (vocabulary) dim, from log-probabilities: sum_v p(v) (log p(v) - log q(v)).
@@ -909,14 +919,15 @@ def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, di
     ranks: then accumulation and data parallelism give the gradient of one big batch), else mask.sum().
     The subtracted term is unbounded above, which is why both terms are returned for logging.
     Returns (loss, {"kl_teacher": float, "kl_shortcut": float}), both terms summed over the mask / N."""
-    keep = mask[..., None]          # padding may hold anything, even inf/nan: zero it before the softmax so
-    student_logits = student_logits.masked_fill(~keep, 0.0)        # it adds neither value nor gradient
-    kl_teacher, kl_shortcut = dail_kl_terms(student_logits, teacher_logits.masked_fill(~keep, 0.0),
-                                            shortcut_logits.masked_fill(~keep, 0.0), direction)
-    kl_teacher, kl_shortcut = kl_teacher * mask, kl_shortcut * mask                   # [B, T]
+    pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed before the softmax, it adds
+    kl_teacher, kl_shortcut = dail_kl_terms(                                 # neither value nor gradient
+        student_logits.masked_fill(pad, 0.0), teacher_logits.masked_fill(pad, 0.0),
+        shortcut_logits.masked_fill(pad, 0.0), direction)                                   # [B, T] each
+    kl_teacher, kl_shortcut = kl_teacher * mask, kl_shortcut * mask
     n = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
     loss = (kl_teacher - lam * kl_shortcut).sum() / n
-    stats = {"kl_teacher": float(kl_teacher.detach().sum() / n), "kl_shortcut": float(kl_shortcut.detach().sum() / n)}
+    stats = {"kl_teacher": float(kl_teacher.detach().sum() / n),
+             "kl_shortcut": float(kl_shortcut.detach().sum() / n)}
     return loss, stats
 
 
@@ -959,7 +970,7 @@ def chunked_sft_loss(h_student, targets, student_head, num_tokens=None, chunk_si
 
 
 # =====================================================================================================
-# 6. Training: minimal LoRA, sequences and masks, and a plain PyTorch loop (the `train` command)
+# Step 2, training: minimal LoRA, sequences and masks, a plain PyTorch loop, the train command
 # =====================================================================================================
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * B (A x): the base nn.Linear W is frozen, A [r, in] starts random and
@@ -1025,14 +1036,13 @@ def lora_state(model):
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def tokenize_training_example(tok, record, contexts, args, eot):
-    """Ids of every context of one example: prompt ids + response ids (+ the end-of-turn token when the
-    trace finished, so the model learns to stop; thinking prefixes end at the budget and get none)."""
+def training_response(tok, record, args, eot):
+    """The response ids every context of one example shares: the trace's ids + the end-of-turn token when
+    the trace finished (so the model learns to stop; thinking prefixes end at the budget and get none),
+    or, for SFT on expert solutions, the tokenized solution + end of turn."""
     if args.objective == "sft" and args.sft_target == "expert":
-        response = tok(record["solution"], add_special_tokens=False)["input_ids"] + [eot]
-    else:
-        response = list(record["response_ids"]) + ([eot] if record["finish_reason"] == "stop" else [])
-    return {name: (prompt, response) for name, prompt in contexts.items()}
+        return tok(record["solution"], add_special_tokens=False)["input_ids"] + [eot]
+    return list(record["response_ids"]) + ([eot] if record["finish_reason"] == "stop" else [])
 
 
 def collate(pairs, pad_id):
@@ -1097,7 +1107,7 @@ def load_training_records(args):
         for lineno, r in rows:
             require(args.data, lineno, r, "problem")
             require(args.data, lineno, r, "solution")
-            records.append(dict(r, line=lineno, answer=r.get("answer") or extract_boxed(r["solution"])))
+            records.append(dict(r, where=f"{args.data}:{lineno}", answer=r.get("answer") or extract_boxed(r["solution"])))
         return records, 0
     records, not_kept = [], 0
     for lineno, r in rows:
@@ -1108,7 +1118,7 @@ def load_training_records(args):
         if not all(isinstance(t, int) for t in r["response_ids"]):
             raise DailError(f"{args.data}:{lineno}: field 'response_ids': expected a list of token ids")
         if r["kept"]:
-            records.append(dict(r, line=lineno, answer=r.get("answer") or extract_boxed(r["solution"])))
+            records.append(dict(r, where=f"{args.data}:{lineno}", answer=r.get("answer") or extract_boxed(r["solution"])))
         else:
             not_kept += 1
     if not records:
@@ -1148,11 +1158,15 @@ def cmd_train(args):
     which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
     examples, too_long = [], 0
     for r in records:
-        ex = tokenize_training_example(tok, r, build_contexts(tok, r, args.thinking, None, which), args, eot)
-        if max(len(p) + len(y) for p, y in ex.values()) > args.max_len:
+        response = training_response(tok, r, args, eot)
+        try:  # the privileged solution is shortened to fit, as in rewrite; an example that cannot fit is dropped
+            contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
+        except DailError:
+            contexts = None
+        if contexts is None or max(len(p) for p in contexts.values()) + len(response) > args.max_len:
             too_long += 1
         else:
-            examples.append(ex)
+            examples.append({name: (prompt, response) for name, prompt in contexts.items()})
     if master:
         print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
               f"{not_kept} traces not kept by the filter)", file=sys.stderr)
@@ -1188,7 +1202,9 @@ def cmd_train(args):
         ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
         model.load_state_dict(ckpt["trainable"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
         start = ckpt["step"]
@@ -1203,6 +1219,7 @@ def cmd_train(args):
                      if ".lora_" in k or full_ft}
         torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
                         rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                  python=random.getstate()), args=dataclasses.asdict(args)),
                    out / "checkpoint.pt.tmp")
         os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")   # never a half-written checkpoint
@@ -1285,7 +1302,7 @@ def cmd_train(args):
 
 
 # =====================================================================================================
-# 7. Evaluation: the unbiased pass@k, and the `eval` command
+# Evaluation: the unbiased pass@k and the eval command
 # =====================================================================================================
 def pass_at_k(n, c, k):
     """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
@@ -1348,15 +1365,11 @@ def cmd_eval(args):
         model=args.model, data=str(args.data), n=args.n, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking), resuming=bool(done))
     tok = load_tokenizer(args.model)
-    max_prompt = args.max_prompt_len or max((context_length(args.model) or 0) - args.max_new_tokens, 0)
+    max_prompt = prompt_budget(args)
     prompts = {}
-    for p in problems:
-        try:
-            prompts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student",))["student"]
-        except DailError as e:  # every problem counts in pass@k: a prompt that cannot fit is an error
-            raise DailError(f"{args.data}:{e}") from None
+    for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
+        prompts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student",))["student"]
     todo = [p for p in problems if p["id"] not in done]
-    position = {p["id"]: i for i, p in enumerate(problems)}          # per-problem seeds: seed + position
     engine = args.engine
     if engine == "auto":
         engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
@@ -1373,7 +1386,7 @@ def cmd_eval(args):
             for start in range(0, len(todo), per_call):
                 chunk = todo[start:start + per_call]
                 outputs = sampler([prompts[p["id"]] for p in chunk],
-                                  [args.seed + position[p["id"]] for p in chunk])
+                                  [args.seed + p["index"] for p in chunk])
                 for p, samples in zip(chunk, outputs):
                     texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
                     preds = [extract_boxed(t) for t in texts]
@@ -1398,7 +1411,9 @@ def cmd_eval(args):
 
 
 def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds) -> per prompt, args.n dicts (ids, finish_reason), from one engine."""
+    """sampler(prompt id lists, seeds) -> per prompt, args.n dicts (ids, finish_reason), from one engine;
+    sampler.close() frees it. Seeds: vLLM takes one per problem (--seed + its index in the file), so a resumed
+    run samples what an uninterrupted one would; the hf engine draws from one generator per run."""
     if engine == "vllm":
         llm = load_vllm(args)
 
@@ -1427,7 +1442,7 @@ def make_sampler(engine, args, tok, stop_ids):
 
 
 # =====================================================================================================
-# 8. Plumbing: the vLLM engine (optional import) and the command line
+# Plumbing: the vLLM engine (an optional import) and the command line
 # =====================================================================================================
 def vllm_available():
     try:
@@ -1507,7 +1522,7 @@ def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, ba
         chunk = groups[start:start + per_call]
         # one request per problem; a problem resumed half-way asks for its missing samples only
         outs = vllm_sample(llm, [contexts[p["id"]][context] for p, _ in chunk], args.samples, args, stop_ids,
-                           [args.seed + p["line"] for p, _ in chunk], banned)
+                           [args.seed + p["index"] for p, _ in chunk], banned)
         for (p, samples), results in zip(chunk, outs):
             results = results[:len(samples)]
             for r in results:

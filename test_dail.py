@@ -219,7 +219,7 @@ def test_too_long_prompt(tmp_path, capsys, expert, tiny):
     # eval: every problem counts in pass@k, so an over-long prompt is an error naming file and line
     code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
                          "--max-prompt-len", 20], capsys)
-    assert code == 2 and f"{expert}:line 1: field 'problem'" in err and "over --max-prompt-len 20" in err
+    assert code == 2 and f"{expert}:1: field 'problem'" in err and "over the prompt budget of 20" in err
     # rewrite: a counted skip, reported per line and in the summary
     code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "r" / "t.jsonl",
                          "--samples", 1, "--max-new-tokens", 2, "--max-prompt-len", 20], capsys)
@@ -265,13 +265,15 @@ def test_contexts_share_response_ids(tok):
     response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
     record = dict(problem, response_ids=response, finish_reason="stop")
     args = dail.TrainArgs(objective="dail")
-    ex = dail.tokenize_training_example(tok, record, ctx, args, dail.end_of_turn_id(tok))
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    for name, (prompt, resp) in ex.items():
-        assert prompt == ctx[name] and resp == response + [eot]       # identical response ids, plus the stop
+    assert dail.end_of_turn_id(tok) == eot
+    assert dail.training_response(tok, record, args, eot) == response + [eot]   # finished: learn to stop
     record["finish_reason"] = "length"
-    ex = dail.tokenize_training_example(tok, record, ctx, args, eot)
-    assert ex["student"][1] == response                               # cut by the budget: no stop token
+    assert dail.training_response(tok, record, args, eot) == response           # cut by the budget: no stop
+    # each context's training sequence is its prompt ids + the very same response ids
+    ids, _, predicts = dail.collate([(ctx[name], response) for name in ("student", "privileged", "shortcut")], 0)
+    targets = [ids[i, 1:][predicts[i]].tolist() for i in range(3)]
+    assert targets[0] == targets[1] == targets[2] == response
 
 
 def test_thinking_prompt_starts_inside_think(tok):
@@ -282,7 +284,7 @@ def test_thinking_prompt_starts_inside_think(tok):
 
 def test_privileged_prompt_shortens_solution(tok):
     sol = "Solution 1: " + "a" * 200 + " \\boxed{1}\nSolution 2: " + "b" * 400
-    problem = dict(id="x", line=1, problem="P?", solution=sol, answer="1")
+    problem = dict(id="x", where="f.jsonl:1", problem="P?", solution=sol, answer="1")
     full = len(dail.build_contexts(tok, problem, False, None, ("privileged",))["privileged"])
     limit = full - 100
     ids = dail.build_contexts(tok, problem, False, limit, ("privileged",))["privileged"]
@@ -814,12 +816,14 @@ def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
         def sample(prompts, seeds):
             return [[dict(ids=tok(a, add_special_tokens=False)["input_ids"], finish_reason="stop")
                      for a in answers[s - args.seed]] for s in seeds]
+        sample.close = lambda: None
         return sample
 
     monkeypatch.setattr(dail, "make_sampler", fake_sampler)
-    code, _ = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3], capsys)
+    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
+                         "--max-new-tokens", 8], capsys)
+    assert code == 0, err
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert code == 0
     assert summary["pass_at_k"]["1"] == pytest.approx((1 / 3 + 0) / 2)
     assert summary["pass_at_k"]["3"] == pytest.approx(0.5)
     assert summary["mean_tokens_correct"] == len(tok_("\\boxed{5}", add_special_tokens=False)["input_ids"])
@@ -959,3 +963,33 @@ def test_vllm_loads_a_trained_model(tmp_path, capsys, tiny, traces):
     greedy = dail.decode(hf, [[ids]], lambda lg: (lg[0].argmax(-1), None), 8, [tok_.eos_token_id], tok_.pad_token_id)
     dail.close_vllm(trained)
     assert res["ids"] == greedy[0]["ids"]
+
+
+@pytest.mark.skipif(dail.vllm_available(), reason="checks the message shown when vLLM is absent")
+def test_engine_vllm_without_vllm_is_one_line(tmp_path, capsys, expert, tiny):
+    code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
+                         "--max-new-tokens", 8, "--engine", "vllm"], capsys)
+    assert code == 2 and err.strip().endswith("vLLM is not installed; `pip install -r requirements-vllm.txt` "
+                                              "(GPU), or use --engine hf")
+
+
+def test_readme_documents_every_flag():
+    readme = (ROOT / "README.md").read_text()
+    for name, (cls, _, _) in dail.COMMANDS.items():
+        table = readme[readme.index(f"### `{name}`"):]
+        for f in dail.dataclasses.fields(cls):
+            assert f"`--{f.name.replace('_', '-')}`" in table.split("\n### ")[0], (name, f.name)
+
+
+def test_train_drops_too_long_examples_with_a_count(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    records = read_lines(data)
+    long_one = dict(records[0], id="long", problem="What is this? " + "very " * 200)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", records + [long_one])
+    out = tmp_path / "o"
+    code, err = run_cli(train_argv(tiny, mixed, out, "--max-steps", 1, "--max-len", 900), capsys)
+    assert code == 0, err
+    assert f"train: {len(records)} examples (1 dropped as longer than --max-len 900" in err
+    assert json.loads((out / "train_summary.json").read_text())["dropped_too_long"] == 1
+    code, err = run_cli(train_argv(tiny, mixed, tmp_path / "p", "--max-len", 200), capsys)
+    assert code == 2 and "no example fits --max-len 200" in err
