@@ -695,7 +695,7 @@ def left_pad(seqs, pad_id, device):
 
 
 @torch.no_grad()
-def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), on_step=None):
+def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=()):
     """Decode one response per trace that is shared by G contexts (G = 2 for rewrite: proposer, validator;
     G = 1 for eval). contexts: B traces, each a list of G prompt-id lists.
     choose(logits [G, b, V]) -> (tokens [b], accepted [b] bool or None) picks each active trace's token.
@@ -732,8 +732,6 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             results[i]["ids"].append(tok_list[j])
             results[i]["n_accepted" if acc_list[j] else "n_fallback"] += 1
             keep.append(j)
-        if on_step:
-            on_step(b)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < b:  # drop finished traces from every context's rows, cache included
@@ -859,20 +857,26 @@ def cmd_rewrite(args):
 
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
                device):
-    """The token-by-token rollout: both contexts of every trace in one batched forward per step."""
+    """The token-by-token rollout: both contexts of every trace in one batched forward per step.
+    At threshold >= 1 the rule *is* validator sampling (p_validate[c] >= 1 only when p_validate is one-hot
+    at c), and at threshold <= 0 it is proposer sampling, so then that one context is decoded alone."""
     model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
+    names = [pure] if pure else [proposer, validator]
 
-    def choose(logits):  # [2, b, V]: row 0 the proposer, row 1 the validator
-        p_propose = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
-        p_validate = sampling_probs(logits[1], args.temperature, args.top_p, args.top_k)
-        return mix_step(p_propose, p_validate, args.threshold, args.retries, gen)
+    def choose(logits):  # [G, b, V]: the proposer's rows, then the validator's (G = 1 for a pure policy)
+        probs = [sampling_probs(lg, args.temperature, args.top_p, args.top_k) for lg in logits]
+        if pure:
+            tokens = torch.multinomial(probs[0], 1, generator=gen).squeeze(1)
+            return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
+        return mix_step(probs[0], probs[1], args.threshold, args.retries, gen)
 
     bar = progress(total=len(todo), desc="rewrite", unit="trace")
     n_tok, n_acc, t0 = 0, 0, time.time()
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
-        ctx = [[contexts[p["id"]][proposer], contexts[p["id"]][validator]] for p, _ in batch]
+        ctx = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
         results = decode(model, ctx, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
         for (p, s), r in zip(batch, results):
             write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)

@@ -461,8 +461,8 @@ def test_rewrite_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     assert code == 2 and "threshold=0.5" in err
 
 
-@pytest.mark.parametrize("threshold,field", [(0, "n_fallback"), (2, "n_accepted")])
-def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, threshold, field):
+@pytest.mark.parametrize("threshold,field,context", [(0, "n_fallback", "student"), (2, "n_accepted", "privileged")])
+def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, tok, model, threshold, field, context):
     out = tmp_path / "traces.jsonl"
     code, _ = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 2,
                        "--max-new-tokens", 5, "--threshold", threshold], capsys)
@@ -470,6 +470,15 @@ def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, threshold, fiel
     assert code == 0 and len(traces) == 6
     assert all(t[field] == 0 for t in traces)
     assert sum(len(t["response_ids"]) for t in traces) > 0
+    # greedy: threshold 0 is the student context's own greedy decode, threshold 2 the privileged one's
+    out = tmp_path / "greedy.jsonl"
+    assert run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1,
+                    "--max-new-tokens", 6, "--threshold", threshold, "--temperature", 0], capsys)[0] == 0
+    for trace, problem in zip(read_lines(out), dail.load_problems(expert, True, True)):
+        prompt = dail.build_contexts(tok, problem, False, None)[context]
+        alone = dail.decode(model, [[prompt]], lambda lg: (lg[0].argmax(-1), None), 6,
+                            dail.stop_token_ids(tok, str(tiny)), tok.pad_token_id)[0]
+        assert trace["response_ids"] == alone["ids"]
 
 
 def test_filter_reasons_and_keep_limit(tok):
