@@ -304,11 +304,23 @@ def resolve_dtype(name, device):
 
 
 def check_model_name(name):
-    """An existing folder, or something shaped like a hub id ("org/name"); a missing folder fails here."""
+    """An existing folder, or something shaped like a hub id ("org/name"); a missing folder fails here.
+    For a hub id with the hub out of reach, switch to the local cache at once (the hub client would
+    otherwise retry with back-off for about a minute before failing)."""
     if Path(name).exists():
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise DailError(f"--model {name}: no such model folder")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError:
+        print(f"note: huggingface.co is unreachable; looking for {name} in the local cache only", file=sys.stderr)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def load_tokenizer(name):

@@ -1002,3 +1002,20 @@ def test_train_drops_too_long_examples_with_a_count(tmp_path, capsys, tiny, trac
     assert json.loads((out / "train_summary.json").read_text())["dropped_too_long"] == 1
     code, err = run_cli(train_argv(tiny, mixed, tmp_path / "p", "--max-len", 200), capsys)
     assert code == 2 and "no example fits --max-len 200" in err
+
+
+def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeypatch, capsys):
+    import socket
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(*a, **k):
+        raise OSError("no route")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    dail.check_model_name("nobody/no-such-model")
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
+    code, err = run_cli(["eval", "--model", "nobody/no-such-model", "--data", expert, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("dail.py eval: error: --model nobody/no-such-model: could not load")
