@@ -54,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--test-problems", type=int, default=None, help="use only the first N test problems")
     ap.add_argument("--steps", type=int, default=None, help="cap every training run at N optimizer steps")
     ap.add_argument("--small", action="store_true",
-                    help="smoke run: 4 expert problems, 4 test problems, 2 steps, n=2, short budgets")
+                    help="smoke run: 4 expert problems, 4 test problems, 2 training steps, n=2, 2 rewrite samples")
     # the settings of the world (the same for every method)
     ap.add_argument("--samples", type=int, default=4, help="rewrite: traces decoded per expert problem")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="rewrite and eval token budget")
@@ -69,7 +69,7 @@ def parse_args(argv=None):
         args.problems = args.problems or 4
         args.test_problems = args.test_problems or 4
         args.steps = args.steps or 2
-        args.n, args.samples, args.max_new_tokens = 2, 2, 48
+        args.n, args.samples = 2, 2
     args.seed_list = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     return args
 
