@@ -653,23 +653,19 @@ def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "pr
 # =====================================================================================================
 def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
     """[B, V] logits -> [B, V] float32 sampling distribution, rows summing to 1. Order as in vLLM:
-    temperature, then top-k, then top-p (the smallest set of most likely tokens with mass >= top_p).
-    temperature 0 is greedy: a one-hot row on the argmax."""
+    temperature, then top-k (exactly k candidates), then top-p (the smallest set of most likely candidates
+    with mass >= top_p). temperature 0 is greedy: a one-hot row on the argmax."""
     logits = logits.float()
     if temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
+    k = top_k if 0 < top_k < logits.shape[-1] else logits.shape[-1]
+    values, order = logits.topk(k, dim=-1)           # [B, k] candidates, most likely first (a sort when k = V)
+    probs = (values / temperature).softmax(-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        mass_before = sorted_p.cumsum(-1) - sorted_p  # keep a token while the mass before it is < top_p
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        mass_before = probs.cumsum(-1) - probs      # keep a candidate while the mass before it is < top_p
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return torch.zeros_like(logits).scatter(-1, order, probs)
 
 
 def mix_step(p_propose, p_validate, threshold, retries=5, generator=None):
@@ -949,40 +945,63 @@ def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, di
 
 def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
                       direction="reverse", num_tokens=None, chunk_size=1024):
-    """dail_loss from hidden states, chunk by chunk, so peak memory grows with chunk_size x V, not N x V.
-    h_*: [N, H] final hidden states at the N response positions, row-aligned across the three contexts
-    (teacher and shortcut ones computed without gradient). student_head / reference_head: the LM heads of
-    theta and theta0. Each chunk's logits are recomputed in backward (activation checkpointing).
-    Equal to dail_loss(student_head(h_student)[None], ..., mask=all True, ...)."""
-    def chunk_terms(hs, he, hc):
+    """dail_loss from hidden states, a chunk of positions at a time: peak memory grows with
+    chunk_size x V, not N x V. h_*: [N, H] final hidden states at the N response positions, row-aligned
+    across the three contexts (teacher and shortcut ones computed without gradient); student_head and
+    reference_head: the LM heads of theta and theta0. Equal, value and gradient, to
+    dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ..., mask=all True)."""
+    def per_position(hs, he, hc):              # -> loss terms [n], KL to the teacher [n], to the shortcut [n]
         with torch.no_grad():
             te, tc = reference_head(he), reference_head(hc)
-        kl_e, kl_c = dail_kl_terms(student_head(hs), te, tc, direction)       # [n], [n]
-        return (kl_e - lam * kl_c).sum(), kl_e.detach().sum(), kl_c.detach().sum()
+        kl_teacher, kl_shortcut = dail_kl_terms(student_head(hs), te, tc, direction)
+        return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
 
     n = num_tokens if num_tokens is not None else h_student.shape[0]
-    total, sum_e, sum_c = h_student.new_zeros((), dtype=torch.float32), 0.0, 0.0
-    for i in range(0, h_student.shape[0], chunk_size):
-        part = slice(i, i + chunk_size)
-        loss, e, c = torch.utils.checkpoint.checkpoint(chunk_terms, h_student[part], h_teacher[part],
-                                                       h_shortcut[part], use_reentrant=False)
-        total, sum_e, sum_c = total + loss, sum_e + float(e), sum_c + float(c)
-    return total / n, {"kl_teacher": sum_e / n, "kl_shortcut": sum_c / n}
+    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut), student_head, chunk_size)
+    return loss / n, {"kl_teacher": float(sum_e) / n, "kl_shortcut": float(sum_c) / n}
 
 
 def chunked_sft_loss(h_student, targets, student_head, num_tokens=None, chunk_size=1024):
     """Summed token cross-entropy / num_tokens from [N, H] hidden states and [N] targets, chunked like
     chunked_dail_loss (the SFT baselines)."""
-    def chunk_terms(hs, y):
-        return F.cross_entropy(student_head(hs).float(), y, reduction="sum")
-
     n = num_tokens if num_tokens is not None else h_student.shape[0]
-    total = h_student.new_zeros((), dtype=torch.float32)
-    for i in range(0, h_student.shape[0], chunk_size):
+    loss, _ = chunked_sum(lambda hs, y: (F.cross_entropy(student_head(hs).float(), y, reduction="none"),),
+                          h_student, (targets,), student_head, chunk_size)
+    return loss / n, {"ce": float(loss.detach()) / n}
+
+
+def chunked_sum(per_position, h, aligned, head, chunk_size):
+    """sum_i per_position(h[i], aligned[i])[0] over the N rows of h [N, H], one chunk of rows at a time,
+    as a scalar that backpropagates like the plain sum (plus the detached sums of the other outputs).
+
+    Each chunk's gradient (with respect to its rows of h and to the head's trainable weights) is taken
+    right away, while its logits exist, and the logits are then freed; the returned scalar carries those
+    gradients into the backbone through a linear surrogate. Nothing is recomputed in backward."""
+    if h.shape[0] == 0:
+        raise ValueError("chunked_sum needs at least one response position")
+    params = [p for p in head.parameters() if p.requires_grad]
+    track = torch.is_grad_enabled() and (h.requires_grad or bool(params))
+    grad_h = torch.zeros_like(h) if track else None
+    grad_p = [torch.zeros_like(p) for p in params] if track else []
+    sums = None                                               # running detached sums of every output
+    for i in range(0, h.shape[0], chunk_size):
         part = slice(i, i + chunk_size)
-        total = total + torch.utils.checkpoint.checkpoint(chunk_terms, h_student[part], targets[part],
-                                                          use_reentrant=False)
-    return total / n, {"ce": float(total.detach()) / n}
+        hp = h[part].detach().requires_grad_(track and h.requires_grad)
+        out = per_position(hp, *(a[part] for a in aligned))
+        if track:
+            inputs = ([hp] if h.requires_grad else []) + params
+            grads = torch.autograd.grad(out[0].sum(), inputs)
+            if h.requires_grad:
+                grad_h[part] = grads[0]
+            for acc, g in zip(grad_p, grads[len(grads) - len(params):]):
+                acc += g
+        chunk_sums = [o.detach().sum() for o in out]
+        sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums)]
+    total, *extras = sums
+    if not track:
+        return total, extras
+    surrogate = sum((p * g).sum() for p, g in zip(params, grad_p)) + (h * grad_h).sum()
+    return total + surrogate - surrogate.detach(), extras           # value: total; gradient: the chunks'
 
 
 # =====================================================================================================

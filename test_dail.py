@@ -599,10 +599,16 @@ def test_chunked_loss_equals_plain(direction):
     assert cstats["kl_teacher"] == pytest.approx(pstats["kl_teacher"], abs=1e-5)
     for a, b in zip(g_plain, g_chunk):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():                                                # evaluation: value only
+        assert float(dail.chunked_dail_loss(hs, he, hc, head_s, head_r, 0.1, direction, 50, 8)[0]) == \
+            pytest.approx(float(plain.detach()), abs=1e-5)
     # SFT: chunked cross-entropy equals the plain one
     y = torch.randint(0, V, (N,), generator=g)
     ce, _ = dail.chunked_sft_loss(hs, y, head_s, num_tokens=N, chunk_size=5)
-    assert float(ce) == pytest.approx(float(torch.nn.functional.cross_entropy(head_s(hs), y)), abs=1e-5)
+    plain_ce = torch.nn.functional.cross_entropy(head_s(hs), y)
+    assert float(ce.detach()) == pytest.approx(float(plain_ce.detach()), abs=1e-5)
+    for a, b in zip(torch.autograd.grad(plain_ce, [hs, head_s.weight]), torch.autograd.grad(ce, [hs, head_s.weight])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------
