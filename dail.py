@@ -334,9 +334,25 @@ def load_tokenizer(name):
                         f"access, or a local copy (HF_HUB_OFFLINE=1 uses the cache)") from None
     if not getattr(tok, "chat_template", None):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
+    check_tokenizer_reload(tok, name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_tokenizer_reload(tok, name):
+    """Warn when the loaded tokenizer encodes differently from the folder's own tokenizer.json:
+    transformers 5 may reload a saved tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2
+    config) with that class's pre-tokenizer, so one trained another way then silently changes its ids."""
+    path = Path(name) / "tokenizer.json"
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+    probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
+    saved = Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids
+    if saved != tok(probe, add_special_tokens=False)["input_ids"]:
+        print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
+              f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
 
 
 def load_model(name, device, dtype):

@@ -1025,3 +1025,62 @@ def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeyp
     code, err = run_cli(["eval", "--model", "nobody/no-such-model", "--data", expert, "--out", tmp_path / "o"], capsys)
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("dail.py eval: error: --model nobody/no-such-model: could not load")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the tiny world (examples/): the shipped base model, and the quickstart pipeline on a small slice
+# ------------------------------------------------------------------------------------------------------
+def test_shipped_model_reproduces_its_recorded_numbers():
+    sys.path.insert(0, str(ROOT / "examples" / "world"))
+    import check_model
+    recorded = json.loads((ROOT / "examples" / "world" / "recorded.json").read_text())
+    got = check_model.measure()
+    for key, value in got.items():
+        assert abs(value - recorded[key]) <= recorded["tolerance"], (key, value, recorded[key])
+    # the premise of the world: hopeless alone on held-out problems, capable with the expert solution shown
+    assert got["test_pass1"] <= 0.1 and got["privileged_acc"] >= 0.8
+
+
+def test_quickstart_small_slice_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--small", "--out", str(out),
+                        "--threads", "1"], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    methods = ["base", "sft-expert", "sft-trace", "dail-lam0", "dail"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == methods
+    assert (out / "passk.png").exists() or not _has_matplotlib()
+    seed = out / "seed0"
+    for name in ("traces.jsonl", "traces.config.json", "rewrite_summary.json", "rewrite.log"):
+        assert (seed / name).exists(), name
+    traces = read_lines(seed / "traces.jsonl")
+    assert len(traces) == 4 * 2 and all("kept" in t for t in traces)
+    for m in methods:
+        ev = json.loads((seed / m / "eval" / "summary.json").read_text())
+        assert ev["problems"] == 4 and set(ev["pass_at_k"]) == {"1", "2"}
+        assert len(read_lines(seed / m / "eval" / "samples.jsonl")) == 4
+        if m != "base":
+            for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl",
+                         "adapters/adapters.safetensors"):
+                assert (seed / m / "model" / name).exists(), (m, name)
+            steps = json.loads((seed / m / "model" / "train_summary.json").read_text())["steps"]
+            assert 1 <= steps <= 2 and len(read_lines(seed / m / "model" / "metrics.jsonl")) == steps
+    for m in methods:                                  # the table names every method
+        assert m in r.stdout or summary["methods"][m].get("label", m) in r.stdout
+
+
+def test_tokenizer_reload_check(tmp_path, tiny, capsys):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny, folder)
+    dail.load_tokenizer(str(folder))
+    assert "encodes text differently" not in capsys.readouterr().err        # the tiny recipe round-trips
+    saved = json.loads((folder / "tokenizer.json").read_text())
+    vocab = saved["model"]["vocab"]
+    a, b = vocab["a"], vocab["b"]
+    vocab["a"], vocab["b"] = b, a                                          # a tokenizer.json that disagrees
+    (folder / "tokenizer.json").write_text(json.dumps(saved))
+    tok_ = make_tokenizer()
+    dail.check_tokenizer_reload(tok_, str(folder))
+    assert "encodes text differently" in capsys.readouterr().err

@@ -66,7 +66,8 @@ def privileged_accuracy(model_dir=MODEL, n_problems=N_TEST):
     ctx, answers = [], []
     for r in rows:
         a, n = map(int, re.findall(r"(\d+)\^(\d+)\.$", r["problem"])[0])
-        p = dict(line=0, problem=r["problem"], solution=world.expert_solution(a, n, rng), answer=r["answer"])
+        p = dict(where="test.jsonl", problem=r["problem"], solution=world.expert_solution(a, n, rng),
+                 answer=r["answer"])
         ctx.append([dail.build_contexts(tok, p, False, None, ("privileged",))["privileged"]])
         answers.append(r["answer"])
     import torch
