@@ -330,8 +330,8 @@ def load_tokenizer(name):
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # hub unreachable, bad folder, ...: one clear line, not a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DailError(f"--model {name}: could not load the tokenizer ({msg[:200]}); a hub id needs network "
-                        f"access, or a local copy (HF_HUB_OFFLINE=1 uses the cache)") from None
+        hint = "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache"
+        raise DailError(f"--model {name}: could not load the tokenizer ({msg[:200]}){hint}") from None
     if not getattr(tok, "chat_template", None):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
     check_tokenizer_reload(tok, name)
