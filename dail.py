@@ -574,7 +574,7 @@ def load_problems(path, need_solution, need_answer):
 
 
 # =====================================================================================================
-# Three contexts of one model: student x_s, privileged x_e, shortcut x_c
+# Three contexts of one model: the student, privileged and shortcut prompts
 #   (all prompt text of dail.py is in this section: our own wording, written to the method's intent)
 # =====================================================================================================
 ANSWER_FORMAT = "Reason step by step, and write the final answer inside \\boxed{{}}."  # {{}}: a .format template
@@ -1353,7 +1353,7 @@ def cmd_train(args):
 
 
 # =====================================================================================================
-# Evaluation: the unbiased pass@k and the eval command
+# Evaluation: the unbiased pass-at-k estimator and the eval command
 # =====================================================================================================
 def pass_at_k(n, c, k):
     """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
