@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DAIL in a tiny world, end to end on a CPU in minutes: rewrite -> train -> eval through the real CLI.
 
-    pip install -r requirements.txt && python examples/quickstart.py            # one seed, < 10 min on 2 cores
+    pip install -r requirements.txt matplotlib && python examples/quickstart.py   # one seed, < 10 min on 2 cores
     python examples/quickstart.py --seeds 0,1,2                                  # mean +- std over 3 seeds
     python examples/quickstart.py --small --out runs/qs_small                   # a 1-minute smoke run
 
