@@ -106,6 +106,7 @@ class CommonArgs:
                      choices=["auto", "float32", "bfloat16", "float16"])
     thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
                                 "switches to the released reasoning defaults")
+    overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
     max_prompt_len: int = arg(None, "longest prompt in tokens (default: the model's context length minus "
                                     "--max-new-tokens); longer prompts are an error or a counted skip",
                               type=int)
@@ -542,6 +543,13 @@ def is_equiv(pred, ref):
     return x is not None and x == y
 
 
+def grade(response, reference):
+    """(the extracted answer or None, whether it equals `reference`) of one response: what rewrite's filter
+    and eval's pass@k both use, so a trace is kept by the very rule that scores a sample."""
+    pred = extract_boxed(response)
+    return pred, is_equiv(pred, reference)
+
+
 def load_problems(path, need_solution, need_answer):
     """Validate a whole problem file before any model is loaded; a list of dicts with id (str), problem,
     solution (or None) and answer (the `answer` field, else the last \\boxed{} of `solution`, else None)."""
@@ -635,27 +643,38 @@ def shorten_solution(solution):
     return solution[:len(solution) // 2]
 
 
+def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
+    """The expert solution as the privileged prompt will hold it: shortened (shorten_solution, repeatedly)
+    until the prompt fits max_prompt_len. rewrite records this text in every trace (`privileged_solution`)
+    and train builds the teacher's context from exactly it, so the teacher sees what the validator saw."""
+    solution = problem["solution"]
+    while True:
+        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
+        if max_prompt_len is None or len(chat_prompt_ids(tok, text, thinking)) <= max_prompt_len:
+            return solution
+        if not solution:
+            raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit "
+                            f"the prompt budget of {max_prompt_len} tokens even without the solution")
+        solution = shorten_solution(solution)
+
+
 def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
-    """Prompt ids of the requested contexts for one problem (dict). The privileged solution is shortened
-    until the prompt fits; a student prompt that does not fit raises DailError."""
+    """Prompt ids of the requested contexts for one problem (dict). The privileged prompt holds
+    problem["privileged_solution"] when present (the text the validator saw), else the whole solution; it is
+    never shortened here (see fit_privileged_solution). A student or privileged prompt over max_prompt_len
+    raises DailError."""
     out = {}
     if "student" in which:
         out["student"] = chat_prompt_ids(tok, STUDENT_PROMPT.format(problem=problem["problem"]), thinking)
-        if max_prompt_len is not None and len(out["student"]) > max_prompt_len:
-            raise DailError(f"{problem['where']}: field 'problem': the prompt is {len(out['student'])} "
+    if "privileged" in which:
+        solution = problem.get("privileged_solution") or problem["solution"]
+        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
+        out["privileged"] = chat_prompt_ids(tok, text, thinking)
+    for name in ("student", "privileged"):
+        if name in out and max_prompt_len is not None and len(out[name]) > max_prompt_len:
+            raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is {len(out[name])} "
                             f"tokens, over the prompt budget of {max_prompt_len} (--max-prompt-len, or the "
                             f"model's context length minus --max-new-tokens)")
-    if "privileged" in which:
-        solution = problem["solution"]
-        while True:
-            text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-            out["privileged"] = chat_prompt_ids(tok, text, thinking)
-            if max_prompt_len is None or len(out["privileged"]) <= max_prompt_len:
-                break
-            if not solution:
-                raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit "
-                                f"the prompt budget of {max_prompt_len} tokens even without the solution")
-            solution = shorten_solution(solution)
     if "shortcut" in which:
         results = intermediate_results(problem["solution"] or "")
         text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
@@ -774,7 +793,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 # =====================================================================================================
 # Step 1, filtering the traces, and the rewrite command
 # =====================================================================================================
-def filter_reason(trace, answer, thinking, leak_phrases):
+def filter_reason(trace, thinking, leak_phrases):
     """Why a trace is rejected (None: it passes). Non-reasoning traces must finish, have a boxed answer
     equal to the reference, and not mention the reference. Thinking prefixes are not graded."""
     if thinking:
@@ -783,7 +802,7 @@ def filter_reason(trace, answer, thinking, leak_phrases):
         return "truncated"
     if trace["pred"] is None:
         return "no_answer"
-    if not is_equiv(trace["pred"], answer):
+    if not trace["correct"]:
         return "wrong_answer"
     text = trace["response"].lower()
     if any(p in text for p in leak_phrases):
@@ -792,14 +811,16 @@ def filter_reason(trace, answer, thinking, leak_phrases):
 
 
 def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter and append one line per trace; `kept_count` (id -> kept so far) enforces the limit."""
+    """Grade, filter and append one line per trace; `kept_count` (id -> kept so far) enforces the limit.
+    `privileged_solution` is the solution text the validator's prompt held (train's teacher sees the same)."""
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
+        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"])
         trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
-                     answer=problem["answer"], response=text, response_ids=r["ids"],
-                     finish_reason=r["finish_reason"], n_accepted=r["n_accepted"],
-                     n_fallback=r["n_fallback"], pred=None if args.thinking else extract_boxed(text))
-        reason = None if args.no_filter else filter_reason(trace, problem["answer"], args.thinking, leak_phrases)
+                     privileged_solution=problem.get("privileged_solution", problem["solution"]), answer=problem["answer"],
+                     response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
+                     n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
+        reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases)
         if reason is None and kept_count.get(problem["id"], 0) >= args.keep_per_problem:
             reason = "per_problem_limit"
         trace["kept"], trace["reject_reason"] = reason is None, reason
@@ -840,6 +861,7 @@ def cmd_rewrite(args):
     contexts, skipped = {}, 0
     for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
         try:
+            p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
             contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student", "privileged"))
         except DailError as e:
             skipped += 1
@@ -1210,7 +1232,7 @@ def cmd_train(args):
     examples, too_long = [], 0
     for r in records:
         response = training_response(tok, r, args, eot)
-        try:  # the privileged solution is shortened to fit, as in rewrite; an example that cannot fit is dropped
+        try:  # the teacher sees the solution the validator saw (never re-shortened); too long: dropped, counted
             contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
         except DailError:
             contexts = None
@@ -1440,8 +1462,7 @@ def cmd_eval(args):
                                   [args.seed + p["index"] for p in chunk])
                 for p, samples in zip(chunk, outputs):
                     texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
-                    preds = [extract_boxed(t) for t in texts]
-                    correct = [is_equiv(x, p["answer"]) for x in preds]
+                    preds, correct = map(list, zip(*(grade(t, p["answer"]) for t in texts)))
                     append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
                                          n_correct=sum(correct), responses=texts, preds=preds, correct=correct,
                                          n_tokens=[len(s["ids"]) for s in samples],

@@ -287,12 +287,42 @@ def test_privileged_prompt_shortens_solution(tok):
     problem = dict(id="x", where="f.jsonl:1", problem="P?", solution=sol, answer="1")
     full = len(dail.build_contexts(tok, problem, False, None, ("privileged",))["privileged"])
     limit = full - 100
-    ids = dail.build_contexts(tok, problem, False, limit, ("privileged",))["privileged"]
-    text = tok.decode(ids)
-    assert len(ids) <= limit and "Solution 1:" in text and "Solution 2" not in text  # cut at the marker
+    with pytest.raises(dail.DailError, match="privileged prompt is"):         # build_contexts never shortens
+        dail.build_contexts(tok, problem, False, limit, ("privileged",))
+    fitted = dail.fit_privileged_solution(tok, problem, False, limit)
+    assert fitted == sol[:sol.index("Solution 2")].rstrip()                        # cut at the marker
+    ids = dail.build_contexts(tok, dict(problem, privileged_solution=fitted), False, limit, ("privileged",))
+    text = tok.decode(ids["privileged"])
+    assert len(ids["privileged"]) <= limit and "Solution 1:" in text and "Solution 2" not in text
     assert dail.shorten_solution("abcdef") == "abc"                                     # else halve
     with pytest.raises(dail.DailError, match="even without the solution"):
-        dail.build_contexts(tok, problem, False, 30, ("privileged",))
+        dail.fit_privileged_solution(tok, problem, False, 30)
+
+
+def test_teacher_sees_the_solution_the_validator_saw(tmp_path, capsys, tiny):
+    """rewrite records the (shortened) solution its privileged prompt held; train builds the teacher's
+    context from exactly that text and never re-shortens: an example whose recorded context is over
+    --max-len is dropped and counted."""
+    sol = "Solution 1: add them, 2 + 3 = 5, so \\boxed{5}.\nSolution 2: " + "count on from two. " * 60
+    data = write_jsonl(tmp_path / "x.jsonl", [dict(id="a", problem="What is 2 + 3?", solution=sol)])
+    tok = dail.load_tokenizer(str(tiny))
+    problem = dail.load_problems(str(data), True, True)[0]
+    full = len(dail.build_contexts(tok, problem, False, None, ("privileged",))["privileged"])
+    out = tmp_path / "t.jsonl"
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", data, "--out", out, "--samples", 1,
+                         "--max-new-tokens", 4, "--no-filter", "--max-prompt-len", full - 50], capsys)
+    assert code == 0, err
+    trace = read_lines(out)[0]
+    assert trace["privileged_solution"] == sol[:sol.index("Solution 2")].rstrip() != trace["solution"]
+    # the teacher's prompt in train holds exactly the recorded text
+    built = dail.build_contexts(tok, dict(problem, privileged_solution=trace["privileged_solution"]), False,
+                                None, ("privileged",))["privileged"]
+    assert "Solution 2" not in tok.decode(built)
+    # an example whose recorded privileged context is over --max-len is dropped, not re-shortened
+    trace = dict(trace, kept=True, privileged_solution=sol)
+    data2 = write_jsonl(tmp_path / "t2.jsonl", [trace])
+    code, err = run_cli(train_argv(tiny, data2, tmp_path / "m", "--max-steps", 1, "--max-len", full - 20), capsys)
+    assert code == 2 and "no example fits --max-len" in err, err
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -483,13 +513,13 @@ def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, tok, model, thr
 
 def test_filter_reasons_and_keep_limit(tok):
     leak = [p.lower() for p in dail.LEAK_PHRASES]
-    base = dict(finish_reason="stop", pred="5", response="so \\boxed{5}")
-    assert dail.filter_reason(base, "5", False, leak) is None
-    assert dail.filter_reason(dict(base, finish_reason="length"), "5", False, leak) == "truncated"
-    assert dail.filter_reason(dict(base, pred=None), "5", False, leak) == "no_answer"
-    assert dail.filter_reason(dict(base, pred="6"), "5", False, leak) == "wrong_answer"
-    assert dail.filter_reason(dict(base, response="By the Reference Solution, \\boxed{5}"), "5", False, leak) == "mentions_reference"
-    assert dail.filter_reason(dict(base, finish_reason="length", pred=None), "5", True, leak) is None  # thinking
+    base = dict(finish_reason="stop", pred="5", correct=True, response="so \\boxed{5}")
+    assert dail.filter_reason(base, False, leak) is None
+    assert dail.filter_reason(dict(base, finish_reason="length"), False, leak) == "truncated"
+    assert dail.filter_reason(dict(base, pred=None, correct=False), False, leak) == "no_answer"
+    assert dail.filter_reason(dict(base, pred="6", correct=False), False, leak) == "wrong_answer"
+    assert dail.filter_reason(dict(base, response="By the Reference Solution, \\boxed{5}"), False, leak) == "mentions_reference"
+    assert dail.filter_reason(dict(base, finish_reason="length", pred=None), True, leak) is None  # thinking
 
     class Args:
         thinking, no_filter, keep_per_problem = False, False, 1
