@@ -129,6 +129,8 @@ class RewriteArgs(CommonArgs):
     # filtering, as released: keep one passing trace per problem
     keep_per_problem: int = arg(1, "traces kept per problem (the released code keeps 1)")
     no_filter: bool = arg(False, "keep every trace up to --keep-per-problem, graded or not")
+    keep_truncated: bool = arg(False, "grade traces cut by the token budget too (released behaviour); by "
+                                      "default they are rejected, since they never learned to stop")
     leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that "
                                                     "mentions the reference ('' disables the check)")
     # engine
@@ -160,7 +162,8 @@ class TrainArgs(CommonArgs):
     lr: float = arg(2e-4, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_steps: int = arg(5, "linear warm-up steps, then linear decay to 0")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off); not stated by the authors")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off); 1.0 is the released "
+                                    "behaviour (the Hugging Face Trainer's default)")
     batch_size: int = arg(16, "sequences per optimizer step, over all GPUs and micro-steps")
     micro_batch_size: int = arg(1, "sequences per forward pass (gradient accumulation makes up the rest)")
     epochs: int = arg(None, "passes over the traces [default 5; 3 with --thinking]", type=int)
@@ -793,12 +796,13 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 # =====================================================================================================
 # Step 1, filtering the traces, and the rewrite command
 # =====================================================================================================
-def filter_reason(trace, thinking, leak_phrases):
-    """Why a trace is rejected (None: it passes). Non-reasoning traces must finish, have a boxed answer
-    equal to the reference, and not mention the reference. Thinking prefixes are not graded."""
+def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
+    """Why a trace is rejected (None: it passes). Non-reasoning traces must finish (unless keep_truncated:
+    the released code graded a trace cut by the budget by its last box), have a boxed answer equal to the
+    reference, and not mention the reference. Thinking prefixes are not graded."""
     if thinking:
         return None
-    if trace["finish_reason"] != "stop":
+    if trace["finish_reason"] != "stop" and not keep_truncated:
         return "truncated"
     if trace["pred"] is None:
         return "no_answer"
@@ -820,7 +824,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
                      privileged_solution=problem.get("privileged_solution", problem["solution"]), answer=problem["answer"],
                      response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
                      n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
-        reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases)
+        reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases, args.keep_truncated)
         if reason is None and kept_count.get(problem["id"], 0) >= args.keep_per_problem:
             reason = "per_problem_limit"
         trace["kept"], trace["reject_reason"] = reason is None, reason
@@ -1121,8 +1125,9 @@ def training_response(tok, record, args, eot):
 def collate(pairs, pad_id):
     """[(prompt ids, response ids)] -> right-padded ids [B, L], attention mask [B, L], and `predicts`
     [B, L-1] bool: True where logits[:, p] predict a response token ids[:, p+1]. The distribution that
-    predicts response token t of a row therefore sits at position prompt_len + t - 1 (the released code's
-    mask started two positions late and ran one past the end)."""
+    predicts response token t of a row therefore sits at position prompt_len + t - 1. (The released code's
+    mask started two positions late, so the distributions of the first two response tokens were never
+    trained; its last position, the distribution after the last response token, did teach stopping.)"""
     width = max(len(p) + len(r) for p, r in pairs)
     ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(pairs), width), dtype=torch.long)

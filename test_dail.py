@@ -516,13 +516,16 @@ def test_filter_reasons_and_keep_limit(tok):
     base = dict(finish_reason="stop", pred="5", correct=True, response="so \\boxed{5}")
     assert dail.filter_reason(base, False, leak) is None
     assert dail.filter_reason(dict(base, finish_reason="length"), False, leak) == "truncated"
+    assert dail.filter_reason(dict(base, finish_reason="length"), False, leak, keep_truncated=True) is None
+    assert dail.filter_reason(dict(base, finish_reason="length", pred="6", correct=False), False, leak,
+                              keep_truncated=True) == "wrong_answer"
     assert dail.filter_reason(dict(base, pred=None, correct=False), False, leak) == "no_answer"
     assert dail.filter_reason(dict(base, pred="6", correct=False), False, leak) == "wrong_answer"
     assert dail.filter_reason(dict(base, response="By the Reference Solution, \\boxed{5}"), False, leak) == "mentions_reference"
     assert dail.filter_reason(dict(base, finish_reason="length", pred=None), True, leak) is None  # thinking
 
     class Args:
-        thinking, no_filter, keep_per_problem = False, False, 1
+        thinking, no_filter, keep_per_problem, keep_truncated = False, False, 1, False
 
     class Sink(list):
         def write(self, s):
