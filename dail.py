@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -429,6 +430,50 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def trace_keys(seed, problem_ids, samples):
+    """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
+    trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
+    words = []
+    for pid, s in zip(problem_ids, samples):
+        digest = hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
+        words.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
+    return torch.tensor(words, dtype=torch.long)
+
+
+def _mul32(x, c):
+    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a Python int c < 2^32, with no int64 overflow."""
+    lo = x * (c & 0xFFFF)                                        # < 2^48
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16                        # < 2^32
+    return (lo + hi) & 0xFFFFFFFF
+
+
+def _hash32(x):
+    """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(keys, step, n):
+    """[B, n] float64 uniforms in (0, 1) for B traces at decoding step `step`: a counter-based generator,
+    u = hash(key, step, j), so a trace's draws are fixed by its key whatever else shares its batch.
+    keys: [B, 2] from trace_keys."""
+    j = torch.arange(n, dtype=torch.long, device=keys.device)
+    counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
+    h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
+    return (h.double() + 0.5) / 2.0 ** 32
+
+
+def sample_with(probs, u):
+    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
+    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
+    cdf = probs.double().cumsum(-1)                                               # [B, V]
+    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
+    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 # =====================================================================================================

@@ -10,6 +10,7 @@ batched KV-cache decode, and the plain path for every fast path.
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from fractions import Fraction
@@ -1118,3 +1119,50 @@ def test_tokenizer_reload_check(tmp_path, tiny, capsys):
     tok_ = make_tokenizer()
     dail.check_tokenizer_reload(tok_, str(folder))
     assert "encodes text differently" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------
+# per-trace randomness: a counter-based generator keyed by (seed, problem id, sample), inverse-CDF draws
+# ------------------------------------------------------------------------------------------------------
+def _hash32_reference(x):
+    """The lowbias32 mixer in plain Python integers (an independent computation of dail._hash32)."""
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_hash32_matches_plain_integers():
+    xs = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF] + random.Random(0).sample(range(2 ** 32), 200)
+    got = dail._hash32(torch.tensor(xs, dtype=torch.long)).tolist()
+    assert got == [_hash32_reference(x) for x in xs]
+
+
+def test_counter_uniforms_depend_only_on_the_trace():
+    keys = dail.trace_keys(7, ["p1", "p2", "p3"], [0, 5, 0])
+    both = dail.counter_uniforms(keys, step=11, n=6)
+    alone = dail.counter_uniforms(keys[1:2], step=11, n=6)
+    assert torch.equal(both[1:2], alone)                                  # batch composition: no effect
+    assert torch.equal(dail.trace_keys(7, ["p2"], [5]), keys[1:2])
+    assert not torch.equal(both[0], both[2])                              # another problem, same sample
+    assert not torch.equal(dail.trace_keys(8, ["p1"], [0]), keys[:1])    # the seed matters
+    assert not torch.equal(dail.counter_uniforms(keys, 12, 6), both)      # so does the step
+    # uniform on (0, 1): 40k draws in 20 bins, chi-square far below the 0.999 quantile (~43.8 for 19 dof)
+    u = dail.counter_uniforms(dail.trace_keys(0, range(400), [0] * 400), step=3, n=100).flatten()
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u.float(), bins=20, min=0, max=1)
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 43.8, chi2
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02   # neighbours uncorrelated
+
+
+def test_sample_with_is_the_inverse_cdf():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0]])    # rows need not sum to 1
+    n = 10000
+    u = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[None].expand(2, n)   # an even grid of (0, 1)
+    tokens = dail.sample_with(probs, u)
+    freq = torch.stack([torch.bincount(t, minlength=4) for t in tokens]).double() / n
+    assert torch.allclose(freq, probs.double() / probs.double().sum(-1, keepdim=True), atol=1e-4)
+    assert int(tokens[0].eq(1).sum()) == 0                                 # a zero-probability token: never
