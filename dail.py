@@ -432,6 +432,47 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False):
     plt.close(fig)
 
 
+def shard_of(spec):
+    """This process's share of a rewrite or eval: (k, n) = shard k of n. From `--shard K/N` (SLURM arrays and
+    other schedulers), else torchrun's RANK and WORLD_SIZE, else (0, 1): the whole job in one process."""
+    if spec:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            raise DailError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DailError(f"--shard {spec}: under torchrun each rank already takes its own shard; drop --shard")
+        return int(m.group(1)), int(m.group(2))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def part_file(out_file, k, n):
+    """Where shard k of n writes: traces.jsonl -> traces.part0-of-4.jsonl, beside the merged file."""
+    out_file = Path(out_file)
+    return out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
+
+
+def shard_problems(problems, k, n):
+    """Shard k of n takes problems k, k + n, k + 2n, ... of the file: equal counts (to one), and early and
+    late problems alike, so no shard gets all the long ones of a file sorted by difficulty."""
+    return problems[k::n]
+
+
+def merge_parts(out_file, n, order):
+    """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
+    (input order), atomically; a record present twice is an error, never a silent duplicate. -> records."""
+    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n))]
+    records.sort(key=order)
+    keys = [order(r) for r in records]
+    dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+    if dup is not None:
+        raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
+                        f"one split of this job")
+    tmp = Path(str(out_file) + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out_file)
+    return records
+
+
 def trace_keys(seed, problem_ids, samples):
     """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
     trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""

@@ -1166,3 +1166,30 @@ def test_sample_with_is_the_inverse_cdf():
     freq = torch.stack([torch.bincount(t, minlength=4) for t in tokens]).double() / n
     assert torch.allclose(freq, probs.double() / probs.double().sum(-1, keepdim=True), atol=1e-4)
     assert int(tokens[0].eq(1).sum()) == 0                                 # a zero-probability token: never
+
+
+def test_shards_split_and_merge(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert dail.shard_of(None) == (0, 1) and dail.shard_of("2/3") == (2, 3)
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(dail.DailError, match="--shard"):
+            dail.shard_of(bad)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert dail.shard_of(None) == (1, 4)
+    with pytest.raises(dail.DailError, match="under torchrun"):
+        dail.shard_of("0/2")
+    problems = list(range(10))
+    parts = [dail.shard_problems(problems, k, 3) for k in range(3)]
+    assert sorted(sum(parts, [])) == problems and [len(p) for p in parts] == [4, 3, 3]
+    out = tmp_path / "traces.jsonl"
+    assert dail.part_file(out, 1, 3) == tmp_path / "traces.part1-of-3.jsonl"
+    records = [dict(index=i, sample=s) for i in range(5) for s in range(2)]
+    for k in range(3):
+        write_jsonl(dail.part_file(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1])
+    merged = dail.merge_parts(out, 3, lambda r: (r["index"], r["sample"]))
+    assert merged == records and read_lines(out) == records                  # input order, nothing lost
+    write_jsonl(dail.part_file(out, 2, 3), [records[0]])                      # a record in two parts
+    with pytest.raises(dail.DailError, match="twice"):
+        dail.merge_parts(out, 3, lambda r: (r["index"], r["sample"]))
