@@ -220,12 +220,12 @@ def test_too_long_prompt(tmp_path, capsys, expert, tiny):
     code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
                          "--max-prompt-len", 20], capsys)
     assert code == 2 and f"{expert}:1: field 'problem'" in err and "over the prompt budget of 20" in err
-    # rewrite: a counted skip, reported per line and in the summary
+    # rewrite: a counted skip, reported per line; nothing fitting at all is an error, not an empty success
     code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "r" / "t.jsonl",
                          "--samples", 1, "--max-new-tokens", 2, "--max-prompt-len", 20], capsys)
-    assert code == 0 and err.count("skip: ") == 3
-    summary = json.loads((tmp_path / "r" / "rewrite_summary.json").read_text())
-    assert summary["problems_skipped_too_long"] == 3 and summary["traces"] == 0
+    assert code == 2 and err.count("skip: ") == 3
+    assert err.strip().splitlines()[-1].endswith("no problem fits the prompt budget of 20 tokens (all 3 skipped); "
+                                                 "raise --max-prompt-len, or lower --max-new-tokens")
 
 
 def test_cli_exit_code_without_traceback(tmp_path):
@@ -475,7 +475,7 @@ def test_rewrite_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
         assert t["n_accepted"] + t["n_fallback"] == len(t["response_ids"])
         assert t["kept"] == (t["reject_reason"] is None)
     assert sorted((t["id"], t["sample"]) for t in traces) == sorted((str(p["id"]), s) for p in PROBLEMS for s in range(3))
-    summary = json.loads((out.parent / "rewrite_summary.json").read_text())
+    summary = json.loads((out.parent / "traces.summary.json").read_text())
     assert summary["traces"] == 9 and summary["kept"] + sum(summary["reject_reasons"].values()) == 9
     # resume: nothing added, nothing lost; a half-written last line is cut and written again
     assert run_cli(argv, capsys)[0] == 0
@@ -1083,7 +1083,7 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
     assert list(summary["methods"]) == methods
     assert (out / "passk.png").exists() or not _has_matplotlib()
     seed = out / "seed0"
-    for name in ("traces.jsonl", "traces.config.json", "rewrite_summary.json", "rewrite.log"):
+    for name in ("traces.jsonl", "traces.config.json", "traces.summary.json", "rewrite.log"):
         assert (seed / name).exists(), name
     traces = read_lines(seed / "traces.jsonl")
     assert len(traces) == 4 * 2 and all("kept" in t for t in traces)
