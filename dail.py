@@ -533,8 +533,9 @@ def hub_offline():
 
 
 def hub_endpoint():
+    """The hub the client talks to: HF_ENDPOINT (a mirror) when set, else huggingface.co."""
     import huggingface_hub.constants
-    return huggingface_hub.constants.ENDPOINT
+    return os.environ.get("HF_ENDPOINT", huggingface_hub.constants.ENDPOINT).rstrip("/")
 
 
 _HUB_PROBES = {}
@@ -549,7 +550,8 @@ def hub_probe(name, timeout=5):
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import HfHubHTTPError
         try:
-            _HUB_PROBES[name] = (get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=timeout).commit_hash,
+            _HUB_PROBES[name] = (get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=hub_endpoint()),
+                                                      timeout=timeout).commit_hash,
                                  True)
         except HfHubHTTPError:
             _HUB_PROBES[name] = (None, True)
