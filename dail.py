@@ -378,8 +378,8 @@ def clear_results(*paths):
     for p in map(Path, paths):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+        else:
+            p.unlink(missing_ok=True)
 
 
 # Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
@@ -391,7 +391,10 @@ TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoi
 def guard_train_out(args):
     """train's --out, before any model loads: never the base model's folder; a folder that holds anything is
     refused unless --resume (then only with the settings recorded in train_config.json) or --overwrite
-    (which clears the earlier run's metrics, checkpoint and adapters first)."""
+    (which clears the earlier run's metrics, checkpoint and adapters first). Under torchrun only rank 0
+    checks and writes (the others would race it); when it refuses, torchrun stops the other ranks."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     out = Path(args.out).expanduser()
     if normalized_model(args.model) == str(out.resolve()):
         raise DailError(f"--out {args.out}: is the --model folder; training would overwrite the base weights; "
