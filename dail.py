@@ -109,8 +109,8 @@ class CommonArgs:
     thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
                                 "switches to the released reasoning defaults")
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
-    max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length minus "
-                                    "--max-new-tokens); longer prompts are an error or a counted skip",
+    max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
+                                    "minus --max-new-tokens); longer prompts are an error or a counted skip",
                               type=int)
 
 
@@ -295,8 +295,9 @@ def check_resume_config(path, config, resuming, overwrite=False):
         diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
         if diff:
             k = diff[0]
-            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old.get(k, '(not recorded)')!r}, "
-                            f"this run asks for {k}={config[k]!r}; use another --out, or --overwrite to start over")
+            was = old.get(k, "(not recorded)")
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={was!r}, this run asks for "
+                            f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(config, indent=2))
@@ -321,7 +322,7 @@ def run_config(args, command):
     same files named by another path match, and a retrained model in the same folder does not), the
     normalized paths (for the reader), and every setting in RESULT_SETTINGS[command]."""
     config = dict(model_fingerprint=model_fingerprint(args.model),
-                  data_fingerprint=file_fingerprint(args.data))
+                  data_fingerprint=file_fingerprint(args.data, whole_below=float("inf")))  # data: every byte
     config.update({k: getattr(args, k) for k in RESULT_SETTINGS[command]})
     return dict(config, paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
 
@@ -952,7 +953,8 @@ def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "pr
         if name in out and max_prompt_len is not None and len(out[name]) > max_prompt_len:
             raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is "
                             f"{'' if whole[name] else 'over '}{len(out[name])} tokens, over the prompt budget of "
-                            f"{max_prompt_len} (--max-prompt-len, or the model's context length minus --max-new-tokens)")
+                            f"{max_prompt_len} (--max-prompt-len, or the model's context length minus "
+                            f"--max-new-tokens)")
     if "shortcut" in which:
         results = intermediate_results(problem["solution"] or "")
         text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
