@@ -1364,7 +1364,10 @@ def test_thinking_rewrite_decodes_what_it_keeps_one_summary_per_file(tmp_path, c
     assert (sa["traces"], sb["traces"]) == (3, 6) and not (tmp_path / "rewrite_summary.json").exists()
 
 
-class _Hub(__import__("http.server").server.BaseHTTPRequestHandler):
+from http.server import BaseHTTPRequestHandler, HTTPServer  # noqa: E402
+
+
+class _Hub(BaseHTTPRequestHandler):
     """A stand-in hub (or proxy) answering every HEAD with 404, recording what it was asked."""
     seen = []
 
@@ -1381,7 +1384,6 @@ class _Hub(__import__("http.server").server.BaseHTTPRequestHandler):
 @pytest.fixture
 def local_hub(monkeypatch):
     import threading
-    from http.server import HTTPServer
     import huggingface_hub
     import huggingface_hub.constants
     server = HTTPServer(("127.0.0.1", 0), _Hub)
@@ -1429,3 +1431,17 @@ def test_readme_commands_work_when_pasted():
     assert tests in ci
     ci_install = next(line for line in ci.splitlines() if ".venv-ci/bin/pip install" in line).split()
     assert set(install.split("&&")[0].split()[1:]) <= set(ci_install)  # CI installs what the README installs
+
+
+def test_hub_id_fingerprint_is_its_cached_commit(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--nobody--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dail.model_fingerprint("nobody/cached") == f"nobody/cached@{commit}"
+    assert dail.model_fingerprint("nobody/not-cached") == "nobody/not-cached"
