@@ -55,6 +55,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -108,8 +109,8 @@ class CommonArgs:
     thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
                                 "switches to the released reasoning defaults")
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
-    max_prompt_len: int = arg(None, "longest prompt in tokens (default: the model's context length minus "
-                                    "--max-new-tokens); longer prompts are an error or a counted skip",
+    max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
+                                    "minus --max-new-tokens); longer prompts are an error or a counted skip",
                               type=int)
 
 
@@ -279,19 +280,227 @@ def append_jsonl(f, record):
     f.flush()
 
 
-def check_resume_config(path, config, resuming):
-    """Results may only be resumed with the settings that wrote them. When `resuming` (earlier results
-    exist), compare `config` with the one saved at `path`; then (re)write it."""
+def check_resume_config(path, config, resuming, overwrite=False):
+    """Results may only be resumed by the run that wrote them. When `resuming` (earlier results exist) and
+    not `overwrite`, compare `config` (run_config: model and data fingerprints plus every setting that changes
+    results) with the one saved at `path`; any difference, or no saved config, is a one-line DailError naming
+    the setting, old vs new, and the two ways out. Then (re)write it: an --out that cannot be written fails
+    here, before any model loads."""
     p = Path(path)
-    if resuming and p.exists():
-        old = json.loads(p.read_text())
-        diff = [k for k in config if k in old and old[k] != config[k]]
+    if resuming and not overwrite:
+        if not p.exists():
+            raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
+                            f"were made; use another --out, or --overwrite to start over")
+        try:
+            old = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise DailError(f"{p}: unreadable ({e}); use another --out, or --overwrite to start over") from None
+        diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
         if diff:
             k = diff[0]
-            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old[k]!r}, this run "
-                            f"asks for {k}={config[k]!r}; use another --out, or the same settings to resume")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(config, indent=2))
+            was = old.get(k, "(not recorded)")
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={was!r}, this run asks for "
+                            f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(config, indent=2))
+    except OSError as e:
+        raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
+
+
+# The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
+# A new flag that changes results is one more name here.
+RESULT_SETTINGS = {
+    "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
+                "thinking", "keep_per_problem", "no_filter", "leak_phrases", "max_prompt_len", "seed", "dtype"),
+    "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
+              "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
+              "max_len", "thinking", "seed", "dtype"),
+    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype"),
+}
+
+
+def run_config(args, command):
+    """What proves that results in --out belong to this run: fingerprints of the model and the data (so the
+    same files named by another path match, and a retrained model in the same folder does not), the
+    normalized paths (for the reader), and every setting in RESULT_SETTINGS[command]."""
+    config = dict(model_fingerprint=model_fingerprint(args.model),
+                  data_fingerprint=file_fingerprint(args.data, whole_below=float("inf")))  # data: every byte
+    config.update({k: getattr(args, k) for k in RESULT_SETTINGS[command]})
+    return dict(config, paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
+
+
+def normalized_model(name):
+    """A model folder as an absolute path (so `m`, `m/` and `/abs/m` are one model); a hub id unchanged."""
+    return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
+
+
+def file_fingerprint(path, whole_below=64 << 20, edge=1 << 20):
+    """'size:sha256[:16]' of a file: its whole content when under `whole_below` bytes (every data file in
+    practice), else of its size, first and last `edge` bytes (a weight file: safetensors keep the tensor
+    index in the header). None when the file does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    size, h = p.stat().st_size, hashlib.sha256()
+    with open(p, "rb") as f:
+        if size < whole_below:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(f.read(edge))
+            f.seek(size - edge)
+            h.update(f.read(edge))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
+# The files of a model folder that decide its outputs (weights, config, tokenizer); the rest of the folder
+# (metrics, checkpoints, an eval folder inside it) does not enter the fingerprint.
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "chat_template.jinja", "chat_template.json", "*.safetensors", "*.safetensors.index.json",
+               "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def model_fingerprint(name):
+    """A short hash that changes when the model changes, cheap for a 16 GB folder. A folder: the
+    file_fingerprint of each of its MODEL_FILES (small files whole; a weight file over 64 MiB by its size
+    and first and last MiB, which hold the safetensors header with every tensor's name, shape and offset);
+    all weights are not read. A hub id: 'id@commit' when the hub or the local cache says which commit it
+    resolves to (hub_commit), else the id alone (then a new upload under the same id is not noticed)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        commit = hub_commit(name)
+        return f"{name}@{commit}" if commit else name
+    files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    h = hashlib.sha256(json.dumps([(f.name, file_fingerprint(f)) for f in files]).encode())
+    return f"{len(files)} files:{h.hexdigest()[:16]}"
+
+
+def clear_results(*paths):
+    """--overwrite: remove what an earlier run left (files or folders); what is not there is skipped."""
+    for p in map(Path, paths):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+# Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
+# means it holds something already.
+TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "checkpoint.pt.tmp",
+                 "adapters", "train_config.json")
+
+
+def guard_train_out(args):
+    """train's --out, before any model loads: never the base model's folder; a folder that holds anything is
+    refused unless --resume (then only with the settings recorded in train_config.json) or --overwrite
+    (which clears the earlier run's metrics, checkpoint and adapters first). Under torchrun only rank 0
+    checks and writes (the others would race it); when it refuses, torchrun stops the other ranks."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out = Path(args.out).expanduser()
+    if normalized_model(args.model) == str(out.resolve()):
+        raise DailError(f"--out {args.out}: is the --model folder; training would overwrite the base weights; "
+                        f"use another --out")
+    if out.exists() and not out.is_dir():
+        raise DailError(f"--out {args.out}: exists and is not a folder; train writes a folder")
+    held = sorted(p.name for p in out.iterdir() if p.name != "train_config.json") if out.is_dir() else []
+    if held and not (args.resume or args.overwrite):
+        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
+                        f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
+                        f"--overwrite to start over")
+    if args.overwrite:
+        if args.resume:
+            raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
+        clear_results(*(out / name for name in TRAIN_RESULTS))
+    check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+
+
+def check_out_file(path):
+    """rewrite's --out is a file: refuse a folder, and any place a file cannot be created, before any model loads."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DailError(f"--out {path}: is a folder; rewrite writes a JSONL file (e.g. {Path(path) / 'traces.jsonl'})")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise DailError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+
+
+def check_out_folder(path):
+    """eval's --out is a folder: refuse an existing file, and any place a folder cannot be created."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise DailError(f"--out {path}: exists and is not a folder; eval writes a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DailError(f"--out {path}: cannot create it ({e.strerror or e})") from None
+
+
+def _at_least(low, optional=False):
+    return lambda v: (optional and v is None) or (v is not None and math.isfinite(v) and v >= low)
+
+
+# Every numeric (and otherwise constrained) flag: name -> (predicate, what it must be). validate_args applies
+# the entries whose flag the command has; adding a flag's check is one line here.
+VALID = {
+    "seed": (_at_least(0), "an integer >= 0"),
+    "samples": (_at_least(1), "an integer >= 1"),
+    "retries": (_at_least(1), "an integer >= 1"),
+    "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
+    "temperature": (_at_least(0), "a number >= 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (_at_least(0), "an integer >= 0 (0: all)"),
+    "max_new_tokens": (_at_least(1), "an integer >= 1"),
+    "max_prompt_len": (_at_least(1, optional=True), "an integer >= 1"),
+    "keep_per_problem": (_at_least(1), "an integer >= 1"),
+    "batch_size": (_at_least(1), "an integer >= 1"),
+    "micro_batch_size": (_at_least(1), "an integer >= 1"),
+    "tensor_parallel_size": (_at_least(1), "an integer >= 1"),
+    "max_model_len": (_at_least(1, optional=True), "an integer >= 1"),
+    "gpu_memory_utilization": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "n": (_at_least(1), "an integer >= 1"),
+    "lam": (_at_least(0), "a number >= 0 (it weighs a subtracted term; 0 switches it off)"),
+    "lora_rank": (_at_least(0), "an integer >= 0 (0: full fine-tuning)"),
+    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "lora_targets": (lambda v: all(x.strip() for x in v.split(",")), "comma-separated module names"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "weight_decay": (_at_least(0), "a number >= 0"),
+    "warmup_steps": (_at_least(0), "an integer >= 0"),
+    "grad_clip": (_at_least(0), "a number >= 0 (0: off)"),
+    "epochs": (_at_least(1), "an integer >= 1"),
+    "max_steps": (_at_least(1, optional=True), "an integer >= 1 (an untrained model is not a result)"),
+    "max_len": (_at_least(1), "an integer >= 1"),
+    "loss_chunk": (_at_least(1), "an integer >= 1"),
+    "log_every": (_at_least(1), "an integer >= 1"),
+    "save_every": (_at_least(0), "an integer >= 0 (0: only at the end)"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
+}
+
+# Flags a command inherits but does not use: giving one is an error rather than silently ignored.
+UNUSED = {"train": {"max_prompt_len": "train's length limit is --max-len"}}
+
+
+def validate_args(args):
+    """Check every flag the command has against VALID (and UNUSED), before any file or model is touched: a
+    bad value is a one-line DailError naming the flag, the value and what it must be."""
+    command = next(name for name, (cls, _, _) in COMMANDS.items() if type(args) is cls)
+    for name, reason in UNUSED.get(command, {}).items():
+        if getattr(args, name, None) is not None:
+            raise DailError(f"--{name.replace('_', '-')}: not used by {command} ({reason})")
+    for name, (ok, must) in VALID.items():
+        if hasattr(args, name):
+            value = getattr(args, name)
+            if value is None and name in ("threshold", "max_new_tokens", "epochs", "max_len"):
+                continue  # None: the released default, filled in by resolve_released
+            if not ok(value):
+                raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    return args
 
 
 def resolve_device(name):
@@ -316,16 +525,61 @@ def check_model_name(name):
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise DailError(f"--model {name}: no such model folder")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return
-    import socket
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=5).close()
-    except OSError:
-        print(f"note: huggingface.co is unreachable; looking for {name} in the local cache only", file=sys.stderr)
+    if not hub_probe(name)[1]:
+        print(f"note: the Hugging Face hub ({hub_endpoint()}) is unreachable; looking for {name} in the local "
+              f"cache only", file=sys.stderr)
         os.environ["HF_HUB_OFFLINE"] = "1"
         import huggingface_hub.constants
         huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint():
+    """The hub the client talks to: HF_ENDPOINT (a mirror) when set, else huggingface.co."""
+    import huggingface_hub.constants
+    return os.environ.get("HF_ENDPOINT", huggingface_hub.constants.ENDPOINT).rstrip("/")
+
+
+_HUB_PROBES = {}
+
+
+def hub_probe(name, timeout=5):
+    """(commit or None, hub reachable) for a hub id, asked once per process: one HEAD request for its
+    config.json through the hub client, so HF_ENDPOINT (a mirror), HTTP(S)_PROXY and the token are honoured
+    as in the download itself; no retries, `timeout` seconds. An HTTP error (no such repo, gated) means
+    the hub answered; a connection error or timeout means it is out of reach."""
+    if name not in _HUB_PROBES:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError
+        try:
+            _HUB_PROBES[name] = (get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=hub_endpoint()),
+                                                      timeout=timeout).commit_hash,
+                                 True)
+        except HfHubHTTPError:
+            _HUB_PROBES[name] = (None, True)
+        except Exception:  # connection refused, DNS failure, timeout, proxy error, offline mode
+            _HUB_PROBES[name] = (None, False)
+    return _HUB_PROBES[name]
+
+
+def hub_commit(name):
+    """The commit a hub id resolves to: from the hub (hub_probe) unless offline, else from the local cache's
+    snapshot of its config.json; None when neither knows."""
+    if not hub_offline():
+        commit = hub_probe(name)[0]
+        if commit:
+            return commit
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def load_tokenizer(name):
@@ -384,7 +638,10 @@ def prompt_budget(args):
     if args.max_prompt_len is not None:
         return args.max_prompt_len
     n = context_length(args.model)
-    return None if n is None else max(n - args.max_new_tokens, 0)
+    if n is not None and n - args.max_new_tokens < 1:
+        raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
+                        f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
+    return None if n is None else n - args.max_new_tokens
 
 
 def stop_token_ids(tok, name):
@@ -723,6 +980,24 @@ def chat_prompt_ids(tok, user_text, thinking):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+# No tokenizer averages this many characters per token on real text (English is about 4), so a text this many
+# characters per token of a budget long is over the budget: bounded_ids then tokenizes only a head of it.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def bounded_ids(encode, text, budget):
+    """(ids, whole): encode(text), except that a text longer than MAX_CHARS_PER_TOKEN * budget characters is
+    first encoded only up to there; when that head alone is clearly over `budget` tokens, its ids are
+    returned with whole=False (the text is over the budget too: a head never has more than a few tokens
+    more than the whole). A 50 MB solution thus costs a budget's worth of tokenizing, not 10 GB and minutes."""
+    limit = MAX_CHARS_PER_TOKEN * (max(budget, 0) + 1) if budget is not None else None
+    if limit is not None and len(text) > limit:
+        head = encode(text[:limit])
+        if len(head) > budget + 8:
+            return head, False
+    return encode(text), True
+
+
 def shorten_solution(solution):
     """One shortening step for an over-long privileged prompt: cut before the last "Solution N:" marker
     (keep the first solutions of a multi-solution write-up), else keep the first half."""
@@ -739,7 +1014,8 @@ def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
     solution = problem["solution"]
     while True:
         text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-        if max_prompt_len is None or len(chat_prompt_ids(tok, text, thinking)) <= max_prompt_len:
+        if max_prompt_len is None or len(bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text,
+                                                     max_prompt_len)[0]) <= max_prompt_len:
             return solution
         if not solution:
             raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit "
@@ -752,18 +1028,21 @@ def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "pr
     problem["privileged_solution"] when present (the text the validator saw), else the whole solution; it is
     never shortened here (see fit_privileged_solution). A student or privileged prompt over max_prompt_len
     raises DailError."""
-    out = {}
+    out, whole = {}, {}
+    encode = lambda text: chat_prompt_ids(tok, text, thinking)  # noqa: E731
     if "student" in which:
-        out["student"] = chat_prompt_ids(tok, STUDENT_PROMPT.format(problem=problem["problem"]), thinking)
+        out["student"], whole["student"] = bounded_ids(encode, STUDENT_PROMPT.format(problem=problem["problem"]),
+                                                       max_prompt_len)
     if "privileged" in which:
         solution = problem.get("privileged_solution") or problem["solution"]
         text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-        out["privileged"] = chat_prompt_ids(tok, text, thinking)
+        out["privileged"], whole["privileged"] = bounded_ids(encode, text, max_prompt_len)
     for name in ("student", "privileged"):
         if name in out and max_prompt_len is not None and len(out[name]) > max_prompt_len:
-            raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is {len(out[name])} "
-                            f"tokens, over the prompt budget of {max_prompt_len} (--max-prompt-len, or the "
-                            f"model's context length minus --max-new-tokens)")
+            raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is "
+                            f"{'' if whole[name] else 'over '}{len(out[name])} tokens, over the prompt budget of "
+                            f"{max_prompt_len} (--max-prompt-len, or the model's context length minus "
+                            f"--max-new-tokens)")
     if "shortcut" in which:
         results = intermediate_results(problem["solution"] or "")
         text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
@@ -933,19 +1212,28 @@ def rewrite_summary(traces, n_problems, skipped, args):
                 settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
 
 
+def decode_only_kept(args):
+    """Thinking prefixes are not graded (and --no-filter grades nothing away), so the first
+    --keep-per-problem traces of a problem are the ones kept: decode only those, not --samples."""
+    if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:
+        print(f"note: {'--thinking prefixes are not graded' if args.thinking else '--no-filter'}: the first "
+              f"--keep-per-problem {args.keep_per_problem} traces per problem are kept, so only those are "
+              f"decoded (not --samples {args.samples})", file=sys.stderr)
+        args.samples = args.keep_per_problem
+
+
 def cmd_rewrite(args):
-    """Write OUT (traces.jsonl: one line per trace) and rewrite_summary.json beside it."""
-    resolve_released(args)
+    """Write OUT (traces.jsonl: one line per trace), OUT's .summary.json and .config.json beside it
+    (traces.summary.json, traces.config.json: one of each per output file)."""
+    validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
-    if args.samples < 1 or args.retries < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise DailError("--samples, --retries, --max-new-tokens and --batch-size must be >= 1")
+    decode_only_kept(args)
     out = Path(args.out)
+    check_out_file(out)
+    if args.overwrite:
+        clear_results(out, out.with_suffix(".summary.json"))
     done = resume_jsonl(out)
-    check_resume_config(out.with_suffix(".config.json"), dict(
-        model=args.model, data=str(args.data), samples=args.samples, propose=args.propose,
-        threshold=args.threshold, retries=args.retries, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking,
-        keep_per_problem=args.keep_per_problem, no_filter=args.no_filter), resuming=bool(done))
+    check_resume_config(out.with_suffix(".config.json"), run_config(args, "rewrite"), resuming=bool(done))
     tok = load_tokenizer(args.model)
     max_prompt = prompt_budget(args)
     contexts, skipped = {}, 0
@@ -956,6 +1244,13 @@ def cmd_rewrite(args):
         except DailError as e:
             skipped += 1
             print(f"skip: {e}", file=sys.stderr)
+    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
+    if shortened:
+        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
+              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
+    if not contexts:
+        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
+                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
     written = {(t["id"], t["sample"]) for t in done}
     todo = [(p, s) for p in problems if p["id"] in contexts for s in range(args.samples)
             if (p["id"], s) not in written]
@@ -987,7 +1282,8 @@ def cmd_rewrite(args):
                            leak_phrases, device)
     traces = resume_jsonl(out)
     summary = rewrite_summary(traces, len(problems), skipped, args)
-    (out.parent / "rewrite_summary.json").write_text(json.dumps(summary, indent=2))
+    summary["solutions_shortened"] = shortened
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
 
@@ -1203,8 +1499,9 @@ def training_response(tok, record, args, eot):
     """The response ids every context of one example shares: the trace's ids + the end-of-turn token when
     the trace finished (so the model learns to stop; thinking prefixes end at the budget and get none),
     or, for SFT on expert solutions, the tokenized solution + end of turn."""
-    if args.objective == "sft" and args.sft_target == "expert":
-        return tok(record["solution"], add_special_tokens=False)["input_ids"] + [eot]
+    if args.objective == "sft" and args.sft_target == "expert":  # a huge solution: just enough ids to be dropped
+        return bounded_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"], record["solution"],
+                           args.max_len)[0] + [eot]
     return list(record["response_ids"]) + ([eot] if record["finish_reason"] == "stop" else [])
 
 
@@ -1293,8 +1590,9 @@ def load_training_records(args):
 def cmd_train(args):
     """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/, metrics.jsonl,
     metrics.png, train_summary.json, and checkpoint.pt (with --save-every, for --resume)."""
-    resolve_released(args)
+    validate_args(resolve_released(args))
     records, not_kept = load_training_records(args)            # all input checks before any model loads
+    guard_train_out(args)                                      # --out: not the model, not an unrelated run
     out = Path(args.out)
     if args.batch_size < 1 or args.micro_batch_size < 1 or args.loss_chunk < 1:
         raise DailError("--batch-size, --micro-batch-size and --loss-chunk must be >= 1")
@@ -1518,16 +1816,16 @@ def eval_summary(lines, ks):
 def cmd_eval(args):
     """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
     (the settings a resumed run must match)."""
+    validate_args(args)
     problems = load_problems(args.data, need_solution=False, need_answer=True)
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise DailError("--n, --max-new-tokens and --batch-size must be >= 1")
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
+    check_out_folder(out)
     samples_path = out / "samples.jsonl"
+    if args.overwrite:
+        clear_results(samples_path, out / "summary.json", out / "passk.png")
     done = {r["id"] for r in resume_jsonl(samples_path)}
-    check_resume_config(out / "eval_config.json", dict(
-        model=args.model, data=str(args.data), n=args.n, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking), resuming=bool(done))
+    check_resume_config(out / "eval_config.json", run_config(args, "eval"), resuming=bool(done))
     tok = load_tokenizer(args.model)
     max_prompt = prompt_budget(args)
     prompts = {}

@@ -221,12 +221,12 @@ def test_too_long_prompt(tmp_path, capsys, expert, tiny):
     code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
                          "--max-prompt-len", 20], capsys)
     assert code == 2 and f"{expert}:1: field 'problem'" in err and "over the prompt budget of 20" in err
-    # rewrite: a counted skip, reported per line and in the summary
+    # rewrite: a counted skip, reported per line; nothing fitting at all is an error, not an empty success
     code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "r" / "t.jsonl",
                          "--samples", 1, "--max-new-tokens", 2, "--max-prompt-len", 20], capsys)
-    assert code == 0 and err.count("skip: ") == 3
-    summary = json.loads((tmp_path / "r" / "rewrite_summary.json").read_text())
-    assert summary["problems_skipped_too_long"] == 3 and summary["traces"] == 0
+    assert code == 2 and err.count("skip: ") == 3
+    assert err.strip().splitlines()[-1].endswith("no problem fits the prompt budget of 20 tokens (all 3 skipped); "
+                                                 "raise --max-prompt-len, or lower --max-new-tokens")
 
 
 def test_cli_exit_code_without_traceback(tmp_path):
@@ -476,7 +476,7 @@ def test_rewrite_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
         assert t["n_accepted"] + t["n_fallback"] == len(t["response_ids"])
         assert t["kept"] == (t["reject_reason"] is None)
     assert sorted((t["id"], t["sample"]) for t in traces) == sorted((str(p["id"]), s) for p in PROBLEMS for s in range(3))
-    summary = json.loads((out.parent / "rewrite_summary.json").read_text())
+    summary = json.loads((out.parent / "traces.summary.json").read_text())
     assert summary["traces"] == 9 and summary["kept"] + sum(summary["reject_reasons"].values()) == 9
     # resume: nothing added, nothing lost; a half-written last line is cut and written again
     assert run_cli(argv, capsys)[0] == 0
@@ -1054,7 +1054,8 @@ def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeyp
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
     import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(dail, "_HUB_PROBES", {})
     dail.check_model_name("nobody/no-such-model")
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
     code, err = run_cli(["eval", "--model", "nobody/no-such-model", "--data", expert, "--out", tmp_path / "o"], capsys)
@@ -1087,7 +1088,7 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
     assert list(summary["methods"]) == methods
     assert (out / "passk.png").exists() or not _has_matplotlib()
     seed = out / "seed0"
-    for name in ("traces.jsonl", "traces.config.json", "rewrite_summary.json", "rewrite.log"):
+    for name in ("traces.jsonl", "traces.config.json", "traces.summary.json", "rewrite.log"):
         assert (seed / name).exists(), name
     traces = read_lines(seed / "traces.jsonl")
     assert len(traces) == 4 * 2 and all("kept" in t for t in traces)
@@ -1193,3 +1194,332 @@ def test_shards_split_and_merge(tmp_path, monkeypatch):
     write_jsonl(dail.part_file(out, 2, 3), [records[0]])                      # a record in two parts
     with pytest.raises(dail.DailError, match="twice"):
         dail.merge_parts(out, 3, lambda r: (r["index"], r["sample"]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 14. never a silently wrong result: reused results proven to belong to the run, bad values refused up front
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model or tokenizer load fails the test: the check under test must come first."""
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded before the bad value was refused")
+    monkeypatch.setattr(dail, "load_model", forbidden)
+    monkeypatch.setattr(dail, "load_tokenizer", forbidden)
+
+
+BAD_VALUES = [
+    ("rewrite", ["--temperature", -1], "--temperature -1.0: must be a number >= 0"),
+    ("rewrite", ["--temperature", "nan"], "--temperature nan: must be"),
+    ("rewrite", ["--top-p", 0], "--top-p 0.0: must be a number in (0, 1]"),
+    ("rewrite", ["--top-k", -1], "--top-k -1: must be"),
+    ("rewrite", ["--threshold", -1], "--threshold -1.0: must be a number >= 0"),
+    ("rewrite", ["--keep-per-problem", 0], "--keep-per-problem 0: must be an integer >= 1"),
+    ("rewrite", ["--samples", 0], "--samples 0: must be"),
+    ("rewrite", ["--retries", 0], "--retries 0: must be"),
+    ("rewrite", ["--max-new-tokens", 0], "--max-new-tokens 0: must be"),
+    ("rewrite", ["--max-prompt-len", 0], "--max-prompt-len 0: must be"),
+    ("rewrite", ["--device", "tpu"], "--device tpu: must be auto, cpu, cuda, cuda:N or mps"),
+    ("rewrite", ["--seed", -1], "--seed -1: must be an integer >= 0"),
+    ("rewrite", ["--gpu-memory-utilization", 0], "--gpu-memory-utilization 0.0: must be"),
+    ("train", ["--epochs", 0], "--epochs 0: must be an integer >= 1"),
+    ("train", ["--lora-rank", -1], "--lora-rank -1: must be an integer >= 0"),
+    ("train", ["--lr", -1], "--lr -1.0: must be a number > 0"),
+    ("train", ["--lr", 0], "--lr 0.0: must be a number > 0"),
+    ("train", ["--max-steps", 0], "--max-steps 0: must be an integer >= 1"),
+    ("train", ["--lam", -5], "--lam -5.0: must be a number >= 0"),
+    ("train", ["--save-every", -1], "--save-every -1: must be an integer >= 0"),
+    ("train", ["--lora-dropout", 1], "--lora-dropout 1.0: must be a probability in [0, 1)"),
+    ("train", ["--max-len", 0], "--max-len 0: must be"),
+    ("train", ["--micro-batch-size", 0], "--micro-batch-size 0: must be"),
+    ("train", ["--device", "tpu"], "--device tpu: must be"),
+    ("train", ["--max-prompt-len", 100], "--max-prompt-len: not used by train (train's length limit is --max-len)"),
+    ("eval", ["--top-p", 0], "--top-p 0.0: must be a number in (0, 1]"),
+    ("eval", ["--top-p", 1.5], "--top-p 1.5: must be"),
+    ("eval", ["--temperature", -1], "--temperature -1.0: must be"),
+    ("eval", ["--n", 0], "--n 0: must be an integer >= 1"),
+    ("eval", ["--device", "tpu"], "--device tpu: must be"),
+    ("eval", ["--max-new-tokens", -3], "--max-new-tokens -3: must be"),
+]
+
+
+@pytest.mark.parametrize("command,flags,message", BAD_VALUES)
+def test_bad_value_is_one_line_before_any_model_loads(tmp_path, capsys, expert, tiny, traces, no_model_load,
+                                                      command, flags, message):
+    data = traces[1] if command == "train" else expert
+    out = tmp_path / ("t.jsonl" if command == "rewrite" else "o")
+    code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out, *flags], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == f"dail.py {command}: error: {message}" or lines[0].startswith(f"dail.py {command}: error: {message}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command,kind", [("rewrite", "dir"), ("train", "file"), ("eval", "file"),
+                                          ("rewrite", "proc"), ("train", "proc"), ("eval", "proc")])
+def test_unwritable_out_is_one_line_before_any_model_loads(tmp_path, capsys, expert, tiny, traces, no_model_load,
+                                                           command, kind):
+    data = traces[1] if command == "train" else expert
+    if kind == "dir":
+        out = tmp_path / "adir"
+        out.mkdir()
+    elif kind == "file":
+        out = tmp_path / "afile"
+        out.write_text("x")
+    else:
+        out = Path("/proc/no-such-dir/out")
+    code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"dail.py {command}: error: --out {out}: ")
+
+
+def test_rewrite_context_shorter_than_the_default_budget(tmp_path, capsys, expert, tiny, monkeypatch):
+    monkeypatch.setattr(dail, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    # the tiny model's context is 2048 tokens, the default non-reasoning budget 2048: no room for a prompt
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "t.jsonl"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "dail.py rewrite: error: --max-new-tokens 2048: the model's context is 2048 tokens, which leaves no room "
+        "for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
+
+
+def test_eval_rerun_after_retraining_is_refused_then_recomputed(tmp_path, capsys, expert, monkeypatch):
+    model = tmp_path / "m"
+    save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
+    out = tmp_path / "e"
+    argv = ["eval", "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 4, "--engine", "hf"]
+    assert run_cli(argv[:1] + ["--model", model] + argv[1:], capsys)[0] == 0
+    first = read_lines(out / "samples.jsonl")
+    import shutil
+    shutil.copytree(model, tmp_path / "m0")                       # (a re-saved tiny tokenizer numbers bytes anew)
+    # the same model and data named another way (relative, trailing slash): the same run, nothing recomputed
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["eval", "--model", "m/", "--data", Path(expert).name] + argv[3:], capsys)
+    assert code == 0, err
+    assert read_lines(out / "samples.jsonl") == first
+    # "retrain" into the same folder: other weights, same path -> refused, one line, naming the difference
+    save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=1)
+    code, err = run_cli(argv[:1] + ["--model", model] + argv[1:], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert "model_fingerprint=" in lines[0] and lines[0].endswith("use another --out, or --overwrite to start over")
+    # another seed: refused too (it would record one seed for samples drawn with two)
+    shutil.rmtree(model)
+    shutil.copytree(tmp_path / "m0", model)
+    code, err = run_cli(argv[:1] + ["--model", model] + argv[1:] + ["--seed", 1], capsys)
+    assert code == 2 and "seed=0" in err and "seed=1" in err
+    # --overwrite: the samples are recomputed from the model that is there now
+    save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=1)
+    assert run_cli(argv[:1] + ["--model", model] + argv[1:] + ["--overwrite"], capsys)[0] == 0
+    again = read_lines(out / "samples.jsonl")
+    assert len(again) == len(first) and again != first
+    config = json.loads((out / "eval_config.json").read_text())
+    assert config["model_fingerprint"] == dail.model_fingerprint(str(model)) and config["seed"] == 0
+
+
+def test_model_fingerprint_covers_weights_config_and_tokenizer_only(tmp_path):
+    model = tmp_path / "m"
+    save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
+    fp = dail.model_fingerprint(str(model))
+    assert dail.model_fingerprint(str(model) + "/") == fp
+    (model / "metrics.jsonl").write_text("{}\n")                    # train's bookkeeping: not the model
+    (model / "eval").mkdir()
+    (model / "eval" / "samples.jsonl").write_text("{}\n")
+    assert dail.model_fingerprint(str(model)) == fp
+    for name in ("config.json", "tokenizer.json"):
+        saved = (model / name).read_text()
+        (model / name).write_text(saved.replace("}", " }", 1))
+        assert dail.model_fingerprint(str(model)) != fp, name
+        (model / name).write_text(saved)
+    weights = model / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1                                                  # one bit of the last tensor
+    weights.write_bytes(bytes(blob))
+    assert dail.model_fingerprint(str(model)) != fp
+    big = tmp_path / "big.bin"                                     # over 64 MiB: size + first and last MiB
+    with open(big, "wb") as f:
+        f.truncate(65 << 20)
+    a = dail.file_fingerprint(big)
+    with open(big, "r+b") as f:
+        f.seek((65 << 20) - 10)
+        f.write(b"x")
+    assert dail.file_fingerprint(big) != a and a.startswith(f"{65 << 20}:")
+    assert dail.model_fingerprint("nobody/no-such-model").startswith("nobody/no-such-model")
+
+
+def test_rewrite_resume_checks_seed_leak_phrases_and_data(tmp_path, capsys, expert, tiny):
+    out = tmp_path / "r" / "traces.jsonl"
+    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 3,
+            "--threshold", 0]
+    assert run_cli(argv, capsys)[0] == 0
+    for extra, name in ([["--seed", 3], "seed"], [["--leak-phrases", "the hint"], "leak_phrases"]):
+        code, err = run_cli(argv + extra, capsys)
+        assert code == 2 and f"with {name}=" in err and "--overwrite" in err, err
+    write_jsonl(expert, PROBLEMS[:2] + [dict(PROBLEMS[2], problem="What is 7*7?", answer=49)])  # data edited
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "data_fingerprint=" in err
+    code, err = run_cli(argv + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert [t["problem"] for t in read_lines(out)][-1] == "What is 7*7?" and len(read_lines(out)) == 3
+
+
+def test_train_guards_its_out_folder(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "t"
+    argv = train_argv(tiny, data, out, "--max-steps", 2, "--save-every", 1)
+    assert run_cli(argv, capsys)[0] == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    # a rerun without --resume: refused, nothing truncated
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "holds an earlier run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "metrics.jsonl").read_text() == metrics
+    # --resume with settings that did not write the checkpoint: one line naming the setting
+    for flags, name in ([["--lr", 1e-4], "lr"], [["--objective", "sft"], "objective"],
+                        [["--lora-rank", 4], "lora_rank"], [["--seed", 1], "seed"]):
+        code, err = run_cli(argv + flags + ["--resume"], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and f"with {name}=" in lines[0], err
+    assert (out / "metrics.jsonl").read_text() == metrics
+    # --resume with the same settings goes on; --overwrite starts over
+    assert run_cli(argv + ["--resume"], capsys)[0] == 0
+    (out / "stale.txt").write_text("not ours")
+    assert run_cli(argv[:-4] + ["--max-steps", 1, "--overwrite"], capsys)[0] == 0
+    assert [m["step"] for m in read_lines(out / "metrics.jsonl")] == [1]
+    assert (out / "stale.txt").exists()                        # only train's own files are cleared
+    # --out = --model, however it is spelled: refused before anything is written
+    for spelled in (tiny, str(tiny) + "/"):
+        code, err = run_cli(train_argv(tiny, data, spelled, "--max-steps", 1), capsys)
+        assert code == 2 and "is the --model folder" in err
+
+
+def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny):
+    calls = []
+
+    class Spy:                                      # the tokenizer, recording how much text it is given
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, text, **kw):
+            calls.append(len(text))
+            return tok(text, **kw)
+
+    solution = "Step: 12 + 30 = 42. " * 100_000 + "\\boxed{42}"         # 2 MB
+    problem = dict(id="big", where="big.jsonl:1", problem="What is 12+30?", solution=solution, answer="42")
+    fitted = dail.fit_privileged_solution(Spy(), problem, False, 700)
+    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 + 1000 and len(fitted) < len(solution)
+    # the same text as tokenizing everything at every step (the plain path)
+    plain = solution
+    while len(dail.chat_prompt_ids(tok, dail.PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=plain),
+                                   False)) > 700:
+        plain = dail.shorten_solution(plain)
+    assert fitted == plain
+    # eval: a huge problem is refused after tokenizing a head of it only
+    calls.clear()
+    with pytest.raises(dail.DailError, match="the student prompt is over .* tokens, over the prompt budget of 700"):
+        dail.build_contexts(Spy(), dict(problem, problem=solution), False, 700, ("student",))
+    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 + 1000
+    # rewrite counts the shortening in its summary
+    data = write_jsonl(tmp_path / "x.jsonl", [dict(id="big", problem="What is 12+30?", solution=solution),
+                                              PROBLEMS[0]])
+    out = tmp_path / "r.jsonl"
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", data, "--out", out, "--samples", 1,
+                         "--max-new-tokens", 2, "--max-prompt-len", 700, "--threshold", 0], capsys)
+    assert code == 0 and "1 expert solutions shortened" in err
+    assert json.loads((tmp_path / "r.summary.json").read_text())["solutions_shortened"] == 1
+
+
+def test_thinking_rewrite_decodes_what_it_keeps_one_summary_per_file(tmp_path, capsys, expert, tiny):
+    for name in ("a", "b"):
+        code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / f"{name}.jsonl",
+                             "--thinking", "--samples", 4, "--keep-per-problem", 1 if name == "a" else 2,
+                             "--max-new-tokens", 3, "--threshold", 0], capsys)
+        assert code == 0 and "only those are decoded (not --samples 4)" in err
+    a, b = read_lines(tmp_path / "a.jsonl"), read_lines(tmp_path / "b.jsonl")
+    assert len(a) == 3 and all(t["kept"] for t in a)             # 1 per problem decoded, 1 kept
+    assert len(b) == 6 and all(t["kept"] for t in b)
+    sa = json.loads((tmp_path / "a.summary.json").read_text())
+    sb = json.loads((tmp_path / "b.summary.json").read_text())
+    assert (sa["traces"], sb["traces"]) == (3, 6) and not (tmp_path / "rewrite_summary.json").exists()
+
+
+from http.server import BaseHTTPRequestHandler, HTTPServer  # noqa: E402
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """A stand-in hub (or proxy) answering every HEAD with 404, recording what it was asked."""
+    seen = []
+
+    def do_HEAD(self):
+        self.seen.append(self.path)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def local_hub(monkeypatch):
+    import threading
+    import huggingface_hub
+    import huggingface_hub.constants
+    server = HTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(dail, "_HUB_PROBES", {})
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    huggingface_hub.close_session()          # the client reads proxy settings when it is created
+    _Hub.seen.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    huggingface_hub.close_session()
+
+
+def test_hub_check_honours_hf_endpoint(local_hub, monkeypatch, capsys):
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_ENDPOINT", local_hub)                 # a mirror that answers: online
+    assert dail.hub_probe("nobody/model") == (None, True)
+    dail.check_model_name("nobody/model")
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ
+    assert _Hub.seen and _Hub.seen[0].startswith("/nobody/model/resolve/")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # a mirror that is down: offline, said so
+    dail.check_model_name("nobody/other")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and "http://127.0.0.1:9) is unreachable" in capsys.readouterr().err
+
+
+def test_hub_check_goes_through_a_proxy(local_hub, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")      # reachable only through the proxy
+    monkeypatch.setenv("HTTP_PROXY", local_hub)
+    assert dail.hub_probe("nobody/model") == (None, True)
+    assert _Hub.seen == ["http://hub.invalid/nobody/model/resolve/main/config.json"]
+
+
+def test_readme_commands_work_when_pasted():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Two commands"):readme.index("### What the first command shows")]
+    before, block = section.split("```bash")
+    install, tests = [line.split("#")[0].strip() for line in block.split("```")[0].strip().splitlines()]
+    assert "pytest" in install and "pytest" in tests and "-c .ci/constraints.txt" not in install
+    assert "download.pytorch.org/whl/cpu" in before                  # the CPU-only install, explained first
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci
+    ci_install = next(line for line in ci.splitlines() if ".venv-ci/bin/pip install" in line).split()
+    assert set(install.split("&&")[0].split()[1:]) <= set(ci_install)  # CI installs what the README installs
+
+
+def test_hub_id_fingerprint_is_its_cached_commit(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--nobody--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dail.model_fingerprint("nobody/cached") == f"nobody/cached@{commit}"
+    assert dail.model_fingerprint("nobody/not-cached") == "nobody/not-cached"

@@ -102,13 +102,13 @@ def pipeline(args, seed, out, env):
     test = head_jsonl(args.test, out / "test.jsonl", args.test_problems)
     timings = {}
     traces = out / "traces.jsonl"
-    if not (out / "rewrite_summary.json").exists():
+    if not (out / "traces.summary.json").exists():
         print(f"[seed {seed}] rewrite: {args.samples} traces per expert problem", flush=True)
         timings["rewrite"] = run([py, dail, "rewrite", "--model", args.model, "--data", str(expert),
                                   "--out", str(traces), "--seed", str(seed), "--samples", str(args.samples),
                                   "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64"],
                                  out / "rewrite.log", env)
-    rw = json.loads((out / "rewrite_summary.json").read_text())
+    rw = json.loads((out / "traces.summary.json").read_text())
     print(f"[seed {seed}]   kept {rw['kept']} traces for {rw['problems_with_kept']}/{rw['problems']} problems "
           f"(acceptance {rw['acceptance_rate']:.2f}, rejected {rw['reject_reasons']})", flush=True)
     if rw["kept"] == 0:
@@ -124,7 +124,8 @@ def pipeline(args, seed, out, env):
                 cmd = [py, dail, "train", "--model", args.model, "--data", str(data), "--out", model,
                        "--seed", str(seed), "--lr", str(args.lr), "--epochs", str(args.epochs),
                        "--lora-rank", str(args.lora_rank), "--lora-alpha", str(2 * args.lora_rank),
-                       "--batch-size", "16", "--micro-batch-size", "16", "--warmup-steps", "5"] + flags
+                       "--batch-size", "16", "--micro-batch-size", "16", "--warmup-steps", "5",
+                       "--overwrite"] + flags  # no train_summary.json: an unfinished run, start it over
                 if args.steps:
                     cmd += ["--max-steps", str(args.steps)]
                 timings[f"train {name}"] = run(cmd, out / f"train-{name}.log", env)
@@ -236,7 +237,7 @@ def main(argv=None):
                                               mean_tokens_correct=r["mean_tokens_correct"],
                                               truncated=r["truncated"]) for m, r in v.items()}
                              for s, v in per_seed.items()},
-                   rewrite={str(s): json.loads((out / f"seed{s}" / "rewrite_summary.json").read_text())["kept"]
+                   rewrite={str(s): json.loads((out / f"seed{s}" / "traces.summary.json").read_text())["kept"]
                             for s in args.seed_list},
                    seconds=round(time.time() - t0, 1), step_seconds={str(s): t for s, t in timings.items()},
                    settings=config)
