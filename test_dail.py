@@ -10,6 +10,7 @@ batched KV-cache decode, and the plain path for every fast path.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from fractions import Fraction
@@ -543,7 +544,7 @@ def test_filter_reasons_and_keep_limit(tok):
 # ------------------------------------------------------------------------------------------------------
 # 5. the DAIL loss against float64 numpy
 # ------------------------------------------------------------------------------------------------------
-def numpy_dail(s, e, c, mask, lam, direction):
+def numpy_dail(s, e, c, mask, lam, direction, norm="token"):
     def logsoftmax(x):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -556,6 +557,11 @@ def numpy_dail(s, e, c, mask, lam, direction):
         kl_e = (np.exp(le) * (le - ls)).sum(-1)
         kl_c = (np.exp(lc) * (lc - ls)).sum(-1)
     m = mask.astype(bool)
+    if norm == "sequence":   # the per-token mean of each sequence, then the mean over sequences (loop form)
+        rows = [i for i in range(m.shape[0]) if m[i].any()]
+        te = sum(kl_e[i][m[i]].mean() for i in rows) / len(rows)
+        tc = sum(kl_c[i][m[i]].mean() for i in rows) / len(rows)
+        return te - lam * tc, te, tc
     return (kl_e[m].sum() - lam * kl_c[m].sum()) / m.sum(), kl_e[m].sum() / m.sum(), kl_c[m].sum() / m.sum()
 
 
@@ -567,12 +573,13 @@ def random_logits(B=3, T=7, V=11, seed=0):
     return s, e, c, mask
 
 
+@pytest.mark.parametrize("norm", ["sequence", "token"])
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 @pytest.mark.parametrize("lam", [0.0, 0.1])
-def test_dail_loss_matches_float64_numpy(direction, lam):
+def test_dail_loss_matches_float64_numpy(direction, lam, norm):
     s, e, c, mask = random_logits()
-    loss, stats = dail.dail_loss(s.float(), e.float(), c.float(), mask, lam=lam, direction=direction)
-    want, want_e, want_c = numpy_dail(s.numpy(), e.numpy(), c.numpy(), mask.numpy(), lam, direction)
+    loss, stats = dail.dail_loss(s.float(), e.float(), c.float(), mask, lam=lam, direction=direction, norm=norm)
+    want, want_e, want_c = numpy_dail(s.numpy(), e.numpy(), c.numpy(), mask.numpy(), lam, direction, norm)
     assert float(loss) == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert stats["kl_teacher"] == pytest.approx(want_e, rel=1e-5)
     assert stats["kl_shortcut"] == pytest.approx(want_c, rel=1e-5)
@@ -621,20 +628,21 @@ def test_chunked_loss_equals_plain(direction):
     hs = torch.randn(N, H, generator=g, requires_grad=True)
     he, hc = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
     plain, pstats = dail.dail_loss(head_s(hs)[None], head_r(he)[None], head_r(hc)[None],
-                                   torch.ones(1, N, dtype=torch.bool), 0.1, direction, num_tokens=50)
+                                   torch.ones(1, N, dtype=torch.bool), 0.1, direction, norm="token", divisor=50)
     g_plain = torch.autograd.grad(plain, [hs, head_s.weight])
-    chunked, cstats = dail.chunked_dail_loss(hs, he, hc, head_s, head_r, 0.1, direction, num_tokens=50, chunk_size=8)
+    w = torch.full((N,), 1 / 50)
+    chunked, cstats = dail.chunked_dail_loss(hs, he, hc, head_s, head_r, 0.1, direction, weights=w, chunk_size=8)
     g_chunk = torch.autograd.grad(chunked, [hs, head_s.weight])
     assert float(chunked.detach()) == pytest.approx(float(plain.detach()), abs=1e-5)
     assert cstats["kl_teacher"] == pytest.approx(pstats["kl_teacher"], abs=1e-5)
     for a, b in zip(g_plain, g_chunk):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.no_grad():                                                # evaluation: value only
-        assert float(dail.chunked_dail_loss(hs, he, hc, head_s, head_r, 0.1, direction, 50, 8)[0]) == \
+        assert float(dail.chunked_dail_loss(hs, he, hc, head_s, head_r, 0.1, direction, w, 8)[0]) == \
             pytest.approx(float(plain.detach()), abs=1e-5)
     # SFT: chunked cross-entropy equals the plain one
     y = torch.randint(0, V, (N,), generator=g)
-    ce, _ = dail.chunked_sft_loss(hs, y, head_s, num_tokens=N, chunk_size=5)
+    ce, _ = dail.chunked_sft_loss(hs, y, head_s, chunk_size=5)
     plain_ce = torch.nn.functional.cross_entropy(head_s(hs), y)
     assert float(ce.detach()) == pytest.approx(float(plain_ce.detach()), abs=1e-5)
     for a, b in zip(torch.autograd.grad(plain_ce, [hs, head_s.weight]), torch.autograd.grad(ce, [hs, head_s.weight])):
@@ -690,18 +698,21 @@ def test_batch_equals_examples_one_by_one(tiny, tok):
     assert float(batch) != 0.0
 
 
-def test_num_tokens_accumulation_equals_one_batch(tiny, tok):
+@pytest.mark.parametrize("objective", ["dail", "sft"])
+@pytest.mark.parametrize("norm", ["sequence", "token"])
+def test_num_tokens_accumulation_equals_one_batch(tiny, tok, norm, objective):
     m = lora_model(tiny)
     params = [p for p in m.parameters() if p.requires_grad]
-    args = dail.TrainArgs(objective="dail", loss_chunk=5)
+    args = dail.TrainArgs(objective=objective, loss_chunk=5, loss_norm=norm)
     exs = make_examples(tok, n=4, seed=1)
     loss, _ = dail.micro_batch_loss(m, m, exs, args, None, tok.pad_token_id, torch.device("cpu"))
     loss.backward()
     one = [p.grad.clone() for p in params]
     m.zero_grad()
-    total = sum(len(ex["student"][1]) for ex in exs)
+    divisor = dail.step_divisor(exs, norm)                   # known before the micro-steps: 4 sequences / 30 tokens
+    assert divisor == (4 if norm == "sequence" else sum(len(ex["student"][1]) for ex in exs))
     for ex in exs:
-        dail.micro_batch_loss(m, m, [ex], args, total, tok.pad_token_id, torch.device("cpu"))[0].backward()
+        dail.micro_batch_loss(m, m, [ex], args, divisor, tok.pad_token_id, torch.device("cpu"))[0].backward()
     for a, p in zip(one, params):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-4)
 
@@ -757,7 +768,7 @@ def test_train_lowers_teacher_kl_and_saves_loadable_model(tmp_path, capsys, tiny
     metrics = read_lines(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 21))
     assert metrics[-1]["kl_teacher"] < 0.5 * metrics[0]["kl_teacher"]       # the batch is the same every step
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "adapters/adapters.safetensors",
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "adapters/adapter_model.safetensors",
                  "train_summary.json"):
         assert (out / name).exists(), name
     merged = dail.load_model(str(out), torch.device("cpu"), torch.float32)
@@ -785,14 +796,15 @@ def test_train_resume_reproduces_steps(tmp_path, capsys, tiny, traces, monkeypat
     assert run_cli(train_argv(tiny, data, full, "--max-steps", 20, "--batch-size", 4), capsys)[0] == 0
     real_lr = dail.lr_at
 
-    def interrupt_at_11(step, *a):
+    def interrupt_in_step_11(step, *a):           # Ctrl-C during step 11: it finishes, is saved, train stops
         if step == 10:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real_lr(step, *a)
 
-    monkeypatch.setattr(dail, "lr_at", interrupt_at_11)
+    monkeypatch.setattr(dail, "lr_at", interrupt_in_step_11)
     code, err = run_cli(train_argv(tiny, data, part, "--max-steps", 20, "--batch-size", 4, "--save-every", 5), capsys)
-    assert code == 130 and "rerun the same command to resume" in err
+    assert code == 130 and "interrupted at step 11; rerun with --resume to continue" in err
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 11
     monkeypatch.setattr(dail, "lr_at", real_lr)
     assert run_cli(train_argv(tiny, data, part, "--max-steps", 20, "--batch-size", 4, "--save-every", 5,
                               "--resume"), capsys)[0] == 0
@@ -1093,7 +1105,7 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
         assert len(read_lines(seed / m / "eval" / "samples.jsonl")) == 4
         if m != "base":
             for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl",
-                         "adapters/adapters.safetensors"):
+                         "adapters/adapter_model.safetensors"):
                 assert (seed / m / "model" / name).exists(), (m, name)
             steps = json.loads((seed / m / "model" / "train_summary.json").read_text())["steps"]
             assert 1 <= steps <= 2 and len(read_lines(seed / m / "model" / "metrics.jsonl")) == steps
