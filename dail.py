@@ -31,7 +31,8 @@ Several GPUs (data parallel; the master process logs and saves, every rank takes
   `eval --engine vllm --tensor-parallel-size N`.
 
 Every run resumes: rerun the same command after an interruption and it continues where it stopped
-(rewrite and eval skip what is already written; train takes --resume and a --save-every checkpoint).
+(rewrite and eval skip what is already written; train takes --resume: it checkpoints every --save-every
+steps, at every epoch end, and on SIGTERM/SIGINT).
 
 The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
   Plumbing: arguments, errors, JSONL files, models            (not the method)
@@ -1399,9 +1400,17 @@ def agreed_signal(signum, ddp, device):
     return int(flag.item())
 
 
-def ends_epoch(step, batch_size, num_examples):
-    """Whether optimizer step `step` (0-based) completes a pass over the examples."""
-    return (step + 1) * batch_size // num_examples > step * batch_size // num_examples
+def checkpoint_due(step, total_steps, args, num_examples):
+    """Whether to write a checkpoint after optimizer step `step` (0-based): every --save-every steps, at the
+    end of every epoch (the step that completes a pass over the examples), and after the last step."""
+    ends_epoch = (step + 1) * args.batch_size // num_examples > step * args.batch_size // num_examples
+    return ends_epoch or step + 1 == total_steps or bool(args.save_every and (step + 1) % args.save_every == 0)
+
+
+def end_distributed(ddp):
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def log_line(rec, total_steps):
@@ -1534,16 +1543,13 @@ def cmd_train(args):
                         print(log_line(rec, total_steps), file=sys.stderr, flush=True)
                     else:
                         bar.set_postfix({k: f"{rec[k]:.4g}" for k in LOGGED[args.objective]})
-            # 7. checkpoint: every --save-every steps, at every epoch end, and when a signal asks to stop
+            # 7. checkpoint: every --save-every steps, at every epoch end, and when SIGTERM/SIGINT asks to stop
             stop = agreed_signal(signals["signal"], ddp, device)
-            if master_process and (stop or ends_epoch(step, args.batch_size, len(examples)) or step + 1 == total_steps
-                                   or (args.save_every and (step + 1) % args.save_every == 0)):
+            if master_process and (stop or checkpoint_due(step, total_steps, args, len(examples))):
                 save_checkpoint(checkpoint, step + 1, model, optimizer, args, device)
             if stop:
                 bar.close()
-                if ddp:
-                    dist.barrier()
-                    dist.destroy_process_group()
+                end_distributed(ddp)
                 raise Interrupted(f"interrupted at step {step + 1}; rerun with --resume to continue"
                                   if master_process else "", 128 + stop)
     bar.close()
@@ -1557,9 +1563,7 @@ def cmd_train(args):
         terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
         print(f"train: done: {total_steps} steps over {len(examples)} examples ({min(len(order), total_steps * args.batch_size)} "
               f"sequences), final {terms}, {time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+    end_distributed(ddp)
 
 
 # =====================================================================================================
