@@ -1049,8 +1049,9 @@ def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_
     weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
     weights = weights.to(h_student.device, torch.float32)
     student_logits = float32_head(student_head)
-    with torch.no_grad():
-        reference_logits = student_logits if reference_head is student_head else float32_head(reference_head)
+    with torch.no_grad(), adapters_off(reference_head):          # theta0's head: adapters off, if it has any
+        shared = reference_head is student_head and not isinstance(student_head, LoRALinear)
+        reference_logits = student_logits if shared else float32_head(reference_head)
 
     def per_position(hs, he, hc, w):      # -> weighted loss terms [n], KL to the teacher [n], to the shortcut [n]
         with torch.no_grad():

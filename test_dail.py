@@ -1298,3 +1298,20 @@ def test_adapters_load_with_peft(tmp_path, capsys, tiny, traces):
         got, want, before = with_adapters(input_ids=ids).logits, merged(input_ids=ids).logits, plain(input_ids=ids).logits
     assert float((want - before).abs().max()) > 1e-3                   # the adapters learned something
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_the_lm_head_teacher_uses_theta0_head(tiny):
+    # with an adapter on lm_head too, the teacher and shortcut logits come from theta0's head (adapters off)
+    m = dail.load_model(str(tiny), torch.device("cpu"), torch.float32)
+    dail.add_lora(m, ["q_proj", "lm_head"], 4, 8)
+    head = m.get_output_embeddings()
+    assert isinstance(head, dail.LoRALinear)
+    with torch.no_grad():
+        head.lora_B.normal_(0, 0.5)
+    h = torch.randn(5, head.base.in_features, generator=torch.Generator().manual_seed(0))
+    loss, stats = dail.chunked_dail_loss(h, h, h, head, head, lam=0.1, chunk_size=2)
+    w0 = head.base.weight.detach().double()
+    w = w0 + head.scale * head.lora_B.detach().double() @ head.lora_A.detach().double()
+    s, e = (h.double() @ x.T for x in (w, w0))
+    _, want_e, _ = numpy_dail(s.numpy(), e.numpy(), e.numpy(), np.ones(5, bool), 0.1, "reverse")
+    assert want_e > 1e-3 and stats["kl_teacher"] == pytest.approx(want_e, rel=1e-4)
