@@ -1365,6 +1365,8 @@ def stop_signals():
     def handler(signum, frame):
         if state["signal"] is None:
             state["signal"], state["at"] = signum, time.time()
+            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "     # not print():
+                        b"(signal again to abandon the step)\n")                                 # not reentrant
         elif time.time() - state["at"] >= 1.0:
             raise Interrupted("interrupted again: the step in flight is abandoned; rerun with --resume to "
                               "continue from the last checkpoint", 128 + signum)

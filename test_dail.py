@@ -1315,3 +1315,23 @@ def test_lora_on_the_lm_head_teacher_uses_theta0_head(tiny):
     s, e = (h.double() @ x.T for x in (w, w0))
     _, want_e, _ = numpy_dail(s.numpy(), e.numpy(), e.numpy(), np.ones(5, bool), 0.1, "reverse")
     assert want_e > 1e-3 and stats["kl_teacher"] == pytest.approx(want_e, rel=1e-4)
+
+
+def test_second_signal_abandons_the_step_in_flight(tmp_path, capsys, tiny, traces, monkeypatch):
+    _, data = traces
+    real_lr = dail.lr_at
+
+    def two_ctrl_c_in_step_4(step, *a):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)     # first: finish this step, then stop
+            time.sleep(1.1)
+            os.kill(os.getpid(), signal.SIGINT)     # second, a second later: abandon it
+        return real_lr(step, *a)
+
+    monkeypatch.setattr(dail, "lr_at", two_ctrl_c_in_step_4)
+    out = tmp_path / "a"
+    code, err = run_cli(train_argv(tiny, data, out, "--max-steps", 10, "--batch-size", 4, "--save-every", 0), capsys)
+    assert code == 130 and "the step in flight is abandoned; rerun with --resume" in err
+    assert len(read_lines(out / "metrics.jsonl")) == 3
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2        # the epoch end before it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler          # handlers restored
