@@ -31,7 +31,8 @@ Several GPUs (data parallel; the master process logs and saves, every rank takes
   `eval --engine vllm --tensor-parallel-size N`.
 
 Every run resumes: rerun the same command after an interruption and it continues where it stopped
-(rewrite and eval skip what is already written; train takes --resume and a --save-every checkpoint).
+(rewrite and eval skip what is already written; train takes --resume: it checkpoints every --save-every
+steps, at every epoch end, and on SIGTERM/SIGINT).
 
 The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
   Plumbing: arguments, errors, JSONL files, models            (not the method)
@@ -56,7 +57,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -64,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -154,6 +158,9 @@ class TrainArgs(CommonArgs):
     lam: float = arg(0.1, "weight of the subtracted shortcut KL (0: DAIL without the contrastive term)")
     direction: str = arg("reverse", "reverse: KL(student||teacher); forward: KL(teacher||student)",
                          choices=["reverse", "forward"])
+    loss_norm: str = arg("sequence", "sequence: per-token mean within each trace, then mean over the step's "
+                                     "traces (released); token: mean over all response tokens of the step",
+                         choices=["sequence", "token"])
     # LoRA, as released: r = alpha = 32, no dropout, all attention and MLP projections
     lora_rank: int = arg(32, "LoRA rank (0: full fine-tuning with a frozen copy as the reference)")
     lora_alpha: float = arg(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
@@ -177,7 +184,8 @@ class TrainArgs(CommonArgs):
     loss_chunk: int = arg(1024, "response positions per chunk of the LM head + loss (bounds peak memory)")
     # bookkeeping
     log_every: int = arg(1, "print a log line every this many steps (metrics.jsonl gets every step)")
-    save_every: int = arg(0, "write a resumable checkpoint every this many steps (0: only at the end)")
+    save_every: int = arg(50, "write OUT/checkpoint.pt every this many steps; also at every epoch end and on "
+                              "SIGTERM/SIGINT (0: only then)")
     resume: bool = arg(False, "continue from OUT/checkpoint.pt")
 
 
@@ -200,6 +208,14 @@ class EvalArgs(CommonArgs):
 
 class DailError(Exception):
     """A user-facing problem (bad input, missing file): printed as one line, exit code 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 def resolve_released(args):
@@ -312,10 +328,11 @@ def check_resume_config(path, config, resuming, overwrite=False):
 # A new flag that changes results is one more name here.
 RESULT_SETTINGS = {
     "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
-                "thinking", "keep_per_problem", "no_filter", "leak_phrases", "max_prompt_len", "seed", "dtype"),
+                "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
+                "dtype"),
     "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
               "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
-              "max_len", "thinking", "seed", "dtype"),
+              "max_len", "thinking", "seed", "dtype", "loss_norm"),
     "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype"),
 }
 
@@ -478,7 +495,7 @@ VALID = {
     "max_len": (_at_least(1), "an integer >= 1"),
     "loss_chunk": (_at_least(1), "an integer >= 1"),
     "log_every": (_at_least(1), "an integer >= 1"),
-    "save_every": (_at_least(0), "an integer >= 0 (0: only at the end)"),
+    "save_every": (_at_least(0), "an integer >= 0 (0: only at epoch ends, the end and on a signal)"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
 }
 
@@ -1342,56 +1359,107 @@ def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="re
     raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
 
 
+def loss_weights(mask, norm="sequence", divisor=None):
+    """Each position's weight in the loss [B, T] (0 off the mask), from mask [B, T] bool (True on response
+    positions). With len_i = mask[i].sum() the response length of sequence i:
+
+        sequence (released):  w[i, t] = 1 / (S * len_i)   L = (1/S) sum_i (1/len_i) sum_t loss[i, t]
+        token (TRL's mean):   w[i, t] = 1 / N             L = (1/N) sum_{i,t} loss[i, t]
+
+    divisor is S (norm 'sequence': the number of sequences) or N ('token': the number of response tokens)
+    of the whole optimizer step, all micro-batches and ranks; then the sum of every micro-batch's loss is
+    the step's loss, and accumulation and data parallelism give the gradient of one big batch. Default:
+    this batch's own count (sequences with a response, or response tokens)."""
+    mask = mask.bool()
+    if norm == "token":
+        return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
+    if norm == "sequence":
+        lengths = mask.sum(-1, keepdim=True)                                           # [B, 1]
+        n = divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)
+        return mask / (lengths.clamp(min=1) * n)
+    raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+
+
 def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
-              num_tokens=None):
+              norm="sequence", divisor=None):
     """The DAIL loss. Logits: [B, T, V], aligned (position t of all three predicts the same response token:
     student = p_theta(.|x_s, y<t), teacher = p_theta0(.|x_e, y<t), shortcut = p_theta0(.|x_c, y<t));
-    mask: [B, T] bool, True on response positions.
+    mask: [B, T] bool, True on response positions; len_i = mask[i].sum().
 
-        reverse (released default):  L = sum_t [ KL(student || teacher) - lam * KL(student || shortcut) ] / N
-        forward:                     L = sum_t [ KL(teacher || student) - lam * KL(shortcut || student) ] / N
+        reverse (released default):  l[i,t] = KL(student || teacher) - lam * KL(student || shortcut)
+        forward:                     l[i,t] = KL(teacher || student) - lam * KL(shortcut || student)
 
-    N = num_tokens when given (the response tokens of the whole optimizer step, all micro-batches and
-    ranks: then accumulation and data parallelism give the gradient of one big batch), else mask.sum().
-    The subtracted term is unbounded above, which is why both terms are returned for logging.
-    Returns (loss, {"kl_teacher": float, "kl_shortcut": float}), both terms summed over the mask / N."""
+        norm 'sequence' (released):  L = (1/S) sum_i (1/len_i) sum_t l[i,t]   (each trace weighs the same)
+        norm 'token':                L = (1/N) sum_i sum_t l[i,t]             (each token weighs the same)
+
+    S, N = divisor when given (the sequences / response tokens of the whole optimizer step, all micro-batches
+    and ranks: see loss_weights), else this batch's. The subtracted term is unbounded above, which is why
+    both terms are returned for logging, normalized the same way.
+    Returns (loss, {"kl_teacher": float, "kl_shortcut": float})."""
     pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed before the softmax, it adds
     kl_teacher, kl_shortcut = dail_kl_terms(                                 # neither value nor gradient
         student_logits.masked_fill(pad, 0.0), teacher_logits.masked_fill(pad, 0.0),
         shortcut_logits.masked_fill(pad, 0.0), direction)                                   # [B, T] each
-    kl_teacher, kl_shortcut = kl_teacher * mask, kl_shortcut * mask
-    n = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
-    loss = (kl_teacher - lam * kl_shortcut).sum() / n
-    stats = {"kl_teacher": float(kl_teacher.detach().sum() / n),
-             "kl_shortcut": float(kl_shortcut.detach().sum() / n)}
-    return loss, stats
+    w = loss_weights(mask, norm, divisor)
+    kl_teacher, kl_shortcut = kl_teacher * w, kl_shortcut * w
+    loss = (kl_teacher - lam * kl_shortcut).sum()
+    return loss, {"kl_teacher": float(kl_teacher.detach().sum()), "kl_shortcut": float(kl_shortcut.detach().sum())}
+
+
+def float32_head(head):
+    """h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype: bf16 logits alone
+    put a 12% relative error on a per-token KL of 0.03. The weight is cast once per call of the loss (a
+    transient float32 copy of the head for a bf16 model), the matmul runs with autocast off."""
+    lora = head if isinstance(head, LoRALinear) and head.enabled else None
+    linear = head.base if isinstance(head, LoRALinear) else head
+    weight = linear.weight.float()                 # the same tensor (and its gradient) when already float32
+    bias = None if linear.bias is None else linear.bias.float()
+
+    def logits(h):
+        with torch.autocast(h.device.type, enabled=False):
+            x = h.float()
+            out = F.linear(x, weight, bias)
+            if lora is not None:
+                out = out + (lora.dropout(x) @ lora.lora_A.float().T @ lora.lora_B.float().T) * lora.scale
+            return out
+    return logits
 
 
 def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
-                      direction="reverse", num_tokens=None, chunk_size=1024):
+                      direction="reverse", weights=None, chunk_size=1024):
     """dail_loss from hidden states, a chunk of positions at a time: peak memory grows with
     chunk_size x V, not N x V. h_*: [N, H] final hidden states at the N response positions, row-aligned
     across the three contexts (teacher and shortcut ones computed without gradient); student_head and
-    reference_head: the LM heads of theta and theta0. Equal, value and gradient, to
-    dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ..., mask=all True)."""
-    def per_position(hs, he, hc):              # -> loss terms [n], KL to the teacher [n], to the shortcut [n]
+    reference_head: the LM heads of theta and theta0, run in float32 (float32_head); weights [N]: each
+    position's weight, loss_weights(mask, norm, divisor)[mask] (default: 1/N, the token mean). Equal,
+    value and gradient, to dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ...)."""
+    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
+    weights = weights.to(h_student.device, torch.float32)
+    student_logits = float32_head(student_head)
+    with torch.no_grad(), adapters_off(reference_head):          # theta0's head: adapters off, if it has any
+        shared = reference_head is student_head and not isinstance(student_head, LoRALinear)
+        reference_logits = student_logits if shared else float32_head(reference_head)
+
+    def per_position(hs, he, hc, w):      # -> weighted loss terms [n], KL to the teacher [n], to the shortcut [n]
         with torch.no_grad():
-            te, tc = reference_head(he), reference_head(hc)
-        kl_teacher, kl_shortcut = dail_kl_terms(student_head(hs), te, tc, direction)
-        return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
+            te, tc = reference_logits(he), reference_logits(hc)
+        kl_teacher, kl_shortcut = dail_kl_terms(student_logits(hs), te, tc, direction)
+        return (kl_teacher - lam * kl_shortcut) * w, kl_teacher * w, kl_shortcut * w
 
-    n = num_tokens if num_tokens is not None else h_student.shape[0]
-    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut), student_head, chunk_size)
-    return loss / n, {"kl_teacher": float(sum_e) / n, "kl_shortcut": float(sum_c) / n}
+    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut, weights), student_head,
+                                       chunk_size)
+    return loss, {"kl_teacher": float(sum_e), "kl_shortcut": float(sum_c)}
 
 
-def chunked_sft_loss(h_student, targets, student_head, num_tokens=None, chunk_size=1024):
-    """Summed token cross-entropy / num_tokens from [N, H] hidden states and [N] targets, chunked like
-    chunked_dail_loss (the SFT baselines)."""
-    n = num_tokens if num_tokens is not None else h_student.shape[0]
-    loss, _ = chunked_sum(lambda hs, y: (F.cross_entropy(student_head(hs).float(), y, reduction="none"),),
-                          h_student, (targets,), student_head, chunk_size)
-    return loss / n, {"ce": float(loss.detach()) / n}
+def chunked_sft_loss(h_student, targets, student_head, weights=None, chunk_size=1024):
+    """Weighted token cross-entropy sum_n w[n] * CE[n] from [N, H] hidden states and [N] targets, chunked
+    like chunked_dail_loss, head in float32 (the SFT baselines; weights as there, default the token mean)."""
+    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
+    head = float32_head(student_head)
+    loss, _ = chunked_sum(lambda hs, y, w: (F.cross_entropy(head(hs), y, reduction="none") * w,),
+                          h_student, (targets, weights.to(h_student.device, torch.float32)), student_head,
+                          chunk_size)
+    return loss, {"ce": float(loss.detach())}
 
 
 def chunked_sum(per_position, h, aligned, head, chunk_size):
@@ -1491,10 +1559,6 @@ def merge_lora(model):
     return model
 
 
-def lora_state(model):
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
-
-
 def training_response(tok, record, args, eot):
     """The response ids every context of one example shares: the trace's ids + the end-of-turn token when
     the trace finished (so the model learns to stop; thinking prefixes end at the budget and get none),
@@ -1531,20 +1595,32 @@ def response_hidden(model, batch, device):
     return hidden[:, :-1][predicts], ids[:, 1:][predicts]
 
 
-def micro_batch_loss(model, reference, examples, args, num_tokens, pad_id, device):
-    """Loss of one micro-batch, already divided by the optimizer step's token count (sum over micro-batches
-    and ranks = the per-token mean of the step). reference is theta0: the model itself with adapters off
-    (LoRA), or a frozen copy (full fine-tuning)."""
+# what the loss reports, summed over a step's micro-batches and ranks (metrics.jsonl, log lines, the plot)
+LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
+
+
+def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device):
+    """Loss of one micro-batch, weighted by --loss-norm with the optimizer step's divisor (step_divisor), so
+    that the sum over micro-batches and ranks is the step's loss. reference is theta0: the model itself with
+    adapters off (LoRA), or a frozen copy (full fine-tuning)."""
     batch = collate([ex["student"] for ex in examples], pad_id)
     h_student, targets = response_hidden(model, batch, device)
+    predicts = batch[2]
+    weights = loss_weights(predicts, args.loss_norm, divisor)[predicts]                # [N], in (row, t) order
     head = model.get_output_embeddings()
     if args.objective == "sft":
-        return chunked_sft_loss(h_student, targets, head, num_tokens, args.loss_chunk)
+        return chunked_sft_loss(h_student, targets, head, weights, args.loss_chunk)
     with torch.no_grad(), adapters_off(reference):
         h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in examples], pad_id), device)
         h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in examples], pad_id), device)
     return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(),
-                             args.lam, args.direction, num_tokens, args.loss_chunk)
+                             args.lam, args.direction, weights, args.loss_chunk)
+
+
+def step_divisor(items, norm):
+    """The divisor of one optimizer step's loss, known before its micro-steps: its number of sequences
+    (--loss-norm sequence) or of response tokens (token), over all ranks and micro-batches."""
+    return len(items) if norm == "sequence" else sum(len(ex["student"][1]) for ex in items)
 
 
 def lr_at(step, total_steps, peak, warmup):
@@ -1587,41 +1663,30 @@ def load_training_records(args):
     return records, not_kept
 
 
-def cmd_train(args):
-    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/, metrics.jsonl,
-    metrics.png, train_summary.json, and checkpoint.pt (with --save-every, for --resume)."""
-    validate_args(resolve_released(args))
-    records, not_kept = load_training_records(args)            # all input checks before any model loads
-    guard_train_out(args)                                      # --out: not the model, not an unrelated run
-    out = Path(args.out)
-    if args.batch_size < 1 or args.micro_batch_size < 1 or args.loss_chunk < 1:
-        raise DailError("--batch-size, --micro-batch-size and --loss-chunk must be >= 1")
-    if args.resume and not (out / "checkpoint.pt").exists():
-        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+def setup_distributed(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process per device, each takes its share of every
+    step. Returns (ddp, rank, world_size, device); a single process gets (False, 0, 1, --device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0, 1, resolve_device(args.device)
+    backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
-    # ---- distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise --------
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        import torch.distributed as dist
-        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, resolve_device(args.device)
-    master = rank == 0
-    torch.manual_seed(args.seed)
 
-    # ---- sequences: three contexts per trace (student, privileged, shortcut), dropped when too long ---
-    tok = load_tokenizer(args.model)
+def build_examples(tok, records, args):
+    """Three contexts per trace (student, privileged, shortcut; SFT: the student alone), each a pair
+    (prompt ids, response ids) with the response shared. The teacher sees the solution the validator saw
+    (never re-shortened); an example longer than --max-len is dropped and counted.
+    Returns ([{context name: (prompt ids, response ids)}], number dropped)."""
     eot = end_of_turn_id(tok)
     which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
     examples, too_long = [], 0
     for r in records:
         response = training_response(tok, r, args, eot)
-        try:  # the teacher sees the solution the validator saw (never re-shortened); too long: dropped, counted
+        try:
             contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
         except DailError:
             contexts = None
@@ -1629,13 +1694,13 @@ def cmd_train(args):
             too_long += 1
         else:
             examples.append({name: (prompt, response) for name, prompt in contexts.items()})
-    if master:
-        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
-              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
-    if not examples:
-        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
+    return examples, too_long
 
-    # ---- models: theta (trainable) and theta0 (the reference for the teacher and shortcut passes) ------
+
+def build_models(args, device):
+    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (the reference for
+    the teacher and shortcut passes: the same network with adapters off, or a frozen copy; None for SFT
+    with full fine-tuning), the trainable parameters and their AdamW."""
     full_ft = args.lora_rank == 0
     base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
     model = load_model(args.model, device, base_dtype)
@@ -1650,117 +1715,246 @@ def cmd_train(args):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return model, reference, params, optimizer
+
+
+def save_checkpoint(path, step, model, optimizer, args, device):
+    """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
+    RNG, so that --resume continues exactly. Written beside and renamed: never a half-written checkpoint."""
+    trainable = {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
+    torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
+                    rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                             python=random.getstate()), args=dataclasses.asdict(args)),
+               path.with_suffix(".pt.tmp"))
+    os.replace(path.with_suffix(".pt.tmp"), path)
+
+
+def load_checkpoint(path, model, optimizer, device):
+    """Restore what save_checkpoint wrote; returns the number of completed steps."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["trainable"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+    np.random.set_state(ckpt["rng"]["numpy"])
+    random.setstate(ckpt["rng"]["python"])
+    return ckpt["step"]
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within the block SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) do not kill the process: they
+    set state["signal"], and the training loop stops after the step in flight with a checkpoint. A second
+    signal a second or more later (torchrun forwards the first Ctrl-C once more at once) abandons the step
+    in flight (raises Interrupted); the last checkpoint stands."""
+    state = {"signal": None, "at": 0.0}
+
+    def handler(signum, frame):
+        if state["signal"] is None:
+            state["signal"], state["at"] = signum, time.time()
+            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "     # not print():
+                        b"(signal again to abandon the step)\n")                                 # not reentrant
+        elif time.time() - state["at"] >= 1.0:
+            raise Interrupted("interrupted again: the step in flight is abandoned; rerun with --resume to "
+                              "continue from the last checkpoint", 128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
+        yield state
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def all_reduce_step(params, logged, device):
+    """Data parallel: sum the gradients and the logged sums of every rank, once per optimizer step. Each rank's
+    share is already divided by the step's global divisor, so the sum is the big batch's gradient."""
+    for p in params:
+        if p.grad is None:                 # a rank with no sequence in a short last step
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    sums = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return dict(zip(logged, sums.tolist()))
+
+
+def agreed_signal(signum, ddp, device):
+    """The stop signal as every rank sees it (0: none): all ranks stop after the same step."""
+    if not ddp:
+        return signum or 0
+    flag = torch.tensor([float(signum or 0)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def checkpoint_due(step, total_steps, args, num_examples):
+    """Whether to write a checkpoint after optimizer step `step` (0-based): every --save-every steps, at the
+    end of every epoch (the step that completes a pass over the examples), and after the last step."""
+    ends_epoch = (step + 1) * args.batch_size // num_examples > step * args.batch_size // num_examples
+    return ends_epoch or step + 1 == total_steps or bool(args.save_every and (step + 1) % args.save_every == 0)
+
+
+def end_distributed(ddp):
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def log_line(rec, total_steps):
+    """One plain line per --log-every steps, for logs that are files (no progress-bar carriage returns)."""
+    terms = " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if k in rec)
+    return (f"step {rec['step']}/{total_steps} {terms} lr {rec['lr']:.3g} grad_norm {rec['grad_norm']:.3g} "
+            f"tok/s {rec['tok_per_s']:.0f}")
+
+
+def save_peft_adapters(model, folder, args):
+    """The LoRA adapters alone in PEFT's format, which peft's PeftModel.from_pretrained(base, folder) and vLLM
+    (--enable-lora) load: adapter_model.safetensors with keys base_model.model.<module>.lora_A.weight [r, in]
+    and .lora_B.weight [out, r], and adapter_config.json (PEFT's scale lora_alpha / r is ours)."""
+    from safetensors.torch import save_file
+    tensors, targets = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().float().cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().float().cpu().contiguous()
+            targets.add(name.rsplit(".", 1)[-1])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    (folder / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=args.lora_rank,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=sorted(targets), bias="none",
+        fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, modules_to_save=None,
+        use_rslora=False, use_dora=False), indent=2))
+
+
+def save_result(out, model, tok, args, summary):
+    """OUT/: adapters/ (PEFT format), then the merged model + tokenizer that from_pretrained and vLLM load,
+    metrics.png and train_summary.json."""
+    if args.lora_rank:
+        save_peft_adapters(model, out / "adapters", args)
+        merge_lora(model)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    metrics = resume_jsonl(out / "metrics.jsonl")
+    keys = LOGGED[args.objective]
+    save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
+              {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
+    summary = dict(summary, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args))
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def cmd_train(args):
+    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/ (PEFT), metrics.jsonl,
+    metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
+    validate_args(resolve_released(args))
+    records, not_kept = load_training_records(args)            # all input checks before any model loads
+    guard_train_out(args)                                      # --out: not the model, not an unrelated run
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint.pt").exists():
+        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+    t_start = time.time()
+
+    ddp, rank, world_size, device = setup_distributed(args)
+    master_process = rank == 0                                 # it logs and saves; every rank trains
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.model)
+    examples, too_long = build_examples(tok, records, args)
+    if master_process:
+        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
+              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
+    if not examples:
+        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
+    model, reference, params, optimizer = build_models(args, device)
     autocast_dtype = resolve_dtype(args.dtype, device)
     use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
 
-    # ---- data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
+    # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
     total_steps = math.ceil(len(order) / args.batch_size)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    start = 0
-    if args.resume:
-        ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["trainable"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        start = ckpt["step"]
+    checkpoint = out / "checkpoint.pt"
+    start = load_checkpoint(checkpoint, model, optimizer, device) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
-    if master:
+    if master_process:
         out.mkdir(parents=True, exist_ok=True)
         kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept_lines))
 
-    def save_checkpoint(step):
-        trainable = {k: v for k, v in model.state_dict().items()
-                     if ".lora_" in k or full_ft}
-        torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
-                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                                 python=random.getstate()), args=dataclasses.asdict(args)),
-                   out / "checkpoint.pt.tmp")
-        os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")   # never a half-written checkpoint
-
-    # ---- the training loop --------------------------------------------------------------------------
-    bar = progress(range(start, total_steps), desc=f"train {args.objective}", unit="step", disable=not master)
-    for step in bar:
-        t0 = time.time()
-        # 1. learning rate of this step
-        lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # 2. this step's sequences; the loss is a mean over every response token of the step, all ranks
-        items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
-        num_tokens = sum(len(ex["student"][1]) for ex in items)
-        mine = items[rank::world]
-        micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-        # 3. micro-steps: forward, backward, gradients accumulate in .grad
-        logged = {}
-        for mb in micro:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                loss, stats = micro_batch_loss(model, reference, mb, args, num_tokens, tok.pad_token_id, device)
-            loss.backward()
-            logged["loss"] = logged.get("loss", 0.0) + float(loss.detach())
-            for k, v in stats.items():
-                logged[k] = logged.get(k, 0.0) + v
-        # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
-        if ddp:
-            for p in params:
-                if p.grad is None:                 # a rank with no sequence in a short last step
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            keys = sorted(logged)
-            sums = torch.tensor([logged[k] for k in keys], dtype=torch.float64, device=device)
-            dist.all_reduce(sums)
-            logged = dict(zip(keys, sums.tolist()))
-        # 5. clip, step, zero
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # 6. log
-        if master:
-            rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens,
-                       tok_per_s=num_tokens / (time.time() - t0), **logged)
-            with open(metrics_path, "a") as f:
-                append_jsonl(f, rec)
-            if (step + 1) % args.log_every == 0:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "kl_teacher", "kl_shortcut", "ce")})
-        # 7. checkpoint
-        if master and args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(step + 1)
+    # ---- the training loop: one optimizer step per iteration ------------------------------------------
+    bar = progress(total=total_steps, initial=start, desc=f"train {args.objective}", unit="step",
+                   disable=not master_process or not sys.stderr.isatty())   # a log file gets plain lines
+    with stop_signals() as signals:
+        for step in range(start, total_steps):
+            t0 = time.time()
+            # 1. learning rate of this step
+            lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # 2. this step's sequences; the divisor (all ranks) makes the sum of micro-batch losses the step's loss
+            items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+            divisor, num_tokens = step_divisor(items, args.loss_norm), sum(len(ex["student"][1]) for ex in items)
+            mine = items[rank::world_size]
+            # 3. micro-steps: forward, backward, gradients accumulate in .grad
+            logged = dict.fromkeys(LOGGED[args.objective], 0.0)
+            for i in range(0, len(mine), args.micro_batch_size):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                    loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
+                                                   divisor, tok.pad_token_id, device)
+                loss.backward()
+                for k, v in dict(loss=float(loss.detach()), **stats).items():
+                    logged[k] += v
+            # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
+            if ddp:
+                logged = all_reduce_step(params, logged, device)
+            # 5. clip, step, zero
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # 6. log: metrics.jsonl every step, a line every --log-every steps
+            if master_process:
+                rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens, sequences=len(items),
+                           tok_per_s=num_tokens / (time.time() - t0), **logged)
+                with open(metrics_path, "a") as f:
+                    append_jsonl(f, rec)
+                bar.update()
+                if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                    if bar.disable:
+                        print(log_line(rec, total_steps), file=sys.stderr, flush=True)
+                    else:
+                        bar.set_postfix({k: f"{rec[k]:.4g}" for k in LOGGED[args.objective]})
+            # 7. checkpoint: every --save-every steps, at every epoch end, and when SIGTERM/SIGINT asks to stop
+            stop = agreed_signal(signals["signal"], ddp, device)
+            if master_process and (stop or checkpoint_due(step, total_steps, args, len(examples))):
+                save_checkpoint(checkpoint, step + 1, model, optimizer, args, device)
+            if stop:
+                bar.close()
+                end_distributed(ddp)
+                raise Interrupted(f"interrupted at step {step + 1}; rerun with --resume to continue"
+                                  if master_process else "", 128 + stop)
+    bar.close()
 
     # ---- save: adapters alone, then the merged model that from_pretrained and vLLM load ------------------
-    if master:
-        if args.save_every:
-            save_checkpoint(total_steps)
-        if not full_ft:
-            from safetensors.torch import save_file
-            (out / "adapters").mkdir(exist_ok=True)
-            save_file(lora_state(model), str(out / "adapters" / "adapters.safetensors"))
-            (out / "adapters" / "adapter_config.json").write_text(json.dumps(dict(
-                base_model=args.model, rank=args.lora_rank, alpha=args.lora_alpha,
-                targets=args.lora_targets.split(",")), indent=2))
-            merge_lora(model)
-        if args.grad_checkpointing:
-            model.gradient_checkpointing_disable()
-            model.config.use_cache = True
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-        metrics = resume_jsonl(metrics_path)
-        keys = [k for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if metrics and k in metrics[0]]
-        save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
-                  {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
-        (out / "train_summary.json").write_text(json.dumps(dict(
+    if master_process:
+        summary = save_result(out, model, tok, args, dict(
             examples=len(examples), dropped_too_long=too_long, traces_not_kept=not_kept, steps=total_steps,
-            world_size=world, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args)), indent=2))
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+            world_size=world_size))
+        final = summary["final"] or {}
+        terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
+        print(f"train: done: {total_steps} steps over {len(examples)} examples ({min(len(order), total_steps * args.batch_size)} "
+              f"sequences), final {terms}, {time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
+    end_distributed(ddp)
 
 
 # =====================================================================================================
@@ -2032,6 +2226,10 @@ def main(argv=None):
     except DailError as e:
         print(f"dail.py {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if str(e):                                                  # under torchrun the master says it once
+            print(f"dail.py {args.command}: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
