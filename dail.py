@@ -510,23 +510,25 @@ def _braced_frac(s):
                 i += 1
 
 
-# A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}"): dropped, the value is the answer.
-_UNIT = r"\\(?:text|mbox|mathrm|textrm)\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?[23]\}?)?"
+# A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}"): dropped, the value is the answer. One letter
+# counts only after a space (\text{ m}), so 2\mathrm{e} keeps its e.
+_UNIT = r"\\(?:text|mbox|mathrm|textrm)\{(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}(?:\^\{?[23]\}?)?"
 _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide for a/b -> \frac{a}{b}
 
 
 def normalize_answer(s):
-    """The normal form of one answer string that `is_equiv` parses. In order: strip $ and \\( \\) \\[ \\];
-    drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac -> \\frac; a row separator \\\\ becomes
-    \\cr (so the spacing rule cannot eat it); a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X;
-    \\text{ and } / \\text{ or } -> a list comma; a unit \\text{...} after a value (with ^2, ^3) and degrees,
-    percent signs dropped; other \\text{X} unwrapped, never deleted (6 \\text{ and } 8 is not 68);
-    thousands separators removed only when the whole answer is one number written 1,000 / 1{,}000 / 1\\,000
-    (32, 349 with a space is a list of two numbers); whitespace between two digits kept as a gap mark
-    (4 4/9 is a mixed number, never 44/9), other whitespace removed; trailing period and leading + dropped;
-    \\frac and \\sqrt arguments braced, a single-character super/subscript braced (52_8 -> 52_{8});
-    a/b of simple atoms -> \\frac{a}{b} (\\pi/2 -> \\frac{\\pi}{2})."""
-    s = str(s).strip()
+    """The normal form of one answer string that `is_equiv` parses. In order: Unicode minus and pi; strip $
+    and \\( \\) \\[ \\]; drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac, \\cfrac -> \\frac; a row
+    separator \\\\ becomes \\cr (so the spacing rule cannot eat it; outside a matrix it is dropped at the end);
+    \\leq -> \\le; a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X (\\textbf{(113)} -> (113));
+    \\text{ and } / \\text{ or } / " and " -> a list comma; a unit \\text{...} after a value (with ^2, ^3)
+    dropped, other \\text{X} unwrapped, never deleted (6 \\text{ and } 8 is not 68); "58 square units" -> 58;
+    degrees and percent signs dropped; thousands separators removed only when the whole answer is one
+    number written 1,000 / 1{,}000 / 1\\,000 (32, 349 with a space is a list of two numbers); whitespace
+    between two digits kept as a gap mark (4 4/9 is a mixed number, never 44/9), other whitespace removed;
+    trailing period and leading + dropped; \\frac and \\sqrt arguments braced; pi -> \\pi; 2*x, 2\\cdot x -> 2x;
+    a one-character super/subscript braced (52_8 -> 52_{8})."""
+    s = str(s).strip().replace("\u2212", "-").replace("\u03c0", "\\pi ")  # Unicode minus and pi
     s = re.sub(r"^\$+|\$+$", "", s).strip()
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
@@ -542,6 +544,9 @@ def normalize_answer(s):
     s = re.sub(r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ",", s)
     s = re.sub(r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", "", s)
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1", s)
+    m = re.fullmatch(r"([+-]?\d[\d,.]*)((?:\s+(?!pi\b)[a-zA-Z]{2,}\.?)+)(?:\^\{?[23]\}?)?", s.strip())
+    if m:  # 58 square units: a number and plain words
+        s = m.group(1)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", "", s)
     if re.fullmatch(r"[+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?", s.strip()):  # 1,000 1{,}000 1\,000
         s = re.sub(r"\{,\}|\\,|,", "", s.strip())
@@ -552,11 +557,16 @@ def normalize_answer(s):
     s = re.sub(r"^\+|(?<=[,(\[])\+", "", s)
     s = _braced_frac(s)
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    s = re.sub(r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi", s)  # pi/2 -> \pi/2
+    s = re.sub(r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", "", s)  # 2*x -> 2x, never 2\cdot 3 -> 23
     s = re.sub(r"([_^])(\w)", r"\1{\2}", s)
+    if "\\begin{" not in s:  # a stray \\ outside a matrix (185\\) is layout, not content
+        s = s.replace("\\cr", "")
     return s
 
 
 def _balanced(s):
+    """Braces of s close in order (a wrapper \\text{...} spans the whole answer only then)."""
     depth = 0
     for ch in s:
         depth += {"{": 1, "}": -1}.get(ch, 0)
@@ -613,14 +623,42 @@ def _as_number(s):
     return None
 
 
+def _as_surd(s):
+    """A normalized single term c * sqrt(n) (c rational, n > 1 square-free) as (c, n), else None:
+    2\\sqrt{3}, \\sqrt{12}, \\frac{\\sqrt{3}}{3}, \\frac{1}{\\sqrt{3}}, \\sqrt{2}/2 (exact, no floats)."""
+    sign = -1 if s.startswith("-") else 1
+    s = s[1:] if s[:1] in "+-" else s
+    root = r"(\d*)\\sqrt\{(\d+)\}"
+    m = (re.fullmatch(root, s) or re.fullmatch(r"\\frac\{" + root + r"\}\{(\d+)\}", s)
+         or re.fullmatch(root + r"/(\d+)", s))
+    if m:
+        c, n, d = int(m.group(1) or 1), int(m.group(2)), int(m.group(3)) if m.lastindex == 3 else 1
+        value = Fraction(c, d) if d else None
+    else:
+        m = re.fullmatch(r"\\frac\{(\d+)\}\{" + root + r"\}", s) or re.fullmatch(r"(\d+)/" + root, s)
+        if not m or int(m.group(3)) == 0:
+            return None
+        n = int(m.group(3))
+        value = Fraction(int(m.group(1)), int(m.group(2) or 1) * n)  # c / (d sqrt n) = c sqrt(n) / (d n)
+    if value is None or n == 0:
+        return None
+    k = 2
+    while k * k <= n:  # pull square factors out: sqrt(12) = 2 sqrt(3)
+        while n % (k * k) == 0:
+            n //= k * k
+            value *= k
+        k += 1
+    return sign * value, n
+
+
 def _parse(s):
     """A normalized answer as a small tree that `_same` compares:
     ("list", [...]) unordered (a, b / \\{a, b\\} / a \\cup b), ("seq", "(", ")", [...]) ordered (tuples,
     intervals), ("matrix", [[...]]), ("eq", "x", tree) for x = ... / x \\in ..., ("num", Fraction), ("str", s)."""
-    parts = [p for p in _split_top(s, ",")]
+    parts = _split_top(s, ",")
     if len(parts) > 1 and all(parts):
         return ("list", [_parse(p) for p in parts])
-    m = re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in)(?![=])(.+)$", s)
+    m = re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
     if m and not m.group(1).startswith(("\\frac", "\\sqrt")):
         return ("eq", m.group(1), _parse(m.group(3)))
     parts = _split_top(s, "\\cup")
@@ -638,6 +676,10 @@ def _parse(s):
             return _parse(parts[0]) if s[0] + s[-1] == "()" else ("seq", s[0], s[-1], [_parse(parts[0])])
         return ("seq", s[0], s[-1], [_parse(p) for p in parts])
     x = _as_number(s)
+    if x is None and "\\sqrt" in s:
+        surd = _as_surd(s)
+        if surd is not None:
+            return ("num", surd[0]) if surd[1] == 1 else ("surd", surd)
     return ("num", x) if x is not None else ("str", re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$",
                                                            r"\1\\frac{\2}{\3}", s))
 
@@ -651,7 +693,7 @@ def _same(a, b):
         return _same(a[2], b) if a[0] == "eq" else _same(a, b[2])
     if a[0] != b[0]:
         return False
-    if a[0] in ("num", "str"):
+    if a[0] in ("num", "str", "surd"):
         return a[1] == b[1]
     if a[0] == "seq":
         return a[1:3] == b[1:3] and len(a[3]) == len(b[3]) and all(map(_same, a[3], b[3]))
@@ -671,11 +713,15 @@ def _same(a, b):
 
 def is_equiv(pred, ref):
     """True when two answers are the same value after `normalize_answer` (the built-in grader). Conventions:
-    numbers are exact, no tolerance (0.5 == \\frac{1}{2}, 0.333 != \\frac13, 18.90 == 18.9); a comma list
-    or set is unordered (1, -2 == -2, 1), tuples, intervals and matrices are compared element-wise with the
-    same test and must have the same brackets (pmatrix == bmatrix); "x = 5" equals "5" but not "y = 5";
-    anything else must match as normalized text, so equivalent expressions written differently
-    (2x+3 vs 3+2x) are missed, never invented. None is never equivalent, not even to None."""
+    numbers are exact, no tolerance (0.5 == \\frac{1}{2}, 0.333 != \\frac13, 18.90 == 18.9); a mixed number
+    1\\frac{4}{5} is 9/5; one term c*sqrt(n) is compared exactly (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3});
+    units, degrees, percent and dollar signs are ignored (10\\text{ cm} == 10); a comma list or set is
+    unordered (1, -2 == -2, 1; a repeated element counts), tuples, intervals, unions and matrices are
+    compared element-wise with the same test and need the same brackets (pmatrix == bmatrix, [0,1) != (0,1));
+    "x = 5" equals "5" but not "y = 5"; anything else must match as normalized text, so equivalent
+    expressions written differently (2x+3 vs 3+2x) are missed, never invented. Unsure means not equal.
+    None is never equivalent, not even to None.
+    """
     if pred is None or ref is None:
         return False
     a, b = normalize_answer(pred), normalize_answer(ref)
@@ -723,6 +769,7 @@ def make_grader(name):
 
 
 def _math_verify_grader():
+    """The math-verify grader of `make_grader` (imported here, so that it stays optional)."""
     try:
         import math_verify
         from math_verify.errors import TimeoutException

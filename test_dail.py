@@ -1140,7 +1140,8 @@ FORMAT_CASES = [
     ("\\boxed{$9$}", "9", True),                                     # MV: inline math inside the box
     ("\\boxed{\\(9\\)}", "9", True),                                 # MV
     ("\\boxed{}", "9", False),                                       # OR: an empty box is no answer
-    ("no box at all: 9", "9", False),                                # OR: last-box graders need a box
+    ("\\boxed{odd}", "\\text{odd}", True),                             # NS
+    ("\\boxed{\\text{oddd}}", "odd", False),                           # NS
     ("\\boxed{9", "9", False),                                       # VR: a truncated box is no answer
     # -- thousands separators vs lists (HM, MV, M5)
     ("\\boxed{1,000}", "1000", True),                                # HM
@@ -1346,6 +1347,33 @@ FORMAT_CASES = [
     ("Hence \\boxed{41}.", "42", False),                             # wrong
     ("\\boxed{\\frac{1}{2}} is wrong, the answer is \\boxed{\\frac{1}{3}}", "\\frac{1}{2}", False),
     ("Answer: \\boxed{\\text{no solution}}", "\\text{no solution}", True),         # M5
+    # -- more published facts (NS: NeMo-Skills' math_equal tests; HM: the Hendrycks MATH is_equiv tests)
+    ("\\boxed{918\\frac{1}{2}}", "918.5", True),                     # NS: mixed number
+    ("\\boxed{185\\\\}", "185", True),                               # NS: a stray \\ after the answer
+    ("\\boxed{\\frac {1}{2}}", "0.5", True),                         # NS
+    ("\\boxed{17\\text{ any text}}", "17", True),                    # NS
+    ("\\boxed{10%}", "10", True),                                    # NS
+    ("\\boxed{5.001}", "5", False),                                  # NS: no tolerance
+    ("\\boxed{\\sqrt{67},-\\sqrt{85}}", "\\sqrt{67}", False),        # NS: an extra solution
+    ("\\boxed{\\mathrm{E}}", "E", True),                             # NS
+    ("\\boxed{\\textbf{A}}", "A", True),                             # NS
+    ("\\boxed{\\mathrm{E}*2}", "E", False),                          # NS
+    ("\\boxed{\\frac{1}{3}}", "\\dfrac{1}{3}", True),                # NS
+    ("\\boxed{\\begin{pmatrix}0&0&0\\\\0&1&0\\\\0&0&1\\end{pmatrix}}",
+     "\\begin{bmatrix} 0 & 0 & 0 \\\\ 0 & 1 & 0 \\\\ 0 & 0 & 1 \\end{bmatrix}", True),     # NS
+    ("\\boxed{10\\text{ units}}", "10 ", True),                      # HM
+    ("\\boxed{10\\text{ units}}", "100 ", False),                    # HM
+    ("\\boxed{58 square units}", "58", True),                        # HM
+    ("\\boxed{\\left(x-2\\right)\\left(x+2\\right)}", "(x-2)(x+2)", True),  # HM
+    ("\\boxed{10\\sqrt{3} + \\sqrt4}", "10\\sqrt3 + \\sqrt{4}", True),       # HM
+    ("\\boxed{\\frac34i}", "\\frac{3}{4}i", True),                   # HM
+    ("\\boxed{\\tfrac83}", "\\frac{8}{3}", True),                    # HM
+    ("\\boxed{5x - 7y + 11z + 4 = 0}", "x + y - z + 2 = 0", False),  # HM
+    ("\\boxed{10, 4, 2}", "4, 12, 2", False),                        # HM
+    ("\\boxed{0.1, 4, 2}", "4, .1, 2", True),                        # HM's format; verdict: lists are unordered here
+    ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", True),                     # one exact term c*sqrt(n)
+    ("\\boxed{\\sqrt{8}}", "2\\sqrt{3}", False),                     # 2 sqrt 2 is not 2 sqrt 3
+    ("\\boxed{\\frac{\\pi}{2}}", "pi/2", True),                      # pi written as a word
 ]
 
 # Symbolic equivalence (math-verify's sympy finds these; the built-in grader may miss them, never invent).
@@ -1354,7 +1382,7 @@ SYMBOLIC_CASES = [
     ("\\boxed{(x+1)^2}", "x^2+2x+1", True),                          # MV handles, builtin misses
     ("\\boxed{\\frac{1}{2}\\pi}", "\\frac{\\pi}{2}", True),          # MV handles, builtin misses
     ("\\boxed{2+2}", "4", True),                                     # MV handles, builtin misses
-    ("\\boxed{\\frac{\\sqrt{3}}{3}}", "\\frac{1}{\\sqrt{3}}", True), # MV handles, builtin misses
+    ("\\boxed{\\frac{\\sqrt{3}}{3}}", "\\frac{1}{\\sqrt{3}}", True), # both: one exact term c*sqrt(n)
     ("\\boxed{x+1}", "x+2", False),
     ("\\boxed{(x+1)^2}", "x^2+1", False),
 ]
