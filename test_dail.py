@@ -522,7 +522,7 @@ def test_filter_reasons_and_keep_limit(tok):
     assert dail.filter_reason(dict(base, finish_reason="length", pred=None), True, leak) is None  # thinking
 
     class Args:
-        thinking, no_filter, keep_per_problem = False, False, 1
+        thinking, no_filter, keep_per_problem, grader = False, False, 1, "builtin"
 
     class Sink(list):
         def write(self, s):
@@ -1557,3 +1557,18 @@ def test_rewrite_filter_uses_the_grader(tmp_path, capsys, expert, tiny, monkeypa
     assert seen == ["builtin"] * 3
     assert json.loads((out.parent / "rewrite_summary.json").read_text())["grader"] == {"name": "builtin"}
     assert json.loads(out.with_suffix(".config.json").read_text())["grader"] == "builtin"
+
+
+@needs_math_verify
+def test_rewrite_resume_refuses_another_grader(tmp_path, capsys, expert, tiny):
+    """Traces kept by one grader are never mixed with traces kept by another."""
+    out = tmp_path / "r" / "traces.jsonl"
+    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 3,
+            "--threshold", 0]
+    assert run_cli(argv, capsys)[0] == 0
+    code, err = run_cli(argv + ["--grader", "math-verify"], capsys)
+    assert code == 2 and "grader='builtin'" in err, err
+    out.unlink()  # a fresh run with math-verify records it
+    assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0
+    summary = json.loads((out.parent / "rewrite_summary.json").read_text())
+    assert summary["grader"]["name"] == "math-verify" and summary["grader"]["version"]
