@@ -512,7 +512,11 @@ def _braced_frac(s):
 
 # A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}"): dropped, the value is the answer. One letter
 # counts only after a space (\text{ m}), so 2\mathrm{e} keeps its e.
-_UNIT = r"\\(?:text|mbox|mathrm|textrm)\{(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}(?:\^\{?[23]\}?)?"
+# Words that change a number (5 hundred, 5 squared, 2 thirds) are never units.
+_NOT_UNIT = (r"(?!\s*(?:hundred|thousand|million|billion|trillion|dozen|half|halves|third|quarter|fourth|fifth|"
+             r"sixth|seventh|eighth|ninth|tenth|squared|cubed|times|factorial|over|tens\b|score\b|pi\b))")
+_UNIT = (r"\\(?:text|mbox|mathrm|textrm)\{" + _NOT_UNIT + r"(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}"
+         r"(?:\^\{?[23]\}?)?")
 _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide for a/b -> \frac{a}{b}
 
 
@@ -544,7 +548,7 @@ def normalize_answer(s):
     s = re.sub(r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ",", s)
     s = re.sub(r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", "", s)
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1", s)
-    m = re.fullmatch(r"([+-]?\d[\d,.]*)((?:\s+(?!pi\b)[a-zA-Z]{2,}\.?)+)(?:\^\{?[23]\}?)?", s.strip())
+    m = re.fullmatch(r"([+-]?\d[\d,.]*)((?:\s+" + _NOT_UNIT + r"[a-zA-Z]{2,}\.?)+)(?:\^\{?[23]\}?)?", s.strip())
     if m:  # 58 square units: a number and plain words
         s = m.group(1)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", "", s)
@@ -560,8 +564,8 @@ def normalize_answer(s):
     s = re.sub(r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi", s)  # pi/2 -> \pi/2
     s = re.sub(r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", "", s)  # 2*x -> 2x, never 2\cdot 3 -> 23
     s = re.sub(r"([_^])(\w)", r"\1{\2}", s)
-    if "\\begin{" not in s:  # a stray \\ outside a matrix (185\\) is layout, not content
-        s = s.replace("\\cr", "")
+    if "\\begin{" not in s:  # a stray \\ outside a matrix is layout: dropped at the ends (185\\), a gap inside
+        s = re.sub(r"^(?:\\cr)+|(?:\\cr)+$", "", s).replace("\\cr", "\x00")
     return s
 
 
