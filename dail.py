@@ -658,7 +658,8 @@ def _as_surd(s):
 def _parse(s):
     """A normalized answer as a small tree that `_same` compares:
     ("list", [...]) unordered (a, b / \\{a, b\\} / a \\cup b), ("seq", "(", ")", [...]) ordered (tuples,
-    intervals), ("matrix", [[...]]), ("eq", "x", tree) for x = ... / x \\in ..., ("num", Fraction), ("str", s)."""
+    intervals), ("matrix", [[...]]), ("eq", "x", tree) for x = ... / x \\in ..., ("choice", "C", tree) for an
+    AoPS "(C) value", ("num", Fraction), ("surd", (c, n)) for c*sqrt(n), ("str", s)."""
     parts = _split_top(s, ",")
     if len(parts) > 1 and all(parts):
         return ("list", [_parse(p) for p in parts])
@@ -668,6 +669,9 @@ def _parse(s):
     parts = _split_top(s, "\\cup")
     if len(parts) > 1 and all(parts):
         return ("list", [_parse(p) for p in parts])
+    m = re.fullmatch(r"\(([A-E])\)(.+)", s)
+    if m:  # an AoPS choice with its value, \textbf{(C)}\ 25: the letter or the value names it
+        return ("choice", m.group(1), _parse(m.group(2)))
     m = re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s)
     if m:
         return ("matrix", [[_parse(c) for c in _split_top(row, "&")]
@@ -691,6 +695,11 @@ def _parse(s):
 def _same(a, b):
     """Tree equality: numbers exactly, strings literally, lists as multisets, tuples/intervals/matrices
     element-wise; x = v matches v, and x = v matches y = v only when x is y."""
+    if a[0] == "choice" or b[0] == "choice":
+        if a[0] == b[0]:
+            return a[1] == b[1] and _same(a[2], b[2])
+        (_, letter, value), other = (a, b) if a[0] == "choice" else (b, a)
+        return other == ("str", letter) or _same(value, other)
     if a[0] == "eq" or b[0] == "eq":
         if a[0] == b[0]:
             return a[1] == b[1] and _same(a[2], b[2])

@@ -1259,6 +1259,11 @@ FORMAT_CASES = [
     ("\\boxed{\\mathbf{127}}", "127", True),                         # AoPS
     ("\\boxed{\\mathbf{127}}", "128", False),                        # AoPS, wrong
     ("\\boxed{\\textbf{(112)}}", "113", False),                      # AoPS, wrong
+    ("\\boxed{25}", "\\textbf{(C)}\\ 25", True),                      # AoPS: an AMC answer boxed with its letter
+    ("\\boxed{C}", "\\textbf{(C)}\\ 25", True),                       # AoPS
+    ("\\boxed{\\textbf{(C) }25}", "C", True),                          # AoPS
+    ("\\boxed{26}", "\\textbf{(C)}\\ 25", False),                     # AoPS, wrong value
+    ("\\boxed{D}", "\\textbf{(C)}\\ 25", False),                      # AoPS, wrong letter
     ("\\boxed{\\text{odd}}", "\\text{even}", False),                 # M5: odd/even answers
     ("\\boxed{\\text{even}}", "\\text{even}", True),                 # M5
     # -- unordered lists of solutions (M5 "enter all solutions, separated by commas", MV)
