@@ -523,8 +523,8 @@ _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide fo
 def normalize_answer(s):
     """The normal form of one answer string that `is_equiv` parses. In order: Unicode minus and pi; strip $
     and \\( \\) \\[ \\]; drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac, \\cfrac -> \\frac; a row
-    separator \\\\ becomes \\cr (so the spacing rule cannot eat it; outside a matrix it is dropped at the end);
-    \\leq -> \\le; a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X (\\textbf{(113)} -> (113));
+    separator \\\\ becomes \\cr (so the spacing rule cannot eat it; outside a matrix: dropped at the ends,
+    a gap inside); \\leq -> \\le; a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X (\\textbf{(113)} -> (113));
     \\text{ and } / \\text{ or } / " and " -> a list comma; a unit \\text{...} after a value (with ^2, ^3)
     dropped, other \\text{X} unwrapped, never deleted (6 \\text{ and } 8 is not 68); "58 square units" -> 58;
     degrees and percent signs dropped; thousands separators removed only when the whole answer is one
@@ -1122,7 +1122,8 @@ def rewrite_summary(traces, n_problems, skipped, args):
                 acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
                 mean_tokens=tokens / max(len(traces), 1),
                 finished=sum(t["finish_reason"] == "stop" for t in traces),
-                grader=grader_info(args.grader), settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
+                grader=grader_info(args.grader),
+                settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
 
 
 def cmd_rewrite(args):

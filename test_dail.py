@@ -1489,7 +1489,8 @@ def test_math_verify_timeout_counts_as_wrong(monkeypatch):
     monkeypatch.setattr(math_verify, "verify", slow_verify)
     assert grader("\\boxed{1}", "1")[1] is False
     assert grader.info["timeouts"] > before and limits[0] == dail.MATH_VERIFY_TIMEOUT_S
-    monkeypatch.setattr(math_verify, "verify", lambda g, p, timeout_seconds=None, **kw: limits.append(timeout_seconds) or True)
+    monkeypatch.setattr(math_verify, "verify",
+                        lambda g, p, timeout_seconds=None, **kw: limits.append(timeout_seconds) or True)
     box = []
     t = threading.Thread(target=lambda: box.append(grader("\\boxed{1}", "1")))
     t.start()
@@ -1520,7 +1521,8 @@ def fake_sampler_for(answers):
 
 def test_eval_regrade_without_sampling(tmp_path, capsys, tiny, monkeypatch):
     """--regrade grades samples.jsonl again (here: verdicts an older grader wrote) and loads no model."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "-2, 1"}, {"problem": "p2", "answer": "\\$18.90"}])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "-2, 1"},
+                                              {"problem": "p2", "answer": "\\$18.90"}])
     answers = {0: ["\\boxed{1,-2}", "\\boxed{-2} and \\boxed{1}", "\\boxed{-21}"],
                1: ["\\boxed{18.9}", "\\boxed{18.09}", "none"]}
     monkeypatch.setattr(dail, "make_sampler", fake_sampler_for(answers))
@@ -1572,7 +1574,8 @@ def test_rewrite_filter_uses_the_grader(tmp_path, capsys, expert, tiny, monkeypa
     """rewrite's filter grades with --grader; rewrite_summary.json and the resume config record it."""
     seen = []
     real = dail.grade
-    monkeypatch.setattr(dail, "grade", lambda text, ref, grader="builtin": seen.append(grader) or real(text, ref, grader))
+    monkeypatch.setattr(dail, "grade",
+                        lambda text, ref, grader="builtin": seen.append(grader) or real(text, ref, grader))
     out = tmp_path / "r" / "traces.jsonl"
     argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 3,
             "--threshold", 0]

@@ -5,8 +5,8 @@ called right), false negatives (a right answer missed), and time per case.
 
 Each case is graded as eval grades a sample: `dail.grade(response, reference, grader)`, the response being
 the case's text (boxed when it holds no box). Every case is timed on its own in `--reps` passes over the
-whole table (the median per case is kept); the table gives the mean and the largest of those medians. math-verify's first call
-(its import and parser set-up) is done before timing and reported apart.
+whole table (the median per case is kept); the table gives the mean and the largest of those medians.
+math-verify's first call (its import and parser set-up) is done before timing and reported apart.
 
     python examples/bench_grade.py                # builtin and math-verify (when installed)
     python examples/bench_grade.py --list-errors  # also print every case a grader gets wrong
