@@ -521,8 +521,8 @@ _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide fo
 
 
 def normalize_answer(s):
-    """The normal form of one answer string that `is_equiv` parses. In order: Unicode minus and pi; strip $
-    and \\( \\) \\[ \\]; drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac, \\cfrac -> \\frac; a row
+    """The normal form of one answer string that `is_equiv` parses. In order: Unicode minus and pi; drop $;
+    strip \\( \\) \\[ \\]; drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac, \\cfrac -> \\frac; a row
     separator \\\\ becomes \\cr (so the spacing rule cannot eat it; outside a matrix: dropped at the ends,
     a gap inside); \\leq -> \\le; a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X (\\textbf{(113)} -> (113));
     \\text{ and } / \\text{ or } / " and " -> a list comma; a unit \\text{...} after a value (with ^2, ^3)
@@ -533,7 +533,7 @@ def normalize_answer(s):
     trailing period and leading + dropped; \\frac and \\sqrt arguments braced; pi -> \\pi; 2*x, 2\\cdot x -> 2x;
     a one-character super/subscript braced (52_8 -> 52_{8})."""
     s = str(s).strip().replace("\u2212", "-").replace("\u03c0", "\\pi ")  # Unicode minus and pi
-    s = re.sub(r"^\$+|\$+$", "", s).strip()
+    s = re.sub(r"(?<!\\)\$", "", s).strip()  # math-mode dollars, wherever they are ($1$, $2$); \$ stays a dollar
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
     s = re.sub(r"\\displaystyle|\\!|\\\$", "", s)

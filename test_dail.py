@@ -1454,6 +1454,41 @@ def test_builtin_grader_drops_nothing_that_matters(a, b):
     assert not dail.is_equiv(a, b) and not dail.is_equiv(b, a)
 
 
+def spellings(x):
+    """Exact LaTeX spellings of the rational x: fractions, decimals (when finite), mixed numbers, units."""
+    sign, a = ("-" if x < 0 else ""), abs(x)
+    n, d = a.numerator, a.denominator
+    out = [f"{sign}\\frac{{{n}}}{{{d}}}", f"{sign}\\dfrac{{{n}}}{{{d}}}", f"{sign}{n}/{d}",
+           f"{sign}\\frac{{{3 * n}}}{{{3 * d}}}", f"${sign}\\tfrac{{{n}}}{{{d}}}$"]
+    if d == 1:
+        out += [f"{sign}{n}", f"{sign}{n}.0", f"{sign}{n}\\text{{ cm}}", f"{sign}{n}^\\circ", f"x = {sign}{n}"]
+    if 10 ** 6 % d == 0 and d > 1:
+        out.append(sign + f"{float(a):.6f}".rstrip("0"))
+    if n > d > 1:
+        out += [f"{sign}{n // d}\\frac{{{n % d}}}{{{d}}}", f"{sign}{n // d} {n % d}/{d}"]
+    return out
+
+
+def test_builtin_grader_against_exact_fractions():
+    """Random values in random spellings: equal exactly when the Fractions are equal; lists in any order,
+    tuples only in their order."""
+    rng = np.random.default_rng(0)
+
+    def value():
+        return Fraction(int(rng.integers(-60, 61)), int(rng.choice([1, 1, 2, 3, 4, 5, 8, 10, 16, 7, 1000])))
+    for _ in range(400):
+        x = value()
+        y = x if rng.random() < 0.5 else value()
+        a, b = rng.choice(spellings(x)), rng.choice(spellings(y))
+        assert dail.is_equiv(a, b) == (x == y), (a, b)
+        xs = [value() for _ in range(int(rng.integers(2, 4)))]
+        ys = list(rng.permutation(xs)) if rng.random() < 0.5 else xs[:-1] + [value()]
+        a = ", ".join(str(rng.choice(spellings(v))) for v in xs)
+        b = ", ".join(str(rng.choice(spellings(v))) for v in ys)
+        assert dail.is_equiv(a, b) == (sorted(xs) == sorted(ys)), (a, b)
+        assert dail.is_equiv(f"({a})", f"({b})") == (xs == ys), (a, b)
+
+
 def test_several_boxes_and_extract_all_boxed():
     assert dail.extract_all_boxed("a \\boxed{1} b \\fbox{\\frac{1}{2}} c \\boxed{2") == ["1", "\\frac{1}{2}"]
     assert dail.extract_all_boxed("no box") == []
