@@ -139,6 +139,8 @@ class RewriteArgs(CommonArgs):
                                       "default they are rejected, since they never learned to stop")
     leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that "
                                                     "mentions the reference ('' disables the check)")
+    grader: str = arg("builtin", "how the filter grades a trace's answer: builtin (exact, no dependency) or "
+                                 "math-verify (pip install math-verify)", choices=["builtin", "math-verify"])
     # engine
     batch_size: int = arg(32, "traces decoded together (each takes two rows: proposer and validator)")
     engine: str = arg("hf", "hf: the token-by-token rollout; vllm/auto: vLLM when the threshold makes the "
@@ -201,6 +203,10 @@ class EvalArgs(CommonArgs):
     batch_size: int = arg(64, "hf engine: sequences decoded together")
     engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
                       choices=["auto", "hf", "vllm"])
+    grader: str = arg("builtin", "how a sample's answer is graded: builtin (exact, no dependency) or "
+                                 "math-verify (pip install math-verify)", choices=["builtin", "math-verify"])
+    regrade: bool = arg(False, "re-grade every response of OUT/samples.jsonl with --grader and rewrite the "
+                               "results, without loading a model or sampling")
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
     max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
     gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
@@ -329,11 +335,11 @@ def check_resume_config(path, config, resuming, overwrite=False):
 RESULT_SETTINGS = {
     "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
                 "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
-                "dtype"),
+                "dtype", "grader"),
     "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
               "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
               "max_len", "thinking", "seed", "dtype", "loss_norm"),
-    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype"),
+    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype", "grader"),
 }
 
 
@@ -828,6 +834,20 @@ def extract_boxed(text):
     return None
 
 
+def extract_all_boxed(text):
+    """Contents of every complete \\boxed{...} / \\fbox{...} in `text`, in order (see `extract_boxed`)."""
+    found, end = [], len(text or "")
+    while end > 0:
+        start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        if start < 0:
+            break
+        box = extract_boxed(text[start:end])  # a box nested in a box is cut here: only the inner one counts
+        if box is not None:
+            found.append(box)
+        end = start
+    return found[::-1]
+
+
 def _braced_frac(s):
     """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: give both arguments braces."""
     out, i = [], 0
@@ -853,64 +873,326 @@ def _braced_frac(s):
                 i += 1
 
 
+# A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}"): dropped, the value is the answer. One letter
+# counts only after a space (\text{ m}), so 2\mathrm{e} keeps its e.
+# Words that change a number (5 hundred, 5 squared, 2 thirds) are never units.
+_NOT_UNIT = (r"(?!\s*(?:hundred|thousand|million|billion|trillion|dozen|half|halves|third|quarter|fourth|fifth|"
+             r"sixth|seventh|eighth|ninth|tenth|squared|cubed|times|factorial|over|tens\b|score\b|pi\b))")
+_UNIT = (r"\\(?:text|mbox|mathrm|textrm)\{" + _NOT_UNIT + r"(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}"
+         r"(?:\^\{?[23]\}?)?")
+_ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide for a/b -> \frac{a}{b}
+
+
 def normalize_answer(s):
-    """The normal form that `is_equiv` compares. In order: strip surrounding $ and \\( \\); drop \\left,
-    \\right, spacing commands and all whitespace; \\dfrac, \\tfrac -> \\frac; a whole-answer \\text{X} -> X,
-    else drop \\text{...} units, degrees (^\\circ) and percent signs; drop a leading `x=` and a trailing
-    period; remove thousands separators (1,000 and 1{,}000); brace \\frac and \\sqrt arguments
-    (\\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}); integer a/b -> \\frac{a}{b}."""
-    s = s.strip()
-    s = re.sub(r"^\$+|\$+$", "", s).strip()
-    s = re.sub(r"^\\\(|\\\)$", "", s)
-    s = re.sub(r"\\(left|right)(?![a-zA-Z])", "", s)
-    s = re.sub(r"\\[,;:! ]|~", "", s)
-    s = re.sub(r"\s+", "", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{(.*)\}", s)
-    if m:
+    """The normal form of one answer string that `is_equiv` parses. In order: Unicode minus and pi; drop $;
+    strip \\( \\) \\[ \\]; drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac, \\cfrac -> \\frac; a row
+    separator \\\\ becomes \\cr (so the spacing rule cannot eat it; outside a matrix: dropped at the ends,
+    a gap inside); \\leq -> \\le; a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X (\\textbf{(113)} -> (113));
+    \\text{ and } / \\text{ or } / " and " -> a list comma; a unit \\text{...} after a value (with ^2, ^3)
+    dropped, other \\text{X} unwrapped, never deleted (6 \\text{ and } 8 is not 68); "58 square units" -> 58;
+    degrees and percent signs dropped; thousands separators removed only when the whole answer is one
+    number written 1,000 / 1{,}000 / 1\\,000 (32, 349 with a space is a list of two numbers); whitespace
+    between two digits kept as a gap mark (4 4/9 is a mixed number, never 44/9), other whitespace removed;
+    trailing period and leading + dropped; \\frac and \\sqrt arguments braced; pi -> \\pi; 2*x, 2\\cdot x -> 2x;
+    a one-character super/subscript braced (52_8 -> 52_{8})."""
+    s = str(s).strip().replace("\u2212", "-").replace("\u03c0", "\\pi ")  # Unicode minus and pi
+    s = re.sub(r"(?<!\\)\$", "", s).strip()  # math-mode dollars, wherever they are ($1$, $2$); \$ stays a dollar
+    s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
+    s = re.sub(r"\\displaystyle|\\!|\\\$", "", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = s.replace("\\\\", "\\cr ")
+    s = re.sub(r"\\(?:le|ge|ne)q(?![a-zA-Z])", lambda m: m.group(0)[:-1], s)
+    while True:  # unwrap whole-answer text/bold wrappers: \textbf{(113)}, \mathbf{127}, \text{(C)}
+        m = re.fullmatch(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(.*)\}", s.strip())
+        if not m or not _balanced(m.group(1)):
+            break
+        s = m.group(1).strip()
+    s = re.sub(r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ",", s)
+    s = re.sub(r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", "", s)
+    s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1", s)
+    m = re.fullmatch(r"([+-]?\d[\d,.]*)((?:\s+" + _NOT_UNIT + r"[a-zA-Z]{2,}\.?)+)(?:\^\{?[23]\}?)?", s.strip())
+    if m:  # 58 square units: a number and plain words
         s = m.group(1)
-    else:
-        s = re.sub(r"\\(?:text|mbox|mathrm)\{[^{}]*\}", "", s)
-    s = re.sub(r"\^\{?\\circ\}?|\\%|%", "", s)
-    s = re.sub(r"^[a-zA-Z]=", "", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", "", s)
+    if re.fullmatch(r"[+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?", s.strip()):  # 1,000 1{,}000 1\,000
+        s = re.sub(r"\{,\}|\\,|,", "", s.strip())
+    s = re.sub(r"\\[,;: ]|~|\\q?quad", " ", s).strip()
+    s = re.sub(r"(?<=\d)\s+(?=\d)", "\x00", s)  # a gap between digits: never glue them
+    s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
-    s = s.replace("{,}", "")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
+    s = re.sub(r"^\+|(?<=[,(\[])\+", "", s)
     s = _braced_frac(s)
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi", s)  # pi/2 -> \pi/2
+    s = re.sub(r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", "", s)  # 2*x -> 2x, never 2\cdot 3 -> 23
+    s = re.sub(r"([_^])(\w)", r"\1{\2}", s)
+    if "\\begin{" not in s:  # a stray \\ outside a matrix is layout: dropped at the ends (185\\), a gap inside
+        s = re.sub(r"^(?:\\cr)+|(?:\\cr)+$", "", s).replace("\\cr", "\x00")
     return s
 
 
+def _balanced(s):
+    """Braces of s close in order (a wrapper \\text{...} spans the whole answer only then)."""
+    depth = 0
+    for ch in s:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _split_top(s, sep):
+    """Split at `sep` where no bracket ( [ { is open; [s] when there is none."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        if s[i] in "([{":
+            depth += 1
+        elif s[i] in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    return parts + [s[start:]]
+
+
+def _encloses(s, opening, closing):
+    """s is opening ... closing with the first bracket closed only at the very end."""
+    if not (s.startswith(opening) and s.endswith(closing)) or len(s) < len(opening) + len(closing):
+        return False
+    depth = 0
+    for i in range(len(opening) - 1, len(s)):
+        depth += 1 if s[i] in "([{" else -1 if s[i] in ")]}" else 0
+        if depth == 0 and i < len(s) - 1:
+            return False
+    return True
+
+
 def _as_number(s):
-    """A normalized answer as an exact Fraction (integers, decimals, integer fractions), else None."""
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    """A normalized answer as an exact Fraction (integers, decimals, integer fractions, mixed numbers
+    1\\frac{4}{5} and 4 4/9 with 0 < numerator < denominator), else None."""
+    sign = -1 if s.startswith("-") else 1
+    s = s[1:] if s[:1] in "+-" else s
+    if re.fullmatch(r"\d+\.?\d*|\.\d+", s):
+        return sign * Fraction(s)
+    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}|(\d+)/(\d+)", s)
     if m:
-        num, den = int(m.group(2)), int(m.group(3))
-        return None if den == 0 else Fraction(num, den) * (-1 if m.group(1) else 1)
-    if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", s):
-        return Fraction(s)
+        num, den = int(m.group(1) or m.group(3)), int(m.group(2) or m.group(4))
+        return None if den == 0 else sign * Fraction(num, den)
+    m = re.fullmatch(r"(\d+)(?:\\frac\{(\d+)\}\{(\d+)\}|\x00(\d+)/(\d+))", s)  # 1\frac{4}{5}, 4 4/9
+    if m:
+        num, den = int(m.group(2) or m.group(4)), int(m.group(3) or m.group(5))
+        if 0 < num < den:  # else (2\frac{3}{2}) not a mixed number: unsure, so no number
+            return sign * (int(m.group(1)) + Fraction(num, den))
     return None
 
 
+def _as_surd(s):
+    """A normalized single term c * sqrt(n) (c rational, n > 1 square-free) as (c, n), else None:
+    2\\sqrt{3}, \\sqrt{12}, \\frac{\\sqrt{3}}{3}, \\frac{1}{\\sqrt{3}}, \\sqrt{2}/2 (exact, no floats)."""
+    sign = -1 if s.startswith("-") else 1
+    s = s[1:] if s[:1] in "+-" else s
+    root = r"(\d*)\\sqrt\{(\d+)\}"
+    m = (re.fullmatch(root, s) or re.fullmatch(r"\\frac\{" + root + r"\}\{(\d+)\}", s)
+         or re.fullmatch(root + r"/(\d+)", s))
+    if m:
+        c, n, d = int(m.group(1) or 1), int(m.group(2)), int(m.group(3)) if m.lastindex == 3 else 1
+        value = Fraction(c, d) if d else None
+    else:
+        m = re.fullmatch(r"\\frac\{(\d+)\}\{" + root + r"\}", s) or re.fullmatch(r"(\d+)/" + root, s)
+        if not m or int(m.group(3)) == 0:
+            return None
+        n = int(m.group(3))
+        value = Fraction(int(m.group(1)), int(m.group(2) or 1) * n)  # c / (d sqrt n) = c sqrt(n) / (d n)
+    if value is None or n == 0:
+        return None
+    k = 2
+    while k * k <= n:  # pull square factors out: sqrt(12) = 2 sqrt(3)
+        while n % (k * k) == 0:
+            n //= k * k
+            value *= k
+        k += 1
+    return sign * value, n
+
+
+def _parse(s):
+    """A normalized answer as a small tree that `_same` compares:
+    ("list", [...]) unordered (a, b / \\{a, b\\} / a \\cup b), ("seq", "(", ")", [...]) ordered (tuples,
+    intervals), ("matrix", [[...]]), ("eq", "x", tree) for x = ... / x \\in ..., ("choice", "C", tree) for an
+    AoPS "(C) value", ("num", Fraction), ("surd", (c, n)) for c*sqrt(n), ("str", s)."""
+    parts = _split_top(s, ",")
+    if len(parts) > 1 and all(parts):
+        return ("list", [_parse(p) for p in parts])
+    m = re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
+    if m and not m.group(1).startswith(("\\frac", "\\sqrt")):
+        return ("eq", m.group(1), _parse(m.group(3)))
+    parts = _split_top(s, "\\cup")
+    if len(parts) > 1 and all(parts):
+        return ("list", [_parse(p) for p in parts])
+    m = re.fullmatch(r"\(([A-E])\)(.+)", s)
+    if m:  # an AoPS choice with its value, \textbf{(C)}\ 25: the letter or the value names it
+        return ("choice", m.group(1), _parse(m.group(2)))
+    m = re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s)
+    if m:
+        return ("matrix", [[_parse(c) for c in _split_top(row, "&")]
+                           for row in _split_top(m.group(2).removesuffix("\\cr"), "\\cr")])
+    if _encloses(s, "\\{", "\\}"):
+        return ("list", [_parse(p) for p in _split_top(s[2:-2], ",")])
+    if s[:1] in "([" and s[-1:] in ")]" and _encloses(s, s[0], s[-1]):
+        parts = _split_top(s[1:-1], ",")
+        if len(parts) == 1:  # (113), (C): brackets around one value are no tuple
+            return _parse(parts[0]) if s[0] + s[-1] == "()" else ("seq", s[0], s[-1], [_parse(parts[0])])
+        return ("seq", s[0], s[-1], [_parse(p) for p in parts])
+    x = _as_number(s)
+    if x is None and "\\sqrt" in s:
+        surd = _as_surd(s)
+        if surd is not None:
+            return ("num", surd[0]) if surd[1] == 1 else ("surd", surd)
+    return ("num", x) if x is not None else ("str", re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$",
+                                                           r"\1\\frac{\2}{\3}", s))
+
+
+def _same(a, b):
+    """Tree equality: numbers exactly, strings literally, lists as multisets, tuples/intervals/matrices
+    element-wise; x = v matches v, and x = v matches y = v only when x is y."""
+    if a[0] == "choice" or b[0] == "choice":
+        if a[0] == b[0]:
+            return a[1] == b[1] and _same(a[2], b[2])
+        (_, letter, value), other = (a, b) if a[0] == "choice" else (b, a)
+        return other == ("str", letter) or _same(value, other)
+    if a[0] == "eq" or b[0] == "eq":
+        if a[0] == b[0]:
+            return a[1] == b[1] and _same(a[2], b[2])
+        return _same(a[2], b) if a[0] == "eq" else _same(a, b[2])
+    if a[0] != b[0]:
+        return False
+    if a[0] in ("num", "str", "surd"):
+        return a[1] == b[1]
+    if a[0] == "seq":
+        return a[1:3] == b[1:3] and len(a[3]) == len(b[3]) and all(map(_same, a[3], b[3]))
+    if a[0] == "matrix":
+        return [len(r) for r in a[1]] == [len(r) for r in b[1]] and all(
+            _same(x, y) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
+    left = list(b[1])  # "list": every element of a matched to its own element of b
+    if len(a[1]) != len(left):
+        return False
+    for x in a[1]:
+        j = next((j for j, y in enumerate(left) if _same(x, y)), None)
+        if j is None:
+            return False
+        left.pop(j)
+    return True
+
+
 def is_equiv(pred, ref):
-    """True when two answers are equal after `normalize_answer`, as strings or as exact numbers
-    (0.5 == \\frac{1}{2}; 0.333 != \\frac13: no tolerance). None is never equivalent, not even to None."""
+    """True when two answers are the same value after `normalize_answer` (the built-in grader). Conventions:
+    numbers are exact, no tolerance (0.5 == \\frac{1}{2}, 0.333 != \\frac13, 18.90 == 18.9); a mixed number
+    1\\frac{4}{5} is 9/5; one term c*sqrt(n) is compared exactly (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3});
+    units, degrees, percent and dollar signs are ignored (10\\text{ cm} == 10); a comma list or set is
+    unordered (1, -2 == -2, 1; a repeated element counts), tuples, intervals, unions and matrices are
+    compared element-wise with the same test and need the same brackets (pmatrix == bmatrix, [0,1) != (0,1));
+    "x = 5" equals "5" but not "y = 5"; anything else must match as normalized text, so equivalent
+    expressions written differently (2x+3 vs 3+2x) are missed, never invented. Unsure means not equal.
+    None is never equivalent, not even to None.
+    """
     if pred is None or ref is None:
         return False
-    a, b = normalize_answer(str(pred)), normalize_answer(str(ref))
-    if a == b:
-        return True
-    x, y = _as_number(a), _as_number(b)
-    return x is not None and x == y
+    a, b = normalize_answer(pred), normalize_answer(ref)
+    if not a or not b:
+        return False
+    return a == b or _same(_parse(a), _parse(b))
 
 
-def grade(response, reference):
+GRADERS = ("builtin", "math-verify")
+MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own default)
+_GRADER_CACHE = {}
+
+
+def make_grader(name):
+    """A function (response, reference) -> (the extracted answer or None, correct) for --grader `name`, with
+    `.info` (name, version, timeouts: how many parse/verify calls hit the time limit and counted as wrong).
+
+    builtin: the last \\boxed{} of the response, `is_equiv` to the reference; when that fails and the
+    reference is a list, all boxes of the response together (\\boxed{-2} and \\boxed{1} for "1, -2").
+    math-verify: Hugging Face's math-verify (an optional import) parses the whole response and the boxed
+    reference and verifies with sympy. Its time limit uses SIGALRM, which only works in the main thread;
+    elsewhere it runs without one."""
+    if name in _GRADER_CACHE:
+        return _GRADER_CACHE[name]
+    if name == "builtin":
+        def grade_builtin(response, reference):
+            pred = extract_boxed(response)
+            if is_equiv(pred, reference):
+                return pred, True
+            boxes = extract_all_boxed(response)
+            ref = normalize_answer(reference) if reference is not None else ""
+            if len(boxes) > 1 and ref and _parse(ref)[0] == "list":
+                joined = ", ".join(boxes)
+                if is_equiv(joined, reference):
+                    return joined, True
+            return pred, False
+        grade_builtin.info = dict(name="builtin")
+        fn = grade_builtin
+    elif name == "math-verify":
+        fn = _math_verify_grader()
+    else:
+        raise DailError(f"--grader {name}: expected one of {', '.join(GRADERS)}")
+    _GRADER_CACHE[name] = fn
+    return fn
+
+
+def _math_verify_grader():
+    """The math-verify grader of `make_grader` (imported here, so that it stays optional)."""
+    try:
+        import math_verify
+        from math_verify.errors import TimeoutException
+    except ImportError:
+        raise DailError("--grader math-verify: math-verify is not installed; `pip install math-verify`") from None
+    import importlib.metadata
+    import threading
+    info = dict(name="math-verify", version=importlib.metadata.version("math-verify"), timeouts=0)
+
+    def grade_math_verify(response, reference):
+        # SIGALRM time limits only work in the main thread; a timeout (a BaseException there) is "not correct"
+        limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+        if not response or reference is None:
+            return None, False
+        try:
+            gold = math_verify.parse("\\boxed{" + str(reference) + "}", parsing_timeout=limit, raise_on_error=True)
+            pred = math_verify.parse(response, parsing_timeout=limit, raise_on_error=True)
+        except TimeoutException:
+            info["timeouts"] += 1
+            return None, False
+        except Exception:
+            return None, False
+        shown = next((p for p in pred if isinstance(p, str)), str(pred[0]) if pred else None)
+        for g in gold:  # math_verify.verify tries every pair too; one pair at a time to count timeouts
+            for p in pred:
+                try:
+                    if math_verify.verify(g, p, timeout_seconds=limit, raise_on_error=True):
+                        return shown, True
+                except TimeoutException:
+                    info["timeouts"] += 1
+                except Exception:
+                    pass
+        return shown, False
+    grade_math_verify.info = info
+    return grade_math_verify
+
+
+def grader_info(name):
+    """What summary.json records of a grader: its name, math-verify's version and timeout count."""
+    return dict(make_grader(name).info)
+
+
+def grade(response, reference, grader="builtin"):
     """(the extracted answer or None, whether it equals `reference`) of one response: what rewrite's filter
-    and eval's pass@k both use, so a trace is kept by the very rule that scores a sample."""
-    pred = extract_boxed(response)
-    return pred, is_equiv(pred, reference)
+    and eval's pass@k both use, so a trace is kept by the very rule that scores a sample. `grader`: see
+    `make_grader`."""
+    return make_grader(grader)(response, reference)
 
 
 def load_problems(path, need_solution, need_answer):
@@ -1201,7 +1483,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
     `privileged_solution` is the solution text the validator's prompt held (train's teacher sees the same)."""
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
-        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"])
+        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
         trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
                      privileged_solution=problem.get("privileged_solution", problem["solution"]), answer=problem["answer"],
                      response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
@@ -1226,6 +1508,7 @@ def rewrite_summary(traces, n_problems, skipped, args):
                 acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
                 mean_tokens=tokens / max(len(traces), 1),
                 finished=sum(t["finish_reason"] == "stop" for t in traces),
+                grader=grader_info(args.grader),
                 settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
 
 
@@ -1245,6 +1528,7 @@ def cmd_rewrite(args):
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     decode_only_kept(args)
+    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out = Path(args.out)
     check_out_file(out)
     if args.overwrite:
@@ -2011,6 +2295,9 @@ def cmd_eval(args):
     """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
     (the settings a resumed run must match)."""
     validate_args(args)
+    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
+    if args.regrade:
+        return regrade_eval(args)
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
@@ -2045,7 +2332,7 @@ def cmd_eval(args):
                                   [args.seed + p["index"] for p in chunk])
                 for p, samples in zip(chunk, outputs):
                     texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
-                    preds, correct = map(list, zip(*(grade(t, p["answer"]) for t in texts)))
+                    preds, correct = grade_responses(texts, p["answer"], args.grader)
                     append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
                                          n_correct=sum(correct), responses=texts, preds=preds, correct=correct,
                                          n_tokens=[len(s["ids"]) for s in samples],
@@ -2055,14 +2342,60 @@ def cmd_eval(args):
         bar.close()
         sampler.close()
     lines = resume_jsonl(samples_path)
+    return write_eval_summary(out, lines, ks, args, engine=engine,
+                              samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
+
+
+def grade_responses(texts, reference, grader):
+    """(preds, correct) of one problem's responses: the one place eval grades, sampling or re-grading."""
+    graded = [grade(t, reference, grader) for t in texts]
+    return [p for p, _ in graded], [bool(c) for _, c in graded]
+
+
+def write_eval_summary(out, lines, ks, args, **extra):
+    """OUT/summary.json (pass@k, lengths, the grader) and OUT/passk.png from the lines of samples.jsonl."""
     summary = eval_summary(lines, ks)
-    summary.update(engine=engine, samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None,
-                   settings=dataclasses.asdict(args))
+    summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
               {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True)
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
     return summary
+
+
+def regrade_eval(args):
+    """--regrade: grade every response of OUT/samples.jsonl again with --grader against the answer recorded
+    beside it; no model is loaded. samples.jsonl is replaced atomically (a temp file, then os.replace), the
+    grader in eval_config.json is updated (a later resume continues with this grader), then summary.json."""
+    out = Path(args.out)
+    samples_path = out / "samples.jsonl"
+    if not samples_path.is_file():
+        raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
+    lines = resume_jsonl(samples_path)
+    if not lines:
+        raise DailError(f"--regrade: {samples_path}: no samples to grade")
+    n = len(lines[0]["responses"])
+    if any(len(r["responses"]) != n for r in lines):
+        raise DailError(f"--regrade: {samples_path}: problems hold different numbers of samples")
+    args.n = n  # pass@k takes n from the file, not from the flag
+    ks = parse_ks(args.k, n)
+    changed = 0
+    for r in lines:
+        preds, correct = grade_responses(r["responses"], r["answer"], args.grader)
+        changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
+        r.update(preds=preds, correct=correct, n_correct=sum(correct))
+    tmp = samples_path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in lines:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, samples_path)
+    config = out / "eval_config.json"
+    if config.exists():
+        config.write_text(json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
+    print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
+          f"{changed} verdicts changed", file=sys.stderr)
+    return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
+                              verdicts_changed=changed)
 
 
 def make_sampler(engine, args, tok, stop_ids):
