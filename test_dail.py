@@ -259,7 +259,7 @@ def test_contexts_share_response_ids(tok):
     ctx = dail.build_contexts(tok, problem, False, None)
     assert set(ctx) == {"student", "privileged", "shortcut"}
     assert len(ctx["privileged"]) > len(ctx["student"])
-    assert "\\frac{3}{4}" in tok.decode(ctx["shortcut"]) and "3/4" in tok.decode(ctx["shortcut"])
+    assert "\\frac{3}{4}" in tok.decode(ctx["shortcut"]) and "1/4, 2/4." in tok.decode(ctx["shortcut"])
     assert problem["solution"] in tok.decode(ctx["privileged"])
     assert problem["solution"] not in tok.decode(ctx["shortcut"])
     response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
@@ -328,8 +328,9 @@ def test_teacher_sees_the_solution_the_validator_saw(tmp_path, capsys, tiny):
 # ------------------------------------------------------------------------------------------------------
 # 3. the token rule: mix_step against its closed-form output distribution
 # ------------------------------------------------------------------------------------------------------
-def closed_form(p, q, threshold, retries):
-    accept = q >= threshold
+def closed_form(p, q, threshold, retries, q_model=None):
+    """P(token) of the rule: proposals from p, the threshold on q_model (default q), fallbacks from q."""
+    accept = (q if q_model is None else q_model) >= threshold
     a = p[accept].sum()
     miss = (1 - a) ** retries
     out = miss * q
@@ -344,7 +345,8 @@ def test_mix_step_distribution(threshold, retries):
     V, draws = 6, 200_000
     p = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.07, 0.03], dtype=torch.float64)
     q = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.4, 0.0], dtype=torch.float64)
-    tokens, accepted = dail.mix_step(p.float().expand(draws, V), q.float().expand(draws, V), threshold, retries, g)
+    tokens, accepted = dail.mix_step(p.float().expand(draws, V), q.float().expand(draws, V), q.float().expand(draws, V),
+                                     threshold, retries, g)
     empirical = torch.bincount(tokens, minlength=V).double() / draws
     want = closed_form(p, q, threshold, retries)
     assert float(want.sum()) == pytest.approx(1.0)
@@ -364,8 +366,8 @@ def test_mix_step_retries_matter():
     five = closed_form(p[0].double(), q[0].double(), 0.5, 5)
     assert float(five[1]) > float(one[1])                             # more retries, more accepted mass
     g = torch.Generator().manual_seed(1)
-    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1, g)
-    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5, g)
+    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1, g)
+    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5, g)
     assert abs(float((t1 == 1).double().mean()) - float(one[1])) < 0.01
     assert abs(float((t5 == 1).double().mean()) - float(five[1])) < 0.01
 
@@ -415,7 +417,7 @@ def test_decode_batched_equals_each_context_alone(model, tok):
         seen.append(logits.clone())
         pp = dail.sampling_probs(logits[0], 1.0)
         pv = dail.sampling_probs(logits[1], 1.0)
-        return dail.mix_step(pp, pv, 0.0, 1, g)
+        return dail.mix_step(pp, pv, pv, 0.0, 1, g)
 
     out = dail.decode(model, contexts, choose, 12, stop_ids=[], pad_id=tok.pad_token_id)
     assert all(len(r["ids"]) == 12 and r["finish_reason"] == "length" for r in out)
@@ -840,7 +842,7 @@ def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     assert [r["id"] for r in lines] == ["add", "half", "7"]
     for r in lines:
         assert len(r["responses"]) == len(r["preds"]) == len(r["correct"]) == len(r["n_tokens"]) == 4
-        assert all(0 < t <= 8 for t in r["n_tokens"])
+        assert all(0 < t - f <= 8 for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))   # first pass
     assert set(summary["pass_at_k"]) == {"1", "2", "4"}
     for k in (1, 2, 4):
         want = np.mean([dail.pass_at_k(4, sum(r["correct"]), k) for r in lines])
@@ -970,7 +972,7 @@ def test_vllm_sampled_eval_and_resume(tmp_path, capsys, expert, tiny):
     lines = read_lines(out / "samples.jsonl")
     summary = json.loads((out / "summary.json").read_text())
     assert len(lines) == 3 and all(len(r["responses"]) == 8 for r in lines)
-    assert all(0 < t <= 10 for r in lines for t in r["n_tokens"])
+    assert all(0 < t - f <= 10 for r in lines for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))
     for k in (1, 2, 4, 8):
         want = np.mean([dail.pass_at_k(8, sum(r["correct"]), k) for r in lines])
         assert summary["pass_at_k"][str(k)] == pytest.approx(want)
