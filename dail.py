@@ -122,6 +122,8 @@ class RewriteArgs(CommonArgs):
                                  "(0: pure proposer, >=1: pure validator) [default 0.8; 1.0 with --thinking]",
                            type=float)
     retries: int = arg(5, "proposals drawn per step before falling back to the validator")
+    greedy_proposer: bool = arg(False, "ablation: the proposer always proposes its most likely token (the "
+                                       "validator's fallbacks still sample)")
     temperature: float = arg(0.6, "sampling temperature of both contexts (0: greedy)")
     top_p: float = arg(0.95, "nucleus sampling mass of both contexts")
     top_k: int = arg(20, "keep only the k most likely tokens of both contexts (0: all)")
@@ -966,7 +968,8 @@ def cmd_rewrite(args):
         model=args.model, data=str(args.data), samples=args.samples, propose=args.propose,
         threshold=args.threshold, retries=args.retries, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, max_new_tokens=args.max_new_tokens, thinking=args.thinking,
-        keep_per_problem=args.keep_per_problem, no_filter=args.no_filter), resuming=bool(done))
+        keep_per_problem=args.keep_per_problem, no_filter=args.no_filter, greedy_proposer=args.greedy_proposer),
+        resuming=bool(done))
     tok = load_tokenizer(args.model)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
@@ -1028,7 +1031,9 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
     names = [pure] if pure else [proposer, validator]
 
     def choose(logits):  # [G, b, V]: the proposer's rows, then the validator's (G = 1 for a pure policy)
-        probs = [sampling_probs(lg, args.temperature, args.top_p, args.top_k) for lg in logits]
+        greedy = [args.greedy_proposer and name == proposer for name in names]   # --greedy-proposer: one-hot
+        probs = [sampling_probs(lg, 0 if g else args.temperature, args.top_p, args.top_k)
+                 for lg, g in zip(logits, greedy)]
         if pure:
             tokens = torch.multinomial(probs[0], 1, generator=gen).squeeze(1)
             return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
@@ -1532,10 +1537,11 @@ def eval_summary(lines, ks):
     all_tokens = [t for r in lines for t in r["n_tokens"]]
     correct_tokens = [t for r in lines for t, ok in zip(r["n_tokens"], r["correct"]) if ok]
 
-    def mean_of(key, only_correct=False):   # thinking and answer tokens apart (lines of older runs lack them)
-        vals = [t for r in lines for t, ok in zip(r.get(key, r["n_tokens"] if key == "n_answer_tokens" else
-                                                        [0] * len(r["n_tokens"])), r["correct"])
-                if ok or not only_correct]
+    def mean_of(part, only_correct=False):  # thinking and answer tokens apart (older runs: all are answer)
+        vals = []
+        for r in lines:
+            counts = r.get(f"n_{part}_tokens") or (r["n_tokens"] if part == "answer" else [0] * len(r["n_tokens"]))
+            vals += [t for t, ok in zip(counts, r["correct"]) if ok or not only_correct]
         return float(np.mean(vals)) if vals else None
     return dict(
         problems=len(lines),
@@ -1543,9 +1549,8 @@ def eval_summary(lines, ks):
                    for k in ks},
         mean_tokens=float(np.mean(all_tokens)) if all_tokens else None,
         mean_tokens_correct=float(np.mean(correct_tokens)) if correct_tokens else None,
-        mean_thinking_tokens=mean_of("n_thinking_tokens"), mean_answer_tokens=mean_of("n_answer_tokens"),
-        mean_thinking_tokens_correct=mean_of("n_thinking_tokens", True),
-        mean_answer_tokens_correct=mean_of("n_answer_tokens", True),
+        mean_thinking_tokens=mean_of("thinking"), mean_answer_tokens=mean_of("answer"),
+        mean_thinking_tokens_correct=mean_of("thinking", True), mean_answer_tokens_correct=mean_of("answer", True),
         samples_forced=sum(f is not None for r in lines for f in r.get("forced", [])),
         samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
         problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
@@ -1554,7 +1559,10 @@ def eval_summary(lines, ks):
 
 def cmd_eval(args):
     """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
-    (the settings a resumed run must match)."""
+    (the settings a resumed run must match). Per sample, samples.jsonl keeps the first pass (`responses`,
+    `finish_reasons`) and the forced-answer pass apart (`forced`: the inserted line + what was sampled after
+    it, or null), and counts generated tokens: n_tokens = n_thinking_tokens + n_answer_tokens, of which
+    n_forced_tokens in the second pass. Only answer_part (after </think> with --thinking) is graded."""
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise DailError("--n, --max-new-tokens and --batch-size must be >= 1")
@@ -1811,6 +1819,8 @@ def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, ba
     validator context (every token a fallback), threshold 0 the proposer (every token accepted)."""
     llm = load_vllm(args)
     context = validator if args.threshold >= 1 else proposer
+    if context == proposer and args.greedy_proposer:
+        args = dataclasses.replace(args, temperature=0.0)
     by_problem = {}
     for p, s in todo:
         by_problem.setdefault(p["id"], (p, []))[1].append(s)

@@ -1473,3 +1473,40 @@ def test_help_and_readme_show_the_protocol_flags():
     assert "--answer-tokens" in text and "(default: 100)" in text and "--no-force-answer" in text
     readme = (ROOT / "README.md").read_text()
     assert "| `--presence-penalty` | `1.5` |" in readme and "| `--answer-tokens` | `100` |" in readme
+
+
+def test_greedy_proposer_ablation(tmp_path, capsys, expert, tiny, tok, model):
+    """--greedy-proposer at threshold 0 (every proposal accepted) is the student context's greedy decode,
+    whatever the temperature, and so is the two-context path when every proposal passes."""
+    out = tmp_path / "g.jsonl"
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1,
+                         "--max-new-tokens", 6, "--threshold", 0, "--temperature", 1.0, "--greedy-proposer"], capsys)
+    assert code == 0, err
+    stops = dail.stop_token_ids(tok, str(tiny))
+    for trace, problem in zip(read_lines(out), dail.load_problems(expert, True, True)):
+        prompt = dail.build_contexts(tok, problem, False, None)["student"]
+        alone = dail.decode(model, [[prompt]], lambda lg: (lg[0].argmax(-1), None), 6, stops, tok.pad_token_id)[0]
+        assert trace["response_ids"] == alone["ids"]
+    # the mixing path (two contexts, threshold 1e-9: every greedy proposal passes) gives the same traces
+    mixed = tmp_path / "m.jsonl"
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", mixed, "--samples", 1,
+                         "--max-new-tokens", 6, "--threshold", 1e-9, "--greedy-proposer"], capsys)
+    assert code == 0, err
+    assert [t["response_ids"] for t in read_lines(mixed)] == [t["response_ids"] for t in read_lines(out)]
+    assert all(t["n_fallback"] == 0 for t in read_lines(mixed))
+
+
+@_vllm
+def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
+    """Both engines, greedy, --thinking: the same thinking budget, presence penalty and forced-answer pass."""
+    runs = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 1, "--temperature", 0,
+                             "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking", "--engine", engine,
+                             "--max-model-len", 512], capsys)
+        assert code == 0, err
+        runs[engine] = read_lines(out / "samples.jsonl")
+    for key in ("responses", "forced", "n_thinking_tokens", "n_answer_tokens", "n_forced_tokens", "preds"):
+        assert [r[key] for r in runs["hf"]] == [r[key] for r in runs["vllm"]], key
+    assert all(f is not None for r in runs["vllm"] for f in r["forced"])
