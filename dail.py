@@ -2047,7 +2047,7 @@ def reference_states(reference, examples, cache, pad_id, device):
         found = [states or store_states(cache, ex, *next(fresh)) for ex, states in zip(examples, found)]
         if len(missing) == len(examples):
             return h_teacher, h_shortcut
-    return tuple(torch.cat([states[i] for states in found]).to(device) for i in (0, 1))
+    return tuple(torch.cat([states[i].to(device) for states in found]) for i in (0, 1))  # cached ones: on the host
 
 
 def new_reference_cache(mode, folder=None, hidden=None):
@@ -2134,10 +2134,10 @@ def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
     if mode == "auto":
         mode = next(m for m in ("memory", "disk", "off") if fits[m])
     elif not fits[mode]:
-        room = f"half the available RAM is {ram // 2 / 1e9:.2f} GB" if mode == "memory" else \
-            f"{disk / 1e9:.2f} GB free at {out}, twice the size needed"
-        raise DailError(f"--reference-cache {mode}: the cache would take {size / 1e9:.2f} GB per rank and {room}; "
-                        f"use --reference-cache auto or off")
+        room = (f"{size * ranks_here / 1e9:.2f} GB for {ranks_here} rank(s), more than half the available RAM "
+                f"({ram / 1e9:.2f} GB)") if mode == "memory" else \
+            f"{size / 1e9:.2f} GB, and {out} has {disk / 1e9:.2f} GB free (less than twice that)"
+        raise DailError(f"--reference-cache {mode}: the cache would take {room}; use --reference-cache auto or off")
     where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
     line = (f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
             f"GB = {tokens} response tokens x 2 contexts x hidden {hidden} x {dtype.itemsize} bytes)")

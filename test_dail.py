@@ -2676,6 +2676,7 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
         assert cache["computed"] == (6 if mode == "off" else 3) and cache["reused"] == (0 if mode == "off" else 3)
+        assert len(cache["states"]) == (3 if mode == "memory" else 0)      # disk: nothing held between steps
     # disk: a truncated file and a file with another example's shape are recomputed, never read as data
     cache = dail.new_reference_cache("disk", tmp_path / "disk", hidden=64)
     files = [tmp_path / "disk" / f"{dail.example_key(ex)}.safetensors" for ex in exs]
