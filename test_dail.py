@@ -2715,8 +2715,11 @@ def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch)
 def count_reference_forwards(monkeypatch):
     """Counts theta0's forwards (response_hidden without gradient), independently of the cache's counters."""
     calls, real = [], dail.response_hidden
-    monkeypatch.setattr(dail, "response_hidden",
-                        lambda model, batch, device: (calls.append(torch.is_grad_enabled()), real(model, batch, device))[1])
+
+    def counted(model, batch, device):
+        calls.append(torch.is_grad_enabled())
+        return real(model, batch, device)
+    monkeypatch.setattr(dail, "response_hidden", counted)
     return lambda: calls.count(False)
 
 
@@ -2796,10 +2799,9 @@ def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces, mode):
     _, data = traces
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("off", mode):
+        argv = train_argv(tiny, data, tmp_path / name, *CACHE_RUN, "--device", "cpu", "--reference-cache", name)
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(ROOT / "dail.py"), *map(str, train_argv(tiny, data, tmp_path / name, *CACHE_RUN,
-                                                                         "--device", "cpu", "--reference-cache", name))],
-                           capture_output=True, text=True, env=env, timeout=300)
+                            str(ROOT / "dail.py"), *map(str, argv)], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / mode / "train_summary.json").read_text())["reference_cache"]
     assert summary["computed"] + summary["reused"] == 12 and summary["computed"] < 12   # rank 0: half of 24
