@@ -186,6 +186,10 @@ class TrainArgs(CommonArgs):
     # memory
     grad_checkpointing: bool = arg(False, "recompute the backbone's activations in backward (long traces)")
     loss_chunk: int = arg(1024, "response positions per chunk of the LM head + loss (bounds peak memory)")
+    reference_cache: str = arg("auto", "where theta0's privileged and shortcut states go after their first forward, "
+                                       "so later epochs skip those forwards (exact): memory, disk (OUT/"
+                                       "reference_cache/), off; auto: memory if it fits in RAM, else disk, else off",
+                               choices=["auto", "memory", "disk", "off"])
     # bookkeeping
     log_every: int = arg(1, "print a log line every this many steps (metrics.jsonl gets every step)")
     save_every: int = arg(50, "write OUT/checkpoint.pt every this many steps; also at every epoch end and on "
@@ -423,7 +427,7 @@ def clear_results(*paths):
 # Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
 # means it holds something already.
 TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "checkpoint.pt.tmp",
-                 "adapters", "train_config.json")
+                 "adapters", "train_config.json", "reference_cache")
 
 
 def guard_train_out(args):
@@ -448,6 +452,8 @@ def guard_train_out(args):
         if args.resume:
             raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
         clear_results(*(out / name for name in TRAIN_RESULTS))
+    for stale in (out / "reference_cache").glob("*.tmp"):    # a cache entry an interruption left half-written
+        stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
 
 
@@ -2006,10 +2012,10 @@ def response_hidden(model, batch, device):
 LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
 
 
-def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device):
+def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device, cache=None):
     """Loss of one micro-batch, weighted by --loss-norm with the optimizer step's divisor (step_divisor), so
     that the sum over micro-batches and ranks is the step's loss. reference is theta0: the model itself with
-    adapters off (LoRA), or a frozen copy (full fine-tuning)."""
+    adapters off (LoRA), or a frozen copy (full fine-tuning); cache: its states (reference_states)."""
     batch = collate([ex["student"] for ex in examples], pad_id)
     h_student, targets = response_hidden(model, batch, device)
     predicts = batch[2]
@@ -2017,11 +2023,125 @@ def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device):
     head = model.get_output_embeddings()
     if args.objective == "sft":
         return chunked_sft_loss(h_student, targets, head, weights, args.loss_chunk)
-    with torch.no_grad(), adapters_off(reference):
-        h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in examples], pad_id), device)
-        h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in examples], pad_id), device)
+    h_teacher, h_shortcut = reference_states(reference, examples, cache, pad_id, device)
     return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(),
                              args.lam, args.direction, weights, args.loss_chunk)
+
+
+def reference_states(reference, examples, cache, pad_id, device):
+    """theta0's final hidden states at the response positions of the privileged and the shortcut contexts:
+    (h_teacher, h_shortcut), each [N, H] in the (row, t) order response_hidden gives for these examples.
+    theta0 is frozen and the examples never change, so these are constants of the run: with a cache
+    (new_reference_cache) only the examples missing from it go through theta0, together in one batch, and
+    each is stored as its forward produced it ([n_i, H] per context, the forward's dtype). cache None: off."""
+    cache = cache if cache is not None else new_reference_cache("off")
+    found = [load_states(cache, ex) for ex in examples]
+    missing = [ex for ex, states in zip(examples, found) if states is None]
+    if missing:
+        with torch.no_grad(), adapters_off(reference):
+            h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in missing], pad_id), device)
+            h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in missing], pad_id), device)
+        cache["computed"] += len(missing)
+        sizes = [len(ex["privileged"][1]) for ex in missing]             # n_i rows per example, in row order
+        fresh = iter(zip(h_teacher.split(sizes), h_shortcut.split(sizes)))
+        found = [states or store_states(cache, ex, *next(fresh)) for ex, states in zip(examples, found)]
+        if len(missing) == len(examples):
+            return h_teacher, h_shortcut
+    return tuple(torch.cat([states[i].to(device) for states in found]) for i in (0, 1))  # cached ones: on the host
+
+
+def new_reference_cache(mode, folder=None, hidden=None):
+    """A store for reference_states: mode 'memory' (host RAM, moved to the device per micro-batch), 'disk' (one
+    safetensors file per example in `folder`, read per micro-batch: memory does not grow with the examples)
+    or 'off'; hidden: H, to check what is read. Counts examples computed, reused, and files found bad."""
+    if mode == "disk":
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return dict(mode=mode, folder=Path(folder) if folder else None, hidden=hidden, dtype=None, states={},
+                computed=0, reused=0, bad_files=0)
+
+
+def example_key(ex):
+    """A cache entry's name: a hash of the example's token ids (privileged prompt, shortcut prompt, response),
+    so an entry can only serve the example it was computed for, whichever rank or run computed it."""
+    ids = [ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:32]
+
+
+def load_states(cache, ex):
+    """An example's cached (teacher [n, H], shortcut [n, H]), or None when it must be computed. A file that
+    does not load, or holds another shape or dtype (a half-copied or damaged cache), is counted, reported
+    and recomputed (store_states then replaces it), never read as data."""
+    if cache["mode"] == "memory":
+        states = cache["states"].get(example_key(ex))
+    elif cache["mode"] == "disk":
+        from safetensors.torch import load_file
+        path = cache["folder"] / f"{example_key(ex)}.safetensors"
+        if not path.exists():
+            return None
+        try:
+            loaded = load_file(path)
+            states = (loaded["teacher"], loaded["shortcut"])
+        except Exception:
+            states = ()
+        n = len(ex["privileged"][1])
+        dtype = cache["dtype"] or (states[0].dtype if states else None)
+        if not states or any(t.shape != (n, cache["hidden"] or t.shape[1]) or t.dtype != dtype for t in states):
+            cache["bad_files"] += 1
+            print(f"note: {path}: unreadable or not this example's states; recomputed", file=sys.stderr)
+            return None
+        cache["dtype"] = dtype
+    else:
+        return None
+    cache["reused"] += states is not None
+    return states
+
+
+def store_states(cache, ex, teacher, shortcut):
+    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them. A file is
+    written beside its final name and renamed, so a reader never sees a half-written entry."""
+    cache["dtype"] = cache["dtype"] or teacher.dtype
+    if cache["mode"] == "memory":
+        cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
+    elif cache["mode"] == "disk":
+        from safetensors.torch import save_file
+        path = cache["folder"] / f"{example_key(ex)}.safetensors"
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")        # the pid: ranks never share a temp file
+        save_file({"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}, str(tmp))
+        os.replace(tmp, path)
+    return teacher, shortcut
+
+
+def available_ram():
+    """Bytes of host memory available to new allocations (Linux MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
+    """--reference-cache -> (new_reference_cache, the line that says what was picked and its size). Size =
+    response tokens x 2 contexts x H x bytes of `dtype`; in memory every rank on this machine holds its own
+    copy. auto: memory if that is at most half the available RAM, else disk if the free space at OUT is at
+    least twice the size, else off. An explicit choice that does not fit is an error, never a full disk."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    tokens = sum(len(ex["privileged"][1]) for ex in examples)
+    size = tokens * 2 * hidden * dtype.itemsize
+    ram, disk = available_ram(), shutil.disk_usage(out).free
+    fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= disk, off=True)
+    mode = args.reference_cache
+    if mode == "auto":
+        mode = next(m for m in ("memory", "disk", "off") if fits[m])
+    elif not fits[mode]:
+        room = (f"{size * ranks_here / 1e9:.2f} GB for {ranks_here} rank(s), more than half the available RAM "
+                f"({ram / 1e9:.2f} GB)") if mode == "memory" else \
+            f"{size / 1e9:.2f} GB, and {out} has {disk / 1e9:.2f} GB free (less than twice that)"
+        raise DailError(f"--reference-cache {mode}: the cache would take {room}; use --reference-cache auto or off")
+    where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
+    line = (f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
+            f"GB = {tokens} response tokens x 2 contexts x hidden {hidden} x {dtype.itemsize} bytes)")
+    return new_reference_cache(mode, out / "reference_cache", hidden), line
 
 
 def step_divisor(items, norm):
@@ -2286,6 +2406,14 @@ def cmd_train(args):
     model, reference, params, optimizer = build_models(args, device)
     autocast_dtype = resolve_dtype(args.dtype, device)
     use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
+    cache = None                                       # theta0's states, computed once (reference_states)
+    if args.objective == "dail":
+        out.mkdir(parents=True, exist_ok=True)
+        cache, line = setup_reference_cache(args, examples, model, autocast_dtype if use_autocast else
+                                            model.get_input_embeddings().weight.dtype, out,
+                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if master_process:
+            print(line, file=sys.stderr)
 
     # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
@@ -2320,7 +2448,7 @@ def cmd_train(args):
             for i in range(0, len(mine), args.micro_batch_size):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                     loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
-                                                   divisor, tok.pad_token_id, device)
+                                                   divisor, tok.pad_token_id, device, cache)
                 loss.backward()
                 for k, v in dict(loss=float(loss.detach()), **stats).items():
                     logged[k] += v
@@ -2358,11 +2486,15 @@ def cmd_train(args):
     if master_process:
         summary = save_result(out, model, tok, args, dict(
             examples=len(examples), dropped_too_long=too_long, traces_not_kept=not_kept, steps=total_steps,
-            world_size=world_size))
+            world_size=world_size, reference_cache=cache and {k: cache[k] for k in (
+                "mode", "computed", "reused", "bad_files")}))
         final = summary["final"] or {}
         terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
         print(f"train: done: {total_steps} steps over {len(examples)} examples ({min(len(order), total_steps * args.batch_size)} "
               f"sequences), final {terms}, {time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
+        if cache:
+            print(f"train: reference cache ({cache['mode']}, rank 0): theta0 ran on {cache['computed']} examples, "
+                  f"{cache['reused']} reused, {cache['bad_files']} bad files recomputed", file=sys.stderr)
     end_distributed(ddp)
 
 

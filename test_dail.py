@@ -2657,3 +2657,154 @@ def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
     for key in ("responses", "forced", "n_thinking_tokens", "n_answer_tokens", "n_forced_tokens", "preds"):
         assert [r[key] for r in runs["hf"]] == [r[key] for r in runs["vllm"]], key
     assert all(f is not None for r in runs["vllm"] for f in r["forced"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# ---- reference cache: theta0's privileged and shortcut states computed once, reused exactly (--reference-cache)
+# ------------------------------------------------------------------------------------------------------
+def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
+    m = lora_model(tiny)
+    exs = make_examples(tok, n=3, seed=2)
+    cpu, pad = torch.device("cpu"), tok.pad_token_id
+    with torch.no_grad(), dail.adapters_off(m):                    # independent: each example alone, unpadded
+        want = [torch.cat([dail.response_hidden(m, dail.collate([ex[c]], pad), cpu)[0] for ex in exs])
+                for c in ("privileged", "shortcut")]
+    for mode in ("off", "memory", "disk"):
+        cache = dail.new_reference_cache(mode, tmp_path / mode, hidden=64)
+        for _ in range(2):
+            got = dail.reference_states(m, exs, cache, pad, cpu)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert cache["computed"] == (6 if mode == "off" else 3) and cache["reused"] == (0 if mode == "off" else 3)
+        assert len(cache["states"]) == (3 if mode == "memory" else 0)      # disk: nothing held between steps
+    # disk: a truncated file and a file with another example's shape are recomputed, never read as data
+    cache = dail.new_reference_cache("disk", tmp_path / "disk", hidden=64)
+    files = [tmp_path / "disk" / f"{dail.example_key(ex)}.safetensors" for ex in exs]
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[:len(data) // 2])
+    from safetensors.torch import save_file
+    save_file({"teacher": torch.zeros(2, 64), "shortcut": torch.zeros(2, 64)}, str(files[1]))
+    got = dail.reference_states(m, exs, cache, pad, cpu)
+    assert (cache["bad_files"], cache["computed"], cache["reused"]) == (2, 2, 1)
+    assert capsys.readouterr().err.count("recomputed") == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    again = dail.new_reference_cache("disk", tmp_path / "disk", hidden=64)        # rewritten whole
+    dail.reference_states(m, exs, again, pad, cpu)
+    assert (again["bad_files"], again["computed"], again["reused"]) == (0, 0, 3)
+    assert not list((tmp_path / "disk").glob("*.tmp"))
+    # the key is the example's token ids: another response is another entry
+    other = dict(exs[0], privileged=(exs[0]["privileged"][0], exs[0]["privileged"][1] + [1]))
+    assert dail.example_key(other) != dail.example_key(exs[0])
+
+
+def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch):
+    from types import SimpleNamespace
+    exs = make_examples(tok, n=3)
+    size = sum(len(ex["student"][1]) for ex in exs) * 2 * 64 * 4
+    args = dail.TrainArgs()
+    for ram, disk, want in ((4 * size, 0, "memory"), (size, 2 * size, "disk"), (size, size, "off")):
+        monkeypatch.setattr(dail, "available_ram", lambda: ram)
+        monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
+        cache, line = dail.setup_reference_cache(args, exs, model, torch.float32, tmp_path)
+        assert cache["mode"] == want and f"{size / 1e9:.3g} GB" in line and "auto" in line, line
+    with pytest.raises(dail.DailError, match="--reference-cache disk: the cache would take"):
+        dail.setup_reference_cache(dail.TrainArgs(reference_cache="disk"), exs, model, torch.float32, tmp_path)
+
+
+def count_reference_forwards(monkeypatch):
+    """Counts theta0's forwards (response_hidden without gradient), independently of the cache's counters."""
+    calls, real = [], dail.response_hidden
+
+    def counted(model, batch, device):
+        calls.append(torch.is_grad_enabled())
+        return real(model, batch, device)
+    monkeypatch.setattr(dail, "response_hidden", counted)
+    return lambda: calls.count(False)
+
+
+def assert_same_run(a, b, exact=False):
+    """Same metrics.jsonl values and final weights. exact: bit for bit (micro-batches of 1: a cached state is
+    the very forward the uncached run repeats); else within float rounding (a state cached in epoch 1 was
+    padded to the width of that epoch's micro-batch, which changes the last bits; the per-token KLs here are
+    ~3e-4, so their rounding is ~1e-8 absolute)."""
+    ma, mb = read_lines(a / "metrics.jsonl"), read_lines(b / "metrics.jsonl")
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] and len(ma) == 6
+    for x, y in zip(ma, mb):
+        for k in ("loss", "kl_teacher", "kl_shortcut", "grad_norm"):
+            assert y[k] == (x[k] if exact else pytest.approx(x[k], rel=1e-5, abs=1e-7)), k
+    wa = dail.load_model(str(a), torch.device("cpu"), torch.float32).state_dict()
+    wb = dail.load_model(str(b), torch.device("cpu"), torch.float32).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=0 if exact else 1e-6, rtol=0 if exact else 1e-5)
+
+
+CACHE_RUN = ["--epochs", 3, "--batch-size", 4, "--micro-batch-size", 2, "--save-every", 0]
+
+
+def test_reference_cache_equals_off_over_three_epochs(tmp_path, capsys, tiny, traces, monkeypatch):
+    _, data = traces
+    forwards = count_reference_forwards(monkeypatch)
+    runs = {}
+    for mode, micro in (("off", 1), ("memory", 1), ("off", 2), ("disk", 2)):
+        before, out = forwards(), tmp_path / f"{mode}{micro}"
+        code, err = run_cli(train_argv(tiny, data, out, *CACHE_RUN, "--micro-batch-size", micro,
+                                       "--reference-cache", mode), capsys)
+        assert code == 0, err
+        assert f"train: reference cache {'off' if mode == 'off' else 'in ' if mode == 'memory' else 'on disk'}" in err
+        runs[out.name] = (forwards() - before, json.loads((out / "train_summary.json").read_text()))
+    # 8 examples x 3 epochs: off runs theta0 on 24 examples (2 forwards a micro-batch), the caches on 8
+    assert [runs[k][0] for k in ("off1", "memory1", "off2", "disk2")] == [48, 16, 24, 8]
+    assert runs["memory1"][1]["reference_cache"] == dict(mode="memory", computed=8, reused=16, bad_files=0)
+    assert runs["off2"][1]["reference_cache"] == dict(mode="off", computed=24, reused=0, bad_files=0)
+    assert len(list((tmp_path / "disk2" / "reference_cache").glob("*.safetensors"))) == 8
+    assert_same_run(tmp_path / "off1", tmp_path / "memory1", exact=True)
+    assert_same_run(tmp_path / "off2", tmp_path / "disk2")
+    # --overwrite clears the cache with the rest of the run
+    assert run_cli(train_argv(tiny, data, tmp_path / "disk2", "--max-steps", 1, "--reference-cache", "off",
+                              "--overwrite"), capsys)[0] == 0
+    assert not (tmp_path / "disk2" / "reference_cache").exists()
+
+
+def test_reference_cache_reused_after_resume(tmp_path, capsys, tiny, traces, monkeypatch):
+    _, data = traces
+    forwards = count_reference_forwards(monkeypatch)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(train_argv(tiny, data, full, *CACHE_RUN, "--reference-cache", "off"), capsys)[0] == 0
+    real_lr = dail.lr_at
+
+    def interrupt_at_the_end_of_epoch_1(step, *a):     # 8 examples, 4 a step: step 2 ends epoch 1
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, *a)
+
+    monkeypatch.setattr(dail, "lr_at", interrupt_at_the_end_of_epoch_1)
+    before = forwards()
+    code, err = run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk"), capsys)
+    assert code == 130 and forwards() - before == 8, err     # 8 examples, 2 a micro-batch, 2 contexts each
+    (part / "reference_cache" / "junk.safetensors.123.tmp").write_bytes(b"half")  # an interrupted write
+    monkeypatch.setattr(dail, "lr_at", real_lr)
+    before = forwards()
+    code, err = run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk", "--resume"), capsys)
+    assert code == 0, err
+    assert forwards() == before                                            # epochs 2 and 3: no theta0 forward
+    summary = json.loads((part / "train_summary.json").read_text())
+    assert summary["reference_cache"] == dict(mode="disk", computed=0, reused=16, bad_files=0)
+    assert not list((part / "reference_cache").glob("*.tmp"))
+    assert_same_run(full, part)
+
+
+@pytest.mark.parametrize("mode", ["disk", "memory"])
+def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces, mode):
+    _, data = traces
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("off", mode):
+        argv = train_argv(tiny, data, tmp_path / name, *CACHE_RUN, "--device", "cpu", "--reference-cache", name)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(ROOT / "dail.py"), *map(str, argv)], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / mode / "train_summary.json").read_text())["reference_cache"]
+    assert summary["computed"] + summary["reused"] == 12 and summary["computed"] < 12   # rank 0: half of 24
+    if mode == "disk":
+        assert len(list((tmp_path / mode / "reference_cache").glob("*.safetensors"))) == 8
+    assert_same_run(tmp_path / "off", tmp_path / mode)
