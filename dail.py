@@ -25,10 +25,11 @@ One GPU, Qwen2.5-7B-Instruct, the released non-reasoning configuration:
   Reasoning models (Qwen3): add --thinking to all three (rewrite then writes 256-token thinking prefixes
   with threshold 1.0; train uses 3 epochs and max length 2048).
 
-Several GPUs (data parallel; the master process logs and saves, every rank takes its share of each step):
-    torchrun --standalone --nproc_per_node 8 dail.py train --model ... --data traces.jsonl --out runs/q7/model
-  rewrite and eval on several GPUs: run one process per GPU on a shard of the data, or use
-  `eval --engine vllm --tensor-parallel-size N`.
+Several GPUs (train: data parallel, the master process logs and saves, every rank takes its share of each
+step; rewrite and eval: every rank decodes its share of the problems into its own part file, rank 0 merges):
+    torchrun --standalone --nproc_per_node 8 dail.py rewrite|train|eval --model ... --data ... --out ...
+  Other schedulers (SLURM arrays): `rewrite|eval ... --shard K/N` per task, then the same command without it
+  (or with --merge) merges the parts. vLLM under torchrun: one engine per --tensor-parallel-size ranks.
 
 Every run resumes: rerun the same command after an interruption and it continues where it stopped
 (rewrite and eval skip what is already written; train takes --resume: it checkpoints every --save-every
@@ -150,6 +151,9 @@ class RewriteArgs(CommonArgs):
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
     max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
     gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
+    shard: str = arg(None, "K/N: decode only shard K of N (problems K, K+N, ...) into OUT's part files, for "
+                           "schedulers other than torchrun (SLURM arrays); a later run without it merges them")
+    merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
 
 
 @dataclass
@@ -224,6 +228,9 @@ class EvalArgs(CommonArgs):
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
     max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
     gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
+    shard: str = arg(None, "K/N: decode only shard K of N (problems K, K+N, ...) into OUT's part files, for "
+                           "schedulers other than torchrun (SLURM arrays); a later run without it merges them")
+    merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
 
 
 class DailError(Exception):
@@ -788,9 +795,158 @@ def merge_parts(out_file, n, order):
     if dup is not None:
         raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
                         f"one split of this job")
-    tmp = Path(str(out_file) + ".tmp")
+    tmp = Path(f"{out_file}.{os.getpid()}.tmp")        # two shards that finish together may both merge
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, out_file)
+    return records
+
+
+def shard_device(args):
+    """rewrite/eval's torch device: under torchrun each rank its own GPU (cuda:LOCAL_RANK) with --device auto."""
+    if args.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return resolve_device(args.device)
+
+
+def split_on_disk(out_file):
+    """N of the part files (part_file) an earlier split of this job left beside out_file; None when none."""
+    out_file = Path(out_file)
+    pattern = re.compile(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+){re.escape(out_file.suffix)}")
+    ns = {int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
+          if (m := pattern.fullmatch(p.name))}
+    if len(ns) > 1:
+        raise DailError(f"{out_file.parent}: holds part files of splits into {sorted(ns)} shards; keep one split "
+                        f"(move the others away), or --overwrite to start over")
+    return ns.pop() if ns else None
+
+
+def plan_shards(out_file, args, shard=None):
+    """Which files this process writes and whether it merges: (n, ks, merge, follower) = the split into n
+    shards, the shards k it decodes (each into part_file(out_file, k, n); n = 1: out_file itself), and when it merges:
+    'wait' (rank 0 under torchrun: polls until every part is complete), 'ready' (--shard K/N: merges when it
+    finds every part complete), 'now' (a plain run that found the parts of an earlier split: it finishes
+    every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
+    tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
+    it (vLLM's collectives) but writes nothing.
+    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard)."""
+    k, n, follower = shard or (*shard_of(args.shard), False)
+    earlier = None if args.overwrite else split_on_disk(out_file)
+    if n > 1 and args.merge:
+        raise DailError("--merge: merges the parts of an earlier split in one process; drop --shard (or torchrun)")
+    if n > 1:
+        if earlier not in (None, n):
+            raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
+                            f"splits into {n}; use the same split, or --overwrite to start over")
+        return n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
+    if args.merge:
+        if earlier is None:
+            raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
+        return earlier, [], "now", follower
+    return (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
+
+
+def vllm_shard(args, engine):
+    """Under torchrun with the vLLM engine, vLLM's own data parallelism for external launchers: every group
+    of --tensor-parallel-size consecutive ranks runs one engine (ranks r with r // tp = k form data-parallel
+    shard k of WORLD_SIZE / tp). -> (k, n, follower), or None when not under torchrun or not vLLM."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if engine != "vllm" or world == 1:
+        return None
+    tp = args.tensor_parallel_size
+    if world % tp:
+        raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
+    if args.shard:
+        shard_of(args.shard)                                  # the one-line error: no --shard under torchrun
+    rank = int(os.environ["RANK"])
+    return rank // tp, world // tp, rank % tp != 0
+
+
+def open_shard(out_file, k, n, config, config_of, follower=False):
+    """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
+    with `config` (check_resume_config, which saves it). A vLLM follower only reads (it writes nothing)."""
+    path = shard_path(out_file, k, n)
+    if follower:
+        return written_records(path)
+    done = resume_jsonl(path)
+    check_resume_config(config_of(path), config, resuming=bool(done))
+    return done
+
+
+def clear_shard_results(out_file, n, ks, merge, config_of, *others):
+    """--overwrite: each process removes the files it writes (its part files and their configs); the process
+    that merges (or a single one) also the merged file, `others` (the summary) and parts of other splits."""
+    parts = [part_file(out_file, k, n) for k in ks if n > 1]
+    clear_results(*parts, *map(config_of, parts))
+    if merge or n == 1:
+        out_file = Path(out_file)
+        stale = [p for p in out_file.parent.glob(f"{out_file.stem}.part*-of-*")
+                 if not p.name.split(".part", 1)[1].split(".")[0].endswith(f"-of-{n}") or n == 1]
+        clear_results(out_file, *others, *stale)
+
+
+def shard_path(out_file, k, n):
+    """The file shard k of n writes: out_file itself when the job is not split."""
+    return Path(out_file) if n == 1 else part_file(out_file, k, n)
+
+
+def written_records(path):
+    """The complete lines of a JSONL file another process may be appending to (read-only: unlike
+    resume_jsonl it never cuts a half-written last line, which may be one being written)."""
+    p = Path(path)
+    data = p.read_bytes() if p.exists() else b""
+    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def config_difference(path, config):
+    """The first result setting where the config saved at path differs from `config` ('' when equal; None
+    when no config is saved there yet)."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        old = json.loads(p.read_text())
+    except ValueError:
+        return None                                      # being written right now: look again later
+    diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
+    return f"{diff[0]}={old.get(diff[0], '(not recorded)')!r}" if diff else ""
+
+
+def incomplete_parts(out_file, n, config, config_of, expected, key):
+    """The shards k < n whose part file lacks one of expected[k] (a set of key(record)) or was not yet
+    started; a part written with other settings than `config` is a DailError (never merged)."""
+    missing = []
+    for k in range(n):
+        path = part_file(out_file, k, n)
+        diff = config_difference(config_of(path), config)
+        if diff:
+            raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
+                            f"the same command (rerun that shard, or --overwrite to start over)")
+        if diff is None or not expected[k] <= {key(r) for r in written_records(path)}:
+            missing.append(k)
+    return missing
+
+
+def gather_parts(out_file, n, mode, config, config_of, expected, key, order):
+    """Merge the n part files into out_file (merge_parts, input order) once all are complete, and save
+    `config` beside it -> the merged records, or None when not all are complete and mode is not 'wait'
+    (then say which are missing). 'wait' (rank 0 under torchrun) polls the files instead of a barrier,
+    which would time out on a long job; if a rank dies, torchrun stops this one too."""
+    pause = 1.0
+    while missing := incomplete_parts(out_file, n, config, config_of, expected, key):
+        if mode != "wait":
+            print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; run "
+                  f"them (--shard K/{n}), then rerun without --shard (or with --merge) to merge", file=sys.stderr)
+            if mode == "now":
+                raise DailError(f"--merge: {len(missing)} of {n} parts of {out_file} are incomplete")
+            return None
+        if pause == 1.0:
+            print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
+        time.sleep(pause)
+        pause = min(2 * pause, 30.0)
+    records = merge_parts(out_file, n, order)
+    check_resume_config(config_of(out_file), config, resuming=False)
+    print(f"merged {n} parts into {out_file}", file=sys.stderr)
     return records
 
 
@@ -1470,7 +1626,7 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
     return torch.zeros_like(logits).scatter(-1, order, probs)
 
 
-def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, generator=None):
+def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
     """The DAIL token rule, vectorized over a batch. p_propose, p_validate: [B, V] *sampling* distributions
     (tempered, truncated: sampling_probs); q_validate: [B, V] the validator's *model* probabilities, the full
     softmax of its raw logits at temperature 1 (model_probs), which is what the threshold tests (as released:
@@ -1486,13 +1642,19 @@ def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, generator=
     Only A depends on q; proposals and fallbacks come from the sampling distributions. (Testing the
     tempered, renormalized p_validate instead changes what the threshold means: at temperature 0.6 a raw
     0.6 can become 0.86 and pass 0.8.) threshold = 0 is pure proposer sampling (a = 1) and threshold > 1
-    pure validator sampling (a = 0)."""
-    draws = torch.multinomial(p_propose, retries, replacement=True, generator=generator)    # [B, R]
+    pure validator sampling (a = 0).
+
+    u: [B, R + 1] uniforms in (0, 1), the row's only randomness (counter_uniforms: fixed by the trace and
+    the step, so a trace does not depend on its batch): columns :R draw the proposals, column R the
+    fallback. None: fresh uniforms from torch's global generator."""
+    if u is None:
+        u = torch.rand(p_propose.shape[0], retries + 1, dtype=torch.float64)
+    draws = sample_with(p_propose, u[:, :retries])                                          # [B, R]
     passes = q_validate.gather(1, draws) >= threshold                                       # [B, R]
     accepted = passes.any(1)                                                                # [B]
     first = passes.int().argmax(1, keepdim=True)              # index of the first passing draw (0 if none)
     proposal = draws.gather(1, first).squeeze(1)                                            # [B]
-    fallback = torch.multinomial(p_validate, 1, generator=generator).squeeze(1)             # [B]
+    fallback = sample_with(p_validate, u[:, retries:]).squeeze(1)                           # [B]
     return torch.where(accepted, proposal, fallback), accepted
 
 
@@ -1521,7 +1683,9 @@ def left_pad(seqs, pad_id, device):
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
     """Decode one response per trace that is shared by G contexts (G = 2 for rewrite: proposer, validator;
     G = 1 for eval). contexts: B traces, each a list of G prompt-id lists.
-    choose(logits [G, b, V]) -> (tokens [b], accepted [b] bool or None) picks each active trace's token.
+    choose(logits [G, b, V], step, rows) -> (tokens [b], accepted [b] bool or None) picks each active
+    trace's token; rows [b] (long) are the indices in `contexts` of the active traces, so that a sampler
+    can key each row's random numbers by its trace and the step (counter_uniforms).
 
     All G*B rows run as one batch: the prompts are prefilled once into a KV cache (left padding, position
     ids from the mask), then every step feeds one token per row and grows the mask by one column. The
@@ -1550,7 +1714,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
         if present is not None:                                   # [b, V] -> every context's rows [G*b, V]
             logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
         b = len(active)
-        tokens, accepted = choose(logits.reshape(G, b, -1))
+        tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
         if present is not None:
             present[torch.arange(b, device=device), tokens] = True
         tok_list = tokens.tolist()
@@ -1646,17 +1810,22 @@ def decode_only_kept(args):
 
 def cmd_rewrite(args):
     """Write OUT (traces.jsonl: one line per trace), OUT's .summary.json and .config.json beside it
-    (traces.summary.json, traces.config.json: one of each per output file)."""
+    (traces.summary.json, traces.config.json: one of each per output file). Split over torchrun's ranks
+    or --shard K/N, each shard writes its problems (shard_problems) into its part file (part_file, with its
+    own .config.json); the merging process (plan_shards) writes OUT in input order and the summary."""
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     decode_only_kept(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out = Path(args.out)
     check_out_file(out)
-    if args.overwrite:
-        clear_results(out, out.with_suffix(".summary.json"))
-    done = resume_jsonl(out)
-    check_resume_config(out.with_suffix(".config.json"), run_config(args, "rewrite"), resuming=bool(done))
+    config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
+    engine = rewrite_engine(args)
+    n, ks, merge, follower = plan_shards(out, args, vllm_shard(args, engine))
+    if args.overwrite and not follower:
+        clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
+    config = run_config(args, "rewrite")
+    done = {k: open_shard(out, k, n, config, config_of, follower) for k in ks}
     tok = load_tokenizer(args.model)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
@@ -1675,23 +1844,54 @@ def cmd_rewrite(args):
     if not contexts:
         raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
                         f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
+    expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
+                     for s in range(args.samples)} for k in range(n)}
+    engine = rewrite_engine(args, say=True)
+    for k in ks:
+        rewrite_shard(args, tok, os.devnull if follower else shard_path(out, k, n), done[k], expected[k], problems,
+                      contexts, engine)
+    if merge:
+        index = {p["id"]: p["index"] for p in problems}
+        traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
+                              lambda t: (index[t["id"]], t["sample"]))
+        if traces is None:
+            return
+    elif n > 1:
+        return                       # a rank other than 0: its part is written, rank 0 merges
+    else:
+        traces = resume_jsonl(out)
+    summary = rewrite_summary(traces, len(problems), skipped, args)
+    summary["solutions_shortened"] = shortened
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
+
+
+def rewrite_engine(args, say=False):
+    """The engine rewrite runs: vLLM only at a pure-policy threshold (0 or >= 1); auto: vLLM on a GPU."""
+    engine = args.engine
+    pure = args.threshold <= 0 or args.threshold >= 1
+    if engine in ("vllm", "auto") and not pure:
+        if say:
+            print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
+                  f"sampling cannot do; using the transformers engine", file=sys.stderr)
+        engine = "hf"
+    if engine == "auto":
+        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    return engine
+
+
+def rewrite_shard(args, tok, out, done, expected, problems, contexts, engine):
+    """Decode into `out` (traces.jsonl, or a shard's part file) the traces of `expected` ((id, sample)
+    pairs) that `done` (the records already there) lacks, in input order."""
     written = {(t["id"], t["sample"]) for t in done}
     todo = [(p, s) for p in problems if p["id"] in contexts for s in range(args.samples)
-            if (p["id"], s) not in written]
+            if (p["id"], s) in expected and (p["id"], s) not in written]
     kept_count = {}
     for t in done:
         kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
     leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
-    engine = args.engine
-    pure = args.threshold <= 0 or args.threshold >= 1
-    if engine in ("vllm", "auto") and not pure:
-        print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
-              f"sampling cannot do; using the transformers engine", file=sys.stderr)
-        engine = "hf"
-    if engine == "auto":
-        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     if todo:
-        device = resolve_device(args.device)
+        device = shard_device(args)
         banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
         stop_ids = stop_token_ids(tok, args.model)
         proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
@@ -1704,11 +1904,6 @@ def cmd_rewrite(args):
             else:
                 rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
                            leak_phrases, device)
-    traces = resume_jsonl(out)
-    summary = rewrite_summary(traces, len(problems), skipped, args)
-    summary["solutions_shortened"] = shortened
-    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
 
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
@@ -1719,26 +1914,28 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
     passes only where q is one-hot on it (q[c] >= 1 means all other tokens have probability 0); then the
     validator's sampling distribution, a tempered and truncated q, is that same one-hot, so accepting c
     is what validator sampling would emit anyway: validator sampling. In both cases that one context is
-    decoded alone."""
+    decoded alone. Every random number of a trace comes from counter_uniforms keyed by (--seed, problem id,
+    sample index) and the step: its batch, the batch size, a resume or a shard do not change it."""
     model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
-    gen = torch.Generator(device=device).manual_seed(args.seed)
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
     names = [pure] if pure else [proposer, validator]
 
-    def choose(logits):  # [G, b, V]: the proposer's rows, then the validator's (G = 1 for a pure policy)
+    def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
         greedy = [args.greedy_proposer and name == proposer for name in names]   # --greedy-proposer: one-hot
         probs = [sampling_probs(lg, 0 if g else args.temperature, args.top_p, args.top_k)
                  for lg, g in zip(logits, greedy)]
+        u = counter_uniforms(keys[rows], step, args.retries + 1)                 # [b, R + 1]
         if pure:
-            tokens = torch.multinomial(probs[0], 1, generator=gen).squeeze(1)
+            tokens = sample_with(probs[0], u[:, :1]).squeeze(1)
             return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
-        return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, gen)
+        return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, u)
 
     bar = progress(total=len(todo), desc="rewrite", unit="trace")
     n_tok, n_acc, t0 = 0, 0, time.time()
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         ctx = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
+        keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
         results = decode(model, ctx, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
         for (p, s), r in zip(batch, results):
             write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
@@ -2573,25 +2770,51 @@ def cmd_eval(args):
     out = Path(args.out)
     check_out_folder(out)
     samples_path = out / "samples.jsonl"
-    if args.overwrite:
-        clear_results(samples_path, out / "summary.json", out / "passk.png")
-    done = {r["id"] for r in resume_jsonl(samples_path)}
-    check_resume_config(out / "eval_config.json", run_config(args, "eval"), resuming=bool(done))
+    def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
+        return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
+    engine = args.engine
+    if engine == "auto":
+        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    n, shards, merge, follower = plan_shards(samples_path, args, vllm_shard(args, engine))
+    if args.overwrite and not follower:
+        clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
+    config = run_config(args, "eval")
+    done = {k: open_shard(samples_path, k, n, config, config_of, follower) for k in shards}
     tok = load_tokenizer(args.model)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
     prompts = {}
     for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
         prompts[p["id"]] = eval_prompt_ids(tok, p, args.thinking, max_prompt)
-    todo = [p for p in problems if p["id"] not in done]
-    engine = args.engine
-    if engine == "auto":
-        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     t0, n_new = time.time(), 0
+    for k in shards:
+        written = {r["id"] for r in done[k]}
+        todo = [p for p in shard_problems(problems, k, n) if p["id"] not in written]
+        n_new += eval_shard(args, tok, os.devnull if follower else shard_path(samples_path, k, n), todo, prompts,
+                            engine, len(written))
+    if merge:
+        index = {p["id"]: p["index"] for p in problems}
+        expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
+        lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
+                             lambda r: index[r["id"]])
+        if lines is None:
+            return None
+    elif n > 1:
+        return None                  # a rank other than 0: its part is written, rank 0 merges
+    else:
+        lines = resume_jsonl(samples_path)
+    return write_eval_summary(out, lines, ks, args, engine=engine,
+                              samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
+
+
+def eval_shard(args, tok, samples_path, todo, prompts, engine, n_done):
+    """Sample and grade the problems `todo` into samples_path (samples.jsonl, or a shard's part file), one
+    line per problem, in input order. -> the number of samples drawn."""
+    n_new = 0
     think_end = tok.get_vocab().get("</think>")
     if todo:
         stop_ids = stop_token_ids(tok, args.model)
-        print(f"eval: {len(todo)} problems x {args.n} samples ({len(done)} already in {samples_path}), "
+        print(f"eval: {len(todo)} problems x {args.n} samples ({n_done} already in {samples_path}), "
               f"engine {engine}", file=sys.stderr)
         sampler = make_sampler(engine, args, tok, stop_ids)
         # problems per call: the hf engine decodes --batch-size rows at a time; vLLM batches on its own
@@ -2601,7 +2824,7 @@ def cmd_eval(args):
             for start in range(0, len(todo), per_call):
                 chunk = todo[start:start + per_call]
                 outputs = sampler([prompts[p["id"]] for p in chunk],
-                                  [args.seed + p["index"] for p in chunk])
+                                  [args.seed + p["index"] for p in chunk], [p["id"] for p in chunk])
                 for p, samples in zip(chunk, outputs):
                     texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
                     forced = [None if s.get("forced_ids") is None else
@@ -2620,9 +2843,7 @@ def cmd_eval(args):
                 bar.update(len(chunk))
         bar.close()
         sampler.close()
-    lines = resume_jsonl(samples_path)
-    return write_eval_summary(out, lines, ks, args, engine=engine,
-                              samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
+    return n_new
 
 
 def grade_responses(texts, reference, grader, thinking):
@@ -2727,14 +2948,15 @@ def forced_answer_suffix(tok, sample, thinking, think_end):
     return tok(ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
 
 
-def force_answers(tok, prompts, outputs, thinking, think_end, second_pass, seeds):
+def force_answers(tok, prompts, outputs, thinking, think_end, second_pass, seeds, pids=None):
     """The released eval's second pass, engine-agnostic. outputs: per prompt, the first pass's sample dicts
     (ids, finish_reason, stop_id); updated in place with forced_ids (the suffix + the ids sampled after it;
-    None: no second pass) and n_forced (tokens sampled in the second pass). second_pass(rows, seeds) samples
-    one continuation per row (prompt + ids + suffix) with at most --answer-tokens tokens; it returns per row
-    a list holding one dict (ids, ...). Seeds: one per sample, derived from the problem's."""
-    rows, targets, row_seeds = [], [], []
-    for prompt, samples, seed in zip(prompts, outputs, seeds):
+    None: no second pass) and n_forced (tokens sampled in the second pass). second_pass(rows, seeds, names)
+    samples one continuation per row (prompt + ids + suffix) with at most --answer-tokens tokens; it returns
+    per row a list holding one dict (ids, ...). Seeds: one per sample, derived from the problem's (vLLM);
+    names: (problem id, "forced:<sample index>") per row (the hf engine's trace key: not the first pass's)."""
+    rows, targets, row_seeds, names = [], [], [], []
+    for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids or [None] * len(prompts)):
         for i, s in enumerate(samples):
             s["forced_ids"], s["n_forced"] = None, 0
             suffix = forced_answer_suffix(tok, s, thinking, think_end)
@@ -2742,50 +2964,56 @@ def force_answers(tok, prompts, outputs, thinking, think_end, second_pass, seeds
                 rows.append(list(prompt) + s["ids"] + suffix)
                 targets.append((s, suffix))
                 row_seeds.append(seed * 1_000_003 + i + 1)
+                names.append((pid, f"forced:{i}"))
     if rows:
-        for (s, suffix), r in zip(targets, second_pass(rows, row_seeds)):
+        for (s, suffix), r in zip(targets, second_pass(rows, row_seeds, names)):
             s["forced_ids"], s["n_forced"] = suffix + r[0]["ids"], len(r[0]["ids"])
     return outputs
 
 
 def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds) -> per prompt, args.n dicts (ids, finish_reason, stop_id, and after
+    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, stop_id, and after
     the forced-answer pass forced_ids, n_forced), from one engine; sampler.close() frees it. Both passes
     use the sampling flags and the presence penalty. With --thinking (and the forced answer on) the first
     pass also stops at </think>. Seeds: vLLM takes one per problem (--seed + its index in the file), so a
-    resumed run samples what an uninterrupted one would; the hf engine draws from one generator per run."""
+    resumed run samples what an uninterrupted one would; the hf engine keys each sample's random numbers by
+    (--seed, problem id, sample index) and the step (counter_uniforms), so neither the batch, the batch
+    size, a resume nor a shard changes a sample; the forced-answer pass uses the key (id, "forced:<j>")."""
     think_end = tok.get_vocab().get("</think>") if args.thinking else None
     first_stops = list(stop_ids) + ([think_end] if think_end is not None and not args.no_force_answer else [])
     if engine == "vllm":
         llm = load_vllm(args)
 
-        def generate(prompts, n, max_tokens, stops, seeds):
+        def generate(prompts, n, max_tokens, stops, seeds, names):
             return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
                                presence_penalty=args.presence_penalty)
         close = lambda: close_vllm(llm)  # noqa: E731
     else:
-        device = resolve_device(args.device)
+        device = shard_device(args)
         model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
-        gen = torch.Generator(device=device).manual_seed(args.seed)
 
-        def choose(logits):  # [1, b, V]: one context, plain sampling (the presence penalty is already applied)
-            probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
-            return torch.multinomial(probs, 1, generator=gen).squeeze(1), None
-
-        def generate(prompts, n, max_tokens, stops, seeds):
+        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, None | a tag)
             rows = [[p] for p in prompts for _ in range(n)]
+            keys = trace_keys(args.seed, [pid for pid, _ in names for _ in range(n)],
+                              [j if tag is None else tag for _, tag in names for j in range(n)])
             results = []
             for i in range(0, len(rows), args.batch_size):
+                batch_keys = keys[i:i + args.batch_size]
+
+                def choose(logits, step, active):  # [1, b, V]: one context (the presence penalty is applied)
+                    probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
+                    return sample_with(probs, counter_uniforms(batch_keys[active], step, 1)).squeeze(1), None
                 results += decode(model, rows[i:i + args.batch_size], choose, max_tokens, stops,
                                   tok.pad_token_id, presence_penalty=args.presence_penalty)
             return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
         close = lambda: None  # noqa: E731
 
-    def sample(prompts, seeds):
-        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds)
+    def sample(prompts, seeds, pids):
+        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds, [(p, None) for p in pids])
         if not args.no_force_answer:
             force_answers(tok, prompts, outputs, args.thinking, think_end,
-                          lambda rows, row_seeds: generate(rows, 1, args.answer_tokens, stop_ids, row_seeds), seeds)
+                          lambda rows, row_seeds, names: generate(rows, 1, args.answer_tokens, stop_ids, row_seeds,
+                                                                  names), seeds, pids)
         return outputs
     sample.close = close
     return sample
@@ -2813,6 +3041,10 @@ def load_vllm(args):
     if dtype == "auto" and not torch.cuda.is_available():
         dtype = "float32"
     kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (vllm_shard)
+        kw.update(distributed_executor_backend="external_launcher",
+                  data_parallel_size=world // args.tensor_parallel_size)
     if args.max_model_len:
         kw["max_model_len"] = args.max_model_len
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):

