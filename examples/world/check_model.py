@@ -72,7 +72,7 @@ def privileged_accuracy(model_dir=MODEL, n_problems=N_TEST):
         answers.append(r["answer"])
     import torch
     with torch.no_grad():
-        res = dail.decode(model, ctx, lambda logits: (logits[0].argmax(-1), None), MAX_NEW,
+        res = dail.decode(model, ctx, lambda logits, step, rows: (logits[0].argmax(-1), None), MAX_NEW,
                           dail.stop_token_ids(tok, str(model_dir)), tok.pad_token_id)
     ok = [r["finish_reason"] == "stop" and dail.is_equiv(dail.extract_boxed(tok.decode(r["ids"])), a)
           for r, a in zip(res, answers)]

@@ -139,7 +139,7 @@ def greedy_accuracy(model, tok, problems, kind, max_new_tokens, eot):
         ctx.append([dail.build_contexts(tok, p, False, None, (kind,))[kind]])
         answers.append(p["answer"])
 
-    def choose(logits):
+    def choose(logits, step, rows):  # greedy: no randomness to key
         return logits[0].argmax(-1), None
     ok = 0
     for i in range(0, len(ctx), 64):
