@@ -31,7 +31,8 @@ Several GPUs (data parallel; the master process logs and saves, every rank takes
   `eval --engine vllm --tensor-parallel-size N`.
 
 Every run resumes: rerun the same command after an interruption and it continues where it stopped
-(rewrite and eval skip what is already written; train takes --resume and a --save-every checkpoint).
+(rewrite and eval skip what is already written; train takes --resume: it checkpoints every --save-every
+steps, at every epoch end, and on SIGTERM/SIGINT).
 
 The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
   Plumbing: arguments, errors, JSONL files, models            (not the method)
@@ -56,7 +57,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -64,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -135,6 +139,8 @@ class RewriteArgs(CommonArgs):
                                       "default they are rejected, since they never learned to stop")
     leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that "
                                                     "mentions the reference ('' disables the check)")
+    grader: str = arg("builtin", "how the filter grades a trace's answer: builtin (exact, no dependency) or "
+                                 "math-verify (pip install math-verify)", choices=["builtin", "math-verify"])
     # engine
     batch_size: int = arg(32, "traces decoded together (each takes two rows: proposer and validator)")
     engine: str = arg("hf", "hf: the token-by-token rollout; vllm/auto: vLLM when the threshold makes the "
@@ -154,6 +160,9 @@ class TrainArgs(CommonArgs):
     lam: float = arg(0.1, "weight of the subtracted shortcut KL (0: DAIL without the contrastive term)")
     direction: str = arg("reverse", "reverse: KL(student||teacher); forward: KL(teacher||student)",
                          choices=["reverse", "forward"])
+    loss_norm: str = arg("sequence", "sequence: per-token mean within each trace, then mean over the step's "
+                                     "traces (released); token: mean over all response tokens of the step",
+                         choices=["sequence", "token"])
     # LoRA, as released: r = alpha = 32, no dropout, all attention and MLP projections
     lora_rank: int = arg(32, "LoRA rank (0: full fine-tuning with a frozen copy as the reference)")
     lora_alpha: float = arg(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
@@ -177,7 +186,8 @@ class TrainArgs(CommonArgs):
     loss_chunk: int = arg(1024, "response positions per chunk of the LM head + loss (bounds peak memory)")
     # bookkeeping
     log_every: int = arg(1, "print a log line every this many steps (metrics.jsonl gets every step)")
-    save_every: int = arg(0, "write a resumable checkpoint every this many steps (0: only at the end)")
+    save_every: int = arg(50, "write OUT/checkpoint.pt every this many steps; also at every epoch end and on "
+                              "SIGTERM/SIGINT (0: only then)")
     resume: bool = arg(False, "continue from OUT/checkpoint.pt")
 
 
@@ -193,6 +203,10 @@ class EvalArgs(CommonArgs):
     batch_size: int = arg(64, "hf engine: sequences decoded together")
     engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
                       choices=["auto", "hf", "vllm"])
+    grader: str = arg("builtin", "how a sample's answer is graded: builtin (exact, no dependency) or "
+                                 "math-verify (pip install math-verify)", choices=["builtin", "math-verify"])
+    regrade: bool = arg(False, "re-grade every response of OUT/samples.jsonl with --grader and rewrite the "
+                               "results, without loading a model or sampling")
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
     max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
     gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
@@ -200,6 +214,14 @@ class EvalArgs(CommonArgs):
 
 class DailError(Exception):
     """A user-facing problem (bad input, missing file): printed as one line, exit code 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 def resolve_released(args):
@@ -312,11 +334,12 @@ def check_resume_config(path, config, resuming, overwrite=False):
 # A new flag that changes results is one more name here.
 RESULT_SETTINGS = {
     "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
-                "thinking", "keep_per_problem", "no_filter", "leak_phrases", "max_prompt_len", "seed", "dtype"),
+                "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
+                "dtype", "grader"),
     "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
               "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
-              "max_len", "thinking", "seed", "dtype"),
-    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype"),
+              "max_len", "thinking", "seed", "dtype", "loss_norm"),
+    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype", "grader"),
 }
 
 
@@ -478,7 +501,7 @@ VALID = {
     "max_len": (_at_least(1), "an integer >= 1"),
     "loss_chunk": (_at_least(1), "an integer >= 1"),
     "log_every": (_at_least(1), "an integer >= 1"),
-    "save_every": (_at_least(0), "an integer >= 0 (0: only at the end)"),
+    "save_every": (_at_least(0), "an integer >= 0 (0: only at epoch ends, the end and on a signal)"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
 }
 
@@ -811,6 +834,20 @@ def extract_boxed(text):
     return None
 
 
+def extract_all_boxed(text):
+    """Contents of every complete \\boxed{...} / \\fbox{...} in `text`, in order (see `extract_boxed`)."""
+    found, end = [], len(text or "")
+    while end > 0:
+        start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        if start < 0:
+            break
+        box = extract_boxed(text[start:end])  # a box nested in a box is cut here: only the inner one counts
+        if box is not None:
+            found.append(box)
+        end = start
+    return found[::-1]
+
+
 def _braced_frac(s):
     """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: give both arguments braces."""
     out, i = [], 0
@@ -836,64 +873,326 @@ def _braced_frac(s):
                 i += 1
 
 
+# A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}"): dropped, the value is the answer. One letter
+# counts only after a space (\text{ m}), so 2\mathrm{e} keeps its e.
+# Words that change a number (5 hundred, 5 squared, 2 thirds) are never units.
+_NOT_UNIT = (r"(?!\s*(?:hundred|thousand|million|billion|trillion|dozen|half|halves|third|quarter|fourth|fifth|"
+             r"sixth|seventh|eighth|ninth|tenth|squared|cubed|times|factorial|over|tens\b|score\b|pi\b))")
+_UNIT = (r"\\(?:text|mbox|mathrm|textrm)\{" + _NOT_UNIT + r"(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}"
+         r"(?:\^\{?[23]\}?)?")
+_ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide for a/b -> \frac{a}{b}
+
+
 def normalize_answer(s):
-    """The normal form that `is_equiv` compares. In order: strip surrounding $ and \\( \\); drop \\left,
-    \\right, spacing commands and all whitespace; \\dfrac, \\tfrac -> \\frac; a whole-answer \\text{X} -> X,
-    else drop \\text{...} units, degrees (^\\circ) and percent signs; drop a leading `x=` and a trailing
-    period; remove thousands separators (1,000 and 1{,}000); brace \\frac and \\sqrt arguments
-    (\\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}); integer a/b -> \\frac{a}{b}."""
-    s = s.strip()
-    s = re.sub(r"^\$+|\$+$", "", s).strip()
-    s = re.sub(r"^\\\(|\\\)$", "", s)
-    s = re.sub(r"\\(left|right)(?![a-zA-Z])", "", s)
-    s = re.sub(r"\\[,;:! ]|~", "", s)
-    s = re.sub(r"\s+", "", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{(.*)\}", s)
-    if m:
+    """The normal form of one answer string that `is_equiv` parses. In order: Unicode minus and pi; drop $;
+    strip \\( \\) \\[ \\]; drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac, \\cfrac -> \\frac; a row
+    separator \\\\ becomes \\cr (so the spacing rule cannot eat it; outside a matrix: dropped at the ends,
+    a gap inside); \\leq -> \\le; a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X (\\textbf{(113)} -> (113));
+    \\text{ and } / \\text{ or } / " and " -> a list comma; a unit \\text{...} after a value (with ^2, ^3)
+    dropped, other \\text{X} unwrapped, never deleted (6 \\text{ and } 8 is not 68); "58 square units" -> 58;
+    degrees and percent signs dropped; thousands separators removed only when the whole answer is one
+    number written 1,000 / 1{,}000 / 1\\,000 (32, 349 with a space is a list of two numbers); whitespace
+    between two digits kept as a gap mark (4 4/9 is a mixed number, never 44/9), other whitespace removed;
+    trailing period and leading + dropped; \\frac and \\sqrt arguments braced; pi -> \\pi; 2*x, 2\\cdot x -> 2x;
+    a one-character super/subscript braced (52_8 -> 52_{8})."""
+    s = str(s).strip().replace("\u2212", "-").replace("\u03c0", "\\pi ")  # Unicode minus and pi
+    s = re.sub(r"(?<!\\)\$", "", s).strip()  # math-mode dollars, wherever they are ($1$, $2$); \$ stays a dollar
+    s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
+    s = re.sub(r"\\displaystyle|\\!|\\\$", "", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = s.replace("\\\\", "\\cr ")
+    s = re.sub(r"\\(?:le|ge|ne)q(?![a-zA-Z])", lambda m: m.group(0)[:-1], s)
+    while True:  # unwrap whole-answer text/bold wrappers: \textbf{(113)}, \mathbf{127}, \text{(C)}
+        m = re.fullmatch(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(.*)\}", s.strip())
+        if not m or not _balanced(m.group(1)):
+            break
+        s = m.group(1).strip()
+    s = re.sub(r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ",", s)
+    s = re.sub(r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", "", s)
+    s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1", s)
+    m = re.fullmatch(r"([+-]?\d[\d,.]*)((?:\s+" + _NOT_UNIT + r"[a-zA-Z]{2,}\.?)+)(?:\^\{?[23]\}?)?", s.strip())
+    if m:  # 58 square units: a number and plain words
         s = m.group(1)
-    else:
-        s = re.sub(r"\\(?:text|mbox|mathrm)\{[^{}]*\}", "", s)
-    s = re.sub(r"\^\{?\\circ\}?|\\%|%", "", s)
-    s = re.sub(r"^[a-zA-Z]=", "", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", "", s)
+    if re.fullmatch(r"[+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?", s.strip()):  # 1,000 1{,}000 1\,000
+        s = re.sub(r"\{,\}|\\,|,", "", s.strip())
+    s = re.sub(r"\\[,;: ]|~|\\q?quad", " ", s).strip()
+    s = re.sub(r"(?<=\d)\s+(?=\d)", "\x00", s)  # a gap between digits: never glue them
+    s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
-    s = s.replace("{,}", "")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
+    s = re.sub(r"^\+|(?<=[,(\[])\+", "", s)
     s = _braced_frac(s)
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi", s)  # pi/2 -> \pi/2
+    s = re.sub(r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", "", s)  # 2*x -> 2x, never 2\cdot 3 -> 23
+    s = re.sub(r"([_^])(\w)", r"\1{\2}", s)
+    if "\\begin{" not in s:  # a stray \\ outside a matrix is layout: dropped at the ends (185\\), a gap inside
+        s = re.sub(r"^(?:\\cr)+|(?:\\cr)+$", "", s).replace("\\cr", "\x00")
     return s
 
 
+def _balanced(s):
+    """Braces of s close in order (a wrapper \\text{...} spans the whole answer only then)."""
+    depth = 0
+    for ch in s:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _split_top(s, sep):
+    """Split at `sep` where no bracket ( [ { is open; [s] when there is none."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        if s[i] in "([{":
+            depth += 1
+        elif s[i] in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    return parts + [s[start:]]
+
+
+def _encloses(s, opening, closing):
+    """s is opening ... closing with the first bracket closed only at the very end."""
+    if not (s.startswith(opening) and s.endswith(closing)) or len(s) < len(opening) + len(closing):
+        return False
+    depth = 0
+    for i in range(len(opening) - 1, len(s)):
+        depth += 1 if s[i] in "([{" else -1 if s[i] in ")]}" else 0
+        if depth == 0 and i < len(s) - 1:
+            return False
+    return True
+
+
 def _as_number(s):
-    """A normalized answer as an exact Fraction (integers, decimals, integer fractions), else None."""
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    """A normalized answer as an exact Fraction (integers, decimals, integer fractions, mixed numbers
+    1\\frac{4}{5} and 4 4/9 with 0 < numerator < denominator), else None."""
+    sign = -1 if s.startswith("-") else 1
+    s = s[1:] if s[:1] in "+-" else s
+    if re.fullmatch(r"\d+\.?\d*|\.\d+", s):
+        return sign * Fraction(s)
+    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}|(\d+)/(\d+)", s)
     if m:
-        num, den = int(m.group(2)), int(m.group(3))
-        return None if den == 0 else Fraction(num, den) * (-1 if m.group(1) else 1)
-    if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", s):
-        return Fraction(s)
+        num, den = int(m.group(1) or m.group(3)), int(m.group(2) or m.group(4))
+        return None if den == 0 else sign * Fraction(num, den)
+    m = re.fullmatch(r"(\d+)(?:\\frac\{(\d+)\}\{(\d+)\}|\x00(\d+)/(\d+))", s)  # 1\frac{4}{5}, 4 4/9
+    if m:
+        num, den = int(m.group(2) or m.group(4)), int(m.group(3) or m.group(5))
+        if 0 < num < den:  # else (2\frac{3}{2}) not a mixed number: unsure, so no number
+            return sign * (int(m.group(1)) + Fraction(num, den))
     return None
 
 
+def _as_surd(s):
+    """A normalized single term c * sqrt(n) (c rational, n > 1 square-free) as (c, n), else None:
+    2\\sqrt{3}, \\sqrt{12}, \\frac{\\sqrt{3}}{3}, \\frac{1}{\\sqrt{3}}, \\sqrt{2}/2 (exact, no floats)."""
+    sign = -1 if s.startswith("-") else 1
+    s = s[1:] if s[:1] in "+-" else s
+    root = r"(\d*)\\sqrt\{(\d+)\}"
+    m = (re.fullmatch(root, s) or re.fullmatch(r"\\frac\{" + root + r"\}\{(\d+)\}", s)
+         or re.fullmatch(root + r"/(\d+)", s))
+    if m:
+        c, n, d = int(m.group(1) or 1), int(m.group(2)), int(m.group(3)) if m.lastindex == 3 else 1
+        value = Fraction(c, d) if d else None
+    else:
+        m = re.fullmatch(r"\\frac\{(\d+)\}\{" + root + r"\}", s) or re.fullmatch(r"(\d+)/" + root, s)
+        if not m or int(m.group(3)) == 0:
+            return None
+        n = int(m.group(3))
+        value = Fraction(int(m.group(1)), int(m.group(2) or 1) * n)  # c / (d sqrt n) = c sqrt(n) / (d n)
+    if value is None or n == 0:
+        return None
+    k = 2
+    while k * k <= n:  # pull square factors out: sqrt(12) = 2 sqrt(3)
+        while n % (k * k) == 0:
+            n //= k * k
+            value *= k
+        k += 1
+    return sign * value, n
+
+
+def _parse(s):
+    """A normalized answer as a small tree that `_same` compares:
+    ("list", [...]) unordered (a, b / \\{a, b\\} / a \\cup b), ("seq", "(", ")", [...]) ordered (tuples,
+    intervals), ("matrix", [[...]]), ("eq", "x", tree) for x = ... / x \\in ..., ("choice", "C", tree) for an
+    AoPS "(C) value", ("num", Fraction), ("surd", (c, n)) for c*sqrt(n), ("str", s)."""
+    parts = _split_top(s, ",")
+    if len(parts) > 1 and all(parts):
+        return ("list", [_parse(p) for p in parts])
+    m = re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
+    if m and not m.group(1).startswith(("\\frac", "\\sqrt")):
+        return ("eq", m.group(1), _parse(m.group(3)))
+    parts = _split_top(s, "\\cup")
+    if len(parts) > 1 and all(parts):
+        return ("list", [_parse(p) for p in parts])
+    m = re.fullmatch(r"\(([A-E])\)(.+)", s)
+    if m:  # an AoPS choice with its value, \textbf{(C)}\ 25: the letter or the value names it
+        return ("choice", m.group(1), _parse(m.group(2)))
+    m = re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s)
+    if m:
+        return ("matrix", [[_parse(c) for c in _split_top(row, "&")]
+                           for row in _split_top(m.group(2).removesuffix("\\cr"), "\\cr")])
+    if _encloses(s, "\\{", "\\}"):
+        return ("list", [_parse(p) for p in _split_top(s[2:-2], ",")])
+    if s[:1] in "([" and s[-1:] in ")]" and _encloses(s, s[0], s[-1]):
+        parts = _split_top(s[1:-1], ",")
+        if len(parts) == 1:  # (113), (C): brackets around one value are no tuple
+            return _parse(parts[0]) if s[0] + s[-1] == "()" else ("seq", s[0], s[-1], [_parse(parts[0])])
+        return ("seq", s[0], s[-1], [_parse(p) for p in parts])
+    x = _as_number(s)
+    if x is None and "\\sqrt" in s:
+        surd = _as_surd(s)
+        if surd is not None:
+            return ("num", surd[0]) if surd[1] == 1 else ("surd", surd)
+    return ("num", x) if x is not None else ("str", re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$",
+                                                           r"\1\\frac{\2}{\3}", s))
+
+
+def _same(a, b):
+    """Tree equality: numbers exactly, strings literally, lists as multisets, tuples/intervals/matrices
+    element-wise; x = v matches v, and x = v matches y = v only when x is y."""
+    if a[0] == "choice" or b[0] == "choice":
+        if a[0] == b[0]:
+            return a[1] == b[1] and _same(a[2], b[2])
+        (_, letter, value), other = (a, b) if a[0] == "choice" else (b, a)
+        return other == ("str", letter) or _same(value, other)
+    if a[0] == "eq" or b[0] == "eq":
+        if a[0] == b[0]:
+            return a[1] == b[1] and _same(a[2], b[2])
+        return _same(a[2], b) if a[0] == "eq" else _same(a, b[2])
+    if a[0] != b[0]:
+        return False
+    if a[0] in ("num", "str", "surd"):
+        return a[1] == b[1]
+    if a[0] == "seq":
+        return a[1:3] == b[1:3] and len(a[3]) == len(b[3]) and all(map(_same, a[3], b[3]))
+    if a[0] == "matrix":
+        return [len(r) for r in a[1]] == [len(r) for r in b[1]] and all(
+            _same(x, y) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
+    left = list(b[1])  # "list": every element of a matched to its own element of b
+    if len(a[1]) != len(left):
+        return False
+    for x in a[1]:
+        j = next((j for j, y in enumerate(left) if _same(x, y)), None)
+        if j is None:
+            return False
+        left.pop(j)
+    return True
+
+
 def is_equiv(pred, ref):
-    """True when two answers are equal after `normalize_answer`, as strings or as exact numbers
-    (0.5 == \\frac{1}{2}; 0.333 != \\frac13: no tolerance). None is never equivalent, not even to None."""
+    """True when two answers are the same value after `normalize_answer` (the built-in grader). Conventions:
+    numbers are exact, no tolerance (0.5 == \\frac{1}{2}, 0.333 != \\frac13, 18.90 == 18.9); a mixed number
+    1\\frac{4}{5} is 9/5; one term c*sqrt(n) is compared exactly (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3});
+    units, degrees, percent and dollar signs are ignored (10\\text{ cm} == 10); a comma list or set is
+    unordered (1, -2 == -2, 1; a repeated element counts), tuples, intervals, unions and matrices are
+    compared element-wise with the same test and need the same brackets (pmatrix == bmatrix, [0,1) != (0,1));
+    "x = 5" equals "5" but not "y = 5"; anything else must match as normalized text, so equivalent
+    expressions written differently (2x+3 vs 3+2x) are missed, never invented. Unsure means not equal.
+    None is never equivalent, not even to None.
+    """
     if pred is None or ref is None:
         return False
-    a, b = normalize_answer(str(pred)), normalize_answer(str(ref))
-    if a == b:
-        return True
-    x, y = _as_number(a), _as_number(b)
-    return x is not None and x == y
+    a, b = normalize_answer(pred), normalize_answer(ref)
+    if not a or not b:
+        return False
+    return a == b or _same(_parse(a), _parse(b))
 
 
-def grade(response, reference):
+GRADERS = ("builtin", "math-verify")
+MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own default)
+_GRADER_CACHE = {}
+
+
+def make_grader(name):
+    """A function (response, reference) -> (the extracted answer or None, correct) for --grader `name`, with
+    `.info` (name, version, timeouts: how many parse/verify calls hit the time limit and counted as wrong).
+
+    builtin: the last \\boxed{} of the response, `is_equiv` to the reference; when that fails and the
+    reference is a list, all boxes of the response together (\\boxed{-2} and \\boxed{1} for "1, -2").
+    math-verify: Hugging Face's math-verify (an optional import) parses the whole response and the boxed
+    reference and verifies with sympy. Its time limit uses SIGALRM, which only works in the main thread;
+    elsewhere it runs without one."""
+    if name in _GRADER_CACHE:
+        return _GRADER_CACHE[name]
+    if name == "builtin":
+        def grade_builtin(response, reference):
+            pred = extract_boxed(response)
+            if is_equiv(pred, reference):
+                return pred, True
+            boxes = extract_all_boxed(response)
+            ref = normalize_answer(reference) if reference is not None else ""
+            if len(boxes) > 1 and ref and _parse(ref)[0] == "list":
+                joined = ", ".join(boxes)
+                if is_equiv(joined, reference):
+                    return joined, True
+            return pred, False
+        grade_builtin.info = dict(name="builtin")
+        fn = grade_builtin
+    elif name == "math-verify":
+        fn = _math_verify_grader()
+    else:
+        raise DailError(f"--grader {name}: expected one of {', '.join(GRADERS)}")
+    _GRADER_CACHE[name] = fn
+    return fn
+
+
+def _math_verify_grader():
+    """The math-verify grader of `make_grader` (imported here, so that it stays optional)."""
+    try:
+        import math_verify
+        from math_verify.errors import TimeoutException
+    except ImportError:
+        raise DailError("--grader math-verify: math-verify is not installed; `pip install math-verify`") from None
+    import importlib.metadata
+    import threading
+    info = dict(name="math-verify", version=importlib.metadata.version("math-verify"), timeouts=0)
+
+    def grade_math_verify(response, reference):
+        # SIGALRM time limits only work in the main thread; a timeout (a BaseException there) is "not correct"
+        limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+        if not response or reference is None:
+            return None, False
+        try:
+            gold = math_verify.parse("\\boxed{" + str(reference) + "}", parsing_timeout=limit, raise_on_error=True)
+            pred = math_verify.parse(response, parsing_timeout=limit, raise_on_error=True)
+        except TimeoutException:
+            info["timeouts"] += 1
+            return None, False
+        except Exception:
+            return None, False
+        shown = next((p for p in pred if isinstance(p, str)), str(pred[0]) if pred else None)
+        for g in gold:  # math_verify.verify tries every pair too; one pair at a time to count timeouts
+            for p in pred:
+                try:
+                    if math_verify.verify(g, p, timeout_seconds=limit, raise_on_error=True):
+                        return shown, True
+                except TimeoutException:
+                    info["timeouts"] += 1
+                except Exception:
+                    pass
+        return shown, False
+    grade_math_verify.info = info
+    return grade_math_verify
+
+
+def grader_info(name):
+    """What summary.json records of a grader: its name, math-verify's version and timeout count."""
+    return dict(make_grader(name).info)
+
+
+def grade(response, reference, grader="builtin"):
     """(the extracted answer or None, whether it equals `reference`) of one response: what rewrite's filter
-    and eval's pass@k both use, so a trace is kept by the very rule that scores a sample."""
-    pred = extract_boxed(response)
-    return pred, is_equiv(pred, reference)
+    and eval's pass@k both use, so a trace is kept by the very rule that scores a sample. `grader`: see
+    `make_grader`."""
+    return make_grader(grader)(response, reference)
 
 
 def load_problems(path, need_solution, need_answer):
@@ -1184,7 +1483,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
     `privileged_solution` is the solution text the validator's prompt held (train's teacher sees the same)."""
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
-        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"])
+        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
         trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
                      privileged_solution=problem.get("privileged_solution", problem["solution"]), answer=problem["answer"],
                      response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
@@ -1209,6 +1508,7 @@ def rewrite_summary(traces, n_problems, skipped, args):
                 acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
                 mean_tokens=tokens / max(len(traces), 1),
                 finished=sum(t["finish_reason"] == "stop" for t in traces),
+                grader=grader_info(args.grader),
                 settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
 
 
@@ -1228,6 +1528,7 @@ def cmd_rewrite(args):
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     decode_only_kept(args)
+    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out = Path(args.out)
     check_out_file(out)
     if args.overwrite:
@@ -1342,56 +1643,107 @@ def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="re
     raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
 
 
+def loss_weights(mask, norm="sequence", divisor=None):
+    """Each position's weight in the loss [B, T] (0 off the mask), from mask [B, T] bool (True on response
+    positions). With len_i = mask[i].sum() the response length of sequence i:
+
+        sequence (released):  w[i, t] = 1 / (S * len_i)   L = (1/S) sum_i (1/len_i) sum_t loss[i, t]
+        token (TRL's mean):   w[i, t] = 1 / N             L = (1/N) sum_{i,t} loss[i, t]
+
+    divisor is S (norm 'sequence': the number of sequences) or N ('token': the number of response tokens)
+    of the whole optimizer step, all micro-batches and ranks; then the sum of every micro-batch's loss is
+    the step's loss, and accumulation and data parallelism give the gradient of one big batch. Default:
+    this batch's own count (sequences with a response, or response tokens)."""
+    mask = mask.bool()
+    if norm == "token":
+        return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
+    if norm == "sequence":
+        lengths = mask.sum(-1, keepdim=True)                                           # [B, 1]
+        n = divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)
+        return mask / (lengths.clamp(min=1) * n)
+    raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+
+
 def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
-              num_tokens=None):
+              norm="sequence", divisor=None):
     """The DAIL loss. Logits: [B, T, V], aligned (position t of all three predicts the same response token:
     student = p_theta(.|x_s, y<t), teacher = p_theta0(.|x_e, y<t), shortcut = p_theta0(.|x_c, y<t));
-    mask: [B, T] bool, True on response positions.
+    mask: [B, T] bool, True on response positions; len_i = mask[i].sum().
 
-        reverse (released default):  L = sum_t [ KL(student || teacher) - lam * KL(student || shortcut) ] / N
-        forward:                     L = sum_t [ KL(teacher || student) - lam * KL(shortcut || student) ] / N
+        reverse (released default):  l[i,t] = KL(student || teacher) - lam * KL(student || shortcut)
+        forward:                     l[i,t] = KL(teacher || student) - lam * KL(shortcut || student)
 
-    N = num_tokens when given (the response tokens of the whole optimizer step, all micro-batches and
-    ranks: then accumulation and data parallelism give the gradient of one big batch), else mask.sum().
-    The subtracted term is unbounded above, which is why both terms are returned for logging.
-    Returns (loss, {"kl_teacher": float, "kl_shortcut": float}), both terms summed over the mask / N."""
+        norm 'sequence' (released):  L = (1/S) sum_i (1/len_i) sum_t l[i,t]   (each trace weighs the same)
+        norm 'token':                L = (1/N) sum_i sum_t l[i,t]             (each token weighs the same)
+
+    S, N = divisor when given (the sequences / response tokens of the whole optimizer step, all micro-batches
+    and ranks: see loss_weights), else this batch's. The subtracted term is unbounded above, which is why
+    both terms are returned for logging, normalized the same way.
+    Returns (loss, {"kl_teacher": float, "kl_shortcut": float})."""
     pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed before the softmax, it adds
     kl_teacher, kl_shortcut = dail_kl_terms(                                 # neither value nor gradient
         student_logits.masked_fill(pad, 0.0), teacher_logits.masked_fill(pad, 0.0),
         shortcut_logits.masked_fill(pad, 0.0), direction)                                   # [B, T] each
-    kl_teacher, kl_shortcut = kl_teacher * mask, kl_shortcut * mask
-    n = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
-    loss = (kl_teacher - lam * kl_shortcut).sum() / n
-    stats = {"kl_teacher": float(kl_teacher.detach().sum() / n),
-             "kl_shortcut": float(kl_shortcut.detach().sum() / n)}
-    return loss, stats
+    w = loss_weights(mask, norm, divisor)
+    kl_teacher, kl_shortcut = kl_teacher * w, kl_shortcut * w
+    loss = (kl_teacher - lam * kl_shortcut).sum()
+    return loss, {"kl_teacher": float(kl_teacher.detach().sum()), "kl_shortcut": float(kl_shortcut.detach().sum())}
+
+
+def float32_head(head):
+    """h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype: bf16 logits alone
+    put a 12% relative error on a per-token KL of 0.03. The weight is cast once per call of the loss (a
+    transient float32 copy of the head for a bf16 model), the matmul runs with autocast off."""
+    lora = head if isinstance(head, LoRALinear) and head.enabled else None
+    linear = head.base if isinstance(head, LoRALinear) else head
+    weight = linear.weight.float()                 # the same tensor (and its gradient) when already float32
+    bias = None if linear.bias is None else linear.bias.float()
+
+    def logits(h):
+        with torch.autocast(h.device.type, enabled=False):
+            x = h.float()
+            out = F.linear(x, weight, bias)
+            if lora is not None:
+                out = out + (lora.dropout(x) @ lora.lora_A.float().T @ lora.lora_B.float().T) * lora.scale
+            return out
+    return logits
 
 
 def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
-                      direction="reverse", num_tokens=None, chunk_size=1024):
+                      direction="reverse", weights=None, chunk_size=1024):
     """dail_loss from hidden states, a chunk of positions at a time: peak memory grows with
     chunk_size x V, not N x V. h_*: [N, H] final hidden states at the N response positions, row-aligned
     across the three contexts (teacher and shortcut ones computed without gradient); student_head and
-    reference_head: the LM heads of theta and theta0. Equal, value and gradient, to
-    dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ..., mask=all True)."""
-    def per_position(hs, he, hc):              # -> loss terms [n], KL to the teacher [n], to the shortcut [n]
+    reference_head: the LM heads of theta and theta0, run in float32 (float32_head); weights [N]: each
+    position's weight, loss_weights(mask, norm, divisor)[mask] (default: 1/N, the token mean). Equal,
+    value and gradient, to dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ...)."""
+    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
+    weights = weights.to(h_student.device, torch.float32)
+    student_logits = float32_head(student_head)
+    with torch.no_grad(), adapters_off(reference_head):          # theta0's head: adapters off, if it has any
+        shared = reference_head is student_head and not isinstance(student_head, LoRALinear)
+        reference_logits = student_logits if shared else float32_head(reference_head)
+
+    def per_position(hs, he, hc, w):      # -> weighted loss terms [n], KL to the teacher [n], to the shortcut [n]
         with torch.no_grad():
-            te, tc = reference_head(he), reference_head(hc)
-        kl_teacher, kl_shortcut = dail_kl_terms(student_head(hs), te, tc, direction)
-        return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
+            te, tc = reference_logits(he), reference_logits(hc)
+        kl_teacher, kl_shortcut = dail_kl_terms(student_logits(hs), te, tc, direction)
+        return (kl_teacher - lam * kl_shortcut) * w, kl_teacher * w, kl_shortcut * w
 
-    n = num_tokens if num_tokens is not None else h_student.shape[0]
-    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut), student_head, chunk_size)
-    return loss / n, {"kl_teacher": float(sum_e) / n, "kl_shortcut": float(sum_c) / n}
+    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut, weights), student_head,
+                                       chunk_size)
+    return loss, {"kl_teacher": float(sum_e), "kl_shortcut": float(sum_c)}
 
 
-def chunked_sft_loss(h_student, targets, student_head, num_tokens=None, chunk_size=1024):
-    """Summed token cross-entropy / num_tokens from [N, H] hidden states and [N] targets, chunked like
-    chunked_dail_loss (the SFT baselines)."""
-    n = num_tokens if num_tokens is not None else h_student.shape[0]
-    loss, _ = chunked_sum(lambda hs, y: (F.cross_entropy(student_head(hs).float(), y, reduction="none"),),
-                          h_student, (targets,), student_head, chunk_size)
-    return loss / n, {"ce": float(loss.detach()) / n}
+def chunked_sft_loss(h_student, targets, student_head, weights=None, chunk_size=1024):
+    """Weighted token cross-entropy sum_n w[n] * CE[n] from [N, H] hidden states and [N] targets, chunked
+    like chunked_dail_loss, head in float32 (the SFT baselines; weights as there, default the token mean)."""
+    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
+    head = float32_head(student_head)
+    loss, _ = chunked_sum(lambda hs, y, w: (F.cross_entropy(head(hs), y, reduction="none") * w,),
+                          h_student, (targets, weights.to(h_student.device, torch.float32)), student_head,
+                          chunk_size)
+    return loss, {"ce": float(loss.detach())}
 
 
 def chunked_sum(per_position, h, aligned, head, chunk_size):
@@ -1491,10 +1843,6 @@ def merge_lora(model):
     return model
 
 
-def lora_state(model):
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
-
-
 def training_response(tok, record, args, eot):
     """The response ids every context of one example shares: the trace's ids + the end-of-turn token when
     the trace finished (so the model learns to stop; thinking prefixes end at the budget and get none),
@@ -1531,20 +1879,32 @@ def response_hidden(model, batch, device):
     return hidden[:, :-1][predicts], ids[:, 1:][predicts]
 
 
-def micro_batch_loss(model, reference, examples, args, num_tokens, pad_id, device):
-    """Loss of one micro-batch, already divided by the optimizer step's token count (sum over micro-batches
-    and ranks = the per-token mean of the step). reference is theta0: the model itself with adapters off
-    (LoRA), or a frozen copy (full fine-tuning)."""
+# what the loss reports, summed over a step's micro-batches and ranks (metrics.jsonl, log lines, the plot)
+LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
+
+
+def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device):
+    """Loss of one micro-batch, weighted by --loss-norm with the optimizer step's divisor (step_divisor), so
+    that the sum over micro-batches and ranks is the step's loss. reference is theta0: the model itself with
+    adapters off (LoRA), or a frozen copy (full fine-tuning)."""
     batch = collate([ex["student"] for ex in examples], pad_id)
     h_student, targets = response_hidden(model, batch, device)
+    predicts = batch[2]
+    weights = loss_weights(predicts, args.loss_norm, divisor)[predicts]                # [N], in (row, t) order
     head = model.get_output_embeddings()
     if args.objective == "sft":
-        return chunked_sft_loss(h_student, targets, head, num_tokens, args.loss_chunk)
+        return chunked_sft_loss(h_student, targets, head, weights, args.loss_chunk)
     with torch.no_grad(), adapters_off(reference):
         h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in examples], pad_id), device)
         h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in examples], pad_id), device)
     return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(),
-                             args.lam, args.direction, num_tokens, args.loss_chunk)
+                             args.lam, args.direction, weights, args.loss_chunk)
+
+
+def step_divisor(items, norm):
+    """The divisor of one optimizer step's loss, known before its micro-steps: its number of sequences
+    (--loss-norm sequence) or of response tokens (token), over all ranks and micro-batches."""
+    return len(items) if norm == "sequence" else sum(len(ex["student"][1]) for ex in items)
 
 
 def lr_at(step, total_steps, peak, warmup):
@@ -1587,41 +1947,30 @@ def load_training_records(args):
     return records, not_kept
 
 
-def cmd_train(args):
-    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/, metrics.jsonl,
-    metrics.png, train_summary.json, and checkpoint.pt (with --save-every, for --resume)."""
-    validate_args(resolve_released(args))
-    records, not_kept = load_training_records(args)            # all input checks before any model loads
-    guard_train_out(args)                                      # --out: not the model, not an unrelated run
-    out = Path(args.out)
-    if args.batch_size < 1 or args.micro_batch_size < 1 or args.loss_chunk < 1:
-        raise DailError("--batch-size, --micro-batch-size and --loss-chunk must be >= 1")
-    if args.resume and not (out / "checkpoint.pt").exists():
-        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+def setup_distributed(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process per device, each takes its share of every
+    step. Returns (ddp, rank, world_size, device); a single process gets (False, 0, 1, --device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0, 1, resolve_device(args.device)
+    backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
-    # ---- distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise --------
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        import torch.distributed as dist
-        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, resolve_device(args.device)
-    master = rank == 0
-    torch.manual_seed(args.seed)
 
-    # ---- sequences: three contexts per trace (student, privileged, shortcut), dropped when too long ---
-    tok = load_tokenizer(args.model)
+def build_examples(tok, records, args):
+    """Three contexts per trace (student, privileged, shortcut; SFT: the student alone), each a pair
+    (prompt ids, response ids) with the response shared. The teacher sees the solution the validator saw
+    (never re-shortened); an example longer than --max-len is dropped and counted.
+    Returns ([{context name: (prompt ids, response ids)}], number dropped)."""
     eot = end_of_turn_id(tok)
     which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
     examples, too_long = [], 0
     for r in records:
         response = training_response(tok, r, args, eot)
-        try:  # the teacher sees the solution the validator saw (never re-shortened); too long: dropped, counted
+        try:
             contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
         except DailError:
             contexts = None
@@ -1629,13 +1978,13 @@ def cmd_train(args):
             too_long += 1
         else:
             examples.append({name: (prompt, response) for name, prompt in contexts.items()})
-    if master:
-        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
-              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
-    if not examples:
-        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
+    return examples, too_long
 
-    # ---- models: theta (trainable) and theta0 (the reference for the teacher and shortcut passes) ------
+
+def build_models(args, device):
+    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (the reference for
+    the teacher and shortcut passes: the same network with adapters off, or a frozen copy; None for SFT
+    with full fine-tuning), the trainable parameters and their AdamW."""
     full_ft = args.lora_rank == 0
     base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
     model = load_model(args.model, device, base_dtype)
@@ -1650,117 +1999,246 @@ def cmd_train(args):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return model, reference, params, optimizer
+
+
+def save_checkpoint(path, step, model, optimizer, args, device):
+    """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
+    RNG, so that --resume continues exactly. Written beside and renamed: never a half-written checkpoint."""
+    trainable = {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
+    torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
+                    rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                             python=random.getstate()), args=dataclasses.asdict(args)),
+               path.with_suffix(".pt.tmp"))
+    os.replace(path.with_suffix(".pt.tmp"), path)
+
+
+def load_checkpoint(path, model, optimizer, device):
+    """Restore what save_checkpoint wrote; returns the number of completed steps."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["trainable"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+    np.random.set_state(ckpt["rng"]["numpy"])
+    random.setstate(ckpt["rng"]["python"])
+    return ckpt["step"]
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within the block SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) do not kill the process: they
+    set state["signal"], and the training loop stops after the step in flight with a checkpoint. A second
+    signal a second or more later (torchrun forwards the first Ctrl-C once more at once) abandons the step
+    in flight (raises Interrupted); the last checkpoint stands."""
+    state = {"signal": None, "at": 0.0}
+
+    def handler(signum, frame):
+        if state["signal"] is None:
+            state["signal"], state["at"] = signum, time.time()
+            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "     # not print():
+                        b"(signal again to abandon the step)\n")                                 # not reentrant
+        elif time.time() - state["at"] >= 1.0:
+            raise Interrupted("interrupted again: the step in flight is abandoned; rerun with --resume to "
+                              "continue from the last checkpoint", 128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
+        yield state
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def all_reduce_step(params, logged, device):
+    """Data parallel: sum the gradients and the logged sums of every rank, once per optimizer step. Each rank's
+    share is already divided by the step's global divisor, so the sum is the big batch's gradient."""
+    for p in params:
+        if p.grad is None:                 # a rank with no sequence in a short last step
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    sums = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return dict(zip(logged, sums.tolist()))
+
+
+def agreed_signal(signum, ddp, device):
+    """The stop signal as every rank sees it (0: none): all ranks stop after the same step."""
+    if not ddp:
+        return signum or 0
+    flag = torch.tensor([float(signum or 0)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def checkpoint_due(step, total_steps, args, num_examples):
+    """Whether to write a checkpoint after optimizer step `step` (0-based): every --save-every steps, at the
+    end of every epoch (the step that completes a pass over the examples), and after the last step."""
+    ends_epoch = (step + 1) * args.batch_size // num_examples > step * args.batch_size // num_examples
+    return ends_epoch or step + 1 == total_steps or bool(args.save_every and (step + 1) % args.save_every == 0)
+
+
+def end_distributed(ddp):
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def log_line(rec, total_steps):
+    """One plain line per --log-every steps, for logs that are files (no progress-bar carriage returns)."""
+    terms = " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if k in rec)
+    return (f"step {rec['step']}/{total_steps} {terms} lr {rec['lr']:.3g} grad_norm {rec['grad_norm']:.3g} "
+            f"tok/s {rec['tok_per_s']:.0f}")
+
+
+def save_peft_adapters(model, folder, args):
+    """The LoRA adapters alone in PEFT's format, which peft's PeftModel.from_pretrained(base, folder) and vLLM
+    (--enable-lora) load: adapter_model.safetensors with keys base_model.model.<module>.lora_A.weight [r, in]
+    and .lora_B.weight [out, r], and adapter_config.json (PEFT's scale lora_alpha / r is ours)."""
+    from safetensors.torch import save_file
+    tensors, targets = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().float().cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().float().cpu().contiguous()
+            targets.add(name.rsplit(".", 1)[-1])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    (folder / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=args.lora_rank,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=sorted(targets), bias="none",
+        fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, modules_to_save=None,
+        use_rslora=False, use_dora=False), indent=2))
+
+
+def save_result(out, model, tok, args, summary):
+    """OUT/: adapters/ (PEFT format), then the merged model + tokenizer that from_pretrained and vLLM load,
+    metrics.png and train_summary.json."""
+    if args.lora_rank:
+        save_peft_adapters(model, out / "adapters", args)
+        merge_lora(model)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    metrics = resume_jsonl(out / "metrics.jsonl")
+    keys = LOGGED[args.objective]
+    save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
+              {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
+    summary = dict(summary, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args))
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def cmd_train(args):
+    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/ (PEFT), metrics.jsonl,
+    metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
+    validate_args(resolve_released(args))
+    records, not_kept = load_training_records(args)            # all input checks before any model loads
+    guard_train_out(args)                                      # --out: not the model, not an unrelated run
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint.pt").exists():
+        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+    t_start = time.time()
+
+    ddp, rank, world_size, device = setup_distributed(args)
+    master_process = rank == 0                                 # it logs and saves; every rank trains
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.model)
+    examples, too_long = build_examples(tok, records, args)
+    if master_process:
+        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
+              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
+    if not examples:
+        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
+    model, reference, params, optimizer = build_models(args, device)
     autocast_dtype = resolve_dtype(args.dtype, device)
     use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
 
-    # ---- data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
+    # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
     total_steps = math.ceil(len(order) / args.batch_size)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    start = 0
-    if args.resume:
-        ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["trainable"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        start = ckpt["step"]
+    checkpoint = out / "checkpoint.pt"
+    start = load_checkpoint(checkpoint, model, optimizer, device) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
-    if master:
+    if master_process:
         out.mkdir(parents=True, exist_ok=True)
         kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept_lines))
 
-    def save_checkpoint(step):
-        trainable = {k: v for k, v in model.state_dict().items()
-                     if ".lora_" in k or full_ft}
-        torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
-                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                                 python=random.getstate()), args=dataclasses.asdict(args)),
-                   out / "checkpoint.pt.tmp")
-        os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")   # never a half-written checkpoint
-
-    # ---- the training loop --------------------------------------------------------------------------
-    bar = progress(range(start, total_steps), desc=f"train {args.objective}", unit="step", disable=not master)
-    for step in bar:
-        t0 = time.time()
-        # 1. learning rate of this step
-        lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # 2. this step's sequences; the loss is a mean over every response token of the step, all ranks
-        items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
-        num_tokens = sum(len(ex["student"][1]) for ex in items)
-        mine = items[rank::world]
-        micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-        # 3. micro-steps: forward, backward, gradients accumulate in .grad
-        logged = {}
-        for mb in micro:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                loss, stats = micro_batch_loss(model, reference, mb, args, num_tokens, tok.pad_token_id, device)
-            loss.backward()
-            logged["loss"] = logged.get("loss", 0.0) + float(loss.detach())
-            for k, v in stats.items():
-                logged[k] = logged.get(k, 0.0) + v
-        # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
-        if ddp:
-            for p in params:
-                if p.grad is None:                 # a rank with no sequence in a short last step
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            keys = sorted(logged)
-            sums = torch.tensor([logged[k] for k in keys], dtype=torch.float64, device=device)
-            dist.all_reduce(sums)
-            logged = dict(zip(keys, sums.tolist()))
-        # 5. clip, step, zero
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # 6. log
-        if master:
-            rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens,
-                       tok_per_s=num_tokens / (time.time() - t0), **logged)
-            with open(metrics_path, "a") as f:
-                append_jsonl(f, rec)
-            if (step + 1) % args.log_every == 0:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "kl_teacher", "kl_shortcut", "ce")})
-        # 7. checkpoint
-        if master and args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(step + 1)
+    # ---- the training loop: one optimizer step per iteration ------------------------------------------
+    bar = progress(total=total_steps, initial=start, desc=f"train {args.objective}", unit="step",
+                   disable=not master_process or not sys.stderr.isatty())   # a log file gets plain lines
+    with stop_signals() as signals:
+        for step in range(start, total_steps):
+            t0 = time.time()
+            # 1. learning rate of this step
+            lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # 2. this step's sequences; the divisor (all ranks) makes the sum of micro-batch losses the step's loss
+            items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+            divisor, num_tokens = step_divisor(items, args.loss_norm), sum(len(ex["student"][1]) for ex in items)
+            mine = items[rank::world_size]
+            # 3. micro-steps: forward, backward, gradients accumulate in .grad
+            logged = dict.fromkeys(LOGGED[args.objective], 0.0)
+            for i in range(0, len(mine), args.micro_batch_size):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                    loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
+                                                   divisor, tok.pad_token_id, device)
+                loss.backward()
+                for k, v in dict(loss=float(loss.detach()), **stats).items():
+                    logged[k] += v
+            # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
+            if ddp:
+                logged = all_reduce_step(params, logged, device)
+            # 5. clip, step, zero
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # 6. log: metrics.jsonl every step, a line every --log-every steps
+            if master_process:
+                rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens, sequences=len(items),
+                           tok_per_s=num_tokens / (time.time() - t0), **logged)
+                with open(metrics_path, "a") as f:
+                    append_jsonl(f, rec)
+                bar.update()
+                if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                    if bar.disable:
+                        print(log_line(rec, total_steps), file=sys.stderr, flush=True)
+                    else:
+                        bar.set_postfix({k: f"{rec[k]:.4g}" for k in LOGGED[args.objective]})
+            # 7. checkpoint: every --save-every steps, at every epoch end, and when SIGTERM/SIGINT asks to stop
+            stop = agreed_signal(signals["signal"], ddp, device)
+            if master_process and (stop or checkpoint_due(step, total_steps, args, len(examples))):
+                save_checkpoint(checkpoint, step + 1, model, optimizer, args, device)
+            if stop:
+                bar.close()
+                end_distributed(ddp)
+                raise Interrupted(f"interrupted at step {step + 1}; rerun with --resume to continue"
+                                  if master_process else "", 128 + stop)
+    bar.close()
 
     # ---- save: adapters alone, then the merged model that from_pretrained and vLLM load ------------------
-    if master:
-        if args.save_every:
-            save_checkpoint(total_steps)
-        if not full_ft:
-            from safetensors.torch import save_file
-            (out / "adapters").mkdir(exist_ok=True)
-            save_file(lora_state(model), str(out / "adapters" / "adapters.safetensors"))
-            (out / "adapters" / "adapter_config.json").write_text(json.dumps(dict(
-                base_model=args.model, rank=args.lora_rank, alpha=args.lora_alpha,
-                targets=args.lora_targets.split(",")), indent=2))
-            merge_lora(model)
-        if args.grad_checkpointing:
-            model.gradient_checkpointing_disable()
-            model.config.use_cache = True
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-        metrics = resume_jsonl(metrics_path)
-        keys = [k for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if metrics and k in metrics[0]]
-        save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
-                  {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
-        (out / "train_summary.json").write_text(json.dumps(dict(
+    if master_process:
+        summary = save_result(out, model, tok, args, dict(
             examples=len(examples), dropped_too_long=too_long, traces_not_kept=not_kept, steps=total_steps,
-            world_size=world, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args)), indent=2))
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+            world_size=world_size))
+        final = summary["final"] or {}
+        terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
+        print(f"train: done: {total_steps} steps over {len(examples)} examples ({min(len(order), total_steps * args.batch_size)} "
+              f"sequences), final {terms}, {time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
+    end_distributed(ddp)
 
 
 # =====================================================================================================
@@ -1817,6 +2295,9 @@ def cmd_eval(args):
     """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
     (the settings a resumed run must match)."""
     validate_args(args)
+    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
+    if args.regrade:
+        return regrade_eval(args)
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
@@ -1851,7 +2332,7 @@ def cmd_eval(args):
                                   [args.seed + p["index"] for p in chunk])
                 for p, samples in zip(chunk, outputs):
                     texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
-                    preds, correct = map(list, zip(*(grade(t, p["answer"]) for t in texts)))
+                    preds, correct = grade_responses(texts, p["answer"], args.grader)
                     append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
                                          n_correct=sum(correct), responses=texts, preds=preds, correct=correct,
                                          n_tokens=[len(s["ids"]) for s in samples],
@@ -1861,14 +2342,60 @@ def cmd_eval(args):
         bar.close()
         sampler.close()
     lines = resume_jsonl(samples_path)
+    return write_eval_summary(out, lines, ks, args, engine=engine,
+                              samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
+
+
+def grade_responses(texts, reference, grader):
+    """(preds, correct) of one problem's responses: the one place eval grades, sampling or re-grading."""
+    graded = [grade(t, reference, grader) for t in texts]
+    return [p for p, _ in graded], [bool(c) for _, c in graded]
+
+
+def write_eval_summary(out, lines, ks, args, **extra):
+    """OUT/summary.json (pass@k, lengths, the grader) and OUT/passk.png from the lines of samples.jsonl."""
     summary = eval_summary(lines, ks)
-    summary.update(engine=engine, samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None,
-                   settings=dataclasses.asdict(args))
+    summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
               {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True)
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
     return summary
+
+
+def regrade_eval(args):
+    """--regrade: grade every response of OUT/samples.jsonl again with --grader against the answer recorded
+    beside it; no model is loaded. samples.jsonl is replaced atomically (a temp file, then os.replace), the
+    grader in eval_config.json is updated (a later resume continues with this grader), then summary.json."""
+    out = Path(args.out)
+    samples_path = out / "samples.jsonl"
+    if not samples_path.is_file():
+        raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
+    lines = resume_jsonl(samples_path)
+    if not lines:
+        raise DailError(f"--regrade: {samples_path}: no samples to grade")
+    n = len(lines[0]["responses"])
+    if any(len(r["responses"]) != n for r in lines):
+        raise DailError(f"--regrade: {samples_path}: problems hold different numbers of samples")
+    args.n = n  # pass@k takes n from the file, not from the flag
+    ks = parse_ks(args.k, n)
+    changed = 0
+    for r in lines:
+        preds, correct = grade_responses(r["responses"], r["answer"], args.grader)
+        changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
+        r.update(preds=preds, correct=correct, n_correct=sum(correct))
+    tmp = samples_path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in lines:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, samples_path)
+    config = out / "eval_config.json"
+    if config.exists():
+        config.write_text(json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
+    print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
+          f"{changed} verdicts changed", file=sys.stderr)
+    return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
+                              verdicts_changed=changed)
 
 
 def make_sampler(engine, args, tok, stop_ids):
@@ -2032,6 +2559,10 @@ def main(argv=None):
     except DailError as e:
         print(f"dail.py {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if str(e):                                                  # under torchrun the master says it once
+            print(f"dail.py {args.command}: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

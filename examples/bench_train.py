@@ -145,7 +145,7 @@ def bench_steps(tok, spec, a, device, dtype):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(objective):
-        args = SimpleNamespace(objective=objective, lam=a.lam, direction=a.direction, loss_chunk=chunk)
+        args = SimpleNamespace(objective=objective, lam=a.lam, direction=a.direction, loss_chunk=chunk, loss_norm="token")
         for p in params:
             p.grad = None
         sync(device)
