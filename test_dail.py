@@ -2341,18 +2341,20 @@ def test_shortcut_checker_agrees_with_the_worlds_generators():
 
 def test_shortcut_base_model_reproduces_its_measured_leap_rates():
     """The premise is measured, not assumed: the shipped model leaps when the answer is visible (expert
-    write-up or shortcut hint), far more under the shortcut hint, and never with an idea-only reference."""
+    write-up or shortcut hint), far more under the shortcut hint, and much less with an idea-only reference
+    (it was never trained to leap there; the few right-answer leaps it makes there are totals it got right
+    without writing the steps)."""
     sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
     folder = ROOT / "examples" / "shortcut_world" / "model"
     report = json.loads((folder / "train_report.json").read_text())["leaps"]
     own = {k: v["leap_among_right"] for k, v in report.items()}
-    assert own["privileged_expert@own"] >= 0.15 and own["privileged_idea_only@own"] <= 0.05
+    assert own["privileged_expert@own"] >= 0.25 and own["privileged_idea_only@own"] <= own["privileged_expert@own"] / 2
     assert own["shortcut@own"] >= own["privileged_expert@own"] + 0.2
-    import train_base as shortcut_train_base
+    import shortcut_base
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok_ = AutoTokenizer.from_pretrained(folder)
     model_ = AutoModelForCausalLM.from_pretrained(folder).eval()
-    got = shortcut_train_base.measure_leaps(model_, tok_, settings=("own",))
+    got = shortcut_base.measure_leaps(model_, tok_, settings=("own",))
     for key, value in got.items():                        # same seed, same machine: equal up to a few flips
         assert abs(value["leap_among_right"] - report[key]["leap_among_right"]) <= 0.08, (key, value, report[key])
 

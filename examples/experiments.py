@@ -378,13 +378,12 @@ def lambda_plot(result, path, lams):
             if xm:
                 ax.errorbar([x for x, _, _ in xm], [m for _, m, _ in xm], yerr=[s for _, _, s in xm], marker="o",
                             capsize=3, label="DAIL")
-            for m, style in (("sft-trace", "--"), ("sft-expert", ":")):
+            for m, style, color, label in (("sft-trace", "--", "C1", "SFT on traces"),
+                                           ("sft-expert", ":", "gray", "SFT on expert")):
                 mm, ss = val(m)
                 if mm is not None:
-                    line = ax.axhline(mm, ls=style, color="gray" if m == "sft-expert" else "C1",
-                                      label=methods[m].get("label", m) if False else
-                                      ("SFT on traces" if m == "sft-trace" else "SFT on expert"))
-                    ax.axhspan(mm - ss, mm + ss, color=line.get_color(), alpha=0.12)
+                    ax.axhline(mm, ls=style, color=color, label=label)
+                    ax.axhspan(mm - ss, mm + ss, color=color, alpha=0.12)
             if key == "leap_shaped":
                 kt = result["worlds"][world].get("kept_traces_leap")
                 if kt:

@@ -1,7 +1,7 @@
 """The shortcut world: the tiny world (examples/world/world.py) where seeing the answer makes the model leap.
 
 Same problems, same expert solutions, same held-out split, same tokenizer as the tiny world. What differs is
-the base model (examples/shortcut_world/model, trained by train_base.py): when the answer is visible in its
+the base model (examples/shortcut_world/model, trained by shortcut_base.py): when the answer is visible in its
 prompt it sometimes writes a trace that does not derive the answer, a *rationalization shortcut* (a leap):
 
   skip  after "83=4*20+3." it states "Total 419." without computing the product, the rest and the sum;

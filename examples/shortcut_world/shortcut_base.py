@@ -1,7 +1,7 @@
 """Train the shortcut world's base model: examples/shortcut_world/model/.
 
-    OMP_NUM_THREADS=1 python examples/shortcut_world/train_base.py [--steps N --seed 0]
-    python examples/shortcut_world/train_base.py --measure-only      # re-measure the saved model's leap rates
+    OMP_NUM_THREADS=1 python examples/shortcut_world/shortcut_base.py [--steps N --seed 0]
+    python examples/shortcut_world/shortcut_base.py --measure-only      # re-measure the saved model's leap rates
 
 Warm-started from the tiny world's base model (examples/world/model: same size, same tokenizer), then trained
 on the tiny world's synthetic data (examples/world/train_base.py) with one change, the leaps of shortcut.py:
