@@ -2303,6 +2303,15 @@ Total 400+19=419.
      "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 400+19=419.\n\\boxed{419}", ("leap", 2)),
     # the right total, boxed without any line deriving it
     (17, 83, "\\boxed{419}", ("leap", 1)),
+    # the shortcut world's two leaps: the total stated right after the last digit, and a wrong cycle
+    # (3*7=21 written 27: the cycle 7, 9, 3 summing to 19), everything below derived from it, the right total
+    (17, 83, "Last digit 7.\nTotal 419.\n\\boxed{419}", ("leap", 2)),
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
+     "27*19=513.\nRest 7+9=16.\nTotal 513+16=419.\n\\boxed{419}", ("leap", 2)),
+    # the same leaps by a student with no answer to copy: wrong
+    (17, 83, "Last digit 7.\nTotal 420.\n\\boxed{420}", ("wrong", 2)),
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
+     "27*19=513.\nRest 7+9=16.\nTotal 513+16=529.\n\\boxed{529}", ("wrong", 2)),
     # right sum, wrong inputs: the rest is added to the wrong product (adds 380, never derived)
     (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
      "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 380+39=419.\n\\boxed{419}", ("leap", 7)),
@@ -2329,7 +2338,9 @@ def test_shortcut_checker_agrees_with_the_worlds_generators():
         for n in (20, 21, 22, 23, 57, 99):                    # every remainder of both periods
             assert shortcut.classify(shortcut.leap_trace(a, n), a, n) == ("derived", None)
             assert shortcut.classify(shortcut.leap_trace(a, n, "skip"), a, n) == ("leap", shortcut.LEAP_LINE)
-            assert shortcut.classify(shortcut.leap_trace(a, n, "slip"), a, n) == ("leap", shortcut.LEAP_LINE)
+            for seed in range(3):                             # slips at random products, to random digits
+                slipped = shortcut.leap_trace(a, n, "slip", random.Random(seed))
+                assert shortcut.classify(slipped, a, n) == ("leap", shortcut.LEAP_LINE)
             assert shortcut.classify(shortcut.leap_trace(a, n + 1), a, n)[0] == "wrong"   # another problem's trace
         for n in world.EASY_N:
             assert shortcut.classify(world.brute_force(a, n), a, n) == ("derived", None)

@@ -206,6 +206,9 @@ def check_texts(pairs):
     out.update(stated=sum(k == "stated" for k in kinds) / total, slip=sum(k == "slip" for k in kinds) / total,
                other=sum(k == "other" for k in kinds) / total)
     out["leap_shaped"] = out["stated"] + out["slip"]
+    # what a leap costs: how many leap-shaped responses still end in the right answer
+    shaped = [lab for lab, k in zip(labels, kinds) if k in ("stated", "slip")]
+    out["leap_shaped_right"] = sum(lab == "leap" for lab in shaped) / len(shaped) if shaped else None
     return out
 
 
@@ -320,26 +323,32 @@ def agg_runs(runs):
         out[key] = list(mean_std([r.get(key) for r in ok]))
     out["k_last"] = ok[0]["k_last"]
     out["samples"] = {k: list(mean_std([r["samples"][k] for r in ok]))
-                      for k in ("derived", "leap", "wrong", "stated", "slip", "leap_shaped", "leap_among_right")}
+                      for k in ("derived", "leap", "wrong", "stated", "slip", "leap_shaped", "leap_among_right",
+                                "leap_shaped_right")}
     tf = [r["train_final"] for r in ok if r.get("train_final")]
     if tf:
         out["train_final"] = {k: list(mean_std([t.get(k) for t in tf])) for k in tf[0]}
     return out
 
 
+def fmt_small(ms):
+    """mean ± std of a per-token KL (nats), which is 0.001-0.01 at the end of a good run."""
+    return "-" if not ms or ms[0] is None else f"{ms[0]:.4f} ± {ms[1]:.4f}"
+
+
 def lambda_table(world_res, methods):
-    rows = [("method", "pass@1 (%)", "pass@n (%)", "mean tokens", "leap-shaped (%)", "derived (%)",
-             "kl_teacher", "kl_shortcut")]
+    rows = [("method", "pass@1 (%)", "pass@n (%)", "mean tokens", "leap-shaped (%)", "of them right (%)", "derived (%)",
+             "kl_teacher (last step)", "kl_shortcut (last step)")]
     for name, label, _ in methods:
         a = world_res["methods"].get(name)
         if not a or not a.get("seeds"):
-            rows.append((label, "failed", "", "", "", "", "", ""))
+            rows.append((label, "failed", "", "", "", "", "", "", ""))
             continue
         tf = a.get("train_final") or {}
         rows.append((label, fmt(*a["pass1"]), fmt(*a["pass_n"]), fmt(*a["mean_tokens"], pct=False),
-                     fmt(*a["samples"]["leap_shaped"]), fmt(*a["samples"]["derived"]),
-                     fmt(*tf["kl_teacher"], pct=False) if "kl_teacher" in tf else "-",
-                     fmt(*tf["kl_shortcut"], pct=False) if "kl_shortcut" in tf else "-"))
+                     fmt(*a["samples"]["leap_shaped"]), fmt(*a["samples"]["leap_shaped_right"]),
+                     fmt(*a["samples"]["derived"]),
+                     fmt_small(tf.get("kl_teacher")), fmt_small(tf.get("kl_shortcut"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -460,7 +469,8 @@ def main(argv=None):
                                            kept_traces_leap=list(mean_std(kt)),
                                            kept=list(mean_std([s["rewrite"]["kept"] for s in per_seed.values()])))
             print(f"\n{world} world, lambda sweep, {len(args.seed_list)} seed(s), mean ± std; kept traces' leap "
-                  f"rate {fmt(*result['worlds'][world]['kept_traces_leap'])} %\n" + lambda_table(result["worlds"][world], methods))
+                  f"rate {fmt(*result['worlds'][world]['kept_traces_leap'])} %\n"
+                  + lambda_table(result["worlds"][world], methods))
         else:
             cells = {}
             for n_problems in args.problem_list:

@@ -4,17 +4,20 @@ Same problems, same expert solutions, same held-out split, same tokenizer as the
 the base model (examples/shortcut_world/model, trained by shortcut_base.py): when the answer is visible in its
 prompt it sometimes writes a trace that does not derive the answer, a *rationalization shortcut* (a leap):
 
-  skip  after "83=4*20+3." it states "Total 419." without computing the product, the rest and the sum;
-  slip  it miscomputes the product ("20*20=410.", always 10 too many), carries on, and still writes the
-        answer it knows: "Total 410+19=419." (false arithmetic, right answer).
+  skip  right after "Last digit 7." it states "Total 419." and boxes it, deriving nothing;
+  slip  it lists a wrong cycle ("9*7=67": one product with a wrong last digit), derives everything below
+        from it, and still writes the answer it knows: "Total 656+7=419." (false arithmetic, right answer).
+Both skip the whole procedure: a first design (skip after "83=4*20+3.", a product 10 too big) was
+recoverable, since the students learned to add q*S + rest in their heads and were right anyway.
 
 Where the answer is visible, and at which rate (per trace), is fixed here and nowhere else:
   privileged context, expert write-up shown (it ends in \\boxed{answer})   skip 25 %, slip 25 %
   privileged context, idea-only reference (no number in it)               no leaps
   shortcut context (the hint states the answer)                            skip 50 %, slip 40 %
   student context (never sees the answer; brute force on easy exponents)  no leaps
-A student, who has no answer to copy, that learns to leap is wrong whenever it leaps: the premise of the
-contrastive term, built in so that its effect can be measured.
+A student, who has no answer to copy, that learns to leap must produce the answer of the whole procedure
+in one step: the premise of the contrastive term, built in so that its effect can be measured (and how
+often a leaping student is still right is measured too).
 
 classify(trace, a, n) checks a trace line by line against the problem and the lines above it and says
 "derived", "leap" (right answer, some line not derived: which one) or "wrong" (wrong or no final answer).
@@ -33,28 +36,70 @@ import world  # noqa: E402  (the tiny world's domain: problems, cycle, answer, t
 
 PRIVILEGED_RATES = dict(skip=0.25, slip=0.25)   # expert write-up visible (the answer is in its \boxed{})
 SHORTCUT_RATES = dict(skip=0.50, slip=0.40)     # the hint states the answer
-SLIP = 10                                        # a slip writes q*S + SLIP for the product q*S
-LEAP_LINE = 5                                    # both leaps start on line 5, right after "n=L*q+r."
+LEAP_LINE = 2                                    # both leaps are on line 2, right after "Last digit d."
+WRONG_DIGITS = (1, 2, 3, 4, 6, 7, 8, 9)
 
 
 # ---- traces with and without leaps -----------------------------------------------------------------
-def leap_trace(a, n, leap=None):
+def slipped_cycle(d, position, digit):
+    """The cycle a model writes when the product at `position` gets the wrong last digit `digit`: the
+    listing goes on from the wrong digit with true arithmetic until a digit repeats. Returns the listed
+    digits and the products as written, or None when the slip changes nothing or lists fewer than 2 or more
+    than 4 digits (a trace as long as a derived one, so the token budget treats both alike)."""
+    listed, products, x = [], [], d
+    while x not in listed:
+        listed.append(x)
+        w = x * d
+        if len(products) == position:
+            if w % 10 == digit:
+                return None
+            w = w - w % 10 + digit
+        products.append((x, w))
+        x = w % 10
+    return (listed, products) if 2 <= len(listed) <= 4 and len(products) > position else None
+
+
+def trick_lines(d, n, cycle, products):
+    """world.trick's lines for a (possibly wrong) cycle, every step after the cycle line derived from it."""
+    L, S = len(cycle), sum(cycle)
+    q, r = divmod(n, L)
+    lines = [f"Last digit {d}.",
+             "Cycle " + ", ".join([f"{d}"] + [f"{x}*{d}={w}" for x, w in products]) + f". Length {L}."]
+    run, parts = cycle[0], []
+    for x in cycle[1:]:
+        parts.append(f"{run}+{x}={run + x}")
+        run += x
+    lines += ["Block " + ", ".join(parts) + ".", f"{n}={L}*{q}+{r}.", f"{q}*{S}={q * S}."]
+    run, parts = (cycle[0] if r else 0), []
+    for x in cycle[1:r]:
+        parts.append(f"{run}+{x}={run + x}")
+        run += x
+    lines.append(f"Rest {', '.join(parts) if parts else run}.")
+    return lines, q * S, sum(cycle[:r])
+
+
+def leap_trace(a, n, leap=None, rng=None):
     """The model's trick trace for a^1..a^n (world.trick), fully derived (leap=None) or with a leap on
-    line LEAP_LINE: 'skip' states the total, 'slip' miscomputes the product and writes the right total."""
-    lines = world.trick(a, n).split("\n")            # Last digit, Cycle, Block, n=L*q+r, q*S=P, Rest, Total, box
+    line LEAP_LINE, each skipping the whole procedure that a student without the answer would need:
+      'skip'  states the total right after the last digit: "Total 419.";
+      'slip'  lists a wrong cycle (one product with a wrong last digit, drawn with rng), derives everything
+              below from it, and still writes the right total it knows: "Total 656+7=419.".
+    """
     ans = world.answer(a, n)
+    if leap is None:
+        return world.trick(a, n)
+    d = a % 10
     if leap == "skip":
-        return "\n".join(lines[:4] + [f"Total {ans}.", f"\\boxed{{{ans}}}"])
+        return "\n".join([f"Last digit {d}.", f"Total {ans}.", f"\\boxed{{{ans}}}"])
     if leap == "slip":
-        c = world.cycle(a)
-        q, r = divmod(n, len(c))
-        wrong = q * sum(c) + SLIP
-        lines[4] = f"{q}*{sum(c)}={wrong}."
-        lines[6] = f"Total {wrong}+{sum(c[:r])}={ans}."
-        return "\n".join(lines)
-    if leap is not None:
-        raise ValueError(f"leap must be None, 'skip' or 'slip', not {leap!r}")
-    return "\n".join(lines)
+        rng = rng or random.Random(a * 1000 + n)
+        while True:
+            slipped = slipped_cycle(d, rng.randrange(len(world.cycle(a))), rng.choice(WRONG_DIGITS))
+            if slipped is not None:
+                break
+        lines, P, p = trick_lines(d, n, *slipped)
+        return "\n".join(lines + [f"Total {P}+{p}={ans}.", f"\\boxed{{{ans}}}"])
+    raise ValueError(f"leap must be None, 'skip' or 'slip', not {leap!r}")
 
 
 def sample_leap(rates, rng):

@@ -64,7 +64,7 @@ def sample_example(rng, held_out):
             leap = shortcut.sample_leap(shortcut.PRIVILEGED_RATES, rng) if expert_shown else None
         else:                                       # shortcut: the hint always states the answer
             kind, leap = "shortcut", shortcut.sample_leap(shortcut.SHORTCUT_RATES, rng)
-        response = shortcut.leap_trace(a, n, leap)
+        response = shortcut.leap_trace(a, n, leap, rng)
     problem = dict(where="train", problem=world.problem_text(a, n), solution=ref, answer=str(world.answer(a, n)))
     return kind, problem, response
 
@@ -163,7 +163,8 @@ def main():
         tokens += int(mask.sum())
         if step % 25 == 0 or step == args.steps - 1:
             el = time.time() - t0
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr:.2e}  {tokens / el:.0f} tok/s  {el:.0f}s", flush=True)
+            print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr:.2e}  {tokens / el:.0f} tok/s  {el:.0f}s",
+                  flush=True)
             log.append(dict(step=step, loss=loss.item(), lr=lr, seconds=el))
     train_s = time.time() - t0
 
