@@ -128,6 +128,8 @@ class RewriteArgs(CommonArgs):
                                  "(0: pure proposer, >=1: pure validator) [default 0.8; 1.0 with --thinking]",
                            type=float)
     retries: int = arg(5, "proposals drawn per step before falling back to the validator")
+    greedy_proposer: bool = arg(False, "ablation: the proposer always proposes its most likely token (the "
+                                       "validator's fallbacks still sample)")
     temperature: float = arg(0.6, "sampling temperature of both contexts (0: greedy)")
     top_p: float = arg(0.95, "nucleus sampling mass of both contexts")
     top_k: int = arg(20, "keep only the k most likely tokens of both contexts (0: all)")
@@ -199,7 +201,15 @@ class EvalArgs(CommonArgs):
     temperature: float = arg(0.6, "sampling temperature (0: greedy)")
     top_p: float = arg(0.95, "nucleus sampling mass")
     top_k: int = arg(0, "keep only the k most likely tokens (0: all)")
-    max_new_tokens: int = arg(4096, "token budget per sample")
+    max_new_tokens: int = arg(4096, "token budget per sample; with --thinking the thinking budget: the first pass "
+                                    "stops at </think> or here")
+    presence_penalty: float = arg(1.5, "subtract this from the logit of every token already in the sample's own "
+                                       "output, before temperature/top-k/top-p (vLLM's presence_penalty; 0: off)")
+    answer_tokens: int = arg(100, "token budget of the second, forced-answer pass")
+    no_force_answer: bool = arg(False, "one pass only (with --thinking the budget then covers thinking and "
+                                       "answer); by default every --thinking sample, and every other sample "
+                                       "without \\boxed{, gets a second pass that closes the thinking or asks "
+                                       "for the boxed answer")
     batch_size: int = arg(64, "hf engine: sequences decoded together")
     engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
                       choices=["auto", "hf", "vllm"])
@@ -335,11 +345,12 @@ def check_resume_config(path, config, resuming, overwrite=False):
 RESULT_SETTINGS = {
     "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
                 "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
-                "dtype", "grader"),
+                "dtype", "grader", "greedy_proposer"),
     "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
               "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
               "max_len", "thinking", "seed", "dtype", "loss_norm"),
-    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype", "grader"),
+    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype", "grader",
+             "presence_penalty", "answer_tokens", "no_force_answer"),
 }
 
 
@@ -487,6 +498,8 @@ VALID = {
     "max_model_len": (_at_least(1, optional=True), "an integer >= 1"),
     "gpu_memory_utilization": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "n": (_at_least(1), "an integer >= 1"),
+    "presence_penalty": (_at_least(0), "a number >= 0 (0: off)"),
+    "answer_tokens": (_at_least(1), "an integer >= 1"),
     "lam": (_at_least(0), "a number >= 0 (it weighs a subtracted term; 0 switches it off)"),
     "lora_rank": (_at_least(0), "an integer >= 0 (0: full fine-tuning)"),
     "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
@@ -620,6 +633,28 @@ def load_tokenizer(name):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def template_supports_thinking(tok):
+    """Whether the tokenizer's chat template knows a thinking block (Qwen3-style: it reads `enable_thinking`
+    or writes <think>). A template given as several named templates counts when any of them does."""
+    template = tok.chat_template
+    text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
+    return "enable_thinking" in text or "<think>" in text
+
+
+def check_thinking_flag(tok, args):
+    """Warn (stderr, once per command) when --thinking does not match the chat template: a reasoning model
+    run without it is prompted, budgeted and graded as a non-reasoning one, silently."""
+    supports = template_supports_thinking(tok)
+    if supports and not args.thinking:
+        print(f"warning: --model {args.model}: the chat template supports thinking (<think>) but --thinking "
+              f"is not set; a reasoning model needs --thinking for its prompts, budgets and grading",
+              file=sys.stderr)
+    elif args.thinking and not supports:
+        print(f"warning: --model {args.model}: --thinking is set but the chat template has no thinking "
+              f"support; dail.py will open <think> itself", file=sys.stderr)
+    return supports
 
 
 def check_tokenizer_reload(tok, name):
@@ -1214,6 +1249,7 @@ def load_problems(path, need_solution, need_answer):
             answer = extract_boxed(solution)
         if need_answer and answer is None:
             raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
+        prompt = check_prompt_field(path, lineno, rec)
         pid = rec.get("id", lineno)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
@@ -1222,8 +1258,24 @@ def load_problems(path, need_solution, need_answer):
             raise DailError(f"{path}:{lineno}: field 'id': duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = lineno
         problems.append(dict(id=pid, index=len(problems), where=f"{path}:{lineno}", problem=rec["problem"],
-                             solution=solution, answer=answer))
+                             solution=solution, answer=answer, prompt=prompt))
     return problems
+
+
+def check_prompt_field(path, lineno, rec):
+    """The record's own eval prompt (the released eval used each benchmark's prompt), or None: a string (the
+    user turn, used as it is) or a list of chat messages {"role": str, "content": str}."""
+    prompt = rec.get("prompt")
+    if prompt is None or isinstance(prompt, str) and prompt.strip():
+        return prompt
+    if not isinstance(prompt, list) or not prompt:
+        raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list of "
+                        f"chat messages {{\"role\": ..., \"content\": ...}}")
+    for i, m in enumerate(prompt):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
+                            f"{{\"role\": string, \"content\": string}}")
+    return prompt
 
 
 # =====================================================================================================
@@ -1250,29 +1302,71 @@ Now solve the problem yourself, as if you were seeing it for the first time:
 
 SHORTCUT_PROMPT = """{problem}
 
-Hint: the final answer is {answer}. Values that appear along the way: {results}.
+Hint: the final answer is {answer}. Values and symbols that occur in a full solution, sorted (numbers in
+increasing order, then symbols alphabetically), not in the order the solution uses them: {results}.
 
 """ + ANSWER_FORMAT
 
+# The forced-answer pass of eval (see force_answers) continues the response after one of these.
+THINKING_CLOSE = ("\n\nThe thinking budget is used up, so I stop exploring here and give the final answer the "
+                  "reasoning above supports, in \\boxed{}.\n</think>\n\n")
+ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
-def intermediate_results(solution, limit=20):
-    """The results an expert solution states, without its method: the right-hand sides of equations
-    inside $...$ and every number, in order of appearance, without repeats, at most `limit`."""
-    found = []
-    for math_span in re.findall(r"\$([^$]+)\$|\\\((.+?)\\\)", solution):
-        rhs = (math_span[0] or math_span[1]).split("=")[-1].strip()
-        if re.search(r"\d", rhs) and len(rhs) <= 24:
-            found.append(rhs)
-    found += re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?", solution)
-    unique = list(dict.fromkeys(x.strip() for x in found if x.strip()))
-    return unique[:limit]
+_MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
+_GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi "
+          "rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega")
+_SIGN_BEFORE = ("", "$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\le", "\\ge", "\\leq", "\\geq",
+                "\\ne", "\\neq", "\\approx", "\\cdot", "\\times", "\\pm")
+
+
+def intermediate_results(solution, answer=None):
+    """The shortcut context's list: the atomic values and symbols of an expert solution, without its method.
+
+    Atoms are numbers (integers, decimals, integer fractions a/b and \\frac{a}{b}; a minus sign counts when
+    it cannot be a subtraction, e.g. after = or \\equiv or an opening bracket) found anywhere, and single
+    symbols found inside math ($...$, $$...$$, \\(...\\), \\[...\\]): a letter with an optional simple
+    subscript (n, a_1, x_{k}) or a Greek letter (\\pi). Statements (3^6 \\equiv 1 \\pmod 7) contribute only
+    their atoms (3, 6, 1, 7); command names (\\pmod, \\frac) and \\text{...} are not symbols. The list is
+    de-duplicated (numbers by exact value, first spelling kept) and sorted, numbers ascending then symbols
+    alphabetically, so its order says nothing about the method. Atoms equal to `answer` are left out (the
+    hint states the answer first). There is no cap: every atom is listed."""
+    numbers, symbols = {}, set()
+    frac = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
+
+    def add_number(text, value):
+        numbers.setdefault(value, text)
+
+    def take_fractions(m):
+        num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+        if int(den) != 0:
+            add_number(m.group(0).strip(), Fraction(int(num), int(den)))
+        return " "
+    rest = re.sub(frac, take_fractions, solution)
+    for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):
+        sign = m.group(1)
+        if sign and not rest[:m.start()].rstrip().endswith(_SIGN_BEFORE[1:]) and rest[:m.start()].strip():
+            sign = ""                                    # x - 3: a subtraction, the atom is 3
+        add_number(sign + m.group(2), Fraction(sign + m.group(2)))
+    for groups in re.findall(_MATH_SPANS, solution, flags=re.S):
+        math = next(g for g in groups if g)
+        math = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", math)
+        for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", math):
+            if m.group(1):
+                if m.group(1) in _GREEK.split():
+                    symbols.add("\\" + m.group(1))
+            else:
+                symbols.add(m.group(2) + (f"_{m.group(3)}" if m.group(3) else ""))
+    atoms = [numbers[v] for v in sorted(numbers)] + sorted(symbols, key=lambda x: (x.lstrip("\\").lower(), x))
+    return [a for a in atoms if answer is None or not is_equiv(a, answer)]
 
 
 def chat_prompt_ids(tok, user_text, thinking):
-    """Token ids of one user turn plus the assistant's generation prompt. With `thinking` the response
-    starts inside <think>. Templating goes through text and the ids are taken once, here: responses are
-    appended as ids, never decoded and re-encoded (re-tokenizing can change the response tokens)."""
-    text = tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+    """Token ids of one user turn (or of a list of chat messages {role, content}) plus the assistant's
+    generation prompt. With `thinking` the response starts inside <think>. Templating goes through text and
+    the ids are taken once, here: responses are appended as ids, never decoded and re-encoded
+    (re-tokenizing can change the response tokens)."""
+    messages = user_text if isinstance(user_text, list) else [{"role": "user", "content": user_text}]
+    text = tok.apply_chat_template(messages, tokenize=False,
                                    add_generation_prompt=True, enable_thinking=thinking)
     if thinking and not text.rstrip().endswith("<think>"):
         text += "<think>\n"
@@ -1343,7 +1437,7 @@ def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "pr
                             f"{max_prompt_len} (--max-prompt-len, or the model's context length minus "
                             f"--max-new-tokens)")
     if "shortcut" in which:
-        results = intermediate_results(problem["solution"] or "")
+        results = intermediate_results(problem["solution"] or "", problem["answer"])
         text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
                                       results=", ".join(results) if results else "none")
         out["shortcut"] = chat_prompt_ids(tok, text, thinking)
@@ -1370,25 +1464,38 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
     return torch.zeros_like(logits).scatter(-1, order, probs)
 
 
-def mix_step(p_propose, p_validate, threshold, retries=5, generator=None):
-    """The DAIL token rule, vectorized over a batch. p_propose, p_validate: [B, V] sampling distributions.
-    Returns tokens [B] (long) and accepted [B] (bool: the token is an accepted proposal).
+def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, generator=None):
+    """The DAIL token rule, vectorized over a batch. p_propose, p_validate: [B, V] *sampling* distributions
+    (tempered, truncated: sampling_probs); q_validate: [B, V] the validator's *model* probabilities, the full
+    softmax of its raw logits at temperature 1 (model_probs), which is what the threshold tests (as released:
+    vLLM's raw log-probs). Returns tokens [B] (long) and accepted [B] (bool: the token is an accepted proposal).
 
-    Per row: draw up to `retries` candidates c ~ p_propose; take the first with p_validate[c] >= threshold;
-    if none passes, draw the token from p_validate (a fallback). With A = {v : p_validate[v] >= threshold}
+    Per row: draw up to `retries` candidates c ~ p_propose; take the first with q_validate[c] >= threshold;
+    if none passes, draw the token from p_validate (a fallback). With A = {v : q_validate[v] >= threshold}
     and a = p_propose(A), the token's distribution is exactly
 
         P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
                (accepted mass 1 - (1-a)^R)                          (fallback mass (1-a)^R)
 
-    so threshold = 0 is pure proposer sampling (a = 1) and threshold > 1 pure validator sampling (a = 0)."""
+    Only A depends on q; proposals and fallbacks come from the sampling distributions. (Testing the
+    tempered, renormalized p_validate instead changes what the threshold means: at temperature 0.6 a raw
+    0.6 can become 0.86 and pass 0.8.) threshold = 0 is pure proposer sampling (a = 1) and threshold > 1
+    pure validator sampling (a = 0)."""
     draws = torch.multinomial(p_propose, retries, replacement=True, generator=generator)    # [B, R]
-    passes = p_validate.gather(1, draws) >= threshold                                       # [B, R]
+    passes = q_validate.gather(1, draws) >= threshold                                       # [B, R]
     accepted = passes.any(1)                                                                # [B]
     first = passes.int().argmax(1, keepdim=True)              # index of the first passing draw (0 if none)
     proposal = draws.gather(1, first).squeeze(1)                                            # [B]
     fallback = torch.multinomial(p_validate, 1, generator=generator).squeeze(1)             # [B]
     return torch.where(accepted, proposal, fallback), accepted
+
+
+def model_probs(logits):
+    """[B, V] logits -> [B, V] float32 model probabilities: the full softmax at temperature 1, no top-k or
+    top-p, what the threshold is compared with. Banned tokens (the caller set their logits to -inf, e.g.
+    </think> in a thinking rewrite) get probability 0 and the rest is renormalized: the validator's
+    probability of a candidate given that the trace cannot take a banned token."""
+    return logits.float().softmax(-1)
 
 
 def left_pad(seqs, pad_id, device):
@@ -1405,7 +1512,7 @@ def left_pad(seqs, pad_id, device):
 
 
 @torch.no_grad()
-def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=()):
+def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
     """Decode one response per trace that is shared by G contexts (G = 2 for rewrite: proposer, validator;
     G = 1 for eval). contexts: B traces, each a list of G prompt-id lists.
     choose(logits [G, b, V]) -> (tokens [b], accepted [b] bool or None) picks each active trace's token.
@@ -1414,7 +1521,10 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     ids from the mask), then every step feeds one token per row and grows the mask by one column. The
     token chosen for a trace is appended to all its contexts, so they share the response ids exactly.
     A trace stops at a stop token (not kept in its ids) or at the budget; finished rows leave the batch.
-    Returns per trace: dict(ids, finish_reason 'stop'|'length', n_accepted, n_fallback)."""
+    presence_penalty (eval; vLLM's semantics): before `choose`, subtract it from the logit of every token that
+    already occurs in this trace's response (generated tokens only, never the prompt's): a [b, V] mask.
+    Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id (the stop token or None),
+    n_accepted, n_fallback)."""
     device = next(model.parameters()).device
     B, G = len(contexts), len(contexts[0])
     rows = [trace[g] for g in range(G) for trace in contexts]          # row g*B + i = context g of trace i
@@ -1425,19 +1535,24 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
                    use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
     next_pos = positions[:, -1] + 1                                           # [G*B]
     active = list(range(B))                                                   # traces still decoding
-    results = [dict(ids=[], finish_reason="length", n_accepted=0, n_fallback=0) for _ in range(B)]
+    results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
     stop = set(stop_ids)
+    present = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=device) if presence_penalty else None
     for step in range(max_new_tokens):
         if banned_ids:
             logits[:, list(banned_ids)] = float("-inf")
+        if present is not None:                                   # [b, V] -> every context's rows [G*b, V]
+            logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
         b = len(active)
         tokens, accepted = choose(logits.reshape(G, b, -1))
+        if present is not None:
+            present[torch.arange(b, device=device), tokens] = True
         tok_list = tokens.tolist()
         acc_list = accepted.tolist() if accepted is not None else [False] * b
         keep = []
         for j, i in enumerate(active):
             if tok_list[j] in stop:
-                results[i]["finish_reason"] = "stop"
+                results[i]["finish_reason"], results[i]["stop_id"] = "stop", tok_list[j]
                 continue
             results[i]["ids"].append(tok_list[j])
             results[i]["n_accepted" if acc_list[j] else "n_fallback"] += 1
@@ -1449,6 +1564,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             rows_kept = torch.cat([kept + g * b for g in range(G)])
             cache.batch_select_indices(rows_kept)
             mask, next_pos, tokens = mask[rows_kept], next_pos[rows_kept], tokens[kept]
+            present = present[kept] if present is not None else None
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
@@ -1536,6 +1652,7 @@ def cmd_rewrite(args):
     done = resume_jsonl(out)
     check_resume_config(out.with_suffix(".config.json"), run_config(args, "rewrite"), resuming=bool(done))
     tok = load_tokenizer(args.model)
+    check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
     contexts, skipped = {}, 0
     for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
@@ -1591,19 +1708,25 @@ def cmd_rewrite(args):
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
                device):
     """The token-by-token rollout: both contexts of every trace in one batched forward per step.
-    At threshold >= 1 the rule *is* validator sampling (p_validate[c] >= 1 only when p_validate is one-hot
-    at c), and at threshold <= 0 it is proposer sampling, so then that one context is decoded alone."""
+    The threshold tests the validator's model probability q (model_probs: full softmax, temperature 1).
+    At threshold <= 0 every candidate passes (q >= 0): proposer sampling. At threshold >= 1 a candidate
+    passes only where q is one-hot on it (q[c] >= 1 means all other tokens have probability 0); then the
+    validator's sampling distribution, a tempered and truncated q, is that same one-hot, so accepting c
+    is what validator sampling would emit anyway: validator sampling. In both cases that one context is
+    decoded alone."""
     model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
     names = [pure] if pure else [proposer, validator]
 
     def choose(logits):  # [G, b, V]: the proposer's rows, then the validator's (G = 1 for a pure policy)
-        probs = [sampling_probs(lg, args.temperature, args.top_p, args.top_k) for lg in logits]
+        greedy = [args.greedy_proposer and name == proposer for name in names]   # --greedy-proposer: one-hot
+        probs = [sampling_probs(lg, 0 if g else args.temperature, args.top_p, args.top_k)
+                 for lg, g in zip(logits, greedy)]
         if pure:
             tokens = torch.multinomial(probs[0], 1, generator=gen).squeeze(1)
             return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
-        return mix_step(probs[0], probs[1], args.threshold, args.retries, gen)
+        return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, gen)
 
     bar = progress(total=len(todo), desc="rewrite", unit="trace")
     n_tok, n_acc, t0 = 0, 0, time.time()
@@ -2152,6 +2275,8 @@ def cmd_train(args):
     master_process = rank == 0                                 # it logs and saves; every rank trains
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.model)
+    if master_process:
+        check_thinking_flag(tok, args)
     examples, too_long = build_examples(tok, records, args)
     if master_process:
         print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
@@ -2280,12 +2405,22 @@ def eval_summary(lines, ks):
     """Mean pass@k over problems, response-length figures, and answer-extraction counts."""
     all_tokens = [t for r in lines for t in r["n_tokens"]]
     correct_tokens = [t for r in lines for t, ok in zip(r["n_tokens"], r["correct"]) if ok]
+
+    def mean_of(part, only_correct=False):  # thinking and answer tokens apart (older runs: all are answer)
+        vals = []
+        for r in lines:
+            counts = r.get(f"n_{part}_tokens") or (r["n_tokens"] if part == "answer" else [0] * len(r["n_tokens"]))
+            vals += [t for t, ok in zip(counts, r["correct"]) if ok or not only_correct]
+        return float(np.mean(vals)) if vals else None
     return dict(
         problems=len(lines),
         pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
                    for k in ks},
         mean_tokens=float(np.mean(all_tokens)) if all_tokens else None,
         mean_tokens_correct=float(np.mean(correct_tokens)) if correct_tokens else None,
+        mean_thinking_tokens=mean_of("thinking"), mean_answer_tokens=mean_of("answer"),
+        mean_thinking_tokens_correct=mean_of("thinking", True), mean_answer_tokens_correct=mean_of("answer", True),
+        samples_forced=sum(f is not None for r in lines for f in r.get("forced", [])),
         samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
         problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
         truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]))
@@ -2293,7 +2428,10 @@ def eval_summary(lines, ks):
 
 def cmd_eval(args):
     """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
-    (the settings a resumed run must match)."""
+    (the settings a resumed run must match). Per sample, samples.jsonl keeps the first pass (`responses`,
+    `finish_reasons`) and the forced-answer pass apart (`forced`: the inserted line + what was sampled after
+    it, or null), and counts generated tokens: n_tokens = n_thinking_tokens + n_answer_tokens, of which
+    n_forced_tokens in the second pass. Only answer_part (after </think> with --thinking) is graded."""
     validate_args(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     if args.regrade:
@@ -2308,15 +2446,17 @@ def cmd_eval(args):
     done = {r["id"] for r in resume_jsonl(samples_path)}
     check_resume_config(out / "eval_config.json", run_config(args, "eval"), resuming=bool(done))
     tok = load_tokenizer(args.model)
+    check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
     prompts = {}
     for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
-        prompts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student",))["student"]
+        prompts[p["id"]] = eval_prompt_ids(tok, p, args.thinking, max_prompt)
     todo = [p for p in problems if p["id"] not in done]
     engine = args.engine
     if engine == "auto":
         engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     t0, n_new = time.time(), 0
+    think_end = tok.get_vocab().get("</think>")
     if todo:
         stop_ids = stop_token_ids(tok, args.model)
         print(f"eval: {len(todo)} problems x {args.n} samples ({len(done)} already in {samples_path}), "
@@ -2332,10 +2472,17 @@ def cmd_eval(args):
                                   [args.seed + p["index"] for p in chunk])
                 for p, samples in zip(chunk, outputs):
                     texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
-                    preds, correct = grade_responses(texts, p["answer"], args.grader)
+                    forced = [None if s.get("forced_ids") is None else
+                              tok.decode(s["forced_ids"], skip_special_tokens=False) for s in samples]
+                    preds, correct = grade_responses([t + (fo or "") for t, fo in zip(texts, forced)], p["answer"],
+                                                     args.grader, args.thinking)
+                    split = [token_split(s, args.thinking, think_end) for s in samples]
                     append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
-                                         n_correct=sum(correct), responses=texts, preds=preds, correct=correct,
-                                         n_tokens=[len(s["ids"]) for s in samples],
+                                         n_correct=sum(correct), responses=texts, forced=forced, preds=preds,
+                                         correct=correct, n_tokens=[a + b for a, b in split],
+                                         n_thinking_tokens=[a for a, _ in split],
+                                         n_answer_tokens=[b for _, b in split],
+                                         n_forced_tokens=[s.get("n_forced", 0) for s in samples],
                                          finish_reasons=[s["finish_reason"] for s in samples]))
                     n_new += len(samples)
                 bar.update(len(chunk))
@@ -2346,9 +2493,10 @@ def cmd_eval(args):
                               samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
 
 
-def grade_responses(texts, reference, grader):
-    """(preds, correct) of one problem's responses: the one place eval grades, sampling or re-grading."""
-    graded = [grade(t, reference, grader) for t in texts]
+def grade_responses(texts, reference, grader, thinking):
+    """(preds, correct) of one problem's responses (first pass + forced answer): the one place eval grades,
+    sampling or re-grading. Only answer_part is graded (with --thinking: the text after </think>)."""
+    graded = [grade(answer_part(t, thinking), reference, grader) for t in texts]
     return [p for p, _ in graded], [bool(c) for _, c in graded]
 
 
@@ -2380,8 +2528,11 @@ def regrade_eval(args):
     args.n = n  # pass@k takes n from the file, not from the flag
     ks = parse_ks(args.k, n)
     changed = 0
+    config = out / "eval_config.json"
+    thinking = json.loads(config.read_text()).get("thinking", args.thinking) if config.exists() else args.thinking
     for r in lines:
-        preds, correct = grade_responses(r["responses"], r["answer"], args.grader)
+        texts = [t + (fo or "") for t, fo in zip(r["responses"], r.get("forced") or [None] * n)]
+        preds, correct = grade_responses(texts, r["answer"], args.grader, thinking)
         changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
         r.update(preds=preds, correct=correct, n_correct=sum(correct))
     tmp = samples_path.with_suffix(".jsonl.tmp")
@@ -2389,7 +2540,6 @@ def regrade_eval(args):
         for r in lines:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, samples_path)
-    config = out / "eval_config.json"
     if config.exists():
         config.write_text(json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
     print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
@@ -2398,35 +2548,115 @@ def regrade_eval(args):
                               verdicts_changed=changed)
 
 
+def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
+    """Prompt ids of one eval problem: the record's own `prompt` when it has one (a string: the user turn;
+    a list: the chat messages), else the student prompt. Over max_prompt_len: DailError."""
+    if problem.get("prompt") is None:
+        return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
+    ids = chat_prompt_ids(tok, problem["prompt"], thinking)
+    if max_prompt_len is not None and len(ids) > max_prompt_len:
+        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt "
+                        f"budget of {max_prompt_len} (--max-prompt-len, or the model's context length minus "
+                        f"--max-new-tokens)")
+    return ids
+
+
+def answer_part(response, thinking):
+    """The text that is graded: with `thinking`, what follows the last </think> ("" when the thinking never
+    closed: a box inside the thinking is a guess, not an answer); else the whole response."""
+    if not thinking:
+        return response
+    cut = response.rfind("</think>")
+    return "" if cut < 0 else response[cut + len("</think>"):]
+
+
+def token_split(sample, thinking, think_end):
+    """(thinking tokens, answer tokens) of one sample, generated tokens only (the inserted THINKING_CLOSE
+    or ANSWER_REQUEST is not counted). With `thinking`: the first pass up to and including a generated
+    </think> is thinking, the rest of it and the forced pass are answer; without: all answer."""
+    ids, forced = sample["ids"], sample.get("n_forced", 0)
+    if not thinking:
+        return 0, len(ids) + forced
+    cut = ids.index(think_end) + 1 if think_end in ids else len(ids)
+    return cut, len(ids) - cut + forced
+
+
+def forced_answer_suffix(tok, sample, thinking, think_end):
+    """What the forced-answer pass appends to prompt + first-pass ids before it samples (ids), or None when
+    the sample gets no second pass. --thinking: every sample; </think> alone when the thinking closed by
+    itself (the first pass stopped on it), THINKING_CLOSE when the budget (or an end of turn) cut it.
+    Otherwise only a sample whose text has no \\boxed{ gets one, after ANSWER_REQUEST."""
+    if thinking:
+        if think_end is not None and sample.get("stop_id") == think_end:
+            return [think_end]
+        return tok(THINKING_CLOSE, add_special_tokens=False)["input_ids"]
+    if "\\boxed{" in tok.decode(sample["ids"], skip_special_tokens=False):
+        return None
+    return tok(ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
+
+
+def force_answers(tok, prompts, outputs, thinking, think_end, second_pass, seeds):
+    """The released eval's second pass, engine-agnostic. outputs: per prompt, the first pass's sample dicts
+    (ids, finish_reason, stop_id); updated in place with forced_ids (the suffix + the ids sampled after it;
+    None: no second pass) and n_forced (tokens sampled in the second pass). second_pass(rows, seeds) samples
+    one continuation per row (prompt + ids + suffix) with at most --answer-tokens tokens; it returns per row
+    a list holding one dict (ids, ...). Seeds: one per sample, derived from the problem's."""
+    rows, targets, row_seeds = [], [], []
+    for prompt, samples, seed in zip(prompts, outputs, seeds):
+        for i, s in enumerate(samples):
+            s["forced_ids"], s["n_forced"] = None, 0
+            suffix = forced_answer_suffix(tok, s, thinking, think_end)
+            if suffix is not None:
+                rows.append(list(prompt) + s["ids"] + suffix)
+                targets.append((s, suffix))
+                row_seeds.append(seed * 1_000_003 + i + 1)
+    if rows:
+        for (s, suffix), r in zip(targets, second_pass(rows, row_seeds)):
+            s["forced_ids"], s["n_forced"] = suffix + r[0]["ids"], len(r[0]["ids"])
+    return outputs
+
+
 def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds) -> per prompt, args.n dicts (ids, finish_reason), from one engine;
-    sampler.close() frees it. Seeds: vLLM takes one per problem (--seed + its index in the file), so a resumed
-    run samples what an uninterrupted one would; the hf engine draws from one generator per run."""
+    """sampler(prompt id lists, seeds) -> per prompt, args.n dicts (ids, finish_reason, stop_id, and after
+    the forced-answer pass forced_ids, n_forced), from one engine; sampler.close() frees it. Both passes
+    use the sampling flags and the presence penalty. With --thinking (and the forced answer on) the first
+    pass also stops at </think>. Seeds: vLLM takes one per problem (--seed + its index in the file), so a
+    resumed run samples what an uninterrupted one would; the hf engine draws from one generator per run."""
+    think_end = tok.get_vocab().get("</think>") if args.thinking else None
+    first_stops = list(stop_ids) + ([think_end] if think_end is not None and not args.no_force_answer else [])
     if engine == "vllm":
         llm = load_vllm(args)
 
-        def sample_vllm(prompts, seeds):
-            return vllm_sample(llm, prompts, args.n, args, stop_ids, seeds)
-        sample_vllm.close = lambda: close_vllm(llm)
-        return sample_vllm
+        def generate(prompts, n, max_tokens, stops, seeds):
+            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
+                               presence_penalty=args.presence_penalty)
+        close = lambda: close_vllm(llm)  # noqa: E731
+    else:
+        device = resolve_device(args.device)
+        model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
+        gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    device = resolve_device(args.device)
-    model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+        def choose(logits):  # [1, b, V]: one context, plain sampling (the presence penalty is already applied)
+            probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
+            return torch.multinomial(probs, 1, generator=gen).squeeze(1), None
 
-    def choose(logits):  # [1, b, V]: one context, plain sampling
-        probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(1), None
+        def generate(prompts, n, max_tokens, stops, seeds):
+            rows = [[p] for p in prompts for _ in range(n)]
+            results = []
+            for i in range(0, len(rows), args.batch_size):
+                results += decode(model, rows[i:i + args.batch_size], choose, max_tokens, stops,
+                                  tok.pad_token_id, presence_penalty=args.presence_penalty)
+            return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
+        close = lambda: None  # noqa: E731
 
-    def sample_hf(prompts, seeds):
-        rows = [[p] for p in prompts for _ in range(args.n)]
-        results = []
-        for i in range(0, len(rows), args.batch_size):
-            results += decode(model, rows[i:i + args.batch_size], choose, args.max_new_tokens, stop_ids,
-                              tok.pad_token_id)
-        return [results[j * args.n:(j + 1) * args.n] for j in range(len(prompts))]
-    sample_hf.close = lambda: None
-    return sample_hf
+    def sample(prompts, seeds):
+        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds)
+        if not args.no_force_answer:
+            force_answers(tok, prompts, outputs, args.thinking, think_end,
+                          lambda rows, row_seeds: generate(rows, 1, args.answer_tokens, stop_ids, row_seeds), seeds)
+        return outputs
+    sample.close = close
+    return sample
 
 
 # =====================================================================================================
@@ -2460,14 +2690,17 @@ def load_vllm(args):
     return vllm.LLM(**kw)
 
 
-def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=()):
+def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=(), max_tokens=None, presence_penalty=0.0):
     """n samples per prompt (given as token ids, so both engines see the same prompt) with one request per
-    prompt and a per-prompt seed. Returns per prompt, n dicts (ids without the stop token, finish_reason)."""
+    prompt and a per-prompt seed; at most max_tokens (default --max-new-tokens) each. presence_penalty is
+    vLLM's own (it penalizes tokens of the generated output, not the prompt: decode's semantics). Returns per
+    prompt, n dicts (ids without the stop token, finish_reason, stop_id: the stop token or None)."""
     from vllm import SamplingParams
     copies = n if args.temperature == 0 else 1       # vLLM refuses n > 1 when greedy: the samples are equal
     n = 1 if args.temperature == 0 else n
     params = [SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k if args.top_k > 0 else -1, max_tokens=args.max_new_tokens,
+                             top_k=args.top_k if args.top_k > 0 else -1,
+                             max_tokens=max_tokens or args.max_new_tokens, presence_penalty=presence_penalty,
                              seed=s, stop_token_ids=list(stop_ids), skip_special_tokens=False,
                              logit_bias={t: -100.0 for t in banned_ids} or None) for s in seeds]
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
@@ -2478,9 +2711,12 @@ def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=()):
         for c in o.outputs:
             ids = list(c.token_ids)
             finished = c.finish_reason == "stop"
+            # the stop token: the last id when vLLM kept it, else its stop_reason (an int for stop_token_ids)
+            stop_id = c.stop_reason if finished and isinstance(c.stop_reason, int) else None
             if finished and ids and ids[-1] in stop:
+                stop_id = ids[-1]
                 ids = ids[:-1]
-            samples.append(dict(ids=ids, finish_reason="stop" if finished else "length"))
+            samples.append(dict(ids=ids, finish_reason="stop" if finished else "length", stop_id=stop_id))
         results.append([dict(s) for s in samples for _ in range(copies)])
     return results
 
@@ -2500,6 +2736,8 @@ def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, ba
     validator context (every token a fallback), threshold 0 the proposer (every token accepted)."""
     llm = load_vllm(args)
     context = validator if args.threshold >= 1 else proposer
+    if context == proposer and args.greedy_proposer:
+        args = dataclasses.replace(args, temperature=0.0)
     by_problem = {}
     for p, s in todo:
         by_problem.setdefault(p["id"], (p, []))[1].append(s)

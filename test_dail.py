@@ -262,7 +262,7 @@ def test_contexts_share_response_ids(tok):
     ctx = dail.build_contexts(tok, problem, False, None)
     assert set(ctx) == {"student", "privileged", "shortcut"}
     assert len(ctx["privileged"]) > len(ctx["student"])
-    assert "\\frac{3}{4}" in tok.decode(ctx["shortcut"]) and "3/4" in tok.decode(ctx["shortcut"])
+    assert "\\frac{3}{4}" in tok.decode(ctx["shortcut"]) and "1/4, 2/4." in tok.decode(ctx["shortcut"])
     assert problem["solution"] in tok.decode(ctx["privileged"])
     assert problem["solution"] not in tok.decode(ctx["shortcut"])
     response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
@@ -331,8 +331,9 @@ def test_teacher_sees_the_solution_the_validator_saw(tmp_path, capsys, tiny):
 # ------------------------------------------------------------------------------------------------------
 # 3. the token rule: mix_step against its closed-form output distribution
 # ------------------------------------------------------------------------------------------------------
-def closed_form(p, q, threshold, retries):
-    accept = q >= threshold
+def closed_form(p, q, threshold, retries, q_model=None):
+    """P(token) of the rule: proposals from p, the threshold on q_model (default q), fallbacks from q."""
+    accept = (q if q_model is None else q_model) >= threshold
     a = p[accept].sum()
     miss = (1 - a) ** retries
     out = miss * q
@@ -347,7 +348,8 @@ def test_mix_step_distribution(threshold, retries):
     V, draws = 6, 200_000
     p = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.07, 0.03], dtype=torch.float64)
     q = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.4, 0.0], dtype=torch.float64)
-    tokens, accepted = dail.mix_step(p.float().expand(draws, V), q.float().expand(draws, V), threshold, retries, g)
+    tokens, accepted = dail.mix_step(p.float().expand(draws, V), q.float().expand(draws, V), q.float().expand(draws, V),
+                                     threshold, retries, g)
     empirical = torch.bincount(tokens, minlength=V).double() / draws
     want = closed_form(p, q, threshold, retries)
     assert float(want.sum()) == pytest.approx(1.0)
@@ -367,8 +369,8 @@ def test_mix_step_retries_matter():
     five = closed_form(p[0].double(), q[0].double(), 0.5, 5)
     assert float(five[1]) > float(one[1])                             # more retries, more accepted mass
     g = torch.Generator().manual_seed(1)
-    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1, g)
-    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5, g)
+    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1, g)
+    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5, g)
     assert abs(float((t1 == 1).double().mean()) - float(one[1])) < 0.01
     assert abs(float((t5 == 1).double().mean()) - float(five[1])) < 0.01
 
@@ -418,7 +420,7 @@ def test_decode_batched_equals_each_context_alone(model, tok):
         seen.append(logits.clone())
         pp = dail.sampling_probs(logits[0], 1.0)
         pv = dail.sampling_probs(logits[1], 1.0)
-        return dail.mix_step(pp, pv, 0.0, 1, g)
+        return dail.mix_step(pp, pv, pv, 0.0, 1, g)
 
     out = dail.decode(model, contexts, choose, 12, stop_ids=[], pad_id=tok.pad_token_id)
     assert all(len(r["ids"]) == 12 and r["finish_reason"] == "length" for r in out)
@@ -858,7 +860,7 @@ def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     assert [r["id"] for r in lines] == ["add", "half", "7"]
     for r in lines:
         assert len(r["responses"]) == len(r["preds"]) == len(r["correct"]) == len(r["n_tokens"]) == 4
-        assert all(0 < t <= 8 for t in r["n_tokens"])
+        assert all(0 < t - f <= 8 for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))   # first pass
     assert set(summary["pass_at_k"]) == {"1", "2", "4"}
     for k in (1, 2, 4):
         want = np.mean([dail.pass_at_k(4, sum(r["correct"]), k) for r in lines])
@@ -988,7 +990,7 @@ def test_vllm_sampled_eval_and_resume(tmp_path, capsys, expert, tiny):
     lines = read_lines(out / "samples.jsonl")
     summary = json.loads((out / "summary.json").read_text())
     assert len(lines) == 3 and all(len(r["responses"]) == 8 for r in lines)
-    assert all(0 < t <= 10 for r in lines for t in r["n_tokens"])
+    assert all(0 < t - f <= 10 for r in lines for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))
     for k in (1, 2, 4, 8):
         want = np.mean([dail.pass_at_k(8, sum(r["correct"]), k) for r in lines])
         assert summary["pass_at_k"][str(k)] == pytest.approx(want)
@@ -2263,6 +2265,401 @@ def test_rewrite_resume_refuses_another_grader(tmp_path, capsys, expert, tiny):
     assert summary["grader"]["name"] == "math-verify" and summary["grader"]["version"]
 
 
+
+# ------------------------------------------------------------------------------------------------------
+# 9. the paper's protocol (issue 9): threshold on the model probability, eval's thinking budget and
+#    forced answer, presence penalty, grading after </think>, per-record prompts, shortcut atoms
+# ------------------------------------------------------------------------------------------------------
+def test_mix_step_tests_the_model_probability_by_sampling():
+    """Proposals and fallbacks come from the sampling distributions, the threshold tests q (the model's)."""
+    g = torch.Generator().manual_seed(0)
+    V, draws = 5, 200_000
+    p = torch.tensor([0.1, 0.4, 0.3, 0.15, 0.05], dtype=torch.float64)       # proposer, sampling
+    pv = torch.tensor([0.85, 0.15, 0.0, 0.0, 0.0], dtype=torch.float64)      # validator, tempered + truncated
+    q = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)         # validator, raw softmax
+    for threshold, retries in [(0.8, 5), (0.5, 3), (0.1, 2), (0.0, 5), (1.0, 5)]:
+        tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), threshold, retries, g)
+        empirical = torch.bincount(tokens, minlength=V).double() / draws
+        want = closed_form(p, pv, threshold, retries, q_model=q)
+        assert 0.5 * float((empirical - want).abs().sum()) < 0.01, threshold
+        a = float(p[q >= threshold].sum())
+        assert float(accepted.double().mean()) == pytest.approx(1 - (1 - a) ** retries, abs=0.01)
+    # at 0.8 only the raw q decides: token 0 is in A under pv (0.85) but not under q (0.6)
+    tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), 0.8, 5, g)
+    assert not accepted.any()
+
+
+def test_mix_step_exact_enumeration(monkeypatch):
+    """Every outcome of the R proposer draws and the fallback draw, weighed with exact fractions, run
+    through mix_step itself (torch.multinomial replaced by the enumerated draws): the closed form, exactly."""
+    import itertools
+    V, R, threshold = 4, 3, Fraction(1, 4)
+    p = [Fraction(1, 2), Fraction(1, 4), Fraction(1, 8), Fraction(1, 8)]
+    pv = [Fraction(1, 10), Fraction(7, 10), Fraction(1, 5), Fraction(0)]
+    q = [Fraction(1, 5), Fraction(1, 2), Fraction(1, 4), Fraction(1, 20)]
+    combos = list(itertools.product(range(V), repeat=R + 1))           # R proposals, then the fallback
+    draws = torch.tensor([c[:R] for c in combos])
+    fallback = torch.tensor([[c[R]] for c in combos])
+    calls = []
+
+    def fake_multinomial(probs, num_samples, replacement=False, generator=None):
+        calls.append(num_samples)
+        return draws if len(calls) == 1 else fallback
+    monkeypatch.setattr(dail.torch, "multinomial", fake_multinomial)
+    f = lambda xs: torch.tensor([float(x) for x in xs]).expand(len(combos), V)  # noqa: E731
+    tokens, _ = dail.mix_step(f(p), f(pv), f(q), float(threshold), R)
+    got = [Fraction(0)] * V
+    for combo, t in zip(combos, tokens.tolist()):
+        weight = pv[combo[R]]
+        for d in combo[:R]:
+            weight *= p[d]
+        got[t] += weight
+    accept = [qi >= threshold for qi in q]
+    a = sum(pi for pi, ok in zip(p, accept) if ok)
+    miss = (1 - a) ** R
+    want = [pi * ok * (1 - miss) / a + miss * pvi for pi, ok, pvi in zip(p, accept, pv)]
+    assert got == want and sum(got) == 1
+    # the same closed form through the float64 helper the sampling tests use
+    cf = closed_form(torch.tensor([float(x) for x in p], dtype=torch.float64),
+                     torch.tensor([float(x) for x in pv], dtype=torch.float64), float(threshold), R,
+                     q_model=torch.tensor([float(x) for x in q], dtype=torch.float64))
+    np.testing.assert_allclose(cf.numpy(), [float(x) for x in want], atol=1e-12)
+
+
+def test_threshold_uses_the_raw_probability_issue_example():
+    """Issue 9: at temperature 0.6, top-p 0.95, top-k 20, a raw 0.6 becomes 0.87 in the sampling
+    distribution; τ = 0.8 must reject it. And the resulting token distribution moves by a large TV."""
+    raw = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64).log()
+    sampled = dail.sampling_probs(raw, 0.6, 0.95, 20)[0]
+    model = dail.model_probs(raw)[0]
+    assert float(sampled[0]) == pytest.approx(0.868, abs=0.001) and float(model[0]) == pytest.approx(0.6)
+    proposer = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]]).expand(1000, 5)       # always proposes token 0
+    g = torch.Generator().manual_seed(0)
+    _, accepted = dail.mix_step(proposer, sampled.float().expand(1000, 5), model.float().expand(1000, 5), 0.8, 5, g)
+    assert not accepted.any()                                           # the released rule rejects it
+    _, accepted_old = dail.mix_step(proposer, sampled.float().expand(1000, 5), sampled.float().expand(1000, 5),
+                                    0.8, 5, g)
+    assert accepted_old.all()                                           # the tempered check let it through
+    # one step's token distribution, student raw [0.7, 0.2, ...] proposing to this validator, R = 5:
+    student = torch.tensor([[0.7, 0.2, 0.05, 0.03, 0.02]], dtype=torch.float64).log()
+    tv = lambda a, b: 0.5 * float((a - b).abs().sum())  # noqa: E731
+    old = closed_form(dail.sampling_probs(student, 0.6, 0.95, 20)[0], sampled, 0.8, 5)   # old dail, defaults
+    fixed = closed_form(dail.sampling_probs(student, 0.6, 0.95, 20)[0], sampled, 0.8, 5, q_model=model)
+    released = closed_form(dail.sampling_probs(student, 1.0, 1.0, 20)[0], dail.sampling_probs(raw, 1.0, 1.0, 20)[0],
+                           0.8, 5, q_model=model)            # released: raw top-20 sampling, raw-probability test
+    np.testing.assert_allclose(old.double().numpy(), [1.0, 0, 0, 0, 0], atol=1e-3)               # always token 0
+    np.testing.assert_allclose(released.double().numpy(), [0.6, 0.1, 0.1, 0.1, 0.1], atol=1e-6)  # always fallback
+    assert tv(old, released) == pytest.approx(0.400, abs=1e-3)
+    assert tv(old, fixed) == pytest.approx(0.132, abs=1e-3)          # the threshold fix alone
+    assert tv(fixed, released) == pytest.approx(0.268, abs=1e-3)     # the rest: temperature 0.6 and top-p 0.95
+
+
+def test_model_probs_full_softmax_and_banned_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9)
+    np.testing.assert_allclose(dail.model_probs(logits).numpy(), torch.softmax(logits.double(), -1).numpy(),
+                               atol=1e-6)
+    banned = logits.clone()
+    banned[:, 3] = float("-inf")                                        # what decode does to </think>
+    q = dail.model_probs(banned)
+    keep = [i for i in range(9) if i != 3]
+    assert torch.all(q[:, 3] == 0)
+    np.testing.assert_allclose(q[:, keep].numpy(), torch.softmax(logits[:, keep].double(), -1).numpy(), atol=1e-6)
+
+
+def test_decode_presence_penalty_against_unbatched_forwards(model, tok):
+    """Each step's logits = the model's (alone, unpadded) minus the penalty on every token already generated
+    in that trace (not the prompt's); finished traces leave the batch with their own mask."""
+    penalty, seen = 1.5, []
+    contexts = [[[5, 6, 7, 8, 9, 10]], [[40, 41]], [[100, 101, 102]]]
+    stop = {0: None, 1: 3, 2: None}                                     # trace 1 stops at step 3
+
+    def choose(logits):                          # greedy, so the penalty changes the path: repeats are likely
+        seen.append(logits[0].clone())
+        toks = logits[0].argmax(-1)
+        step = len(seen) - 1
+        if step == 3 and logits.shape[1] == 3:
+            toks[1] = 99999 % logits.shape[-1]
+        return toks, None
+    stop_id = 99999 % len(tok)
+    out = dail.decode(model, contexts, choose, 10, [stop_id], tok.pad_token_id, presence_penalty=penalty)
+    assert out[1]["finish_reason"] == "stop" and len(out[1]["ids"]) == 3 and out[1]["stop_id"] == stop_id
+    worst, penalized = 0.0, 0
+    for step, logits in enumerate(seen):
+        active = [i for i in range(3) if step < len(out[i]["ids"]) + (out[i]["finish_reason"] == "stop")]
+        for row, i in enumerate(active):
+            generated = out[i]["ids"][:step]
+            want = unpadded_logits(model, contexts[i][0] + generated).clone()
+            present = sorted(set(generated))
+            want[present] -= penalty
+            penalized += len(present)
+            worst = max(worst, float((logits[row] - want).abs().max()))
+    assert worst < 1e-4 and penalized > 0
+    plain = dail.decode(model, contexts, lambda lg: (lg[0].argmax(-1), None), 10, [], tok.pad_token_id)
+    assert [r["ids"] for r in plain] != [r["ids"] for r in out]        # the penalty changed the greedy path
+
+
+def test_answer_part_grades_only_after_thinking():
+    assert dail.answer_part("guess \\boxed{5} hmm </think> so \\boxed{6}", True) == " so \\boxed{6}"
+    assert dail.answer_part("a </think> b </think> \\boxed{7}", True) == " \\boxed{7}"      # the last one
+    assert dail.answer_part("never closed \\boxed{5}", True) == ""
+    assert dail.answer_part("plain \\boxed{5}", False) == "plain \\boxed{5}"
+    assert dail.grade(dail.answer_part("guess \\boxed{5}", True), "5")[1] is False
+
+
+def test_force_answers_rows_and_suffixes(tok):
+    think_end = tok.convert_tokens_to_ids("</think>")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = [1, 2, 3]
+    close, request = ids(dail.THINKING_CLOSE), ids(dail.ANSWER_REQUEST)
+    assert "</think>" in dail.THINKING_CLOSE and think_end in close and "\\boxed{}" in dail.THINKING_CLOSE
+    rows_seen = []
+
+    def second_pass(rows, seeds):
+        rows_seen.extend(rows)
+        return [[dict(ids=ids(" \\boxed{4}"), finish_reason="stop")] for _ in rows]
+    thinking = [[dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
+                 dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
+                 dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)]]          # end of turn inside
+    dail.force_answers(tok, [prompt], thinking, True, think_end, second_pass, [0])
+    assert rows_seen == [prompt + ids("think a") + [think_end], prompt + ids("think b") + close,
+                         prompt + ids("think c") + close]
+    assert [s["forced_ids"] for s in thinking[0]] == [[think_end] + ids(" \\boxed{4}"), close + ids(" \\boxed{4}"),
+                                                      close + ids(" \\boxed{4}")]
+    assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking[0])
+    rows_seen.clear()
+    plain = [[dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
+              dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)]]
+    dail.force_answers(tok, [prompt], plain, False, None, second_pass, [0])
+    assert rows_seen == [prompt + ids("so it is 3") + request]          # only the sample without a box
+    assert plain[0][0]["forced_ids"] is None and plain[0][0]["n_forced"] == 0
+    assert plain[0][1]["forced_ids"] == request + ids(" \\boxed{4}")
+
+
+def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
+    """The hf engine's wiring: the first pass stops at </think> or --max-new-tokens, the second pass at an
+    end of turn or --answer-tokens, both with the presence penalty; --no-force-answer: one pass."""
+    think_end = tok.convert_tokens_to_ids("</think>")
+    stop_ids = [tok.convert_tokens_to_ids("<|im_end|>")]
+    calls = []
+
+    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
+        calls.append(dict(rows=[c[0] for c in contexts], max_new_tokens=max_new_tokens, stops=list(stops),
+                          presence_penalty=presence_penalty))
+        if len(calls) == 1:
+            return [dict(ids=[70, 71], finish_reason="stop", stop_id=think_end, n_accepted=0, n_fallback=2),
+                    dict(ids=[72] * 6, finish_reason="length", stop_id=None, n_accepted=0, n_fallback=6)]
+        return [dict(ids=[73], finish_reason="stop", stop_id=stop_ids[0], n_accepted=0, n_fallback=1)
+                for _ in contexts]
+    monkeypatch.setattr(dail, "decode", fake_decode)
+    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, max_new_tokens=6, answer_tokens=5, thinking=True,
+                         device="cpu")
+    sampler = dail.make_sampler("hf", args, tok, stop_ids)
+    out = sampler([[1, 2]], [0])[0]
+    first, second = calls
+    assert first["max_new_tokens"] == 6 and set(first["stops"]) == {think_end, *stop_ids}
+    assert second["max_new_tokens"] == 5 and second["stops"] == stop_ids
+    assert first["presence_penalty"] == second["presence_penalty"] == 1.5
+    close = tok(dail.THINKING_CLOSE, add_special_tokens=False)["input_ids"]
+    assert second["rows"] == [[1, 2, 70, 71, think_end], [1, 2] + [72] * 6 + close]
+    assert out[0]["forced_ids"] == [think_end, 73] and out[1]["forced_ids"] == close + [73]
+    calls.clear()
+    sampler = dail.make_sampler("hf", dataclasses_replace(args, no_force_answer=True), tok, stop_ids)
+    out = sampler([[1, 2]], [0])[0]
+    assert len(calls) == 1 and calls[0]["stops"] == stop_ids and "forced_ids" not in out[0]
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
+
+
+def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
+    """The tiny model with --thinking: every sample gets the forced pass, the record keeps both parts and
+    their token counts, the summary reports thinking and answer tokens apart; the template has no thinking
+    support, so a warning says so."""
+    out = tmp_path / "e"
+    code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 6,
+                         "--answer-tokens", 5, "--batch-size", 8, "--engine", "hf", "--thinking"], capsys)
+    assert code == 0, err
+    assert "--thinking is set but the chat template has no thinking support" in err
+    lines = read_lines(out / "samples.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    for r in lines:
+        for text, forced, n, nt, na, nf in zip(r["responses"], r["forced"], r["n_tokens"], r["n_thinking_tokens"],
+                                               r["n_answer_tokens"], r["n_forced_tokens"]):
+            assert forced is not None and (forced.startswith("</think>") or forced.startswith(dail.THINKING_CLOSE))
+            assert "</think>" not in text and nt <= 6 and na == nf <= 5 and n == nt + na
+    assert summary["samples_forced"] == 6
+    assert summary["mean_thinking_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_thinking_tokens"]]))
+    assert summary["mean_answer_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_answer_tokens"]]))
+
+
+def test_eval_grades_only_the_answer_after_thinking(tmp_path, capsys, tiny, monkeypatch):
+    """A box inside the thinking is a guess: only the text after </think> (here: the forced part) counts."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}])
+    plan = [("maybe \\boxed{5}", "</think>\n\n\\boxed{6}"),        # right guess inside, wrong answer: wrong
+            ("hmm \\boxed{6}", "</think>\n\n\\boxed{5}"),          # the answer after thinking: right
+            ("maybe \\boxed{5}", None)]                           # never closed, no forced pass: no answer
+
+    def fake_sampler(engine, args, tok, stop_ids):
+        def sample(prompts, seeds):
+            enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+            return [[dict(ids=enc(a), finish_reason="length", forced_ids=None if b is None else enc(b),
+                          n_forced=0 if b is None else len(enc(b)) - 1) for a, b in plan]]
+        sample.close = lambda: None
+        return sample
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
+    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
+                         "--max-new-tokens", 20, "--thinking"], capsys)
+    assert code == 0, err
+    line = read_lines(tmp_path / "e" / "samples.jsonl")[0]
+    assert line["correct"] == [False, True, False] and line["preds"] == ["6", "5", None]
+    assert line["forced"] == [b for _, b in plan]
+
+
+def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, capsys, tiny, tok, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "s", "problem": "What is 2+3?", "answer": "5", "prompt": "Benchmark style: 2+3 = ?"},
+        {"id": "m", "problem": "What is 1+1?", "answer": "2",
+         "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]},
+        {"id": "d", "problem": "What is 7*6?", "answer": "42"}])
+    seen = []
+
+    def fake_sampler(engine, args, tok_, stop_ids):
+        def sample(prompts, seeds):
+            seen.extend(tok_.decode(p) for p in prompts)
+            return [[dict(ids=tok_("\\boxed{5}", add_special_tokens=False)["input_ids"], finish_reason="stop")]
+                    for _ in prompts]
+        sample.close = lambda: None
+        return sample
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
+    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 1,
+                         "--max-new-tokens", 8, "--batch-size", 1], capsys)
+    assert code == 0, err
+    assert seen[0] == "<|im_start|>user\nBenchmark style: 2+3 = ?<|im_end|>\n<|im_start|>assistant\n"
+    assert seen[1] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
+                       "<|im_start|>assistant\n")
+    assert dail.ANSWER_FORMAT.format() in seen[2] and "What is 7*6?" in seen[2]   # no prompt: the student's
+    for bad, field in [(3, "'prompt'"), ("  ", "'prompt'"), ([], "'prompt'"), ([{"role": "user"}], "'prompt[0]'"),
+                       (["hi"], "'prompt[0]'")]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", "answer": "2",
+                                                                                       "prompt": bad}])
+        code, err = run_cli(["eval", "--model", tiny, "--data", path, "--out", tmp_path / "b", "--n", 1], capsys)
+        assert code == 2 and f"bad.jsonl:2: field {field}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_resume_refuses_other_protocol_settings(tmp_path, capsys, expert, tiny):
+    out = tmp_path / "e"
+    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 1, "--max-new-tokens", 4,
+            "--answer-tokens", 3, "--engine", "hf"]
+    assert run_cli(argv, capsys)[0] == 0
+    config = json.loads((out / "eval_config.json").read_text())
+    assert config["presence_penalty"] == 1.5 and config["answer_tokens"] == 3 and config["no_force_answer"] is False
+    code, err = run_cli(argv + ["--presence-penalty", 0], capsys)
+    assert code == 2 and "presence_penalty" in err
+
+
+OLYMPIAD = r"""Let $N = 3^{100} + 5^{100}$; we want the remainder of $N$ modulo $7$.
+
+Since $\gcd(3, 7) = 1$, Fermat gives $3^6 \equiv 1 \pmod 7$. Write $100 = 6 \cdot 16 + 4$, so
+$3^{100} \equiv 3^4 = 81 \equiv 4 \pmod 7$.
+
+For the second term, $5 \equiv -2 \pmod 7$, hence $5^{100} \equiv 2^{100}$. As $2^3 = 8 \equiv 1$ and
+$100 = 3 \cdot 33 + 1$, we get $2^{100} \equiv 2 \pmod 7$.
+
+Therefore $N \equiv 4 + 2 = 6 \pmod 7$. As a check with residues $r_1 = 4$ and $r_2 = 2$: the mean
+$\frac{r_1 + r_2}{2} = 3$ is $\frac{1}{2}$ of $6$, and $p = \dfrac{3}{7}$ of $7$ is $3$, while
+$x - 5 = 0.5$ gives $x = 5.5$ and $\theta = \pi/12$ is $15$ degrees. The answer is \boxed{6}."""
+
+
+def test_shortcut_atoms_on_an_olympiad_solution(tok):
+    """Atoms only (no statements), numbers ascending then symbols, de-duplicated, the answer not repeated,
+    nothing dropped (the old list stopped after 20 items and kept the solution's order)."""
+    atoms = dail.intermediate_results(OLYMPIAD, "6")
+    assert atoms == ["-2", "\\dfrac{3}{7}", "\\frac{1}{2}", "1", "2", "3", "4", "5", "5.5", "7", "8",   # 0.5 = 1/2
+                     "12", "15", "16", "33", "81", "100", "N", "p", "\\pi", "r_1", "r_2", "\\theta", "x"]
+    assert len(atoms) > 20 and len(set(atoms)) == len(atoms)
+    assert not any(s in a for a in atoms for s in ("=", "\\equiv", "\\pmod", "gcd", "^", " "))
+    numbers = [a for a in atoms if dail._as_number(dail.normalize_answer(a)) is not None]
+    values = [dail._as_number(dail.normalize_answer(a)) for a in numbers]
+    assert values == sorted(values) and atoms[:len(numbers)] == numbers   # numbers first, ascending
+    assert "6" not in atoms                                                # the answer, stated first instead
+    problem = dict(id="o", where="f:1", problem="Find the remainder of 3^100 + 5^100 modulo 7.", solution=OLYMPIAD,
+                   answer="6")
+    text = tok.decode(dail.build_contexts(tok, problem, False, None, ("shortcut",))["shortcut"])
+    assert "the final answer is 6." in text and ", ".join(atoms) in text
+    assert text.index("the final answer is 6") < text.index(", ".join(atoms))
+
+
+def test_thinking_flag_matches_the_template(tok, capsys):
+    plain = make_tokenizer()
+    thinking = make_tokenizer()
+    thinking.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                              "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+                              "{% endif %}{% endif %}")
+    assert dail.template_supports_thinking(thinking) and not dail.template_supports_thinking(plain)
+    args = lambda t: dail.EvalArgs(model="m", data="-", out="-", thinking=t)  # noqa: E731
+    dail.check_thinking_flag(thinking, args(False))
+    assert "supports thinking (<think>) but --thinking is not set" in capsys.readouterr().err
+    dail.check_thinking_flag(plain, args(True))
+    assert "--thinking is set but the chat template has no thinking support" in capsys.readouterr().err
+    dail.check_thinking_flag(thinking, args(True))
+    dail.check_thinking_flag(plain, args(False))
+    assert capsys.readouterr().err == ""
+    thinking.chat_template = {"default": thinking.chat_template, "tool_use": "x"}      # named templates
+    assert dail.template_supports_thinking(thinking)
+
+
+def test_help_and_readme_show_the_protocol_flags():
+    parser = dail.build_parser()
+    text = " ".join(parser._subparsers._group_actions[0].choices["eval"].format_help().split())
+    assert "--presence-penalty" in text and "(default: 1.5)" in text
+    assert "--answer-tokens" in text and "(default: 100)" in text and "--no-force-answer" in text
+    readme = (ROOT / "README.md").read_text()
+    assert "| `--presence-penalty` | `1.5` |" in readme and "| `--answer-tokens` | `100` |" in readme
+
+
+def test_greedy_proposer_ablation(tmp_path, capsys, expert, tiny, tok, model):
+    """--greedy-proposer at threshold 0 (every proposal accepted) is the student context's greedy decode,
+    whatever the temperature, and so is the two-context path when every proposal passes."""
+    out = tmp_path / "g.jsonl"
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1,
+                         "--max-new-tokens", 6, "--threshold", 0, "--temperature", 1.0, "--greedy-proposer"], capsys)
+    assert code == 0, err
+    stops = dail.stop_token_ids(tok, str(tiny))
+    for trace, problem in zip(read_lines(out), dail.load_problems(expert, True, True)):
+        prompt = dail.build_contexts(tok, problem, False, None)["student"]
+        alone = dail.decode(model, [[prompt]], lambda lg: (lg[0].argmax(-1), None), 6, stops, tok.pad_token_id)[0]
+        assert trace["response_ids"] == alone["ids"]
+    # the mixing path (two contexts, threshold 1e-9: every greedy proposal passes) gives the same traces
+    mixed = tmp_path / "m.jsonl"
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", mixed, "--samples", 1,
+                         "--max-new-tokens", 6, "--threshold", 1e-9, "--greedy-proposer"], capsys)
+    assert code == 0, err
+    assert [t["response_ids"] for t in read_lines(mixed)] == [t["response_ids"] for t in read_lines(out)]
+    assert all(t["n_fallback"] == 0 for t in read_lines(mixed))
+
+
+@_vllm
+def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
+    """Both engines, greedy, --thinking: the same thinking budget, presence penalty and forced-answer pass."""
+    runs = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 1, "--temperature", 0,
+                             "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking", "--engine", engine,
+                             "--max-model-len", 512], capsys)
+        assert code == 0, err
+        runs[engine] = read_lines(out / "samples.jsonl")
+    for key in ("responses", "forced", "n_thinking_tokens", "n_answer_tokens", "n_forced_tokens", "preds"):
+        assert [r[key] for r in runs["hf"]] == [r[key] for r in runs["vllm"]], key
+    assert all(f is not None for r in runs["vllm"] for f in r["forced"])
+
+
+# ------------------------------------------------------------------------------------------------------
 # ---- shortcut world (examples/shortcut_world/): the leap checker on hand-written traces, the shipped
 #      model's measured leap rates, and the experiments script on a small slice
 # ------------------------------------------------------------------------------------------------------
