@@ -218,8 +218,11 @@ def kept_trace_check(traces):
 
 
 def sample_check(ev):
+    """The checker over every eval sample, as graded: the response plus eval's forced-answer pass, if any
+    (a boxed answer forced after a cut trace is stated, not derived)."""
     rows = [json.loads(x) for x in (ev / "samples.jsonl").read_text().splitlines() if x.strip()]
-    return check_texts([(r["problem"], t) for r in rows for t in r["responses"]])
+    return check_texts([(r["problem"], t + (f or "")) for r in rows
+                        for t, f in zip(r["responses"], r.get("forced") or [None] * len(r["responses"]))])
 
 
 def final_metrics(model_out):
@@ -376,7 +379,7 @@ def lambda_plot(result, path, lams):
     for row, world in zip(axes, worlds):
         methods = result["worlds"][world]["methods"]
         for ax, key, title in ((row[0], "pass1", "held-out pass@1"),
-                               (row[1], "leap_shaped", "students' samples with a leap (stated or slip)")):
+                               (row[1], "leap_shaped", "leap-shaped eval samples")):
             def val(m):
                 a = methods.get(m) or {}
                 if not a.get("seeds"):

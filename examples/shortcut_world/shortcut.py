@@ -150,7 +150,9 @@ def check_lines(trace, a, n):
     for line in trace.strip("\n").split("\n"):
         line = line.strip()
         why = None
-        if m := re.fullmatch(r"Last digit (\d+)\.", line):
+        if not line:                                                   # a blank line is no step, and no leap
+            pass
+        elif m := re.fullmatch(r"Last digit (\d+)\.", line):
             why = None if int(m.group(1)) == d else f"the last digit of {a} is {d}"
             s["d"] = int(m.group(1))
         elif m := re.fullmatch(r"Cycle (\d+)((?:, \d+\*\d+=\d+)+)\. Length (\d+)\.", line):
@@ -236,7 +238,7 @@ def check_lines(trace, a, n):
             if s.get("T") is None:
                 why = "the answer is stated, not derived"
             elif int(m.group(1)) != s["T"]:
-                why = f"boxes {m.group(1)}, but the lines above give {s['T']}"
+                why = f"the boxed {m.group(1)} is stated: the lines above give {s['T']}"
         else:
             why = "not a step of the world's formats"
         reasons.append(why)
