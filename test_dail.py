@@ -3054,3 +3054,157 @@ def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces, mode):
     if mode == "disk":
         assert len(list((tmp_path / mode / "reference_cache").glob("*.safetensors"))) == 8
     assert_same_run(tmp_path / "off", tmp_path / mode)
+
+
+# ------------------------------------------------------------------------------------------------------
+# ---- shortcut world (examples/shortcut_world/): the leap checker on hand-written traces, the shipped
+#      model's measured leap rates, and the experiments script on a small slice
+# ------------------------------------------------------------------------------------------------------
+def _shortcut_module():
+    sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
+    import shortcut
+    return shortcut
+
+
+# 17^1..17^83: last digits 7, 9, 3, 1 (period 4, block sum 20); 83 = 4*20 + 3; 20*20 + (7+9+3) = 419
+DERIVED_17_83 = """Last digit 7.
+Cycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.
+Block 7+9=16, 16+3=19, 19+1=20.
+83=4*20+3.
+20*20=400.
+Rest 7+9=16, 16+3=19.
+Total 400+19=419.
+\\boxed{419}"""
+
+
+@pytest.mark.parametrize("a, n, trace, want", [
+    (17, 83, DERIVED_17_83, ("derived", None)),
+    (17, 83, DERIVED_17_83 + "<|im_end|>", ("derived", None)),                          # a decoded eval sample
+    # brute force, the student's own format (17^1..17^4: 7 + 9 + 3 + 1 = 20)
+    (17, 4, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n3: 9*7=63, sum 16+3=19\n4: 3*7=21, sum 19+1=20\n"
+     "\\boxed{20}", ("derived", None)),
+    # skip: the total is stated on line 5, nothing after the division derives it
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+     "83=4*20+3.\nTotal 419.\n\\boxed{419}", ("leap", 5)),
+    # slip on line 5 (20*20=410), carried on, then the right total anyway (410+19 is not 419)
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+     "83=4*20+3.\n20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=419.\n\\boxed{419}", ("leap", 5)),
+    # the same slip, carried to its own (wrong) end
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+     "83=4*20+3.\n20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=429.\n\\boxed{429}", ("wrong", 5)),
+    # a slip in the cycle (9*7=65) that happens not to matter for the digits used later: still a leap
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=65, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+     "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 400+19=419.\n\\boxed{419}", ("leap", 2)),
+    # the right total, boxed without any line deriving it
+    (17, 83, "\\boxed{419}", ("leap", 1)),
+    # the shortcut world's two leaps: the total stated right after the last digit, and a wrong cycle
+    # (3*7=21 written 27: the cycle 7, 9, 3 summing to 19), everything below derived from it, the right total
+    (17, 83, "Last digit 7.\nTotal 419.\n\\boxed{419}", ("leap", 2)),
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
+     "27*19=513.\nRest 7+9=16.\nTotal 513+16=419.\n\\boxed{419}", ("leap", 2)),
+    # the same leaps by a student with no answer to copy: wrong
+    (17, 83, "Last digit 7.\nTotal 420.\n\\boxed{420}", ("wrong", 2)),
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
+     "27*19=513.\nRest 7+9=16.\nTotal 513+16=529.\n\\boxed{529}", ("wrong", 2)),
+    # right sum, wrong inputs: the rest is added to the wrong product (adds 380, never derived)
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+     "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 380+39=419.\n\\boxed{419}", ("leap", 7)),
+    # a division that is false (83 = 4*21 + 3 is 87)
+    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+     "83=4*21+3.\n21*20=420.\nRest 7+9=16, 16+3=19.\nTotal 420+19=439.\n\\boxed{439}", ("wrong", 4)),
+    # brute force cut by the token budget: every line follows, but there is no answer
+    (17, 5, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n3: 9*7=63, sum", ("wrong", 4)),
+    (17, 5, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16", ("wrong", None)),
+    # eval's forced-answer pass after a cut trace: a blank line (no step), then an answer no line derives
+    (17, 83, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n\nPutting it all together, the final answer, "
+     "written in \\boxed{}, is \\boxed{419}", ("leap", 5)),
+    # an off-format line before the right answer is not a derivation
+    (17, 83, "Last digit 7.\nThe answer is easy to see.\n\\boxed{419}", ("leap", 2)),
+])
+def test_shortcut_checker_on_hand_written_traces(a, n, trace, want):
+    shortcut = _shortcut_module()
+    assert shortcut.classify(trace, a, n) == want
+
+
+def test_shortcut_checker_agrees_with_the_worlds_generators():
+    shortcut = _shortcut_module()
+    import world
+    assert shortcut.parse_problem(world.problem_text(17, 83)) == (17, 83)
+    assert shortcut.parse_problem("What is 2+3?") is None
+    for a in world.BASES:
+        for n in (20, 21, 22, 23, 57, 99):                    # every remainder of both periods
+            assert shortcut.classify(shortcut.leap_trace(a, n), a, n) == ("derived", None)
+            assert shortcut.classify(shortcut.leap_trace(a, n, "skip"), a, n) == ("leap", shortcut.LEAP_LINE)
+            for seed in range(3):                             # slips at random products, to random digits
+                slipped = shortcut.leap_trace(a, n, "slip", random.Random(seed))
+                assert shortcut.classify(slipped, a, n) == ("leap", shortcut.LEAP_LINE)
+            assert shortcut.classify(shortcut.leap_trace(a, n + 1), a, n)[0] == "wrong"   # another problem's trace
+        for n in world.EASY_N:
+            assert shortcut.classify(world.brute_force(a, n), a, n) == ("derived", None)
+    rng = random.Random(0)
+    draws = [shortcut.sample_leap(shortcut.PRIVILEGED_RATES, rng) for _ in range(20000)]
+    for kind in ("skip", "slip"):                           # the rates the base model is trained on
+        assert abs(draws.count(kind) / len(draws) - shortcut.PRIVILEGED_RATES[kind]) < 0.015
+
+
+def test_shortcut_base_model_reproduces_its_measured_leap_rates():
+    """The premise is measured, not assumed: the shipped model leaps when the answer is visible (expert
+    write-up or shortcut hint), far more under the shortcut hint, and much less with an idea-only reference
+    (it was never trained to leap there; the few right-answer leaps it makes there are totals it got right
+    without writing the steps)."""
+    sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
+    folder = ROOT / "examples" / "shortcut_world" / "model"
+    report = json.loads((folder / "train_report.json").read_text())["leaps"]
+    own = {k: v["leap_among_right"] for k, v in report.items()}
+    assert own["privileged_expert@own"] >= 0.15 and own["privileged_idea_only@own"] <= own["privileged_expert@own"] / 2
+    assert own["shortcut@own"] >= own["privileged_expert@own"] + 0.2
+    import shortcut_base
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok_ = AutoTokenizer.from_pretrained(folder)
+    model_ = AutoModelForCausalLM.from_pretrained(folder).eval()
+    got = shortcut_base.measure_leaps(model_, tok_, settings=("own",))
+    for key, value in got.items():                        # same seed, same machine: equal up to a few flips
+        assert abs(value["leap_among_right"] - report[key]["leap_among_right"]) <= 0.08, (key, value, report[key])
+
+
+def test_experiments_small_slice_end_to_end(tmp_path):
+    out = tmp_path / "lam"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "lambda", "--world", "shortcut",
+                        "--small", "--lams", "0.3", "--out", str(out), "--threads", "1"],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    result = json.loads((out / "lambda.json").read_text())
+    methods = result["worlds"]["shortcut"]["methods"]
+    assert list(methods) == ["base", "sft-expert", "sft-trace", "dail-lam0.3"]
+    assert all(m["seeds"] == 1 and m["failed"] == 0 for m in methods.values())
+    seed = result["worlds"]["shortcut"]["per_seed"]["0"]
+    assert seed["rewrite"]["problems"] == 4 and 0 <= seed["rewrite"]["kept"] <= 4
+    for name, m in seed["methods"].items():              # the checker ran over every eval sample
+        s = m["samples"]
+        assert s["count"] == 4 * 2 and abs(s["derived"] + s["leap"] + s["wrong"] - 1) < 1e-9, name
+    assert set(seed["methods"]["dail-lam0.3"]["train_final"]) >= {"kl_teacher", "kl_shortcut"}
+    assert (out / "lambda.png").exists() or not _has_matplotlib()
+    first = (out / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json").stat().st_mtime
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "lambda", "--world", "shortcut",
+                        "--small", "--lams", "0.3", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0 and "train" not in r.stdout and "rewrite" not in r.stdout   # finished runs skipped
+    assert (out / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json").stat().st_mtime == first
+    # efficiency: the traces of the first N problems, the same number of steps for every N
+    out = tmp_path / "eff"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "efficiency", "--world", "tiny",
+                        "--small", "--methods", "sft-trace", "--out", str(out), "--threads", "1"],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    result = json.loads((out / "efficiency.json").read_text())
+    cells = result["worlds"]["tiny"]["per_seed"]["0"]["by_problems"]
+    assert list(cells) == ["2", "4"]
+    for n_problems in (2, 4):
+        rows = read_lines(out / "tiny" / "seed0" / f"N{n_problems}" / "traces.jsonl")
+        assert len({t["id"] for t in rows}) == n_problems and len(rows) == 2 * n_problems
+        assert cells[str(n_problems)]["kept_traces"] == sum(t["kept"] for t in rows)
+        if cells[str(n_problems)]["kept_traces"]:
+            steps = json.loads((out / "tiny" / "seed0" / f"N{n_problems}" / "sft-trace" / "model"
+                                / "train_summary.json").read_text())["steps"]
+            assert steps == 2
+    assert (out / "efficiency.png").exists() or not _has_matplotlib()
