@@ -15,7 +15,7 @@ DAIL turns a few hundred expert solutions into training signal a model can actua
 Launch manual
 -------------
 CPU, the shipped tiny default (no GPU, no network; a few minutes on 2 cores):
-    pip install -r requirements.txt && python examples/quickstart.py
+    pip install -r requirements.txt matplotlib pytest && python examples/quickstart.py
 
 One GPU, Qwen2.5-7B-Instruct, the released non-reasoning configuration:
     python dail.py rewrite --model Qwen/Qwen2.5-7B-Instruct --data expert.jsonl --out runs/q7/traces.jsonl
@@ -36,14 +36,15 @@ Every run resumes: rerun the same command after an interruption and it continues
 steps, at every epoch end, and on SIGTERM/SIGINT).
 
 The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
-  Plumbing: arguments, errors, JSONL files, models            (not the method)
-  Data: problems, expert solutions and their boxed answers
+  Plumbing: arguments and their checks, errors, JSONL files, fingerprints, models, shards and
+            per-trace random numbers                          (not the method)
+  Data and answers: boxed answers, the grader, problems and expert solutions
   Three contexts of one model (all prompt text lives here)
   Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
   Step 1, filtering the traces, and the rewrite command
   Step 2, the contrastive self-distillation loss              (the part to copy)
-  Step 2, training: minimal LoRA and a plain PyTorch loop, the train command
-  Evaluation: the unbiased pass@k and the eval command
+  Step 2, training: minimal LoRA, the reference cache, a plain PyTorch loop, the train command
+  Evaluation: the unbiased pass@k, the forced answer, the eval command
   Plumbing: the vLLM engine and the command line              (not the method)
 """
 from __future__ import annotations
@@ -995,7 +996,8 @@ def sample_with(probs, u):
 
 
 # =====================================================================================================
-# Data: problems, expert solutions and their boxed answers
+# Data and answers: the boxed answer of a response, the grader (rewrite's filter and eval's pass@k use
+# the same one), then problems and expert solutions
 # =====================================================================================================
 def extract_boxed(text):
     """Content of the *last* \\boxed{...} or \\fbox{...} in `text`, braces matched, or None.
