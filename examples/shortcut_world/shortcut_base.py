@@ -78,7 +78,7 @@ def sample_traces(model, tok, problems, kind, temperature, top_p, top_k, seed, m
                                           answer=str(world.answer(a, n))), False, None, (kind,))[kind]]
            for a, n, ref in problems]
 
-    def choose(logits):
+    def choose(logits, step, rows):  # one generator, as when the recorded rates were measured
         probs = dail.sampling_probs(logits[0], temperature, top_p, top_k)
         return torch.multinomial(probs, 1, generator=gen).squeeze(1), None
     texts = []
