@@ -996,8 +996,7 @@ def sample_with(probs, u):
 
 
 # =====================================================================================================
-# Data and answers: the boxed answer of a response, the grader (rewrite's filter and eval's pass@k use
-# the same one), then problems and expert solutions
+# Data and answers: boxed answers, the grader (shared by rewrite's filter and eval), problems
 # =====================================================================================================
 def extract_boxed(text):
     """Content of the *last* \\boxed{...} or \\fbox{...} in `text`, braces matched, or None.
@@ -2109,7 +2108,7 @@ def chunked_sum(per_position, h, aligned, head, chunk_size):
 
 
 # =====================================================================================================
-# Step 2, training: minimal LoRA, sequences and masks, a plain PyTorch loop, the train command
+# Step 2, training: minimal LoRA, sequences and masks, the reference cache, a plain PyTorch loop
 # =====================================================================================================
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * B (A x): the base nn.Linear W is frozen, A [r, in] starts random and
