@@ -996,7 +996,7 @@ def sample_with(probs, u):
 
 
 # =====================================================================================================
-# Data and answers: boxed answers, the grader (shared by rewrite's filter and eval), problems
+# Data and answers: boxed answers, the grader (shared by the rewrite filter and eval), problems
 # =====================================================================================================
 def extract_boxed(text):
     """Content of the *last* \\boxed{...} or \\fbox{...} in `text`, braces matched, or None.
