@@ -2873,6 +2873,11 @@ def regrade_eval(args):
     samples_path = out / "samples.jsonl"
     if not samples_path.is_file():
         raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
+    config = out / "eval_config.json"
+    recorded = json.loads(config.read_text()) if config.exists() else {}
+    # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
+    args = dataclasses.replace(args, **{k: getattr(args, k) or recorded.get("paths", {}).get(k) or "unknown"
+                                        for k in ("model", "data")})
     lines = resume_jsonl(samples_path)
     if not lines:
         raise DailError(f"--regrade: {samples_path}: no samples to grade")
@@ -2882,8 +2887,7 @@ def regrade_eval(args):
     args.n = n  # pass@k takes n from the file, not from the flag
     ks = parse_ks(args.k, n)
     changed = 0
-    config = out / "eval_config.json"
-    thinking = json.loads(config.read_text()).get("thinking", args.thinking) if config.exists() else args.thinking
+    thinking = recorded.get("thinking", args.thinking)
     for r in lines:
         texts = [t + (fo or "") for t, fo in zip(r["responses"], r.get("forced") or [None] * n)]
         preds, correct = grade_responses(texts, r["answer"], args.grader, thinking)
@@ -3145,6 +3149,9 @@ def build_parser():
         for f in dataclasses.fields(cls):
             meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
             helptext = meta.pop("help") + ("" if f.default is None else f" (default: {f.default})")
+            if name == "eval" and f.name in REGRADE_OPTIONAL:   # checked in main: --regrade reads OUT's files
+                meta["required"] = False
+                helptext += " (not needed with --regrade: taken from OUT/eval_config.json)"
             if isinstance(f.default, bool):
                 p.add_argument(flag, action="store_true", help=helptext.replace(" (default: False)", ""))
             else:
@@ -3153,8 +3160,15 @@ def build_parser():
     return parser
 
 
+REGRADE_OPTIONAL = ("model", "data")  # eval --regrade loads no model and reads no data file
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [f"--{f}" for f in REGRADE_OPTIONAL if args.command == "eval" and getattr(args, f) is None]
+    if missing and not args.regrade:
+        parser.error(f"eval: the following arguments are required: {', '.join(missing)}")
     cls, run, _ = COMMANDS[args.command]
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     try:

@@ -2457,8 +2457,18 @@ def test_eval_regrade_without_sampling(tmp_path, capsys, tiny, monkeypatch):
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["pass_at_k"]["1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
     assert summary["grader"] == {"name": "builtin"} and summary["regraded"] is True
+    # --model and --data are not needed: the summary names the run's own, from eval_config.json
+    samples.write_text("".join(json.dumps({**r, "correct": [False] * 3, "n_correct": 0}) + "\n" for r in lines))
+    code, err = run_cli(["eval", "--out", tmp_path / "e", "--regrade"], capsys)
+    assert code == 0 and "3 verdicts changed" in err, err
+    again = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert again["pass_at_k"] == summary["pass_at_k"]
+    assert again["settings"]["model"] == str(Path(tiny).resolve()) and again["settings"]["data"] == str(data.resolve())
     code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "none", "--regrade"], capsys)
     assert code == 2 and "no such file" in err
+    with pytest.raises(SystemExit) as e:   # without --regrade they are required, as argparse says it
+        dail.main(["eval", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "required: --model, --data" in capsys.readouterr().err
 
 
 @needs_math_verify
