@@ -36,8 +36,7 @@ Every run resumes: rerun the same command after an interruption and it continues
 steps, at every epoch end, and on SIGTERM/SIGINT).
 
 The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
-  Plumbing: arguments and their checks, errors, JSONL files, fingerprints, models, shards and
-            per-trace random numbers                          (not the method)
+  Plumbing: arguments, errors, JSONL files                    (not the method)
   Data and answers: boxed answers, the grader, problems and expert solutions
   Three contexts of one model (all prompt text lives here)
   Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
@@ -45,7 +44,8 @@ The file reads top to bottom in the paper's order (sections are marked with # ==
   Step 2, the contrastive self-distillation loss              (the part to copy)
   Step 2, training: minimal LoRA, the reference cache, a plain PyTorch loop, the train command
   Evaluation: the unbiased pass@k, the forced answer, the eval command
-  Plumbing: the vLLM engine and the command line              (not the method)
+  Plumbing: safe reruns (fingerprints, flag checks), models and the hub, shards, per-trace random numbers;
+            the vLLM engine; the command line                 (not the method)
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
 
 # =====================================================================================================
-# Plumbing: arguments (each field help is its --help line), errors, JSONL files, models
+# Plumbing: arguments (each field help is its --help line), errors, JSONL files
 # =====================================================================================================
 def arg(default=None, help="", **kw):
     """A dataclass field that becomes one command-line flag; `help` is its --help line."""
@@ -322,677 +322,6 @@ def append_jsonl(f, record):
     """One record, one write, flushed: an interruption never leaves a record half on disk but for the last."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
-
-
-def check_resume_config(path, config, resuming, overwrite=False):
-    """Results may only be resumed by the run that wrote them. When `resuming` (earlier results exist) and
-    not `overwrite`, compare `config` (run_config: model and data fingerprints plus every setting that changes
-    results) with the one saved at `path`; any difference, or no saved config, is a one-line DailError naming
-    the setting, old vs new, and the two ways out. Then (re)write it: an --out that cannot be written fails
-    here, before any model loads."""
-    p = Path(path)
-    if resuming and not overwrite:
-        if not p.exists():
-            raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
-                            f"were made; use another --out, or --overwrite to start over")
-        try:
-            old = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise DailError(f"{p}: unreadable ({e}); use another --out, or --overwrite to start over") from None
-        diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
-        if diff:
-            k = diff[0]
-            was = old.get(k, "(not recorded)")
-            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={was!r}, this run asks for "
-                            f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(config, indent=2))
-    except OSError as e:
-        raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
-
-
-# The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
-# A new flag that changes results is one more name here.
-RESULT_SETTINGS = {
-    "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
-                "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
-                "dtype", "grader", "greedy_proposer"),
-    "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
-              "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
-              "max_len", "thinking", "seed", "dtype", "loss_norm"),
-    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype", "grader",
-             "presence_penalty", "answer_tokens", "no_force_answer"),
-}
-
-
-def run_config(args, command):
-    """What proves that results in --out belong to this run: fingerprints of the model and the data (so the
-    same files named by another path match, and a retrained model in the same folder does not), the
-    normalized paths (for the reader), and every setting in RESULT_SETTINGS[command]."""
-    config = dict(model_fingerprint=model_fingerprint(args.model),
-                  data_fingerprint=file_fingerprint(args.data, whole_below=float("inf")))  # data: every byte
-    config.update({k: getattr(args, k) for k in RESULT_SETTINGS[command]})
-    return dict(config, paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
-
-
-def normalized_model(name):
-    """A model folder as an absolute path (so `m`, `m/` and `/abs/m` are one model); a hub id unchanged."""
-    return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
-
-
-def file_fingerprint(path, whole_below=64 << 20, edge=1 << 20):
-    """'size:sha256[:16]' of a file: its whole content when under `whole_below` bytes (every data file in
-    practice), else of its size, first and last `edge` bytes (a weight file: safetensors keep the tensor
-    index in the header). None when the file does not exist."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    size, h = p.stat().st_size, hashlib.sha256()
-    with open(p, "rb") as f:
-        if size < whole_below:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            h.update(f.read(edge))
-            f.seek(size - edge)
-            h.update(f.read(edge))
-    return f"{size}:{h.hexdigest()[:16]}"
-
-
-# The files of a model folder that decide its outputs (weights, config, tokenizer); the rest of the folder
-# (metrics, checkpoints, an eval folder inside it) does not enter the fingerprint.
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-               "chat_template.jinja", "chat_template.json", "*.safetensors", "*.safetensors.index.json",
-               "pytorch_model*.bin", "pytorch_model.bin.index.json")
-
-
-def model_fingerprint(name):
-    """A short hash that changes when the model changes, cheap for a 16 GB folder. A folder: the
-    file_fingerprint of each of its MODEL_FILES (small files whole; a weight file over 64 MiB by its size
-    and first and last MiB, which hold the safetensors header with every tensor's name, shape and offset);
-    all weights are not read. A hub id: 'id@commit' when the hub or the local cache says which commit it
-    resolves to (hub_commit), else the id alone (then a new upload under the same id is not noticed)."""
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
-        commit = hub_commit(name)
-        return f"{name}@{commit}" if commit else name
-    files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
-    h = hashlib.sha256(json.dumps([(f.name, file_fingerprint(f)) for f in files]).encode())
-    return f"{len(files)} files:{h.hexdigest()[:16]}"
-
-
-def clear_results(*paths):
-    """--overwrite: remove what an earlier run left (files or folders); what is not there is skipped."""
-    for p in map(Path, paths):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-
-
-# Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
-# means it holds something already.
-TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "checkpoint.pt.tmp",
-                 "adapters", "train_config.json", "reference_cache")
-
-
-def guard_train_out(args):
-    """train's --out, before any model loads: never the base model's folder; a folder that holds anything is
-    refused unless --resume (then only with the settings recorded in train_config.json) or --overwrite
-    (which clears the earlier run's metrics, checkpoint and adapters first). Under torchrun only rank 0
-    checks and writes (the others would race it); when it refuses, torchrun stops the other ranks."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    out = Path(args.out).expanduser()
-    if normalized_model(args.model) == str(out.resolve()):
-        raise DailError(f"--out {args.out}: is the --model folder; training would overwrite the base weights; "
-                        f"use another --out")
-    if out.exists() and not out.is_dir():
-        raise DailError(f"--out {args.out}: exists and is not a folder; train writes a folder")
-    held = sorted(p.name for p in out.iterdir() if p.name != "train_config.json") if out.is_dir() else []
-    if held and not (args.resume or args.overwrite):
-        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
-                        f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
-                        f"--overwrite to start over")
-    if args.overwrite:
-        if args.resume:
-            raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
-        clear_results(*(out / name for name in TRAIN_RESULTS))
-    for stale in (out / "reference_cache").glob("*.tmp"):    # a cache entry an interruption left half-written
-        stale.unlink()
-    check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
-
-
-def check_out_file(path):
-    """rewrite's --out is a file: refuse a folder, and any place a file cannot be created, before any model loads."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise DailError(f"--out {path}: is a folder; rewrite writes a JSONL file (e.g. {Path(path) / 'traces.jsonl'})")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a"):
-            pass
-    except OSError as e:
-        raise DailError(f"--out {path}: cannot write there ({e.strerror or e})") from None
-
-
-def check_out_folder(path):
-    """eval's --out is a folder: refuse an existing file, and any place a folder cannot be created."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise DailError(f"--out {path}: exists and is not a folder; eval writes a folder")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DailError(f"--out {path}: cannot create it ({e.strerror or e})") from None
-
-
-def _at_least(low, optional=False):
-    return lambda v: (optional and v is None) or (v is not None and math.isfinite(v) and v >= low)
-
-
-# Every numeric (and otherwise constrained) flag: name -> (predicate, what it must be). validate_args applies
-# the entries whose flag the command has; adding a flag's check is one line here.
-VALID = {
-    "seed": (_at_least(0), "an integer >= 0"),
-    "samples": (_at_least(1), "an integer >= 1"),
-    "retries": (_at_least(1), "an integer >= 1"),
-    "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
-    "temperature": (_at_least(0), "a number >= 0 (0: greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (_at_least(0), "an integer >= 0 (0: all)"),
-    "max_new_tokens": (_at_least(1), "an integer >= 1"),
-    "max_prompt_len": (_at_least(1, optional=True), "an integer >= 1"),
-    "keep_per_problem": (_at_least(1), "an integer >= 1"),
-    "batch_size": (_at_least(1), "an integer >= 1"),
-    "micro_batch_size": (_at_least(1), "an integer >= 1"),
-    "tensor_parallel_size": (_at_least(1), "an integer >= 1"),
-    "max_model_len": (_at_least(1, optional=True), "an integer >= 1"),
-    "gpu_memory_utilization": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "n": (_at_least(1), "an integer >= 1"),
-    "presence_penalty": (_at_least(0), "a number >= 0 (0: off)"),
-    "answer_tokens": (_at_least(1), "an integer >= 1"),
-    "lam": (_at_least(0), "a number >= 0 (it weighs a subtracted term; 0 switches it off)"),
-    "lora_rank": (_at_least(0), "an integer >= 0 (0: full fine-tuning)"),
-    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "lora_targets": (lambda v: all(x.strip() for x in v.split(",")), "comma-separated module names"),
-    "lr": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    "weight_decay": (_at_least(0), "a number >= 0"),
-    "warmup_steps": (_at_least(0), "an integer >= 0"),
-    "grad_clip": (_at_least(0), "a number >= 0 (0: off)"),
-    "epochs": (_at_least(1), "an integer >= 1"),
-    "max_steps": (_at_least(1, optional=True), "an integer >= 1 (an untrained model is not a result)"),
-    "max_len": (_at_least(1), "an integer >= 1"),
-    "loss_chunk": (_at_least(1), "an integer >= 1"),
-    "log_every": (_at_least(1), "an integer >= 1"),
-    "save_every": (_at_least(0), "an integer >= 0 (0: only at epoch ends, the end and on a signal)"),
-    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
-}
-
-# Flags a command inherits but does not use: giving one is an error rather than silently ignored.
-UNUSED = {"train": {"max_prompt_len": "train's length limit is --max-len"}}
-
-
-def validate_args(args):
-    """Check every flag the command has against VALID (and UNUSED), before any file or model is touched: a
-    bad value is a one-line DailError naming the flag, the value and what it must be."""
-    command = next(name for name, (cls, _, _) in COMMANDS.items() if type(args) is cls)
-    for name, reason in UNUSED.get(command, {}).items():
-        if getattr(args, name, None) is not None:
-            raise DailError(f"--{name.replace('_', '-')}: not used by {command} ({reason})")
-    for name, (ok, must) in VALID.items():
-        if hasattr(args, name):
-            value = getattr(args, name)
-            if value is None and name in ("threshold", "max_new_tokens", "epochs", "max_len"):
-                continue  # None: the released default, filled in by resolve_released
-            if not ok(value):
-                raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
-    return args
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DailError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def resolve_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def check_model_name(name):
-    """An existing folder, or something shaped like a hub id ("org/name"); a missing folder fails here.
-    For a hub id with the hub out of reach, switch to the local cache at once (the hub client would
-    otherwise retry with back-off for about a minute before failing)."""
-    if Path(name).exists():
-        return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise DailError(f"--model {name}: no such model folder")
-    if hub_offline():
-        return
-    if not hub_probe(name)[1]:
-        print(f"note: the Hugging Face hub ({hub_endpoint()}) is unreachable; looking for {name} in the local "
-              f"cache only", file=sys.stderr)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        import huggingface_hub.constants
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
-def hub_offline():
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def hub_endpoint():
-    """The hub the client talks to: HF_ENDPOINT (a mirror) when set, else huggingface.co."""
-    import huggingface_hub.constants
-    return os.environ.get("HF_ENDPOINT", huggingface_hub.constants.ENDPOINT).rstrip("/")
-
-
-_HUB_PROBES = {}
-
-
-def hub_probe(name, timeout=5):
-    """(commit or None, hub reachable) for a hub id, asked once per process: one HEAD request for its
-    config.json through the hub client, so HF_ENDPOINT (a mirror), HTTP(S)_PROXY and the token are honoured
-    as in the download itself; no retries, `timeout` seconds. An HTTP error (no such repo, gated) means
-    the hub answered; a connection error or timeout means it is out of reach."""
-    if name not in _HUB_PROBES:
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.errors import HfHubHTTPError
-        try:
-            _HUB_PROBES[name] = (get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=hub_endpoint()),
-                                                      timeout=timeout).commit_hash,
-                                 True)
-        except HfHubHTTPError:
-            _HUB_PROBES[name] = (None, True)
-        except Exception:  # connection refused, DNS failure, timeout, proxy error, offline mode
-            _HUB_PROBES[name] = (None, False)
-    return _HUB_PROBES[name]
-
-
-def hub_commit(name):
-    """The commit a hub id resolves to: from the hub (hub_probe) unless offline, else from the local cache's
-    snapshot of its config.json; None when neither knows."""
-    if not hub_offline():
-        commit = hub_probe(name)[0]
-        if commit:
-            return commit
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        cached = try_to_load_from_cache(name, "config.json")
-    except Exception:
-        return None
-    return Path(cached).parent.name if isinstance(cached, str) else None
-
-
-def load_tokenizer(name):
-    from transformers import AutoTokenizer
-    check_model_name(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # hub unreachable, bad folder, ...: one clear line, not a traceback
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache"
-        raise DailError(f"--model {name}: could not load the tokenizer ({msg[:200]}){hint}") from None
-    if not getattr(tok, "chat_template", None):
-        raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
-    check_tokenizer_reload(tok, name)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def template_supports_thinking(tok):
-    """Whether the tokenizer's chat template knows a thinking block (Qwen3-style: it reads `enable_thinking`
-    or writes <think>). A template given as several named templates counts when any of them does."""
-    template = tok.chat_template
-    text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
-    return "enable_thinking" in text or "<think>" in text
-
-
-def check_thinking_flag(tok, args):
-    """Warn (stderr, once per command) when --thinking does not match the chat template: a reasoning model
-    run without it is prompted, budgeted and graded as a non-reasoning one, silently."""
-    supports = template_supports_thinking(tok)
-    if supports and not args.thinking:
-        print(f"warning: --model {args.model}: the chat template supports thinking (<think>) but --thinking "
-              f"is not set; a reasoning model needs --thinking for its prompts, budgets and grading",
-              file=sys.stderr)
-    elif args.thinking and not supports:
-        print(f"warning: --model {args.model}: --thinking is set but the chat template has no thinking "
-              f"support; dail.py will open <think> itself", file=sys.stderr)
-    return supports
-
-
-def check_tokenizer_reload(tok, name):
-    """Warn when the loaded tokenizer encodes differently from the folder's own tokenizer.json:
-    transformers 5 may reload a saved tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2
-    config) with that class's pre-tokenizer, so one trained another way then silently changes its ids."""
-    path = Path(name) / "tokenizer.json"
-    if not path.is_file():
-        return
-    from tokenizers import Tokenizer
-    probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
-    saved = Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids
-    if saved != tok(probe, add_special_tokens=False)["input_ids"]:
-        print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
-              f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
-
-
-def load_model(name, device, dtype):
-    from transformers import AutoModelForCausalLM
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DailError(f"--model {name}: could not load the model ({msg[:200]})") from None
-    return model.to(device)
-
-
-def context_length(name):
-    """The model's context length from its config (no weights loaded), or None."""
-    from transformers import AutoConfig
-    try:
-        return getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
-    except Exception:
-        return None
-
-
-def prompt_budget(args):
-    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit)."""
-    if args.max_prompt_len is not None:
-        return args.max_prompt_len
-    n = context_length(args.model)
-    if n is not None and n - args.max_new_tokens < 1:
-        raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
-                        f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
-    return None if n is None else n - args.max_new_tokens
-
-
-def stop_token_ids(tok, name):
-    """Tokens that end a response: the tokenizer's and generation config's EOS, and ChatML's end of turn."""
-    ids = {tok.eos_token_id}
-    try:
-        from transformers import GenerationConfig
-        eos = GenerationConfig.from_pretrained(name).eos_token_id
-        ids |= set(eos if isinstance(eos, (list, tuple)) else [eos])
-    except Exception:
-        pass  # no generation_config.json: the tokenizer's EOS is enough
-    ids.add(end_of_turn_id(tok))
-    return sorted(i for i in ids if i is not None)
-
-
-def end_of_turn_id(tok):
-    """The token that closes an assistant turn (ChatML's <|im_end|>, else EOS): what a trace learns to stop on."""
-    vocab = tok.get_vocab()
-    return vocab.get("<|im_end|>", tok.eos_token_id)
-
-
-def progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(iterable, dynamic_ncols=True, **kw)
-
-
-def save_plot(path, title, xlabel, ylabel, curves, logx=False):
-    """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def shard_of(spec):
-    """This process's share of a rewrite or eval: (k, n) = shard k of n. From `--shard K/N` (SLURM arrays and
-    other schedulers), else torchrun's RANK and WORLD_SIZE, else (0, 1): the whole job in one process."""
-    if spec:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
-        if not m or not int(m.group(1)) < int(m.group(2)):
-            raise DailError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise DailError(f"--shard {spec}: under torchrun each rank already takes its own shard; drop --shard")
-        return int(m.group(1)), int(m.group(2))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def part_file(out_file, k, n):
-    """Where shard k of n writes: traces.jsonl -> traces.part0-of-4.jsonl, beside the merged file."""
-    out_file = Path(out_file)
-    return out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
-
-
-def shard_problems(problems, k, n):
-    """Shard k of n takes problems k, k + n, k + 2n, ... of the file: equal counts (to one), and early and
-    late problems alike, so no shard gets all the long ones of a file sorted by difficulty."""
-    return problems[k::n]
-
-
-def merge_parts(out_file, n, order):
-    """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
-    (input order), atomically; a record present twice is an error, never a silent duplicate. -> records."""
-    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n))]
-    records.sort(key=order)
-    keys = [order(r) for r in records]
-    dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
-    if dup is not None:
-        raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
-                        f"one split of this job")
-    tmp = Path(f"{out_file}.{os.getpid()}.tmp")        # two shards that finish together may both merge
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out_file)
-    return records
-
-
-def shard_device(args):
-    """rewrite/eval's torch device: under torchrun each rank its own GPU (cuda:LOCAL_RANK) with --device auto."""
-    if args.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return resolve_device(args.device)
-
-
-def split_on_disk(out_file):
-    """N of the part files (part_file) an earlier split of this job left beside out_file; None when none."""
-    out_file = Path(out_file)
-    pattern = re.compile(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+){re.escape(out_file.suffix)}")
-    ns = {int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
-          if (m := pattern.fullmatch(p.name))}
-    if len(ns) > 1:
-        raise DailError(f"{out_file.parent}: holds part files of splits into {sorted(ns)} shards; keep one split "
-                        f"(move the others away), or --overwrite to start over")
-    return ns.pop() if ns else None
-
-
-def plan_shards(out_file, args, shard=None):
-    """Which files this process writes and whether it merges: (n, ks, merge, follower) = the split into n
-    shards, the shards k it decodes (each into part_file(out_file, k, n); n = 1: out_file itself), and when it merges:
-    'wait' (rank 0 under torchrun: polls until every part is complete), 'ready' (--shard K/N: merges when it
-    finds every part complete), 'now' (a plain run that found the parts of an earlier split: it finishes
-    every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
-    tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
-    it (vLLM's collectives) but writes nothing.
-    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard)."""
-    k, n, follower = shard or (*shard_of(args.shard), False)
-    earlier = None if args.overwrite else split_on_disk(out_file)
-    if n > 1 and args.merge:
-        raise DailError("--merge: merges the parts of an earlier split in one process; drop --shard (or torchrun)")
-    if n > 1:
-        if earlier not in (None, n):
-            raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
-                            f"splits into {n}; use the same split, or --overwrite to start over")
-        return n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
-    if args.merge:
-        if earlier is None:
-            raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
-        return earlier, [], "now", follower
-    return (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
-
-
-def vllm_shard(args, engine):
-    """Under torchrun with the vLLM engine, vLLM's own data parallelism for external launchers: every group
-    of --tensor-parallel-size consecutive ranks runs one engine (ranks r with r // tp = k form data-parallel
-    shard k of WORLD_SIZE / tp). -> (k, n, follower), or None when not under torchrun or not vLLM."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if engine != "vllm" or world == 1:
-        return None
-    tp = args.tensor_parallel_size
-    if world % tp:
-        raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
-    if args.shard:
-        shard_of(args.shard)                                  # the one-line error: no --shard under torchrun
-    rank = int(os.environ["RANK"])
-    return rank // tp, world // tp, rank % tp != 0
-
-
-def open_shard(out_file, k, n, config, config_of, follower=False):
-    """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
-    with `config` (check_resume_config, which saves it). A vLLM follower only reads (it writes nothing)."""
-    path = shard_path(out_file, k, n)
-    if follower:
-        return written_records(path)
-    done = resume_jsonl(path)
-    check_resume_config(config_of(path), config, resuming=bool(done))
-    return done
-
-
-def clear_shard_results(out_file, n, ks, merge, config_of, *others):
-    """--overwrite: each process removes the files it writes (its part files and their configs); the process
-    that merges (or a single one) also the merged file, `others` (the summary) and parts of other splits."""
-    parts = [part_file(out_file, k, n) for k in ks if n > 1]
-    clear_results(*parts, *map(config_of, parts))
-    if merge or n == 1:
-        out_file = Path(out_file)
-        stale = [p for p in out_file.parent.glob(f"{out_file.stem}.part*-of-*")
-                 if not p.name.split(".part", 1)[1].split(".")[0].endswith(f"-of-{n}") or n == 1]
-        clear_results(out_file, *others, *stale)
-
-
-def shard_path(out_file, k, n):
-    """The file shard k of n writes: out_file itself when the job is not split."""
-    return Path(out_file) if n == 1 else part_file(out_file, k, n)
-
-
-def written_records(path):
-    """The complete lines of a JSONL file another process may be appending to (read-only: unlike
-    resume_jsonl it never cuts a half-written last line, which may be one being written)."""
-    p = Path(path)
-    data = p.read_bytes() if p.exists() else b""
-    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def config_difference(path, config):
-    """The first result setting where the config saved at path differs from `config` ('' when equal; None
-    when no config is saved there yet)."""
-    p = Path(path)
-    if not p.exists():
-        return None
-    try:
-        old = json.loads(p.read_text())
-    except ValueError:
-        return None                                      # being written right now: look again later
-    diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
-    return f"{diff[0]}={old.get(diff[0], '(not recorded)')!r}" if diff else ""
-
-
-def incomplete_parts(out_file, n, config, config_of, expected, key):
-    """The shards k < n whose part file lacks one of expected[k] (a set of key(record)) or was not yet
-    started; a part written with other settings than `config` is a DailError (never merged)."""
-    missing = []
-    for k in range(n):
-        path = part_file(out_file, k, n)
-        diff = config_difference(config_of(path), config)
-        if diff:
-            raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
-                            f"the same command (rerun that shard, or --overwrite to start over)")
-        if diff is None or not expected[k] <= {key(r) for r in written_records(path)}:
-            missing.append(k)
-    return missing
-
-
-def gather_parts(out_file, n, mode, config, config_of, expected, key, order):
-    """Merge the n part files into out_file (merge_parts, input order) once all are complete, and save
-    `config` beside it -> the merged records, or None when not all are complete and mode is not 'wait'
-    (then say which are missing). 'wait' (rank 0 under torchrun) polls the files instead of a barrier,
-    which would time out on a long job; if a rank dies, torchrun stops this one too."""
-    pause = 1.0
-    while missing := incomplete_parts(out_file, n, config, config_of, expected, key):
-        if mode != "wait":
-            print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; run "
-                  f"them (--shard K/{n}), then rerun without --shard (or with --merge) to merge", file=sys.stderr)
-            if mode == "now":
-                raise DailError(f"--merge: {len(missing)} of {n} parts of {out_file} are incomplete")
-            return None
-        if pause == 1.0:
-            print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
-        time.sleep(pause)
-        pause = min(2 * pause, 30.0)
-    records = merge_parts(out_file, n, order)
-    check_resume_config(config_of(out_file), config, resuming=False)
-    print(f"merged {n} parts into {out_file}", file=sys.stderr)
-    return records
-
-
-def trace_keys(seed, problem_ids, samples):
-    """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
-    trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
-    words = []
-    for pid, s in zip(problem_ids, samples):
-        digest = hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
-        words.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
-    return torch.tensor(words, dtype=torch.long)
-
-
-def _mul32(x, c):
-    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a Python int c < 2^32, with no int64 overflow."""
-    lo = x * (c & 0xFFFF)                                        # < 2^48
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16                        # < 2^32
-    return (lo + hi) & 0xFFFFFFFF
-
-
-def _hash32(x):
-    """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def counter_uniforms(keys, step, n):
-    """[B, n] float64 uniforms in (0, 1) for B traces at decoding step `step`: a counter-based generator,
-    u = hash(key, step, j), so a trace's draws are fixed by its key whatever else shares its batch.
-    keys: [B, 2] from trace_keys."""
-    j = torch.arange(n, dtype=torch.long, device=keys.device)
-    counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
-    h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
-    return (h.double() + 0.5) / 2.0 ** 32
-
-
-def sample_with(probs, u):
-    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
-    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
-    cdf = probs.double().cumsum(-1)                                               # [B, V]
-    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
-    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 # =====================================================================================================
@@ -3022,6 +2351,680 @@ def make_sampler(engine, args, tok, stop_ids):
         return outputs
     sample.close = close
     return sample
+
+
+# =====================================================================================================
+# Plumbing: safe reruns (run fingerprints, flag checks), models and the hub, shards, per-trace random numbers
+# =====================================================================================================
+def check_resume_config(path, config, resuming, overwrite=False):
+    """Results may only be resumed by the run that wrote them. When `resuming` (earlier results exist) and
+    not `overwrite`, compare `config` (run_config: model and data fingerprints plus every setting that changes
+    results) with the one saved at `path`; any difference, or no saved config, is a one-line DailError naming
+    the setting, old vs new, and the two ways out. Then (re)write it: an --out that cannot be written fails
+    here, before any model loads."""
+    p = Path(path)
+    if resuming and not overwrite:
+        if not p.exists():
+            raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
+                            f"were made; use another --out, or --overwrite to start over")
+        try:
+            old = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise DailError(f"{p}: unreadable ({e}); use another --out, or --overwrite to start over") from None
+        diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
+        if diff:
+            k = diff[0]
+            was = old.get(k, "(not recorded)")
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={was!r}, this run asks for "
+                            f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(config, indent=2))
+    except OSError as e:
+        raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
+
+
+# The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
+# A new flag that changes results is one more name here.
+RESULT_SETTINGS = {
+    "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
+                "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
+                "dtype", "grader", "greedy_proposer"),
+    "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
+              "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
+              "max_len", "thinking", "seed", "dtype", "loss_norm"),
+    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype", "grader",
+             "presence_penalty", "answer_tokens", "no_force_answer"),
+}
+
+
+def run_config(args, command):
+    """What proves that results in --out belong to this run: fingerprints of the model and the data (so the
+    same files named by another path match, and a retrained model in the same folder does not), the
+    normalized paths (for the reader), and every setting in RESULT_SETTINGS[command]."""
+    config = dict(model_fingerprint=model_fingerprint(args.model),
+                  data_fingerprint=file_fingerprint(args.data, whole_below=float("inf")))  # data: every byte
+    config.update({k: getattr(args, k) for k in RESULT_SETTINGS[command]})
+    return dict(config, paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
+
+
+def normalized_model(name):
+    """A model folder as an absolute path (so `m`, `m/` and `/abs/m` are one model); a hub id unchanged."""
+    return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
+
+
+def file_fingerprint(path, whole_below=64 << 20, edge=1 << 20):
+    """'size:sha256[:16]' of a file: its whole content when under `whole_below` bytes (every data file in
+    practice), else of its size, first and last `edge` bytes (a weight file: safetensors keep the tensor
+    index in the header). None when the file does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    size, h = p.stat().st_size, hashlib.sha256()
+    with open(p, "rb") as f:
+        if size < whole_below:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(f.read(edge))
+            f.seek(size - edge)
+            h.update(f.read(edge))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
+# The files of a model folder that decide its outputs (weights, config, tokenizer); the rest of the folder
+# (metrics, checkpoints, an eval folder inside it) does not enter the fingerprint.
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "chat_template.jinja", "chat_template.json", "*.safetensors", "*.safetensors.index.json",
+               "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def model_fingerprint(name):
+    """A short hash that changes when the model changes, cheap for a 16 GB folder. A folder: the
+    file_fingerprint of each of its MODEL_FILES (small files whole; a weight file over 64 MiB by its size
+    and first and last MiB, which hold the safetensors header with every tensor's name, shape and offset);
+    all weights are not read. A hub id: 'id@commit' when the hub or the local cache says which commit it
+    resolves to (hub_commit), else the id alone (then a new upload under the same id is not noticed)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        commit = hub_commit(name)
+        return f"{name}@{commit}" if commit else name
+    files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    h = hashlib.sha256(json.dumps([(f.name, file_fingerprint(f)) for f in files]).encode())
+    return f"{len(files)} files:{h.hexdigest()[:16]}"
+
+
+def clear_results(*paths):
+    """--overwrite: remove what an earlier run left (files or folders); what is not there is skipped."""
+    for p in map(Path, paths):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+# Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
+# means it holds something already.
+TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "checkpoint.pt.tmp",
+                 "adapters", "train_config.json", "reference_cache")
+
+
+def guard_train_out(args):
+    """train's --out, before any model loads: never the base model's folder; a folder that holds anything is
+    refused unless --resume (then only with the settings recorded in train_config.json) or --overwrite
+    (which clears the earlier run's metrics, checkpoint and adapters first). Under torchrun only rank 0
+    checks and writes (the others would race it); when it refuses, torchrun stops the other ranks."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out = Path(args.out).expanduser()
+    if normalized_model(args.model) == str(out.resolve()):
+        raise DailError(f"--out {args.out}: is the --model folder; training would overwrite the base weights; "
+                        f"use another --out")
+    if out.exists() and not out.is_dir():
+        raise DailError(f"--out {args.out}: exists and is not a folder; train writes a folder")
+    held = sorted(p.name for p in out.iterdir() if p.name != "train_config.json") if out.is_dir() else []
+    if held and not (args.resume or args.overwrite):
+        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
+                        f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
+                        f"--overwrite to start over")
+    if args.overwrite:
+        if args.resume:
+            raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
+        clear_results(*(out / name for name in TRAIN_RESULTS))
+    for stale in (out / "reference_cache").glob("*.tmp"):    # a cache entry an interruption left half-written
+        stale.unlink()
+    check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+
+
+def check_out_file(path):
+    """rewrite's --out is a file: refuse a folder, and any place a file cannot be created, before any model loads."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DailError(f"--out {path}: is a folder; rewrite writes a JSONL file (e.g. {Path(path) / 'traces.jsonl'})")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise DailError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+
+
+def check_out_folder(path):
+    """eval's --out is a folder: refuse an existing file, and any place a folder cannot be created."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise DailError(f"--out {path}: exists and is not a folder; eval writes a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DailError(f"--out {path}: cannot create it ({e.strerror or e})") from None
+
+
+def _at_least(low, optional=False):
+    return lambda v: (optional and v is None) or (v is not None and math.isfinite(v) and v >= low)
+
+
+# Every numeric (and otherwise constrained) flag: name -> (predicate, what it must be). validate_args applies
+# the entries whose flag the command has; adding a flag's check is one line here.
+VALID = {
+    "seed": (_at_least(0), "an integer >= 0"),
+    "samples": (_at_least(1), "an integer >= 1"),
+    "retries": (_at_least(1), "an integer >= 1"),
+    "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
+    "temperature": (_at_least(0), "a number >= 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (_at_least(0), "an integer >= 0 (0: all)"),
+    "max_new_tokens": (_at_least(1), "an integer >= 1"),
+    "max_prompt_len": (_at_least(1, optional=True), "an integer >= 1"),
+    "keep_per_problem": (_at_least(1), "an integer >= 1"),
+    "batch_size": (_at_least(1), "an integer >= 1"),
+    "micro_batch_size": (_at_least(1), "an integer >= 1"),
+    "tensor_parallel_size": (_at_least(1), "an integer >= 1"),
+    "max_model_len": (_at_least(1, optional=True), "an integer >= 1"),
+    "gpu_memory_utilization": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "n": (_at_least(1), "an integer >= 1"),
+    "presence_penalty": (_at_least(0), "a number >= 0 (0: off)"),
+    "answer_tokens": (_at_least(1), "an integer >= 1"),
+    "lam": (_at_least(0), "a number >= 0 (it weighs a subtracted term; 0 switches it off)"),
+    "lora_rank": (_at_least(0), "an integer >= 0 (0: full fine-tuning)"),
+    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "lora_targets": (lambda v: all(x.strip() for x in v.split(",")), "comma-separated module names"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "weight_decay": (_at_least(0), "a number >= 0"),
+    "warmup_steps": (_at_least(0), "an integer >= 0"),
+    "grad_clip": (_at_least(0), "a number >= 0 (0: off)"),
+    "epochs": (_at_least(1), "an integer >= 1"),
+    "max_steps": (_at_least(1, optional=True), "an integer >= 1 (an untrained model is not a result)"),
+    "max_len": (_at_least(1), "an integer >= 1"),
+    "loss_chunk": (_at_least(1), "an integer >= 1"),
+    "log_every": (_at_least(1), "an integer >= 1"),
+    "save_every": (_at_least(0), "an integer >= 0 (0: only at epoch ends, the end and on a signal)"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
+}
+
+# Flags a command inherits but does not use: giving one is an error rather than silently ignored.
+UNUSED = {"train": {"max_prompt_len": "train's length limit is --max-len"}}
+
+
+def validate_args(args):
+    """Check every flag the command has against VALID (and UNUSED), before any file or model is touched: a
+    bad value is a one-line DailError naming the flag, the value and what it must be."""
+    command = next(name for name, (cls, _, _) in COMMANDS.items() if type(args) is cls)
+    for name, reason in UNUSED.get(command, {}).items():
+        if getattr(args, name, None) is not None:
+            raise DailError(f"--{name.replace('_', '-')}: not used by {command} ({reason})")
+    for name, (ok, must) in VALID.items():
+        if hasattr(args, name):
+            value = getattr(args, name)
+            if value is None and name in ("threshold", "max_new_tokens", "epochs", "max_len"):
+                continue  # None: the released default, filled in by resolve_released
+            if not ok(value):
+                raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    return args
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DailError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_model_name(name):
+    """An existing folder, or something shaped like a hub id ("org/name"); a missing folder fails here.
+    For a hub id with the hub out of reach, switch to the local cache at once (the hub client would
+    otherwise retry with back-off for about a minute before failing)."""
+    if Path(name).exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise DailError(f"--model {name}: no such model folder")
+    if hub_offline():
+        return
+    if not hub_probe(name)[1]:
+        print(f"note: the Hugging Face hub ({hub_endpoint()}) is unreachable; looking for {name} in the local "
+              f"cache only", file=sys.stderr)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint():
+    """The hub the client talks to: HF_ENDPOINT (a mirror) when set, else huggingface.co."""
+    import huggingface_hub.constants
+    return os.environ.get("HF_ENDPOINT", huggingface_hub.constants.ENDPOINT).rstrip("/")
+
+
+_HUB_PROBES = {}
+
+
+def hub_probe(name, timeout=5):
+    """(commit or None, hub reachable) for a hub id, asked once per process: one HEAD request for its
+    config.json through the hub client, so HF_ENDPOINT (a mirror), HTTP(S)_PROXY and the token are honoured
+    as in the download itself; no retries, `timeout` seconds. An HTTP error (no such repo, gated) means
+    the hub answered; a connection error or timeout means it is out of reach."""
+    if name not in _HUB_PROBES:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError
+        try:
+            _HUB_PROBES[name] = (get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=hub_endpoint()),
+                                                      timeout=timeout).commit_hash,
+                                 True)
+        except HfHubHTTPError:
+            _HUB_PROBES[name] = (None, True)
+        except Exception:  # connection refused, DNS failure, timeout, proxy error, offline mode
+            _HUB_PROBES[name] = (None, False)
+    return _HUB_PROBES[name]
+
+
+def hub_commit(name):
+    """The commit a hub id resolves to: from the hub (hub_probe) unless offline, else from the local cache's
+    snapshot of its config.json; None when neither knows."""
+    if not hub_offline():
+        commit = hub_probe(name)[0]
+        if commit:
+            return commit
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    check_model_name(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # hub unreachable, bad folder, ...: one clear line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache"
+        raise DailError(f"--model {name}: could not load the tokenizer ({msg[:200]}){hint}") from None
+    if not getattr(tok, "chat_template", None):
+        raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
+    check_tokenizer_reload(tok, name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def template_supports_thinking(tok):
+    """Whether the tokenizer's chat template knows a thinking block (Qwen3-style: it reads `enable_thinking`
+    or writes <think>). A template given as several named templates counts when any of them does."""
+    template = tok.chat_template
+    text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
+    return "enable_thinking" in text or "<think>" in text
+
+
+def check_thinking_flag(tok, args):
+    """Warn (stderr, once per command) when --thinking does not match the chat template: a reasoning model
+    run without it is prompted, budgeted and graded as a non-reasoning one, silently."""
+    supports = template_supports_thinking(tok)
+    if supports and not args.thinking:
+        print(f"warning: --model {args.model}: the chat template supports thinking (<think>) but --thinking "
+              f"is not set; a reasoning model needs --thinking for its prompts, budgets and grading",
+              file=sys.stderr)
+    elif args.thinking and not supports:
+        print(f"warning: --model {args.model}: --thinking is set but the chat template has no thinking "
+              f"support; dail.py will open <think> itself", file=sys.stderr)
+    return supports
+
+
+def check_tokenizer_reload(tok, name):
+    """Warn when the loaded tokenizer encodes differently from the folder's own tokenizer.json:
+    transformers 5 may reload a saved tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2
+    config) with that class's pre-tokenizer, so one trained another way then silently changes its ids."""
+    path = Path(name) / "tokenizer.json"
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+    probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
+    saved = Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids
+    if saved != tok(probe, add_special_tokens=False)["input_ids"]:
+        print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
+              f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
+
+
+def load_model(name, device, dtype):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DailError(f"--model {name}: could not load the model ({msg[:200]})") from None
+    return model.to(device)
+
+
+def context_length(name):
+    """The model's context length from its config (no weights loaded), or None."""
+    from transformers import AutoConfig
+    try:
+        return getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
+    except Exception:
+        return None
+
+
+def prompt_budget(args):
+    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit)."""
+    if args.max_prompt_len is not None:
+        return args.max_prompt_len
+    n = context_length(args.model)
+    if n is not None and n - args.max_new_tokens < 1:
+        raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
+                        f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
+    return None if n is None else n - args.max_new_tokens
+
+
+def stop_token_ids(tok, name):
+    """Tokens that end a response: the tokenizer's and generation config's EOS, and ChatML's end of turn."""
+    ids = {tok.eos_token_id}
+    try:
+        from transformers import GenerationConfig
+        eos = GenerationConfig.from_pretrained(name).eos_token_id
+        ids |= set(eos if isinstance(eos, (list, tuple)) else [eos])
+    except Exception:
+        pass  # no generation_config.json: the tokenizer's EOS is enough
+    ids.add(end_of_turn_id(tok))
+    return sorted(i for i in ids if i is not None)
+
+
+def end_of_turn_id(tok):
+    """The token that closes an assistant turn (ChatML's <|im_end|>, else EOS): what a trace learns to stop on."""
+    vocab = tok.get_vocab()
+    return vocab.get("<|im_end|>", tok.eos_token_id)
+
+
+def progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, dynamic_ncols=True, **kw)
+
+
+def save_plot(path, title, xlabel, ylabel, curves, logx=False):
+    """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def shard_of(spec):
+    """This process's share of a rewrite or eval: (k, n) = shard k of n. From `--shard K/N` (SLURM arrays and
+    other schedulers), else torchrun's RANK and WORLD_SIZE, else (0, 1): the whole job in one process."""
+    if spec:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            raise DailError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DailError(f"--shard {spec}: under torchrun each rank already takes its own shard; drop --shard")
+        return int(m.group(1)), int(m.group(2))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def part_file(out_file, k, n):
+    """Where shard k of n writes: traces.jsonl -> traces.part0-of-4.jsonl, beside the merged file."""
+    out_file = Path(out_file)
+    return out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
+
+
+def shard_problems(problems, k, n):
+    """Shard k of n takes problems k, k + n, k + 2n, ... of the file: equal counts (to one), and early and
+    late problems alike, so no shard gets all the long ones of a file sorted by difficulty."""
+    return problems[k::n]
+
+
+def merge_parts(out_file, n, order):
+    """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
+    (input order), atomically; a record present twice is an error, never a silent duplicate. -> records."""
+    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n))]
+    records.sort(key=order)
+    keys = [order(r) for r in records]
+    dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+    if dup is not None:
+        raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
+                        f"one split of this job")
+    tmp = Path(f"{out_file}.{os.getpid()}.tmp")        # two shards that finish together may both merge
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out_file)
+    return records
+
+
+def shard_device(args):
+    """rewrite/eval's torch device: under torchrun each rank its own GPU (cuda:LOCAL_RANK) with --device auto."""
+    if args.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return resolve_device(args.device)
+
+
+def split_on_disk(out_file):
+    """N of the part files (part_file) an earlier split of this job left beside out_file; None when none."""
+    out_file = Path(out_file)
+    pattern = re.compile(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+){re.escape(out_file.suffix)}")
+    ns = {int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
+          if (m := pattern.fullmatch(p.name))}
+    if len(ns) > 1:
+        raise DailError(f"{out_file.parent}: holds part files of splits into {sorted(ns)} shards; keep one split "
+                        f"(move the others away), or --overwrite to start over")
+    return ns.pop() if ns else None
+
+
+def plan_shards(out_file, args, shard=None):
+    """Which files this process writes and whether it merges: (n, ks, merge, follower) = the split into n
+    shards, the shards k it decodes (each into part_file(out_file, k, n); n = 1: out_file itself), and when it merges:
+    'wait' (rank 0 under torchrun: polls until every part is complete), 'ready' (--shard K/N: merges when it
+    finds every part complete), 'now' (a plain run that found the parts of an earlier split: it finishes
+    every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
+    tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
+    it (vLLM's collectives) but writes nothing.
+    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard)."""
+    k, n, follower = shard or (*shard_of(args.shard), False)
+    earlier = None if args.overwrite else split_on_disk(out_file)
+    if n > 1 and args.merge:
+        raise DailError("--merge: merges the parts of an earlier split in one process; drop --shard (or torchrun)")
+    if n > 1:
+        if earlier not in (None, n):
+            raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
+                            f"splits into {n}; use the same split, or --overwrite to start over")
+        return n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
+    if args.merge:
+        if earlier is None:
+            raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
+        return earlier, [], "now", follower
+    return (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
+
+
+def vllm_shard(args, engine):
+    """Under torchrun with the vLLM engine, vLLM's own data parallelism for external launchers: every group
+    of --tensor-parallel-size consecutive ranks runs one engine (ranks r with r // tp = k form data-parallel
+    shard k of WORLD_SIZE / tp). -> (k, n, follower), or None when not under torchrun or not vLLM."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if engine != "vllm" or world == 1:
+        return None
+    tp = args.tensor_parallel_size
+    if world % tp:
+        raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
+    if args.shard:
+        shard_of(args.shard)                                  # the one-line error: no --shard under torchrun
+    rank = int(os.environ["RANK"])
+    return rank // tp, world // tp, rank % tp != 0
+
+
+def open_shard(out_file, k, n, config, config_of, follower=False):
+    """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
+    with `config` (check_resume_config, which saves it). A vLLM follower only reads (it writes nothing)."""
+    path = shard_path(out_file, k, n)
+    if follower:
+        return written_records(path)
+    done = resume_jsonl(path)
+    check_resume_config(config_of(path), config, resuming=bool(done))
+    return done
+
+
+def clear_shard_results(out_file, n, ks, merge, config_of, *others):
+    """--overwrite: each process removes the files it writes (its part files and their configs); the process
+    that merges (or a single one) also the merged file, `others` (the summary) and parts of other splits."""
+    parts = [part_file(out_file, k, n) for k in ks if n > 1]
+    clear_results(*parts, *map(config_of, parts))
+    if merge or n == 1:
+        out_file = Path(out_file)
+        stale = [p for p in out_file.parent.glob(f"{out_file.stem}.part*-of-*")
+                 if not p.name.split(".part", 1)[1].split(".")[0].endswith(f"-of-{n}") or n == 1]
+        clear_results(out_file, *others, *stale)
+
+
+def shard_path(out_file, k, n):
+    """The file shard k of n writes: out_file itself when the job is not split."""
+    return Path(out_file) if n == 1 else part_file(out_file, k, n)
+
+
+def written_records(path):
+    """The complete lines of a JSONL file another process may be appending to (read-only: unlike
+    resume_jsonl it never cuts a half-written last line, which may be one being written)."""
+    p = Path(path)
+    data = p.read_bytes() if p.exists() else b""
+    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def config_difference(path, config):
+    """The first result setting where the config saved at path differs from `config` ('' when equal; None
+    when no config is saved there yet)."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        old = json.loads(p.read_text())
+    except ValueError:
+        return None                                      # being written right now: look again later
+    diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
+    return f"{diff[0]}={old.get(diff[0], '(not recorded)')!r}" if diff else ""
+
+
+def incomplete_parts(out_file, n, config, config_of, expected, key):
+    """The shards k < n whose part file lacks one of expected[k] (a set of key(record)) or was not yet
+    started; a part written with other settings than `config` is a DailError (never merged)."""
+    missing = []
+    for k in range(n):
+        path = part_file(out_file, k, n)
+        diff = config_difference(config_of(path), config)
+        if diff:
+            raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
+                            f"the same command (rerun that shard, or --overwrite to start over)")
+        if diff is None or not expected[k] <= {key(r) for r in written_records(path)}:
+            missing.append(k)
+    return missing
+
+
+def gather_parts(out_file, n, mode, config, config_of, expected, key, order):
+    """Merge the n part files into out_file (merge_parts, input order) once all are complete, and save
+    `config` beside it -> the merged records, or None when not all are complete and mode is not 'wait'
+    (then say which are missing). 'wait' (rank 0 under torchrun) polls the files instead of a barrier,
+    which would time out on a long job; if a rank dies, torchrun stops this one too."""
+    pause = 1.0
+    while missing := incomplete_parts(out_file, n, config, config_of, expected, key):
+        if mode != "wait":
+            print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; run "
+                  f"them (--shard K/{n}), then rerun without --shard (or with --merge) to merge", file=sys.stderr)
+            if mode == "now":
+                raise DailError(f"--merge: {len(missing)} of {n} parts of {out_file} are incomplete")
+            return None
+        if pause == 1.0:
+            print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
+        time.sleep(pause)
+        pause = min(2 * pause, 30.0)
+    records = merge_parts(out_file, n, order)
+    check_resume_config(config_of(out_file), config, resuming=False)
+    print(f"merged {n} parts into {out_file}", file=sys.stderr)
+    return records
+
+
+def trace_keys(seed, problem_ids, samples):
+    """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
+    trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
+    words = []
+    for pid, s in zip(problem_ids, samples):
+        digest = hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
+        words.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
+    return torch.tensor(words, dtype=torch.long)
+
+
+def _mul32(x, c):
+    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a Python int c < 2^32, with no int64 overflow."""
+    lo = x * (c & 0xFFFF)                                        # < 2^48
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16                        # < 2^32
+    return (lo + hi) & 0xFFFFFFFF
+
+
+def _hash32(x):
+    """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(keys, step, n):
+    """[B, n] float64 uniforms in (0, 1) for B traces at decoding step `step`: a counter-based generator,
+    u = hash(key, step, j), so a trace's draws are fixed by its key whatever else shares its batch.
+    keys: [B, 2] from trace_keys."""
+    j = torch.arange(n, dtype=torch.long, device=keys.device)
+    counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
+    h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
+    return (h.double() + 0.5) / 2.0 ** 32
+
+
+def sample_with(probs, u):
+    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
+    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
+    cdf = probs.double().cumsum(-1)                                               # [B, V]
+    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
+    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 # =====================================================================================================
