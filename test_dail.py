@@ -3218,3 +3218,29 @@ def test_experiments_small_slice_end_to_end(tmp_path):
                                 / "train_summary.json").read_text())["steps"]
             assert steps == 2
     assert (out / "efficiency.png").exists() or not _has_matplotlib()
+
+
+def test_probe_teacher_against_one_full_forward(tmp_path):
+    """examples/probe_teacher.py: the probability each context gives the token after 'Block 7+' of a kept
+    trace equals the one read off a single forward over prompt + the whole response (a different path: no
+    prefix decoding); traces not kept, or without the line, are not probed."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import probe_teacher
+    world = ROOT / "examples" / "world" / "model"
+    tok = dail.load_tokenizer(str(world))
+    problem = dict(id="p", problem="Find the sum of the last digits of 17^1, 17^2, ..., 17^83.",
+                   solution="Periodicity $4$: $20$ blocks of $20$ plus $19$: $\\boxed{419}$.", answer="419")
+    ids = tok(DERIVED_17_83, add_special_tokens=False)["input_ids"]
+    rows = [dict(problem, response=DERIVED_17_83, response_ids=ids, kept=True),
+            dict(problem, response=DERIVED_17_83, response_ids=ids, kept=False),
+            dict(problem, response="Last digit 7.\n\\boxed{419}", response_ids=ids[:3], kept=True)]
+    traces = write_jsonl(tmp_path / "t.jsonl", rows)
+    got = probe_teacher.main(["--traces", str(traces), "--model", str(world), "--out", str(tmp_path / "p.json")])
+    assert got["probed"] == 1 and json.loads((tmp_path / "p.json").read_text())["probed"] == 1
+    n = next(k for k in range(len(ids)) if tok.decode(ids[:k]).endswith("Block 7+"))
+    assert tok.decode(ids[n:n + 1]) == "9"
+    model = dail.load_model(str(world), torch.device("cpu"), torch.float32)
+    for name, prompt in dail.build_contexts(tok, problem, False, None).items():
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) + n - 1].double()
+        assert got["contexts"][name]["mean"] == pytest.approx(float(logits.softmax(-1)[ids[n]]), abs=1e-5), name
