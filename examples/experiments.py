@@ -431,6 +431,8 @@ def efficiency_plot(result, path):
             ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15,
                             color=line.get_color())
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
         ax.set(title=f"{world} world ({result['seeds_run']} seeds)", xlabel="expert problems used",
                ylabel="held-out pass@1", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
