@@ -30,12 +30,22 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="the frozen model the traces were rewritten (and trained) from")
     ap.add_argument("--after", default="Block ", help="the probed line starts with this text")
     ap.add_argument("--then", default="+", help="the probed token follows the first occurrence of this text")
+    ap.add_argument("--thinking", action="store_true", help="reasoning model: the prompts as train builds them with --thinking")
     ap.add_argument("--out", default=None, help="write the summary here as JSON")
     args = ap.parse_args(argv)
+    try:
+        return probe(args)
+    except dail.DailError as e:          # a missing file, a malformed line: one line, exit 2
+        print(f"probe_teacher: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def probe(args):
+    records = [rec for _, rec in dail.read_jsonl(args.traces, "--traces")]   # bad input fails before the model loads
     tok = dail.load_tokenizer(args.model)
     model = dail.load_model(args.model, torch.device("cpu"), torch.float32)
     probs = {name: [] for name in ("student", "privileged", "shortcut")}
-    for _, rec in dail.read_jsonl(args.traces, "--traces"):
+    for rec in records:
         text, ids = rec["response"], rec["response_ids"]
         start = 0 if text.startswith(args.after) else text.find("\n" + args.after) + 1   # 0: not found
         at = text.find(args.then, start) if start or text.startswith(args.after) else -1
@@ -46,7 +56,7 @@ def main(argv=None):
         n = next((k for k in range(len(ids) + 1) if tok.decode(ids[:k]) == text[:cut]), None)
         if n is None or n >= len(ids):
             continue
-        contexts = dail.build_contexts(tok, rec, False, None)
+        contexts = dail.build_contexts(tok, rec, args.thinking, None)
         for name, prompt in contexts.items():
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + ids[:n]])).logits[0, -1]
