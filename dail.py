@@ -308,7 +308,9 @@ def resume_jsonl(path):
         print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
         data = data[:keep]
     out = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
+    # (ensure_ascii=False) leaves unescaped inside a model's response
+    for lineno, line in enumerate(data.decode("utf-8").split("\n"), 1):
         if line.strip():
             try:
                 out.append(json.loads(line))
@@ -2927,7 +2929,7 @@ def written_records(path):
     resume_jsonl it never cuts a half-written last line, which may be one being written)."""
     p = Path(path)
     data = p.read_bytes() if p.exists() else b""
-    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").split("\n")   # "\n" only, as in resume_jsonl
     return [json.loads(line) for line in lines if line.strip()]
 
 

@@ -81,7 +81,7 @@ def run_cli(argv, capsys):
 
 
 def read_lines(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [json.loads(line) for line in Path(path).read_text().split("\n") if line]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -929,6 +929,20 @@ def test_resume_jsonl_drops_half_written_tail(tmp_path):
     p.write_text('{"a": 1}\n{oops}\n{"a": 3}\n')
     with pytest.raises(dail.DailError, match=":2: corrupt line"):
         dail.resume_jsonl(p)
+
+
+def test_jsonl_keeps_responses_with_unicode_line_breaks(tmp_path):
+    """A sampled response may hold U+0085, U+2028 or U+2029 (a tiny random model wrote U+0085 in a CI run);
+    json.dumps(ensure_ascii=False) leaves them raw, and str.splitlines() would split the record there."""
+    records = [{"responses": [f"a{c}b", "plain"], "i": i} for i, c in enumerate("\x85\u2028\u2029\x0b\x0c\x1c")]
+    p = tmp_path / "samples.jsonl"
+    with open(p, "w", encoding="utf-8") as f:
+        for r in records:
+            dail.append_jsonl(f, r)
+    assert len(p.read_text(encoding="utf-8").splitlines()) > len(records)      # the trap is really there
+    assert dail.resume_jsonl(p) == records
+    assert dail.written_records(p) == records
+    assert read_lines(p) == records
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -213,14 +213,14 @@ def check_texts(pairs):
 
 
 def kept_trace_check(traces):
-    rows = [json.loads(x) for x in Path(traces).read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in Path(traces).read_text().split("\n") if x.strip()]
     return check_texts([(r["problem"], r["response"]) for r in rows if r["kept"]])
 
 
 def sample_check(ev):
     """The checker over every eval sample, as graded: the response plus eval's forced-answer pass, if any
     (a boxed answer forced after a cut trace is stated, not derived)."""
-    rows = [json.loads(x) for x in (ev / "samples.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in (ev / "samples.jsonl").read_text().split("\n") if x.strip()]
     return check_texts([(r["problem"], t + (f or "")) for r in rows
                         for t, f in zip(r["responses"], r.get("forced") or [None] * len(r["responses"]))])
 
@@ -276,8 +276,8 @@ def efficiency_seed(args, world, seed, env, extra):
     test = head_jsonl(TEST, out / "test.jsonl", args.test_problems)
     timings = {}
     traces_all, rw = rewrite(args, WORLDS[world], seed, expert_all, out, env, timings)
-    ids = [json.loads(x)["id"] for x in expert_all.read_text().splitlines() if x.strip()]
-    trace_rows = [x for x in traces_all.read_text().splitlines() if x.strip()]
+    ids = [json.loads(x)["id"] for x in expert_all.read_text().split("\n") if x.strip()]
+    trace_rows = [x for x in traces_all.read_text().split("\n") if x.strip()]
     res = dict(rewrite=dict(kept=rw["kept"], problems=rw["problems"]), by_problems={})
     for n_problems in args.problem_list:
         sub = out / f"N{n_problems}"

@@ -89,7 +89,7 @@ def run(cmd, log, env):
 
 def head_jsonl(src, dst, n):
     """The first n lines of a JSONL file (all lines when n is None) -> dst; returns dst."""
-    lines = [x for x in Path(src).read_text().splitlines() if x.strip()]
+    lines = [x for x in Path(src).read_text().split("\n") if x.strip()]
     Path(dst).write_text("\n".join(lines[:n] if n else lines) + "\n")
     return dst
 

@@ -39,7 +39,7 @@ def write_easy(path=HERE / "easy.jsonl"):
 
 def cli_pass1(data, out, n_problems=None, model=MODEL):
     """pass@1 of `python dail.py eval` on the first n_problems of data."""
-    lines = [x for x in Path(data).read_text().splitlines() if x.strip()][:n_problems]
+    lines = [x for x in Path(data).read_text().split("\n") if x.strip()][:n_problems]
     sub = Path(out) / "data.jsonl"
     sub.parent.mkdir(parents=True, exist_ok=True)
     sub.write_text("\n".join(lines) + "\n")
@@ -59,7 +59,7 @@ def privileged_accuracy(model_dir=MODEL, n_problems=N_TEST):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = [json.loads(x) for x in (HERE / "test.jsonl").read_text().splitlines() if x.strip()][:n_problems]
+    rows = [json.loads(x) for x in (HERE / "test.jsonl").read_text().split("\n") if x.strip()][:n_problems]
     import random
     import re
     rng = random.Random(0)
