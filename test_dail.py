@@ -995,15 +995,21 @@ def test_vllm_same_prompt_ids_and_logprobs(llm, tok, model):
     assert worst < 1e-3
 
 
-@_vllm
-def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny):
+def eval_both_engines(tmp_path, capsys, expert, tiny, *flags):
+    """The same greedy eval through the hf and the vllm engine: {engine: (samples.jsonl lines, summary.json)}."""
     runs = {}
     for engine in ("hf", "vllm"):
         out = tmp_path / engine
-        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--temperature", 0,
-                             "--max-new-tokens", 12, "--engine", engine, "--max-model-len", 512], capsys)
+        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--temperature", 0,
+                             "--engine", engine, "--max-model-len", 512, *flags], capsys)
         assert code == 0, err
         runs[engine] = (read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text()))
+    return runs
+
+
+@_vllm
+def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny):
+    runs = eval_both_engines(tmp_path, capsys, expert, tiny, "--n", 2, "--max-new-tokens", 12)
     (hf_lines, hf_sum), (v_lines, v_sum) = runs["hf"], runs["vllm"]
     assert [r["responses"] for r in hf_lines] == [r["responses"] for r in v_lines]
     assert [r["n_tokens"] for r in hf_lines] == [r["n_tokens"] for r in v_lines]
@@ -2919,14 +2925,8 @@ def test_greedy_proposer_ablation(tmp_path, capsys, expert, tiny, tok, model):
 @_vllm
 def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
     """Both engines, greedy, --thinking: the same thinking budget, presence penalty and forced-answer pass."""
-    runs = {}
-    for engine in ("hf", "vllm"):
-        out = tmp_path / engine
-        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 1, "--temperature", 0,
-                             "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking", "--engine", engine,
-                             "--max-model-len", 512], capsys)
-        assert code == 0, err
-        runs[engine] = read_lines(out / "samples.jsonl")
+    runs = {engine: lines for engine, (lines, _) in eval_both_engines(
+        tmp_path, capsys, expert, tiny, "--n", 1, "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking").items()}
     for key in ("responses", "forced", "n_thinking_tokens", "n_answer_tokens", "n_forced_tokens", "preds"):
         assert [r[key] for r in runs["hf"]] == [r[key] for r in runs["vllm"]], key
     assert all(f is not None for r in runs["vllm"] for f in r["forced"])

@@ -118,26 +118,17 @@ def run(cmd, log, env):
     return round(time.time() - t0, 1), rc == 0
 
 
-def eval_extra_flags():
-    """Eval flags this script sets on top of the quickstart's. The released presence penalty (1.5, where
-    dail.py has it) penalizes every token already in the response; in a byte-level world whose steps are
-    digits, '=', '+' and '*' over and over, that forbids the very format the model answers in, so the
-    tiny worlds evaluate with --presence-penalty 0 (a language model's prose rarely needs a token 30 times)."""
-    help_text = subprocess.run([sys.executable, str(ROOT / "dail.py"), "eval", "--help"], capture_output=True,
-                               text=True, cwd=ROOT).stdout
-    return ["--presence-penalty", "0"] if "--presence-penalty" in help_text else []
-
-
-def rewrite_summary_path(traces):
-    for p in (traces.with_suffix(".summary.json"), traces.parent / "rewrite_summary.json"):
-        if p.exists():
-            return p
-    return None
+# Eval flags this script sets on top of the quickstart's. The released presence penalty (1.5) penalizes every
+# token already in the response; in a byte-level world whose steps are digits, '=', '+' and '*' over and over,
+# that forbids the very format the model answers in, so the tiny worlds evaluate with --presence-penalty 0 (a
+# language model's prose rarely needs a token 30 times).
+EVAL_EXTRA_FLAGS = ["--presence-penalty", "0"]
 
 
 def rewrite(args, model, seed, expert, out, env, timings):
     traces = out / "traces.jsonl"
-    if rewrite_summary_path(traces) is None:
+    summary = traces.with_suffix(".summary.json")                 # written last: the rewrite is finished
+    if not summary.exists():
         print(f"[{out}] rewrite", flush=True)
         timings["rewrite"], ok = run([sys.executable, str(ROOT / "dail.py"), "rewrite", "--model", str(model),
                                       "--data", str(expert), "--out", str(traces), "--seed", str(seed),
@@ -145,7 +136,7 @@ def rewrite(args, model, seed, expert, out, env, timings):
                                       "--batch-size", "64", "--overwrite"], out / "rewrite.log", env)
         if not ok:
             sys.exit("experiments: the rewrite failed; nothing to train on")
-    return traces, json.loads(rewrite_summary_path(traces).read_text())
+    return traces, json.loads(summary.read_text())
 
 
 def train(args, base, seed, data, model_out, flags, env, timings, name, steps=None, epochs=None):
@@ -456,7 +447,7 @@ def main(argv=None):
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    extra = eval_extra_flags()
+    extra = EVAL_EXTRA_FLAGS
     t0 = time.time()
     result = dict(experiment=args.experiment, seeds_run=len(args.seed_list), seeds=args.seed_list,
                   eval_extra_flags=extra, settings=config, worlds={})
