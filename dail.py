@@ -217,8 +217,8 @@ class EvalArgs(CommonArgs):
     answer_tokens: int = arg(100, "token budget of the second, forced-answer pass")
     no_force_answer: bool = arg(False, "one pass only (with --thinking the budget then covers thinking and "
                                        "answer); by default every --thinking sample, and every other sample "
-                                       "without \\boxed{, gets a second pass that closes the thinking or asks "
-                                       "for the boxed answer")
+                                       "without \\boxed{, gets a second pass after an answer cue (with "
+                                       "--thinking: after </think> and the cue)")
     batch_size: int = arg(64, "hf engine: sequences decoded together")
     engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
                       choices=["auto", "hf", "vllm"])
@@ -801,9 +801,8 @@ increasing order, then symbols alphabetically), not in the order the solution us
 
 """ + ANSWER_FORMAT
 
-# The forced-answer pass of eval (see force_answers) continues the response after one of these.
-THINKING_CLOSE = ("\n\nThe thinking budget is used up, so I stop exploring here and give the final answer the "
-                  "reasoning above supports, in \\boxed{}.\n</think>\n\n")
+# The forced-answer pass of eval (see force_answers) continues the response after this cue (with --thinking:
+# after </think> + the cue, outside the thinking, as the released protocol does).
 ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
 _MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
@@ -2260,8 +2259,8 @@ def answer_part(response, thinking):
 
 
 def token_split(sample, thinking, think_end):
-    """(thinking tokens, answer tokens) of one sample, generated tokens only (the inserted THINKING_CLOSE
-    or ANSWER_REQUEST is not counted). With `thinking`: the first pass up to and including a generated
+    """(thinking tokens, answer tokens) of one sample, generated tokens only (the inserted </think> and
+    ANSWER_REQUEST are not counted). With `thinking`: the first pass up to and including a generated
     </think> is thinking, the rest of it and the forced pass are answer; without: all answer."""
     ids, forced = sample["ids"], sample.get("n_forced", 0)
     if not thinking:
@@ -2270,21 +2269,17 @@ def token_split(sample, thinking, think_end):
     return cut, len(ids) - cut + forced
 
 
-def forced_answer_suffix(tok, sample, thinking, think_end):
+def forced_answer_suffix(tok, sample, thinking):
     """What the forced-answer pass appends to prompt + first-pass ids before it samples (ids), or None when
-    the sample gets no second pass. --thinking: every sample; </think> alone when the thinking closed by
-    itself (the first pass stopped on it), THINKING_CLOSE when the budget (or an end of turn) cut it.
-    Otherwise only a sample whose text has no \\boxed{ gets one, after ANSWER_REQUEST."""
-    if thinking:
-        if think_end is not None and sample.get("stop_id") == think_end:
-            return [think_end]
-        return tok(THINKING_CLOSE, add_special_tokens=False)["input_ids"]
-    if "\\boxed{" in tok.decode(sample["ids"], skip_special_tokens=False):
+    the sample gets no second pass. --thinking: every sample, </think> then ANSWER_REQUEST, whether the
+    thinking closed by itself (the first pass stopped on </think>, which is not in its ids) or the budget (or
+    an end of turn) cut it. Otherwise only a sample whose text has no \\boxed{ gets one: ANSWER_REQUEST."""
+    if not thinking and "\\boxed{" in tok.decode(sample["ids"], skip_special_tokens=False):
         return None
-    return tok(ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
+    return tok(("</think>" if thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
 
 
-def force_answers(tok, prompts, outputs, thinking, think_end, second_pass, seeds, pids=None):
+def force_answers(tok, prompts, outputs, thinking, second_pass, seeds, pids=None):
     """The released eval's second pass, engine-agnostic. outputs: per prompt, the first pass's sample dicts
     (ids, finish_reason, stop_id); updated in place with forced_ids (the suffix + the ids sampled after it;
     None: no second pass) and n_forced (tokens sampled in the second pass). second_pass(rows, seeds, names)
@@ -2295,7 +2290,7 @@ def force_answers(tok, prompts, outputs, thinking, think_end, second_pass, seeds
     for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids or [None] * len(prompts)):
         for i, s in enumerate(samples):
             s["forced_ids"], s["n_forced"] = None, 0
-            suffix = forced_answer_suffix(tok, s, thinking, think_end)
+            suffix = forced_answer_suffix(tok, s, thinking)
             if suffix is not None:
                 rows.append(list(prompt) + s["ids"] + suffix)
                 targets.append((s, suffix))
@@ -2347,7 +2342,7 @@ def make_sampler(engine, args, tok, stop_ids):
     def sample(prompts, seeds, pids):
         outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds, [(p, None) for p in pids])
         if not args.no_force_answer:
-            force_answers(tok, prompts, outputs, args.thinking, think_end,
+            force_answers(tok, prompts, outputs, args.thinking,
                           lambda rows, row_seeds, names: generate(rows, 1, args.answer_tokens, stop_ids, row_seeds,
                                                                   names), seeds, pids)
         return outputs

@@ -2687,12 +2687,15 @@ def test_answer_part_grades_only_after_thinking():
 
 
 def test_force_answers_rows_and_suffixes(tok):
+    """--thinking: every sample's second pass continues from </think> then the cue, outside the thinking,
+    whether the thinking closed by itself or was cut (the released protocol); without: only samples with
+    no box, after the cue."""
     think_end = tok.convert_tokens_to_ids("</think>")
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt = [1, 2, 3]
-    close, request = ids(dail.THINKING_CLOSE), ids(dail.ANSWER_REQUEST)
-    assert "</think>" in dail.THINKING_CLOSE and think_end in close and "\\boxed{}" in dail.THINKING_CLOSE
+    request = ids(dail.ANSWER_REQUEST)
+    assert "\\boxed{}" in dail.ANSWER_REQUEST and "</think>" not in dail.ANSWER_REQUEST
     rows_seen = []
 
     def second_pass(rows, seeds, names=None):
@@ -2701,16 +2704,14 @@ def test_force_answers_rows_and_suffixes(tok):
     thinking = [[dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
                  dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
                  dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)]]          # end of turn inside
-    dail.force_answers(tok, [prompt], thinking, True, think_end, second_pass, [0])
-    assert rows_seen == [prompt + ids("think a") + [think_end], prompt + ids("think b") + close,
-                         prompt + ids("think c") + close]
-    assert [s["forced_ids"] for s in thinking[0]] == [[think_end] + ids(" \\boxed{4}"), close + ids(" \\boxed{4}"),
-                                                      close + ids(" \\boxed{4}")]
+    dail.force_answers(tok, [prompt], thinking, True, second_pass, [0])
+    assert rows_seen == [prompt + ids(t) + [think_end] + request for t in ("think a", "think b", "think c")]
+    assert [s["forced_ids"] for s in thinking[0]] == [[think_end] + request + ids(" \\boxed{4}")] * 3
     assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking[0])
     rows_seen.clear()
     plain = [[dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
               dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)]]
-    dail.force_answers(tok, [prompt], plain, False, None, second_pass, [0])
+    dail.force_answers(tok, [prompt], plain, False, second_pass, [0])
     assert rows_seen == [prompt + ids("so it is 3") + request]          # only the sample without a box
     assert plain[0][0]["forced_ids"] is None and plain[0][0]["n_forced"] == 0
     assert plain[0][1]["forced_ids"] == request + ids(" \\boxed{4}")
@@ -2740,9 +2741,9 @@ def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
     assert first["max_new_tokens"] == 6 and set(first["stops"]) == {think_end, *stop_ids}
     assert second["max_new_tokens"] == 5 and second["stops"] == stop_ids
     assert first["presence_penalty"] == second["presence_penalty"] == 1.5
-    close = tok(dail.THINKING_CLOSE, add_special_tokens=False)["input_ids"]
-    assert second["rows"] == [[1, 2, 70, 71, think_end], [1, 2] + [72] * 6 + close]
-    assert out[0]["forced_ids"] == [think_end, 73] and out[1]["forced_ids"] == close + [73]
+    cue = [think_end] + tok(dail.ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
+    assert second["rows"] == [[1, 2, 70, 71] + cue, [1, 2] + [72] * 6 + cue]      # closed itself; cut: the same cue
+    assert out[0]["forced_ids"] == cue + [73] and out[1]["forced_ids"] == cue + [73]
     calls.clear()
     sampler = dail.make_sampler("hf", dataclasses_replace(args, no_force_answer=True), tok, stop_ids)
     out = sampler([[1, 2]], [0], ["p"])[0]
@@ -2768,7 +2769,7 @@ def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
     for r in lines:
         for text, forced, n, nt, na, nf in zip(r["responses"], r["forced"], r["n_tokens"], r["n_thinking_tokens"],
                                                r["n_answer_tokens"], r["n_forced_tokens"]):
-            assert forced is not None and (forced.startswith("</think>") or forced.startswith(dail.THINKING_CLOSE))
+            assert forced is not None and forced.startswith("</think>" + dail.ANSWER_REQUEST)
             assert "</think>" not in text and nt <= 6 and na == nf <= 5 and n == nt + na
     assert summary["samples_forced"] == 6
     assert summary["mean_thinking_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_thinking_tokens"]]))
@@ -2929,7 +2930,7 @@ def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
         tmp_path, capsys, expert, tiny, "--n", 1, "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking").items()}
     for key in ("responses", "forced", "n_thinking_tokens", "n_answer_tokens", "n_forced_tokens", "preds"):
         assert [r[key] for r in runs["hf"]] == [r[key] for r in runs["vllm"]], key
-    assert all(f is not None for r in runs["vllm"] for f in r["forced"])
+    assert all(f.startswith("</think>" + dail.ANSWER_REQUEST) for r in runs["vllm"] for f in r["forced"])
 
 
 # ------------------------------------------------------------------------------------------------------
