@@ -2251,7 +2251,9 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
 
 def answer_part(response, thinking):
     """The text that is graded: with `thinking`, what follows the last </think> ("" when the thinking never
-    closed: a box inside the thinking is a guess, not an answer); else the whole response."""
+    closed: a box inside the thinking is a guess, not an answer); else the whole response. The inserted cue
+    is not graded (nor was the released one): its empty \\boxed{} is no answer, but math-verify reads it."""
+    response = response.replace(ANSWER_REQUEST, "")
     if not thinking:
         return response
     cut = response.rfind("</think>")

@@ -2684,6 +2684,17 @@ def test_answer_part_grades_only_after_thinking():
     assert dail.answer_part("never closed \\boxed{5}", True) == ""
     assert dail.answer_part("plain \\boxed{5}", False) == "plain \\boxed{5}"
     assert dail.grade(dail.answer_part("guess \\boxed{5}", True), "5")[1] is False
+    cue = dail.ANSWER_REQUEST
+    assert dail.answer_part("a</think>" + cue + "\\boxed{7}", True) == "\\boxed{7}"     # the cue is not graded
+    assert dail.answer_part("so 7" + cue + "\\boxed{7}", False) == "so 7\\boxed{7}"
+
+
+@needs_math_verify
+def test_forced_answer_cue_is_not_graded_by_math_verify():
+    """math-verify reads every box: the cue's empty \\boxed{} made a forced \\boxed{5} read as ",5" (wrong)."""
+    for thinking, first in [(True, "hmm</think>"), (False, "so it is")]:
+        text = first + dail.ANSWER_REQUEST + "\\boxed{5}"
+        assert dail.grade_responses([text], "5", "math-verify", thinking) == (["5"], [True])
 
 
 def test_force_answers_rows_and_suffixes(tok):
