@@ -176,7 +176,8 @@ class TrainArgs(CommonArgs):
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
     lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "comma-separated names of the nn.Linear modules that get adapters")
-    # optimisation, as released: AdamW 2e-4, wd 0.01, 5 warm-up steps then linear decay, 16 sequences a step
+    # optimisation, as released: lr 2e-4, wd 0.01, 5 warm-up steps then linear decay, 16 sequences a step; but
+    # torch.optim.AdamW with float32 state (released: bitsandbytes' paged_adamw_8bit, 8-bit state)
     lr: float = arg(2e-4, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_steps: int = arg(5, "linear warm-up steps, then linear decay to 0")
