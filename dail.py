@@ -1150,6 +1150,8 @@ def cmd_rewrite(args):
     decode_only_kept(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out = Path(args.out)
+    check_own_inputs(args.out, [out, out.with_suffix(".summary.json"), out.with_suffix(".config.json"),
+                                *out.parent.glob(f"{out.stem}.part*")], {"--data": args.data}, args.model)
     check_out_file(out)
     config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
     engine = rewrite_engine(args)
@@ -2100,6 +2102,8 @@ def cmd_eval(args):
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
+    check_own_inputs(args.out, [out / f for f in ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")] +
+                     list(out.glob("samples.part*")), {"--data": args.data}, args.model, folder=out)
     check_out_folder(out)
     samples_path = out / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
@@ -2473,16 +2477,16 @@ TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoi
 
 
 def guard_train_out(args):
-    """train's --out, before any model loads: never the base model's folder; a folder that holds anything is
-    refused unless --resume (then only with the settings recorded in train_config.json) or --overwrite
-    (which clears the earlier run's metrics, checkpoint and adapters first). Under torchrun only rank 0
-    checks and writes (the others would race it); when it refuses, torchrun stops the other ranks."""
+    """train's --out, before any model loads: never the base model's folder nor a folder holding it or --data
+    (check_own_inputs); a folder that holds anything is refused unless --resume (then only with the settings
+    recorded in train_config.json) or --overwrite (which clears the earlier run's metrics, checkpoint and
+    adapters first). Under torchrun only rank 0 checks and writes (the others would race it); when it
+    refuses, torchrun stops the other ranks."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = Path(args.out).expanduser()
-    if normalized_model(args.model) == str(out.resolve()):
-        raise DailError(f"--out {args.out}: is the --model folder; training would overwrite the base weights; "
-                        f"use another --out")
+    check_own_inputs(args.out, [out / name for name in TRAIN_RESULTS + MODEL_FILES], {"--data": args.data},
+                     args.model, folder=out)
     if out.exists() and not out.is_dir():
         raise DailError(f"--out {args.out}: exists and is not a folder; train writes a folder")
     held = sorted(p.name for p in out.iterdir() if p.name != "train_config.json") if out.is_dir() else []
@@ -2497,6 +2501,27 @@ def guard_train_out(args):
     for stale in (out / "reference_cache").glob("*.tmp"):    # a cache entry an interruption left half-written
         stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+
+
+def check_own_inputs(out, outputs, inputs, model=None, folder=None):
+    """No run writes over one of its own inputs, whatever the flags: each path in `outputs` (what the run writes
+    or clears) is compared with each input ({flag: path}) and each of the --model folder's MODEL_FILES as the
+    file system sees them (os.path.samefile: another spelling, a symlink or a hard link is the same file); an
+    output `folder` may neither be nor hold the model folder. No flag lifts this, so the message offers none
+    (--overwrite would delete the input)."""
+    files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
+    model_dir = Path(model).expanduser() if model else None
+    if model_dir and model_dir.is_dir():
+        real, here = os.path.realpath(model_dir), os.path.realpath(folder) if folder else None
+        if here and (real == here or real.startswith(here.rstrip(os.sep) + os.sep)):
+            raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder {model}; writing "
+                            f"there would destroy the model; use another --out")
+        files.update({f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)})
+    for path in outputs:
+        for what, source in files.items():
+            with contextlib.suppress(OSError):
+                if os.path.samefile(path, source):
+                    raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
 
 
 def check_out_file(path):

@@ -1673,6 +1673,30 @@ def test_train_guards_its_out_folder(tmp_path, capsys, tiny, traces):
         assert code == 2 and "is the --model folder" in err
 
 
+def test_no_command_writes_over_its_own_inputs(tmp_path, capsys, expert, tiny, traces, no_model_load):
+    before, tokenizer = expert.read_bytes(), (tiny / "tokenizer.json").read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(expert)
+    os.link(expert, tmp_path / "hard.jsonl")
+    eval_out = tmp_path / "ev"
+    eval_out.mkdir()
+    (eval_out / "samples.jsonl").write_bytes(before)
+    cases = [("rewrite", expert, out, "--data") for out in (expert, tmp_path / "link.jsonl", tmp_path / "hard.jsonl")]
+    cases += [("rewrite", expert, tiny / "tokenizer.json", "tokenizer.json"),
+              ("eval", eval_out / "samples.jsonl", eval_out, "--data"),
+              ("eval", expert, tiny, "is the --model folder"), ("eval", expert, tiny.parent, "holds the --model folder"),
+              ("train", traces[1], tiny, "is the --model folder"), ("train", traces[1], tiny.parent, "holds the --model")]
+    for command, data, out, what in cases:
+        for extra in ([], ["--overwrite"]):                    # no flag lets a run destroy its input
+            code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out, *extra], capsys)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and what in err and "--overwrite" not in err, (command, out, err)
+    assert expert.read_bytes() == before and (eval_out / "samples.jsonl").read_bytes() == before
+    assert (tiny / "tokenizer.json").read_bytes() == tokenizer
+    r = subprocess.run([sys.executable, ROOT / "examples" / "probe_teacher.py", "--traces", expert, "--model", tiny,
+                        "--out", tmp_path / "hard.jsonl"], capture_output=True, text=True)
+    assert r.returncode == 2 and "an input of this run" in r.stderr and expert.read_bytes() == before
+
+
 def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny):
     calls = []
 
