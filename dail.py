@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -1156,6 +1157,8 @@ def cmd_rewrite(args):
     config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
     engine = rewrite_engine(args)
     n, ks, merge, follower = plan_shards(out, args, vllm_shard(args, engine))
+    for k in [] if follower else ks:
+        lock_output(shard_path(out, k, n), args.out)
     if args.overwrite and not follower:
         clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
     config = run_config(args, "rewrite")
@@ -2112,6 +2115,8 @@ def cmd_eval(args):
     if engine == "auto":
         engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     n, shards, merge, follower = plan_shards(samples_path, args, vllm_shard(args, engine))
+    for k in [] if follower else shards:
+        lock_output(shard_path(samples_path, k, n), args.out)
     if args.overwrite and not follower:
         clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
     config = run_config(args, "eval")
@@ -2208,6 +2213,7 @@ def regrade_eval(args):
     samples_path = out / "samples.jsonl"
     if not samples_path.is_file():
         raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
+    lock_output(samples_path, args.out)
     config = out / "eval_config.json"
     recorded = json.loads(config.read_text()) if config.exists() else {}
     # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
@@ -2489,7 +2495,12 @@ def guard_train_out(args):
                      args.model, folder=out)
     if out.exists() and not out.is_dir():
         raise DailError(f"--out {args.out}: exists and is not a folder; train writes a folder")
-    held = sorted(p.name for p in out.iterdir() if p.name != "train_config.json") if out.is_dir() else []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DailError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    lock_output(out, args.out)
+    held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
                         f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
@@ -2522,6 +2533,30 @@ def check_own_inputs(out, outputs, inputs, model=None, folder=None):
             with contextlib.suppress(OSError):
                 if os.path.samefile(path, source):
                     raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
+
+
+_LOCKS = []  # the output locks this command holds (lock_output); main() releases them when the command ends
+
+
+def lock_output(path, out):
+    """An exclusive OS lock (flock, on a hidden file beside `path`, or in it for train's folder) on one output
+    this run writes, held until the command ends: two runs appending to one file interleave their records
+    (two evals into one folder counted 11 lines for 6 problems). Shards of one job write different part files
+    and lock each its own, so they run together. The OS drops the lock when the process dies, kill -9
+    included, so a rerun resumes."""
+    p = Path(path)
+    lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DailError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DailError(f"--out {out}: another run is writing {p} now (it holds {lock.name}); let it finish, "
+                        f"or use another --out") from None
+    _LOCKS.append(fd)
 
 
 def check_out_file(path):
@@ -3213,6 +3248,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
+            os.close(_LOCKS.pop())
     return 0
 
 

@@ -1447,6 +1447,43 @@ def test_torchrun_rank_killed_then_rerun_resumes_every_part(tmp_path, capsys, ti
     same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
 
 
+def hold_lock(path):
+    """Another process that holds dail's lock on `path` (an output file, or train's folder) until it is killed."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import dail; "
+            f"dail.lock_output({str(path)!r}, 'x'); print('held', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, traces, single_process):
+    ev, tr, rw = tmp_path / "ev", tmp_path / "tr", tmp_path / "rw" / "traces.jsonl"
+    for folder in (ev, tr, rw.parent, ev / "s"):
+        folder.mkdir()
+    runs = [(ev / "samples.jsonl", eval_argv(tiny, shard_data, ev)), (rw, rewrite_argv(tiny, shard_data, rw)),
+            (tr, train_argv(tiny, traces[1], tr, "--max-steps", 1))]
+    for held, argv in runs:
+        other = hold_lock(held)
+        try:
+            code, err = run_cli(argv, capsys)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and f"another run is writing {held} now" in lines[0], err
+            assert not read_text_or_empty(held if held.suffix else held / "metrics.jsonl")     # nothing written
+        finally:
+            other.kill()                                       # kill -9: the OS drops its lock ...
+            other.wait()
+        code, err = run_cli(argv, capsys)                     # ... so the same command runs
+        assert code == 0, err
+    # shards of one job lock their own part files: shard 1 runs while another process holds part 0
+    other = hold_lock(dail.part_file(ev / "s" / "samples.jsonl", 0, 2))
+    try:
+        code, err = run_cli(eval_argv(tiny, shard_data, ev / "s", "--shard", "1/2"), capsys)
+        assert code == 0 and "parts 0 of 2 are not complete" in err, err
+    finally:
+        other.kill()
+        other.wait()
+
+
 @_vllm
 def test_vllm_under_torchrun_and_sharded_equals_one_process(tmp_path, capsys, tiny, shard_data, single_process):
     """vLLM's data parallelism for external launchers: one engine per rank (distributed_executor_backend=
