@@ -1991,6 +1991,7 @@ def cmd_train(args):
                 logged = all_reduce_step(params, logged, device)
             # 5. clip, step, zero
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            check_finite(step + 1, dict(logged, grad_norm=float(grad_norm)), checkpoint, args)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # 6. log: metrics.jsonl every step, a line every --log-every steps
@@ -2512,6 +2513,17 @@ def guard_train_out(args):
     for stale in (out / "reference_cache").glob("*.tmp"):    # a cache entry an interruption left half-written
         stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+
+
+def check_finite(step, values, checkpoint, args):
+    """Stop training at the first step whose loss (or a term of it) or gradient norm is not finite, before
+    its update: from there every weight turns NaN, and a NaN model would be saved with exit 0. Nothing is
+    written for that step, so metrics.jsonl stays JSON and the last checkpoint (of a finite step) stands."""
+    bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        kept = f"{checkpoint} keeps the last checkpoint" if checkpoint.exists() else "no checkpoint was written"
+        raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before this step's update "
+                        f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
 
 
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):

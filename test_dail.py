@@ -788,6 +788,27 @@ def train_argv(tiny, data, out, *extra):
             "--batch-size", 8, "--warmup-steps", 2, "--seed", 0, "--epochs", 100, *extra]
 
 
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity (Python writes them; they are not JSON)."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+
+def test_diverging_train_stops_with_one_line_and_saves_nothing(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "nan"
+    code, err = run_cli(train_argv(tiny, data, out, "--lr", 1e6, "--warmup-steps", 0, "--max-steps", 20,
+                                   "--save-every", 1), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "training diverged" in lines[-1] and "Traceback" not in err, err
+    assert lines[-1].startswith("dail.py train: error: step ") and "lower --lr (now 1e+06)" in lines[-1]
+    metrics = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m[k]) for m in metrics for k in ("loss", "grad_norm"))
+    assert not (out / "train_summary.json").exists() and not (out / "model.safetensors").exists()
+    if metrics:                                    # the last checkpoint is of the last finite step, with finite weights
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert ckpt["step"] == len(metrics) and all(t.isfinite().all() for t in ckpt["trainable"].values())
+
+
 def test_train_lowers_teacher_kl_and_saves_loadable_model(tmp_path, capsys, tiny, traces):
     _, data = traces
     out = tmp_path / "dail"
