@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -325,6 +326,27 @@ def append_jsonl(f, record):
     """One record, one write, flushed: an interruption never leaves a record half on disk but for the last."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
+
+
+def write_atomic(path, content):
+    """Write a file whole or not at all: `content` (text, bytes, or a function that writes to a binary file)
+    goes into a temporary file beside `path`, which then replaces it (os.replace), so an interruption or a
+    full disk never leaves a 0-byte or half-written result. On failure the temporary file is removed and
+    the error is one line naming the file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # the pid: processes never share a temp file
+    try:
+        with open(tmp, "wb") as f:
+            content(f) if callable(content) else f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__     # torch.save wraps the OSError of a full disk
+        if not isinstance(cause, OSError):
+            raise
+        full = " (the disk is full)" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise DailError(f"{path}: could not write it{full} ({cause.strerror or cause}); nothing was replaced; "
+                        f"free space and rerun the same command") from None
 
 
 # =====================================================================================================
@@ -1199,7 +1221,7 @@ def cmd_rewrite(args):
         traces = resume_jsonl(out)
     summary = rewrite_summary(traces, len(problems), skipped, args)
     summary["solutions_shortened"] = shortened
-    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
 
@@ -1783,12 +1805,11 @@ def save_checkpoint(path, step, model, optimizer, args, device):
     """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
     RNG, so that --resume continues exactly. Written beside and renamed: never a half-written checkpoint."""
     trainable = {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
-    torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
-                    rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                             python=random.getstate()), args=dataclasses.asdict(args)),
-               path.with_suffix(".pt.tmp"))
-    os.replace(path.with_suffix(".pt.tmp"), path)
+    state = dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
+                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                          python=random.getstate()), args=dataclasses.asdict(args))
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, model, optimizer, device):
@@ -1887,7 +1908,7 @@ def save_peft_adapters(model, folder, args):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     base = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-    (folder / "adapter_config.json").write_text(json.dumps(dict(
+    write_atomic(folder / "adapter_config.json", json.dumps(dict(
         peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=sorted(targets), bias="none",
         fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, modules_to_save=None,
@@ -1910,7 +1931,7 @@ def save_result(out, model, tok, args, summary):
     save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
               {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
     summary = dict(summary, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args))
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -1961,7 +1982,7 @@ def cmd_train(args):
     if master_process:
         out.mkdir(parents=True, exist_ok=True)
         kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept_lines))
+        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in kept_lines))
 
     # ---- the training loop: one optimizer step per iteration ------------------------------------------
     bar = progress(total=total_steps, initial=start, desc=f"train {args.objective}", unit="step",
@@ -2199,7 +2220,7 @@ def write_eval_summary(out, lines, ks, args, **extra):
     """OUT/summary.json (pass@k, lengths, the grader) and OUT/passk.png from the lines of samples.jsonl."""
     summary = eval_summary(lines, ks)
     summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
               {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True)
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
@@ -2208,7 +2229,7 @@ def write_eval_summary(out, lines, ks, args, **extra):
 
 def regrade_eval(args):
     """--regrade: grade every response of OUT/samples.jsonl again with --grader against the answer recorded
-    beside it; no model is loaded. samples.jsonl is replaced atomically (a temp file, then os.replace), the
+    beside it; no model is loaded. samples.jsonl is replaced atomically (write_atomic), the
     grader in eval_config.json is updated (a later resume continues with this grader), then summary.json."""
     out = Path(args.out)
     samples_path = out / "samples.jsonl"
@@ -2235,13 +2256,9 @@ def regrade_eval(args):
         preds, correct = grade_responses(texts, r["answer"], args.grader, thinking)
         changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
         r.update(preds=preds, correct=correct, n_correct=sum(correct))
-    tmp = samples_path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in lines:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, samples_path)
+    write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     if config.exists():
-        config.write_text(json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
+        write_atomic(config, json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
     print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
           f"{changed} verdicts changed", file=sys.stderr)
     return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
@@ -2392,7 +2409,7 @@ def check_resume_config(path, config, resuming, overwrite=False):
                             f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(config, indent=2))
+        write_atomic(p, json.dumps(config, indent=2))
     except OSError as e:
         raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
 
@@ -2510,7 +2527,7 @@ def guard_train_out(args):
         if args.resume:
             raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
         clear_results(*(out / name for name in TRAIN_RESULTS))
-    for stale in (out / "reference_cache").glob("*.tmp"):    # a cache entry an interruption left half-written
+    for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
         stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
 
@@ -2902,9 +2919,8 @@ def merge_parts(out_file, n, order):
     if dup is not None:
         raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
                         f"one split of this job")
-    tmp = Path(f"{out_file}.{os.getpid()}.tmp")        # two shards that finish together may both merge
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out_file)
+    # two shards that finish together may both merge: each through its own temporary file (write_atomic)
+    write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records
 
 
@@ -3260,6 +3276,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:                     # a full disk while appending records: each line is whole or cut off
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"dail.py {args.command}: error: {e.filename or '--out'}: the disk is full; free space and rerun the "
+              f"same command to resume", file=sys.stderr)
+        return 2
     finally:
         while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
             os.close(_LOCKS.pop())

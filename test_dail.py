@@ -7,10 +7,12 @@ Numerical code is checked against independent computations: exact fractions for 
 for the loss, the closed-form output distribution for the token rule, unbatched unpadded forwards for the
 batched KV-cache decode, and the plain path for every fast path.
 """
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -1753,6 +1755,80 @@ def test_no_command_writes_over_its_own_inputs(tmp_path, capsys, expert, tiny, t
     r = subprocess.run([sys.executable, ROOT / "examples" / "probe_teacher.py", "--traces", expert, "--model", tiny,
                         "--out", tmp_path / "hard.jsonl"], capture_output=True, text=True)
     assert r.returncode == 2 and "an input of this run" in r.stderr and expert.read_bytes() == before
+
+
+def full_disk(monkeypatch, name):
+    """dail's own open() of a file whose name starts with `name` hits a full disk (ENOSPC) after 100 bytes."""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    def fake(path, *a, **k):
+        f = builtins.open(path, *a, **k)
+        return Full(f) if Path(path).name.startswith(name) else f
+    monkeypatch.setattr(dail, "open", fake, raising=False)
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, expert, tiny, traces, monkeypatch):
+    ev, rw, tr = tmp_path / "ev", tmp_path / "rw.jsonl", tmp_path / "tr"
+    cases = [(eval_argv(tiny, expert, ev), ev / "summary.json"),
+             (rewrite_argv(tiny, expert, rw, "--samples", 1), tmp_path / "rw.summary.json"),
+             (train_argv(tiny, traces[1], tr, "--max-steps", 2, "--save-every", 1), tr / "checkpoint.pt")]
+    for argv, victim in cases:
+        with monkeypatch.context() as m:
+            full_disk(m, victim.name + ".")
+            code, err = run_cli(argv, capsys)
+        assert code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (f"dail.py {argv[0]}: error: {victim}: could not write it (the disk is "
+                                                f"full) (No space left on device); nothing was replaced; free space "
+                                                f"and rerun the same command")
+        assert not victim.exists() and not list(victim.parent.glob("*.tmp"))
+        if argv[0] != "train":                                     # the rerun resumes and writes the summary
+            assert run_cli(argv, capsys)[0] == 0 and json.loads(victim.read_text())["problems"] == 3
+
+
+def test_full_disk_on_a_small_file_system(tmp_path, capsys, expert, tiny, traces):
+    """The same on a real full disk: a 256 KiB tmpfs, where this machine lets the tests mount one (root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small file system is not allowed here")
+    try:
+        code, err = run_cli(train_argv(tiny, traces[1], mnt / "tr", "--max-steps", 1, "--lora-rank", 32), capsys)
+        assert code == 2 and "checkpoint.pt: could not write it (the disk is full)" in err and "Traceback" not in err, err
+        assert not list((mnt / "tr").glob("*.tmp"))
+        shutil.rmtree(mnt / "tr")
+        ev = mnt / "ev"
+        assert run_cli(eval_argv(tiny, expert, ev, "--n", 2), capsys)[0] == 0
+        before = {f: (ev / f).read_bytes() for f in ("samples.jsonl", "summary.json")}
+        with open(mnt / "filler", "wb", buffering=0) as f:        # fill the disk to the last byte
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"x" * 512)
+        code, err = run_cli(["eval", "--out", ev, "--regrade"], capsys)
+        assert code == 2 and "could not write it (the disk is full)" in err and "Traceback" not in err, err
+        assert {f: (ev / f).read_bytes() for f in before} == before and not list(ev.glob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])   # -l: even while a failed run still holds a file there
 
 
 def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny):
