@@ -1625,25 +1625,20 @@ def example_key(ex):
 
 def load_states(cache, ex):
     """An example's cached (teacher [n, H], shortcut [n, H]), or None when it must be computed. A file that
-    does not load, or holds another shape or dtype (a half-copied or damaged cache), is counted, reported
-    and recomputed (store_states then replaces it), never read as data."""
+    does not load, belongs to another example, fails its checksum (read_states) or holds another shape or
+    dtype (a damaged or copied cache) is counted, reported and recomputed (store_states replaces it)."""
     if cache["mode"] == "memory":
         states = cache["states"].get(example_key(ex))
     elif cache["mode"] == "disk":
-        from safetensors.torch import load_file
         path = cache["folder"] / f"{example_key(ex)}.safetensors"
         if not path.exists():
             return None
-        try:
-            loaded = load_file(path)
-            states = (loaded["teacher"], loaded["shortcut"])
-        except Exception:
-            states = ()
+        states = read_states(path, example_key(ex))
         n = len(ex["privileged"][1])
         dtype = cache["dtype"] or (states[0].dtype if states else None)
         if not states or any(t.shape != (n, cache["hidden"] or t.shape[1]) or t.dtype != dtype for t in states):
             cache["bad_files"] += 1
-            print(f"note: {path}: unreadable or not this example's states; recomputed", file=sys.stderr)
+            print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
             return None
         cache["dtype"] = dtype
     else:
@@ -1653,17 +1648,13 @@ def load_states(cache, ex):
 
 
 def store_states(cache, ex, teacher, shortcut):
-    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them. A file is
-    written beside its final name and renamed, so a reader never sees a half-written entry."""
+    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them (disk: write_states,
+    whole or not at all, with the example's key and a checksum)."""
     cache["dtype"] = cache["dtype"] or teacher.dtype
     if cache["mode"] == "memory":
         cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
     elif cache["mode"] == "disk":
-        from safetensors.torch import save_file
-        path = cache["folder"] / f"{example_key(ex)}.safetensors"
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")        # the pid: ranks never share a temp file
-        save_file({"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}, str(tmp))
-        os.replace(tmp, path)
+        write_states(cache["folder"] / f"{example_key(ex)}.safetensors", example_key(ex), teacher, shortcut)
     return teacher, shortcut
 
 
@@ -2541,6 +2532,35 @@ def check_finite(step, values, checkpoint, args):
         kept = f"{checkpoint} keeps the last checkpoint" if checkpoint.exists() else "no checkpoint was written"
         raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before this step's update "
                         f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
+
+
+def states_digest(tensors):
+    """sha256 of tensors' dtypes, shapes and bytes: a reference-cache entry's checksum."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def write_states(path, key, teacher, shortcut):
+    """One reference-cache file (safetensors) that names what it holds: its example's key (example_key) and the
+    checksum of its states (states_digest), in the header's metadata; read_states checks both."""
+    from safetensors.torch import save
+    tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
+    write_atomic(path, save(tensors, metadata=dict(key=key, sha256=states_digest(tensors.values()))))
+
+
+def read_states(path, key):
+    """(teacher, shortcut) of a file write_states wrote for `key`, or () when it does not load, was written for
+    another example (a file copied over this one) or fails its checksum (flipped bits): never read as data."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
+    except Exception:
+        return ()
+    return states if meta.get("key") == key and meta.get("sha256") == states_digest(states) else ()
 
 
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):

@@ -3225,6 +3225,29 @@ def test_reference_cache_reused_after_resume(tmp_path, capsys, tiny, traces, mon
     assert_same_run(full, part)
 
 
+def test_reference_cache_detects_flipped_bits_and_copied_files(tmp_path, capsys, tiny, traces, monkeypatch):
+    _, data = traces
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(train_argv(tiny, data, full, *CACHE_RUN, "--reference-cache", "off"), capsys)[0] == 0
+    real_lr = dail.lr_at
+    monkeypatch.setattr(dail, "lr_at", lambda step, *a: (step != 1 or os.kill(os.getpid(), signal.SIGINT) or 1) and
+                        real_lr(step, *a))                  # SIGINT in step 2, the end of epoch 1: 8 entries written
+    assert run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk"), capsys)[0] == 130
+    monkeypatch.setattr(dail, "lr_at", real_lr)
+    files = sorted((part / "reference_cache").glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    a, b = next((a, b) for a, b in zip(files, files[1:]) if a.stat().st_size == b.stat().st_size)
+    b.write_bytes(a.read_bytes())                           # another example's entry, the same length, copied over
+    c = next(f for f in files if f not in (a, b))
+    flipped = bytearray(c.read_bytes())
+    flipped[-1] ^= 0x40                                     # an exponent bit of the last float
+    c.write_bytes(bytes(flipped))
+    code, err = run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk", "--resume"), capsys)
+    assert code == 0 and err.count("fails its checksum; recomputed") == 2, err
+    summary = json.loads((part / "train_summary.json").read_text())
+    assert summary["reference_cache"] == dict(mode="disk", computed=2, reused=14, bad_files=2)
+    assert_same_run(full, part)                             # the weights of a clean run
+
+
 @pytest.mark.parametrize("mode", ["disk", "memory"])
 def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces, mode):
     _, data = traces
