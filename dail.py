@@ -1792,30 +1792,6 @@ def build_models(args, device):
     return model, reference, params, optimizer
 
 
-def save_checkpoint(path, step, model, optimizer, args, device):
-    """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
-    RNG, so that --resume continues exactly. Written beside and renamed: never a half-written checkpoint."""
-    trainable = {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
-    state = dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
-                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                          python=random.getstate()), args=dataclasses.asdict(args))
-    write_atomic(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, model, optimizer, device):
-    """Restore what save_checkpoint wrote; returns the number of completed steps."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["trainable"], strict=False)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-    np.random.set_state(ckpt["rng"]["numpy"])
-    random.setstate(ckpt["rng"]["python"])
-    return ckpt["step"]
-
-
 @contextlib.contextmanager
 def stop_signals():
     """Within the block SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) do not kill the process: they
@@ -1968,7 +1944,7 @@ def cmd_train(args):
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     checkpoint = out / "checkpoint.pt"
-    start = load_checkpoint(checkpoint, model, optimizer, device) if args.resume else 0
+    start = load_checkpoint(checkpoint, model, optimizer, args, device, total_steps) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
     if master_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -2521,6 +2497,52 @@ def guard_train_out(args):
     for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
         stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+
+
+def trainable_state(model, args):
+    """The weights train optimises (and checkpoints): the LoRA adapters, or every weight with --lora-rank 0."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
+
+
+def save_checkpoint(path, step, model, optimizer, args, device):
+    """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
+    RNG, so that --resume continues exactly. Written whole or not at all (write_atomic)."""
+    state = dict(step=step, trainable=trainable_state(model, args), optimizer=optimizer.state_dict(),
+                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                          python=random.getstate()), args=dataclasses.asdict(args))
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, model, optimizer, args, device, total_steps):
+    """Restore what save_checkpoint wrote; returns the number of completed steps. Strictly: a file that is not a
+    checkpoint (truncated, garbage) or does not fit this run (trainable weights missing, extra or of another
+    shape, a step past the run's end) is one line, never a silent start from fresh adapters."""
+    def refuse(why):
+        raise DailError(f"{path}: {why}; not a checkpoint of this run: move it away, or --overwrite to start over")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        step, trainable = ckpt["step"], dict(ckpt["trainable"])
+    except Exception as e:          # a truncated zip, garbage bytes, another pickle: whatever torch says
+        refuse(f"unreadable ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
+    want = trainable_state(model, args).keys()
+    missing, extra = sorted(want - trainable.keys()), sorted(trainable.keys() - want)
+    if missing or extra:
+        refuse(f"{len(missing)} trainable weights missing ({(missing or ['none'])[0]}), {len(extra)} not of this "
+               f"model ({(extra or ['none'])[0]})")
+    if not isinstance(step, int) or not 0 <= step <= total_steps:
+        refuse(f"step {step!r}, outside this run's 0..{total_steps} steps")
+    try:
+        model.load_state_dict(trainable, strict=False)          # strict over the trainable weights: checked above
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a shape, the optimizer's groups, an RNG state
+        refuse(f"does not fit ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
+    return step
 
 
 def check_finite(step, values, checkpoint, args):

@@ -866,6 +866,31 @@ def test_train_resume_reproduces_steps(tmp_path, capsys, tiny, traces, monkeypat
         assert y["kl_teacher"] == pytest.approx(x["kl_teacher"], rel=1e-6, abs=1e-9)
 
 
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "t"
+    argv = train_argv(tiny, data, out, "--max-steps", 3, "--save-every", 1)
+    assert run_cli(argv, capsys)[0] == 0
+    path = out / "checkpoint.pt"
+    good, ckpt = path.read_bytes(), torch.load(path, weights_only=False)
+    first = next(iter(ckpt["trainable"]))
+    cases = [(dict(ckpt, trainable={}), f"{len(ckpt['trainable'])} trainable weights missing"),
+             (dict(ckpt, trainable={k: v for k, v in ckpt["trainable"].items() if k != first}),
+              f"1 trainable weights missing ({first})"),
+             (dict(ckpt, trainable={**ckpt["trainable"], "x.lora_A": torch.zeros(1)}), "1 not of this model (x.lora_A)"),
+             (dict(ckpt, trainable={**ckpt["trainable"], first: torch.zeros(1)}), "does not fit (Error(s) in loading"),
+             (dict(ckpt, step=40), "step 40, outside this run's 0..3 steps"),
+             (good[:len(good) // 2], "unreadable ("), (b"garbage" * 100, "unreadable (")]
+    for content, message in cases:
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        code, err = run_cli(argv + ["--resume"], capsys)
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "Traceback" not in err and last.startswith(f"dail.py train: error: {path}: "), err
+        assert message in last and last.endswith("move it away, or --overwrite to start over"), last
+    path.write_bytes(good)
+    assert run_cli(argv + ["--resume"], capsys)[0] == 0
+
+
 @pytest.mark.parametrize("norm", ["sequence", "token"])
 def test_torchrun_two_processes_match_single(tmp_path, capsys, tiny, traces, norm):
     _, data = traces
