@@ -2661,7 +2661,7 @@ def _at_least(low, optional=False):
 # Every numeric (and otherwise constrained) flag: name -> (predicate, what it must be). validate_args applies
 # the entries whose flag the command has; adding a flag's check is one line here.
 VALID = {
-    "seed": (_at_least(0), "an integer >= 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in 0..4294967295"),  # torch, numpy and vLLM take derived seeds
     "samples": (_at_least(1), "an integer >= 1"),
     "retries": (_at_least(1), "an integer >= 1"),
     "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
@@ -2715,14 +2715,20 @@ def validate_args(args):
                 continue  # None: the released default, filled in by resolve_released
             if not ok(value):
                 raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    resolve_device(args.device)                # a device this machine lacks: refused before any model loads
     return args
 
 
 def resolve_device(name):
+    """--device as a torch.device; one this machine cannot use is a DailError (validate_args asks first)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DailError(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DailError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DailError("--device mps: Apple's MPS is not available on this machine")
     return torch.device(name)
 
 

@@ -1586,7 +1586,12 @@ BAD_VALUES = [
     ("rewrite", ["--max-new-tokens", 0], "--max-new-tokens 0: must be"),
     ("rewrite", ["--max-prompt-len", 0], "--max-prompt-len 0: must be"),
     ("rewrite", ["--device", "tpu"], "--device tpu: must be auto, cpu, cuda, cuda:N or mps"),
-    ("rewrite", ["--seed", -1], "--seed -1: must be an integer >= 0"),
+    ("rewrite", ["--seed", -1], "--seed -1: must be an integer in 0..4294967295"),
+    ("rewrite", ["--seed", 2 ** 32], "--seed 4294967296: must be an integer in 0..4294967295"),
+    ("train", ["--seed", 2 ** 64], "--seed 18446744073709551616: must be an integer in 0..4294967295"),
+    ("eval", ["--seed", 2 ** 70], "--seed 1180591620717411303424: must be"),
+    *[(c, ["--device", "mps"], "--device mps: Apple's MPS is not available on this machine")
+      for c in ("rewrite", "train", "eval") if not torch.backends.mps.is_available()],
     ("rewrite", ["--gpu-memory-utilization", 0], "--gpu-memory-utilization 0.0: must be"),
     ("train", ["--epochs", 0], "--epochs 0: must be an integer >= 1"),
     ("train", ["--lora-rank", -1], "--lora-rank -1: must be an integer >= 0"),
