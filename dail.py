@@ -1173,14 +1173,10 @@ def cmd_rewrite(args):
     decode_only_kept(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out = Path(args.out)
-    check_own_inputs(args.out, [out, out.with_suffix(".summary.json"), out.with_suffix(".config.json"),
-                                *out.parent.glob(f"{out.stem}.part*")], {"--data": args.data}, args.model)
-    check_out_file(out)
+    check_out_file(args)
     config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
     engine = rewrite_engine(args)
     n, ks, merge, follower = plan_shards(out, args, vllm_shard(args, engine))
-    for k in [] if follower else ks:
-        lock_output(shard_path(out, k, n), args.out)
     if args.overwrite and not follower:
         clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
     config = run_config(args, "rewrite")
@@ -2094,9 +2090,7 @@ def cmd_eval(args):
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
-    check_own_inputs(args.out, [out / f for f in ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")] +
-                     list(out.glob("samples.part*")), {"--data": args.data}, args.model, folder=out)
-    check_out_folder(out)
+    check_out_folder(args)
     samples_path = out / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
@@ -2104,8 +2098,6 @@ def cmd_eval(args):
     if engine == "auto":
         engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     n, shards, merge, follower = plan_shards(samples_path, args, vllm_shard(args, engine))
-    for k in [] if follower else shards:
-        lock_output(shard_path(samples_path, k, n), args.out)
     if args.overwrite and not follower:
         clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
     config = run_config(args, "eval")
@@ -2630,9 +2622,12 @@ def lock_output(path, out):
     _LOCKS.append(fd)
 
 
-def check_out_file(path):
-    """rewrite's --out is a file: refuse a folder, and any place a file cannot be created, before any model loads."""
-    p = Path(path).expanduser()
+def check_out_file(args):
+    """rewrite's --out is a file: refuse a folder, one of the run's inputs (check_own_inputs), and any place a file
+    cannot be created, before any model loads."""
+    path, p = args.out, Path(args.out).expanduser()
+    check_own_inputs(path, [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"),
+                            *p.parent.glob(f"{p.stem}.part*")], {"--data": args.data}, args.model)
     if p.is_dir():
         raise DailError(f"--out {path}: is a folder; rewrite writes a JSONL file (e.g. {Path(path) / 'traces.jsonl'})")
     try:
@@ -2643,9 +2638,12 @@ def check_out_file(path):
         raise DailError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
-def check_out_folder(path):
-    """eval's --out is a folder: refuse an existing file, and any place a folder cannot be created."""
-    p = Path(path).expanduser()
+def check_out_folder(args):
+    """eval's --out is a folder: refuse an existing file, one that is or holds the model folder, an output that is
+    an input (check_own_inputs), and any place a folder cannot be created."""
+    path, p = args.out, Path(args.out).expanduser()
+    check_own_inputs(path, [p / f for f in ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")] +
+                     list(p.glob("samples.part*")), {"--data": args.data}, args.model, folder=p)
     if p.exists() and not p.is_dir():
         raise DailError(f"--out {path}: exists and is not a folder; eval writes a folder")
     try:
@@ -2999,7 +2997,8 @@ def plan_shards(out_file, args, shard=None):
     every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
     tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
     it (vLLM's collectives) but writes nothing.
-    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard)."""
+    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard).
+    Each file this process will write is locked (lock_output) before anything is cleared or resumed."""
     k, n, follower = shard or (*shard_of(args.shard), False)
     earlier = None if args.overwrite else split_on_disk(out_file)
     if n > 1 and args.merge:
@@ -3008,12 +3007,16 @@ def plan_shards(out_file, args, shard=None):
         if earlier not in (None, n):
             raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
                             f"splits into {n}; use the same split, or --overwrite to start over")
-        return n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
-    if args.merge:
+        plan = n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
+    elif args.merge:
         if earlier is None:
             raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
-        return earlier, [], "now", follower
-    return (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
+        plan = earlier, [], "now", follower
+    else:
+        plan = (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
+    for k in [] if follower else plan[1]:
+        lock_output(shard_path(out_file, k, plan[0]), args.out)
+    return plan
 
 
 def vllm_shard(args, engine):
