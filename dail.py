@@ -2615,10 +2615,12 @@ def lock_output(path, out):
         raise DailError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise DailError(f"--out {out}: another run is writing {p} now (it holds {lock.name}); let it finish, "
                         f"or use another --out") from None
+    except OSError as e:                     # a file system without locks (some NFS): run, but say so
+        print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
     _LOCKS.append(fd)
 
 
