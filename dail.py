@@ -52,6 +52,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -325,6 +327,27 @@ def append_jsonl(f, record):
     """One record, one write, flushed: an interruption never leaves a record half on disk but for the last."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
+
+
+def write_atomic(path, content):
+    """Write a file whole or not at all: `content` (text, bytes, or a function that writes to a binary file)
+    goes into a temporary file beside `path`, which then replaces it (os.replace), so an interruption or a
+    full disk never leaves a 0-byte or half-written result. On failure the temporary file is removed and
+    the error is one line naming the file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # the pid: processes never share a temp file
+    try:
+        with open(tmp, "wb") as f:
+            content(f) if callable(content) else f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__     # torch.save wraps the OSError of a full disk
+        if not isinstance(cause, OSError):
+            raise
+        full = " (the disk is full)" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise DailError(f"{path}: could not write it{full} ({cause.strerror or cause}); nothing was replaced; "
+                        f"free space and rerun the same command") from None
 
 
 # =====================================================================================================
@@ -1150,7 +1173,7 @@ def cmd_rewrite(args):
     decode_only_kept(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out = Path(args.out)
-    check_out_file(out)
+    check_out_file(args)
     config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
     engine = rewrite_engine(args)
     n, ks, merge, follower = plan_shards(out, args, vllm_shard(args, engine))
@@ -1194,7 +1217,7 @@ def cmd_rewrite(args):
         traces = resume_jsonl(out)
     summary = rewrite_summary(traces, len(problems), skipped, args)
     summary["solutions_shortened"] = shortened
-    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
 
@@ -1598,25 +1621,20 @@ def example_key(ex):
 
 def load_states(cache, ex):
     """An example's cached (teacher [n, H], shortcut [n, H]), or None when it must be computed. A file that
-    does not load, or holds another shape or dtype (a half-copied or damaged cache), is counted, reported
-    and recomputed (store_states then replaces it), never read as data."""
+    does not load, belongs to another example, fails its checksum (read_states) or holds another shape or
+    dtype (a damaged or copied cache) is counted, reported and recomputed (store_states replaces it)."""
     if cache["mode"] == "memory":
         states = cache["states"].get(example_key(ex))
     elif cache["mode"] == "disk":
-        from safetensors.torch import load_file
         path = cache["folder"] / f"{example_key(ex)}.safetensors"
         if not path.exists():
             return None
-        try:
-            loaded = load_file(path)
-            states = (loaded["teacher"], loaded["shortcut"])
-        except Exception:
-            states = ()
+        states = read_states(path, example_key(ex))
         n = len(ex["privileged"][1])
         dtype = cache["dtype"] or (states[0].dtype if states else None)
         if not states or any(t.shape != (n, cache["hidden"] or t.shape[1]) or t.dtype != dtype for t in states):
             cache["bad_files"] += 1
-            print(f"note: {path}: unreadable or not this example's states; recomputed", file=sys.stderr)
+            print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
             return None
         cache["dtype"] = dtype
     else:
@@ -1626,17 +1644,13 @@ def load_states(cache, ex):
 
 
 def store_states(cache, ex, teacher, shortcut):
-    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them. A file is
-    written beside its final name and renamed, so a reader never sees a half-written entry."""
+    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them (disk: write_states,
+    whole or not at all, with the example's key and a checksum)."""
     cache["dtype"] = cache["dtype"] or teacher.dtype
     if cache["mode"] == "memory":
         cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
     elif cache["mode"] == "disk":
-        from safetensors.torch import save_file
-        path = cache["folder"] / f"{example_key(ex)}.safetensors"
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")        # the pid: ranks never share a temp file
-        save_file({"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}, str(tmp))
-        os.replace(tmp, path)
+        write_states(cache["folder"] / f"{example_key(ex)}.safetensors", example_key(ex), teacher, shortcut)
     return teacher, shortcut
 
 
@@ -1774,31 +1788,6 @@ def build_models(args, device):
     return model, reference, params, optimizer
 
 
-def save_checkpoint(path, step, model, optimizer, args, device):
-    """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
-    RNG, so that --resume continues exactly. Written beside and renamed: never a half-written checkpoint."""
-    trainable = {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
-    torch.save(dict(step=step, trainable=trainable, optimizer=optimizer.state_dict(),
-                    rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                             python=random.getstate()), args=dataclasses.asdict(args)),
-               path.with_suffix(".pt.tmp"))
-    os.replace(path.with_suffix(".pt.tmp"), path)
-
-
-def load_checkpoint(path, model, optimizer, device):
-    """Restore what save_checkpoint wrote; returns the number of completed steps."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["trainable"], strict=False)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-    np.random.set_state(ckpt["rng"]["numpy"])
-    random.setstate(ckpt["rng"]["python"])
-    return ckpt["step"]
-
-
 @contextlib.contextmanager
 def stop_signals():
     """Within the block SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) do not kill the process: they
@@ -1882,7 +1871,7 @@ def save_peft_adapters(model, folder, args):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     base = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-    (folder / "adapter_config.json").write_text(json.dumps(dict(
+    write_atomic(folder / "adapter_config.json", json.dumps(dict(
         peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=sorted(targets), bias="none",
         fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, modules_to_save=None,
@@ -1905,7 +1894,7 @@ def save_result(out, model, tok, args, summary):
     save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
               {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
     summary = dict(summary, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args))
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -1951,12 +1940,12 @@ def cmd_train(args):
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     checkpoint = out / "checkpoint.pt"
-    start = load_checkpoint(checkpoint, model, optimizer, device) if args.resume else 0
+    start = load_checkpoint(checkpoint, model, optimizer, args, device, total_steps) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
     if master_process:
         out.mkdir(parents=True, exist_ok=True)
         kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept_lines))
+        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in kept_lines))
 
     # ---- the training loop: one optimizer step per iteration ------------------------------------------
     bar = progress(total=total_steps, initial=start, desc=f"train {args.objective}", unit="step",
@@ -1986,6 +1975,7 @@ def cmd_train(args):
                 logged = all_reduce_step(params, logged, device)
             # 5. clip, step, zero
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            check_finite(step + 1, dict(logged, grad_norm=float(grad_norm)), checkpoint, args)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # 6. log: metrics.jsonl every step, a line every --log-every steps
@@ -2100,7 +2090,7 @@ def cmd_eval(args):
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
-    check_out_folder(out)
+    check_out_folder(args)
     samples_path = out / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
@@ -2189,7 +2179,7 @@ def write_eval_summary(out, lines, ks, args, **extra):
     """OUT/summary.json (pass@k, lengths, the grader) and OUT/passk.png from the lines of samples.jsonl."""
     summary = eval_summary(lines, ks)
     summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
               {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True)
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
@@ -2198,12 +2188,13 @@ def write_eval_summary(out, lines, ks, args, **extra):
 
 def regrade_eval(args):
     """--regrade: grade every response of OUT/samples.jsonl again with --grader against the answer recorded
-    beside it; no model is loaded. samples.jsonl is replaced atomically (a temp file, then os.replace), the
+    beside it; no model is loaded. samples.jsonl is replaced atomically (write_atomic), the
     grader in eval_config.json is updated (a later resume continues with this grader), then summary.json."""
     out = Path(args.out)
     samples_path = out / "samples.jsonl"
     if not samples_path.is_file():
         raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
+    lock_output(samples_path, args.out)
     config = out / "eval_config.json"
     recorded = json.loads(config.read_text()) if config.exists() else {}
     # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
@@ -2224,13 +2215,9 @@ def regrade_eval(args):
         preds, correct = grade_responses(texts, r["answer"], args.grader, thinking)
         changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
         r.update(preds=preds, correct=correct, n_correct=sum(correct))
-    tmp = samples_path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in lines:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, samples_path)
+    write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     if config.exists():
-        config.write_text(json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
+        write_atomic(config, json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
     print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
           f"{changed} verdicts changed", file=sys.stderr)
     return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
@@ -2379,7 +2366,7 @@ def check_resume_config(path, config, resuming, overwrite=False):
                             f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(config, indent=2))
+        write_atomic(p, json.dumps(config, indent=2))
     except OSError as e:
         raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
 
@@ -2471,19 +2458,24 @@ TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoi
 
 
 def guard_train_out(args):
-    """train's --out, before any model loads: never the base model's folder; a folder that holds anything is
-    refused unless --resume (then only with the settings recorded in train_config.json) or --overwrite
-    (which clears the earlier run's metrics, checkpoint and adapters first). Under torchrun only rank 0
-    checks and writes (the others would race it); when it refuses, torchrun stops the other ranks."""
+    """train's --out, before any model loads: never the base model's folder nor a folder holding it or --data
+    (check_own_inputs); a folder that holds anything is refused unless --resume (then only with the settings
+    recorded in train_config.json) or --overwrite (which clears the earlier run's metrics, checkpoint and
+    adapters first). Under torchrun only rank 0 checks and writes (the others would race it); when it
+    refuses, torchrun stops the other ranks."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = Path(args.out).expanduser()
-    if normalized_model(args.model) == str(out.resolve()):
-        raise DailError(f"--out {args.out}: is the --model folder; training would overwrite the base weights; "
-                        f"use another --out")
+    check_own_inputs(args.out, [out / name for name in TRAIN_RESULTS + MODEL_FILES], {"--data": args.data},
+                     args.model, folder=out)
     if out.exists() and not out.is_dir():
         raise DailError(f"--out {args.out}: exists and is not a folder; train writes a folder")
-    held = sorted(p.name for p in out.iterdir() if p.name != "train_config.json") if out.is_dir() else []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DailError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    lock_output(out, args.out)
+    held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
                         f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
@@ -2492,14 +2484,150 @@ def guard_train_out(args):
         if args.resume:
             raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
         clear_results(*(out / name for name in TRAIN_RESULTS))
-    for stale in (out / "reference_cache").glob("*.tmp"):    # a cache entry an interruption left half-written
+    for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
         stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
 
 
-def check_out_file(path):
-    """rewrite's --out is a file: refuse a folder, and any place a file cannot be created, before any model loads."""
-    p = Path(path).expanduser()
+def trainable_state(model, args):
+    """The weights train optimises (and checkpoints): the LoRA adapters, or every weight with --lora-rank 0."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
+
+
+def save_checkpoint(path, step, model, optimizer, args, device):
+    """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
+    RNG, so that --resume continues exactly. Written whole or not at all (write_atomic)."""
+    state = dict(step=step, trainable=trainable_state(model, args), optimizer=optimizer.state_dict(),
+                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                          python=random.getstate()), args=dataclasses.asdict(args))
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, model, optimizer, args, device, total_steps):
+    """Restore what save_checkpoint wrote; returns the number of completed steps. Strictly: a file that is not a
+    checkpoint (truncated, garbage) or does not fit this run (trainable weights missing, extra or of another
+    shape, a step past the run's end) is one line, never a silent start from fresh adapters."""
+    def refuse(why):
+        raise DailError(f"{path}: {why}; not a checkpoint of this run: move it away, or --overwrite to start over")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        step, trainable = ckpt["step"], dict(ckpt["trainable"])
+    except Exception as e:          # a truncated zip, garbage bytes, another pickle: whatever torch says
+        refuse(f"unreadable ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
+    want = trainable_state(model, args).keys()
+    missing, extra = sorted(want - trainable.keys()), sorted(trainable.keys() - want)
+    if missing or extra:
+        refuse(f"{len(missing)} trainable weights missing ({(missing or ['none'])[0]}), {len(extra)} not of this "
+               f"model ({(extra or ['none'])[0]})")
+    if not isinstance(step, int) or not 0 <= step <= total_steps:
+        refuse(f"step {step!r}, outside this run's 0..{total_steps} steps")
+    try:
+        model.load_state_dict(trainable, strict=False)          # strict over the trainable weights: checked above
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a shape, the optimizer's groups, an RNG state
+        refuse(f"does not fit ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
+    return step
+
+
+def check_finite(step, values, checkpoint, args):
+    """Stop training at the first step whose loss (or a term of it) or gradient norm is not finite, before
+    its update: from there every weight turns NaN, and a NaN model would be saved with exit 0. Nothing is
+    written for that step, so metrics.jsonl stays JSON and the last checkpoint (of a finite step) stands."""
+    bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        kept = f"{checkpoint} keeps the last checkpoint" if checkpoint.exists() else "no checkpoint was written"
+        raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before this step's update "
+                        f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
+
+
+def states_digest(tensors):
+    """sha256 of tensors' dtypes, shapes and bytes: a reference-cache entry's checksum."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def write_states(path, key, teacher, shortcut):
+    """One reference-cache file (safetensors) that names what it holds: its example's key (example_key) and the
+    checksum of its states (states_digest), in the header's metadata; read_states checks both."""
+    from safetensors.torch import save
+    tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
+    write_atomic(path, save(tensors, metadata=dict(key=key, sha256=states_digest(tensors.values()))))
+
+
+def read_states(path, key):
+    """(teacher, shortcut) of a file write_states wrote for `key`, or () when it does not load, was written for
+    another example (a file copied over this one) or fails its checksum (flipped bits): never read as data."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
+    except Exception:
+        return ()
+    return states if meta.get("key") == key and meta.get("sha256") == states_digest(states) else ()
+
+
+def check_own_inputs(out, outputs, inputs, model=None, folder=None):
+    """No run writes over one of its own inputs, whatever the flags: each path in `outputs` (what the run writes
+    or clears) is compared with each input ({flag: path}) and each of the --model folder's MODEL_FILES as the
+    file system sees them (os.path.samefile: another spelling, a symlink or a hard link is the same file); an
+    output `folder` may neither be nor hold the model folder. No flag lifts this, so the message offers none
+    (--overwrite would delete the input)."""
+    files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
+    model_dir = Path(model).expanduser() if model else None
+    if model_dir and model_dir.is_dir():
+        real, here = os.path.realpath(model_dir), os.path.realpath(folder) if folder else None
+        if here and (real == here or real.startswith(here.rstrip(os.sep) + os.sep)):
+            raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder {model}; writing "
+                            f"there would destroy the model; use another --out")
+        files.update({f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)})
+    for path in outputs:
+        for what, source in files.items():
+            with contextlib.suppress(OSError):
+                if os.path.samefile(path, source):
+                    raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
+
+
+_LOCKS = []  # the output locks this command holds (lock_output); main() releases them when the command ends
+
+
+def lock_output(path, out):
+    """An exclusive OS lock (flock, on a hidden file beside `path`, or in it for train's folder) on one output
+    this run writes, held until the command ends: two runs appending to one file interleave their records
+    (two evals into one folder counted 11 lines for 6 problems). Shards of one job write different part files
+    and lock each its own, so they run together. The OS drops the lock when the process dies, kill -9
+    included, so a rerun resumes."""
+    p = Path(path)
+    lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DailError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DailError(f"--out {out}: another run is writing {p} now (it holds {lock.name}); let it finish, "
+                        f"or use another --out") from None
+    except OSError as e:                     # a file system without locks (some NFS): run, but say so
+        print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
+    _LOCKS.append(fd)
+
+
+def check_out_file(args):
+    """rewrite's --out is a file: refuse a folder, one of the run's inputs (check_own_inputs), and any place a file
+    cannot be created, before any model loads."""
+    path, p = args.out, Path(args.out).expanduser()
+    check_own_inputs(path, [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"),
+                            *p.parent.glob(f"{p.stem}.part*")], {"--data": args.data}, args.model)
     if p.is_dir():
         raise DailError(f"--out {path}: is a folder; rewrite writes a JSONL file (e.g. {Path(path) / 'traces.jsonl'})")
     try:
@@ -2510,9 +2638,12 @@ def check_out_file(path):
         raise DailError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
-def check_out_folder(path):
-    """eval's --out is a folder: refuse an existing file, and any place a folder cannot be created."""
-    p = Path(path).expanduser()
+def check_out_folder(args):
+    """eval's --out is a folder: refuse an existing file, one that is or holds the model folder, an output that is
+    an input (check_own_inputs), and any place a folder cannot be created."""
+    path, p = args.out, Path(args.out).expanduser()
+    check_own_inputs(path, [p / f for f in ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")] +
+                     list(p.glob("samples.part*")), {"--data": args.data}, args.model, folder=p)
     if p.exists() and not p.is_dir():
         raise DailError(f"--out {path}: exists and is not a folder; eval writes a folder")
     try:
@@ -2528,7 +2659,7 @@ def _at_least(low, optional=False):
 # Every numeric (and otherwise constrained) flag: name -> (predicate, what it must be). validate_args applies
 # the entries whose flag the command has; adding a flag's check is one line here.
 VALID = {
-    "seed": (_at_least(0), "an integer >= 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in 0..4294967295"),  # torch, numpy and vLLM take derived seeds
     "samples": (_at_least(1), "an integer >= 1"),
     "retries": (_at_least(1), "an integer >= 1"),
     "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
@@ -2582,14 +2713,20 @@ def validate_args(args):
                 continue  # None: the released default, filled in by resolve_released
             if not ok(value):
                 raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    resolve_device(args.device)                # a device this machine lacks: refused before any model loads
     return args
 
 
 def resolve_device(name):
+    """--device as a torch.device; one this machine cannot use is a DailError (validate_args asks first)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DailError(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DailError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DailError("--device mps: Apple's MPS is not available on this machine")
     return torch.device(name)
 
 
@@ -2828,9 +2965,8 @@ def merge_parts(out_file, n, order):
     if dup is not None:
         raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
                         f"one split of this job")
-    tmp = Path(f"{out_file}.{os.getpid()}.tmp")        # two shards that finish together may both merge
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out_file)
+    # two shards that finish together may both merge: each through its own temporary file (write_atomic)
+    write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records
 
 
@@ -2861,7 +2997,8 @@ def plan_shards(out_file, args, shard=None):
     every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
     tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
     it (vLLM's collectives) but writes nothing.
-    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard)."""
+    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard).
+    Each file this process will write is locked (lock_output) before anything is cleared or resumed."""
     k, n, follower = shard or (*shard_of(args.shard), False)
     earlier = None if args.overwrite else split_on_disk(out_file)
     if n > 1 and args.merge:
@@ -2870,12 +3007,16 @@ def plan_shards(out_file, args, shard=None):
         if earlier not in (None, n):
             raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
                             f"splits into {n}; use the same split, or --overwrite to start over")
-        return n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
-    if args.merge:
+        plan = n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
+    elif args.merge:
         if earlier is None:
             raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
-        return earlier, [], "now", follower
-    return (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
+        plan = earlier, [], "now", follower
+    else:
+        plan = (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
+    for k in [] if follower else plan[1]:
+        lock_output(shard_path(out_file, k, plan[0]), args.out)
+    return plan
 
 
 def vllm_shard(args, engine):
@@ -3186,6 +3327,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:                     # a full disk while appending records: each line is whole or cut off
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"dail.py {args.command}: error: {e.filename or '--out'}: the disk is full; free space and rerun the "
+              f"same command to resume", file=sys.stderr)
+        return 2
+    finally:
+        while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
+            os.close(_LOCKS.pop())
     return 0
 
 

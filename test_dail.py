@@ -7,10 +7,12 @@ Numerical code is checked against independent computations: exact fractions for 
 for the loss, the closed-form output distribution for the token rule, unbatched unpadded forwards for the
 batched KV-cache decode, and the plain path for every fast path.
 """
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -788,6 +790,27 @@ def train_argv(tiny, data, out, *extra):
             "--batch-size", 8, "--warmup-steps", 2, "--seed", 0, "--epochs", 100, *extra]
 
 
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity (Python writes them; they are not JSON)."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+
+def test_diverging_train_stops_with_one_line_and_saves_nothing(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "nan"
+    code, err = run_cli(train_argv(tiny, data, out, "--lr", 1e6, "--warmup-steps", 0, "--max-steps", 20,
+                                   "--save-every", 1), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "training diverged" in lines[-1] and "Traceback" not in err, err
+    assert lines[-1].startswith("dail.py train: error: step ") and "lower --lr (now 1e+06)" in lines[-1]
+    metrics = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m[k]) for m in metrics for k in ("loss", "grad_norm"))
+    assert not (out / "train_summary.json").exists() and not (out / "model.safetensors").exists()
+    if metrics:                                    # the last checkpoint is of the last finite step, with finite weights
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert ckpt["step"] == len(metrics) and all(t.isfinite().all() for t in ckpt["trainable"].values())
+
+
 def test_train_lowers_teacher_kl_and_saves_loadable_model(tmp_path, capsys, tiny, traces):
     _, data = traces
     out = tmp_path / "dail"
@@ -841,6 +864,31 @@ def test_train_resume_reproduces_steps(tmp_path, capsys, tiny, traces, monkeypat
     for x, y in zip(a[10:], b[10:]):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=1e-9)
         assert y["kl_teacher"] == pytest.approx(x["kl_teacher"], rel=1e-6, abs=1e-9)
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "t"
+    argv = train_argv(tiny, data, out, "--max-steps", 3, "--save-every", 1)
+    assert run_cli(argv, capsys)[0] == 0
+    path = out / "checkpoint.pt"
+    good, ckpt = path.read_bytes(), torch.load(path, weights_only=False)
+    first = next(iter(ckpt["trainable"]))
+    cases = [(dict(ckpt, trainable={}), f"{len(ckpt['trainable'])} trainable weights missing"),
+             (dict(ckpt, trainable={k: v for k, v in ckpt["trainable"].items() if k != first}),
+              f"1 trainable weights missing ({first})"),
+             (dict(ckpt, trainable={**ckpt["trainable"], "x.lora_A": torch.zeros(1)}), "1 not of this model (x.lora_A)"),
+             (dict(ckpt, trainable={**ckpt["trainable"], first: torch.zeros(1)}), "does not fit (Error(s) in loading"),
+             (dict(ckpt, step=40), "step 40, outside this run's 0..3 steps"),
+             (good[:len(good) // 2], "unreadable ("), (b"garbage" * 100, "unreadable (")]
+    for content, message in cases:
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        code, err = run_cli(argv + ["--resume"], capsys)
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "Traceback" not in err and last.startswith(f"dail.py train: error: {path}: "), err
+        assert message in last and last.endswith("move it away, or --overwrite to start over"), last
+    path.write_bytes(good)
+    assert run_cli(argv + ["--resume"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("norm", ["sequence", "token"])
@@ -1447,6 +1495,43 @@ def test_torchrun_rank_killed_then_rerun_resumes_every_part(tmp_path, capsys, ti
     same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
 
 
+def hold_lock(path):
+    """Another process that holds dail's lock on `path` (an output file, or train's folder) until it is killed."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import dail; "
+            f"dail.lock_output({str(path)!r}, 'x'); print('held', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, traces, single_process):
+    ev, tr, rw = tmp_path / "ev", tmp_path / "tr", tmp_path / "rw" / "traces.jsonl"
+    for folder in (ev, tr, rw.parent, ev / "s"):
+        folder.mkdir()
+    runs = [(ev / "samples.jsonl", eval_argv(tiny, shard_data, ev)), (rw, rewrite_argv(tiny, shard_data, rw)),
+            (tr, train_argv(tiny, traces[1], tr, "--max-steps", 1))]
+    for held, argv in runs:
+        other = hold_lock(held)
+        try:
+            code, err = run_cli(argv, capsys)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and f"another run is writing {held} now" in lines[0], err
+            assert not read_text_or_empty(held if held.suffix else held / "metrics.jsonl")     # nothing written
+        finally:
+            other.kill()                                       # kill -9: the OS drops its lock ...
+            other.wait()
+        code, err = run_cli(argv, capsys)                     # ... so the same command runs
+        assert code == 0, err
+    # shards of one job lock their own part files: shard 1 runs while another process holds part 0
+    other = hold_lock(dail.part_file(ev / "s" / "samples.jsonl", 0, 2))
+    try:
+        code, err = run_cli(eval_argv(tiny, shard_data, ev / "s", "--shard", "1/2"), capsys)
+        assert code == 0 and "parts 0 of 2 are not complete" in err, err
+    finally:
+        other.kill()
+        other.wait()
+
+
 @_vllm
 def test_vllm_under_torchrun_and_sharded_equals_one_process(tmp_path, capsys, tiny, shard_data, single_process):
     """vLLM's data parallelism for external launchers: one engine per rank (distributed_executor_backend=
@@ -1501,7 +1586,12 @@ BAD_VALUES = [
     ("rewrite", ["--max-new-tokens", 0], "--max-new-tokens 0: must be"),
     ("rewrite", ["--max-prompt-len", 0], "--max-prompt-len 0: must be"),
     ("rewrite", ["--device", "tpu"], "--device tpu: must be auto, cpu, cuda, cuda:N or mps"),
-    ("rewrite", ["--seed", -1], "--seed -1: must be an integer >= 0"),
+    ("rewrite", ["--seed", -1], "--seed -1: must be an integer in 0..4294967295"),
+    ("rewrite", ["--seed", 2 ** 32], "--seed 4294967296: must be an integer in 0..4294967295"),
+    ("train", ["--seed", 2 ** 64], "--seed 18446744073709551616: must be an integer in 0..4294967295"),
+    ("eval", ["--seed", 2 ** 70], "--seed 1180591620717411303424: must be"),
+    *[(c, ["--device", "mps"], "--device mps: Apple's MPS is not available on this machine")
+      for c in ("rewrite", "train", "eval") if not torch.backends.mps.is_available()],
     ("rewrite", ["--gpu-memory-utilization", 0], "--gpu-memory-utilization 0.0: must be"),
     ("train", ["--epochs", 0], "--epochs 0: must be an integer >= 1"),
     ("train", ["--lora-rank", -1], "--lora-rank -1: must be an integer >= 0"),
@@ -1671,6 +1761,104 @@ def test_train_guards_its_out_folder(tmp_path, capsys, tiny, traces):
     for spelled in (tiny, str(tiny) + "/"):
         code, err = run_cli(train_argv(tiny, data, spelled, "--max-steps", 1), capsys)
         assert code == 2 and "is the --model folder" in err
+
+
+def test_no_command_writes_over_its_own_inputs(tmp_path, capsys, expert, tiny, traces, no_model_load):
+    before, tokenizer = expert.read_bytes(), (tiny / "tokenizer.json").read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(expert)
+    os.link(expert, tmp_path / "hard.jsonl")
+    eval_out = tmp_path / "ev"
+    eval_out.mkdir()
+    (eval_out / "samples.jsonl").write_bytes(before)
+    cases = [("rewrite", expert, out, "--data") for out in (expert, tmp_path / "link.jsonl", tmp_path / "hard.jsonl")]
+    cases += [("rewrite", expert, tiny / "tokenizer.json", "tokenizer.json"),
+              ("eval", eval_out / "samples.jsonl", eval_out, "--data"),
+              ("eval", expert, tiny, "is the --model folder"), ("eval", expert, tiny.parent, "holds the --model folder"),
+              ("train", traces[1], tiny, "is the --model folder"), ("train", traces[1], tiny.parent, "holds the --model")]
+    for command, data, out, what in cases:
+        for extra in ([], ["--overwrite"]):                    # no flag lets a run destroy its input
+            code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out, *extra], capsys)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and what in err and "--overwrite" not in err, (command, out, err)
+    assert expert.read_bytes() == before and (eval_out / "samples.jsonl").read_bytes() == before
+    assert (tiny / "tokenizer.json").read_bytes() == tokenizer
+    r = subprocess.run([sys.executable, ROOT / "examples" / "probe_teacher.py", "--traces", expert, "--model", tiny,
+                        "--out", tmp_path / "hard.jsonl"], capture_output=True, text=True)
+    assert r.returncode == 2 and "an input of this run" in r.stderr and expert.read_bytes() == before
+
+
+def full_disk(monkeypatch, name):
+    """dail's own open() of a file whose name starts with `name` hits a full disk (ENOSPC) after 100 bytes."""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    def fake(path, *a, **k):
+        f = builtins.open(path, *a, **k)
+        return Full(f) if Path(path).name.startswith(name) else f
+    monkeypatch.setattr(dail, "open", fake, raising=False)
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, expert, tiny, traces, monkeypatch):
+    ev, rw, tr = tmp_path / "ev", tmp_path / "rw.jsonl", tmp_path / "tr"
+    cases = [(eval_argv(tiny, expert, ev), ev / "summary.json"),
+             (rewrite_argv(tiny, expert, rw, "--samples", 1), tmp_path / "rw.summary.json"),
+             (train_argv(tiny, traces[1], tr, "--max-steps", 2, "--save-every", 1), tr / "checkpoint.pt")]
+    for argv, victim in cases:
+        with monkeypatch.context() as m:
+            full_disk(m, victim.name + ".")
+            code, err = run_cli(argv, capsys)
+        assert code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (f"dail.py {argv[0]}: error: {victim}: could not write it (the disk is "
+                                                f"full) (No space left on device); nothing was replaced; free space "
+                                                f"and rerun the same command")
+        assert not victim.exists() and not list(victim.parent.glob("*.tmp"))
+        if argv[0] != "train":                                     # the rerun resumes and writes the summary
+            assert run_cli(argv, capsys)[0] == 0 and json.loads(victim.read_text())["problems"] == 3
+
+
+def test_full_disk_on_a_small_file_system(tmp_path, capsys, expert, tiny, traces):
+    """The same on a real full disk: a 256 KiB tmpfs, where this machine lets the tests mount one (root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small file system is not allowed here")
+    try:
+        code, err = run_cli(train_argv(tiny, traces[1], mnt / "tr", "--max-steps", 1, "--lora-rank", 32), capsys)
+        assert code == 2 and "checkpoint.pt: could not write it (the disk is full)" in err and "Traceback" not in err, err
+        assert not list((mnt / "tr").glob("*.tmp"))
+        shutil.rmtree(mnt / "tr")
+        ev = mnt / "ev"
+        assert run_cli(eval_argv(tiny, expert, ev, "--n", 2), capsys)[0] == 0
+        before = {f: (ev / f).read_bytes() for f in ("samples.jsonl", "summary.json")}
+        with open(mnt / "filler", "wb", buffering=0) as f:        # fill the disk to the last byte
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"x" * 512)
+        code, err = run_cli(["eval", "--out", ev, "--regrade"], capsys)
+        assert code == 2 and "could not write it (the disk is full)" in err and "Traceback" not in err, err
+        assert {f: (ev / f).read_bytes() for f in before} == before and not list(ev.glob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])   # -l: even while a failed run still holds a file there
 
 
 def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny):
@@ -3077,6 +3265,29 @@ def test_reference_cache_reused_after_resume(tmp_path, capsys, tiny, traces, mon
     assert summary["reference_cache"] == dict(mode="disk", computed=0, reused=16, bad_files=0)
     assert not list((part / "reference_cache").glob("*.tmp"))
     assert_same_run(full, part)
+
+
+def test_reference_cache_detects_flipped_bits_and_copied_files(tmp_path, capsys, tiny, traces, monkeypatch):
+    _, data = traces
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(train_argv(tiny, data, full, *CACHE_RUN, "--reference-cache", "off"), capsys)[0] == 0
+    real_lr = dail.lr_at
+    monkeypatch.setattr(dail, "lr_at", lambda step, *a: (step != 1 or os.kill(os.getpid(), signal.SIGINT) or 1) and
+                        real_lr(step, *a))                  # SIGINT in step 2, the end of epoch 1: 8 entries written
+    assert run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk"), capsys)[0] == 130
+    monkeypatch.setattr(dail, "lr_at", real_lr)
+    files = sorted((part / "reference_cache").glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    a, b = next((a, b) for a, b in zip(files, files[1:]) if a.stat().st_size == b.stat().st_size)
+    b.write_bytes(a.read_bytes())                           # another example's entry, the same length, copied over
+    c = next(f for f in files if f not in (a, b))
+    flipped = bytearray(c.read_bytes())
+    flipped[-1] ^= 0x40                                     # an exponent bit of the last float
+    c.write_bytes(bytes(flipped))
+    code, err = run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk", "--resume"), capsys)
+    assert code == 0 and err.count("fails its checksum; recomputed") == 2, err
+    summary = json.loads((part / "train_summary.json").read_text())
+    assert summary["reference_cache"] == dict(mode="disk", computed=2, reused=14, bad_files=2)
+    assert_same_run(full, part)                             # the weights of a clean run
 
 
 @pytest.mark.parametrize("mode", ["disk", "memory"])

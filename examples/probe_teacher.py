@@ -42,6 +42,8 @@ def main(argv=None):
 
 def probe(args):
     records = [rec for _, rec in dail.read_jsonl(args.traces, "--traces")]   # bad input fails before the model loads
+    if args.out:                                                               # never over its own input
+        dail.check_own_inputs(args.out, [args.out], {"--traces": args.traces}, args.model)
     tok = dail.load_tokenizer(args.model)
     model = dail.load_model(args.model, torch.device("cpu"), torch.float32)
     probs = {name: [] for name in ("student", "privileged", "shortcut")}
