@@ -115,6 +115,8 @@ class CommonArgs:
     thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
                                 "switches to the released reasoning defaults")
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
+    trust_remote_code: bool = arg(False, "let a model folder run its own Python code (auto_map in its config); "
+                                         "without it such a model is refused: that code runs with your rights")
     max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
                                     "minus --max-new-tokens); longer prompts are an error or a counted skip",
                               type=int)
@@ -1158,7 +1160,7 @@ def cmd_rewrite(args):
         clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
     config = run_config(args, "rewrite")
     done = {k: open_shard(out, k, n, config, config_of, follower) for k in ks}
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
     contexts, skipped = {}, 0
@@ -1248,7 +1250,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
     is what validator sampling would emit anyway: validator sampling. In both cases that one context is
     decoded alone. Every random number of a trace comes from counter_uniforms keyed by (--seed, problem id,
     sample index) and the step: its batch, the batch size, a resume or a shard do not change it."""
-    model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
+    model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
     names = [pure] if pure else [proposer, validator]
 
@@ -1759,7 +1761,7 @@ def build_models(args, device):
     with full fine-tuning), the trainable parameters and their AdamW."""
     full_ft = args.lora_rank == 0
     base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
-    model = load_model(args.model, device, base_dtype)
+    model = load_model(args.model, device, base_dtype, args.trust_remote_code)
     if full_ft:
         reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
     else:
@@ -1923,7 +1925,7 @@ def cmd_train(args):
     ddp, rank, world_size, device = setup_distributed(args)
     master_process = rank == 0                                 # it logs and saves; every rank trains
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
     if master_process:
         check_thinking_flag(tok, args)
     examples, too_long = build_examples(tok, records, args)
@@ -2112,7 +2114,7 @@ def cmd_eval(args):
         clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
     config = run_config(args, "eval")
     done = {k: open_shard(samples_path, k, n, config, config_of, follower) for k in shards}
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
     prompts = {}
@@ -2326,7 +2328,7 @@ def make_sampler(engine, args, tok, stop_ids):
         close = lambda: close_vllm(llm)  # noqa: E731
     else:
         device = shard_device(args)
-        model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
+        model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
 
         def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, None | a tag)
             rows = [[p] for p in prompts for _ in range(n)]
@@ -2666,15 +2668,13 @@ def hub_commit(name):
     return Path(cached).parent.name if isinstance(cached, str) else None
 
 
-def load_tokenizer(name):
+def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
     check_model_name(name)
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # hub unreachable, bad folder, ...: one clear line, not a traceback
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache"
-        raise DailError(f"--model {name}: could not load the tokenizer ({msg[:200]}){hint}") from None
+        raise load_error(name, "tokenizer", e) from None
     if not getattr(tok, "chat_template", None):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
     check_tokenizer_reload(tok, name)
@@ -2720,21 +2720,32 @@ def check_tokenizer_reload(tok, name):
               f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
 
 
-def load_model(name, device, dtype):
+def load_model(name, device, dtype, trust_remote_code=False):
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DailError(f"--model {name}: could not load the model ({msg[:200]})") from None
+        raise load_error(name, "model", e) from None
     return model.to(device)
 
 
-def context_length(name):
+def load_error(name, what, e):
+    """The one-line DailError of a model or tokenizer that failed to load. A folder with its own code (auto_map)
+    fails without --trust-remote-code (trust_remote_code=False: transformers neither runs it nor asks on stdin)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return DailError(f"--model {name}: ships its own Python code (auto_map), which runs only with "
+                         f"--trust-remote-code; pass it only for a model whose code you trust")
+    hint = "" if Path(name).exists() or what == "model" else "; a hub id needs network access or a copy in the local cache"
+    return DailError(f"--model {name}: could not load the {what} ({msg[:200]}){hint}")
+
+
+def context_length(name, trust_remote_code=False):
     """The model's context length from its config (no weights loaded), or None."""
     from transformers import AutoConfig
     try:
-        return getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
+        return getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code),
+                       "max_position_embeddings", None)
     except Exception:
         return None
 
@@ -2743,7 +2754,7 @@ def prompt_budget(args):
     """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit)."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
-    n = context_length(args.model)
+    n = context_length(args.model, args.trust_remote_code)
     if n is not None and n - args.max_new_tokens < 1:
         raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
                         f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
@@ -3050,7 +3061,8 @@ def load_vllm(args):
     dtype = "auto" if args.dtype == "auto" else args.dtype
     if dtype == "auto" and not torch.cuda.is_available():
         dtype = "float32"
-    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+              trust_remote_code=args.trust_remote_code)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (vllm_shard)
         kw.update(distributed_executor_backend="external_launcher",

@@ -1175,6 +1175,37 @@ def test_tokenizer_reload_check(tmp_path, tiny, capsys):
     assert "encodes text differently" in capsys.readouterr().err
 
 
+def test_remote_code_never_runs_without_the_flag(tmp_path, tiny):
+    """A model folder whose config maps to its own Python file (auto_map) is refused without
+    --trust-remote-code, with stdin closed (transformers must not ask), and the file never runs."""
+    import shutil
+    folder, marker = tmp_path / "m", tmp_path / "RAN"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="ownqwen", auto_map={"AutoConfig": "own.OwnConfig", "AutoModelForCausalLM": "own.Own"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "own.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+                                   "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
+                                   "class OwnConfig(Qwen2Config):\n    model_type = 'ownqwen'\n"
+                                   "class Own(Qwen2ForCausalLM):\n    config_class = OwnConfig\n")
+    data = write_jsonl(tmp_path / "d.jsonl", PROBLEMS[:1])
+    argv = [sys.executable, str(ROOT / "dail.py"), "eval", "--model", str(folder), "--data", str(data), "--n", "1",
+            "--max-new-tokens", "2", "--engine", "hf"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(argv + ["--out", str(tmp_path / "e")], input="", capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "[y/N]" not in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"dail.py eval: error: --model {folder}: ships its own Python code "
+                                                 f"(auto_map), which runs only with --trust-remote-code; pass it "
+                                                 f"only for a model whose code you trust")
+    assert not marker.exists()
+    r = subprocess.run(argv + ["--out", str(tmp_path / "e2"), "--trust-remote-code"], input="", capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and marker.exists()                            # the flag is what lets it run
+    for command in ("rewrite", "train", "eval"):
+        sub = dail.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+        assert "--trust-remote-code" in sub and "runs with your rights" in " ".join(sub.split())
+
+
 # ------------------------------------------------------------------------------------------------------
 # per-trace randomness: a counter-based generator keyed by (seed, problem id, sample), inverse-CDF draws
 # ------------------------------------------------------------------------------------------------------
