@@ -262,36 +262,51 @@ def read_jsonl(path, flag="--data"):
     if not p.is_file():
         raise DailError(f"{flag} {path}: no such file")
     records = []
-    try:
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                records.append((lineno, rec))
-    except UnicodeDecodeError as e:
-        raise DailError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DailError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:  # a number with a fraction or exponent stays the text written: 0.00001, not float's 1e-05
+                rec = json.loads(line, parse_float=str)
+            except json.JSONDecodeError as e:
+                raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append((lineno, rec))
     if not records:
         raise DailError(f"{path}: empty file, no JSON lines")
     return records
 
 
-KINDS = {str: "a non-empty string", list: "a list", bool: "true or false"}
+KINDS = {str: "a non-empty string", list: "a list", bool: "true or false", (str, int): "a non-empty string or a number"}
 
 
 def require(path, lineno, rec, name, kind=str, hint=""):
-    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind`."""
+    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind` (a string
+    must hold more than spaces; true/false is no number)."""
     if name not in rec:
         raise DailError(f"{path}:{lineno}: field '{name}': missing{hint}")
     value = rec[name]
-    if not isinstance(value, kind) or (kind is str and not value.strip()):
+    if (not isinstance(value, kind) or isinstance(value, str) and not value.strip()
+            or isinstance(value, bool) and kind is not bool):
         raise DailError(f"{path}:{lineno}: field '{name}': expected {KINDS[kind]}{hint}")
     return value
+
+
+def answer_of(path, lineno, rec, needed=True):
+    """A record's reference answer as text: its `answer` field (a number as written in the file: read_jsonl keeps
+    a JSON float's text, str() of an int is exact), else the last \\boxed{} of its `solution`, else None, which
+    is a DailError when `needed` (the shortcut prompt states the answer; eval and the filter grade against it)."""
+    if rec.get("answer") is not None:
+        return str(require(path, lineno, rec, "answer", (str, int)))
+    answer = extract_boxed(rec.get("solution"))
+    if needed and answer is None:
+        raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
+    return answer
 
 
 def resume_jsonl(path):
@@ -736,15 +751,7 @@ def load_problems(path, need_solution, need_answer):
         solution = rec.get("solution")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
-        answer = rec.get("answer")
-        if answer is not None:
-            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-                raise DailError(f"{path}:{lineno}: field 'answer': expected a string or a number")
-            answer = str(answer)
-        else:
-            answer = extract_boxed(solution)
-        if need_answer and answer is None:
-            raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
+        answer = answer_of(path, lineno, rec, need_answer)
         prompt = check_prompt_field(path, lineno, rec)
         pid = rec.get("id", lineno)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
@@ -1702,7 +1709,7 @@ def load_training_records(args):
         for lineno, r in rows:
             require(args.data, lineno, r, "problem")
             require(args.data, lineno, r, "solution")
-            records.append(dict(r, where=f"{args.data}:{lineno}", answer=r.get("answer") or extract_boxed(r["solution"])))
+            records.append(dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, False)))
         return records, 0
     records, not_kept = [], 0
     for lineno, r in rows:
@@ -1713,7 +1720,8 @@ def load_training_records(args):
         if not all(isinstance(t, int) for t in r["response_ids"]):
             raise DailError(f"{args.data}:{lineno}: field 'response_ids': expected a list of token ids")
         if r["kept"]:
-            records.append(dict(r, where=f"{args.data}:{lineno}", answer=r.get("answer") or extract_boxed(r["solution"])))
+            records.append(dict(r, where=f"{args.data}:{lineno}",
+                                answer=answer_of(args.data, lineno, r, needed=args.objective == "dail")))
         else:
             not_kept += 1
     if not records:
@@ -2736,7 +2744,8 @@ def load_error(name, what, e):
     if "trust_remote_code" in str(e):
         return DailError(f"--model {name}: ships its own Python code (auto_map), which runs only with "
                          f"--trust-remote-code; pass it only for a model whose code you trust")
-    hint = "" if Path(name).exists() or what == "model" else "; a hub id needs network access or a copy in the local cache"
+    hint = "" if Path(name).exists() or what == "model" else \
+        "; a hub id needs network access or a copy in the local cache"
     return DailError(f"--model {name}: could not load the {what} ({msg[:200]}){hint}")
 
 

@@ -176,7 +176,13 @@ BAD_INPUTS = [
     ("noanswer.jsonl", '{"problem": "p", "solution": "no box"}\n', ":1: field 'answer': missing, and 'solution' has no \\boxed{} answer"),
     ("dupid.jsonl", '{"id": 1, "problem": "p", "solution": "\\\\boxed{1}"}\n{"id": 1, "problem": "q", "solution": "\\\\boxed{2}"}\n',
      ":2: field 'id': duplicate id '1' (first on line 1)"),
-    ("badanswer.jsonl", '{"problem": "p", "solution": "s", "answer": [1]}\n', ":1: field 'answer': expected a string or a number"),
+    ("badanswer.jsonl", '{"problem": "p", "solution": "s", "answer": [1]}\n',
+     ":1: field 'answer': expected a non-empty string or a number"),
+    ("emptyanswer.jsonl", '{"problem": "p", "solution": "s \\\\boxed{1}", "answer": " "}\n',
+     ":1: field 'answer': expected a non-empty string or a number"),
+    ("boolanswer.jsonl", '{"problem": "p", "solution": "s", "answer": true}\n',
+     ":1: field 'answer': expected a non-empty string or a number"),
+    ("notutf8.jsonl", '{"problem": "p", "solution": "\\\\boxed{1}"}\n{"problem": "\udcff"}\n', ":2: not UTF-8 text"),
 ]
 
 
@@ -185,11 +191,12 @@ BAD_INPUTS = [
 def test_bad_input_is_one_clear_line(tmp_path, capsys, command, name, content, message):
     if command == "eval" and name == "nosolution.jsonl":
         pytest.skip("eval data needs no solution")
-    if command == "train" and name in ("noanswer.jsonl", "badanswer.jsonl", "dupid.jsonl"):
+    if command == "train" and name in ("noanswer.jsonl", "badanswer.jsonl", "dupid.jsonl", "emptyanswer.jsonl",
+                                       "boolanswer.jsonl"):
         pytest.skip("train reads traces; its own field checks are tested below")
     path = tmp_path / name
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content.encode("utf-8", "surrogateescape"))            # \udcff: the byte 0xff
     # a model folder that does not exist: the data must be rejected before any model is touched
     code, err = run_cli([command, "--model", tmp_path / "no-model", "--data", path, "--out", tmp_path / "o"], capsys)
     assert code == 2
@@ -208,6 +215,25 @@ def test_train_rejects_expert_file_and_unkept_traces(tmp_path, capsys, expert):
     data = write_jsonl(tmp_path / "t.jsonl", [trace])
     code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "no trace has kept=true (1 rejected by the filter)" in err
+
+
+def test_numeric_answers_are_the_text_written_and_a_trace_needs_an_answer(tmp_path, capsys):
+    lines = ['{"id": %d, "problem": "p", "answer": %s}' % (i, a) for i, a in
+             enumerate(["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"])]
+    path = tmp_path / "numbers.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    answers = [p["answer"] for p in dail.load_problems(path, need_solution=False, need_answer=True)]
+    assert answers == ["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"]
+    assert dail.grade("so \\boxed{0.00001}", answers[0]) == ("0.00001", True)          # str(float) gave 1e-05
+    # a kept trace with no answer and no boxed solution: train would say "the final answer is None"
+    trace = dict(id="a", problem="p", solution="no box", response_ids=[1, 2], finish_reason="stop", kept=True)
+    data = write_jsonl(tmp_path / "t.jsonl", [trace])
+    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.strip() == (f"dail.py train: error: {data}:1: field 'answer': missing, and 'solution' "
+                                         f"has no \\boxed{{}} answer")
+    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", write_jsonl(data, [dict(trace, answer="")]),
+                         "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"{data}:1: field 'answer': expected a non-empty string or a number" in err
 
 
 def test_missing_model_dir_and_n_below_k(tmp_path, capsys, expert, tiny):
