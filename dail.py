@@ -1957,9 +1957,7 @@ def cmd_train(args):
     # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
-    total_steps = math.ceil(len(order) / args.batch_size)
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = planned_steps(args, len(examples), say=master_process)
     checkpoint = out / "checkpoint.pt"
     start = load_checkpoint(checkpoint, model, optimizer, device) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
@@ -2595,6 +2593,27 @@ def validate_args(args):
             if not ok(value):
                 raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
     return args
+
+
+# Fewer optimizer steps than this barely move a model: train warns (planned_steps).
+FEW_STEPS = 20
+
+
+def planned_steps(args, num_examples, say=True):
+    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps. A run of no more steps
+    than the warm-up (the learning rate never passes its ramp) or of fewer than FEW_STEPS gets one warning line
+    with the numbers and what to change: a few traces at the defaults are otherwise an untrained model, silently."""
+    steps = math.ceil(num_examples * args.epochs / args.batch_size)
+    if args.max_steps is not None:
+        steps = min(steps, args.max_steps)
+    if say and (steps <= args.warmup_steps or steps < FEW_STEPS):
+        why = (f"no more than the {args.warmup_steps} warm-up steps (--warmup-steps), so the learning rate never "
+               f"gets past its ramp" if steps <= args.warmup_steps else f"fewer than {FEW_STEPS}")
+        print(f"warning: train: {num_examples} examples x {args.epochs} epochs / batch {args.batch_size} = {steps} "
+              f"optimizer steps{f' (--max-steps {args.max_steps})' if steps == args.max_steps else ''}, {why}: the "
+              f"model will barely train; use more traces, more --epochs or a smaller --batch-size"
+              f"{', or fewer --warmup-steps' if steps <= args.warmup_steps else ''}", file=sys.stderr)
+    return steps
 
 
 def resolve_device(name):

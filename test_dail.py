@@ -1124,6 +1124,24 @@ def test_train_drops_too_long_examples_with_a_count(tmp_path, capsys, tiny, trac
     assert code == 2 and "no example fits --max-len 200" in err
 
 
+def test_few_steps_are_warned_with_the_numbers(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    five = write_jsonl(tmp_path / "five.jsonl", read_lines(data)[:5])
+    # the case: 5 traces at the released batch, epochs and warm-up are 2 steps, inside the warm-up
+    code, err = run_cli(train_argv(tiny, five, tmp_path / "o", "--batch-size", 16, "--epochs", 5, "--warmup-steps", 5),
+                        capsys)
+    assert code == 0, err
+    assert ("warning: train: 5 examples x 5 epochs / batch 16 = 2 optimizer steps, no more than the 5 warm-up steps "
+            "(--warmup-steps), so the learning rate never gets past its ramp: the model will barely train; use more "
+            "traces, more --epochs or a smaller --batch-size, or fewer --warmup-steps") in err.splitlines()
+    args = dail.resolve_released(dail.TrainArgs(model="m", data="d", out="o", warmup_steps=2, epochs=5, batch_size=1))
+    assert dail.planned_steps(args, 3) == 15 and "fewer than 20: the model will barely train" in capsys.readouterr().err
+    assert dail.planned_steps(args, 4) == 20 and capsys.readouterr().err == ""          # enough steps: no warning
+    args.max_steps = 2
+    assert dail.planned_steps(args, 4) == 2 and "= 2 optimizer steps (--max-steps 2), no more than the 2 warm-up" in \
+        capsys.readouterr().err
+
+
 def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeypatch, capsys):
     import socket
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
