@@ -2592,7 +2592,26 @@ def validate_args(args):
                 continue  # None: the released default, filled in by resolve_released
             if not ok(value):
                 raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    if command == "eval" and not args.regrade:
+        check_sample_memory(args)
     return args
+
+
+# What one eval sample holds at least until its problem's line is written (samples.jsonl has one line per
+# problem, so all --n samples of a problem are in memory together): its records (a dict, list entries, its text
+# and grade) and, per token of both passes, an 8-byte list slot and a 28-byte Python int for its id.
+SAMPLE_BYTES, TOKEN_BYTES = 512, 36
+
+
+def check_sample_memory(args):
+    """Refuse an --n whose samples of one problem cannot fit in the memory available now, before any model loads
+    (--n 30000000 otherwise grew past 4 GB building its rows before writing a line)."""
+    need = args.n * (SAMPLE_BYTES + (args.max_new_tokens + args.answer_tokens) * TOKEN_BYTES)
+    have = available_ram()
+    if need > have:
+        raise DailError(f"--n {args.n}: the {args.n} samples of one problem are held together until its line is "
+                        f"written, up to {need / 2**30:.3g} GiB at --max-new-tokens {args.max_new_tokens} + "
+                        f"--answer-tokens {args.answer_tokens}, and {have / 2**30:.3g} GiB are available; lower --n")
 
 
 # Fewer optimizer steps than this barely move a model: train warns (planned_steps).

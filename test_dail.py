@@ -1596,6 +1596,8 @@ BAD_VALUES = [
     ("eval", ["--n", 0], "--n 0: must be an integer >= 1"),
     ("eval", ["--device", "tpu"], "--device tpu: must be"),
     ("eval", ["--max-new-tokens", -3], "--max-new-tokens -3: must be"),
+    ("eval", ["--n", 30000000], "--n 30000000: the 30000000 samples of one problem are held together until its "
+                                "line is written, up to 4.23e+03 GiB at --max-new-tokens 4096 + --answer-tokens 100"),
 ]
 
 
