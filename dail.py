@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -309,8 +310,9 @@ def answer_of(path, lineno, rec, needed=True):
     return answer
 
 
-def resume_jsonl(path):
-    """Records an earlier run wrote to `path` (an output file), [] if none.
+def resume_jsonl(path, check=None):
+    """Records an earlier run wrote to `path` (an output file), [] if none. Each must be a JSON object that
+    `check` (line_check, or None) finds no fault with; a line that is not is a DailError naming file and line.
 
     Lines are appended one `write` at a time, so an interruption can only leave a half-written *last*
     line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again."""
@@ -327,14 +329,56 @@ def resume_jsonl(path):
     out = []
     # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
     # (ensure_ascii=False) leaves unescaped inside a model's response
-    for lineno, line in enumerate(data.decode("utf-8").split("\n"), 1):
-        if line.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DailError(f"{path}:{lineno}: corrupt line in an earlier run's output; "
-                                f"move the file away to start over") from None
+                rec = json.loads(raw.decode("utf-8"))
+                fault = "not a JSON object" if not isinstance(rec, dict) else check(rec) if check else None
+            except ValueError:                                        # not UTF-8, or not JSON
+                fault = "corrupt line"
+            if fault:
+                raise DailError(f"{path}:{lineno}: {fault} in an earlier run's output; move the file away "
+                                f"(or --overwrite) to start over")
+            out.append(rec)
     return out
+
+
+# The fields eval and rewrite read back from their own output lines (resume, merge, summary): name -> type.
+EVAL_FIELDS = dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list)
+TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int,
+                    kept=bool, reject_reason=(str, type(None)))
+
+
+def line_check(fields, key, expected=None, n=None):
+    """A check for resume_jsonl: a record must hold `fields` ({name: type}; each list of n items when n is
+    given), and key(record) must be one of `expected` (what this run's --data asks for; None: any), once.
+    Returns the fault of a record, or None. A duplicated or foreign line is thus an error, never counted."""
+    seen = set()
+
+    def check(rec):
+        for name, kind in fields.items():
+            value = rec.get(name)
+            if name not in rec or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                return f"field '{name}': missing or of the wrong type"
+            if n is not None and kind is list and len(value) != n:
+                return f"field '{name}': {len(value)} items where this run has --n {n}"
+        k = key(rec)
+        if expected is not None and k not in expected:
+            return f"record {k!r} is not one of this run's --data"
+        if k in seen:
+            return f"record {k!r} a second time"
+        seen.add(k)
+    return check
+
+
+def output_checks(command, problems, args, n):
+    """k -> the line_check of shard k of n's output file (k = 0 of n = 1: the whole file): eval, one line per
+    problem of the shard, each with --n samples; rewrite, one line per (problem id, sample < --samples)."""
+    if command == "eval":
+        return lambda k: line_check(EVAL_FIELDS, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)},
+                                    args.n)
+    return lambda k: line_check(TRACE_FIELDS, lambda t: (t["id"], t["sample"]),
+                                {(p["id"], s) for p in shard_problems(problems, k, n) for s in range(args.samples)})
 
 
 def append_jsonl(f, record):
@@ -1123,14 +1167,14 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
         append_jsonl(f, trace)
 
 
-def rewrite_summary(traces, n_problems, skipped, args):
+def rewrite_summary(traces, n_problems, skipped, args, shortened=0):
     reasons = {}
     for t in traces:
         if t["reject_reason"]:
             reasons[t["reject_reason"]] = reasons.get(t["reject_reason"], 0) + 1
     tokens = sum(len(t["response_ids"]) for t in traces)
-    return dict(problems=n_problems, problems_skipped_too_long=skipped, traces=len(traces),
-                kept=sum(t["kept"] for t in traces),
+    return dict(problems=n_problems, problems_skipped_too_long=skipped, solutions_shortened=shortened,
+                traces=len(traces), kept=sum(t["kept"] for t in traces),
                 problems_with_kept=len({t["id"] for t in traces if t["kept"]}), reject_reasons=reasons,
                 acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
                 mean_tokens=tokens / max(len(traces), 1),
@@ -1166,7 +1210,8 @@ def cmd_rewrite(args):
     if args.overwrite and not follower:
         clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
     config = run_config(args, "rewrite")
-    done = {k: open_shard(out, k, n, config, config_of, follower) for k in ks}
+    checks = output_checks("rewrite", problems, args, n)  # every line one (id, sample) of --data, once
+    done = {k: open_shard(out, k, n, config, config_of, follower, checks(k)) for k in ks}
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
@@ -1194,15 +1239,14 @@ def cmd_rewrite(args):
     if merge:
         index = {p["id"]: p["index"] for p in problems}
         traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
-                              lambda t: (index[t["id"]], t["sample"]))
+                              lambda t: (index[t["id"]], t["sample"]), checks)
         if traces is None:
             return
     elif n > 1:
         return                       # a rank other than 0: its part is written, rank 0 merges
     else:
-        traces = resume_jsonl(out)
-    summary = rewrite_summary(traces, len(problems), skipped, args)
-    summary["solutions_shortened"] = shortened
+        traces = resume_jsonl(out, checks(0))
+    summary = rewrite_summary(traces, len(problems), skipped, args, shortened)
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
@@ -1717,8 +1761,7 @@ def load_training_records(args):
                            ("kept", bool)):
             require(args.data, lineno, r, name, kind, " (train reads the traces.jsonl written by `rewrite`)"
                     if name == "response_ids" else "")
-        if not all(isinstance(t, int) for t in r["response_ids"]):
-            raise DailError(f"{args.data}:{lineno}: field 'response_ids': expected a list of token ids")
+        check_token_ids(args.data, lineno, r["response_ids"], args.model)
         if r["kept"]:
             records.append(dict(r, where=f"{args.data}:{lineno}",
                                 answer=answer_of(args.data, lineno, r, needed=args.objective == "dail")))
@@ -2112,14 +2155,13 @@ def cmd_eval(args):
     samples_path = out / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
-    engine = args.engine
-    if engine == "auto":
-        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    engine = eval_engine(args)
     n, shards, merge, follower = plan_shards(samples_path, args, vllm_shard(args, engine))
     if args.overwrite and not follower:
         clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
     config = run_config(args, "eval")
-    done = {k: open_shard(samples_path, k, n, config, config_of, follower) for k in shards}
+    checks = output_checks("eval", problems, args, n)     # every line one problem of --data, once, n samples
+    done = {k: open_shard(samples_path, k, n, config, config_of, follower, checks(k)) for k in shards}
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
@@ -2136,13 +2178,13 @@ def cmd_eval(args):
         index = {p["id"]: p["index"] for p in problems}
         expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
         lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
-                             lambda r: index[r["id"]])
+                             lambda r: index[r["id"]], checks)
         if lines is None:
             return None
     elif n > 1:
         return None                  # a rank other than 0: its part is written, rank 0 merges
     else:
-        lines = resume_jsonl(samples_path)
+        lines = resume_jsonl(samples_path, checks(0))
     return write_eval_summary(out, lines, ks, args, engine=engine,
                               samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
 
@@ -2213,11 +2255,11 @@ def regrade_eval(args):
     if not samples_path.is_file():
         raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
     config = out / "eval_config.json"
-    recorded = json.loads(config.read_text()) if config.exists() else {}
+    recorded = read_config(config) if config.exists() else {}
     # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
     args = dataclasses.replace(args, **{k: getattr(args, k) or recorded.get("paths", {}).get(k) or "unknown"
                                         for k in ("model", "data")})
-    lines = resume_jsonl(samples_path)
+    lines = resume_jsonl(samples_path, line_check(EVAL_FIELDS, lambda r: r["id"]))
     if not lines:
         raise DailError(f"--regrade: {samples_path}: no samples to grade")
     n = len(lines[0]["responses"])
@@ -2238,7 +2280,7 @@ def regrade_eval(args):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, samples_path)
     if config.exists():
-        config.write_text(json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
+        config.write_text(json.dumps({**recorded, "grader": args.grader}, indent=2))
     print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
           f"{changed} verdicts changed", file=sys.stderr)
     return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
@@ -2250,7 +2292,7 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
     a list: the chat messages), else the student prompt. Over max_prompt_len: DailError."""
     if problem.get("prompt") is None:
         return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
-    ids = chat_prompt_ids(tok, problem["prompt"], thinking)
+    ids = record_prompt_ids(tok, problem, thinking)
     if max_prompt_len is not None and len(ids) > max_prompt_len:
         raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt "
                         f"budget of {max_prompt_len} (--max-prompt-len, or the model's context length minus "
@@ -2377,10 +2419,7 @@ def check_resume_config(path, config, resuming, overwrite=False):
         if not p.exists():
             raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
                             f"were made; use another --out, or --overwrite to start over")
-        try:
-            old = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise DailError(f"{p}: unreadable ({e}); use another --out, or --overwrite to start over") from None
+        old = read_config(p)
         diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
         if diff:
             k = diff[0]
@@ -2392,6 +2431,18 @@ def check_resume_config(path, config, resuming, overwrite=False):
         p.write_text(json.dumps(config, indent=2))
     except OSError as e:
         raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
+
+
+def read_config(path):
+    """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DailError(f"{path}: unreadable ({e}); use another --out, or --overwrite to start over") from None
+    if not isinstance(old, dict):
+        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; use another --out, or "
+                        f"--overwrite to start over")
+    return old
 
 
 # The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
@@ -2787,6 +2838,37 @@ def load_error(name, what, e):
     return DailError(f"--model {name}: could not load the {what} ({msg[:200]}){hint}")
 
 
+@functools.lru_cache(maxsize=None)
+def vocab_size(name):
+    """vocab_size from a model folder's config.json, read as plain JSON (no code runs, no network), or None."""
+    try:
+        size = json.loads((Path(name) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if type(size) is int else None
+
+
+def check_token_ids(path, lineno, ids, model):
+    """A trace's response_ids must be token ids of --model: integers in [0, its vocabulary size), checked before
+    any model loads (an id out of range fails deep inside the embedding, far from the line that holds it)."""
+    vocab = vocab_size(model)
+    bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab), None)
+    if bad is not None:
+        raise DailError(f"{path}:{lineno}: field 'response_ids': item {bad} is {ids[bad]!r}, not a token id "
+                        f"(an integer in [0, {vocab or 'the vocabulary size'}) for --model {model})")
+
+
+def record_prompt_ids(tok, problem, thinking):
+    """chat_prompt_ids of an eval record's own `prompt`; one the chat template rejects (a role it does not know:
+    jinja2's error names no file or line) is a DailError naming the record's file, line and field."""
+    try:
+        return chat_prompt_ids(tok, problem["prompt"], thinking)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
+                        f"({msg[:200]})") from None
+
+
 def context_length(name, trust_remote_code=False):
     """The model's context length from its config (no weights loaded), or None."""
     from transformers import AutoConfig
@@ -2878,10 +2960,11 @@ def shard_problems(problems, k, n):
     return problems[k::n]
 
 
-def merge_parts(out_file, n, order):
+def merge_parts(out_file, n, order, checks=None):
     """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
-    (input order), atomically; a record present twice is an error, never a silent duplicate. -> records."""
-    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n))]
+    (input order), atomically; a record present twice is an error, never a silent duplicate; checks(k): the
+    line_check of part k (output_checks). -> records."""
+    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n), checks and checks(k))]
     records.sort(key=order)
     keys = [order(r) for r in records]
     dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
@@ -2954,13 +3037,14 @@ def vllm_shard(args, engine):
     return rank // tp, world // tp, rank % tp != 0
 
 
-def open_shard(out_file, k, n, config, config_of, follower=False):
+def open_shard(out_file, k, n, config, config_of, follower=False, check=None):
     """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
-    with `config` (check_resume_config, which saves it). A vLLM follower only reads (it writes nothing)."""
+    with `config` (check_resume_config, which saves it) and each line with `check` (resume_jsonl). A vLLM
+    follower only reads (it writes nothing)."""
     path = shard_path(out_file, k, n)
     if follower:
         return written_records(path)
-    done = resume_jsonl(path)
+    done = resume_jsonl(path, check)
     check_resume_config(config_of(path), config, resuming=bool(done))
     return done
 
@@ -2987,8 +3071,12 @@ def written_records(path):
     resume_jsonl it never cuts a half-written last line, which may be one being written)."""
     p = Path(path)
     data = p.read_bytes() if p.exists() else b""
-    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").split("\n")   # "\n" only, as in resume_jsonl
-    return [json.loads(line) for line in lines if line.strip()]
+    records = []
+    for line in data[:data.rfind(b"\n") + 1].split(b"\n"):             # "\n" only, as in resume_jsonl
+        if line.strip():
+            with contextlib.suppress(ValueError):                       # a bad line: merge_parts names it
+                records.append(json.loads(line))
+    return records
 
 
 def config_difference(path, config):
@@ -3015,12 +3103,20 @@ def incomplete_parts(out_file, n, config, config_of, expected, key):
         if diff:
             raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
                             f"the same command (rerun that shard, or --overwrite to start over)")
-        if diff is None or not expected[k] <= {key(r) for r in written_records(path)}:
+        if diff is None or not expected[k] <= {key(r) for r in written_records(path) if keyed(key, r)}:
             missing.append(k)
     return missing
 
 
-def gather_parts(out_file, n, mode, config, config_of, expected, key, order):
+def keyed(key, record):
+    """Whether key(record) can be taken: a part still being written is read before merge_parts checks its lines."""
+    try:
+        return key(record) is not None
+    except (KeyError, TypeError):
+        return False
+
+
+def gather_parts(out_file, n, mode, config, config_of, expected, key, order, checks=None):
     """Merge the n part files into out_file (merge_parts, input order) once all are complete, and save
     `config` beside it -> the merged records, or None when not all are complete and mode is not 'wait'
     (then say which are missing). 'wait' (rank 0 under torchrun) polls the files instead of a barrier,
@@ -3037,7 +3133,7 @@ def gather_parts(out_file, n, mode, config, config_of, expected, key, order):
             print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
         time.sleep(pause)
         pause = min(2 * pause, 30.0)
-    records = merge_parts(out_file, n, order)
+    records = merge_parts(out_file, n, order, checks)
     check_resume_config(config_of(out_file), config, resuming=False)
     print(f"merged {n} parts into {out_file}", file=sys.stderr)
     return records
@@ -3090,6 +3186,13 @@ def sample_with(probs, u):
 # =====================================================================================================
 # Plumbing: the vLLM engine (an optional import) and the command line
 # =====================================================================================================
+def eval_engine(args):
+    """eval's engine: --engine, where auto is vLLM when it is importable and a GPU is present, else hf."""
+    if args.engine == "auto":
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    return args.engine
+
+
 def vllm_available():
     try:
         import vllm  # noqa: F401

@@ -915,6 +915,85 @@ def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     assert read_lines(out / "samples.jsonl") == lines
 
 
+def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, tiny, monkeypatch):
+    """A duplicated, foreign or corrupt line of samples.jsonl (or a list for eval_config.json) is one line naming
+    the file and line, exit 2: never counted into pass@k (a duplicate once gave "problems": 7 for 6)."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "p0", "problem": "p0", "answer": "5"},
+                                              {"id": "p1", "problem": "p1", "answer": "7"}])
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{5}", "no"], 1: ["\\boxed{7}", "x"]}))
+    out = tmp_path / "e"
+    argv = ["eval", "--model", tiny, "--data", data, "--out", out, "--n", 2, "--max-new-tokens", 8]
+    assert run_cli(argv, capsys)[0] == 0
+    samples = out / "samples.jsonl"
+    good = samples.read_bytes()
+    first, second = read_lines(samples)
+    cases = [
+        (json.dumps(first), 3, "record 'p0' a second time"),
+        (json.dumps(dict(first, id="zz")), 3, "record 'zz' is not one of this run's --data"),
+        ("[1, 2]", 3, "not a JSON object"),
+        ('{"id": "\xff"}', 3, "corrupt line"),
+        (json.dumps({k: v for k, v in first.items() if k != "correct"}), 3, "field 'correct': missing or of the wrong type"),
+        (json.dumps(dict(second, correct=[True] * 3)), 2, "field 'correct': 3 items where this run has --n 2"),
+    ]
+    for line, lineno, fault in cases:
+        body = good + line.encode("latin-1") + b"\n" if lineno == 3 else good.split(b"\n")[0] + b"\n" + line.encode() + b"\n"
+        samples.write_bytes(body)
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.strip() == (f"dail.py eval: error: {samples}:{lineno}: {fault} in an earlier run's "
+                                             f"output; move the file away (or --overwrite) to start over"), err
+        assert json.loads((out / "summary.json").read_text())["problems"] == 2    # the summary was not rewritten
+    samples.write_bytes(good)
+    (out / "eval_config.json").write_text("[1, 2]")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: not a JSON object of "
+                                         f"settings but a list; use another --out, or --overwrite to start over")
+    code, err = run_cli(["eval", "--out", out, "--regrade"], capsys)
+    assert code == 2 and "not a JSON object of settings but a list" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rewrite_resume_refuses_duplicated_or_foreign_traces(tmp_path, capsys, tiny, traces):
+    expert, done = traces
+    out = tmp_path / "traces.jsonl"
+    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 12,
+            "--no-filter", "--threshold", 0]
+    (tmp_path / "traces.config.json").write_bytes(done.with_suffix(".config.json").read_bytes())
+    records = read_lines(done)
+    for extra, fault in [(records[0], f"record {(records[0]['id'], 0)!r} a second time"),
+                         (dict(records[0], sample=1), f"record {(records[0]['id'], 1)!r} is not one of this run's --data"),
+                         ({k: v for k, v in records[0].items() if k != "kept"}, "field 'kept': missing or of the wrong type")]:
+        write_jsonl(out, records + [extra])
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
+                                             f"run's output; move the file away (or --overwrite) to start over"), err
+    write_jsonl(out, records)
+    assert run_cli(argv, capsys)[0] == 0                                    # the run's own file resumes as before
+
+
+def test_train_token_ids_and_eval_prompt_roles_name_their_line(tmp_path, capsys, tiny):
+    vocab = json.loads((tiny / "config.json").read_text())["vocab_size"]
+    trace = dict(id="a", problem="p", solution="s \\boxed{1}", answer="1", finish_reason="stop", kept=True)
+    for ids, item in [([1, -3], "item 1 is -3"), ([vocab], f"item 0 is {vocab}"), ([2, True], "item 1 is True")]:
+        data = write_jsonl(tmp_path / "t.jsonl", [trace, dict(trace, id="b", response_ids=ids)])
+        data.write_text(data.read_text().replace('"finish_reason"', '"response_ids": [1], "finish_reason"', 1))
+        code, err = run_cli(["train", "--model", tiny, "--data", data, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and err.strip() == (f"dail.py train: error: {data}:2: field 'response_ids': {item}, not a "
+                                             f"token id (an integer in [0, {vocab}) for --model {tiny})"), err
+        assert not (tmp_path / "o").exists()                                 # before any model loads or --out
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('Unexpected message role.') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": "1"},
+                                              {"problem": "q", "answer": "2", "prompt": [{"role": "robot", "content": "q"}]}])
+    code, err = run_cli(["eval", "--model", folder, "--data", data, "--out", tmp_path / "e", "--n", 1, "--max-new-tokens", 8],
+                        capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (f"dail.py eval: error: {data}:2: field 'prompt': the chat "
+                                                          f"template of the model rejects it (Unexpected message role.)")
+
+
 def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
     """Force the sampler to write a known response: grading, pass@k and token counts follow the flags."""
     tok_ = make_tokenizer()
