@@ -54,6 +54,7 @@ import copy
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -117,6 +118,8 @@ class CommonArgs:
     thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
                                 "switches to the released reasoning defaults")
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
+    trust_remote_code: bool = arg(False, "let a model folder run its own Python code (auto_map in its config); "
+                                         "without it such a model is refused: that code runs with your rights")
     max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
                                     "minus --max-new-tokens); longer prompts are an error or a counted skip",
                               type=int)
@@ -263,40 +266,56 @@ def read_jsonl(path, flag="--data"):
     if not p.is_file():
         raise DailError(f"{flag} {path}: no such file")
     records = []
-    try:
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                records.append((lineno, rec))
-    except UnicodeDecodeError as e:
-        raise DailError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DailError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:  # a number with a fraction or exponent stays the text written: 0.00001, not float's 1e-05
+                rec = json.loads(line, parse_float=str)
+            except json.JSONDecodeError as e:
+                raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append((lineno, rec))
     if not records:
         raise DailError(f"{path}: empty file, no JSON lines")
     return records
 
 
-KINDS = {str: "a non-empty string", list: "a list", bool: "true or false"}
+KINDS = {str: "a non-empty string", list: "a list", bool: "true or false", (str, int): "a non-empty string or a number"}
 
 
 def require(path, lineno, rec, name, kind=str, hint=""):
-    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind`."""
+    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind` (a string
+    must hold more than spaces; true/false is no number)."""
     if name not in rec:
         raise DailError(f"{path}:{lineno}: field '{name}': missing{hint}")
     value = rec[name]
-    if not isinstance(value, kind) or (kind is str and not value.strip()):
+    if (not isinstance(value, kind) or isinstance(value, str) and not value.strip()
+            or isinstance(value, bool) and kind is not bool):
         raise DailError(f"{path}:{lineno}: field '{name}': expected {KINDS[kind]}{hint}")
     return value
 
 
-def resume_jsonl(path):
-    """Records an earlier run wrote to `path` (an output file), [] if none.
+def answer_of(path, lineno, rec, needed=True):
+    """A record's reference answer as text: its `answer` field (a number as written in the file: read_jsonl keeps
+    a JSON float's text, str() of an int is exact), else the last \\boxed{} of its `solution`, else None, which
+    is a DailError when `needed` (the shortcut prompt states the answer; eval and the filter grade against it)."""
+    if rec.get("answer") is not None:
+        return str(require(path, lineno, rec, "answer", (str, int)))
+    answer = extract_boxed(rec.get("solution"))
+    if needed and answer is None:
+        raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
+    return answer
+
+
+def resume_jsonl(path, check=None):
+    """Records an earlier run wrote to `path` (an output file), [] if none. Each must be a JSON object that
+    `check` (line_check, or None) finds no fault with; a line that is not is a DailError naming file and line.
 
     Lines are appended one `write` at a time, so an interruption can only leave a half-written *last*
     line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again."""
@@ -313,14 +332,56 @@ def resume_jsonl(path):
     out = []
     # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
     # (ensure_ascii=False) leaves unescaped inside a model's response
-    for lineno, line in enumerate(data.decode("utf-8").split("\n"), 1):
-        if line.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DailError(f"{path}:{lineno}: corrupt line in an earlier run's output; "
-                                f"move the file away to start over") from None
+                rec = json.loads(raw.decode("utf-8"))
+                fault = "not a JSON object" if not isinstance(rec, dict) else check(rec) if check else None
+            except ValueError:                                        # not UTF-8, or not JSON
+                fault = "corrupt line"
+            if fault:
+                raise DailError(f"{path}:{lineno}: {fault} in an earlier run's output; move the file away "
+                                f"(or --overwrite) to start over")
+            out.append(rec)
     return out
+
+
+# The fields eval and rewrite read back from their own output lines (resume, merge, summary): name -> type.
+EVAL_FIELDS = dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list)
+TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int,
+                    kept=bool, reject_reason=(str, type(None)))
+
+
+def line_check(fields, key, expected=None, n=None):
+    """A check for resume_jsonl: a record must hold `fields` ({name: type}; each list of n items when n is
+    given), and key(record) must be one of `expected` (what this run's --data asks for; None: any), once.
+    Returns the fault of a record, or None. A duplicated or foreign line is thus an error, never counted."""
+    seen = set()
+
+    def check(rec):
+        for name, kind in fields.items():
+            value = rec.get(name)
+            if name not in rec or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                return f"field '{name}': missing or of the wrong type"
+            if n is not None and kind is list and len(value) != n:
+                return f"field '{name}': {len(value)} items where this run has --n {n}"
+        k = key(rec)
+        if expected is not None and k not in expected:
+            return f"record {k!r} is not one of this run's --data"
+        if k in seen:
+            return f"record {k!r} a second time"
+        seen.add(k)
+    return check
+
+
+def output_checks(command, problems, args, n):
+    """k -> the line_check of shard k of n's output file (k = 0 of n = 1: the whole file): eval, one line per
+    problem of the shard, each with --n samples; rewrite, one line per (problem id, sample < --samples)."""
+    if command == "eval":
+        return lambda k: line_check(EVAL_FIELDS, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)},
+                                    args.n)
+    return lambda k: line_check(TRACE_FIELDS, lambda t: (t["id"], t["sample"]),
+                                {(p["id"], s) for p in shard_problems(problems, k, n) for s in range(args.samples)})
 
 
 def append_jsonl(f, record):
@@ -758,15 +819,7 @@ def load_problems(path, need_solution, need_answer):
         solution = rec.get("solution")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
-        answer = rec.get("answer")
-        if answer is not None:
-            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-                raise DailError(f"{path}:{lineno}: field 'answer': expected a string or a number")
-            answer = str(answer)
-        else:
-            answer = extract_boxed(solution)
-        if need_answer and answer is None:
-            raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
+        answer = answer_of(path, lineno, rec, need_answer)
         prompt = check_prompt_field(path, lineno, rec)
         pid = rec.get("id", lineno)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
@@ -1137,14 +1190,14 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
         append_jsonl(f, trace)
 
 
-def rewrite_summary(traces, n_problems, skipped, args):
+def rewrite_summary(traces, n_problems, skipped, args, shortened=0):
     reasons = {}
     for t in traces:
         if t["reject_reason"]:
             reasons[t["reject_reason"]] = reasons.get(t["reject_reason"], 0) + 1
     tokens = sum(len(t["response_ids"]) for t in traces)
-    return dict(problems=n_problems, problems_skipped_too_long=skipped, traces=len(traces),
-                kept=sum(t["kept"] for t in traces),
+    return dict(problems=n_problems, problems_skipped_too_long=skipped, solutions_shortened=shortened,
+                traces=len(traces), kept=sum(t["kept"] for t in traces),
                 problems_with_kept=len({t["id"] for t in traces if t["kept"]}), reject_reasons=reasons,
                 acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
                 mean_tokens=tokens / max(len(traces), 1),
@@ -1180,8 +1233,9 @@ def cmd_rewrite(args):
     if args.overwrite and not follower:
         clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
     config = run_config(args, "rewrite")
-    done = {k: open_shard(out, k, n, config, config_of, follower) for k in ks}
-    tok = load_tokenizer(args.model)
+    checks = output_checks("rewrite", problems, args, n)  # every line one (id, sample) of --data, once
+    done = {k: open_shard(out, k, n, config, config_of, follower, checks(k)) for k in ks}
+    tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
     contexts, skipped = {}, 0
@@ -1208,15 +1262,14 @@ def cmd_rewrite(args):
     if merge:
         index = {p["id"]: p["index"] for p in problems}
         traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
-                              lambda t: (index[t["id"]], t["sample"]))
+                              lambda t: (index[t["id"]], t["sample"]), checks)
         if traces is None:
             return
     elif n > 1:
         return                       # a rank other than 0: its part is written, rank 0 merges
     else:
-        traces = resume_jsonl(out)
-    summary = rewrite_summary(traces, len(problems), skipped, args)
-    summary["solutions_shortened"] = shortened
+        traces = resume_jsonl(out, checks(0))
+    summary = rewrite_summary(traces, len(problems), skipped, args, shortened)
     write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
@@ -1271,7 +1324,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
     is what validator sampling would emit anyway: validator sampling. In both cases that one context is
     decoded alone. Every random number of a trace comes from counter_uniforms keyed by (--seed, problem id,
     sample index) and the step: its batch, the batch size, a resume or a shard do not change it."""
-    model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
+    model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
     names = [pure] if pure else [proposer, validator]
 
@@ -1714,7 +1767,7 @@ def load_training_records(args):
         for lineno, r in rows:
             require(args.data, lineno, r, "problem")
             require(args.data, lineno, r, "solution")
-            records.append(dict(r, where=f"{args.data}:{lineno}", answer=r.get("answer") or extract_boxed(r["solution"])))
+            records.append(dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, False)))
         return records, 0
     records, not_kept = [], 0
     for lineno, r in rows:
@@ -1722,10 +1775,10 @@ def load_training_records(args):
                            ("kept", bool)):
             require(args.data, lineno, r, name, kind, " (train reads the traces.jsonl written by `rewrite`)"
                     if name == "response_ids" else "")
-        if not all(isinstance(t, int) for t in r["response_ids"]):
-            raise DailError(f"{args.data}:{lineno}: field 'response_ids': expected a list of token ids")
+        check_token_ids(args.data, lineno, r["response_ids"], args.model)
         if r["kept"]:
-            records.append(dict(r, where=f"{args.data}:{lineno}", answer=r.get("answer") or extract_boxed(r["solution"])))
+            records.append(dict(r, where=f"{args.data}:{lineno}",
+                                answer=answer_of(args.data, lineno, r, needed=args.objective == "dail")))
         else:
             not_kept += 1
     if not records:
@@ -1773,7 +1826,7 @@ def build_models(args, device):
     with full fine-tuning), the trainable parameters and their AdamW."""
     full_ft = args.lora_rank == 0
     base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
-    model = load_model(args.model, device, base_dtype)
+    model = load_model(args.model, device, base_dtype, args.trust_remote_code)
     if full_ft:
         reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
     else:
@@ -1912,7 +1965,7 @@ def cmd_train(args):
     ddp, rank, world_size, device = setup_distributed(args)
     master_process = rank == 0                                 # it logs and saves; every rank trains
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
     if master_process:
         check_thinking_flag(tok, args)
     examples, too_long = build_examples(tok, records, args)
@@ -1936,9 +1989,7 @@ def cmd_train(args):
     # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
-    total_steps = math.ceil(len(order) / args.batch_size)
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = planned_steps(args, len(examples), say=master_process)
     checkpoint = out / "checkpoint.pt"
     start = load_checkpoint(checkpoint, model, optimizer, args, device, total_steps) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
@@ -2094,15 +2145,14 @@ def cmd_eval(args):
     samples_path = out / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
-    engine = args.engine
-    if engine == "auto":
-        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    engine = eval_engine(args)
     n, shards, merge, follower = plan_shards(samples_path, args, vllm_shard(args, engine))
     if args.overwrite and not follower:
         clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
     config = run_config(args, "eval")
-    done = {k: open_shard(samples_path, k, n, config, config_of, follower) for k in shards}
-    tok = load_tokenizer(args.model)
+    checks = output_checks("eval", problems, args, n)     # every line one problem of --data, once, n samples
+    done = {k: open_shard(samples_path, k, n, config, config_of, follower, checks(k)) for k in shards}
+    tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args)
     prompts = {}
@@ -2118,13 +2168,13 @@ def cmd_eval(args):
         index = {p["id"]: p["index"] for p in problems}
         expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
         lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
-                             lambda r: index[r["id"]])
+                             lambda r: index[r["id"]], checks)
         if lines is None:
             return None
     elif n > 1:
         return None                  # a rank other than 0: its part is written, rank 0 merges
     else:
-        lines = resume_jsonl(samples_path)
+        lines = resume_jsonl(samples_path, checks(0))
     return write_eval_summary(out, lines, ks, args, engine=engine,
                               samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
 
@@ -2196,11 +2246,11 @@ def regrade_eval(args):
         raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
     lock_output(samples_path, args.out)
     config = out / "eval_config.json"
-    recorded = json.loads(config.read_text()) if config.exists() else {}
+    recorded = read_config(config) if config.exists() else {}
     # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
     args = dataclasses.replace(args, **{k: getattr(args, k) or recorded.get("paths", {}).get(k) or "unknown"
                                         for k in ("model", "data")})
-    lines = resume_jsonl(samples_path)
+    lines = resume_jsonl(samples_path, line_check(EVAL_FIELDS, lambda r: r["id"]))
     if not lines:
         raise DailError(f"--regrade: {samples_path}: no samples to grade")
     n = len(lines[0]["responses"])
@@ -2217,7 +2267,7 @@ def regrade_eval(args):
         r.update(preds=preds, correct=correct, n_correct=sum(correct))
     write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     if config.exists():
-        write_atomic(config, json.dumps({**json.loads(config.read_text()), "grader": args.grader}, indent=2))
+        write_atomic(config, json.dumps({**recorded, "grader": args.grader}, indent=2))
     print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
           f"{changed} verdicts changed", file=sys.stderr)
     return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
@@ -2229,7 +2279,7 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
     a list: the chat messages), else the student prompt. Over max_prompt_len: DailError."""
     if problem.get("prompt") is None:
         return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
-    ids = chat_prompt_ids(tok, problem["prompt"], thinking)
+    ids = record_prompt_ids(tok, problem, thinking)
     if max_prompt_len is not None and len(ids) > max_prompt_len:
         raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt "
                         f"budget of {max_prompt_len} (--max-prompt-len, or the model's context length minus "
@@ -2311,7 +2361,7 @@ def make_sampler(engine, args, tok, stop_ids):
         close = lambda: close_vllm(llm)  # noqa: E731
     else:
         device = shard_device(args)
-        model = load_model(args.model, device, resolve_dtype(args.dtype, device)).eval()
+        model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
 
         def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, None | a tag)
             rows = [[p] for p in prompts for _ in range(n)]
@@ -2354,10 +2404,7 @@ def check_resume_config(path, config, resuming, overwrite=False):
         if not p.exists():
             raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
                             f"were made; use another --out, or --overwrite to start over")
-        try:
-            old = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise DailError(f"{p}: unreadable ({e}); use another --out, or --overwrite to start over") from None
+        old = read_config(p)
         diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
         if diff:
             k = diff[0]
@@ -2369,6 +2416,18 @@ def check_resume_config(path, config, resuming, overwrite=False):
         write_atomic(p, json.dumps(config, indent=2))
     except OSError as e:
         raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
+
+
+def read_config(path):
+    """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DailError(f"{path}: unreadable ({e}); use another --out, or --overwrite to start over") from None
+    if not isinstance(old, dict):
+        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; use another --out, or "
+                        f"--overwrite to start over")
+    return old
 
 
 # The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
@@ -2714,7 +2773,47 @@ def validate_args(args):
             if not ok(value):
                 raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
     resolve_device(args.device)                # a device this machine lacks: refused before any model loads
+    if command == "eval" and not args.regrade:
+        check_sample_memory(args)
     return args
+
+
+# What one eval sample holds at least until its problem's line is written (samples.jsonl has one line per
+# problem, so all --n samples of a problem are in memory together): its records (a dict, list entries, its text
+# and grade) and, per token of both passes, an 8-byte list slot and a 28-byte Python int for its id.
+SAMPLE_BYTES, TOKEN_BYTES = 512, 36
+
+
+def check_sample_memory(args):
+    """Refuse an --n whose samples of one problem cannot fit in the memory available now, before any model loads
+    (--n 30000000 otherwise grew past 4 GB building its rows before writing a line)."""
+    need = args.n * (SAMPLE_BYTES + (args.max_new_tokens + args.answer_tokens) * TOKEN_BYTES)
+    have = available_ram()
+    if need > have:
+        raise DailError(f"--n {args.n}: the {args.n} samples of one problem are held together until its line is "
+                        f"written, up to {need / 2**30:.3g} GiB at --max-new-tokens {args.max_new_tokens} + "
+                        f"--answer-tokens {args.answer_tokens}, and {have / 2**30:.3g} GiB are available; lower --n")
+
+
+# Fewer optimizer steps than this barely move a model: train warns (planned_steps).
+FEW_STEPS = 20
+
+
+def planned_steps(args, num_examples, say=True):
+    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps. A run of no more steps
+    than the warm-up (the learning rate never passes its ramp) or of fewer than FEW_STEPS gets one warning line
+    with the numbers and what to change: a few traces at the defaults are otherwise an untrained model, silently."""
+    steps = math.ceil(num_examples * args.epochs / args.batch_size)
+    if args.max_steps is not None:
+        steps = min(steps, args.max_steps)
+    if say and (steps <= args.warmup_steps or steps < FEW_STEPS):
+        why = (f"no more than the {args.warmup_steps} warm-up steps (--warmup-steps), so the learning rate never "
+               f"gets past its ramp" if steps <= args.warmup_steps else f"fewer than {FEW_STEPS}")
+        print(f"warning: train: {num_examples} examples x {args.epochs} epochs / batch {args.batch_size} = {steps} "
+              f"optimizer steps{f' (--max-steps {args.max_steps})' if steps == args.max_steps else ''}, {why}: the "
+              f"model will barely train; use more traces, more --epochs or a smaller --batch-size"
+              f"{', or fewer --warmup-steps' if steps <= args.warmup_steps else ''}", file=sys.stderr)
+    return steps
 
 
 def resolve_device(name):
@@ -2801,15 +2900,13 @@ def hub_commit(name):
     return Path(cached).parent.name if isinstance(cached, str) else None
 
 
-def load_tokenizer(name):
+def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
     check_model_name(name)
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # hub unreachable, bad folder, ...: one clear line, not a traceback
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache"
-        raise DailError(f"--model {name}: could not load the tokenizer ({msg[:200]}){hint}") from None
+        raise load_error(name, "tokenizer", e) from None
     if not getattr(tok, "chat_template", None):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
     check_tokenizer_reload(tok, name)
@@ -2855,21 +2952,64 @@ def check_tokenizer_reload(tok, name):
               f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
 
 
-def load_model(name, device, dtype):
+def load_model(name, device, dtype, trust_remote_code=False):
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DailError(f"--model {name}: could not load the model ({msg[:200]})") from None
+        raise load_error(name, "model", e) from None
     return model.to(device)
 
 
-def context_length(name):
+def load_error(name, what, e):
+    """The one-line DailError of a model or tokenizer that failed to load. A folder with its own code (auto_map)
+    fails without --trust-remote-code (trust_remote_code=False: transformers neither runs it nor asks on stdin)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return DailError(f"--model {name}: ships its own Python code (auto_map), which runs only with "
+                         f"--trust-remote-code; pass it only for a model whose code you trust")
+    hint = "" if Path(name).exists() or what == "model" else \
+        "; a hub id needs network access or a copy in the local cache"
+    return DailError(f"--model {name}: could not load the {what} ({msg[:200]}){hint}")
+
+
+@functools.lru_cache(maxsize=None)
+def vocab_size(name):
+    """vocab_size from a model folder's config.json, read as plain JSON (no code runs, no network), or None."""
+    try:
+        size = json.loads((Path(name) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if type(size) is int else None
+
+
+def check_token_ids(path, lineno, ids, model):
+    """A trace's response_ids must be token ids of --model: integers in [0, its vocabulary size), checked before
+    any model loads (an id out of range fails deep inside the embedding, far from the line that holds it)."""
+    vocab = vocab_size(model)
+    bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab), None)
+    if bad is not None:
+        raise DailError(f"{path}:{lineno}: field 'response_ids': item {bad} is {ids[bad]!r}, not a token id "
+                        f"(an integer in [0, {vocab or 'the vocabulary size'}) for --model {model})")
+
+
+def record_prompt_ids(tok, problem, thinking):
+    """chat_prompt_ids of an eval record's own `prompt`; one the chat template rejects (a role it does not know:
+    jinja2's error names no file or line) is a DailError naming the record's file, line and field."""
+    try:
+        return chat_prompt_ids(tok, problem["prompt"], thinking)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
+                        f"({msg[:200]})") from None
+
+
+def context_length(name, trust_remote_code=False):
     """The model's context length from its config (no weights loaded), or None."""
     from transformers import AutoConfig
     try:
-        return getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
+        return getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code),
+                       "max_position_embeddings", None)
     except Exception:
         return None
 
@@ -2878,7 +3018,7 @@ def prompt_budget(args):
     """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit)."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
-    n = context_length(args.model)
+    n = context_length(args.model, args.trust_remote_code)
     if n is not None and n - args.max_new_tokens < 1:
         raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
                         f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
@@ -2955,10 +3095,11 @@ def shard_problems(problems, k, n):
     return problems[k::n]
 
 
-def merge_parts(out_file, n, order):
+def merge_parts(out_file, n, order, checks=None):
     """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
-    (input order), atomically; a record present twice is an error, never a silent duplicate. -> records."""
-    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n))]
+    (input order), atomically; a record present twice is an error, never a silent duplicate; checks(k): the
+    line_check of part k (output_checks). -> records."""
+    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n), checks and checks(k))]
     records.sort(key=order)
     keys = [order(r) for r in records]
     dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
@@ -3035,13 +3176,14 @@ def vllm_shard(args, engine):
     return rank // tp, world // tp, rank % tp != 0
 
 
-def open_shard(out_file, k, n, config, config_of, follower=False):
+def open_shard(out_file, k, n, config, config_of, follower=False, check=None):
     """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
-    with `config` (check_resume_config, which saves it). A vLLM follower only reads (it writes nothing)."""
+    with `config` (check_resume_config, which saves it) and each line with `check` (resume_jsonl). A vLLM
+    follower only reads (it writes nothing)."""
     path = shard_path(out_file, k, n)
     if follower:
         return written_records(path)
-    done = resume_jsonl(path)
+    done = resume_jsonl(path, check)
     check_resume_config(config_of(path), config, resuming=bool(done))
     return done
 
@@ -3068,8 +3210,12 @@ def written_records(path):
     resume_jsonl it never cuts a half-written last line, which may be one being written)."""
     p = Path(path)
     data = p.read_bytes() if p.exists() else b""
-    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").split("\n")   # "\n" only, as in resume_jsonl
-    return [json.loads(line) for line in lines if line.strip()]
+    records = []
+    for line in data[:data.rfind(b"\n") + 1].split(b"\n"):             # "\n" only, as in resume_jsonl
+        if line.strip():
+            with contextlib.suppress(ValueError):                       # a bad line: merge_parts names it
+                records.append(json.loads(line))
+    return records
 
 
 def config_difference(path, config):
@@ -3096,12 +3242,20 @@ def incomplete_parts(out_file, n, config, config_of, expected, key):
         if diff:
             raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
                             f"the same command (rerun that shard, or --overwrite to start over)")
-        if diff is None or not expected[k] <= {key(r) for r in written_records(path)}:
+        if diff is None or not expected[k] <= {key(r) for r in written_records(path) if keyed(key, r)}:
             missing.append(k)
     return missing
 
 
-def gather_parts(out_file, n, mode, config, config_of, expected, key, order):
+def keyed(key, record):
+    """Whether key(record) can be taken: a part still being written is read before merge_parts checks its lines."""
+    try:
+        return key(record) is not None
+    except (KeyError, TypeError):
+        return False
+
+
+def gather_parts(out_file, n, mode, config, config_of, expected, key, order, checks=None):
     """Merge the n part files into out_file (merge_parts, input order) once all are complete, and save
     `config` beside it -> the merged records, or None when not all are complete and mode is not 'wait'
     (then say which are missing). 'wait' (rank 0 under torchrun) polls the files instead of a barrier,
@@ -3118,7 +3272,7 @@ def gather_parts(out_file, n, mode, config, config_of, expected, key, order):
             print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
         time.sleep(pause)
         pause = min(2 * pause, 30.0)
-    records = merge_parts(out_file, n, order)
+    records = merge_parts(out_file, n, order, checks)
     check_resume_config(config_of(out_file), config, resuming=False)
     print(f"merged {n} parts into {out_file}", file=sys.stderr)
     return records
@@ -3171,6 +3325,13 @@ def sample_with(probs, u):
 # =====================================================================================================
 # Plumbing: the vLLM engine (an optional import) and the command line
 # =====================================================================================================
+def eval_engine(args):
+    """eval's engine: --engine, where auto is vLLM when it is importable and a GPU is present, else hf."""
+    if args.engine == "auto":
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    return args.engine
+
+
 def vllm_available():
     try:
         import vllm  # noqa: F401
@@ -3189,7 +3350,8 @@ def load_vllm(args):
     dtype = "auto" if args.dtype == "auto" else args.dtype
     if dtype == "auto" and not torch.cuda.is_available():
         dtype = "float32"
-    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+              trust_remote_code=args.trust_remote_code)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (vllm_shard)
         kw.update(distributed_executor_backend="external_launcher",

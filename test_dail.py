@@ -178,7 +178,13 @@ BAD_INPUTS = [
     ("noanswer.jsonl", '{"problem": "p", "solution": "no box"}\n', ":1: field 'answer': missing, and 'solution' has no \\boxed{} answer"),
     ("dupid.jsonl", '{"id": 1, "problem": "p", "solution": "\\\\boxed{1}"}\n{"id": 1, "problem": "q", "solution": "\\\\boxed{2}"}\n',
      ":2: field 'id': duplicate id '1' (first on line 1)"),
-    ("badanswer.jsonl", '{"problem": "p", "solution": "s", "answer": [1]}\n', ":1: field 'answer': expected a string or a number"),
+    ("badanswer.jsonl", '{"problem": "p", "solution": "s", "answer": [1]}\n',
+     ":1: field 'answer': expected a non-empty string or a number"),
+    ("emptyanswer.jsonl", '{"problem": "p", "solution": "s \\\\boxed{1}", "answer": " "}\n',
+     ":1: field 'answer': expected a non-empty string or a number"),
+    ("boolanswer.jsonl", '{"problem": "p", "solution": "s", "answer": true}\n',
+     ":1: field 'answer': expected a non-empty string or a number"),
+    ("notutf8.jsonl", '{"problem": "p", "solution": "\\\\boxed{1}"}\n{"problem": "\udcff"}\n', ":2: not UTF-8 text"),
 ]
 
 
@@ -187,11 +193,12 @@ BAD_INPUTS = [
 def test_bad_input_is_one_clear_line(tmp_path, capsys, command, name, content, message):
     if command == "eval" and name == "nosolution.jsonl":
         pytest.skip("eval data needs no solution")
-    if command == "train" and name in ("noanswer.jsonl", "badanswer.jsonl", "dupid.jsonl"):
+    if command == "train" and name in ("noanswer.jsonl", "badanswer.jsonl", "dupid.jsonl", "emptyanswer.jsonl",
+                                       "boolanswer.jsonl"):
         pytest.skip("train reads traces; its own field checks are tested below")
     path = tmp_path / name
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content.encode("utf-8", "surrogateescape"))            # \udcff: the byte 0xff
     # a model folder that does not exist: the data must be rejected before any model is touched
     code, err = run_cli([command, "--model", tmp_path / "no-model", "--data", path, "--out", tmp_path / "o"], capsys)
     assert code == 2
@@ -210,6 +217,25 @@ def test_train_rejects_expert_file_and_unkept_traces(tmp_path, capsys, expert):
     data = write_jsonl(tmp_path / "t.jsonl", [trace])
     code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "no trace has kept=true (1 rejected by the filter)" in err
+
+
+def test_numeric_answers_are_the_text_written_and_a_trace_needs_an_answer(tmp_path, capsys):
+    lines = ['{"id": %d, "problem": "p", "answer": %s}' % (i, a) for i, a in
+             enumerate(["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"])]
+    path = tmp_path / "numbers.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    answers = [p["answer"] for p in dail.load_problems(path, need_solution=False, need_answer=True)]
+    assert answers == ["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"]
+    assert dail.grade("so \\boxed{0.00001}", answers[0]) == ("0.00001", True)          # str(float) gave 1e-05
+    # a kept trace with no answer and no boxed solution: train would say "the final answer is None"
+    trace = dict(id="a", problem="p", solution="no box", response_ids=[1, 2], finish_reason="stop", kept=True)
+    data = write_jsonl(tmp_path / "t.jsonl", [trace])
+    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.strip() == (f"dail.py train: error: {data}:1: field 'answer': missing, and 'solution' "
+                                         f"has no \\boxed{{}} answer")
+    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", write_jsonl(data, [dict(trace, answer="")]),
+                         "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"{data}:1: field 'answer': expected a non-empty string or a number" in err
 
 
 def test_missing_model_dir_and_n_below_k(tmp_path, capsys, expert, tiny):
@@ -937,6 +963,85 @@ def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     assert read_lines(out / "samples.jsonl") == lines
 
 
+def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, tiny, monkeypatch):
+    """A duplicated, foreign or corrupt line of samples.jsonl (or a list for eval_config.json) is one line naming
+    the file and line, exit 2: never counted into pass@k (a duplicate once gave "problems": 7 for 6)."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "p0", "problem": "p0", "answer": "5"},
+                                              {"id": "p1", "problem": "p1", "answer": "7"}])
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{5}", "no"], 1: ["\\boxed{7}", "x"]}))
+    out = tmp_path / "e"
+    argv = ["eval", "--model", tiny, "--data", data, "--out", out, "--n", 2, "--max-new-tokens", 8]
+    assert run_cli(argv, capsys)[0] == 0
+    samples = out / "samples.jsonl"
+    good = samples.read_bytes()
+    first, second = read_lines(samples)
+    cases = [
+        (json.dumps(first), 3, "record 'p0' a second time"),
+        (json.dumps(dict(first, id="zz")), 3, "record 'zz' is not one of this run's --data"),
+        ("[1, 2]", 3, "not a JSON object"),
+        ('{"id": "\xff"}', 3, "corrupt line"),
+        (json.dumps({k: v for k, v in first.items() if k != "correct"}), 3, "field 'correct': missing or of the wrong type"),
+        (json.dumps(dict(second, correct=[True] * 3)), 2, "field 'correct': 3 items where this run has --n 2"),
+    ]
+    for line, lineno, fault in cases:
+        body = good + line.encode("latin-1") + b"\n" if lineno == 3 else good.split(b"\n")[0] + b"\n" + line.encode() + b"\n"
+        samples.write_bytes(body)
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.strip() == (f"dail.py eval: error: {samples}:{lineno}: {fault} in an earlier run's "
+                                             f"output; move the file away (or --overwrite) to start over"), err
+        assert json.loads((out / "summary.json").read_text())["problems"] == 2    # the summary was not rewritten
+    samples.write_bytes(good)
+    (out / "eval_config.json").write_text("[1, 2]")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: not a JSON object of "
+                                         f"settings but a list; use another --out, or --overwrite to start over")
+    code, err = run_cli(["eval", "--out", out, "--regrade"], capsys)
+    assert code == 2 and "not a JSON object of settings but a list" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rewrite_resume_refuses_duplicated_or_foreign_traces(tmp_path, capsys, tiny, traces):
+    expert, done = traces
+    out = tmp_path / "traces.jsonl"
+    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 12,
+            "--no-filter", "--threshold", 0]
+    (tmp_path / "traces.config.json").write_bytes(done.with_suffix(".config.json").read_bytes())
+    records = read_lines(done)
+    for extra, fault in [(records[0], f"record {(records[0]['id'], 0)!r} a second time"),
+                         (dict(records[0], sample=1), f"record {(records[0]['id'], 1)!r} is not one of this run's --data"),
+                         ({k: v for k, v in records[0].items() if k != "kept"}, "field 'kept': missing or of the wrong type")]:
+        write_jsonl(out, records + [extra])
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
+                                             f"run's output; move the file away (or --overwrite) to start over"), err
+    write_jsonl(out, records)
+    assert run_cli(argv, capsys)[0] == 0                                    # the run's own file resumes as before
+
+
+def test_train_token_ids_and_eval_prompt_roles_name_their_line(tmp_path, capsys, tiny):
+    vocab = json.loads((tiny / "config.json").read_text())["vocab_size"]
+    trace = dict(id="a", problem="p", solution="s \\boxed{1}", answer="1", finish_reason="stop", kept=True)
+    for ids, item in [([1, -3], "item 1 is -3"), ([vocab], f"item 0 is {vocab}"), ([2, True], "item 1 is True")]:
+        data = write_jsonl(tmp_path / "t.jsonl", [trace, dict(trace, id="b", response_ids=ids)])
+        data.write_text(data.read_text().replace('"finish_reason"', '"response_ids": [1], "finish_reason"', 1))
+        code, err = run_cli(["train", "--model", tiny, "--data", data, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and err.strip() == (f"dail.py train: error: {data}:2: field 'response_ids': {item}, not a "
+                                             f"token id (an integer in [0, {vocab}) for --model {tiny})"), err
+        assert not (tmp_path / "o").exists()                                 # before any model loads or --out
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('Unexpected message role.') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": "1"},
+                                              {"problem": "q", "answer": "2", "prompt": [{"role": "robot", "content": "q"}]}])
+    code, err = run_cli(["eval", "--model", folder, "--data", data, "--out", tmp_path / "e", "--n", 1, "--max-new-tokens", 8],
+                        capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (f"dail.py eval: error: {data}:2: field 'prompt': the chat "
+                                                          f"template of the model rejects it (Unexpected message role.)")
+
+
 def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
     """Force the sampler to write a known response: grading, pass@k and token counts follow the flags."""
     tok_ = make_tokenizer()
@@ -1146,6 +1251,24 @@ def test_train_drops_too_long_examples_with_a_count(tmp_path, capsys, tiny, trac
     assert code == 2 and "no example fits --max-len 200" in err
 
 
+def test_few_steps_are_warned_with_the_numbers(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    five = write_jsonl(tmp_path / "five.jsonl", read_lines(data)[:5])
+    # the issue's case: 5 traces at the released batch, epochs and warm-up are 2 steps, inside the warm-up
+    code, err = run_cli(train_argv(tiny, five, tmp_path / "o", "--batch-size", 16, "--epochs", 5, "--warmup-steps", 5),
+                        capsys)
+    assert code == 0, err
+    assert ("warning: train: 5 examples x 5 epochs / batch 16 = 2 optimizer steps, no more than the 5 warm-up steps "
+            "(--warmup-steps), so the learning rate never gets past its ramp: the model will barely train; use more "
+            "traces, more --epochs or a smaller --batch-size, or fewer --warmup-steps") in err.splitlines()
+    args = dail.resolve_released(dail.TrainArgs(model="m", data="d", out="o", warmup_steps=2, epochs=5, batch_size=1))
+    assert dail.planned_steps(args, 3) == 15 and "fewer than 20: the model will barely train" in capsys.readouterr().err
+    assert dail.planned_steps(args, 4) == 20 and capsys.readouterr().err == ""          # enough steps: no warning
+    args.max_steps = 2
+    assert dail.planned_steps(args, 4) == 2 and "= 2 optimizer steps (--max-steps 2), no more than the 2 warm-up" in \
+        capsys.readouterr().err
+
+
 def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeypatch, capsys):
     import socket
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -1221,6 +1344,37 @@ def test_tokenizer_reload_check(tmp_path, tiny, capsys):
     tok_ = make_tokenizer()
     dail.check_tokenizer_reload(tok_, str(folder))
     assert "encodes text differently" in capsys.readouterr().err
+
+
+def test_remote_code_never_runs_without_the_flag(tmp_path, tiny):
+    """A model folder whose config maps to its own Python file (auto_map) is refused without
+    --trust-remote-code, with stdin closed (transformers must not ask), and the file never runs."""
+    import shutil
+    folder, marker = tmp_path / "m", tmp_path / "RAN"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="ownqwen", auto_map={"AutoConfig": "own.OwnConfig", "AutoModelForCausalLM": "own.Own"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "own.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+                                   "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
+                                   "class OwnConfig(Qwen2Config):\n    model_type = 'ownqwen'\n"
+                                   "class Own(Qwen2ForCausalLM):\n    config_class = OwnConfig\n")
+    data = write_jsonl(tmp_path / "d.jsonl", PROBLEMS[:1])
+    argv = [sys.executable, str(ROOT / "dail.py"), "eval", "--model", str(folder), "--data", str(data), "--n", "1",
+            "--max-new-tokens", "2", "--engine", "hf"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(argv + ["--out", str(tmp_path / "e")], input="", capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "[y/N]" not in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"dail.py eval: error: --model {folder}: ships its own Python code "
+                                                 f"(auto_map), which runs only with --trust-remote-code; pass it "
+                                                 f"only for a model whose code you trust")
+    assert not marker.exists()
+    r = subprocess.run(argv + ["--out", str(tmp_path / "e2"), "--trust-remote-code"], input="", capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and marker.exists()                            # the flag is what lets it run
+    for command in ("rewrite", "train", "eval"):
+        sub = dail.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+        assert "--trust-remote-code" in sub and "runs with your rights" in " ".join(sub.split())
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1611,6 +1765,8 @@ BAD_VALUES = [
     ("eval", ["--n", 0], "--n 0: must be an integer >= 1"),
     ("eval", ["--device", "tpu"], "--device tpu: must be"),
     ("eval", ["--max-new-tokens", -3], "--max-new-tokens -3: must be"),
+    ("eval", ["--n", 30000000], "--n 30000000: the 30000000 samples of one problem are held together until its "
+                                "line is written, up to 4.23e+03 GiB at --max-new-tokens 4096 + --answer-tokens 100"),
 ]
 
 
