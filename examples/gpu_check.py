@@ -143,15 +143,20 @@ class PartTimeout(Exception):
     pass
 
 
+_ARMED = [False]      # the alarm raises only while a part runs, never inside run_parts' own bookkeeping
+
+
 def _on_alarm(signum, frame):
-    raise PartTimeout("stopped: the part ran past its share of the budget")
+    if _ARMED[0]:
+        _ARMED[0] = False
+        raise PartTimeout("stopped: the part ran past its share of the budget")
 
 
 def say(msg):
     print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
 
 
-def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=None):
+def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=None, min_share_s=5.0):
     """Run parts [(name, fn(ctx) -> dict)] in order under budget_s seconds (counted from `start`, default the
     script's start), each with a
     share of the time left (SHARES); write OUT/gpu_check.json after each measurement. A part that raises is
@@ -172,7 +177,7 @@ def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=Non
         shares = [SHARES.get(n, 0.1) for n, _ in parts[i:]]
         share = max(0.0, left * shares[0] / sum(shares) if sum(shares) > 0 else 0.0)
         t0 = time.perf_counter()
-        if shares[0] > 0 and share < 5:
+        if shares[0] > 0 and share < min_share_s:
             record.update(status="skipped", skipped=f"no time left in the budget ({left:.0f} s)", seconds=0)
             say(f"part {name}: skipped, no time left")
             write()
@@ -184,13 +189,16 @@ def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=Non
         if use_alarm:
             signal.signal(signal.SIGALRM, _on_alarm)
             signal.setitimer(signal.ITIMER_REAL, share + grace_s)
+            _ARMED[0] = True
         try:
             if name == fail_part:
                 raise RuntimeError(f"--fail-part {name}: a deliberate failure")
             result = fn(ctx) or {}
+            _ARMED[0] = False
             record.update(result)
             record["status"] = "skipped" if "skipped" in result else "ok"
         except BaseException as e:  # noqa: B902 - a timeout or error of one part must not end the run
+            _ARMED[0] = False
             if isinstance(e, KeyboardInterrupt):
                 raise
             record.update(status="error", error=f"{type(e).__name__}: {str(e)[:500]}",
@@ -198,6 +206,7 @@ def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=Non
             say(f"part {name}: ERROR {record['error']}")
             print(record["traceback"][-1500:], flush=True)
         finally:
+            _ARMED[0] = False
             if use_alarm:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         record["seconds"] = round(time.perf_counter() - t0, 2)
