@@ -272,7 +272,7 @@ def build_model(name, a, device, dtype, tok, mask_tail=True):
     """A Qwen2 causal LM of the named shape, random weights (std 0.02, as the config's initializer), made on
     `device` in `dtype` directly (no float32 copy on the host, which for billions of weights takes minutes)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    config = Qwen2Config(**shape_of(name, a), max_position_embeddings=32768, rope_theta=1e6,
+    config = Qwen2Config(**shape_of(name, a), max_position_embeddings=32768,
                          bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(a.seed)
     default = torch.get_default_dtype()
@@ -372,6 +372,7 @@ def part_rewrite(ctx, a, device, dtype, tok):
         free_memory()
         try:
             row["vllm"] = vllm_rows(a, folder, tok, [r for g in range(2) for r in (c[g] for c in contexts)], N, s, ctx)
+            row["vllm"].pop("outputs")
         except Exception as e:
             row["vllm"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}", traceback=traceback.format_exc()[-3000:])
         if "tok_per_s" in row["vllm"] and "decode_tok_per_s" in row:
@@ -451,7 +452,8 @@ def train_step(model, examples, objective, a, device, dtype, pad, cache=None):
 def step_flops(P, P_head, a, mb, objective):
     """Model FLOPs of one step: 6 P T for the student context (forward + backward, the usual convention: it
     counts neither the recomputation of checkpointing nor the weight gradients LoRA skips) and 2 P T for each
-    reference forward (DAIL uncached); the head runs at the response positions only."""
+    reference forward (DAIL uncached; cached: the reference head alone); the head runs at the response
+    positions only. objective: sft | dail | dail_cached."""
     R = mb * a.trace_len
 
     def ctx_flops(prompt_len, factor):
@@ -459,6 +461,8 @@ def step_flops(P, P_head, a, mb, objective):
     flops = ctx_flops(a.student_len, 6)
     if objective == "dail":
         flops += ctx_flops(a.privileged_len, 2) + ctx_flops(a.shortcut_len, 2)
+    if objective == "dail_cached":                   # the reference head still runs on the cached states
+        flops += 2 * 2 * P_head * R
     return flops
 
 
@@ -517,7 +521,7 @@ def measure_train(ctx, row, model, a, device, dtype, pad, P, P_head, peak_flops)
         if not v:
             continue
         med = statistics.median(v)
-        flops = step_flops(P, P_head, a, mb, "dail" if k == "dail" else "sft")
+        flops = step_flops(P, P_head, a, mb, k)
         row[k] = dict(step_s=v, median_s=med, tok_per_s=response_tokens / med, peak_gib=peaks.get(k),
                       model_tflops_per_s=flops / med / 1e12, mfu=flops / med / peak_flops if peak_flops else None)
     if times["sft"]:
@@ -531,6 +535,7 @@ def measure_train(ctx, row, model, a, device, dtype, pad, P, P_head, peak_flops)
     # the largest micro-batch a DAIL step (uncached: the most memory) fits, doubling until OOM or out of time
     search, last = [], statistics.median(times["dail"]) if times["dail"] else warm["dail"]
     size, largest, stop = 2 * mb, mb, f"reached --max-micro-batch {a.max_micro_batch}"
+    row["micro_batch_search"] = dict(largest_fitting=largest, sizes=search)     # kept as it grows (a timeout)
     while size <= a.max_micro_batch:
         if ctx.left() < 2.5 * last + 5:
             stop = f"time: the next size needs ~{2.2 * last:.0f} s, {ctx.left():.0f} s left"
@@ -552,9 +557,10 @@ def measure_train(ctx, row, model, a, device, dtype, pad, P, P_head, peak_flops)
                            mfu=step_flops(P, P_head, a, size, "dail") / dt / peak_flops if peak_flops else None))
         say(f"train: micro-batch {size} fits: {dt:.2f} s, {size * a.trace_len / dt:,.0f} tok/s, peak {peak} GiB")
         largest, last = size, dt
+        row["micro_batch_search"]["largest_fitting"] = largest
         size *= 2
         ctx.write()
-    row["micro_batch_search"] = dict(largest_fitting=largest, stopped=stop, sizes=search)
+    row["micro_batch_search"]["stopped"] = stop
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -726,7 +732,8 @@ def _f(x, fmt="{:,.0f}"):
 
 def markdown(results):
     env, parts = results["env"], results["parts"]
-    lines = [f"gpu_check on {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, transformers "
+    mem = f", {env['memory_gib']} GiB" if env.get("memory_gib") else ""
+    lines = [f"gpu_check on {env.get('device_name')} ({env.get('device')}{mem}), torch {env.get('torch')}, transformers "
              f"{env.get('transformers')}, {results.get('total_s', 0):.0f} s of a {env.get('budget_s'):.0f} s budget",
              "", "| part | model | result |", "|---|---|---|"]
 
@@ -764,7 +771,7 @@ def markdown(results):
                     f"GiB, MFU {_f(d['mfu'], '{:.1%}')}), cached {c['median_s']:.3f} s, SFT {s_['median_s']:.3f} s "
                     f"(MFU {_f(s_['mfu'], '{:.1%}')}); DAIL/SFT {row['dail_over_sft']:.2f}, cached/SFT "
                     f"{row['cached_over_sft']:.2f}; largest micro-batch {ms.get('largest_fitting')} "
-                    f"({ms.get('stopped')}) |")
+                    f"({ms.get('stopped', 'search not finished')}) |")
             elif part == "loss" and key == "precision":
                 for k in ("bf16_autocast", "bf16_weights_autocast"):
                     if k in row:
@@ -786,6 +793,8 @@ def markdown(results):
             elif part == "eval" and key == "greedy_same" and "of" in row:
                 lines.append(f"| eval | greedy | {row['identical_samples']}/{row['of']} identical samples; pass@1 hf "
                              f"{row['pass_at_1_hf']:.3f}, vLLM {row['pass_at_1_vllm']:.3f} |")
+            elif part in ("rewrite", "train") and "params" in row:      # a model whose timing did not happen
+                lines.append(f"| {part} | {key} | no timed run: {row.get('reps_cut') or rec.get('error') or 'see JSON'} |")
     return "\n".join(lines)
 
 
