@@ -1200,6 +1200,28 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     print(f"gpu_check --smoke: {time.time() - t0:.1f} s")
 
 
+def test_gpu_check_flop_count_and_vocab_mask():
+    """The MFU numerator by hand: 6 P T for the student context, 2 P T per reference forward, the head only at
+    response positions; P leaves out an untied input embedding (a lookup) and keeps a tied one (the head)."""
+    import gpu_check
+    from types import SimpleNamespace
+    a = SimpleNamespace(trace_len=4, student_len=2, privileged_len=3, shortcut_len=1)
+    # P = 100 weights of which the head 10; micro-batch 2: student 2 x 6 tokens, 8 response positions
+    assert gpu_check.step_flops(100, 10, a, 2, "sft") == 6 * (90 * 12 + 10 * 8)
+    assert gpu_check.step_flops(100, 10, a, 2, "dail") == 6 * 1160 + 2 * (90 * 14 + 80) + 2 * (90 * 10 + 80)
+    assert gpu_check.step_flops(100, 10, a, 2, "dail_cached") == 6 * 1160 + 4 * 80
+    g = gpu_check.parse_args(["--smoke"])
+    g.layers_7b_resolved = 2
+    tok = make_tokenizer()
+    for name, tied in (("0.5b", True), ("7b", False)):
+        m = gpu_check.build_model(name, g, torch.device("cpu"), torch.float32, tok)
+        total = sum(p.numel() for p in m.parameters())
+        emb = m.get_input_embeddings().weight.numel()
+        assert gpu_check.forward_params(m) == (total if tied else total - emb, m.lm_head.weight.numel())
+        logits = m(torch.tensor([[1, 2, 3]])).logits[0, -1]                 # the tail beyond the tokenizer
+        assert logits.shape[0] == 512 and torch.isinf(logits[len(tok):]).all() and logits[:len(tok)].isfinite().all()
+
+
 def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
     """A part that raises, and one that overruns its share of the budget (stopped by the alarm), are recorded
     with their error and traceback; the parts after them still run, and the JSON is written after each."""
