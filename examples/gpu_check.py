@@ -35,7 +35,6 @@ import contextlib
 import gc
 import io
 import json
-import math
 import os
 import platform
 import signal
@@ -158,9 +157,9 @@ def say(msg):
 
 def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=None, min_share_s=5.0):
     """Run parts [(name, fn(ctx) -> dict)] in order under budget_s seconds (counted from `start`, default the
-    script's start), each with a
-    share of the time left (SHARES); write OUT/gpu_check.json after each measurement. A part that raises is
-    recorded (status 'error', error, traceback) and the next one runs. Returns the results dict."""
+    script's start), each with a share of the time left (SHARES), stopped by SIGALRM grace_s after it; write
+    OUT/gpu_check.json after each part (and ctx.write() after each measurement). A part that raises or overruns
+    is recorded (status 'error', error, traceback) and the next one runs. -> (results, markdown table)."""
     start = START if start is None else start
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
