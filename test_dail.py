@@ -1196,7 +1196,7 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     assert "skipped" in parts["eval"]["vllm"]
     table = (out / "gpu_check.md").read_text()
     assert "| rewrite | 0.5b | mixed decode" in table and "| train | 0.5b |" in table and table.strip() in r.stdout
-    assert not (out / "model_0.5b_eval").exists()                # model folders never go into --out
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]  # no models
     print(f"gpu_check --smoke: {time.time() - t0:.1f} s")
 
 

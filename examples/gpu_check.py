@@ -76,8 +76,8 @@ SMOKE_SHAPES = {
     "7b": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
                intermediate_size=192, vocab_size=512, tie_word_embeddings=False),
 }
-# dense bf16 peak (no sparsity), SXM parts: the MFU denominator
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+# dense bf16 peak (no sparsity): the MFU denominator; the first name found in the device's name counts
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12}
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PARTS = ("rewrite", "train", "loss", "eval", "torchrun")
 SHARES = dict(rewrite=0.25, train=0.40, loss=0.15, eval=0.20, torchrun=0.0)   # of the time left at each part
@@ -151,8 +151,15 @@ def _on_alarm(signum, frame):
         raise PartTimeout("stopped: the part ran past its share of the budget")
 
 
+LOG = []      # OUT/gpu_check.log, once run_parts knows OUT: every progress line (the console may keep only a tail)
+
+
 def say(msg):
-    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+    line = f"[{time.perf_counter() - START:6.1f}s] {msg}"
+    print(line, flush=True)
+    if LOG:
+        with open(LOG[0], "a") as f:
+            f.write(line + "\n")
 
 
 def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=None, min_share_s=5.0):
@@ -163,6 +170,7 @@ def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=Non
     start = START if start is None else start
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    LOG[:] = [out / "gpu_check.log"]
     results = dict(env=env, parts={})
 
     def write():
@@ -202,8 +210,7 @@ def run_parts(parts, budget_s, out, env, grace_s=15.0, fail_part=None, start=Non
                 raise
             record.update(status="error", error=f"{type(e).__name__}: {str(e)[:500]}",
                           traceback=traceback.format_exc()[-6000:])
-            say(f"part {name}: ERROR {record['error']}")
-            print(record["traceback"][-1500:], flush=True)
+            say(f"part {name}: ERROR {record['error']}\n{record['traceback'][-1500:]}")
         finally:
             _ARMED[0] = False
             if use_alarm:
@@ -808,8 +815,8 @@ def environment(a, device):
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         env.update(device_name=name, memory_gib=round(prop.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   peak_bf16_flops=peak, peak_note="dense bf16 peak, SXM (989 TFLOP/s for H100 and H200); MFU is "
-                                                   "None for other cards" if peak else f"no known peak for {name}")
+                   peak_bf16_flops=peak, peak_note="dense bf16 peak (H100/H200 SXM 989, H100 NVL 835, H100 PCIe 756 "
+                                                   "TFLOP/s)" if peak else f"no known peak for {name}: MFU is None")
     else:
         env.update(device_name=f"CPU ({platform.processor() or platform.machine()})", peak_bf16_flops=None)
     return env
