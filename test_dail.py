@@ -1330,6 +1330,106 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
         assert m in r.stdout or summary["methods"][m].get("label", m) in r.stdout
 
 
+def _errors(node, path="parts"):
+    """Every 'error' recorded anywhere in a gpu_check result tree (a part's own, or a sub-measurement's)."""
+    if not isinstance(node, dict):
+        return []
+    found = [f"{path}: {node['error']}"] if "error" in node else []
+    return found + [e for k, v in node.items() for e in _errors(v, f"{path}.{k}")]
+
+
+def test_gpu_check_smoke_runs_every_part(tmp_path):
+    """examples/gpu_check.py --smoke: every part through dail.py's real code paths on the CPU at toy sizes;
+    each part gives numbers or a recorded skip, none errors, and the table is printed and written."""
+    out = tmp_path / "gpu_check"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    parts = res["parts"]
+    assert list(parts) == ["rewrite", "train", "loss", "eval", "torchrun"]
+    assert not _errors(parts), _errors(parts)
+    assert [p["status"] for p in parts.values()] == ["ok", "ok", "ok", "ok", "skipped"]
+    assert "not meaningful" in parts["torchrun"]["skipped"]
+    for key in ("0.5b", "7b (2 layers)"):
+        row = parts["rewrite"][key]
+        assert row["decode_tok_per_s"] > 0 and row["generate_tok_per_s"] > 0 and row["decode_over_generate"] > 0
+        assert "skipped" in row["vllm"]
+        tr = parts["train"][key]
+        assert all(tr[k]["median_s"] > 0 for k in ("dail", "dail_cached", "sft"))
+        assert tr["micro_batch_search"]["largest_fitting"] == 4              # --smoke caps the search at 4
+    for k in ("bf16_autocast", "bf16_weights_autocast"):
+        assert all(0 <= parts["loss"]["precision"][k][f"rel_err_{t}"] < 0.1 for t in ("kl_teacher", "kl_shortcut"))
+    assert {"plain", "chunked"} <= set(parts["loss"]["memory"])
+    assert parts["eval"]["hf"]["samples"] == 4 and parts["eval"]["hf"]["tokens"] == 4 * 8    # no stop: 8 each
+    assert "skipped" in parts["eval"]["vllm"]
+    table = (out / "gpu_check.md").read_text()
+    assert "| rewrite | 0.5b | mixed decode" in table and "| train | 0.5b |" in table and table.strip() in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]  # no models
+    print(f"gpu_check --smoke: {time.time() - t0:.1f} s")
+
+
+def test_gpu_check_flop_count_and_vocab_mask():
+    """The MFU numerator by hand: 6 P T for the student context, 2 P T per reference forward, the head only at
+    response positions; P leaves out an untied input embedding (a lookup) and keeps a tied one (the head)."""
+    import gpu_check
+    from types import SimpleNamespace
+    a = SimpleNamespace(trace_len=4, student_len=2, privileged_len=3, shortcut_len=1)
+    # P = 100 weights of which the head 10; micro-batch 2: student 2 x 6 tokens, 8 response positions
+    assert gpu_check.step_flops(100, 10, a, 2, "sft") == 6 * (90 * 12 + 10 * 8)
+    assert gpu_check.step_flops(100, 10, a, 2, "dail") == 6 * 1160 + 2 * (90 * 14 + 80) + 2 * (90 * 10 + 80)
+    assert gpu_check.step_flops(100, 10, a, 2, "dail_cached") == 6 * 1160 + 4 * 80
+    g = gpu_check.parse_args(["--smoke"])
+    g.layers_7b_resolved = 2
+    tok = make_tokenizer()
+    for name, tied in (("0.5b", True), ("7b", False)):
+        m = gpu_check.build_model(name, g, torch.device("cpu"), torch.float32, tok)
+        total = sum(p.numel() for p in m.parameters())
+        emb = m.get_input_embeddings().weight.numel()
+        assert gpu_check.forward_params(m) == (total if tied else total - emb, m.lm_head.weight.numel())
+        logits = m(torch.tensor([[1, 2, 3]])).logits[0, -1]                 # the tail beyond the tokenizer
+        assert logits.shape[0] == 512 and torch.isinf(logits[len(tok):]).all() and logits[:len(tok)].isfinite().all()
+
+
+def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
+    """A part that raises, and one that overruns its share of the budget (stopped by the alarm), are recorded
+    with their error and traceback; the parts after them still run, and the JSON is written after each."""
+    import gpu_check
+
+    def boom(ctx):
+        raise ValueError("no such kernel")
+
+    def slow(ctx):
+        ctx.record["first"] = 1.0                      # a measurement taken before the overrun is kept
+        ctx.write()
+        while True:
+            time.sleep(0.02)
+
+    seen = []
+
+    def fine(ctx):
+        seen.append(json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["slow"]["status"])
+        return dict(x=2.0)
+    results, table = gpu_check.run_parts([("boom", boom), ("slow", slow), ("fine", fine), ("torchrun",
+                                         lambda ctx: dict(skipped="skipped: not meaningful"))],
+                                         6.0, tmp_path, dict(budget_s=6.0, device="cpu"), grace_s=0.5,
+                                         fail_part=None, start=time.perf_counter(), min_share_s=0.5)
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert parts == json.loads(json.dumps(results["parts"], default=str))
+    assert parts["boom"]["status"] == "error" and "ValueError: no such kernel" in parts["boom"]["error"]
+    assert "raise ValueError" in parts["boom"]["traceback"]
+    assert parts["slow"]["status"] == "error" and "PartTimeout" in parts["slow"]["error"]
+    assert parts["slow"]["first"] == 1.0 and parts["slow"]["seconds"] < 5
+    assert parts["fine"]["status"] == "ok" and parts["fine"]["x"] == 2.0 and seen == ["error"]
+    assert parts["torchrun"]["status"] == "skipped"
+    assert "| boom | | ERROR ValueError: no such kernel |" in table
+    # --fail-part makes a real part fail the same way (the CLI's debug switch)
+    results, _ = gpu_check.run_parts([("fine", fine)], 60.0, tmp_path / "f", {"budget_s": 60.0}, fail_part="fine",
+                                     start=time.perf_counter())
+    assert results["parts"]["fine"]["status"] == "error" and "--fail-part" in results["parts"]["fine"]["error"]
+
 def test_tokenizer_reload_check(tmp_path, tiny, capsys):
     import shutil
     folder = tmp_path / "m"
