@@ -1033,7 +1033,8 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     ids, mask, positions = left_pad(rows, pad_id, device)
     from transformers import DynamicCache
     cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
                    use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
     next_pos = positions[:, -1] + 1                                           # [G*B]
     active = list(range(B))                                                   # traces still decoding
@@ -1070,7 +1071,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **kv, use_cache=True).logits[:, -1]
         next_pos = next_pos + 1
     return results
 
@@ -2728,6 +2729,14 @@ def load_model(name, device, dtype):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DailError(f"--model {name}: could not load the model ({msg[:200]})") from None
     return model.to(device)
+
+
+def cache_kwarg(model, cache):
+    """The keyword a model's forward takes its KV cache by: `cache` in transformers 5.x (which warns that
+    `past_key_values` goes away in 5.40), `past_key_values` in 4.x (which has no `cache`)."""
+    import inspect
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
 
 
 def context_length(name):

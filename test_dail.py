@@ -466,6 +466,19 @@ def test_decode_stops_rows_independently(model, tok):
     assert calls == [3, 3, 3, 2, 2, 1, 1, 1]                            # finished rows leave the batch
 
 
+
+def test_decode_emits_no_transformers_deprecation(model, tok):
+    """The KV cache goes in by the keyword this transformers takes (5.x: `cache`; `past_key_values` there
+    warns that it goes away in 5.40): no FutureWarning/DeprecationWarning from transformers while decoding."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dail.decode(model, [[[1, 2], [3, 4, 5]], [[6], [7, 8]]], lambda logits, *_: (logits[0].argmax(-1), None),
+                    3, stop_ids=[], pad_id=tok.pad_token_id)
+    bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+           and ("transformers" in w.filename or "past_key_values" in str(w.message) or "cache" in str(w.message))]
+    assert not bad, bad
+
 # ------------------------------------------------------------------------------------------------------
 # 3/4. rewrite end to end on the tiny model
 # ------------------------------------------------------------------------------------------------------
