@@ -115,6 +115,8 @@ class CommonArgs:
     thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
                                 "switches to the released reasoning defaults")
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
+    threads: int = arg(0, "CPU threads of torch (0: torch's default, one per core); 1 suits tiny models on a "
+                          "shared CPU (README: Threads)")
     max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
                                     "minus --max-new-tokens); longer prompts are an error or a counted skip",
                               type=int)
@@ -2532,6 +2534,7 @@ def _at_least(low, optional=False):
 # the entries whose flag the command has; adding a flag's check is one line here.
 VALID = {
     "seed": (_at_least(0), "an integer >= 0"),
+    "threads": (_at_least(0), "an integer >= 0 (0: torch's default)"),
     "samples": (_at_least(1), "an integer >= 1"),
     "retries": (_at_least(1), "an integer >= 1"),
     "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
@@ -3185,6 +3188,8 @@ def main(argv=None):
         parser.error(f"eval: the following arguments are required: {', '.join(missing)}")
     cls, run, _ = COMMANDS[args.command]
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    if values["threads"] > 0:       # before any model loads (a negative value is refused by validate_args)
+        torch.set_num_threads(values["threads"])
     try:
         run(cls(**values))
     except DailError as e:

@@ -1172,6 +1172,14 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
         assert m in r.stdout or summary["methods"][m].get("label", m) in r.stdout
 
 
+def test_quickstart_table_one_seed_has_no_spread():
+    import quickstart
+    run = dict(pass_at_k={"1": 0.25, "8": 0.5}, mean_tokens=100.0, mean_tokens_correct=90.0, truncated=0.0)
+    one = quickstart.table(quickstart.aggregate({0: {m: run for m, _, _ in quickstart.METHODS}}), 8)
+    assert "±" not in one and "25.0" in one
+    two = quickstart.table(quickstart.aggregate({s: {m: run for m, _, _ in quickstart.METHODS} for s in (0, 1)}), 8)
+    assert "25.0 ± 0.0" in two
+
 def test_tokenizer_reload_check(tmp_path, tiny, capsys):
     import shutil
     folder = tmp_path / "m"
@@ -1534,7 +1542,18 @@ BAD_VALUES = [
     ("eval", ["--n", 0], "--n 0: must be an integer >= 1"),
     ("eval", ["--device", "tpu"], "--device tpu: must be"),
     ("eval", ["--max-new-tokens", -3], "--max-new-tokens -3: must be"),
+    ("eval", ["--threads", -1], "--threads -1: must be an integer >= 0"),
 ]
+
+
+@pytest.mark.parametrize("command", ["rewrite", "train", "eval"])
+def test_threads_flag_sets_torch_threads_before_the_run(tmp_path, capsys, monkeypatch, command):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    argv = [command, "--model", tmp_path / "none", "--data", tmp_path / "none.jsonl", "--out", tmp_path / "o"]
+    run_cli(argv + ["--threads", 1], capsys)                       # fails on the missing data: fine
+    run_cli(argv, capsys)                                          # default 0: torch's own choice, untouched
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("command,flags,message", BAD_VALUES)
