@@ -1163,7 +1163,8 @@ def cmd_rewrite(args):
     done = {k: open_shard(out, k, n, config, config_of, follower) for k in ks}
     tok = load_tokenizer(args.model)
     check_thinking_flag(tok, args)
-    max_prompt = prompt_budget(args)
+    max_prompt = prompt_budget(args, "rewrite", lambda: max(len(ids) for p in problems for ids in build_contexts(
+        tok, p, args.thinking, None, ("student", "privileged")).values()))
     contexts, skipped = {}, 0
     for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
         try:
@@ -1894,7 +1895,7 @@ def save_peft_adapters(model, folder, args):
 
 def save_result(out, model, tok, args, summary):
     """OUT/: adapters/ (PEFT format), then the merged model + tokenizer that from_pretrained and vLLM load,
-    metrics.png and train_summary.json."""
+    dail_prompt.json (the prompt to use it with), metrics.png and train_summary.json."""
     if args.lora_rank:
         save_peft_adapters(model, out / "adapters", args)
         merge_lora(model)
@@ -1903,6 +1904,13 @@ def save_result(out, model, tok, args, summary):
         model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    # the trained model answers in its trained format only from the student prompt: say which, beside it
+    (out / "dail_prompt.json").write_text(json.dumps(dict(
+        user_prompt=STUDENT_PROMPT, thinking=args.thinking,
+        usage="text = tok.apply_chat_template([{'role': 'user', 'content': user_prompt.format(problem=...)}], "
+              "tokenize=False, add_generation_prompt=True, enable_thinking=thinking); with thinking, append "
+              "'<think>\\n' unless text ends with <think>; ids = tok(text, add_special_tokens=False).input_ids "
+              "(the ids dail.py eval feeds the model)"), indent=2))
     metrics = resume_jsonl(out / "metrics.jsonl")
     keys = LOGGED[args.objective]
     save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
@@ -1913,8 +1921,8 @@ def save_result(out, model, tok, args, summary):
 
 
 def cmd_train(args):
-    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/ (PEFT), metrics.jsonl,
-    metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
+    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), dail_prompt.json (its prompt),
+    adapters/ (PEFT), metrics.jsonl, metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
     validate_args(resolve_released(args))
     records, not_kept = load_training_records(args)            # all input checks before any model loads
     guard_train_out(args)                                      # --out: not the model, not an unrelated run
@@ -2117,7 +2125,8 @@ def cmd_eval(args):
     done = {k: open_shard(samples_path, k, n, config, config_of, follower) for k in shards}
     tok = load_tokenizer(args.model)
     check_thinking_flag(tok, args)
-    max_prompt = prompt_budget(args)
+    max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
+                                                         for p in problems))
     prompts = {}
     for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
         prompts[p["id"]] = eval_prompt_ids(tok, p, args.thinking, max_prompt)
@@ -2472,7 +2481,7 @@ def clear_results(*paths):
 # Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
 # means it holds something already.
 TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "checkpoint.pt.tmp",
-                 "adapters", "train_config.json", "reference_cache")
+                 "adapters", "train_config.json", "reference_cache", "dail_prompt.json")
 
 
 def guard_train_out(args):
@@ -2751,14 +2760,23 @@ def context_length(name):
         return None
 
 
-def prompt_budget(args):
-    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit)."""
+def prompt_budget(args, command, longest_prompt):
+    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit).
+    A --max-new-tokens that fills the whole context (the defaults, 2048 and 4096, on a small model) is
+    clipped, with one printed line, to the context minus the longest prompt (longest_prompt(): its tokens),
+    so the defaults run on the shipped 512-token model and stay as released on real models. The clipped
+    value is a function of the model, the data and the flag, so a rerun clips alike and resumes."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
     n = context_length(args.model)
     if n is not None and n - args.max_new_tokens < 1:
-        raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
-                        f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
+        longest = longest_prompt()
+        if n - longest < 1:
+            raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
+                            f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
+        print(f"{command}: --max-new-tokens {args.max_new_tokens} does not fit the model's {n}-token context; "
+              f"using {n - longest} (the context minus the longest prompt, {longest} tokens)", file=sys.stderr)
+        args.max_new_tokens = n - longest
     return None if n is None else n - args.max_new_tokens
 
 

@@ -816,6 +816,30 @@ def test_train_lowers_teacher_kl_and_saves_loadable_model(tmp_path, capsys, tiny
     assert not any(isinstance(x, dail.LoRALinear) for x in merged.modules())
 
 
+
+def readme_snippet(heading):
+    """The first ```python block under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading):]
+    return after[after.index("```python\n") + len("```python\n"):].split("```", 1)[0]
+
+
+def test_train_writes_the_prompt_and_the_readme_snippet_reproduces_eval_ids(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "dail"
+    code, err = run_cli(train_argv(tiny, data, out, "--max-steps", 1), capsys)
+    assert code == 0, err
+    spec = json.loads((out / "dail_prompt.json").read_text())
+    assert spec["user_prompt"] == dail.STUDENT_PROMPT and spec["thinking"] is False
+    # the README's "Using the trained model" snippet, run on this model: its prompt ids are eval's, exactly
+    code = readme_snippet("## Using the trained model").replace("runs/own/dail", str(out))
+    code = code.replace("max_new_tokens=200", "max_new_tokens=3")
+    scope = {}
+    exec(code, scope)
+    tok = dail.load_tokenizer(str(out))
+    problem = dict(problem=scope["problem"], prompt=None, where="readme")
+    assert scope["ids"][0].tolist() == dail.eval_prompt_ids(tok, problem, False, None)
+
 @pytest.mark.parametrize("objective", [["--objective", "sft", "--sft-target", "trace"],
                                        ["--objective", "sft", "--sft-target", "expert"], ["--lam", 0]])
 def test_train_baselines_run(tmp_path, capsys, tiny, traces, objective):
@@ -1587,13 +1611,30 @@ def test_unwritable_out_is_one_line_before_any_model_loads(tmp_path, capsys, exp
     assert lines[0].startswith(f"dail.py {command}: error: --out {out}: ")
 
 
-def test_rewrite_context_shorter_than_the_default_budget(tmp_path, capsys, expert, tiny, monkeypatch):
-    monkeypatch.setattr(dail, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    # the tiny model's context is 2048 tokens, the default non-reasoning budget 2048: no room for a prompt
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "t.jsonl"], capsys)
+@pytest.mark.parametrize("command,budget", [("rewrite", 2048), ("eval", 4096)])
+def test_default_budget_over_the_context_is_clipped_with_one_line(tmp_path, capsys, expert, tiny, tok, monkeypatch,
+                                                                  command, budget):
+    def stop(*a, **k):
+        raise dail.DailError("stopped before the model loads")
+    monkeypatch.setattr(dail, "load_model", stop)
+    # the tiny model's context is 2048 tokens; the defaults (rewrite 2048, eval 4096) leave no room for a prompt
+    out = tmp_path / ("t.jsonl" if command == "rewrite" else "e")
+    code, err = run_cli([command, "--model", tiny, "--data", expert, "--out", out], capsys)
+    prompts = [dail.STUDENT_PROMPT.format(problem=p["problem"]) for p in PROBLEMS]
+    if command == "rewrite":
+        prompts += [dail.PRIVILEGED_PROMPT.format(problem=p["problem"], solution=p["solution"]) for p in PROBLEMS]
+    longest = max(len(tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+                  for t in prompts)
+    assert f"{command}: --max-new-tokens {budget} does not fit the model's 2048-token context; using " \
+           f"{2048 - longest} (the context minus the longest prompt, {longest} tokens)" in err.splitlines()
+    assert code == 2 and err.strip().splitlines()[-1].endswith("stopped before the model loads")
+    # a prompt longer than the whole context: still the one-line error, before any model loads
+    huge = write_jsonl(tmp_path / "huge.jsonl", [dict(PROBLEMS[0], problem="very " * 500)])
+    code, err = run_cli([command, "--model", tiny, "--data", huge, "--out", tmp_path / "h.jsonl"], capsys)
     assert code == 2 and err.strip().splitlines() == [
-        "dail.py rewrite: error: --max-new-tokens 2048: the model's context is 2048 tokens, which leaves no room "
-        "for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
+        f"dail.py {command}: error: --max-new-tokens {budget}: the model's context is 2048 tokens, which leaves no "
+        "room for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
 
 
 def test_eval_rerun_after_retraining_is_refused_then_recomputed(tmp_path, capsys, expert, monkeypatch):
