@@ -2203,7 +2203,8 @@ def write_eval_summary(out, lines, ks, args, **extra):
     summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
-              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True)
+              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True,
+              ylim=(-0.02, 1.02))
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
     return summary
 
@@ -2804,7 +2805,7 @@ def progress(iterable=None, **kw):
     return tqdm(iterable, dynamic_ncols=True, **kw)
 
 
-def save_plot(path, title, xlabel, ylabel, curves, logx=False):
+def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
     """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
     try:
         import matplotlib
@@ -2818,6 +2819,8 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False):
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if ylim is not None:           # a fixed scale (pass@k: 0..1), so a flat 0.2 does not look like a slope
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -3208,6 +3211,10 @@ def main(argv=None):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     if values["threads"] > 0:       # before any model loads (a negative value is refused by validate_args)
         torch.set_num_threads(values["threads"])
+    # train continues only from a checkpoint (--resume); rewrite and eval skip what is written
+    hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)"
+            if args.command == "train" else "rerun the same command to resume")
+    previous = terminate_like_interrupt(hint)
     try:
         run(cls(**values))
     except DailError as e:
@@ -3218,9 +3225,23 @@ def main(argv=None):
             print(f"dail.py {args.command}: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"dail.py {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def terminate_like_interrupt(hint):
+    """SIGTERM (a scheduler's preemption, `kill`) ends a command as Ctrl-C does: one line saying how to resume,
+    exit 143 (inside train's loop its own handler saves a checkpoint first). Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
+        return None
+
+    def handler(signum, frame):
+        raise Interrupted(f"interrupted; {hint}", 128 + signum)
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -926,6 +926,48 @@ def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     assert read_lines(out / "samples.jsonl") == lines
 
 
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, monkeypatch, sig, code):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 4,
+            "--batch-size", 2, "--engine", "hf"]
+    real, calls = dail.grade_responses, []
+
+    def signal_at_the_second_problem(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig)
+        return real(*a)
+
+    def unhandled(*_):                       # without dail's handler: a failure, not the death of pytest
+        raise RuntimeError("the signal reached no handler of dail.py")
+
+    monkeypatch.setattr(dail, "grade_responses", signal_at_the_second_problem)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        got, err = run_cli(argv, capsys)
+        assert signal.getsignal(signal.SIGTERM) is unhandled                       # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert got == code and "dail.py eval: interrupted; rerun the same command to resume\n" in err, err
+    assert len(read_lines(out / "samples.jsonl")) == 1
+    monkeypatch.setattr(dail, "grade_responses", real)
+    assert run_cli(argv, capsys)[0] == 0 and len(read_lines(out / "samples.jsonl")) == 3
+
+
+def test_eval_plot_shows_pass_at_k_on_0_to_1(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    seen, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.append(fig.axes[0].get_ylim()),
+                                                                 real(fig, *a, **k)))
+    monkeypatch.setattr(dail, "eval_summary", lambda lines, ks: dict(pass_at_k={"1": 0.2, "2": 0.2},
+                                                                    problems=1, mean_tokens=1.0))
+    args = dail.EvalArgs(model="m", data="d", out=str(tmp_path), n=2)
+    dail.write_eval_summary(tmp_path, [], [1, 2], args)
+    assert seen == [(-0.02, 1.02)]
+
 def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
     """Force the sampler to write a known response: grading, pass@k and token counts follow the flags."""
     tok_ = make_tokenizer()
