@@ -14,14 +14,14 @@ DAIL turns a few hundred expert solutions into training signal a model can actua
 
 Launch manual
 -------------
-CPU, the shipped tiny default (no GPU, no network; a few minutes on 2 cores):
+CPU, the shipped tiny world (no GPU, no network; 308 s on 2 quiet cores, 321 s beside other jobs; README):
     pip install -r requirements.txt matplotlib pytest && python examples/quickstart.py
 
 One GPU, Qwen2.5-7B-Instruct, the released non-reasoning configuration:
     python dail.py rewrite --model Qwen/Qwen2.5-7B-Instruct --data expert.jsonl --out runs/q7/traces.jsonl
-    python dail.py train   --model Qwen/Qwen2.5-7B-Instruct --data runs/q7/traces.jsonl --out runs/q7/model \
+    python dail.py train   --model Qwen/Qwen2.5-7B-Instruct --data runs/q7/traces.jsonl --out runs/q7/dail \
                            --grad-checkpointing
-    python dail.py eval    --model runs/q7/model --data test.jsonl --out runs/q7/eval --engine vllm
+    python dail.py eval    --model runs/q7/dail --data test.jsonl --out runs/q7/eval --engine vllm
   Reasoning models (Qwen3): add --thinking to all three (rewrite then writes 256-token thinking prefixes
   with threshold 1.0; train uses 3 epochs and max length 2048).
 
@@ -31,9 +31,9 @@ step; rewrite and eval: every rank decodes its share of the problems into its ow
   Other schedulers (SLURM arrays): `rewrite|eval ... --shard K/N` per task, then the same command without it
   (or with --merge) merges the parts. vLLM under torchrun: one engine per --tensor-parallel-size ranks.
 
-Every run resumes: rerun the same command after an interruption and it continues where it stopped
-(rewrite and eval skip what is already written; train takes --resume: it checkpoints every --save-every
-steps, at every epoch end, and on SIGTERM/SIGINT).
+Every run resumes: rewrite and eval continue where they stopped when the same command is rerun (they skip
+what is already written); train continues when rerun with --resume added (it checkpoints every --save-every
+steps, at every epoch end, and on SIGTERM/SIGINT). The trained model's prompt: OUT/dail_prompt.json.
 
 The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
   Plumbing: arguments, errors, JSONL files                    (not the method)
