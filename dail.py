@@ -14,14 +14,14 @@ DAIL turns a few hundred expert solutions into training signal a model can actua
 
 Launch manual
 -------------
-CPU, the shipped tiny default (no GPU, no network; a few minutes on 2 cores):
+CPU, the shipped tiny world (no GPU, no network; 308 s on 2 quiet cores, 321 s beside other jobs; README):
     pip install -r requirements.txt matplotlib pytest && python examples/quickstart.py
 
 One GPU, Qwen2.5-7B-Instruct, the released non-reasoning configuration:
     python dail.py rewrite --model Qwen/Qwen2.5-7B-Instruct --data expert.jsonl --out runs/q7/traces.jsonl
-    python dail.py train   --model Qwen/Qwen2.5-7B-Instruct --data runs/q7/traces.jsonl --out runs/q7/model \
+    python dail.py train   --model Qwen/Qwen2.5-7B-Instruct --data runs/q7/traces.jsonl --out runs/q7/dail \
                            --grad-checkpointing
-    python dail.py eval    --model runs/q7/model --data test.jsonl --out runs/q7/eval --engine vllm
+    python dail.py eval    --model runs/q7/dail --data test.jsonl --out runs/q7/eval --engine vllm
   Reasoning models (Qwen3): add --thinking to all three (rewrite then writes 256-token thinking prefixes
   with threshold 1.0; train uses 3 epochs and max length 2048).
 
@@ -31,9 +31,9 @@ step; rewrite and eval: every rank decodes its share of the problems into its ow
   Other schedulers (SLURM arrays): `rewrite|eval ... --shard K/N` per task, then the same command without it
   (or with --merge) merges the parts. vLLM under torchrun: one engine per --tensor-parallel-size ranks.
 
-Every run resumes: rerun the same command after an interruption and it continues where it stopped
-(rewrite and eval skip what is already written; train takes --resume: it checkpoints every --save-every
-steps, at every epoch end, and on SIGTERM/SIGINT).
+Every run resumes: rewrite and eval continue where they stopped when the same command is rerun (they skip
+what is already written); train continues when rerun with --resume added (it checkpoints every --save-every
+steps, at every epoch end, and on SIGTERM/SIGINT). The trained model's prompt: OUT/dail_prompt.json.
 
 The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
   Plumbing: arguments, errors, JSONL files                    (not the method)
@@ -120,6 +120,8 @@ class CommonArgs:
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
     trust_remote_code: bool = arg(False, "let a model folder run its own Python code (auto_map in its config); "
                                          "without it such a model is refused: that code runs with your rights")
+    threads: int = arg(0, "CPU threads of torch (0: torch's default, one per core); 1 suits tiny models on a "
+                          "shared CPU (README: Threads)")
     max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
                                     "minus --max-new-tokens); longer prompts are an error or a counted skip",
                               type=int)
@@ -1109,7 +1111,8 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     ids, mask, positions = left_pad(rows, pad_id, device)
     from transformers import DynamicCache
     cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
                    use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
     next_pos = positions[:, -1] + 1                                           # [G*B]
     active = list(range(B))                                                   # traces still decoding
@@ -1146,7 +1149,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **kv, use_cache=True).logits[:, -1]
         next_pos = next_pos + 1
     return results
 
@@ -1237,7 +1240,8 @@ def cmd_rewrite(args):
     done = {k: open_shard(out, k, n, config, config_of, follower, checks(k)) for k in ks}
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
-    max_prompt = prompt_budget(args)
+    max_prompt = prompt_budget(args, "rewrite", lambda: max(len(ids) for p in problems for ids in build_contexts(
+        tok, p, args.thinking, None, ("student", "privileged")).values()))
     contexts, skipped = {}, 0
     for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
         try:
@@ -1933,7 +1937,7 @@ def save_peft_adapters(model, folder, args):
 
 def save_result(out, model, tok, args, summary):
     """OUT/: adapters/ (PEFT format), then the merged model + tokenizer that from_pretrained and vLLM load,
-    metrics.png and train_summary.json."""
+    dail_prompt.json (the prompt to use it with), metrics.png and train_summary.json."""
     if args.lora_rank:
         save_peft_adapters(model, out / "adapters", args)
         merge_lora(model)
@@ -1942,6 +1946,13 @@ def save_result(out, model, tok, args, summary):
         model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    # the trained model answers in its trained format only from the student prompt: say which, beside it
+    (out / "dail_prompt.json").write_text(json.dumps(dict(
+        user_prompt=STUDENT_PROMPT, thinking=args.thinking,
+        usage="text = tok.apply_chat_template([{'role': 'user', 'content': user_prompt.format(problem=...)}], "
+              "tokenize=False, add_generation_prompt=True, enable_thinking=thinking); with thinking, append "
+              "'<think>\\n' unless text ends with <think>; ids = tok(text, add_special_tokens=False).input_ids "
+              "(the ids dail.py eval feeds the model)"), indent=2))
     metrics = resume_jsonl(out / "metrics.jsonl")
     keys = LOGGED[args.objective]
     save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
@@ -1952,8 +1963,8 @@ def save_result(out, model, tok, args, summary):
 
 
 def cmd_train(args):
-    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), adapters/ (PEFT), metrics.jsonl,
-    metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
+    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), dail_prompt.json (its prompt),
+    adapters/ (PEFT), metrics.jsonl, metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
     validate_args(resolve_released(args))
     records, not_kept = load_training_records(args)            # all input checks before any model loads
     guard_train_out(args)                                      # --out: not the model, not an unrelated run
@@ -2154,7 +2165,8 @@ def cmd_eval(args):
     done = {k: open_shard(samples_path, k, n, config, config_of, follower, checks(k)) for k in shards}
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
-    max_prompt = prompt_budget(args)
+    max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
+                                                         for p in problems))
     prompts = {}
     for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
         prompts[p["id"]] = eval_prompt_ids(tok, p, args.thinking, max_prompt)
@@ -2231,7 +2243,8 @@ def write_eval_summary(out, lines, ks, args, **extra):
     summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
-              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True)
+              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True,
+              ylim=(-0.02, 1.02))
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
     return summary
 
@@ -2513,7 +2526,7 @@ def clear_results(*paths):
 # Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
 # means it holds something already.
 TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "checkpoint.pt.tmp",
-                 "adapters", "train_config.json", "reference_cache")
+                 "adapters", "train_config.json", "reference_cache", "dail_prompt.json")
 
 
 def guard_train_out(args):
@@ -2719,6 +2732,7 @@ def _at_least(low, optional=False):
 # the entries whose flag the command has; adding a flag's check is one line here.
 VALID = {
     "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in 0..4294967295"),  # torch, numpy and vLLM take derived seeds
+    "threads": (_at_least(0), "an integer >= 0 (0: torch's default)"),
     "samples": (_at_least(1), "an integer >= 1"),
     "retries": (_at_least(1), "an integer >= 1"),
     "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
@@ -3004,6 +3018,14 @@ def record_prompt_ids(tok, problem, thinking):
                         f"({msg[:200]})") from None
 
 
+def cache_kwarg(model, cache):
+    """The keyword a model's forward takes its KV cache by: `cache` in transformers 5.x (which warns that
+    `past_key_values` goes away in 5.40), `past_key_values` in 4.x (which has no `cache`)."""
+    import inspect
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+
+
 def context_length(name, trust_remote_code=False):
     """The model's context length from its config (no weights loaded), or None."""
     from transformers import AutoConfig
@@ -3014,14 +3036,23 @@ def context_length(name, trust_remote_code=False):
         return None
 
 
-def prompt_budget(args):
-    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit)."""
+def prompt_budget(args, command, longest_prompt):
+    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit).
+    A --max-new-tokens that fills the whole context (the defaults, 2048 and 4096, on a small model) is
+    clipped, with one printed line, to the context minus the longest prompt (longest_prompt(): its tokens),
+    so the defaults run on the shipped 512-token model and stay as released on real models. The clipped
+    value is a function of the model, the data and the flag, so a rerun clips alike and resumes."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
     n = context_length(args.model, args.trust_remote_code)
     if n is not None and n - args.max_new_tokens < 1:
-        raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
-                        f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
+        longest = longest_prompt()
+        if n - longest < 1:
+            raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
+                            f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
+        print(f"{command}: --max-new-tokens {args.max_new_tokens} does not fit the model's {n}-token context; "
+              f"using {n - longest} (the context minus the longest prompt, {longest} tokens)", file=sys.stderr)
+        args.max_new_tokens = n - longest
     return None if n is None else n - args.max_new_tokens
 
 
@@ -3049,7 +3080,7 @@ def progress(iterable=None, **kw):
     return tqdm(iterable, dynamic_ncols=True, **kw)
 
 
-def save_plot(path, title, xlabel, ylabel, curves, logx=False):
+def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
     """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
     try:
         import matplotlib
@@ -3063,6 +3094,8 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False):
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if ylim is not None:           # a fixed scale (pass@k: 0..1), so a flat 0.2 does not look like a slope
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -3477,6 +3510,12 @@ def main(argv=None):
         parser.error(f"eval: the following arguments are required: {', '.join(missing)}")
     cls, run, _ = COMMANDS[args.command]
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    if values["threads"] > 0:       # before any model loads (a negative value is refused by validate_args)
+        torch.set_num_threads(values["threads"])
+    # train continues only from a checkpoint (--resume); rewrite and eval skip what is written
+    hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)"
+            if args.command == "train" else "rerun the same command to resume")
+    previous = terminate_like_interrupt(hint)
     try:
         run(cls(**values))
     except DailError as e:
@@ -3487,7 +3526,7 @@ def main(argv=None):
             print(f"dail.py {args.command}: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print(f"dail.py {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"dail.py {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
     except OSError as e:                     # a full disk while appending records: each line is whole or cut off
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -3496,9 +3535,22 @@ def main(argv=None):
               f"same command to resume", file=sys.stderr)
         return 2
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
             os.close(_LOCKS.pop())
     return 0
+
+
+def terminate_like_interrupt(hint):
+    """SIGTERM (a scheduler's preemption, `kill`) ends a command as Ctrl-C does: one line saying how to resume,
+    exit 143 (inside train's loop its own handler saves a checkpoint first). Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
+        return None
+
+    def handler(signum, frame):
+        raise Interrupted(f"interrupted; {hint}", 128 + signum)
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -494,6 +494,19 @@ def test_decode_stops_rows_independently(model, tok):
     assert calls == [3, 3, 3, 2, 2, 1, 1, 1]                            # finished rows leave the batch
 
 
+
+def test_decode_emits_no_transformers_deprecation(model, tok):
+    """The KV cache goes in by the keyword this transformers takes (5.x: `cache`; `past_key_values` there
+    warns that it goes away in 5.40): no FutureWarning/DeprecationWarning from transformers while decoding."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dail.decode(model, [[[1, 2], [3, 4, 5]], [[6], [7, 8]]], lambda logits, *_: (logits[0].argmax(-1), None),
+                    3, stop_ids=[], pad_id=tok.pad_token_id)
+    bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+           and ("transformers" in w.filename or "past_key_values" in str(w.message) or "cache" in str(w.message))]
+    assert not bad, bad
+
 # ------------------------------------------------------------------------------------------------------
 # 3/4. rewrite end to end on the tiny model
 # ------------------------------------------------------------------------------------------------------
@@ -852,6 +865,30 @@ def test_train_lowers_teacher_kl_and_saves_loadable_model(tmp_path, capsys, tiny
     assert not any(isinstance(x, dail.LoRALinear) for x in merged.modules())
 
 
+
+def readme_snippet(heading):
+    """The first ```python block under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading):]
+    return after[after.index("```python\n") + len("```python\n"):].split("```", 1)[0]
+
+
+def test_train_writes_the_prompt_and_the_readme_snippet_reproduces_eval_ids(tmp_path, capsys, tiny, traces):
+    _, data = traces
+    out = tmp_path / "dail"
+    code, err = run_cli(train_argv(tiny, data, out, "--max-steps", 1), capsys)
+    assert code == 0, err
+    spec = json.loads((out / "dail_prompt.json").read_text())
+    assert spec["user_prompt"] == dail.STUDENT_PROMPT and spec["thinking"] is False
+    # the README's "Using the trained model" snippet, run on this model: its prompt ids are eval's, exactly
+    code = readme_snippet("## Using the trained model").replace("runs/own/dail", str(out))
+    code = code.replace("max_new_tokens=200", "max_new_tokens=3")
+    scope = {}
+    exec(code, scope)
+    tok = dail.load_tokenizer(str(out))
+    problem = dict(problem=scope["problem"], prompt=None, where="readme")
+    assert scope["ids"][0].tolist() == dail.eval_prompt_ids(tok, problem, False, None)
+
 @pytest.mark.parametrize("objective", [["--objective", "sft", "--sft-target", "trace"],
                                        ["--objective", "sft", "--sft-target", "expert"], ["--lam", 0]])
 def test_train_baselines_run(tmp_path, capsys, tiny, traces, objective):
@@ -1040,6 +1077,49 @@ def test_train_token_ids_and_eval_prompt_roles_name_their_line(tmp_path, capsys,
                         capsys)
     assert code == 2 and err.strip().splitlines()[-1] == (f"dail.py eval: error: {data}:2: field 'prompt': the chat "
                                                           f"template of the model rejects it (Unexpected message role.)")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, monkeypatch, sig, code):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 4,
+            "--batch-size", 2, "--engine", "hf"]
+    real, calls = dail.grade_responses, []
+
+    def signal_at_the_second_problem(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig)
+        return real(*a)
+
+    def unhandled(*_):                       # without dail's handler: a failure, not the death of pytest
+        raise RuntimeError("the signal reached no handler of dail.py")
+
+    monkeypatch.setattr(dail, "grade_responses", signal_at_the_second_problem)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        got, err = run_cli(argv, capsys)
+        assert signal.getsignal(signal.SIGTERM) is unhandled                       # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert got == code and "dail.py eval: interrupted; rerun the same command to resume\n" in err, err
+    assert len(read_lines(out / "samples.jsonl")) == 1
+    monkeypatch.setattr(dail, "grade_responses", real)
+    assert run_cli(argv, capsys)[0] == 0 and len(read_lines(out / "samples.jsonl")) == 3
+
+
+def test_eval_plot_shows_pass_at_k_on_0_to_1(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    seen, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.append(fig.axes[0].get_ylim()),
+                                                                 real(fig, *a, **k)))
+    monkeypatch.setattr(dail, "eval_summary", lambda lines, ks: dict(pass_at_k={"1": 0.2, "2": 0.2},
+                                                                    problems=1, mean_tokens=1.0))
+    args = dail.EvalArgs(model="m", data="d", out=str(tmp_path), n=2)
+    dail.write_eval_summary(tmp_path, [], [1, 2], args)
+    assert seen == [(-0.02, 1.02)]
+
 
 
 def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
@@ -1429,6 +1509,17 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
     results, _ = gpu_check.run_parts([("fine", fine)], 60.0, tmp_path / "f", {"budget_s": 60.0}, fail_part="fine",
                                      start=time.perf_counter())
     assert results["parts"]["fine"]["status"] == "error" and "--fail-part" in results["parts"]["fine"]["error"]
+
+
+def test_quickstart_table_one_seed_has_no_spread():
+    import quickstart
+    run = dict(pass_at_k={"1": 0.25, "8": 0.5}, mean_tokens=100.0, mean_tokens_correct=90.0, truncated=0.0)
+    one = quickstart.table(quickstart.aggregate({0: {m: run for m, _, _ in quickstart.METHODS}}), 8)
+    assert "±" not in one and "25.0" in one
+    two = quickstart.table(quickstart.aggregate({s: {m: run for m, _, _ in quickstart.METHODS} for s in (0, 1)}), 8)
+    assert "25.0 ± 0.0" in two
+
+
 
 def test_tokenizer_reload_check(tmp_path, tiny, capsys):
     import shutil
@@ -1867,7 +1958,18 @@ BAD_VALUES = [
     ("eval", ["--max-new-tokens", -3], "--max-new-tokens -3: must be"),
     ("eval", ["--n", 30000000], "--n 30000000: the 30000000 samples of one problem are held together until its "
                                 "line is written, up to 4.23e+03 GiB at --max-new-tokens 4096 + --answer-tokens 100"),
+    ("eval", ["--threads", -1], "--threads -1: must be an integer >= 0"),
 ]
+
+
+@pytest.mark.parametrize("command", ["rewrite", "train", "eval"])
+def test_threads_flag_sets_torch_threads_before_the_run(tmp_path, capsys, monkeypatch, command):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    argv = [command, "--model", tmp_path / "none", "--data", tmp_path / "none.jsonl", "--out", tmp_path / "o"]
+    run_cli(argv + ["--threads", 1], capsys)                       # fails on the missing data: fine
+    run_cli(argv, capsys)                                          # default 0: torch's own choice, untouched
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("command,flags,message", BAD_VALUES)
@@ -1901,13 +2003,30 @@ def test_unwritable_out_is_one_line_before_any_model_loads(tmp_path, capsys, exp
     assert lines[0].startswith(f"dail.py {command}: error: --out {out}: ")
 
 
-def test_rewrite_context_shorter_than_the_default_budget(tmp_path, capsys, expert, tiny, monkeypatch):
-    monkeypatch.setattr(dail, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    # the tiny model's context is 2048 tokens, the default non-reasoning budget 2048: no room for a prompt
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "t.jsonl"], capsys)
+@pytest.mark.parametrize("command,budget", [("rewrite", 2048), ("eval", 4096)])
+def test_default_budget_over_the_context_is_clipped_with_one_line(tmp_path, capsys, expert, tiny, tok, monkeypatch,
+                                                                  command, budget):
+    def stop(*a, **k):
+        raise dail.DailError("stopped before the model loads")
+    monkeypatch.setattr(dail, "load_model", stop)
+    # the tiny model's context is 2048 tokens; the defaults (rewrite 2048, eval 4096) leave no room for a prompt
+    out = tmp_path / ("t.jsonl" if command == "rewrite" else "e")
+    code, err = run_cli([command, "--model", tiny, "--data", expert, "--out", out], capsys)
+    prompts = [dail.STUDENT_PROMPT.format(problem=p["problem"]) for p in PROBLEMS]
+    if command == "rewrite":
+        prompts += [dail.PRIVILEGED_PROMPT.format(problem=p["problem"], solution=p["solution"]) for p in PROBLEMS]
+    longest = max(len(tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+                  for t in prompts)
+    assert f"{command}: --max-new-tokens {budget} does not fit the model's 2048-token context; using " \
+           f"{2048 - longest} (the context minus the longest prompt, {longest} tokens)" in err.splitlines()
+    assert code == 2 and err.strip().splitlines()[-1].endswith("stopped before the model loads")
+    # a prompt longer than the whole context: still the one-line error, before any model loads
+    huge = write_jsonl(tmp_path / "huge.jsonl", [dict(PROBLEMS[0], problem="very " * 500)])
+    code, err = run_cli([command, "--model", tiny, "--data", huge, "--out", tmp_path / "h.jsonl"], capsys)
     assert code == 2 and err.strip().splitlines() == [
-        "dail.py rewrite: error: --max-new-tokens 2048: the model's context is 2048 tokens, which leaves no room "
-        "for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
+        f"dail.py {command}: error: --max-new-tokens {budget}: the model's context is 2048 tokens, which leaves no "
+        "room for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
 
 
 def test_eval_rerun_after_retraining_is_refused_then_recomputed(tmp_path, capsys, expert, monkeypatch):

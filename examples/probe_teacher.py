@@ -5,6 +5,10 @@ inherit this from the teacher?".
     python examples/probe_teacher.py --traces runs/lambda_tiny/tiny/seed0/traces.jsonl \
         --model examples/world/model --after "Block " --then "+" --out examples/results_probe_block_line.json
 
+The traces there are written by the lambda experiment (`python examples/experiments.py lambda --world tiny
+--seeds 0,1,2 --out runs/lambda_tiny`); any rewrite's traces.jsonl works too, e.g. the quickstart's
+runs/quickstart/seed0/traces.jsonl.
+
 For every kept trace, finds the first line that starts with --after, then the first --then after it, and
 takes the trace's own next token there (in the tiny worlds: the second summand of the block line,
 `Block 4+6=10.`). It reports, per context (student, privileged, shortcut: dail.build_contexts, the prompts
