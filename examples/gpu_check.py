@@ -32,6 +32,7 @@ after every measurement; at the end a markdown table is printed and written to O
 """
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -405,11 +406,16 @@ def save_folder(model, tok, folder):
     return str(folder)
 
 
+def eval_namespace(**settings):
+    """eval's own arguments (dail.EvalArgs with its defaults, e.g. trust_remote_code) with these settings."""
+    return SimpleNamespace(**{**dataclasses.asdict(dail.EvalArgs(model="", data="", out="")), **settings})
+
+
 def vllm_rows(a, folder, tok, prompts, n_tokens, s, ctx, n=1, temperature=None):
     """vLLM sampling (dail.load_vllm + dail.vllm_sample, as eval) of one sample per prompt row, n_tokens each,
     the vocabulary tail banned. -> dict(seconds, tokens, tok_per_s, outputs)."""
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
-    args = SimpleNamespace(model=folder, device="auto", dtype="auto", seed=a.seed, tensor_parallel_size=1,
+    args = eval_namespace(model=folder, device="auto", dtype="auto", seed=a.seed, tensor_parallel_size=1,
                            max_model_len=max(len(p) for p in prompts) + n_tokens + 8, gpu_memory_utilization=0.5,
                            temperature=s.temperature if temperature is None else temperature, top_p=s.top_p,
                            top_k=s.top_k, max_new_tokens=n_tokens)
@@ -638,8 +644,8 @@ def masked_loads(n):
     """dail.load_model, as make_sampler calls it, with the vocabulary tail masked on the loaded model."""
     original = dail.load_model
 
-    def load(name, device, dtype):
-        model = original(name, device, dtype)
+    def load(*args, **kw):
+        model = original(*args, **kw)
         mask_vocab_tail(model, n)
         return model
     dail.load_model = load
@@ -650,7 +656,7 @@ def masked_loads(n):
 
 
 def eval_args(a, folder, temperature, n):
-    return SimpleNamespace(model=folder, device=str(a.device_resolved), dtype="auto", seed=a.seed, thinking=False,
+    return eval_namespace(model=folder, device=str(a.device_resolved), dtype="auto", seed=a.seed, thinking=False,
                            no_force_answer=True, engine="hf", n=n, temperature=temperature, top_p=0.95, top_k=0,
                            presence_penalty=1.5, max_new_tokens=a.eval_tokens, answer_tokens=16,
                            batch_size=a.eval_problems * n, tensor_parallel_size=1, gpu_memory_utilization=0.5,
