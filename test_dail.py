@@ -2316,11 +2316,19 @@ def local_hub(monkeypatch):
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY",
                  "no_proxy"):
         monkeypatch.delenv(name, raising=False)
-    huggingface_hub.close_session()          # the client reads proxy settings when it is created
+    new_hub_client()                          # the client reads proxy settings when it is created
     _Hub.seen.clear()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-    huggingface_hub.close_session()
+    new_hub_client()
+
+
+def new_hub_client():
+    """Drop huggingface_hub's cached HTTP client: close_session on hub >= 1.0 (httpx), reset_sessions before
+    (requests; transformers 4.57 comes with hub 0.36)."""
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+    (getattr(huggingface_hub, "close_session", None) or _http.reset_sessions)()
 
 
 def test_hub_check_honours_hf_endpoint(local_hub, monkeypatch, capsys):
