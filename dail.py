@@ -2288,17 +2288,21 @@ def check_resume_config(path, config, resuming, overwrite=False):
             raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
                             f"were made; use another --out, or --overwrite to start over")
         old = read_config(p)
-        diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
-        if diff:
-            k = diff[0]
-            was = old.get(k, "(not recorded)")
-            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={was!r}, this run asks for "
-                            f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
+        k = differing_setting(old, config)
+        if k is not None:
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old.get(k, '(not recorded)')!r}, "
+                            f"this run asks for {k}={config[k]!r}; use another --out, or --overwrite to start over")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(p, json.dumps(config, indent=2))
     except OSError as e:
         raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
+
+
+def differing_setting(old, config):
+    """The first result setting (the paths aside) where the saved settings `old` differ from `config`, or None;
+    the one comparison behind both resume's refusal and the merge of part files."""
+    return next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)
 
 
 def read_config(path):
@@ -3013,8 +3017,8 @@ def config_difference(path, config):
         old = json.loads(p.read_text())
     except ValueError:
         return None                                      # being written right now: look again later
-    diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
-    return f"{diff[0]}={old.get(diff[0], '(not recorded)')!r}" if diff else ""
+    k = differing_setting(old, config)
+    return "" if k is None else f"{k}={old.get(k, '(not recorded)')!r}"
 
 
 def incomplete_parts(out_file, n, config, config_of, expected, key):
