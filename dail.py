@@ -2068,21 +2068,24 @@ def answer_of(path, lineno, rec, needed=True):
     return answer
 
 
-def resume_jsonl(path, check=None):
+def resume_jsonl(path, check=None, peek=False):
     """Records an earlier run wrote to `path` (an output file), [] if none. Each must be a JSON object that
     `check` (line_check, or None) finds no fault with; a line that is not is a DailError naming file and line.
 
     Lines are appended one `write` at a time, so an interruption can only leave a half-written *last*
-    line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again."""
+    line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again.
+    peek: read a file another process may be appending to: nothing is cut (the last line may be the one
+    being written, so it is only left out) and a bad line is skipped (merge_parts names it later)."""
     p = Path(path)
     if not p.exists():
         return []
     data = p.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        with open(p, "r+b") as f:
-            f.truncate(keep)
-        print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
+        if not peek:
+            with open(p, "r+b") as f:
+                f.truncate(keep)
+            print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
         data = data[:keep]
     out = []
     # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
@@ -2094,6 +2097,8 @@ def resume_jsonl(path, check=None):
                 fault = "not a JSON object" if not isinstance(rec, dict) else check(rec) if check else None
             except ValueError:                                        # not UTF-8, or not JSON
                 fault = "corrupt line"
+            if fault and peek:
+                continue
             if fault:
                 raise DailError(f"{path}:{lineno}: {fault} in an earlier run's output; move the file away "
                                 f"(or --overwrite) to start over")
@@ -2995,16 +3000,8 @@ def shard_path(out_file, k, n):
 
 
 def written_records(path):
-    """The complete lines of a JSONL file another process may be appending to (read-only: unlike
-    resume_jsonl it never cuts a half-written last line, which may be one being written)."""
-    p = Path(path)
-    data = p.read_bytes() if p.exists() else b""
-    records = []
-    for line in data[:data.rfind(b"\n") + 1].split(b"\n"):             # "\n" only, as in resume_jsonl
-        if line.strip():
-            with contextlib.suppress(ValueError):                       # a bad line: merge_parts names it
-                records.append(json.loads(line))
-    return records
+    """The complete lines of a JSONL file another process may be appending to (resume_jsonl's read-only mode)."""
+    return resume_jsonl(path, peek=True)
 
 
 def config_difference(path, config):
