@@ -680,16 +680,11 @@ def cmd_rewrite(args):
     for k in ks:
         rewrite_shard(args, tok, os.devnull if follower else shard_path(out, k, n), done[k], expected[k], problems,
                       contexts, engine)
-    if merge:
-        index = {p["id"]: p["index"] for p in problems}
-        traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
-                              lambda t: (index[t["id"]], t["sample"]), checks)
-        if traces is None:
-            return
-    elif n > 1:
-        return                       # a rank other than 0: its part is written, rank 0 merges
-    else:
-        traces = resume_jsonl(out, checks(0))
+    index = {p["id"]: p["index"] for p in problems}
+    traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
+                          lambda t: (index[t["id"]], t["sample"]), checks)
+    if traces is None:
+        return                       # a rank other than 0 (rank 0 merges), or parts still missing
     summary = rewrite_summary(traces, len(problems), skipped, args, shortened)
     write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
@@ -1339,17 +1334,12 @@ def cmd_eval(args):
         todo = [p for p in shard_problems(problems, k, n) if p["id"] not in written]
         n_new += eval_shard(args, tok, os.devnull if follower else shard_path(samples_path, k, n), todo, prompts,
                             engine, len(written))
-    if merge:
-        index = {p["id"]: p["index"] for p in problems}
-        expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
-        lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
-                             lambda r: index[r["id"]], checks)
-        if lines is None:
-            return None
-    elif n > 1:
-        return None                  # a rank other than 0: its part is written, rank 0 merges
-    else:
-        lines = resume_jsonl(samples_path, checks(0))
+    index = {p["id"]: p["index"] for p in problems}
+    expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
+    lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
+                         lambda r: index[r["id"]], checks)
+    if lines is None:
+        return None                  # a rank other than 0 (rank 0 merges), or parts still missing
     return write_eval_summary(out, lines, ks, args, engine=engine,
                               samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
 
@@ -3042,10 +3032,14 @@ def keyed(key, record):
 
 
 def gather_parts(out_file, n, mode, config, config_of, expected, key, order, checks=None):
-    """Merge the n part files into out_file (merge_parts, input order) once all are complete, and save
-    `config` beside it -> the merged records, or None when not all are complete and mode is not 'wait'
-    (then say which are missing). 'wait' (rank 0 under torchrun) polls the files instead of a barrier,
-    which would time out on a long job; if a rank dies, torchrun stops this one too."""
+    """The records of the whole job, the one tail of rewrite and eval. A job not split (n = 1): out_file's
+    own. A process that does not merge (mode None, n > 1: a rank other than 0): None. Else merge the n part
+    files into out_file (merge_parts, input order) once all are complete, and save `config` beside it -> the
+    merged records, or None when not all are complete and mode is not 'wait' (then say which are missing).
+    'wait' (rank 0 under torchrun) polls the files instead of a barrier, which would time out on a long job;
+    if a rank dies, torchrun stops this one too."""
+    if mode is None:
+        return resume_jsonl(out_file, checks and checks(0)) if n == 1 else None
     pause = 1.0
     while missing := incomplete_parts(out_file, n, config, config_of, expected, key):
         if mode != "wait":
