@@ -649,12 +649,9 @@ def cmd_rewrite(args):
     check_out_file(args)
     config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
     engine = rewrite_engine(args)
-    n, ks, merge, follower = plan_shards(out, args, vllm_shard(args, engine))
-    if args.overwrite and not follower:
-        clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
-    config = run_config(args, "rewrite")
-    checks = output_checks("rewrite", problems, args, n)  # every line one (id, sample) of --data, once
-    done = {k: open_shard(out, k, n, config, config_of, follower, checks(k)) for k in ks}
+    # every line of OUT is one (id, sample) of --data, once
+    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
+                                                             out.with_suffix(".summary.json"))
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args, "rewrite", lambda: max(len(ids) for p in problems for ids in build_contexts(
@@ -1315,12 +1312,9 @@ def cmd_eval(args):
     def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
     engine = eval_engine(args)
-    n, shards, merge, follower = plan_shards(samples_path, args, vllm_shard(args, engine))
-    if args.overwrite and not follower:
-        clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
-    config = run_config(args, "eval")
-    checks = output_checks("eval", problems, args, n)     # every line one problem of --data, once, n samples
-    done = {k: open_shard(samples_path, k, n, config, config_of, follower, checks(k)) for k in shards}
+    # every line of samples.jsonl is one problem of --data, once, with n samples
+    n, shards, merge, follower, config, checks, done = start_job("eval", samples_path, args, engine, problems,
+                                                                 config_of, out / "summary.json", out / "passk.png")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
@@ -2958,6 +2952,19 @@ def vllm_shard(args, engine):
         shard_of(args.shard)                                  # the one-line error: no --shard under torchrun
     rank = int(os.environ["RANK"])
     return rank // tp, world // tp, rank % tp != 0
+
+
+def start_job(command, out_file, args, engine, problems, config_of, *results):
+    """The one start of rewrite and eval: plan the split (plan_shards), clear out_file's parts and `results`
+    on --overwrite, and read back what this process's shards wrote earlier (open_shard)
+    -> (n, ks, merge, follower, config, checks, done: {k: records})."""
+    n, ks, merge, follower = plan_shards(out_file, args, vllm_shard(args, engine))
+    if args.overwrite and not follower:
+        clear_shard_results(out_file, n, ks, merge, config_of, *results)
+    config = run_config(args, command)
+    checks = output_checks(command, problems, args, n)
+    done = {k: open_shard(out_file, k, n, config, config_of, follower, checks(k)) for k in ks}
+    return n, ks, merge, follower, config, checks, done
 
 
 def open_shard(out_file, k, n, config, config_of, follower=False, check=None):
