@@ -12,40 +12,23 @@ DAIL turns a few hundred expert solutions into training signal a model can actua
               the intermediate results (shortcut).
   3. eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
 
-Launch manual
--------------
-CPU, the shipped tiny world (no GPU, no network; 308 s on 2 quiet cores, 321 s beside other jobs; README):
-    pip install -r requirements.txt matplotlib pytest && python examples/quickstart.py
+Run it (the README is the manual: models, GPUs, torchrun and --shard, vLLM, resume, every output file):
+    python examples/quickstart.py                                   # CPU, the shipped tiny world
+    python dail.py rewrite|train|eval --model M --data D --out O    # one GPU (train: add --grad-checkpointing)
+    torchrun --standalone --nproc_per_node 8 dail.py rewrite|train|eval ...   # several GPUs
 
-One GPU, Qwen2.5-7B-Instruct, the released non-reasoning configuration:
-    python dail.py rewrite --model Qwen/Qwen2.5-7B-Instruct --data expert.jsonl --out runs/q7/traces.jsonl
-    python dail.py train   --model Qwen/Qwen2.5-7B-Instruct --data runs/q7/traces.jsonl --out runs/q7/dail \
-                           --grad-checkpointing
-    python dail.py eval    --model runs/q7/dail --data test.jsonl --out runs/q7/eval --engine vllm
-  Reasoning models (Qwen3): add --thinking to all three (rewrite then writes 256-token thinking prefixes
-  with threshold 1.0; train uses 3 epochs and max length 2048).
-
-Several GPUs (train: data parallel, the master process logs and saves, every rank takes its share of each
-step; rewrite and eval: every rank decodes its share of the problems into its own part file, rank 0 merges):
-    torchrun --standalone --nproc_per_node 8 dail.py rewrite|train|eval --model ... --data ... --out ...
-  Other schedulers (SLURM arrays): `rewrite|eval ... --shard K/N` per task, then the same command without it
-  (or with --merge) merges the parts. vLLM under torchrun: one engine per --tensor-parallel-size ranks.
-
-Every run resumes: rewrite and eval continue where they stopped when the same command is rerun (they skip
-what is already written); train continues when rerun with --resume added (it checkpoints every --save-every
-steps, at every epoch end, and on SIGTERM/SIGINT). The trained model's prompt: OUT/dail_prompt.json.
-
-The file reads top to bottom in the paper's order (sections are marked with # ==== banners):
-  Plumbing: arguments, errors, JSONL files                    (not the method)
-  Data and answers: boxed answers, the grader, problems and expert solutions
-  Three contexts of one model (all prompt text lives here)
-  Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
-  Step 1, filtering the traces, and the rewrite command
-  Step 2, the contrastive self-distillation loss              (the part to copy)
-  Step 2, training: minimal LoRA, the reference cache, a plain PyTorch loop, the train command
+The map of the file: the method first, in the paper's order, then the appendices (# ==== banners):
+  The arguments: every flag with its --help line, and the released defaults
+  Three contexts of one model: the student, privileged and shortcut prompts (all prompt text lives here)
+  Step 1, rewrite: the token rule (proposer, validator, threshold), its per-trace random numbers, the rollout
+  Step 1, filtering the traces and the rewrite command
+  Step 2, the contrastive self-distillation loss                          (the part to copy)
+  Step 2, training: minimal LoRA, sequences and masks, the reference states, the loop, the train command
   Evaluation: the unbiased pass@k, the forced answer, the eval command
-  Plumbing: safe reruns (fingerprints, flag checks), models and the hub, shards, per-trace random numbers;
-            the vLLM engine; the command line                 (not the method)
+  Appendix A: grading -- boxed answers, the built-in grader and math-verify, problems and expert solutions
+  Appendix B: running it -- B.1 errors and files, B.2 run fingerprints, resume and flag checks,
+              B.3 the reference cache, B.4 torchrun and shards, B.5 models and the hub, B.6 vLLM,
+              B.7 the command line
 """
 from __future__ import annotations
 
@@ -81,9 +64,7 @@ os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
 
-# =====================================================================================================
-# Plumbing: arguments (each field help is its --help line), errors, JSONL files
-# =====================================================================================================
+# ==== The arguments: every flag of rewrite, train and eval (a field's help is its --help line), released defaults ======
 def arg(default=None, help="", **kw):
     """A dataclass field that becomes one command-line flag; `help` is its --help line."""
     return field(default=default, metadata={"help": help, **kw})
@@ -242,18 +223,6 @@ class EvalArgs(CommonArgs):
     merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
 
 
-class DailError(Exception):
-    """A user-facing problem (bad input, missing file): printed as one line, exit code 2, no traceback."""
-
-
-class Interrupted(Exception):
-    """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
-
 def resolve_released(args):
     """Fill the flags left at None with the released default of this model kind (see RELEASED)."""
     for name, value in RELEASED[args.thinking].items():
@@ -262,160 +231,1326 @@ def resolve_released(args):
     return args
 
 
-def read_jsonl(path, flag="--data"):
-    """[(line number, record)] of a JSONL file; any defect is a DailError naming the file and the line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DailError(f"{flag} {path}: no such file")
-    records = []
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DailError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:  # a number with a fraction or exponent stays the text written: 0.00001, not float's 1e-05
-                rec = json.loads(line, parse_float=str)
-            except json.JSONDecodeError as e:
-                raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append((lineno, rec))
-    if not records:
-        raise DailError(f"{path}: empty file, no JSON lines")
-    return records
+# ==== Three contexts of one model: the student, privileged and shortcut prompts (all of dail.py's prompt text) =========
+ANSWER_FORMAT = "Reason step by step, and write the final answer inside \\boxed{{}}."  # {{}}: a .format template
+
+STUDENT_PROMPT = "{problem}\n\n" + ANSWER_FORMAT
+
+PRIVILEGED_PROMPT = """{problem}
+
+An expert's worked solution to this problem is below. It is private background for you, not text to copy.
+
+<expert_solution>
+{solution}
+</expert_solution>
+
+Now solve the problem yourself, as if you were seeing it for the first time:
+- never mention, quote or allude to the expert solution or to having had any help;
+- derive every intermediate result yourself instead of stating it;
+- take each step explicitly and do not jump to the answer; length is no concern.
+""" + ANSWER_FORMAT
+
+SHORTCUT_PROMPT = """{problem}
+
+Hint: the final answer is {answer}. Values and symbols that occur in a full solution, sorted (numbers in
+increasing order, then symbols alphabetically), not in the order the solution uses them: {results}.
+
+""" + ANSWER_FORMAT
+
+# The forced-answer pass of eval (see force_answers) continues the response after this cue (with --thinking:
+# after </think> + the cue, outside the thinking, as the released protocol does).
+ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
+
+_MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
+_GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi "
+          "rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega")
+_SIGN_BEFORE = ("", "$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\le", "\\ge", "\\leq", "\\geq",
+                "\\ne", "\\neq", "\\approx", "\\cdot", "\\times", "\\pm")
 
 
-KINDS = {str: "a non-empty string", list: "a list", bool: "true or false", (str, int): "a non-empty string or a number"}
+def intermediate_results(solution, answer=None):
+    """The shortcut context's list: the atomic values and symbols of an expert solution, without its method.
+
+    Atoms are numbers (integers, decimals, integer fractions a/b and \\frac{a}{b}; a minus sign counts when
+    it cannot be a subtraction, e.g. after = or \\equiv or an opening bracket) found anywhere, and single
+    symbols found inside math ($...$, $$...$$, \\(...\\), \\[...\\]): a letter with an optional simple
+    subscript (n, a_1, x_{k}) or a Greek letter (\\pi). Statements (3^6 \\equiv 1 \\pmod 7) contribute only
+    their atoms (3, 6, 1, 7); command names (\\pmod, \\frac) and \\text{...} are not symbols. The list is
+    de-duplicated (numbers by exact value, first spelling kept) and sorted, numbers ascending then symbols
+    alphabetically, so its order says nothing about the method. Atoms equal to `answer` are left out (the
+    hint states the answer first). There is no cap: every atom is listed."""
+    numbers, symbols = {}, set()
+    frac = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
+
+    def add_number(text, value):
+        numbers.setdefault(value, text)
+
+    def take_fractions(m):
+        num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+        if int(den) != 0:
+            add_number(m.group(0).strip(), Fraction(int(num), int(den)))
+        return " "
+    rest = re.sub(frac, take_fractions, solution)
+    for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):
+        sign = m.group(1)
+        if sign and not rest[:m.start()].rstrip().endswith(_SIGN_BEFORE[1:]) and rest[:m.start()].strip():
+            sign = ""                                    # x - 3: a subtraction, the atom is 3
+        add_number(sign + m.group(2), Fraction(sign + m.group(2)))
+    for groups in re.findall(_MATH_SPANS, solution, flags=re.S):
+        math = next(g for g in groups if g)
+        math = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", math)
+        for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", math):
+            if m.group(1):
+                if m.group(1) in _GREEK.split():
+                    symbols.add("\\" + m.group(1))
+            else:
+                symbols.add(m.group(2) + (f"_{m.group(3)}" if m.group(3) else ""))
+    atoms = [numbers[v] for v in sorted(numbers)] + sorted(symbols, key=lambda x: (x.lstrip("\\").lower(), x))
+    return [a for a in atoms if answer is None or not is_equiv(a, answer)]
 
 
-def require(path, lineno, rec, name, kind=str, hint=""):
-    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind` (a string
-    must hold more than spaces; true/false is no number)."""
-    if name not in rec:
-        raise DailError(f"{path}:{lineno}: field '{name}': missing{hint}")
-    value = rec[name]
-    if (not isinstance(value, kind) or isinstance(value, str) and not value.strip()
-            or isinstance(value, bool) and kind is not bool):
-        raise DailError(f"{path}:{lineno}: field '{name}': expected {KINDS[kind]}{hint}")
-    return value
+def chat_prompt_ids(tok, user_text, thinking):
+    """Token ids of one user turn (or of a list of chat messages {role, content}) plus the assistant's
+    generation prompt. With `thinking` the response starts inside <think>. Templating goes through text and
+    the ids are taken once, here: responses are appended as ids, never decoded and re-encoded
+    (re-tokenizing can change the response tokens)."""
+    messages = user_text if isinstance(user_text, list) else [{"role": "user", "content": user_text}]
+    text = tok.apply_chat_template(messages, tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=thinking)
+    if thinking and not text.rstrip().endswith("<think>"):
+        text += "<think>\n"
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def answer_of(path, lineno, rec, needed=True):
-    """A record's reference answer as text: its `answer` field (a number as written in the file: read_jsonl keeps
-    a JSON float's text, str() of an int is exact), else the last \\boxed{} of its `solution`, else None, which
-    is a DailError when `needed` (the shortcut prompt states the answer; eval and the filter grade against it)."""
-    if rec.get("answer") is not None:
-        return str(require(path, lineno, rec, "answer", (str, int)))
-    answer = extract_boxed(rec.get("solution"))
-    if needed and answer is None:
-        raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
-    return answer
+# No tokenizer averages this many characters per token on real text (English is about 4), so a text this many
+# characters per token of a budget long is over the budget: bounded_ids then tokenizes only a head of it.
+MAX_CHARS_PER_TOKEN = 32
 
 
-def resume_jsonl(path, check=None):
-    """Records an earlier run wrote to `path` (an output file), [] if none. Each must be a JSON object that
-    `check` (line_check, or None) finds no fault with; a line that is not is a DailError naming file and line.
+def bounded_ids(encode, text, budget):
+    """(ids, whole): encode(text), except that a text longer than MAX_CHARS_PER_TOKEN * budget characters is
+    first encoded only up to there; when that head alone is clearly over `budget` tokens, its ids are
+    returned with whole=False (the text is over the budget too: a head never has more than a few tokens
+    more than the whole). A 50 MB solution thus costs a budget's worth of tokenizing, not 10 GB and minutes."""
+    limit = MAX_CHARS_PER_TOKEN * (max(budget, 0) + 1) if budget is not None else None
+    if limit is not None and len(text) > limit:
+        head = encode(text[:limit])
+        if len(head) > budget + 8:
+            return head, False
+    return encode(text), True
 
-    Lines are appended one `write` at a time, so an interruption can only leave a half-written *last*
-    line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    data = p.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(p, "r+b") as f:
-            f.truncate(keep)
-        print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
-        data = data[:keep]
-    out = []
-    # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
-    # (ensure_ascii=False) leaves unescaped inside a model's response
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        if raw.strip():
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-                fault = "not a JSON object" if not isinstance(rec, dict) else check(rec) if check else None
-            except ValueError:                                        # not UTF-8, or not JSON
-                fault = "corrupt line"
-            if fault:
-                raise DailError(f"{path}:{lineno}: {fault} in an earlier run's output; move the file away "
-                                f"(or --overwrite) to start over")
-            out.append(rec)
+
+def shorten_solution(solution):
+    """One shortening step for an over-long privileged prompt: cut before the last "Solution N:" marker
+    (keep the first solutions of a multi-solution write-up), else keep the first half."""
+    marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
+    if marks and marks[-1] > 0:
+        return solution[:marks[-1]].rstrip()
+    return solution[:len(solution) // 2]
+
+
+def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
+    """The expert solution as the privileged prompt will hold it: shortened (shorten_solution, repeatedly)
+    until the prompt fits max_prompt_len. rewrite records this text in every trace (`privileged_solution`)
+    and train builds the teacher's context from exactly it, so the teacher sees what the validator saw."""
+    solution = problem["solution"]
+    while True:
+        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
+        if max_prompt_len is None or len(bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text,
+                                                     max_prompt_len)[0]) <= max_prompt_len:
+            return solution
+        if not solution:
+            raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit "
+                            f"the prompt budget of {max_prompt_len} tokens even without the solution")
+        solution = shorten_solution(solution)
+
+
+def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
+    """Prompt ids of the requested contexts for one problem (dict). The privileged prompt holds
+    problem["privileged_solution"] when present (the text the validator saw), else the whole solution; it is
+    never shortened here (see fit_privileged_solution). A student or privileged prompt over max_prompt_len
+    raises DailError."""
+    out, whole = {}, {}
+    encode = lambda text: chat_prompt_ids(tok, text, thinking)  # noqa: E731
+    if "student" in which:
+        out["student"], whole["student"] = bounded_ids(encode, STUDENT_PROMPT.format(problem=problem["problem"]),
+                                                       max_prompt_len)
+    if "privileged" in which:
+        solution = problem.get("privileged_solution") or problem["solution"]
+        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
+        out["privileged"], whole["privileged"] = bounded_ids(encode, text, max_prompt_len)
+    for name in ("student", "privileged"):
+        if name in out and max_prompt_len is not None and len(out[name]) > max_prompt_len:
+            raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is "
+                            f"{'' if whole[name] else 'over '}{len(out[name])} tokens, over the prompt budget of "
+                            f"{max_prompt_len} (--max-prompt-len, or the model's context length minus "
+                            f"--max-new-tokens)")
+    if "shortcut" in which:
+        results = intermediate_results(problem["solution"] or "", problem["answer"])
+        text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
+                                      results=", ".join(results) if results else "none")
+        out["shortcut"] = chat_prompt_ids(tok, text, thinking)
     return out
 
 
-# The fields eval and rewrite read back from their own output lines (resume, merge, summary): name -> type.
-EVAL_FIELDS = dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list)
-TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int,
-                    kept=bool, reject_reason=(str, type(None)))
+# ==== Step 1, rewrite: the token rule (proposer, validator, threshold), its per-trace random numbers, the rollout ======
+def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
+    """[B, V] logits -> [B, V] float32 sampling distribution, rows summing to 1. Order as in vLLM:
+    temperature, then top-k (exactly k candidates), then top-p (the smallest set of most likely candidates
+    with mass >= top_p). temperature 0 is greedy: a one-hot row on the argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    k = top_k if 0 < top_k < logits.shape[-1] else logits.shape[-1]
+    values, order = logits.topk(k, dim=-1)           # [B, k] candidates, most likely first (a sort when k = V)
+    probs = (values / temperature).softmax(-1)
+    if top_p < 1.0:
+        mass_before = probs.cumsum(-1) - probs      # keep a candidate while the mass before it is < top_p
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.zeros_like(logits).scatter(-1, order, probs)
 
 
-def line_check(fields, key, expected=None, n=None):
-    """A check for resume_jsonl: a record must hold `fields` ({name: type}; each list of n items when n is
-    given), and key(record) must be one of `expected` (what this run's --data asks for; None: any), once.
-    Returns the fault of a record, or None. A duplicated or foreign line is thus an error, never counted."""
-    seen = set()
+def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
+    """The DAIL token rule, vectorized over a batch. p_propose, p_validate: [B, V] *sampling* distributions
+    (tempered, truncated: sampling_probs); q_validate: [B, V] the validator's *model* probabilities, the full
+    softmax of its raw logits at temperature 1 (model_probs), which is what the threshold tests (as released:
+    vLLM's raw log-probs). Returns tokens [B] (long) and accepted [B] (bool: the token is an accepted proposal).
 
-    def check(rec):
-        for name, kind in fields.items():
-            value = rec.get(name)
-            if name not in rec or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-                return f"field '{name}': missing or of the wrong type"
-            if n is not None and kind is list and len(value) != n:
-                return f"field '{name}': {len(value)} items where this run has --n {n}"
-        k = key(rec)
-        if expected is not None and k not in expected:
-            return f"record {k!r} is not one of this run's --data"
-        if k in seen:
-            return f"record {k!r} a second time"
-        seen.add(k)
-    return check
+    Per row: draw up to `retries` candidates c ~ p_propose; take the first with q_validate[c] >= threshold;
+    if none passes, draw the token from p_validate (a fallback). With A = {v : q_validate[v] >= threshold}
+    and a = p_propose(A), the token's distribution is exactly
 
+        P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
+               (accepted mass 1 - (1-a)^R)                          (fallback mass (1-a)^R)
 
-def output_checks(command, problems, args, n):
-    """k -> the line_check of shard k of n's output file (k = 0 of n = 1: the whole file): eval, one line per
-    problem of the shard, each with --n samples; rewrite, one line per (problem id, sample < --samples)."""
-    if command == "eval":
-        return lambda k: line_check(EVAL_FIELDS, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)},
-                                    args.n)
-    return lambda k: line_check(TRACE_FIELDS, lambda t: (t["id"], t["sample"]),
-                                {(p["id"], s) for p in shard_problems(problems, k, n) for s in range(args.samples)})
+    Only A depends on q; proposals and fallbacks come from the sampling distributions. (Testing the
+    tempered, renormalized p_validate instead changes what the threshold means: at temperature 0.6 a raw
+    0.6 can become 0.86 and pass 0.8.) threshold = 0 is pure proposer sampling (a = 1) and threshold > 1
+    pure validator sampling (a = 0).
 
-
-def append_jsonl(f, record):
-    """One record, one write, flushed: an interruption never leaves a record half on disk but for the last."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
+    u: [B, R + 1] uniforms in (0, 1), the row's only randomness (counter_uniforms: fixed by the trace and
+    the step, so a trace does not depend on its batch): columns :R draw the proposals, column R the
+    fallback. None: fresh uniforms from torch's global generator."""
+    if u is None:
+        u = torch.rand(p_propose.shape[0], retries + 1, dtype=torch.float64)
+    draws = sample_with(p_propose, u[:, :retries])                                          # [B, R]
+    passes = q_validate.gather(1, draws) >= threshold                                       # [B, R]
+    accepted = passes.any(1)                                                                # [B]
+    first = passes.int().argmax(1, keepdim=True)              # index of the first passing draw (0 if none)
+    proposal = draws.gather(1, first).squeeze(1)                                            # [B]
+    fallback = sample_with(p_validate, u[:, retries:]).squeeze(1)                           # [B]
+    return torch.where(accepted, proposal, fallback), accepted
 
 
-def write_atomic(path, content):
-    """Write a file whole or not at all: `content` (text, bytes, or a function that writes to a binary file)
-    goes into a temporary file beside `path`, which then replaces it (os.replace), so an interruption or a
-    full disk never leaves a 0-byte or half-written result. On failure the temporary file is removed and
-    the error is one line naming the file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # the pid: processes never share a temp file
+def model_probs(logits):
+    """[B, V] logits -> [B, V] float32 model probabilities: the full softmax at temperature 1, no top-k or
+    top-p, what the threshold is compared with. Banned tokens (the caller set their logits to -inf, e.g.
+    </think> in a thinking rewrite) get probability 0 and the rest is renormalized: the validator's
+    probability of a candidate given that the trace cannot take a banned token."""
+    return logits.float().softmax(-1)
+
+
+def trace_keys(seed, problem_ids, samples):
+    """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
+    trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
+    words = []
+    for pid, s in zip(problem_ids, samples):
+        digest = hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
+        words.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
+    return torch.tensor(words, dtype=torch.long)
+
+
+def counter_uniforms(keys, step, n):
+    """[B, n] float64 uniforms in (0, 1) for B traces at decoding step `step`: a counter-based generator,
+    u = hash(key, step, j), so a trace's draws are fixed by its key whatever else shares its batch.
+    keys: [B, 2] from trace_keys."""
+    j = torch.arange(n, dtype=torch.long, device=keys.device)
+    counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
+    h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
+    return (h.double() + 0.5) / 2.0 ** 32
+
+
+def sample_with(probs, u):
+    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
+    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
+    cdf = probs.double().cumsum(-1)                                               # [B, V]
+    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
+    return tokens.clamp(max=probs.shape[-1] - 1)
+
+
+def _hash32(x):
+    """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x, c):
+    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a Python int c < 2^32, with no int64 overflow."""
+    lo = x * (c & 0xFFFF)                                        # < 2^48
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16                        # < 2^32
+    return (lo + hi) & 0xFFFFFFFF
+
+
+def left_pad(seqs, pad_id, device):
+    """Lists of ids -> ids [N, L] left-padded, attention mask [N, L], position ids [N, L] counted from each
+    row's first real token (so a padded row computes exactly what it would alone)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@torch.no_grad()
+def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
+    """Decode one response per trace that is shared by G contexts (G = 2 for rewrite: proposer, validator;
+    G = 1 for eval). contexts: B traces, each a list of G prompt-id lists.
+    choose(logits [G, b, V], step, rows) -> (tokens [b], accepted [b] bool or None) picks each active
+    trace's token; rows [b] (long) are the indices in `contexts` of the active traces, so that a sampler
+    can key each row's random numbers by its trace and the step (counter_uniforms).
+
+    All G*B rows run as one batch: the prompts are prefilled once into a KV cache (left padding, position
+    ids from the mask), then every step feeds one token per row and grows the mask by one column. The
+    token chosen for a trace is appended to all its contexts, so they share the response ids exactly.
+    A trace stops at a stop token (not kept in its ids) or at the budget; finished rows leave the batch.
+    presence_penalty (eval; vLLM's semantics): before `choose`, subtract it from the logit of every token that
+    already occurs in this trace's response (generated tokens only, never the prompt's): a [b, V] mask.
+    Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id (the stop token or None),
+    n_accepted, n_fallback)."""
+    device = next(model.parameters()).device
+    B, G = len(contexts), len(contexts[0])
+    rows = [trace[g] for g in range(G) for trace in contexts]          # row g*B + i = context g of trace i
+    ids, mask, positions = left_pad(rows, pad_id, device)
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
+    next_pos = positions[:, -1] + 1                                           # [G*B]
+    active = list(range(B))                                                   # traces still decoding
+    results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
+    stop = set(stop_ids)
+    present = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=device) if presence_penalty else None
+    for step in range(max_new_tokens):
+        if banned_ids:
+            logits[:, list(banned_ids)] = float("-inf")
+        if present is not None:                                   # [b, V] -> every context's rows [G*b, V]
+            logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
+        b = len(active)
+        tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
+        if present is not None:
+            present[torch.arange(b, device=device), tokens] = True
+        tok_list = tokens.tolist()
+        acc_list = accepted.tolist() if accepted is not None else [False] * b
+        keep = []
+        for j, i in enumerate(active):
+            if tok_list[j] in stop:
+                results[i]["finish_reason"], results[i]["stop_id"] = "stop", tok_list[j]
+                continue
+            results[i]["ids"].append(tok_list[j])
+            results[i]["n_accepted" if acc_list[j] else "n_fallback"] += 1
+            keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < b:  # drop finished traces from every context's rows, cache included
+            kept = torch.tensor(keep, device=device)
+            rows_kept = torch.cat([kept + g * b for g in range(G)])
+            cache.batch_select_indices(rows_kept)
+            mask, next_pos, tokens = mask[rows_kept], next_pos[rows_kept], tokens[kept]
+            present = present[kept] if present is not None else None
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       **kv, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return results
+
+
+# ==== Step 1, filtering the traces, and the rewrite command ============================================================
+def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
+    """Why a trace is rejected (None: it passes). Non-reasoning traces must finish (unless keep_truncated:
+    the released code graded a trace cut by the budget by its last box), have a boxed answer equal to the
+    reference, and not mention the reference. Thinking prefixes are not graded."""
+    if thinking:
+        return None
+    if trace["finish_reason"] != "stop" and not keep_truncated:
+        return "truncated"
+    if trace["pred"] is None:
+        return "no_answer"
+    if not trace["correct"]:
+        return "wrong_answer"
+    text = trace["response"].lower()
+    if any(p in text for p in leak_phrases):
+        return "mentions_reference"
+    return None
+
+
+def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
+    """Grade, filter and append one line per trace; `kept_count` (id -> kept so far) enforces the limit.
+    `privileged_solution` is the solution text the validator's prompt held (train's teacher sees the same)."""
+    for s, r in zip(samples, results):
+        text = tok.decode(r["ids"], skip_special_tokens=False)
+        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
+        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
+                     privileged_solution=problem.get("privileged_solution", problem["solution"]), answer=problem["answer"],
+                     response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
+                     n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
+        reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases, args.keep_truncated)
+        if reason is None and kept_count.get(problem["id"], 0) >= args.keep_per_problem:
+            reason = "per_problem_limit"
+        trace["kept"], trace["reject_reason"] = reason is None, reason
+        kept_count[problem["id"]] = kept_count.get(problem["id"], 0) + (reason is None)
+        append_jsonl(f, trace)
+
+
+def rewrite_summary(traces, n_problems, skipped, args, shortened=0):
+    reasons = {}
+    for t in traces:
+        if t["reject_reason"]:
+            reasons[t["reject_reason"]] = reasons.get(t["reject_reason"], 0) + 1
+    tokens = sum(len(t["response_ids"]) for t in traces)
+    return dict(problems=n_problems, problems_skipped_too_long=skipped, solutions_shortened=shortened,
+                traces=len(traces), kept=sum(t["kept"] for t in traces),
+                problems_with_kept=len({t["id"] for t in traces if t["kept"]}), reject_reasons=reasons,
+                acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
+                mean_tokens=tokens / max(len(traces), 1),
+                finished=sum(t["finish_reason"] == "stop" for t in traces),
+                grader=grader_info(args.grader),
+                settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
+
+
+def decode_only_kept(args):
+    """Thinking prefixes are not graded (and --no-filter grades nothing away), so the first
+    --keep-per-problem traces of a problem are the ones kept: decode only those, not --samples."""
+    if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:
+        print(f"note: {'--thinking prefixes are not graded' if args.thinking else '--no-filter'}: the first "
+              f"--keep-per-problem {args.keep_per_problem} traces per problem are kept, so only those are "
+              f"decoded (not --samples {args.samples})", file=sys.stderr)
+        args.samples = args.keep_per_problem
+
+
+def cmd_rewrite(args):
+    """Write OUT (traces.jsonl: one line per trace), OUT's .summary.json and .config.json beside it
+    (traces.summary.json, traces.config.json: one of each per output file). Split over torchrun's ranks
+    or --shard K/N, each shard writes its problems (shard_problems) into its part file (part_file, with its
+    own .config.json); the merging process (plan_shards) writes OUT in input order and the summary."""
+    validate_args(resolve_released(args))
+    problems = load_problems(args.data, need_solution=True, need_answer=True)
+    decode_only_kept(args)
+    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
+    out = Path(args.out)
+    check_out_file(args)
+    config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
+    engine = rewrite_engine(args)
+    # every line of OUT is one (id, sample) of --data, once
+    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
+                                                             out.with_suffix(".summary.json"))
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    check_thinking_flag(tok, args)
+    max_prompt = prompt_budget(args, "rewrite", lambda: max(len(ids) for p in problems for ids in build_contexts(
+        tok, p, args.thinking, None, ("student", "privileged")).values()))
+    contexts, skipped = {}, 0
+    for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
+        try:
+            p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
+            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student", "privileged"))
+        except DailError as e:
+            skipped += 1
+            print(f"skip: {e}", file=sys.stderr)
+    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
+    if shortened:
+        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
+              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
+    if not contexts:
+        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
+                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
+    expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
+                     for s in range(args.samples)} for k in range(n)}
+    engine = rewrite_engine(args, say=True)
+    for k in ks:
+        rewrite_shard(args, tok, os.devnull if follower else shard_path(out, k, n), done[k], expected[k], problems,
+                      contexts, engine)
+    index = {p["id"]: p["index"] for p in problems}
+    traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
+                          lambda t: (index[t["id"]], t["sample"]), checks)
+    if traces is None:
+        return                       # a rank other than 0 (rank 0 merges), or parts still missing
+    summary = rewrite_summary(traces, len(problems), skipped, args, shortened)
+    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
+
+
+def rewrite_shard(args, tok, out, done, expected, problems, contexts, engine):
+    """Decode into `out` (traces.jsonl, or a shard's part file) the traces of `expected` ((id, sample)
+    pairs) that `done` (the records already there) lacks, in input order."""
+    written = {(t["id"], t["sample"]) for t in done}
+    todo = [(p, s) for p in problems if p["id"] in contexts for s in range(args.samples)
+            if (p["id"], s) in expected and (p["id"], s) not in written]
+    kept_count = {}
+    for t in done:
+        kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
+    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
+    if todo:
+        device = shard_device(args)
+        banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
+        stop_ids = stop_token_ids(tok, args.model)
+        proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
+        print(f"rewrite: {len(todo)} traces to decode ({len(written)} already in {out}), engine {engine}",
+              file=sys.stderr)
+        with open(out, "a", encoding="utf-8") as f:
+            if engine == "vllm":
+                rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
+                             leak_phrases)
+            else:
+                rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
+                           leak_phrases, device)
+
+
+def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
+               device):
+    """The token-by-token rollout: both contexts of every trace in one batched forward per step.
+    The threshold tests the validator's model probability q (model_probs: full softmax, temperature 1).
+    At threshold <= 0 every candidate passes (q >= 0): proposer sampling. At threshold >= 1 a candidate
+    passes only where q is one-hot on it (q[c] >= 1 means all other tokens have probability 0); then the
+    validator's sampling distribution, a tempered and truncated q, is that same one-hot, so accepting c
+    is what validator sampling would emit anyway: validator sampling. In both cases that one context is
+    decoded alone. Every random number of a trace comes from counter_uniforms keyed by (--seed, problem id,
+    sample index) and the step: its batch, the batch size, a resume or a shard do not change it."""
+    model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
+    pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
+    names = [pure] if pure else [proposer, validator]
+
+    def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
+        greedy = [args.greedy_proposer and name == proposer for name in names]   # --greedy-proposer: one-hot
+        probs = [sampling_probs(lg, 0 if g else args.temperature, args.top_p, args.top_k)
+                 for lg, g in zip(logits, greedy)]
+        u = counter_uniforms(keys[rows], step, args.retries + 1)                 # [b, R + 1]
+        if pure:
+            tokens = sample_with(probs[0], u[:, :1]).squeeze(1)
+            return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
+        return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, u)
+
+    bar = progress(total=len(todo), desc="rewrite", unit="trace")
+    n_tok, n_acc, t0 = 0, 0, time.time()
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        ctx = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
+        keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
+        results = decode(model, ctx, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
+        for (p, s), r in zip(batch, results):
+            write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+            n_tok += len(r["ids"])
+            n_acc += r["n_accepted"]
+        bar.update(len(batch))
+        bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
+    bar.close()
+
+
+# ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========
+def kl(log_p, log_q):
+    """KL(p || q) over the last (vocabulary) dim, from log-probabilities: sum_v p(v) (log p(v) - log q(v)).
+    Same as F.kl_div(log_q, log_p, log_target=True, reduction='none').sum(-1): note that F.kl_div takes
+    its arguments in the reverse of the math's order (input = log q, target = log p)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="reverse"):
+    """Per-position KL terms [...]: (to the privileged teacher, to the shortcut), full vocabulary, float32.
+    Teacher and shortcut are constants (no gradient flows into them)."""
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_e = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    log_c = F.log_softmax(shortcut_logits.detach().float(), dim=-1)
+    if direction == "reverse":
+        return kl(log_s, log_e), kl(log_s, log_c)
+    if direction == "forward":
+        return kl(log_e, log_s), kl(log_c, log_s)
+    raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
+
+
+def loss_weights(mask, norm="sequence", divisor=None):
+    """Each position's weight in the loss [B, T] (0 off the mask), from mask [B, T] bool (True on response
+    positions). With len_i = mask[i].sum() the response length of sequence i:
+
+        sequence (released):  w[i, t] = 1 / (S * len_i)   L = (1/S) sum_i (1/len_i) sum_t loss[i, t]
+        token (TRL's mean):   w[i, t] = 1 / N             L = (1/N) sum_{i,t} loss[i, t]
+
+    divisor is S (norm 'sequence': the number of sequences) or N ('token': the number of response tokens)
+    of the whole optimizer step, all micro-batches and ranks; then the sum of every micro-batch's loss is
+    the step's loss, and accumulation and data parallelism give the gradient of one big batch. Default:
+    this batch's own count (sequences with a response, or response tokens)."""
+    mask = mask.bool()
+    if norm == "token":
+        return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
+    if norm == "sequence":
+        lengths = mask.sum(-1, keepdim=True)                                           # [B, 1]
+        n = divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)
+        return mask / (lengths.clamp(min=1) * n)
+    raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+
+
+def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
+              norm="sequence", divisor=None):
+    """The DAIL loss. Logits: [B, T, V], aligned (position t of all three predicts the same response token:
+    student = p_theta(.|x_s, y<t), teacher = p_theta0(.|x_e, y<t), shortcut = p_theta0(.|x_c, y<t));
+    mask: [B, T] bool, True on response positions; len_i = mask[i].sum().
+
+        reverse (released default):  l[i,t] = KL(student || teacher) - lam * KL(student || shortcut)
+        forward:                     l[i,t] = KL(teacher || student) - lam * KL(shortcut || student)
+
+        norm 'sequence' (released):  L = (1/S) sum_i (1/len_i) sum_t l[i,t]   (each trace weighs the same)
+        norm 'token':                L = (1/N) sum_i sum_t l[i,t]             (each token weighs the same)
+
+    S, N = divisor when given (the sequences / response tokens of the whole optimizer step, all micro-batches
+    and ranks: see loss_weights), else this batch's. The subtracted term is unbounded above, which is why
+    both terms are returned for logging, normalized the same way.
+    Returns (loss, {"kl_teacher": float, "kl_shortcut": float})."""
+    pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed before the softmax, it adds
+    kl_teacher, kl_shortcut = dail_kl_terms(                                 # neither value nor gradient
+        student_logits.masked_fill(pad, 0.0), teacher_logits.masked_fill(pad, 0.0),
+        shortcut_logits.masked_fill(pad, 0.0), direction)                                   # [B, T] each
+    w = loss_weights(mask, norm, divisor)
+    kl_teacher, kl_shortcut = kl_teacher * w, kl_shortcut * w
+    loss = (kl_teacher - lam * kl_shortcut).sum()
+    return loss, {"kl_teacher": float(kl_teacher.detach().sum()), "kl_shortcut": float(kl_shortcut.detach().sum())}
+
+
+def float32_head(head):
+    """h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype: bf16 logits alone
+    put a 12% relative error on a per-token KL of 0.03. The weight is cast once per call of the loss (a
+    transient float32 copy of the head for a bf16 model), the matmul runs with autocast off."""
+    lora = head if isinstance(head, LoRALinear) and head.enabled else None
+    linear = head.base if isinstance(head, LoRALinear) else head
+    weight = linear.weight.float()                 # the same tensor (and its gradient) when already float32
+    bias = None if linear.bias is None else linear.bias.float()
+
+    def logits(h):
+        with torch.autocast(h.device.type, enabled=False):
+            x = h.float()
+            out = F.linear(x, weight, bias)
+            if lora is not None:
+                out = out + (lora.dropout(x) @ lora.lora_A.float().T @ lora.lora_B.float().T) * lora.scale
+            return out
+    return logits
+
+
+def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
+                      direction="reverse", weights=None, chunk_size=1024):
+    """dail_loss from hidden states, a chunk of positions at a time: peak memory grows with
+    chunk_size x V, not N x V. h_*: [N, H] final hidden states at the N response positions, row-aligned
+    across the three contexts (teacher and shortcut ones computed without gradient); student_head and
+    reference_head: the LM heads of theta and theta0, run in float32 (float32_head); weights [N]: each
+    position's weight, loss_weights(mask, norm, divisor)[mask] (default: 1/N, the token mean). Equal,
+    value and gradient, to dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ...)."""
+    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
+    weights = weights.to(h_student.device, torch.float32)
+    student_logits = float32_head(student_head)
+    with torch.no_grad(), adapters_off(reference_head):          # theta0's head: adapters off, if it has any
+        shared = reference_head is student_head and not isinstance(student_head, LoRALinear)
+        reference_logits = student_logits if shared else float32_head(reference_head)
+
+    def per_position(hs, he, hc, w):      # -> weighted loss terms [n], KL to the teacher [n], to the shortcut [n]
+        with torch.no_grad():
+            te, tc = reference_logits(he), reference_logits(hc)
+        kl_teacher, kl_shortcut = dail_kl_terms(student_logits(hs), te, tc, direction)
+        return (kl_teacher - lam * kl_shortcut) * w, kl_teacher * w, kl_shortcut * w
+
+    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut, weights), student_head,
+                                       chunk_size)
+    return loss, {"kl_teacher": float(sum_e), "kl_shortcut": float(sum_c)}
+
+
+def chunked_sft_loss(h_student, targets, student_head, weights=None, chunk_size=1024):
+    """Weighted token cross-entropy sum_n w[n] * CE[n] from [N, H] hidden states and [N] targets, chunked
+    like chunked_dail_loss, head in float32 (the SFT baselines; weights as there, default the token mean)."""
+    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
+    head = float32_head(student_head)
+    loss, _ = chunked_sum(lambda hs, y, w: (F.cross_entropy(head(hs), y, reduction="none") * w,),
+                          h_student, (targets, weights.to(h_student.device, torch.float32)), student_head,
+                          chunk_size)
+    return loss, {"ce": float(loss.detach())}
+
+
+def chunked_sum(per_position, h, aligned, head, chunk_size):
+    """sum_i per_position(h[i], aligned[i])[0] over the N rows of h [N, H], one chunk of rows at a time,
+    as a scalar that backpropagates like the plain sum (plus the detached sums of the other outputs).
+
+    Each chunk's gradient (with respect to its rows of h and to the head's trainable weights) is taken
+    right away, while its logits exist, and the logits are then freed; the returned scalar carries those
+    gradients into the backbone through a linear surrogate. Nothing is recomputed in backward."""
+    if h.shape[0] == 0:
+        raise ValueError("chunked_sum needs at least one response position")
+    params = [p for p in head.parameters() if p.requires_grad]
+    track = torch.is_grad_enabled() and (h.requires_grad or bool(params))
+    grad_h = torch.zeros_like(h) if track else None
+    grad_p = [torch.zeros_like(p) for p in params] if track else []
+    sums = None                                               # running detached sums of every output
+    for i in range(0, h.shape[0], chunk_size):
+        part = slice(i, i + chunk_size)
+        hp = h[part].detach().requires_grad_(track and h.requires_grad)
+        out = per_position(hp, *(a[part] for a in aligned))
+        if track:
+            inputs = ([hp] if h.requires_grad else []) + params
+            grads = torch.autograd.grad(out[0].sum(), inputs)
+            if h.requires_grad:
+                grad_h[part] = grads[0]
+            for acc, g in zip(grad_p, grads[len(grads) - len(params):]):
+                acc += g
+        chunk_sums = [o.detach().sum() for o in out]
+        sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums)]
+    total, *extras = sums
+    if not track:
+        return total, extras
+    surrogate = sum((p * g).sum() for p, g in zip(params, grad_p)) + (h * grad_h).sum()
+    return total + surrogate - surrogate.detach(), extras           # value: total; gradient: the chunks'
+
+
+# ==== Step 2, training: minimal LoRA, sequences and masks, the reference states, the loop, the train command ===========
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B (A x): the base nn.Linear W is frozen, A [r, in] starts random and
+    B [out, r] at zero, so training starts from the base model exactly. The adapter is kept in float32."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + (self.dropout(x) @ a.T @ b.T) * self.scale
+
+
+def add_lora(model, targets, rank, alpha, dropout=0.0):
+    """Freeze `model` and wrap every nn.Linear named in `targets` (e.g. q_proj) in a LoRALinear."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name in targets:
+                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+                wrapped += 1
+    if not wrapped:
+        raise DailError(f"--lora-targets {','.join(targets)}: no such nn.Linear in the model")
+    return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within the block the LoRA model computes theta0, the initial model (no-op without adapters)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
     try:
-        with open(tmp, "wb") as f:
-            content(f) if callable(content) else f.write(content.encode() if isinstance(content, str) else content)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        cause = e if isinstance(e, OSError) else e.__context__     # torch.save wraps the OSError of a full disk
-        if not isinstance(cause, OSError):
-            raise
-        full = " (the disk is full)" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise DailError(f"{path}: could not write it{full} ({cause.strerror or cause}); nothing was replaced; "
-                        f"free space and rerun the same command") from None
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
-# =====================================================================================================
-# Data and answers: boxed answers, the grader (shared by the rewrite filter and eval), problems
-# =====================================================================================================
+def merge_lora(model):
+    """Fold every adapter into its base weight (W += scale * B @ A, in float32) and unwrap it."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                w = child.base.weight
+                delta = child.scale * (child.lora_B.float() @ child.lora_A.float())
+                w.data = (w.data.float() + delta.to(w.device)).to(w.dtype)
+                setattr(module, name, child.base)
+    return model
+
+
+def training_response(tok, record, args, eot):
+    """The response ids every context of one example shares: the trace's ids + the end-of-turn token when
+    the trace finished (so the model learns to stop; thinking prefixes end at the budget and get none),
+    or, for SFT on expert solutions, the tokenized solution + end of turn."""
+    if args.objective == "sft" and args.sft_target == "expert":  # a huge solution: just enough ids to be dropped
+        return bounded_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"], record["solution"],
+                           args.max_len)[0] + [eot]
+    return list(record["response_ids"]) + ([eot] if record["finish_reason"] == "stop" else [])
+
+
+def collate(pairs, pad_id):
+    """[(prompt ids, response ids)] -> right-padded ids [B, L], attention mask [B, L], and `predicts`
+    [B, L-1] bool: True where logits[:, p] predict a response token ids[:, p+1]. The distribution that
+    predicts response token t of a row therefore sits at position prompt_len + t - 1. (The released code's
+    mask started two positions late, so the distributions of the first two response tokens were never
+    trained; its last position, the distribution after the last response token, did teach stopping.)"""
+    width = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    is_response = torch.zeros((len(pairs), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, :len(p) + len(r)] = 1
+        is_response[i, len(p):len(p) + len(r)] = True
+    return ids, mask, is_response[:, 1:]
+
+
+def response_hidden(model, batch, device):
+    """Final hidden states at the positions that predict response tokens: [N, H] in (row, t) order, and
+    their targets [N]. Every context of an example has the same response, so the N rows of the student,
+    privileged and shortcut contexts line up one to one whatever their prompt lengths."""
+    ids, mask, predicts = (x.to(device) for x in batch)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state    # [B, L, H]
+    return hidden[:, :-1][predicts], ids[:, 1:][predicts]
+
+
+# what the loss reports, summed over a step's micro-batches and ranks (metrics.jsonl, log lines, the plot)
+LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
+
+
+def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device, cache=None):
+    """Loss of one micro-batch, weighted by --loss-norm with the optimizer step's divisor (step_divisor), so
+    that the sum over micro-batches and ranks is the step's loss. reference is theta0: the model itself with
+    adapters off (LoRA), or a frozen copy (full fine-tuning); cache: its states (reference_states)."""
+    batch = collate([ex["student"] for ex in examples], pad_id)
+    h_student, targets = response_hidden(model, batch, device)
+    predicts = batch[2]
+    weights = loss_weights(predicts, args.loss_norm, divisor)[predicts]                # [N], in (row, t) order
+    head = model.get_output_embeddings()
+    if args.objective == "sft":
+        return chunked_sft_loss(h_student, targets, head, weights, args.loss_chunk)
+    h_teacher, h_shortcut = reference_states(reference, examples, cache, pad_id, device)
+    return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(),
+                             args.lam, args.direction, weights, args.loss_chunk)
+
+
+def reference_states(reference, examples, cache, pad_id, device):
+    """theta0's final hidden states at the response positions of the privileged and the shortcut contexts:
+    (h_teacher, h_shortcut), each [N, H] in the (row, t) order response_hidden gives for these examples.
+    theta0 is frozen and the examples never change, so these are constants of the run: with a cache
+    (new_reference_cache) only the examples missing from it go through theta0, together in one batch, and
+    each is stored as its forward produced it ([n_i, H] per context, the forward's dtype). cache None: off."""
+    cache = cache if cache is not None else new_reference_cache("off")
+    found = [load_states(cache, ex) for ex in examples]
+    missing = [ex for ex, states in zip(examples, found) if states is None]
+    if missing:
+        with torch.no_grad(), adapters_off(reference):
+            h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in missing], pad_id), device)
+            h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in missing], pad_id), device)
+        cache["computed"] += len(missing)
+        sizes = [len(ex["privileged"][1]) for ex in missing]             # n_i rows per example, in row order
+        fresh = iter(zip(h_teacher.split(sizes), h_shortcut.split(sizes)))
+        found = [states or store_states(cache, ex, *next(fresh)) for ex, states in zip(examples, found)]
+        if len(missing) == len(examples):
+            return h_teacher, h_shortcut
+    return tuple(torch.cat([states[i].to(device) for states in found]) for i in (0, 1))  # cached ones: on the host
+
+
+def step_divisor(items, norm):
+    """The divisor of one optimizer step's loss, known before its micro-steps: its number of sequences
+    (--loss-norm sequence) or of response tokens (token), over all ranks and micro-batches."""
+    return len(items) if norm == "sequence" else sum(len(ex["student"][1]) for ex in items)
+
+
+def lr_at(step, total_steps, peak, warmup):
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total_steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def build_examples(tok, records, args):
+    """Three contexts per trace (student, privileged, shortcut; SFT: the student alone), each a pair
+    (prompt ids, response ids) with the response shared. The teacher sees the solution the validator saw
+    (never re-shortened); an example longer than --max-len is dropped and counted.
+    Returns ([{context name: (prompt ids, response ids)}], number dropped)."""
+    eot = end_of_turn_id(tok)
+    which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
+    examples, too_long = [], 0
+    for r in records:
+        response = training_response(tok, r, args, eot)
+        try:
+            contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
+        except DailError:
+            contexts = None
+        if contexts is None or max(len(p) for p in contexts.values()) + len(response) > args.max_len:
+            too_long += 1
+        else:
+            examples.append({name: (prompt, response) for name, prompt in contexts.items()})
+    return examples, too_long
+
+
+def build_models(args, device):
+    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (the reference for
+    the teacher and shortcut passes: the same network with adapters off, or a frozen copy; None for SFT
+    with full fine-tuning), the trainable parameters and their AdamW."""
+    full_ft = args.lora_rank == 0
+    base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
+    model = load_model(args.model, device, base_dtype, args.trust_remote_code)
+    if full_ft:
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
+    else:
+        model = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+        reference = model                                    # same network, adapters switched off
+    if args.grad_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return model, reference, params, optimizer
+
+
+def checkpoint_due(step, total_steps, args, num_examples):
+    """Whether to write a checkpoint after optimizer step `step` (0-based): every --save-every steps, at the
+    end of every epoch (the step that completes a pass over the examples), and after the last step."""
+    ends_epoch = (step + 1) * args.batch_size // num_examples > step * args.batch_size // num_examples
+    return ends_epoch or step + 1 == total_steps or bool(args.save_every and (step + 1) % args.save_every == 0)
+
+
+def log_line(rec, total_steps):
+    """One plain line per --log-every steps, for logs that are files (no progress-bar carriage returns)."""
+    terms = " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if k in rec)
+    return (f"step {rec['step']}/{total_steps} {terms} lr {rec['lr']:.3g} grad_norm {rec['grad_norm']:.3g} "
+            f"tok/s {rec['tok_per_s']:.0f}")
+
+
+def cmd_train(args):
+    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), dail_prompt.json (its prompt),
+    adapters/ (PEFT), metrics.jsonl, metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
+    validate_args(resolve_released(args))
+    records, not_kept = load_training_records(args)            # all input checks before any model loads
+    guard_train_out(args)                                      # --out: not the model, not an unrelated run
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint.pt").exists():
+        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+    t_start = time.time()
+
+    ddp, rank, world_size, device = setup_distributed(args)
+    master_process = rank == 0                                 # it logs and saves; every rank trains
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    if master_process:
+        check_thinking_flag(tok, args)
+    examples, too_long = build_examples(tok, records, args)
+    if master_process:
+        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
+              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
+    if not examples:
+        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
+    model, reference, params, optimizer = build_models(args, device)
+    autocast_dtype = resolve_dtype(args.dtype, device)
+    use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
+    cache = None                                       # theta0's states, computed once (reference_states)
+    if args.objective == "dail":
+        out.mkdir(parents=True, exist_ok=True)
+        cache, line = setup_reference_cache(args, examples, model, autocast_dtype if use_autocast else
+                                            model.get_input_embeddings().weight.dtype, out,
+                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if master_process:
+            print(line, file=sys.stderr)
+
+    # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
+    order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
+                            for e in range(args.epochs)])
+    total_steps = planned_steps(args, len(examples), say=master_process)
+    checkpoint = out / "checkpoint.pt"
+    start = load_checkpoint(checkpoint, model, optimizer, args, device, total_steps) if args.resume else 0
+    metrics_path = out / "metrics.jsonl"
+    if master_process:
+        out.mkdir(parents=True, exist_ok=True)
+        kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
+        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in kept_lines))
+
+    # ---- the training loop: one optimizer step per iteration ------------------------------------------
+    bar = progress(total=total_steps, initial=start, desc=f"train {args.objective}", unit="step",
+                   disable=not master_process or not sys.stderr.isatty())   # a log file gets plain lines
+    with stop_signals() as signals:
+        for step in range(start, total_steps):
+            t0 = time.time()
+            # 1. learning rate of this step
+            lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # 2. this step's sequences; the divisor (all ranks) makes the sum of micro-batch losses the step's loss
+            items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+            divisor, num_tokens = step_divisor(items, args.loss_norm), sum(len(ex["student"][1]) for ex in items)
+            mine = items[rank::world_size]
+            # 3. micro-steps: forward, backward, gradients accumulate in .grad
+            logged = dict.fromkeys(LOGGED[args.objective], 0.0)
+            for i in range(0, len(mine), args.micro_batch_size):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                    loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
+                                                   divisor, tok.pad_token_id, device, cache)
+                loss.backward()
+                for k, v in dict(loss=float(loss.detach()), **stats).items():
+                    logged[k] += v
+            # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
+            if ddp:
+                logged = all_reduce_step(params, logged, device)
+            # 5. clip, step, zero
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            check_finite(step + 1, dict(logged, grad_norm=float(grad_norm)), checkpoint, args)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # 6. log: metrics.jsonl every step, a line every --log-every steps
+            if master_process:
+                rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens, sequences=len(items),
+                           tok_per_s=num_tokens / (time.time() - t0), **logged)
+                with open(metrics_path, "a") as f:
+                    append_jsonl(f, rec)
+                bar.update()
+                if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                    if bar.disable:
+                        print(log_line(rec, total_steps), file=sys.stderr, flush=True)
+                    else:
+                        bar.set_postfix({k: f"{rec[k]:.4g}" for k in LOGGED[args.objective]})
+            # 7. checkpoint: every --save-every steps, at every epoch end, and when SIGTERM/SIGINT asks to stop
+            stop = agreed_signal(signals["signal"], ddp, device)
+            if master_process and (stop or checkpoint_due(step, total_steps, args, len(examples))):
+                save_checkpoint(checkpoint, step + 1, model, optimizer, args, device)
+            if stop:
+                bar.close()
+                end_distributed(ddp)
+                raise Interrupted(f"interrupted at step {step + 1}; rerun with --resume to continue"
+                                  if master_process else "", 128 + stop)
+    bar.close()
+
+    # ---- save: adapters alone, then the merged model that from_pretrained and vLLM load ------------------
+    if master_process:
+        summary = save_result(out, model, tok, args, dict(
+            examples=len(examples), dropped_too_long=too_long, traces_not_kept=not_kept, steps=total_steps,
+            world_size=world_size, reference_cache=cache and {k: cache[k] for k in (
+                "mode", "computed", "reused", "bad_files")}))
+        final = summary["final"] or {}
+        terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
+        print(f"train: done: {total_steps} steps over {len(examples)} examples ({min(len(order), total_steps * args.batch_size)} "
+              f"sequences), final {terms}, {time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
+        if cache:
+            print(f"train: reference cache ({cache['mode']}, rank 0): theta0 ran on {cache['computed']} examples, "
+                  f"{cache['reused']} reused, {cache['bad_files']} bad files recomputed", file=sys.stderr)
+    end_distributed(ddp)
+
+
+# ==== Evaluation: the unbiased pass@k estimator, the forced answer, the eval command ===================================
+def pass_at_k(n, c, k):
+    """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
+
+        pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+
+    in the product form, which stays accurate for n in the thousands (no huge binomials).
+    Edge cases: 0.0 when c = 0; 1.0 when n - c < k (every k-subset holds a correct sample).
+    ValueError when k > n (the estimator needs n >= k) or the counts are invalid."""
+    if min(n, k) < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs n >= 1, k >= 1 and 0 <= c <= n; got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass_at_k needs n >= k; got n={n}, k={k}")
+    if c == 0:
+        return 0.0
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def parse_ks(spec, n):
+    """k values for pass@k: the --k list (each must be <= n), or 1, 2, 4, ... <= n, and n itself."""
+    if spec:
+        try:
+            ks = sorted({int(x) for x in spec.split(",") if x.strip()})
+        except ValueError:
+            raise DailError(f"--k {spec}: expected comma-separated integers") from None
+        if not ks or ks[0] < 1 or ks[-1] > n:
+            raise DailError(f"--k {spec}: every k must be in 1..n (n = {n}); the unbiased estimator needs n >= k")
+        return ks
+    return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+
+
+def eval_summary(lines, ks):
+    """Mean pass@k over problems, response-length figures, and answer-extraction counts."""
+    all_tokens = [t for r in lines for t in r["n_tokens"]]
+    correct_tokens = [t for r in lines for t, ok in zip(r["n_tokens"], r["correct"]) if ok]
+
+    def mean_of(part, only_correct=False):  # thinking and answer tokens apart (older runs: all are answer)
+        vals = []
+        for r in lines:
+            counts = r.get(f"n_{part}_tokens") or (r["n_tokens"] if part == "answer" else [0] * len(r["n_tokens"]))
+            vals += [t for t, ok in zip(counts, r["correct"]) if ok or not only_correct]
+        return float(np.mean(vals)) if vals else None
+    return dict(
+        problems=len(lines),
+        pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
+                   for k in ks},
+        mean_tokens=float(np.mean(all_tokens)) if all_tokens else None,
+        mean_tokens_correct=float(np.mean(correct_tokens)) if correct_tokens else None,
+        mean_thinking_tokens=mean_of("thinking"), mean_answer_tokens=mean_of("answer"),
+        mean_thinking_tokens_correct=mean_of("thinking", True), mean_answer_tokens_correct=mean_of("answer", True),
+        samples_forced=sum(f is not None for r in lines for f in r.get("forced", [])),
+        samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
+        problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
+        truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]))
+
+
+def cmd_eval(args):
+    """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
+    (the settings a resumed run must match). Per sample, samples.jsonl keeps the first pass (`responses`,
+    `finish_reasons`) and the forced-answer pass apart (`forced`: the inserted line + what was sampled after
+    it, or null), and counts generated tokens: n_tokens = n_thinking_tokens + n_answer_tokens, of which
+    n_forced_tokens in the second pass. Only answer_part (after </think> with --thinking) is graded."""
+    validate_args(args)
+    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
+    if args.regrade:
+        return regrade_eval(args)
+    problems = load_problems(args.data, need_solution=False, need_answer=True)
+    ks = parse_ks(args.k, args.n)
+    out = Path(args.out)
+    check_out_folder(args)
+    samples_path = out / "samples.jsonl"
+    def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
+        return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
+    engine = eval_engine(args)
+    # every line of samples.jsonl is one problem of --data, once, with n samples
+    n, shards, merge, follower, config, checks, done = start_job("eval", samples_path, args, engine, problems,
+                                                                 config_of, out / "summary.json", out / "passk.png")
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    check_thinking_flag(tok, args)
+    max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
+                                                         for p in problems))
+    prompts = {}
+    for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
+        prompts[p["id"]] = eval_prompt_ids(tok, p, args.thinking, max_prompt)
+    t0, n_new = time.time(), 0
+    for k in shards:
+        written = {r["id"] for r in done[k]}
+        todo = [p for p in shard_problems(problems, k, n) if p["id"] not in written]
+        n_new += eval_shard(args, tok, os.devnull if follower else shard_path(samples_path, k, n), todo, prompts,
+                            engine, len(written))
+    index = {p["id"]: p["index"] for p in problems}
+    expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
+    lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
+                         lambda r: index[r["id"]], checks)
+    if lines is None:
+        return None                  # a rank other than 0 (rank 0 merges), or parts still missing
+    return write_eval_summary(out, lines, ks, args, engine=engine,
+                              samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
+
+
+def eval_shard(args, tok, samples_path, todo, prompts, engine, n_done):
+    """Sample and grade the problems `todo` into samples_path (samples.jsonl, or a shard's part file), one
+    line per problem, in input order. -> the number of samples drawn."""
+    n_new = 0
+    think_end = tok.get_vocab().get("</think>")
+    if todo:
+        stop_ids = stop_token_ids(tok, args.model)
+        print(f"eval: {len(todo)} problems x {args.n} samples ({n_done} already in {samples_path}), "
+              f"engine {engine}", file=sys.stderr)
+        sampler = make_sampler(engine, args, tok, stop_ids)
+        # problems per call: the hf engine decodes --batch-size rows at a time; vLLM batches on its own
+        per_call = max(1, args.batch_size // args.n) if engine == "hf" else max(1, 8192 // args.n)
+        bar = progress(total=len(todo), desc="eval", unit="problem")
+        with open(samples_path, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), per_call):
+                chunk = todo[start:start + per_call]
+                outputs = sampler([prompts[p["id"]] for p in chunk],
+                                  [args.seed + p["index"] for p in chunk], [p["id"] for p in chunk])
+                for p, samples in zip(chunk, outputs):
+                    texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
+                    forced = [None if s.get("forced_ids") is None else
+                              tok.decode(s["forced_ids"], skip_special_tokens=False) for s in samples]
+                    preds, correct = grade_responses([t + (fo or "") for t, fo in zip(texts, forced)], p["answer"],
+                                                     args.grader, args.thinking)
+                    split = [token_split(s, args.thinking, think_end) for s in samples]
+                    append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
+                                         n_correct=sum(correct), responses=texts, forced=forced, preds=preds,
+                                         correct=correct, n_tokens=[a + b for a, b in split],
+                                         n_thinking_tokens=[a for a, _ in split],
+                                         n_answer_tokens=[b for _, b in split],
+                                         n_forced_tokens=[s.get("n_forced", 0) for s in samples],
+                                         finish_reasons=[s["finish_reason"] for s in samples]))
+                    n_new += len(samples)
+                bar.update(len(chunk))
+        bar.close()
+        sampler.close()
+    return n_new
+
+
+def grade_responses(texts, reference, grader, thinking):
+    """(preds, correct) of one problem's responses (first pass + forced answer): the one place eval grades,
+    sampling or re-grading. Only answer_part is graded (with --thinking: the text after </think>)."""
+    graded = [grade(answer_part(t, thinking), reference, grader) for t in texts]
+    return [p for p, _ in graded], [bool(c) for _, c in graded]
+
+
+def write_eval_summary(out, lines, ks, args, **extra):
+    """OUT/summary.json (pass@k, lengths, the grader) and OUT/passk.png from the lines of samples.jsonl."""
+    summary = eval_summary(lines, ks)
+    summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
+              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True,
+              ylim=(-0.02, 1.02))
+    print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
+    return summary
+
+
+def regrade_eval(args):
+    """--regrade: grade every response of OUT/samples.jsonl again with --grader against the answer recorded
+    beside it; no model is loaded. samples.jsonl is replaced atomically (write_atomic), the
+    grader in eval_config.json is updated (a later resume continues with this grader), then summary.json."""
+    out = Path(args.out)
+    samples_path = out / "samples.jsonl"
+    if not samples_path.is_file():
+        raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
+    lock_output(samples_path, args.out)
+    config = out / "eval_config.json"
+    recorded = read_config(config) if config.exists() else {}
+    # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
+    args = dataclasses.replace(args, **{k: getattr(args, k) or recorded.get("paths", {}).get(k) or "unknown"
+                                        for k in ("model", "data")})
+    lines = resume_jsonl(samples_path, line_check(EVAL_FIELDS, lambda r: r["id"]))
+    if not lines:
+        raise DailError(f"--regrade: {samples_path}: no samples to grade")
+    n = len(lines[0]["responses"])
+    if any(len(r["responses"]) != n for r in lines):
+        raise DailError(f"--regrade: {samples_path}: problems hold different numbers of samples")
+    args.n = n  # pass@k takes n from the file, not from the flag
+    ks = parse_ks(args.k, n)
+    changed = 0
+    thinking = recorded.get("thinking", args.thinking)
+    for r in lines:
+        texts = [t + (fo or "") for t, fo in zip(r["responses"], r.get("forced") or [None] * n)]
+        preds, correct = grade_responses(texts, r["answer"], args.grader, thinking)
+        changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
+        r.update(preds=preds, correct=correct, n_correct=sum(correct))
+    write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    if config.exists():
+        write_atomic(config, json.dumps({**recorded, "grader": args.grader}, indent=2))
+    print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
+          f"{changed} verdicts changed", file=sys.stderr)
+    return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
+                              verdicts_changed=changed)
+
+
+def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
+    """Prompt ids of one eval problem: the record's own `prompt` when it has one (a string: the user turn;
+    a list: the chat messages), else the student prompt. Over max_prompt_len: DailError."""
+    if problem.get("prompt") is None:
+        return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
+    ids = record_prompt_ids(tok, problem, thinking)
+    if max_prompt_len is not None and len(ids) > max_prompt_len:
+        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt "
+                        f"budget of {max_prompt_len} (--max-prompt-len, or the model's context length minus "
+                        f"--max-new-tokens)")
+    return ids
+
+
+def answer_part(response, thinking):
+    """The text that is graded: with `thinking`, what follows the last </think> ("" when the thinking never
+    closed: a box inside the thinking is a guess, not an answer); else the whole response. The inserted cue
+    is not graded (nor was the released one): its empty \\boxed{} is no answer, but math-verify reads it."""
+    response = response.replace(ANSWER_REQUEST, "")
+    if not thinking:
+        return response
+    cut = response.rfind("</think>")
+    return "" if cut < 0 else response[cut + len("</think>"):]
+
+
+def token_split(sample, thinking, think_end):
+    """(thinking tokens, answer tokens) of one sample, generated tokens only (the inserted </think> and
+    ANSWER_REQUEST are not counted). With `thinking`: the first pass up to and including a generated
+    </think> is thinking, the rest of it and the forced pass are answer; without: all answer."""
+    ids, forced = sample["ids"], sample.get("n_forced", 0)
+    if not thinking:
+        return 0, len(ids) + forced
+    cut = ids.index(think_end) + 1 if think_end in ids else len(ids)
+    return cut, len(ids) - cut + forced
+
+
+def forced_answer_suffix(tok, sample, thinking):
+    """What the forced-answer pass appends to prompt + first-pass ids before it samples (ids), or None when
+    the sample gets no second pass. --thinking: every sample, </think> then ANSWER_REQUEST, whether the
+    thinking closed by itself (the first pass stopped on </think>, which is not in its ids) or the budget (or
+    an end of turn) cut it. Otherwise only a sample whose text has no \\boxed{ gets one: ANSWER_REQUEST."""
+    if not thinking and "\\boxed{" in tok.decode(sample["ids"], skip_special_tokens=False):
+        return None
+    return tok(("</think>" if thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
+
+
+def force_answers(tok, prompts, outputs, thinking, second_pass, seeds, pids=None):
+    """The released eval's second pass, engine-agnostic. outputs: per prompt, the first pass's sample dicts
+    (ids, finish_reason, stop_id); updated in place with forced_ids (the suffix + the ids sampled after it;
+    None: no second pass) and n_forced (tokens sampled in the second pass). second_pass(rows, seeds, names)
+    samples one continuation per row (prompt + ids + suffix) with at most --answer-tokens tokens; it returns
+    per row a list holding one dict (ids, ...). Seeds: one per sample, derived from the problem's (vLLM);
+    names: (problem id, "forced:<sample index>") per row (the hf engine's trace key: not the first pass's)."""
+    rows, targets, row_seeds, names = [], [], [], []
+    for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids or [None] * len(prompts)):
+        for i, s in enumerate(samples):
+            s["forced_ids"], s["n_forced"] = None, 0
+            suffix = forced_answer_suffix(tok, s, thinking)
+            if suffix is not None:
+                rows.append(list(prompt) + s["ids"] + suffix)
+                targets.append((s, suffix))
+                row_seeds.append(seed * 1_000_003 + i + 1)
+                names.append((pid, f"forced:{i}"))
+    if rows:
+        for (s, suffix), r in zip(targets, second_pass(rows, row_seeds, names)):
+            s["forced_ids"], s["n_forced"] = suffix + r[0]["ids"], len(r[0]["ids"])
+    return outputs
+
+
+def make_sampler(engine, args, tok, stop_ids):
+    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, stop_id, and after
+    the forced-answer pass forced_ids, n_forced), from one engine; sampler.close() frees it. Both passes
+    use the sampling flags and the presence penalty. With --thinking (and the forced answer on) the first
+    pass also stops at </think>. Seeds: vLLM takes one per problem (--seed + its index in the file), so a
+    resumed run samples what an uninterrupted one would; the hf engine keys each sample's random numbers by
+    (--seed, problem id, sample index) and the step (counter_uniforms), so neither the batch, the batch
+    size, a resume nor a shard changes a sample; the forced-answer pass uses the key (id, "forced:<j>")."""
+    think_end = tok.get_vocab().get("</think>") if args.thinking else None
+    first_stops = list(stop_ids) + ([think_end] if think_end is not None and not args.no_force_answer else [])
+    if engine == "vllm":
+        llm = load_vllm(args)
+
+        def generate(prompts, n, max_tokens, stops, seeds, names):
+            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
+                               presence_penalty=args.presence_penalty)
+        close = lambda: close_vllm(llm)  # noqa: E731
+    else:
+        device = shard_device(args)
+        model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
+
+        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, None | a tag)
+            rows = [[p] for p in prompts for _ in range(n)]
+            keys = trace_keys(args.seed, [pid for pid, _ in names for _ in range(n)],
+                              [j if tag is None else tag for _, tag in names for j in range(n)])
+            results = []
+            for i in range(0, len(rows), args.batch_size):
+                batch_keys = keys[i:i + args.batch_size]
+
+                def choose(logits, step, active):  # [1, b, V]: one context (the presence penalty is applied)
+                    probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
+                    return sample_with(probs, counter_uniforms(batch_keys[active], step, 1)).squeeze(1), None
+                results += decode(model, rows[i:i + args.batch_size], choose, max_tokens, stops,
+                                  tok.pad_token_id, presence_penalty=args.presence_penalty)
+            return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
+        close = lambda: None  # noqa: E731
+
+    def sample(prompts, seeds, pids):
+        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds, [(p, None) for p in pids])
+        if not args.no_force_answer:
+            force_answers(tok, prompts, outputs, args.thinking,
+                          lambda rows, row_seeds, names: generate(rows, 1, args.answer_tokens, stop_ids, row_seeds,
+                                                                  names), seeds, pids)
+        return outputs
+    sample.close = close
+    return sample
+
+
+# ==== Appendix A: grading -- boxed answers, the grader (shared by the rewrite filter and eval), problems ===============
 def extract_boxed(text):
     """Content of the *last* \\boxed{...} or \\fbox{...} in `text`, braces matched, or None.
 
@@ -851,910 +1986,173 @@ def check_prompt_field(path, lineno, rec):
     return prompt
 
 
-# =====================================================================================================
-# Three contexts of one model: the student, privileged and shortcut prompts
-#   (all prompt text of dail.py is in this section: our own wording, written to the method's intent)
-# =====================================================================================================
-ANSWER_FORMAT = "Reason step by step, and write the final answer inside \\boxed{{}}."  # {{}}: a .format template
-
-STUDENT_PROMPT = "{problem}\n\n" + ANSWER_FORMAT
-
-PRIVILEGED_PROMPT = """{problem}
-
-An expert's worked solution to this problem is below. It is private background for you, not text to copy.
-
-<expert_solution>
-{solution}
-</expert_solution>
-
-Now solve the problem yourself, as if you were seeing it for the first time:
-- never mention, quote or allude to the expert solution or to having had any help;
-- derive every intermediate result yourself instead of stating it;
-- take each step explicitly and do not jump to the answer; length is no concern.
-""" + ANSWER_FORMAT
-
-SHORTCUT_PROMPT = """{problem}
-
-Hint: the final answer is {answer}. Values and symbols that occur in a full solution, sorted (numbers in
-increasing order, then symbols alphabetically), not in the order the solution uses them: {results}.
-
-""" + ANSWER_FORMAT
-
-# The forced-answer pass of eval (see force_answers) continues the response after this cue (with --thinking:
-# after </think> + the cue, outside the thinking, as the released protocol does).
-ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
-
-_MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
-_GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi "
-          "rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega")
-_SIGN_BEFORE = ("", "$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\le", "\\ge", "\\leq", "\\geq",
-                "\\ne", "\\neq", "\\approx", "\\cdot", "\\times", "\\pm")
+# ==== Appendix B.1, running it: errors, JSONL files and their line checks, training records, results, plots ============
+class DailError(Exception):
+    """A user-facing problem (bad input, missing file): printed as one line, exit code 2, no traceback."""
 
 
-def intermediate_results(solution, answer=None):
-    """The shortcut context's list: the atomic values and symbols of an expert solution, without its method.
+class Interrupted(Exception):
+    """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
 
-    Atoms are numbers (integers, decimals, integer fractions a/b and \\frac{a}{b}; a minus sign counts when
-    it cannot be a subtraction, e.g. after = or \\equiv or an opening bracket) found anywhere, and single
-    symbols found inside math ($...$, $$...$$, \\(...\\), \\[...\\]): a letter with an optional simple
-    subscript (n, a_1, x_{k}) or a Greek letter (\\pi). Statements (3^6 \\equiv 1 \\pmod 7) contribute only
-    their atoms (3, 6, 1, 7); command names (\\pmod, \\frac) and \\text{...} are not symbols. The list is
-    de-duplicated (numbers by exact value, first spelling kept) and sorted, numbers ascending then symbols
-    alphabetically, so its order says nothing about the method. Atoms equal to `answer` are left out (the
-    hint states the answer first). There is no cap: every atom is listed."""
-    numbers, symbols = {}, set()
-    frac = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
-
-    def add_number(text, value):
-        numbers.setdefault(value, text)
-
-    def take_fractions(m):
-        num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-        if int(den) != 0:
-            add_number(m.group(0).strip(), Fraction(int(num), int(den)))
-        return " "
-    rest = re.sub(frac, take_fractions, solution)
-    for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):
-        sign = m.group(1)
-        if sign and not rest[:m.start()].rstrip().endswith(_SIGN_BEFORE[1:]) and rest[:m.start()].strip():
-            sign = ""                                    # x - 3: a subtraction, the atom is 3
-        add_number(sign + m.group(2), Fraction(sign + m.group(2)))
-    for groups in re.findall(_MATH_SPANS, solution, flags=re.S):
-        math = next(g for g in groups if g)
-        math = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", math)
-        for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", math):
-            if m.group(1):
-                if m.group(1) in _GREEK.split():
-                    symbols.add("\\" + m.group(1))
-            else:
-                symbols.add(m.group(2) + (f"_{m.group(3)}" if m.group(3) else ""))
-    atoms = [numbers[v] for v in sorted(numbers)] + sorted(symbols, key=lambda x: (x.lstrip("\\").lower(), x))
-    return [a for a in atoms if answer is None or not is_equiv(a, answer)]
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
-def chat_prompt_ids(tok, user_text, thinking):
-    """Token ids of one user turn (or of a list of chat messages {role, content}) plus the assistant's
-    generation prompt. With `thinking` the response starts inside <think>. Templating goes through text and
-    the ids are taken once, here: responses are appended as ids, never decoded and re-encoded
-    (re-tokenizing can change the response tokens)."""
-    messages = user_text if isinstance(user_text, list) else [{"role": "user", "content": user_text}]
-    text = tok.apply_chat_template(messages, tokenize=False,
-                                   add_generation_prompt=True, enable_thinking=thinking)
-    if thinking and not text.rstrip().endswith("<think>"):
-        text += "<think>\n"
-    return tok(text, add_special_tokens=False)["input_ids"]
+def read_jsonl(path, flag="--data"):
+    """[(line number, record)] of a JSONL file; any defect is a DailError naming the file and the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DailError(f"{flag} {path}: no such file")
+    records = []
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DailError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:  # a number with a fraction or exponent stays the text written: 0.00001, not float's 1e-05
+                rec = json.loads(line, parse_float=str)
+            except json.JSONDecodeError as e:
+                raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append((lineno, rec))
+    if not records:
+        raise DailError(f"{path}: empty file, no JSON lines")
+    return records
 
 
-# No tokenizer averages this many characters per token on real text (English is about 4), so a text this many
-# characters per token of a budget long is over the budget: bounded_ids then tokenizes only a head of it.
-MAX_CHARS_PER_TOKEN = 32
+KINDS = {str: "a non-empty string", list: "a list", bool: "true or false", (str, int): "a non-empty string or a number"}
 
 
-def bounded_ids(encode, text, budget):
-    """(ids, whole): encode(text), except that a text longer than MAX_CHARS_PER_TOKEN * budget characters is
-    first encoded only up to there; when that head alone is clearly over `budget` tokens, its ids are
-    returned with whole=False (the text is over the budget too: a head never has more than a few tokens
-    more than the whole). A 50 MB solution thus costs a budget's worth of tokenizing, not 10 GB and minutes."""
-    limit = MAX_CHARS_PER_TOKEN * (max(budget, 0) + 1) if budget is not None else None
-    if limit is not None and len(text) > limit:
-        head = encode(text[:limit])
-        if len(head) > budget + 8:
-            return head, False
-    return encode(text), True
+def require(path, lineno, rec, name, kind=str, hint=""):
+    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind` (a string
+    must hold more than spaces; true/false is no number)."""
+    if name not in rec:
+        raise DailError(f"{path}:{lineno}: field '{name}': missing{hint}")
+    value = rec[name]
+    if (not isinstance(value, kind) or isinstance(value, str) and not value.strip()
+            or isinstance(value, bool) and kind is not bool):
+        raise DailError(f"{path}:{lineno}: field '{name}': expected {KINDS[kind]}{hint}")
+    return value
 
 
-def shorten_solution(solution):
-    """One shortening step for an over-long privileged prompt: cut before the last "Solution N:" marker
-    (keep the first solutions of a multi-solution write-up), else keep the first half."""
-    marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
-    if marks and marks[-1] > 0:
-        return solution[:marks[-1]].rstrip()
-    return solution[:len(solution) // 2]
+def answer_of(path, lineno, rec, needed=True):
+    """A record's reference answer as text: its `answer` field (a number as written in the file: read_jsonl keeps
+    a JSON float's text, str() of an int is exact), else the last \\boxed{} of its `solution`, else None, which
+    is a DailError when `needed` (the shortcut prompt states the answer; eval and the filter grade against it)."""
+    if rec.get("answer") is not None:
+        return str(require(path, lineno, rec, "answer", (str, int)))
+    answer = extract_boxed(rec.get("solution"))
+    if needed and answer is None:
+        raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
+    return answer
 
 
-def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
-    """The expert solution as the privileged prompt will hold it: shortened (shorten_solution, repeatedly)
-    until the prompt fits max_prompt_len. rewrite records this text in every trace (`privileged_solution`)
-    and train builds the teacher's context from exactly it, so the teacher sees what the validator saw."""
-    solution = problem["solution"]
-    while True:
-        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-        if max_prompt_len is None or len(bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text,
-                                                     max_prompt_len)[0]) <= max_prompt_len:
-            return solution
-        if not solution:
-            raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit "
-                            f"the prompt budget of {max_prompt_len} tokens even without the solution")
-        solution = shorten_solution(solution)
+def resume_jsonl(path, check=None, peek=False):
+    """Records an earlier run wrote to `path` (an output file), [] if none. Each must be a JSON object that
+    `check` (line_check, or None) finds no fault with; a line that is not is a DailError naming file and line.
 
-
-def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
-    """Prompt ids of the requested contexts for one problem (dict). The privileged prompt holds
-    problem["privileged_solution"] when present (the text the validator saw), else the whole solution; it is
-    never shortened here (see fit_privileged_solution). A student or privileged prompt over max_prompt_len
-    raises DailError."""
-    out, whole = {}, {}
-    encode = lambda text: chat_prompt_ids(tok, text, thinking)  # noqa: E731
-    if "student" in which:
-        out["student"], whole["student"] = bounded_ids(encode, STUDENT_PROMPT.format(problem=problem["problem"]),
-                                                       max_prompt_len)
-    if "privileged" in which:
-        solution = problem.get("privileged_solution") or problem["solution"]
-        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-        out["privileged"], whole["privileged"] = bounded_ids(encode, text, max_prompt_len)
-    for name in ("student", "privileged"):
-        if name in out and max_prompt_len is not None and len(out[name]) > max_prompt_len:
-            raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is "
-                            f"{'' if whole[name] else 'over '}{len(out[name])} tokens, over the prompt budget of "
-                            f"{max_prompt_len} (--max-prompt-len, or the model's context length minus "
-                            f"--max-new-tokens)")
-    if "shortcut" in which:
-        results = intermediate_results(problem["solution"] or "", problem["answer"])
-        text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
-                                      results=", ".join(results) if results else "none")
-        out["shortcut"] = chat_prompt_ids(tok, text, thinking)
+    Lines are appended one `write` at a time, so an interruption can only leave a half-written *last*
+    line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again.
+    peek: read a file another process may be appending to: nothing is cut (the last line may be the one
+    being written, so it is only left out) and a bad line is skipped (merge_parts names it later)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    data = p.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        if not peek:
+            with open(p, "r+b") as f:
+                f.truncate(keep)
+            print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
+        data = data[:keep]
+    out = []
+    # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
+    # (ensure_ascii=False) leaves unescaped inside a model's response
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+                fault = "not a JSON object" if not isinstance(rec, dict) else check(rec) if check else None
+            except ValueError:                                        # not UTF-8, or not JSON
+                fault = "corrupt line"
+            if fault and peek:
+                continue
+            if fault:
+                raise DailError(f"{path}:{lineno}: {fault} in an earlier run's output; move the file away "
+                                f"(or --overwrite) to start over")
+            out.append(rec)
     return out
 
 
-# =====================================================================================================
-# Step 1, rewrite: the mixed-policy rollout (proposer, validator, threshold)
-# =====================================================================================================
-def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
-    """[B, V] logits -> [B, V] float32 sampling distribution, rows summing to 1. Order as in vLLM:
-    temperature, then top-k (exactly k candidates), then top-p (the smallest set of most likely candidates
-    with mass >= top_p). temperature 0 is greedy: a one-hot row on the argmax."""
-    logits = logits.float()
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    k = top_k if 0 < top_k < logits.shape[-1] else logits.shape[-1]
-    values, order = logits.topk(k, dim=-1)           # [B, k] candidates, most likely first (a sort when k = V)
-    probs = (values / temperature).softmax(-1)
-    if top_p < 1.0:
-        mass_before = probs.cumsum(-1) - probs      # keep a candidate while the mass before it is < top_p
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return torch.zeros_like(logits).scatter(-1, order, probs)
-
-
-def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
-    """The DAIL token rule, vectorized over a batch. p_propose, p_validate: [B, V] *sampling* distributions
-    (tempered, truncated: sampling_probs); q_validate: [B, V] the validator's *model* probabilities, the full
-    softmax of its raw logits at temperature 1 (model_probs), which is what the threshold tests (as released:
-    vLLM's raw log-probs). Returns tokens [B] (long) and accepted [B] (bool: the token is an accepted proposal).
-
-    Per row: draw up to `retries` candidates c ~ p_propose; take the first with q_validate[c] >= threshold;
-    if none passes, draw the token from p_validate (a fallback). With A = {v : q_validate[v] >= threshold}
-    and a = p_propose(A), the token's distribution is exactly
-
-        P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
-               (accepted mass 1 - (1-a)^R)                          (fallback mass (1-a)^R)
-
-    Only A depends on q; proposals and fallbacks come from the sampling distributions. (Testing the
-    tempered, renormalized p_validate instead changes what the threshold means: at temperature 0.6 a raw
-    0.6 can become 0.86 and pass 0.8.) threshold = 0 is pure proposer sampling (a = 1) and threshold > 1
-    pure validator sampling (a = 0).
-
-    u: [B, R + 1] uniforms in (0, 1), the row's only randomness (counter_uniforms: fixed by the trace and
-    the step, so a trace does not depend on its batch): columns :R draw the proposals, column R the
-    fallback. None: fresh uniforms from torch's global generator."""
-    if u is None:
-        u = torch.rand(p_propose.shape[0], retries + 1, dtype=torch.float64)
-    draws = sample_with(p_propose, u[:, :retries])                                          # [B, R]
-    passes = q_validate.gather(1, draws) >= threshold                                       # [B, R]
-    accepted = passes.any(1)                                                                # [B]
-    first = passes.int().argmax(1, keepdim=True)              # index of the first passing draw (0 if none)
-    proposal = draws.gather(1, first).squeeze(1)                                            # [B]
-    fallback = sample_with(p_validate, u[:, retries:]).squeeze(1)                           # [B]
-    return torch.where(accepted, proposal, fallback), accepted
-
-
-def model_probs(logits):
-    """[B, V] logits -> [B, V] float32 model probabilities: the full softmax at temperature 1, no top-k or
-    top-p, what the threshold is compared with. Banned tokens (the caller set their logits to -inf, e.g.
-    </think> in a thinking rewrite) get probability 0 and the rest is renormalized: the validator's
-    probability of a candidate given that the trace cannot take a banned token."""
-    return logits.float().softmax(-1)
-
-
-def left_pad(seqs, pad_id, device):
-    """Lists of ids -> ids [N, L] left-padded, attention mask [N, L], position ids [N, L] counted from each
-    row's first real token (so a padded row computes exactly what it would alone)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-@torch.no_grad()
-def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
-    """Decode one response per trace that is shared by G contexts (G = 2 for rewrite: proposer, validator;
-    G = 1 for eval). contexts: B traces, each a list of G prompt-id lists.
-    choose(logits [G, b, V], step, rows) -> (tokens [b], accepted [b] bool or None) picks each active
-    trace's token; rows [b] (long) are the indices in `contexts` of the active traces, so that a sampler
-    can key each row's random numbers by its trace and the step (counter_uniforms).
-
-    All G*B rows run as one batch: the prompts are prefilled once into a KV cache (left padding, position
-    ids from the mask), then every step feeds one token per row and grows the mask by one column. The
-    token chosen for a trace is appended to all its contexts, so they share the response ids exactly.
-    A trace stops at a stop token (not kept in its ids) or at the budget; finished rows leave the batch.
-    presence_penalty (eval; vLLM's semantics): before `choose`, subtract it from the logit of every token that
-    already occurs in this trace's response (generated tokens only, never the prompt's): a [b, V] mask.
-    Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id (the stop token or None),
-    n_accepted, n_fallback)."""
-    device = next(model.parameters()).device
-    B, G = len(contexts), len(contexts[0])
-    rows = [trace[g] for g in range(G) for trace in contexts]          # row g*B + i = context g of trace i
-    ids, mask, positions = left_pad(rows, pad_id, device)
-    from transformers import DynamicCache
-    cache = DynamicCache()
-    kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
-    next_pos = positions[:, -1] + 1                                           # [G*B]
-    active = list(range(B))                                                   # traces still decoding
-    results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
-    stop = set(stop_ids)
-    present = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=device) if presence_penalty else None
-    for step in range(max_new_tokens):
-        if banned_ids:
-            logits[:, list(banned_ids)] = float("-inf")
-        if present is not None:                                   # [b, V] -> every context's rows [G*b, V]
-            logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
-        b = len(active)
-        tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
-        if present is not None:
-            present[torch.arange(b, device=device), tokens] = True
-        tok_list = tokens.tolist()
-        acc_list = accepted.tolist() if accepted is not None else [False] * b
-        keep = []
-        for j, i in enumerate(active):
-            if tok_list[j] in stop:
-                results[i]["finish_reason"], results[i]["stop_id"] = "stop", tok_list[j]
-                continue
-            results[i]["ids"].append(tok_list[j])
-            results[i]["n_accepted" if acc_list[j] else "n_fallback"] += 1
-            keep.append(j)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < b:  # drop finished traces from every context's rows, cache included
-            kept = torch.tensor(keep, device=device)
-            rows_kept = torch.cat([kept + g * b for g in range(G)])
-            cache.batch_select_indices(rows_kept)
-            mask, next_pos, tokens = mask[rows_kept], next_pos[rows_kept], tokens[kept]
-            present = present[kept] if present is not None else None
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       **kv, use_cache=True).logits[:, -1]
-        next_pos = next_pos + 1
-    return results
-
-
-# =====================================================================================================
-# Step 1, filtering the traces, and the rewrite command
-# =====================================================================================================
-def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
-    """Why a trace is rejected (None: it passes). Non-reasoning traces must finish (unless keep_truncated:
-    the released code graded a trace cut by the budget by its last box), have a boxed answer equal to the
-    reference, and not mention the reference. Thinking prefixes are not graded."""
-    if thinking:
-        return None
-    if trace["finish_reason"] != "stop" and not keep_truncated:
-        return "truncated"
-    if trace["pred"] is None:
-        return "no_answer"
-    if not trace["correct"]:
-        return "wrong_answer"
-    text = trace["response"].lower()
-    if any(p in text for p in leak_phrases):
-        return "mentions_reference"
-    return None
-
-
-def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter and append one line per trace; `kept_count` (id -> kept so far) enforces the limit.
-    `privileged_solution` is the solution text the validator's prompt held (train's teacher sees the same)."""
-    for s, r in zip(samples, results):
-        text = tok.decode(r["ids"], skip_special_tokens=False)
-        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
-        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
-                     privileged_solution=problem.get("privileged_solution", problem["solution"]), answer=problem["answer"],
-                     response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
-                     n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
-        reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases, args.keep_truncated)
-        if reason is None and kept_count.get(problem["id"], 0) >= args.keep_per_problem:
-            reason = "per_problem_limit"
-        trace["kept"], trace["reject_reason"] = reason is None, reason
-        kept_count[problem["id"]] = kept_count.get(problem["id"], 0) + (reason is None)
-        append_jsonl(f, trace)
-
-
-def rewrite_summary(traces, n_problems, skipped, args, shortened=0):
-    reasons = {}
-    for t in traces:
-        if t["reject_reason"]:
-            reasons[t["reject_reason"]] = reasons.get(t["reject_reason"], 0) + 1
-    tokens = sum(len(t["response_ids"]) for t in traces)
-    return dict(problems=n_problems, problems_skipped_too_long=skipped, solutions_shortened=shortened,
-                traces=len(traces), kept=sum(t["kept"] for t in traces),
-                problems_with_kept=len({t["id"] for t in traces if t["kept"]}), reject_reasons=reasons,
-                acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
-                mean_tokens=tokens / max(len(traces), 1),
-                finished=sum(t["finish_reason"] == "stop" for t in traces),
-                grader=grader_info(args.grader),
-                settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
-
-
-def decode_only_kept(args):
-    """Thinking prefixes are not graded (and --no-filter grades nothing away), so the first
-    --keep-per-problem traces of a problem are the ones kept: decode only those, not --samples."""
-    if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:
-        print(f"note: {'--thinking prefixes are not graded' if args.thinking else '--no-filter'}: the first "
-              f"--keep-per-problem {args.keep_per_problem} traces per problem are kept, so only those are "
-              f"decoded (not --samples {args.samples})", file=sys.stderr)
-        args.samples = args.keep_per_problem
-
-
-def cmd_rewrite(args):
-    """Write OUT (traces.jsonl: one line per trace), OUT's .summary.json and .config.json beside it
-    (traces.summary.json, traces.config.json: one of each per output file). Split over torchrun's ranks
-    or --shard K/N, each shard writes its problems (shard_problems) into its part file (part_file, with its
-    own .config.json); the merging process (plan_shards) writes OUT in input order and the summary."""
-    validate_args(resolve_released(args))
-    problems = load_problems(args.data, need_solution=True, need_answer=True)
-    decode_only_kept(args)
-    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    out = Path(args.out)
-    check_out_file(args)
-    config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
-    engine = rewrite_engine(args)
-    n, ks, merge, follower = plan_shards(out, args, vllm_shard(args, engine))
-    if args.overwrite and not follower:
-        clear_shard_results(out, n, ks, merge, config_of, out.with_suffix(".summary.json"))
-    config = run_config(args, "rewrite")
-    checks = output_checks("rewrite", problems, args, n)  # every line one (id, sample) of --data, once
-    done = {k: open_shard(out, k, n, config, config_of, follower, checks(k)) for k in ks}
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    check_thinking_flag(tok, args)
-    max_prompt = prompt_budget(args, "rewrite", lambda: max(len(ids) for p in problems for ids in build_contexts(
-        tok, p, args.thinking, None, ("student", "privileged")).values()))
-    contexts, skipped = {}, 0
-    for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
-        try:
-            p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
-            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student", "privileged"))
-        except DailError as e:
-            skipped += 1
-            print(f"skip: {e}", file=sys.stderr)
-    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
-    if shortened:
-        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
-              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
-    if not contexts:
-        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
-                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
-    expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
-                     for s in range(args.samples)} for k in range(n)}
-    engine = rewrite_engine(args, say=True)
-    for k in ks:
-        rewrite_shard(args, tok, os.devnull if follower else shard_path(out, k, n), done[k], expected[k], problems,
-                      contexts, engine)
-    if merge:
-        index = {p["id"]: p["index"] for p in problems}
-        traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
-                              lambda t: (index[t["id"]], t["sample"]), checks)
-        if traces is None:
-            return
-    elif n > 1:
-        return                       # a rank other than 0: its part is written, rank 0 merges
-    else:
-        traces = resume_jsonl(out, checks(0))
-    summary = rewrite_summary(traces, len(problems), skipped, args, shortened)
-    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
-
-
-def rewrite_engine(args, say=False):
-    """The engine rewrite runs: vLLM only at a pure-policy threshold (0 or >= 1); auto: vLLM on a GPU."""
-    engine = args.engine
-    pure = args.threshold <= 0 or args.threshold >= 1
-    if engine in ("vllm", "auto") and not pure:
-        if say:
-            print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
-                  f"sampling cannot do; using the transformers engine", file=sys.stderr)
-        engine = "hf"
-    if engine == "auto":
-        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
-    return engine
-
-
-def rewrite_shard(args, tok, out, done, expected, problems, contexts, engine):
-    """Decode into `out` (traces.jsonl, or a shard's part file) the traces of `expected` ((id, sample)
-    pairs) that `done` (the records already there) lacks, in input order."""
-    written = {(t["id"], t["sample"]) for t in done}
-    todo = [(p, s) for p in problems if p["id"] in contexts for s in range(args.samples)
-            if (p["id"], s) in expected and (p["id"], s) not in written]
-    kept_count = {}
-    for t in done:
-        kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
-    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
-    if todo:
-        device = shard_device(args)
-        banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
-        stop_ids = stop_token_ids(tok, args.model)
-        proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
-        print(f"rewrite: {len(todo)} traces to decode ({len(written)} already in {out}), engine {engine}",
-              file=sys.stderr)
-        with open(out, "a", encoding="utf-8") as f:
-            if engine == "vllm":
-                rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
-                             leak_phrases)
-            else:
-                rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
-                           leak_phrases, device)
-
-
-def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
-               device):
-    """The token-by-token rollout: both contexts of every trace in one batched forward per step.
-    The threshold tests the validator's model probability q (model_probs: full softmax, temperature 1).
-    At threshold <= 0 every candidate passes (q >= 0): proposer sampling. At threshold >= 1 a candidate
-    passes only where q is one-hot on it (q[c] >= 1 means all other tokens have probability 0); then the
-    validator's sampling distribution, a tempered and truncated q, is that same one-hot, so accepting c
-    is what validator sampling would emit anyway: validator sampling. In both cases that one context is
-    decoded alone. Every random number of a trace comes from counter_uniforms keyed by (--seed, problem id,
-    sample index) and the step: its batch, the batch size, a resume or a shard do not change it."""
-    model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
-    pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
-    names = [pure] if pure else [proposer, validator]
-
-    def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
-        greedy = [args.greedy_proposer and name == proposer for name in names]   # --greedy-proposer: one-hot
-        probs = [sampling_probs(lg, 0 if g else args.temperature, args.top_p, args.top_k)
-                 for lg, g in zip(logits, greedy)]
-        u = counter_uniforms(keys[rows], step, args.retries + 1)                 # [b, R + 1]
-        if pure:
-            tokens = sample_with(probs[0], u[:, :1]).squeeze(1)
-            return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
-        return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, u)
-
-    bar = progress(total=len(todo), desc="rewrite", unit="trace")
-    n_tok, n_acc, t0 = 0, 0, time.time()
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
-        ctx = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
-        keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
-        results = decode(model, ctx, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
-        for (p, s), r in zip(batch, results):
-            write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-            n_tok += len(r["ids"])
-            n_acc += r["n_accepted"]
-        bar.update(len(batch))
-        bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
-    bar.close()
-
-
-# =====================================================================================================
-# Step 2, the contrastive self-distillation loss
-# =====================================================================================================
-def kl(log_p, log_q):
-    """KL(p || q) over the last (vocabulary) dim, from log-probabilities: sum_v p(v) (log p(v) - log q(v)).
-    Same as F.kl_div(log_q, log_p, log_target=True, reduction='none').sum(-1): note that F.kl_div takes
-    its arguments in the reverse of the math's order (input = log q, target = log p)."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="reverse"):
-    """Per-position KL terms [...]: (to the privileged teacher, to the shortcut), full vocabulary, float32.
-    Teacher and shortcut are constants (no gradient flows into them)."""
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_e = F.log_softmax(teacher_logits.detach().float(), dim=-1)
-    log_c = F.log_softmax(shortcut_logits.detach().float(), dim=-1)
-    if direction == "reverse":
-        return kl(log_s, log_e), kl(log_s, log_c)
-    if direction == "forward":
-        return kl(log_e, log_s), kl(log_c, log_s)
-    raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
-
-
-def loss_weights(mask, norm="sequence", divisor=None):
-    """Each position's weight in the loss [B, T] (0 off the mask), from mask [B, T] bool (True on response
-    positions). With len_i = mask[i].sum() the response length of sequence i:
-
-        sequence (released):  w[i, t] = 1 / (S * len_i)   L = (1/S) sum_i (1/len_i) sum_t loss[i, t]
-        token (TRL's mean):   w[i, t] = 1 / N             L = (1/N) sum_{i,t} loss[i, t]
-
-    divisor is S (norm 'sequence': the number of sequences) or N ('token': the number of response tokens)
-    of the whole optimizer step, all micro-batches and ranks; then the sum of every micro-batch's loss is
-    the step's loss, and accumulation and data parallelism give the gradient of one big batch. Default:
-    this batch's own count (sequences with a response, or response tokens)."""
-    mask = mask.bool()
-    if norm == "token":
-        return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
-    if norm == "sequence":
-        lengths = mask.sum(-1, keepdim=True)                                           # [B, 1]
-        n = divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)
-        return mask / (lengths.clamp(min=1) * n)
-    raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
-
-
-def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
-              norm="sequence", divisor=None):
-    """The DAIL loss. Logits: [B, T, V], aligned (position t of all three predicts the same response token:
-    student = p_theta(.|x_s, y<t), teacher = p_theta0(.|x_e, y<t), shortcut = p_theta0(.|x_c, y<t));
-    mask: [B, T] bool, True on response positions; len_i = mask[i].sum().
-
-        reverse (released default):  l[i,t] = KL(student || teacher) - lam * KL(student || shortcut)
-        forward:                     l[i,t] = KL(teacher || student) - lam * KL(shortcut || student)
-
-        norm 'sequence' (released):  L = (1/S) sum_i (1/len_i) sum_t l[i,t]   (each trace weighs the same)
-        norm 'token':                L = (1/N) sum_i sum_t l[i,t]             (each token weighs the same)
-
-    S, N = divisor when given (the sequences / response tokens of the whole optimizer step, all micro-batches
-    and ranks: see loss_weights), else this batch's. The subtracted term is unbounded above, which is why
-    both terms are returned for logging, normalized the same way.
-    Returns (loss, {"kl_teacher": float, "kl_shortcut": float})."""
-    pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed before the softmax, it adds
-    kl_teacher, kl_shortcut = dail_kl_terms(                                 # neither value nor gradient
-        student_logits.masked_fill(pad, 0.0), teacher_logits.masked_fill(pad, 0.0),
-        shortcut_logits.masked_fill(pad, 0.0), direction)                                   # [B, T] each
-    w = loss_weights(mask, norm, divisor)
-    kl_teacher, kl_shortcut = kl_teacher * w, kl_shortcut * w
-    loss = (kl_teacher - lam * kl_shortcut).sum()
-    return loss, {"kl_teacher": float(kl_teacher.detach().sum()), "kl_shortcut": float(kl_shortcut.detach().sum())}
-
-
-def float32_head(head):
-    """h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype: bf16 logits alone
-    put a 12% relative error on a per-token KL of 0.03. The weight is cast once per call of the loss (a
-    transient float32 copy of the head for a bf16 model), the matmul runs with autocast off."""
-    lora = head if isinstance(head, LoRALinear) and head.enabled else None
-    linear = head.base if isinstance(head, LoRALinear) else head
-    weight = linear.weight.float()                 # the same tensor (and its gradient) when already float32
-    bias = None if linear.bias is None else linear.bias.float()
-
-    def logits(h):
-        with torch.autocast(h.device.type, enabled=False):
-            x = h.float()
-            out = F.linear(x, weight, bias)
-            if lora is not None:
-                out = out + (lora.dropout(x) @ lora.lora_A.float().T @ lora.lora_B.float().T) * lora.scale
-            return out
-    return logits
-
-
-def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
-                      direction="reverse", weights=None, chunk_size=1024):
-    """dail_loss from hidden states, a chunk of positions at a time: peak memory grows with
-    chunk_size x V, not N x V. h_*: [N, H] final hidden states at the N response positions, row-aligned
-    across the three contexts (teacher and shortcut ones computed without gradient); student_head and
-    reference_head: the LM heads of theta and theta0, run in float32 (float32_head); weights [N]: each
-    position's weight, loss_weights(mask, norm, divisor)[mask] (default: 1/N, the token mean). Equal,
-    value and gradient, to dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ...)."""
-    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
-    weights = weights.to(h_student.device, torch.float32)
-    student_logits = float32_head(student_head)
-    with torch.no_grad(), adapters_off(reference_head):          # theta0's head: adapters off, if it has any
-        shared = reference_head is student_head and not isinstance(student_head, LoRALinear)
-        reference_logits = student_logits if shared else float32_head(reference_head)
-
-    def per_position(hs, he, hc, w):      # -> weighted loss terms [n], KL to the teacher [n], to the shortcut [n]
-        with torch.no_grad():
-            te, tc = reference_logits(he), reference_logits(hc)
-        kl_teacher, kl_shortcut = dail_kl_terms(student_logits(hs), te, tc, direction)
-        return (kl_teacher - lam * kl_shortcut) * w, kl_teacher * w, kl_shortcut * w
-
-    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut, weights), student_head,
-                                       chunk_size)
-    return loss, {"kl_teacher": float(sum_e), "kl_shortcut": float(sum_c)}
-
-
-def chunked_sft_loss(h_student, targets, student_head, weights=None, chunk_size=1024):
-    """Weighted token cross-entropy sum_n w[n] * CE[n] from [N, H] hidden states and [N] targets, chunked
-    like chunked_dail_loss, head in float32 (the SFT baselines; weights as there, default the token mean)."""
-    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
-    head = float32_head(student_head)
-    loss, _ = chunked_sum(lambda hs, y, w: (F.cross_entropy(head(hs), y, reduction="none") * w,),
-                          h_student, (targets, weights.to(h_student.device, torch.float32)), student_head,
-                          chunk_size)
-    return loss, {"ce": float(loss.detach())}
-
-
-def chunked_sum(per_position, h, aligned, head, chunk_size):
-    """sum_i per_position(h[i], aligned[i])[0] over the N rows of h [N, H], one chunk of rows at a time,
-    as a scalar that backpropagates like the plain sum (plus the detached sums of the other outputs).
-
-    Each chunk's gradient (with respect to its rows of h and to the head's trainable weights) is taken
-    right away, while its logits exist, and the logits are then freed; the returned scalar carries those
-    gradients into the backbone through a linear surrogate. Nothing is recomputed in backward."""
-    if h.shape[0] == 0:
-        raise ValueError("chunked_sum needs at least one response position")
-    params = [p for p in head.parameters() if p.requires_grad]
-    track = torch.is_grad_enabled() and (h.requires_grad or bool(params))
-    grad_h = torch.zeros_like(h) if track else None
-    grad_p = [torch.zeros_like(p) for p in params] if track else []
-    sums = None                                               # running detached sums of every output
-    for i in range(0, h.shape[0], chunk_size):
-        part = slice(i, i + chunk_size)
-        hp = h[part].detach().requires_grad_(track and h.requires_grad)
-        out = per_position(hp, *(a[part] for a in aligned))
-        if track:
-            inputs = ([hp] if h.requires_grad else []) + params
-            grads = torch.autograd.grad(out[0].sum(), inputs)
-            if h.requires_grad:
-                grad_h[part] = grads[0]
-            for acc, g in zip(grad_p, grads[len(grads) - len(params):]):
-                acc += g
-        chunk_sums = [o.detach().sum() for o in out]
-        sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums)]
-    total, *extras = sums
-    if not track:
-        return total, extras
-    surrogate = sum((p * g).sum() for p, g in zip(params, grad_p)) + (h * grad_h).sum()
-    return total + surrogate - surrogate.detach(), extras           # value: total; gradient: the chunks'
-
-
-# =====================================================================================================
-# Step 2, training: minimal LoRA, sequences and masks, the reference cache, a plain PyTorch loop
-# =====================================================================================================
-class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B (A x): the base nn.Linear W is frozen, A [r, in] starts random and
-    B [out, r] at zero, so training starts from the base model exactly. The adapter is kept in float32."""
-
-    def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
-        super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + (self.dropout(x) @ a.T @ b.T) * self.scale
-
-
-def add_lora(model, targets, rank, alpha, dropout=0.0):
-    """Freeze `model` and wrap every nn.Linear named in `targets` (e.g. q_proj) in a LoRALinear."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and name in targets:
-                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
-                wrapped += 1
-    if not wrapped:
-        raise DailError(f"--lora-targets {','.join(targets)}: no such nn.Linear in the model")
-    return model
-
-
-@contextlib.contextmanager
-def adapters_off(model):
-    """Within the block the LoRA model computes theta0, the initial model (no-op without adapters)."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in layers:
-        m.enabled = False
+# The fields eval and rewrite read back from their own output lines (resume, merge, summary): name -> type.
+EVAL_FIELDS = dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list)
+TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int,
+                    kept=bool, reject_reason=(str, type(None)))
+
+
+def line_check(fields, key, expected=None, n=None):
+    """A check for resume_jsonl: a record must hold `fields` ({name: type}; each list of n items when n is
+    given), and key(record) must be one of `expected` (what this run's --data asks for; None: any), once.
+    Returns the fault of a record, or None. A duplicated or foreign line is thus an error, never counted."""
+    seen = set()
+
+    def check(rec):
+        for name, kind in fields.items():
+            value = rec.get(name)
+            if name not in rec or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                return f"field '{name}': missing or of the wrong type"
+            if n is not None and kind is list and len(value) != n:
+                return f"field '{name}': {len(value)} items where this run has --n {n}"
+        k = key(rec)
+        if expected is not None and k not in expected:
+            return f"record {k!r} is not one of this run's --data"
+        if k in seen:
+            return f"record {k!r} a second time"
+        seen.add(k)
+    return check
+
+
+def output_checks(command, problems, args, n):
+    """k -> the line_check of shard k of n's output file (k = 0 of n = 1: the whole file): eval, one line per
+    problem of the shard, each with --n samples; rewrite, one line per (problem id, sample < --samples)."""
+    if command == "eval":
+        return lambda k: line_check(EVAL_FIELDS, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)},
+                                    args.n)
+    return lambda k: line_check(TRACE_FIELDS, lambda t: (t["id"], t["sample"]),
+                                {(p["id"], s) for p in shard_problems(problems, k, n) for s in range(args.samples)})
+
+
+def append_jsonl(f, record):
+    """One record, one write, flushed: an interruption never leaves a record half on disk but for the last."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def write_atomic(path, content):
+    """Write a file whole or not at all: `content` (text, bytes, or a function that writes to a binary file)
+    goes into a temporary file beside `path`, which then replaces it (os.replace), so an interruption or a
+    full disk never leaves a 0-byte or half-written result. On failure the temporary file is removed and
+    the error is one line naming the file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # the pid: processes never share a temp file
     try:
-        yield model
-    finally:
-        for m in layers:
-            m.enabled = True
-
-
-def merge_lora(model):
-    """Fold every adapter into its base weight (W += scale * B @ A, in float32) and unwrap it."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                w = child.base.weight
-                delta = child.scale * (child.lora_B.float() @ child.lora_A.float())
-                w.data = (w.data.float() + delta.to(w.device)).to(w.dtype)
-                setattr(module, name, child.base)
-    return model
-
-
-def training_response(tok, record, args, eot):
-    """The response ids every context of one example shares: the trace's ids + the end-of-turn token when
-    the trace finished (so the model learns to stop; thinking prefixes end at the budget and get none),
-    or, for SFT on expert solutions, the tokenized solution + end of turn."""
-    if args.objective == "sft" and args.sft_target == "expert":  # a huge solution: just enough ids to be dropped
-        return bounded_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"], record["solution"],
-                           args.max_len)[0] + [eot]
-    return list(record["response_ids"]) + ([eot] if record["finish_reason"] == "stop" else [])
-
-
-def collate(pairs, pad_id):
-    """[(prompt ids, response ids)] -> right-padded ids [B, L], attention mask [B, L], and `predicts`
-    [B, L-1] bool: True where logits[:, p] predict a response token ids[:, p+1]. The distribution that
-    predicts response token t of a row therefore sits at position prompt_len + t - 1. (The released code's
-    mask started two positions late, so the distributions of the first two response tokens were never
-    trained; its last position, the distribution after the last response token, did teach stopping.)"""
-    width = max(len(p) + len(r) for p, r in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    is_response = torch.zeros((len(pairs), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(pairs):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, :len(p) + len(r)] = 1
-        is_response[i, len(p):len(p) + len(r)] = True
-    return ids, mask, is_response[:, 1:]
-
-
-def response_hidden(model, batch, device):
-    """Final hidden states at the positions that predict response tokens: [N, H] in (row, t) order, and
-    their targets [N]. Every context of an example has the same response, so the N rows of the student,
-    privileged and shortcut contexts line up one to one whatever their prompt lengths."""
-    ids, mask, predicts = (x.to(device) for x in batch)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state    # [B, L, H]
-    return hidden[:, :-1][predicts], ids[:, 1:][predicts]
-
-
-# what the loss reports, summed over a step's micro-batches and ranks (metrics.jsonl, log lines, the plot)
-LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
-
-
-def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device, cache=None):
-    """Loss of one micro-batch, weighted by --loss-norm with the optimizer step's divisor (step_divisor), so
-    that the sum over micro-batches and ranks is the step's loss. reference is theta0: the model itself with
-    adapters off (LoRA), or a frozen copy (full fine-tuning); cache: its states (reference_states)."""
-    batch = collate([ex["student"] for ex in examples], pad_id)
-    h_student, targets = response_hidden(model, batch, device)
-    predicts = batch[2]
-    weights = loss_weights(predicts, args.loss_norm, divisor)[predicts]                # [N], in (row, t) order
-    head = model.get_output_embeddings()
-    if args.objective == "sft":
-        return chunked_sft_loss(h_student, targets, head, weights, args.loss_chunk)
-    h_teacher, h_shortcut = reference_states(reference, examples, cache, pad_id, device)
-    return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(),
-                             args.lam, args.direction, weights, args.loss_chunk)
-
-
-def reference_states(reference, examples, cache, pad_id, device):
-    """theta0's final hidden states at the response positions of the privileged and the shortcut contexts:
-    (h_teacher, h_shortcut), each [N, H] in the (row, t) order response_hidden gives for these examples.
-    theta0 is frozen and the examples never change, so these are constants of the run: with a cache
-    (new_reference_cache) only the examples missing from it go through theta0, together in one batch, and
-    each is stored as its forward produced it ([n_i, H] per context, the forward's dtype). cache None: off."""
-    cache = cache if cache is not None else new_reference_cache("off")
-    found = [load_states(cache, ex) for ex in examples]
-    missing = [ex for ex, states in zip(examples, found) if states is None]
-    if missing:
-        with torch.no_grad(), adapters_off(reference):
-            h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in missing], pad_id), device)
-            h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in missing], pad_id), device)
-        cache["computed"] += len(missing)
-        sizes = [len(ex["privileged"][1]) for ex in missing]             # n_i rows per example, in row order
-        fresh = iter(zip(h_teacher.split(sizes), h_shortcut.split(sizes)))
-        found = [states or store_states(cache, ex, *next(fresh)) for ex, states in zip(examples, found)]
-        if len(missing) == len(examples):
-            return h_teacher, h_shortcut
-    return tuple(torch.cat([states[i].to(device) for states in found]) for i in (0, 1))  # cached ones: on the host
-
-
-def new_reference_cache(mode, folder=None, hidden=None):
-    """A store for reference_states: mode 'memory' (host RAM, moved to the device per micro-batch), 'disk' (one
-    safetensors file per example in `folder`, read per micro-batch: memory does not grow with the examples)
-    or 'off'; hidden: H, to check what is read. Counts examples computed, reused, and files found bad."""
-    if mode == "disk":
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    return dict(mode=mode, folder=Path(folder) if folder else None, hidden=hidden, dtype=None, states={},
-                computed=0, reused=0, bad_files=0)
-
-
-def example_key(ex):
-    """A cache entry's name: a hash of the example's token ids (privileged prompt, shortcut prompt, response),
-    so an entry can only serve the example it was computed for, whichever rank or run computed it."""
-    ids = [ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:32]
-
-
-def load_states(cache, ex):
-    """An example's cached (teacher [n, H], shortcut [n, H]), or None when it must be computed. A file that
-    does not load, belongs to another example, fails its checksum (read_states) or holds another shape or
-    dtype (a damaged or copied cache) is counted, reported and recomputed (store_states replaces it)."""
-    if cache["mode"] == "memory":
-        states = cache["states"].get(example_key(ex))
-    elif cache["mode"] == "disk":
-        path = cache["folder"] / f"{example_key(ex)}.safetensors"
-        if not path.exists():
-            return None
-        states = read_states(path, example_key(ex))
-        n = len(ex["privileged"][1])
-        dtype = cache["dtype"] or (states[0].dtype if states else None)
-        if not states or any(t.shape != (n, cache["hidden"] or t.shape[1]) or t.dtype != dtype for t in states):
-            cache["bad_files"] += 1
-            print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
-            return None
-        cache["dtype"] = dtype
-    else:
-        return None
-    cache["reused"] += states is not None
-    return states
-
-
-def store_states(cache, ex, teacher, shortcut):
-    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them (disk: write_states,
-    whole or not at all, with the example's key and a checksum)."""
-    cache["dtype"] = cache["dtype"] or teacher.dtype
-    if cache["mode"] == "memory":
-        cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
-    elif cache["mode"] == "disk":
-        write_states(cache["folder"] / f"{example_key(ex)}.safetensors", example_key(ex), teacher, shortcut)
-    return teacher, shortcut
-
-
-def available_ram():
-    """Bytes of host memory available to new allocations (Linux MemAvailable; else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
-    """--reference-cache -> (new_reference_cache, the line that says what was picked and its size). Size =
-    response tokens x 2 contexts x H x bytes of `dtype`; in memory every rank on this machine holds its own
-    copy. auto: memory if that is at most half the available RAM, else disk if the free space at OUT is at
-    least twice the size, else off. An explicit choice that does not fit is an error, never a full disk."""
-    hidden = model.get_input_embeddings().weight.shape[1]
-    tokens = sum(len(ex["privileged"][1]) for ex in examples)
-    size = tokens * 2 * hidden * dtype.itemsize
-    ram, disk = available_ram(), shutil.disk_usage(out).free
-    fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= disk, off=True)
-    mode = args.reference_cache
-    if mode == "auto":
-        mode = next(m for m in ("memory", "disk", "off") if fits[m])
-    elif not fits[mode]:
-        room = (f"{size * ranks_here / 1e9:.2f} GB for {ranks_here} rank(s), more than half the available RAM "
-                f"({ram / 1e9:.2f} GB)") if mode == "memory" else \
-            f"{size / 1e9:.2f} GB, and {out} has {disk / 1e9:.2f} GB free (less than twice that)"
-        raise DailError(f"--reference-cache {mode}: the cache would take {room}; use --reference-cache auto or off")
-    where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
-    line = (f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
-            f"GB = {tokens} response tokens x 2 contexts x hidden {hidden} x {dtype.itemsize} bytes)")
-    return new_reference_cache(mode, out / "reference_cache", hidden), line
-
-
-def step_divisor(items, norm):
-    """The divisor of one optimizer step's loss, known before its micro-steps: its number of sequences
-    (--loss-norm sequence) or of response tokens (token), over all ranks and micro-batches."""
-    return len(items) if norm == "sequence" else sum(len(ex["student"][1]) for ex in items)
-
-
-def lr_at(step, total_steps, peak, warmup):
-    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total_steps`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        with open(tmp, "wb") as f:
+            content(f) if callable(content) else f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__     # torch.save wraps the OSError of a full disk
+        if not isinstance(cause, OSError):
+            raise
+        full = " (the disk is full)" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise DailError(f"{path}: could not write it{full} ({cause.strerror or cause}); nothing was replaced; "
+                        f"free space and rerun the same command") from None
 
 
 def load_training_records(args):
@@ -1788,130 +2186,6 @@ def load_training_records(args):
     if not records:
         raise DailError(f"{args.data}: no trace has kept=true ({not_kept} rejected by the filter)")
     return records, not_kept
-
-
-def setup_distributed(args):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process per device, each takes its share of every
-    step. Returns (ddp, rank, world_size, device); a single process gets (False, 0, 1, --device)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False, 0, 1, resolve_device(args.device)
-    backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-    dist.init_process_group(backend)
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def build_examples(tok, records, args):
-    """Three contexts per trace (student, privileged, shortcut; SFT: the student alone), each a pair
-    (prompt ids, response ids) with the response shared. The teacher sees the solution the validator saw
-    (never re-shortened); an example longer than --max-len is dropped and counted.
-    Returns ([{context name: (prompt ids, response ids)}], number dropped)."""
-    eot = end_of_turn_id(tok)
-    which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
-    examples, too_long = [], 0
-    for r in records:
-        response = training_response(tok, r, args, eot)
-        try:
-            contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
-        except DailError:
-            contexts = None
-        if contexts is None or max(len(p) for p in contexts.values()) + len(response) > args.max_len:
-            too_long += 1
-        else:
-            examples.append({name: (prompt, response) for name, prompt in contexts.items()})
-    return examples, too_long
-
-
-def build_models(args, device):
-    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (the reference for
-    the teacher and shortcut passes: the same network with adapters off, or a frozen copy; None for SFT
-    with full fine-tuning), the trainable parameters and their AdamW."""
-    full_ft = args.lora_rank == 0
-    base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
-    model = load_model(args.model, device, base_dtype, args.trust_remote_code)
-    if full_ft:
-        reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
-    else:
-        model = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
-        reference = model                                    # same network, adapters switched off
-    if args.grad_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return model, reference, params, optimizer
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """Within the block SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) do not kill the process: they
-    set state["signal"], and the training loop stops after the step in flight with a checkpoint. A second
-    signal a second or more later (torchrun forwards the first Ctrl-C once more at once) abandons the step
-    in flight (raises Interrupted); the last checkpoint stands."""
-    state = {"signal": None, "at": 0.0}
-
-    def handler(signum, frame):
-        if state["signal"] is None:
-            state["signal"], state["at"] = signum, time.time()
-            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "     # not print():
-                        b"(signal again to abandon the step)\n")                                 # not reentrant
-        elif time.time() - state["at"] >= 1.0:
-            raise Interrupted("interrupted again: the step in flight is abandoned; rerun with --resume to "
-                              "continue from the last checkpoint", 128 + signum)
-
-    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
-        yield state
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield state
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def all_reduce_step(params, logged, device):
-    """Data parallel: sum the gradients and the logged sums of every rank, once per optimizer step. Each rank's
-    share is already divided by the step's global divisor, so the sum is the big batch's gradient."""
-    for p in params:
-        if p.grad is None:                 # a rank with no sequence in a short last step
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-    sums = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    return dict(zip(logged, sums.tolist()))
-
-
-def agreed_signal(signum, ddp, device):
-    """The stop signal as every rank sees it (0: none): all ranks stop after the same step."""
-    if not ddp:
-        return signum or 0
-    flag = torch.tensor([float(signum or 0)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def checkpoint_due(step, total_steps, args, num_examples):
-    """Whether to write a checkpoint after optimizer step `step` (0-based): every --save-every steps, at the
-    end of every epoch (the step that completes a pass over the examples), and after the last step."""
-    ends_epoch = (step + 1) * args.batch_size // num_examples > step * args.batch_size // num_examples
-    return ends_epoch or step + 1 == total_steps or bool(args.save_every and (step + 1) % args.save_every == 0)
-
-
-def end_distributed(ddp):
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def log_line(rec, total_steps):
-    """One plain line per --log-every steps, for logs that are files (no progress-bar carriage returns)."""
-    terms = " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if k in rec)
-    return (f"step {rec['step']}/{total_steps} {terms} lr {rec['lr']:.3g} grad_norm {rec['grad_norm']:.3g} "
-            f"tok/s {rec['tok_per_s']:.0f}")
 
 
 def save_peft_adapters(model, folder, args):
@@ -1962,450 +2236,35 @@ def save_result(out, model, tok, args, summary):
     return summary
 
 
-def cmd_train(args):
-    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), dail_prompt.json (its prompt),
-    adapters/ (PEFT), metrics.jsonl, metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
-    validate_args(resolve_released(args))
-    records, not_kept = load_training_records(args)            # all input checks before any model loads
-    guard_train_out(args)                                      # --out: not the model, not an unrelated run
-    out = Path(args.out)
-    if args.resume and not (out / "checkpoint.pt").exists():
-        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
-    t_start = time.time()
-
-    ddp, rank, world_size, device = setup_distributed(args)
-    master_process = rank == 0                                 # it logs and saves; every rank trains
-    torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    if master_process:
-        check_thinking_flag(tok, args)
-    examples, too_long = build_examples(tok, records, args)
-    if master_process:
-        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
-              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
-    if not examples:
-        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
-    model, reference, params, optimizer = build_models(args, device)
-    autocast_dtype = resolve_dtype(args.dtype, device)
-    use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
-    cache = None                                       # theta0's states, computed once (reference_states)
-    if args.objective == "dail":
-        out.mkdir(parents=True, exist_ok=True)
-        cache, line = setup_reference_cache(args, examples, model, autocast_dtype if use_autocast else
-                                            model.get_input_embeddings().weight.dtype, out,
-                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if master_process:
-            print(line, file=sys.stderr)
-
-    # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
-    order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
-                            for e in range(args.epochs)])
-    total_steps = planned_steps(args, len(examples), say=master_process)
-    checkpoint = out / "checkpoint.pt"
-    start = load_checkpoint(checkpoint, model, optimizer, args, device, total_steps) if args.resume else 0
-    metrics_path = out / "metrics.jsonl"
-    if master_process:
-        out.mkdir(parents=True, exist_ok=True)
-        kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
-        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in kept_lines))
-
-    # ---- the training loop: one optimizer step per iteration ------------------------------------------
-    bar = progress(total=total_steps, initial=start, desc=f"train {args.objective}", unit="step",
-                   disable=not master_process or not sys.stderr.isatty())   # a log file gets plain lines
-    with stop_signals() as signals:
-        for step in range(start, total_steps):
-            t0 = time.time()
-            # 1. learning rate of this step
-            lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # 2. this step's sequences; the divisor (all ranks) makes the sum of micro-batch losses the step's loss
-            items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
-            divisor, num_tokens = step_divisor(items, args.loss_norm), sum(len(ex["student"][1]) for ex in items)
-            mine = items[rank::world_size]
-            # 3. micro-steps: forward, backward, gradients accumulate in .grad
-            logged = dict.fromkeys(LOGGED[args.objective], 0.0)
-            for i in range(0, len(mine), args.micro_batch_size):
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                    loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
-                                                   divisor, tok.pad_token_id, device, cache)
-                loss.backward()
-                for k, v in dict(loss=float(loss.detach()), **stats).items():
-                    logged[k] += v
-            # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
-            if ddp:
-                logged = all_reduce_step(params, logged, device)
-            # 5. clip, step, zero
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            check_finite(step + 1, dict(logged, grad_norm=float(grad_norm)), checkpoint, args)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # 6. log: metrics.jsonl every step, a line every --log-every steps
-            if master_process:
-                rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens, sequences=len(items),
-                           tok_per_s=num_tokens / (time.time() - t0), **logged)
-                with open(metrics_path, "a") as f:
-                    append_jsonl(f, rec)
-                bar.update()
-                if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-                    if bar.disable:
-                        print(log_line(rec, total_steps), file=sys.stderr, flush=True)
-                    else:
-                        bar.set_postfix({k: f"{rec[k]:.4g}" for k in LOGGED[args.objective]})
-            # 7. checkpoint: every --save-every steps, at every epoch end, and when SIGTERM/SIGINT asks to stop
-            stop = agreed_signal(signals["signal"], ddp, device)
-            if master_process and (stop or checkpoint_due(step, total_steps, args, len(examples))):
-                save_checkpoint(checkpoint, step + 1, model, optimizer, args, device)
-            if stop:
-                bar.close()
-                end_distributed(ddp)
-                raise Interrupted(f"interrupted at step {step + 1}; rerun with --resume to continue"
-                                  if master_process else "", 128 + stop)
-    bar.close()
-
-    # ---- save: adapters alone, then the merged model that from_pretrained and vLLM load ------------------
-    if master_process:
-        summary = save_result(out, model, tok, args, dict(
-            examples=len(examples), dropped_too_long=too_long, traces_not_kept=not_kept, steps=total_steps,
-            world_size=world_size, reference_cache=cache and {k: cache[k] for k in (
-                "mode", "computed", "reused", "bad_files")}))
-        final = summary["final"] or {}
-        terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
-        print(f"train: done: {total_steps} steps over {len(examples)} examples ({min(len(order), total_steps * args.batch_size)} "
-              f"sequences), final {terms}, {time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
-        if cache:
-            print(f"train: reference cache ({cache['mode']}, rank 0): theta0 ran on {cache['computed']} examples, "
-                  f"{cache['reused']} reused, {cache['bad_files']} bad files recomputed", file=sys.stderr)
-    end_distributed(ddp)
+def progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, dynamic_ncols=True, **kw)
 
 
-# =====================================================================================================
-# Evaluation: the unbiased pass-at-k estimator and the eval command
-# =====================================================================================================
-def pass_at_k(n, c, k):
-    """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
-
-        pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
-
-    in the product form, which stays accurate for n in the thousands (no huge binomials).
-    Edge cases: 0.0 when c = 0; 1.0 when n - c < k (every k-subset holds a correct sample).
-    ValueError when k > n (the estimator needs n >= k) or the counts are invalid."""
-    if min(n, k) < 1 or not 0 <= c <= n:
-        raise ValueError(f"pass_at_k needs n >= 1, k >= 1 and 0 <= c <= n; got n={n}, c={c}, k={k}")
-    if k > n:
-        raise ValueError(f"pass_at_k needs n >= k; got n={n}, k={k}")
-    if c == 0:
-        return 0.0
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
-
-
-def parse_ks(spec, n):
-    """k values for pass@k: the --k list (each must be <= n), or 1, 2, 4, ... <= n, and n itself."""
-    if spec:
-        try:
-            ks = sorted({int(x) for x in spec.split(",") if x.strip()})
-        except ValueError:
-            raise DailError(f"--k {spec}: expected comma-separated integers") from None
-        if not ks or ks[0] < 1 or ks[-1] > n:
-            raise DailError(f"--k {spec}: every k must be in 1..n (n = {n}); the unbiased estimator needs n >= k")
-        return ks
-    return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
+    """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if ylim is not None:           # a fixed scale (pass@k: 0..1), so a flat 0.2 does not look like a slope
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def eval_summary(lines, ks):
-    """Mean pass@k over problems, response-length figures, and answer-extraction counts."""
-    all_tokens = [t for r in lines for t in r["n_tokens"]]
-    correct_tokens = [t for r in lines for t, ok in zip(r["n_tokens"], r["correct"]) if ok]
-
-    def mean_of(part, only_correct=False):  # thinking and answer tokens apart (older runs: all are answer)
-        vals = []
-        for r in lines:
-            counts = r.get(f"n_{part}_tokens") or (r["n_tokens"] if part == "answer" else [0] * len(r["n_tokens"]))
-            vals += [t for t, ok in zip(counts, r["correct"]) if ok or not only_correct]
-        return float(np.mean(vals)) if vals else None
-    return dict(
-        problems=len(lines),
-        pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
-                   for k in ks},
-        mean_tokens=float(np.mean(all_tokens)) if all_tokens else None,
-        mean_tokens_correct=float(np.mean(correct_tokens)) if correct_tokens else None,
-        mean_thinking_tokens=mean_of("thinking"), mean_answer_tokens=mean_of("answer"),
-        mean_thinking_tokens_correct=mean_of("thinking", True), mean_answer_tokens_correct=mean_of("answer", True),
-        samples_forced=sum(f is not None for r in lines for f in r.get("forced", [])),
-        samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
-        problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
-        truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]))
-
-
-def cmd_eval(args):
-    """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
-    (the settings a resumed run must match). Per sample, samples.jsonl keeps the first pass (`responses`,
-    `finish_reasons`) and the forced-answer pass apart (`forced`: the inserted line + what was sampled after
-    it, or null), and counts generated tokens: n_tokens = n_thinking_tokens + n_answer_tokens, of which
-    n_forced_tokens in the second pass. Only answer_part (after </think> with --thinking) is graded."""
-    validate_args(args)
-    make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    if args.regrade:
-        return regrade_eval(args)
-    problems = load_problems(args.data, need_solution=False, need_answer=True)
-    ks = parse_ks(args.k, args.n)
-    out = Path(args.out)
-    check_out_folder(args)
-    samples_path = out / "samples.jsonl"
-    def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
-        return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
-    engine = eval_engine(args)
-    n, shards, merge, follower = plan_shards(samples_path, args, vllm_shard(args, engine))
-    if args.overwrite and not follower:
-        clear_shard_results(samples_path, n, shards, merge, config_of, out / "summary.json", out / "passk.png")
-    config = run_config(args, "eval")
-    checks = output_checks("eval", problems, args, n)     # every line one problem of --data, once, n samples
-    done = {k: open_shard(samples_path, k, n, config, config_of, follower, checks(k)) for k in shards}
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    check_thinking_flag(tok, args)
-    max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
-                                                         for p in problems))
-    prompts = {}
-    for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
-        prompts[p["id"]] = eval_prompt_ids(tok, p, args.thinking, max_prompt)
-    t0, n_new = time.time(), 0
-    for k in shards:
-        written = {r["id"] for r in done[k]}
-        todo = [p for p in shard_problems(problems, k, n) if p["id"] not in written]
-        n_new += eval_shard(args, tok, os.devnull if follower else shard_path(samples_path, k, n), todo, prompts,
-                            engine, len(written))
-    if merge:
-        index = {p["id"]: p["index"] for p in problems}
-        expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
-        lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
-                             lambda r: index[r["id"]], checks)
-        if lines is None:
-            return None
-    elif n > 1:
-        return None                  # a rank other than 0: its part is written, rank 0 merges
-    else:
-        lines = resume_jsonl(samples_path, checks(0))
-    return write_eval_summary(out, lines, ks, args, engine=engine,
-                              samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
-
-
-def eval_shard(args, tok, samples_path, todo, prompts, engine, n_done):
-    """Sample and grade the problems `todo` into samples_path (samples.jsonl, or a shard's part file), one
-    line per problem, in input order. -> the number of samples drawn."""
-    n_new = 0
-    think_end = tok.get_vocab().get("</think>")
-    if todo:
-        stop_ids = stop_token_ids(tok, args.model)
-        print(f"eval: {len(todo)} problems x {args.n} samples ({n_done} already in {samples_path}), "
-              f"engine {engine}", file=sys.stderr)
-        sampler = make_sampler(engine, args, tok, stop_ids)
-        # problems per call: the hf engine decodes --batch-size rows at a time; vLLM batches on its own
-        per_call = max(1, args.batch_size // args.n) if engine == "hf" else max(1, 8192 // args.n)
-        bar = progress(total=len(todo), desc="eval", unit="problem")
-        with open(samples_path, "a", encoding="utf-8") as f:
-            for start in range(0, len(todo), per_call):
-                chunk = todo[start:start + per_call]
-                outputs = sampler([prompts[p["id"]] for p in chunk],
-                                  [args.seed + p["index"] for p in chunk], [p["id"] for p in chunk])
-                for p, samples in zip(chunk, outputs):
-                    texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
-                    forced = [None if s.get("forced_ids") is None else
-                              tok.decode(s["forced_ids"], skip_special_tokens=False) for s in samples]
-                    preds, correct = grade_responses([t + (fo or "") for t, fo in zip(texts, forced)], p["answer"],
-                                                     args.grader, args.thinking)
-                    split = [token_split(s, args.thinking, think_end) for s in samples]
-                    append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
-                                         n_correct=sum(correct), responses=texts, forced=forced, preds=preds,
-                                         correct=correct, n_tokens=[a + b for a, b in split],
-                                         n_thinking_tokens=[a for a, _ in split],
-                                         n_answer_tokens=[b for _, b in split],
-                                         n_forced_tokens=[s.get("n_forced", 0) for s in samples],
-                                         finish_reasons=[s["finish_reason"] for s in samples]))
-                    n_new += len(samples)
-                bar.update(len(chunk))
-        bar.close()
-        sampler.close()
-    return n_new
-
-
-def grade_responses(texts, reference, grader, thinking):
-    """(preds, correct) of one problem's responses (first pass + forced answer): the one place eval grades,
-    sampling or re-grading. Only answer_part is graded (with --thinking: the text after </think>)."""
-    graded = [grade(answer_part(t, thinking), reference, grader) for t in texts]
-    return [p for p, _ in graded], [bool(c) for _, c in graded]
-
-
-def write_eval_summary(out, lines, ks, args, **extra):
-    """OUT/summary.json (pass@k, lengths, the grader) and OUT/passk.png from the lines of samples.jsonl."""
-    summary = eval_summary(lines, ks)
-    summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
-              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True,
-              ylim=(-0.02, 1.02))
-    print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
-    return summary
-
-
-def regrade_eval(args):
-    """--regrade: grade every response of OUT/samples.jsonl again with --grader against the answer recorded
-    beside it; no model is loaded. samples.jsonl is replaced atomically (write_atomic), the
-    grader in eval_config.json is updated (a later resume continues with this grader), then summary.json."""
-    out = Path(args.out)
-    samples_path = out / "samples.jsonl"
-    if not samples_path.is_file():
-        raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
-    lock_output(samples_path, args.out)
-    config = out / "eval_config.json"
-    recorded = read_config(config) if config.exists() else {}
-    # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
-    args = dataclasses.replace(args, **{k: getattr(args, k) or recorded.get("paths", {}).get(k) or "unknown"
-                                        for k in ("model", "data")})
-    lines = resume_jsonl(samples_path, line_check(EVAL_FIELDS, lambda r: r["id"]))
-    if not lines:
-        raise DailError(f"--regrade: {samples_path}: no samples to grade")
-    n = len(lines[0]["responses"])
-    if any(len(r["responses"]) != n for r in lines):
-        raise DailError(f"--regrade: {samples_path}: problems hold different numbers of samples")
-    args.n = n  # pass@k takes n from the file, not from the flag
-    ks = parse_ks(args.k, n)
-    changed = 0
-    thinking = recorded.get("thinking", args.thinking)
-    for r in lines:
-        texts = [t + (fo or "") for t, fo in zip(r["responses"], r.get("forced") or [None] * n)]
-        preds, correct = grade_responses(texts, r["answer"], args.grader, thinking)
-        changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
-        r.update(preds=preds, correct=correct, n_correct=sum(correct))
-    write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
-    if config.exists():
-        write_atomic(config, json.dumps({**recorded, "grader": args.grader}, indent=2))
-    print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
-          f"{changed} verdicts changed", file=sys.stderr)
-    return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
-                              verdicts_changed=changed)
-
-
-def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
-    """Prompt ids of one eval problem: the record's own `prompt` when it has one (a string: the user turn;
-    a list: the chat messages), else the student prompt. Over max_prompt_len: DailError."""
-    if problem.get("prompt") is None:
-        return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
-    ids = record_prompt_ids(tok, problem, thinking)
-    if max_prompt_len is not None and len(ids) > max_prompt_len:
-        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt "
-                        f"budget of {max_prompt_len} (--max-prompt-len, or the model's context length minus "
-                        f"--max-new-tokens)")
-    return ids
-
-
-def answer_part(response, thinking):
-    """The text that is graded: with `thinking`, what follows the last </think> ("" when the thinking never
-    closed: a box inside the thinking is a guess, not an answer); else the whole response. The inserted cue
-    is not graded (nor was the released one): its empty \\boxed{} is no answer, but math-verify reads it."""
-    response = response.replace(ANSWER_REQUEST, "")
-    if not thinking:
-        return response
-    cut = response.rfind("</think>")
-    return "" if cut < 0 else response[cut + len("</think>"):]
-
-
-def token_split(sample, thinking, think_end):
-    """(thinking tokens, answer tokens) of one sample, generated tokens only (the inserted </think> and
-    ANSWER_REQUEST are not counted). With `thinking`: the first pass up to and including a generated
-    </think> is thinking, the rest of it and the forced pass are answer; without: all answer."""
-    ids, forced = sample["ids"], sample.get("n_forced", 0)
-    if not thinking:
-        return 0, len(ids) + forced
-    cut = ids.index(think_end) + 1 if think_end in ids else len(ids)
-    return cut, len(ids) - cut + forced
-
-
-def forced_answer_suffix(tok, sample, thinking):
-    """What the forced-answer pass appends to prompt + first-pass ids before it samples (ids), or None when
-    the sample gets no second pass. --thinking: every sample, </think> then ANSWER_REQUEST, whether the
-    thinking closed by itself (the first pass stopped on </think>, which is not in its ids) or the budget (or
-    an end of turn) cut it. Otherwise only a sample whose text has no \\boxed{ gets one: ANSWER_REQUEST."""
-    if not thinking and "\\boxed{" in tok.decode(sample["ids"], skip_special_tokens=False):
-        return None
-    return tok(("</think>" if thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
-
-
-def force_answers(tok, prompts, outputs, thinking, second_pass, seeds, pids=None):
-    """The released eval's second pass, engine-agnostic. outputs: per prompt, the first pass's sample dicts
-    (ids, finish_reason, stop_id); updated in place with forced_ids (the suffix + the ids sampled after it;
-    None: no second pass) and n_forced (tokens sampled in the second pass). second_pass(rows, seeds, names)
-    samples one continuation per row (prompt + ids + suffix) with at most --answer-tokens tokens; it returns
-    per row a list holding one dict (ids, ...). Seeds: one per sample, derived from the problem's (vLLM);
-    names: (problem id, "forced:<sample index>") per row (the hf engine's trace key: not the first pass's)."""
-    rows, targets, row_seeds, names = [], [], [], []
-    for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids or [None] * len(prompts)):
-        for i, s in enumerate(samples):
-            s["forced_ids"], s["n_forced"] = None, 0
-            suffix = forced_answer_suffix(tok, s, thinking)
-            if suffix is not None:
-                rows.append(list(prompt) + s["ids"] + suffix)
-                targets.append((s, suffix))
-                row_seeds.append(seed * 1_000_003 + i + 1)
-                names.append((pid, f"forced:{i}"))
-    if rows:
-        for (s, suffix), r in zip(targets, second_pass(rows, row_seeds, names)):
-            s["forced_ids"], s["n_forced"] = suffix + r[0]["ids"], len(r[0]["ids"])
-    return outputs
-
-
-def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, stop_id, and after
-    the forced-answer pass forced_ids, n_forced), from one engine; sampler.close() frees it. Both passes
-    use the sampling flags and the presence penalty. With --thinking (and the forced answer on) the first
-    pass also stops at </think>. Seeds: vLLM takes one per problem (--seed + its index in the file), so a
-    resumed run samples what an uninterrupted one would; the hf engine keys each sample's random numbers by
-    (--seed, problem id, sample index) and the step (counter_uniforms), so neither the batch, the batch
-    size, a resume nor a shard changes a sample; the forced-answer pass uses the key (id, "forced:<j>")."""
-    think_end = tok.get_vocab().get("</think>") if args.thinking else None
-    first_stops = list(stop_ids) + ([think_end] if think_end is not None and not args.no_force_answer else [])
-    if engine == "vllm":
-        llm = load_vllm(args)
-
-        def generate(prompts, n, max_tokens, stops, seeds, names):
-            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
-                               presence_penalty=args.presence_penalty)
-        close = lambda: close_vllm(llm)  # noqa: E731
-    else:
-        device = shard_device(args)
-        model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
-
-        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, None | a tag)
-            rows = [[p] for p in prompts for _ in range(n)]
-            keys = trace_keys(args.seed, [pid for pid, _ in names for _ in range(n)],
-                              [j if tag is None else tag for _, tag in names for j in range(n)])
-            results = []
-            for i in range(0, len(rows), args.batch_size):
-                batch_keys = keys[i:i + args.batch_size]
-
-                def choose(logits, step, active):  # [1, b, V]: one context (the presence penalty is applied)
-                    probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
-                    return sample_with(probs, counter_uniforms(batch_keys[active], step, 1)).squeeze(1), None
-                results += decode(model, rows[i:i + args.batch_size], choose, max_tokens, stops,
-                                  tok.pad_token_id, presence_penalty=args.presence_penalty)
-            return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
-        close = lambda: None  # noqa: E731
-
-    def sample(prompts, seeds, pids):
-        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds, [(p, None) for p in pids])
-        if not args.no_force_answer:
-            force_answers(tok, prompts, outputs, args.thinking,
-                          lambda rows, row_seeds, names: generate(rows, 1, args.answer_tokens, stop_ids, row_seeds,
-                                                                  names), seeds, pids)
-        return outputs
-    sample.close = close
-    return sample
-
-
-# =====================================================================================================
-# Plumbing: safe reruns (run fingerprints, flag checks), models and the hub, shards, per-trace random numbers
-# =====================================================================================================
+# ==== Appendix B.2, running it: safe reruns -- run fingerprints, resume, checkpoints, output locks, flag checks ========
 def check_resume_config(path, config, resuming, overwrite=False):
     """Results may only be resumed by the run that wrote them. When `resuming` (earlier results exist) and
     not `overwrite`, compare `config` (run_config: model and data fingerprints plus every setting that changes
@@ -2418,17 +2277,21 @@ def check_resume_config(path, config, resuming, overwrite=False):
             raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
                             f"were made; use another --out, or --overwrite to start over")
         old = read_config(p)
-        diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
-        if diff:
-            k = diff[0]
-            was = old.get(k, "(not recorded)")
-            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={was!r}, this run asks for "
-                            f"{k}={config[k]!r}; use another --out, or --overwrite to start over")
+        k = differing_setting(old, config)
+        if k is not None:
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old.get(k, '(not recorded)')!r}, "
+                            f"this run asks for {k}={config[k]!r}; use another --out, or --overwrite to start over")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(p, json.dumps(config, indent=2))
     except OSError as e:
         raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
+
+
+def differing_setting(old, config):
+    """The first result setting (the paths aside) where the saved settings `old` differ from `config`, or None;
+    the one comparison behind both resume's refusal and the merge of part files."""
+    return next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)
 
 
 def read_config(path):
@@ -2618,35 +2481,6 @@ def check_finite(step, values, checkpoint, args):
                         f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
 
 
-def states_digest(tensors):
-    """sha256 of tensors' dtypes, shapes and bytes: a reference-cache entry's checksum."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def write_states(path, key, teacher, shortcut):
-    """One reference-cache file (safetensors) that names what it holds: its example's key (example_key) and the
-    checksum of its states (states_digest), in the header's metadata; read_states checks both."""
-    from safetensors.torch import save
-    tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
-    write_atomic(path, save(tensors, metadata=dict(key=key, sha256=states_digest(tensors.values()))))
-
-
-def read_states(path, key):
-    """(teacher, shortcut) of a file write_states wrote for `key`, or () when it does not load, was written for
-    another example (a file copied over this one) or fails its checksum (flipped bits): never read as data."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
-    except Exception:
-        return ()
-    return states if meta.get("key") == key and meta.get("sha256") == states_digest(states) else ()
-
-
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
     """No run writes over one of its own inputs, whatever the flags: each path in `outputs` (what the run writes
     or clears) is compared with each input ({flag: path}) and each of the --model folder's MODEL_FILES as the
@@ -2830,6 +2664,408 @@ def planned_steps(args, num_examples, say=True):
     return steps
 
 
+# ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) =================
+def new_reference_cache(mode, folder=None, hidden=None):
+    """A store for reference_states: mode 'memory' (host RAM, moved to the device per micro-batch), 'disk' (one
+    safetensors file per example in `folder`, read per micro-batch: memory does not grow with the examples)
+    or 'off'; hidden: H, to check what is read. Counts examples computed, reused, and files found bad."""
+    if mode == "disk":
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return dict(mode=mode, folder=Path(folder) if folder else None, hidden=hidden, dtype=None, states={},
+                computed=0, reused=0, bad_files=0)
+
+
+def example_key(ex):
+    """A cache entry's name: a hash of the example's token ids (privileged prompt, shortcut prompt, response),
+    so an entry can only serve the example it was computed for, whichever rank or run computed it."""
+    ids = [ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:32]
+
+
+def load_states(cache, ex):
+    """An example's cached (teacher [n, H], shortcut [n, H]), or None when it must be computed. A file that
+    does not load, belongs to another example, fails its checksum (read_states) or holds another shape or
+    dtype (a damaged or copied cache) is counted, reported and recomputed (store_states replaces it)."""
+    if cache["mode"] == "memory":
+        states = cache["states"].get(example_key(ex))
+    elif cache["mode"] == "disk":
+        path = cache["folder"] / f"{example_key(ex)}.safetensors"
+        if not path.exists():
+            return None
+        states = read_states(path, example_key(ex))
+        n = len(ex["privileged"][1])
+        dtype = cache["dtype"] or (states[0].dtype if states else None)
+        if not states or any(t.shape != (n, cache["hidden"] or t.shape[1]) or t.dtype != dtype for t in states):
+            cache["bad_files"] += 1
+            print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
+            return None
+        cache["dtype"] = dtype
+    else:
+        return None
+    cache["reused"] += states is not None
+    return states
+
+
+def store_states(cache, ex, teacher, shortcut):
+    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them (disk: write_states,
+    whole or not at all, with the example's key and a checksum)."""
+    cache["dtype"] = cache["dtype"] or teacher.dtype
+    if cache["mode"] == "memory":
+        cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
+    elif cache["mode"] == "disk":
+        write_states(cache["folder"] / f"{example_key(ex)}.safetensors", example_key(ex), teacher, shortcut)
+    return teacher, shortcut
+
+
+def available_ram():
+    """Bytes of host memory available to new allocations (Linux MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
+    """--reference-cache -> (new_reference_cache, the line that says what was picked and its size). Size =
+    response tokens x 2 contexts x H x bytes of `dtype`; in memory every rank on this machine holds its own
+    copy. auto: memory if that is at most half the available RAM, else disk if the free space at OUT is at
+    least twice the size, else off. An explicit choice that does not fit is an error, never a full disk."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    tokens = sum(len(ex["privileged"][1]) for ex in examples)
+    size = tokens * 2 * hidden * dtype.itemsize
+    ram, disk = available_ram(), shutil.disk_usage(out).free
+    fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= disk, off=True)
+    mode = args.reference_cache
+    if mode == "auto":
+        mode = next(m for m in ("memory", "disk", "off") if fits[m])
+    elif not fits[mode]:
+        room = (f"{size * ranks_here / 1e9:.2f} GB for {ranks_here} rank(s), more than half the available RAM "
+                f"({ram / 1e9:.2f} GB)") if mode == "memory" else \
+            f"{size / 1e9:.2f} GB, and {out} has {disk / 1e9:.2f} GB free (less than twice that)"
+        raise DailError(f"--reference-cache {mode}: the cache would take {room}; use --reference-cache auto or off")
+    where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
+    line = (f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
+            f"GB = {tokens} response tokens x 2 contexts x hidden {hidden} x {dtype.itemsize} bytes)")
+    return new_reference_cache(mode, out / "reference_cache", hidden), line
+
+
+def states_digest(tensors):
+    """sha256 of tensors' dtypes, shapes and bytes: a reference-cache entry's checksum."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def write_states(path, key, teacher, shortcut):
+    """One reference-cache file (safetensors) that names what it holds: its example's key (example_key) and the
+    checksum of its states (states_digest), in the header's metadata; read_states checks both."""
+    from safetensors.torch import save
+    tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
+    write_atomic(path, save(tensors, metadata=dict(key=key, sha256=states_digest(tensors.values()))))
+
+
+def read_states(path, key):
+    """(teacher, shortcut) of a file write_states wrote for `key`, or () when it does not load, was written for
+    another example (a file copied over this one) or fails its checksum (flipped bits): never read as data."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
+    except Exception:
+        return ()
+    return states if meta.get("key") == key and meta.get("sha256") == states_digest(states) else ()
+
+
+# ==== Appendix B.4, running it: torchrun (process group, all-reduce, stop signals) and --shard part files ==============
+def setup_distributed(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process per device, each takes its share of every
+    step. Returns (ddp, rank, world_size, device); a single process gets (False, 0, 1, --device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0, 1, resolve_device(args.device)
+    backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed(ddp):
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_step(params, logged, device):
+    """Data parallel: sum the gradients and the logged sums of every rank, once per optimizer step. Each rank's
+    share is already divided by the step's global divisor, so the sum is the big batch's gradient."""
+    for p in params:
+        if p.grad is None:                 # a rank with no sequence in a short last step
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    sums = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return dict(zip(logged, sums.tolist()))
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within the block SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) do not kill the process: they
+    set state["signal"], and the training loop stops after the step in flight with a checkpoint. A second
+    signal a second or more later (torchrun forwards the first Ctrl-C once more at once) abandons the step
+    in flight (raises Interrupted); the last checkpoint stands."""
+    state = {"signal": None, "at": 0.0}
+
+    def handler(signum, frame):
+        if state["signal"] is None:
+            state["signal"], state["at"] = signum, time.time()
+            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "     # not print():
+                        b"(signal again to abandon the step)\n")                                 # not reentrant
+        elif time.time() - state["at"] >= 1.0:
+            raise Interrupted("interrupted again: the step in flight is abandoned; rerun with --resume to "
+                              "continue from the last checkpoint", 128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
+        yield state
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def agreed_signal(signum, ddp, device):
+    """The stop signal as every rank sees it (0: none): all ranks stop after the same step."""
+    if not ddp:
+        return signum or 0
+    flag = torch.tensor([float(signum or 0)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def shard_of(spec):
+    """This process's share of a rewrite or eval: (k, n) = shard k of n. From `--shard K/N` (SLURM arrays and
+    other schedulers), else torchrun's RANK and WORLD_SIZE, else (0, 1): the whole job in one process."""
+    if spec:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            raise DailError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DailError(f"--shard {spec}: under torchrun each rank already takes its own shard; drop --shard")
+        return int(m.group(1)), int(m.group(2))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def part_file(out_file, k, n):
+    """Where shard k of n writes: traces.jsonl -> traces.part0-of-4.jsonl, beside the merged file."""
+    out_file = Path(out_file)
+    return out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
+
+
+def shard_problems(problems, k, n):
+    """Shard k of n takes problems k, k + n, k + 2n, ... of the file: equal counts (to one), and early and
+    late problems alike, so no shard gets all the long ones of a file sorted by difficulty."""
+    return problems[k::n]
+
+
+def merge_parts(out_file, n, order, checks=None):
+    """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
+    (input order), atomically; a record present twice is an error, never a silent duplicate; checks(k): the
+    line_check of part k (output_checks). -> records."""
+    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n), checks and checks(k))]
+    records.sort(key=order)
+    keys = [order(r) for r in records]
+    dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+    if dup is not None:
+        raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
+                        f"one split of this job")
+    # two shards that finish together may both merge: each through its own temporary file (write_atomic)
+    write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
+
+
+def shard_device(args):
+    """rewrite/eval's torch device: under torchrun each rank its own GPU (cuda:LOCAL_RANK) with --device auto."""
+    if args.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return resolve_device(args.device)
+
+
+def split_on_disk(out_file):
+    """N of the part files (part_file) an earlier split of this job left beside out_file; None when none."""
+    out_file = Path(out_file)
+    pattern = re.compile(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+){re.escape(out_file.suffix)}")
+    ns = {int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
+          if (m := pattern.fullmatch(p.name))}
+    if len(ns) > 1:
+        raise DailError(f"{out_file.parent}: holds part files of splits into {sorted(ns)} shards; keep one split "
+                        f"(move the others away), or --overwrite to start over")
+    return ns.pop() if ns else None
+
+
+def plan_shards(out_file, args, shard=None):
+    """Which files this process writes and whether it merges: (n, ks, merge, follower) = the split into n
+    shards, the shards k it decodes (each into part_file(out_file, k, n); n = 1: out_file itself), and when it merges:
+    'wait' (rank 0 under torchrun: polls until every part is complete), 'ready' (--shard K/N: merges when it
+    finds every part complete), 'now' (a plain run that found the parts of an earlier split: it finishes
+    every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
+    tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
+    it (vLLM's collectives) but writes nothing.
+    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard).
+    Each file this process will write is locked (lock_output) before anything is cleared or resumed."""
+    k, n, follower = shard or (*shard_of(args.shard), False)
+    earlier = None if args.overwrite else split_on_disk(out_file)
+    if n > 1 and args.merge:
+        raise DailError("--merge: merges the parts of an earlier split in one process; drop --shard (or torchrun)")
+    if n > 1:
+        if earlier not in (None, n):
+            raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
+                            f"splits into {n}; use the same split, or --overwrite to start over")
+        plan = n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
+    elif args.merge:
+        if earlier is None:
+            raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
+        plan = earlier, [], "now", follower
+    else:
+        plan = (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
+    for k in [] if follower else plan[1]:
+        lock_output(shard_path(out_file, k, plan[0]), args.out)
+    return plan
+
+
+def vllm_shard(args, engine):
+    """Under torchrun with the vLLM engine, vLLM's own data parallelism for external launchers: every group
+    of --tensor-parallel-size consecutive ranks runs one engine (ranks r with r // tp = k form data-parallel
+    shard k of WORLD_SIZE / tp). -> (k, n, follower), or None when not under torchrun or not vLLM."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if engine != "vllm" or world == 1:
+        return None
+    tp = args.tensor_parallel_size
+    if world % tp:
+        raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
+    if args.shard:
+        shard_of(args.shard)                                  # the one-line error: no --shard under torchrun
+    rank = int(os.environ["RANK"])
+    return rank // tp, world // tp, rank % tp != 0
+
+
+def start_job(command, out_file, args, engine, problems, config_of, *results):
+    """The one start of rewrite and eval: plan the split (plan_shards), clear out_file's parts and `results`
+    on --overwrite, and read back what this process's shards wrote earlier (open_shard)
+    -> (n, ks, merge, follower, config, checks, done: {k: records})."""
+    n, ks, merge, follower = plan_shards(out_file, args, vllm_shard(args, engine))
+    if args.overwrite and not follower:
+        clear_shard_results(out_file, n, ks, merge, config_of, *results)
+    config = run_config(args, command)
+    checks = output_checks(command, problems, args, n)
+    done = {k: open_shard(out_file, k, n, config, config_of, follower, checks(k)) for k in ks}
+    return n, ks, merge, follower, config, checks, done
+
+
+def open_shard(out_file, k, n, config, config_of, follower=False, check=None):
+    """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
+    with `config` (check_resume_config, which saves it) and each line with `check` (resume_jsonl). A vLLM
+    follower only reads (it writes nothing)."""
+    path = shard_path(out_file, k, n)
+    if follower:
+        return written_records(path)
+    done = resume_jsonl(path, check)
+    check_resume_config(config_of(path), config, resuming=bool(done))
+    return done
+
+
+def clear_shard_results(out_file, n, ks, merge, config_of, *others):
+    """--overwrite: each process removes the files it writes (its part files and their configs); the process
+    that merges (or a single one) also the merged file, `others` (the summary) and parts of other splits."""
+    parts = [part_file(out_file, k, n) for k in ks if n > 1]
+    clear_results(*parts, *map(config_of, parts))
+    if merge or n == 1:
+        out_file = Path(out_file)
+        stale = [p for p in out_file.parent.glob(f"{out_file.stem}.part*-of-*")
+                 if not p.name.split(".part", 1)[1].split(".")[0].endswith(f"-of-{n}") or n == 1]
+        clear_results(out_file, *others, *stale)
+
+
+def shard_path(out_file, k, n):
+    """The file shard k of n writes: out_file itself when the job is not split."""
+    return Path(out_file) if n == 1 else part_file(out_file, k, n)
+
+
+def written_records(path):
+    """The complete lines of a JSONL file another process may be appending to (resume_jsonl's read-only mode)."""
+    return resume_jsonl(path, peek=True)
+
+
+def config_difference(path, config):
+    """The first result setting where the config saved at path differs from `config` ('' when equal; None
+    when no config is saved there yet)."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        old = json.loads(p.read_text())
+    except ValueError:
+        return None                                      # being written right now: look again later
+    k = differing_setting(old, config)
+    return "" if k is None else f"{k}={old.get(k, '(not recorded)')!r}"
+
+
+def incomplete_parts(out_file, n, config, config_of, expected, key):
+    """The shards k < n whose part file lacks one of expected[k] (a set of key(record)) or was not yet
+    started; a part written with other settings than `config` is a DailError (never merged)."""
+    missing = []
+    for k in range(n):
+        path = part_file(out_file, k, n)
+        diff = config_difference(config_of(path), config)
+        if diff:
+            raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
+                            f"the same command (rerun that shard, or --overwrite to start over)")
+        if diff is None or not expected[k] <= {key(r) for r in written_records(path) if keyed(key, r)}:
+            missing.append(k)
+    return missing
+
+
+def keyed(key, record):
+    """Whether key(record) can be taken: a part still being written is read before merge_parts checks its lines."""
+    try:
+        return key(record) is not None
+    except (KeyError, TypeError):
+        return False
+
+
+def gather_parts(out_file, n, mode, config, config_of, expected, key, order, checks=None):
+    """The records of the whole job, the one tail of rewrite and eval. A job not split (n = 1): out_file's
+    own. A process that does not merge (mode None, n > 1: a rank other than 0): None. Else merge the n part
+    files into out_file (merge_parts, input order) once all are complete, and save `config` beside it -> the
+    merged records, or None when not all are complete and mode is not 'wait' (then say which are missing).
+    'wait' (rank 0 under torchrun) polls the files instead of a barrier, which would time out on a long job;
+    if a rank dies, torchrun stops this one too."""
+    if mode is None:
+        return resume_jsonl(out_file, checks and checks(0)) if n == 1 else None
+    pause = 1.0
+    while missing := incomplete_parts(out_file, n, config, config_of, expected, key):
+        if mode != "wait":
+            print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; run "
+                  f"them (--shard K/{n}), then rerun without --shard (or with --merge) to merge", file=sys.stderr)
+            if mode == "now":
+                raise DailError(f"--merge: {len(missing)} of {n} parts of {out_file} are incomplete")
+            return None
+        if pause == 1.0:
+            print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
+        time.sleep(pause)
+        pause = min(2 * pause, 30.0)
+    records = merge_parts(out_file, n, order, checks)
+    check_resume_config(config_of(out_file), config, resuming=False)
+    print(f"merged {n} parts into {out_file}", file=sys.stderr)
+    return records
+
+
+# ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths and stop tokens ===============
 def resolve_device(name):
     """--device as a torch.device; one this machine cannot use is a DailError (validate_args asks first)."""
     if name == "auto":
@@ -3075,294 +3311,26 @@ def end_of_turn_id(tok):
     return vocab.get("<|im_end|>", tok.eos_token_id)
 
 
-def progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(iterable, dynamic_ncols=True, **kw)
-
-
-def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
-    """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if ylim is not None:           # a fixed scale (pass@k: 0..1), so a flat 0.2 does not look like a slope
-        ax.set_ylim(*ylim)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def shard_of(spec):
-    """This process's share of a rewrite or eval: (k, n) = shard k of n. From `--shard K/N` (SLURM arrays and
-    other schedulers), else torchrun's RANK and WORLD_SIZE, else (0, 1): the whole job in one process."""
-    if spec:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
-        if not m or not int(m.group(1)) < int(m.group(2)):
-            raise DailError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise DailError(f"--shard {spec}: under torchrun each rank already takes its own shard; drop --shard")
-        return int(m.group(1)), int(m.group(2))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def part_file(out_file, k, n):
-    """Where shard k of n writes: traces.jsonl -> traces.part0-of-4.jsonl, beside the merged file."""
-    out_file = Path(out_file)
-    return out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
-
-
-def shard_problems(problems, k, n):
-    """Shard k of n takes problems k, k + n, k + 2n, ... of the file: equal counts (to one), and early and
-    late problems alike, so no shard gets all the long ones of a file sorted by difficulty."""
-    return problems[k::n]
-
-
-def merge_parts(out_file, n, order, checks=None):
-    """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
-    (input order), atomically; a record present twice is an error, never a silent duplicate; checks(k): the
-    line_check of part k (output_checks). -> records."""
-    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n), checks and checks(k))]
-    records.sort(key=order)
-    keys = [order(r) for r in records]
-    dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
-    if dup is not None:
-        raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
-                        f"one split of this job")
-    # two shards that finish together may both merge: each through its own temporary file (write_atomic)
-    write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return records
-
-
-def shard_device(args):
-    """rewrite/eval's torch device: under torchrun each rank its own GPU (cuda:LOCAL_RANK) with --device auto."""
-    if args.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return resolve_device(args.device)
-
-
-def split_on_disk(out_file):
-    """N of the part files (part_file) an earlier split of this job left beside out_file; None when none."""
-    out_file = Path(out_file)
-    pattern = re.compile(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+){re.escape(out_file.suffix)}")
-    ns = {int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
-          if (m := pattern.fullmatch(p.name))}
-    if len(ns) > 1:
-        raise DailError(f"{out_file.parent}: holds part files of splits into {sorted(ns)} shards; keep one split "
-                        f"(move the others away), or --overwrite to start over")
-    return ns.pop() if ns else None
-
-
-def plan_shards(out_file, args, shard=None):
-    """Which files this process writes and whether it merges: (n, ks, merge, follower) = the split into n
-    shards, the shards k it decodes (each into part_file(out_file, k, n); n = 1: out_file itself), and when it merges:
-    'wait' (rank 0 under torchrun: polls until every part is complete), 'ready' (--shard K/N: merges when it
-    finds every part complete), 'now' (a plain run that found the parts of an earlier split: it finishes
-    every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
-    tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
-    it (vLLM's collectives) but writes nothing.
-    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard).
-    Each file this process will write is locked (lock_output) before anything is cleared or resumed."""
-    k, n, follower = shard or (*shard_of(args.shard), False)
-    earlier = None if args.overwrite else split_on_disk(out_file)
-    if n > 1 and args.merge:
-        raise DailError("--merge: merges the parts of an earlier split in one process; drop --shard (or torchrun)")
-    if n > 1:
-        if earlier not in (None, n):
-            raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
-                            f"splits into {n}; use the same split, or --overwrite to start over")
-        plan = n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
-    elif args.merge:
-        if earlier is None:
-            raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
-        plan = earlier, [], "now", follower
-    else:
-        plan = (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
-    for k in [] if follower else plan[1]:
-        lock_output(shard_path(out_file, k, plan[0]), args.out)
-    return plan
-
-
-def vllm_shard(args, engine):
-    """Under torchrun with the vLLM engine, vLLM's own data parallelism for external launchers: every group
-    of --tensor-parallel-size consecutive ranks runs one engine (ranks r with r // tp = k form data-parallel
-    shard k of WORLD_SIZE / tp). -> (k, n, follower), or None when not under torchrun or not vLLM."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if engine != "vllm" or world == 1:
-        return None
-    tp = args.tensor_parallel_size
-    if world % tp:
-        raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
-    if args.shard:
-        shard_of(args.shard)                                  # the one-line error: no --shard under torchrun
-    rank = int(os.environ["RANK"])
-    return rank // tp, world // tp, rank % tp != 0
-
-
-def open_shard(out_file, k, n, config, config_of, follower=False, check=None):
-    """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
-    with `config` (check_resume_config, which saves it) and each line with `check` (resume_jsonl). A vLLM
-    follower only reads (it writes nothing)."""
-    path = shard_path(out_file, k, n)
-    if follower:
-        return written_records(path)
-    done = resume_jsonl(path, check)
-    check_resume_config(config_of(path), config, resuming=bool(done))
-    return done
-
-
-def clear_shard_results(out_file, n, ks, merge, config_of, *others):
-    """--overwrite: each process removes the files it writes (its part files and their configs); the process
-    that merges (or a single one) also the merged file, `others` (the summary) and parts of other splits."""
-    parts = [part_file(out_file, k, n) for k in ks if n > 1]
-    clear_results(*parts, *map(config_of, parts))
-    if merge or n == 1:
-        out_file = Path(out_file)
-        stale = [p for p in out_file.parent.glob(f"{out_file.stem}.part*-of-*")
-                 if not p.name.split(".part", 1)[1].split(".")[0].endswith(f"-of-{n}") or n == 1]
-        clear_results(out_file, *others, *stale)
-
-
-def shard_path(out_file, k, n):
-    """The file shard k of n writes: out_file itself when the job is not split."""
-    return Path(out_file) if n == 1 else part_file(out_file, k, n)
-
-
-def written_records(path):
-    """The complete lines of a JSONL file another process may be appending to (read-only: unlike
-    resume_jsonl it never cuts a half-written last line, which may be one being written)."""
-    p = Path(path)
-    data = p.read_bytes() if p.exists() else b""
-    records = []
-    for line in data[:data.rfind(b"\n") + 1].split(b"\n"):             # "\n" only, as in resume_jsonl
-        if line.strip():
-            with contextlib.suppress(ValueError):                       # a bad line: merge_parts names it
-                records.append(json.loads(line))
-    return records
-
-
-def config_difference(path, config):
-    """The first result setting where the config saved at path differs from `config` ('' when equal; None
-    when no config is saved there yet)."""
-    p = Path(path)
-    if not p.exists():
-        return None
-    try:
-        old = json.loads(p.read_text())
-    except ValueError:
-        return None                                      # being written right now: look again later
-    diff = [k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]]
-    return f"{diff[0]}={old.get(diff[0], '(not recorded)')!r}" if diff else ""
-
-
-def incomplete_parts(out_file, n, config, config_of, expected, key):
-    """The shards k < n whose part file lacks one of expected[k] (a set of key(record)) or was not yet
-    started; a part written with other settings than `config` is a DailError (never merged)."""
-    missing = []
-    for k in range(n):
-        path = part_file(out_file, k, n)
-        diff = config_difference(config_of(path), config)
-        if diff:
-            raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
-                            f"the same command (rerun that shard, or --overwrite to start over)")
-        if diff is None or not expected[k] <= {key(r) for r in written_records(path) if keyed(key, r)}:
-            missing.append(k)
-    return missing
-
-
-def keyed(key, record):
-    """Whether key(record) can be taken: a part still being written is read before merge_parts checks its lines."""
-    try:
-        return key(record) is not None
-    except (KeyError, TypeError):
-        return False
-
-
-def gather_parts(out_file, n, mode, config, config_of, expected, key, order, checks=None):
-    """Merge the n part files into out_file (merge_parts, input order) once all are complete, and save
-    `config` beside it -> the merged records, or None when not all are complete and mode is not 'wait'
-    (then say which are missing). 'wait' (rank 0 under torchrun) polls the files instead of a barrier,
-    which would time out on a long job; if a rank dies, torchrun stops this one too."""
-    pause = 1.0
-    while missing := incomplete_parts(out_file, n, config, config_of, expected, key):
-        if mode != "wait":
-            print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; run "
-                  f"them (--shard K/{n}), then rerun without --shard (or with --merge) to merge", file=sys.stderr)
-            if mode == "now":
-                raise DailError(f"--merge: {len(missing)} of {n} parts of {out_file} are incomplete")
-            return None
-        if pause == 1.0:
-            print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
-        time.sleep(pause)
-        pause = min(2 * pause, 30.0)
-    records = merge_parts(out_file, n, order, checks)
-    check_resume_config(config_of(out_file), config, resuming=False)
-    print(f"merged {n} parts into {out_file}", file=sys.stderr)
-    return records
-
-
-def trace_keys(seed, problem_ids, samples):
-    """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
-    trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
-    words = []
-    for pid, s in zip(problem_ids, samples):
-        digest = hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
-        words.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
-    return torch.tensor(words, dtype=torch.long)
-
-
-def _mul32(x, c):
-    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a Python int c < 2^32, with no int64 overflow."""
-    lo = x * (c & 0xFFFF)                                        # < 2^48
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16                        # < 2^32
-    return (lo + hi) & 0xFFFFFFFF
-
-
-def _hash32(x):
-    """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def counter_uniforms(keys, step, n):
-    """[B, n] float64 uniforms in (0, 1) for B traces at decoding step `step`: a counter-based generator,
-    u = hash(key, step, j), so a trace's draws are fixed by its key whatever else shares its batch.
-    keys: [B, 2] from trace_keys."""
-    j = torch.arange(n, dtype=torch.long, device=keys.device)
-    counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
-    h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
-    return (h.double() + 0.5) / 2.0 ** 32
-
-
-def sample_with(probs, u):
-    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
-    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
-    cdf = probs.double().cumsum(-1)                                               # [B, V]
-    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
-    return tokens.clamp(max=probs.shape[-1] - 1)
-
-
-# =====================================================================================================
-# Plumbing: the vLLM engine (an optional import) and the command line
-# =====================================================================================================
+# ==== Appendix B.6, running it: the vLLM engine (an optional import) ===================================================
 def eval_engine(args):
     """eval's engine: --engine, where auto is vLLM when it is importable and a GPU is present, else hf."""
     if args.engine == "auto":
         return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     return args.engine
+
+
+def rewrite_engine(args, say=False):
+    """The engine rewrite runs: vLLM only at a pure-policy threshold (0 or >= 1); auto: vLLM on a GPU."""
+    engine = args.engine
+    pure = args.threshold <= 0 or args.threshold >= 1
+    if engine in ("vllm", "auto") and not pure:
+        if say:
+            print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
+                  f"sampling cannot do; using the transformers engine", file=sys.stderr)
+        engine = "hf"
+    if engine == "auto":
+        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    return engine
 
 
 def vllm_available():
@@ -3468,6 +3436,7 @@ def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, ba
     close_vllm(llm)
 
 
+# ==== Appendix B.7, running it: the command line =======================================================================
 COMMANDS = {
     "rewrite": (RewriteArgs, cmd_rewrite, "Step 1: rewrite expert solutions into the model's own traces "
                                           "(mixed-policy rollout), then filter them. OUT is traces.jsonl."),
