@@ -1991,6 +1991,12 @@ class DailError(Exception):
     """A user-facing problem (bad input, missing file): printed as one line, exit code 2, no traceback."""
 
 
+def first_line(e, width=200):
+    """The first line of an exception's message (its type's name when it has none), cut to `width`: what a
+    one-line DailError quotes of a library's error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:width]
+
+
 class Interrupted(Exception):
     """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
 
@@ -2449,7 +2455,7 @@ def load_checkpoint(path, model, optimizer, args, device, total_steps):
         ckpt = torch.load(path, map_location=device, weights_only=False)
         step, trainable = ckpt["step"], dict(ckpt["trainable"])
     except Exception as e:          # a truncated zip, garbage bytes, another pickle: whatever torch says
-        refuse(f"unreadable ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
+        refuse(f"unreadable ({first_line(e, 120)})")
     want = trainable_state(model, args).keys()
     missing, extra = sorted(want - trainable.keys()), sorted(trainable.keys() - want)
     if missing or extra:
@@ -2466,7 +2472,7 @@ def load_checkpoint(path, model, optimizer, args, device, total_steps):
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a shape, the optimizer's groups, an RNG state
-        refuse(f"does not fit ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
+        refuse(f"does not fit ({first_line(e, 120)})")
     return step
 
 
@@ -3214,7 +3220,7 @@ def load_model(name, device, dtype, trust_remote_code=False):
 def load_error(name, what, e):
     """The one-line DailError of a model or tokenizer that failed to load. A folder with its own code (auto_map)
     fails without --trust-remote-code (trust_remote_code=False: transformers neither runs it nor asks on stdin)."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = first_line(e)
     if "trust_remote_code" in str(e):
         return DailError(f"--model {name}: ships its own Python code (auto_map), which runs only with "
                          f"--trust-remote-code; pass it only for a model whose code you trust")
@@ -3249,9 +3255,8 @@ def record_prompt_ids(tok, problem, thinking):
     try:
         return chat_prompt_ids(tok, problem["prompt"], thinking)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
-                        f"({msg[:200]})") from None
+                        f"({first_line(e)})") from None
 
 
 def cache_kwarg(model, cache):
