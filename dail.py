@@ -12,23 +12,16 @@ DAIL turns a few hundred expert solutions into training signal a model can actua
               the intermediate results (shortcut).
   3. eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
 
-Run it (the README is the manual: models, GPUs, torchrun and --shard, vLLM, resume, every output file):
+Run it (the README is the manual):
     python examples/quickstart.py                                   # CPU, the shipped tiny world
     python dail.py rewrite|train|eval --model M --data D --out O    # one GPU (train: add --grad-checkpointing)
     torchrun --standalone --nproc_per_node 8 dail.py rewrite|train|eval ...   # several GPUs
 
-The map of the file: the method first, in the paper's order, then the appendices (# ==== banners):
-  The arguments: every flag with its --help line, and the released defaults
-  Three contexts of one model: the student, privileged and shortcut prompts (all prompt text lives here)
-  Step 1, rewrite: the token rule (proposer, validator, threshold), its per-trace random numbers, the rollout
-  Step 1, filtering the traces and the rewrite command
-  Step 2, the contrastive self-distillation loss                          (the part to copy)
-  Step 2, training: minimal LoRA, sequences and masks, the reference states, the loop, the train command
-  Evaluation: the unbiased pass@k, the forced answer, the eval command
-  Appendix A: grading -- boxed answers, the built-in grader and math-verify, problems and expert solutions
-  Appendix B: running it -- B.1 errors and files, B.2 run fingerprints, resume and flag checks,
-              B.3 the reference cache, B.4 torchrun and shards, B.5 models and the hub, B.6 vLLM,
-              B.7 the command line
+The map (# ==== banners): the arguments; the method in the paper's order -- three contexts of one model,
+the token rule and its rollout, filtering and rewrite, the loss (the part to copy), LoRA and the training
+loop, pass@k and eval; then Appendix A, grading, and Appendix B, running it: B.1 errors and files, B.2 run
+fingerprints and resume, B.3 the reference cache, B.4 torchrun and shards, B.5 models and the hub (and the
+prompt-length guards), B.6 vLLM, B.7 the command line.
 """
 from __future__ import annotations
 
@@ -70,15 +63,15 @@ def arg(default=None, help="", **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-# The authors' released configuration differs between non-reasoning (Qwen2.5-Instruct) and reasoning
-# (Qwen3, --thinking) models. Flags whose default is None take their value from here.
+# The released configuration differs between non-reasoning (Qwen2.5-Instruct) and reasoning (Qwen3, --thinking)
+# models. Flags whose default is None take their value from here.
 RELEASED = {
     False: dict(threshold=0.8, max_new_tokens=2048, epochs=5, max_len=12288),
     True: dict(threshold=1.0, max_new_tokens=256, epochs=3, max_len=2048),
 }
 
-# Phrases that show a rewritten trace leans on the expert solution instead of deriving it. The filter
-# rejects traces containing any of them (case-insensitive); override with --leak-phrases.
+# Phrases that show a rewritten trace leans on the expert solution instead of deriving it; the filter rejects
+# traces containing any of them (case-insensitive). Override with --leak-phrases.
 LEAK_PHRASES = (
     "reference solution", "the reference", "provided solution", "given solution", "expert solution",
     "the solution provided", "the provided", "the hint", "as shown in the solution",
@@ -109,8 +102,33 @@ class CommonArgs:
 
 
 @dataclass
-class RewriteArgs(CommonArgs):
-    # sampling, as released: 32 traces per problem, temperature 0.6, top-p 0.95, top-20 candidates
+class SamplingArgs(CommonArgs):
+    """The flags rewrite and eval share (as released: temperature 0.6, top-p 0.95); defaults are eval's."""
+    temperature: float = arg(0.6, "sampling temperature of every context (0: greedy)")
+    top_p: float = arg(0.95, "nucleus sampling mass of every context")
+    top_k: int = arg(0, "keep only the k most likely tokens of every context (0: all)")
+    max_new_tokens: int = arg(4096, "token budget per sample; with --thinking the thinking budget: the first pass "
+                                    "stops at </think> or here")
+    batch_size: int = arg(64, "hf engine: sequences decoded together")
+    engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
+                      choices=["auto", "hf", "vllm"])
+    grader: str = arg("builtin", "how answers are graded: builtin (exact, no dependency) or math-verify "
+                                 "(pip install math-verify)", choices=["builtin", "math-verify"])
+    tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
+    max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
+    gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
+    shard: str = arg(None, "K/N: decode only problems K, K+N, ... into OUT's part files (for SLURM arrays; "
+                           "torchrun needs none); a later run without it merges them")
+    merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
+
+
+@dataclass
+class RewriteArgs(SamplingArgs):
+    top_k: int = arg(20, "keep only the k most likely tokens of every context (0: all)")  # released: top-20
+    max_new_tokens: int = arg(None, "token budget per trace [default 2048; 256 with --thinking]", type=int)
+    batch_size: int = arg(32, "traces decoded together (each takes two rows: proposer and validator)")
+    engine: str = arg("hf", "hf: the token-by-token rollout; vllm/auto: vLLM when the threshold makes the rule a "
+                            "pure policy (0 or >= 1), else hf", choices=["auto", "hf", "vllm"])
     samples: int = arg(32, "traces decoded per problem")
     propose: str = arg("student", "which context proposes tokens; the other one validates",
                        choices=["student", "privileged"])
@@ -120,29 +138,13 @@ class RewriteArgs(CommonArgs):
     retries: int = arg(5, "proposals drawn per step before falling back to the validator")
     greedy_proposer: bool = arg(False, "ablation: the proposer always proposes its most likely token (the "
                                        "validator's fallbacks still sample)")
-    temperature: float = arg(0.6, "sampling temperature of both contexts (0: greedy)")
-    top_p: float = arg(0.95, "nucleus sampling mass of both contexts")
-    top_k: int = arg(20, "keep only the k most likely tokens of both contexts (0: all)")
-    max_new_tokens: int = arg(None, "token budget per trace [default 2048; 256 with --thinking]", type=int)
     # filtering, as released: keep one passing trace per problem
     keep_per_problem: int = arg(1, "traces kept per problem (the released code keeps 1)")
     no_filter: bool = arg(False, "keep every trace up to --keep-per-problem, graded or not")
-    keep_truncated: bool = arg(False, "grade traces cut by the token budget too (released behaviour); by "
-                                      "default they are rejected, since they never learned to stop")
+    keep_truncated: bool = arg(False, "also grade traces cut by the token budget (released behaviour); by default "
+                                      "they are rejected: they never learned to stop")
     leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that "
                                                     "mentions the reference ('' disables the check)")
-    grader: str = arg("builtin", "how the filter grades a trace's answer: builtin (exact, no dependency) or "
-                                 "math-verify (pip install math-verify)", choices=["builtin", "math-verify"])
-    # engine
-    batch_size: int = arg(32, "traces decoded together (each takes two rows: proposer and validator)")
-    engine: str = arg("hf", "hf: the token-by-token rollout; vllm/auto: vLLM when the threshold makes the "
-                            "rule a pure policy (0 or >= 1), else hf", choices=["hf", "vllm", "auto"])
-    tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
-    max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
-    gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
-    shard: str = arg(None, "K/N: decode only shard K of N (problems K, K+N, ...) into OUT's part files, for "
-                           "schedulers other than torchrun (SLURM arrays); a later run without it merges them")
-    merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
 
 
 @dataclass
@@ -164,13 +166,13 @@ class TrainArgs(CommonArgs):
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
     lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "comma-separated names of the nn.Linear modules that get adapters")
-    # optimisation, as released: lr 2e-4, wd 0.01, 5 warm-up steps then linear decay, 16 sequences a step; but
-    # torch.optim.AdamW with float32 state (released: bitsandbytes' paged_adamw_8bit, 8-bit state)
+    # as released: lr 2e-4, wd 0.01, 5 warm-up steps then linear decay, 16 sequences a step; but torch's AdamW
+    # with float32 state (released: bitsandbytes' paged_adamw_8bit)
     lr: float = arg(2e-4, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_steps: int = arg(5, "linear warm-up steps, then linear decay to 0")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off); 1.0 is the released "
-                                    "behaviour (the Hugging Face Trainer's default)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off; 1.0 as released: the Hugging "
+                                "Face Trainer's default)")
     batch_size: int = arg(16, "sequences per optimizer step, over all GPUs and micro-steps")
     micro_batch_size: int = arg(1, "sequences per forward pass (gradient accumulation makes up the rest)")
     epochs: int = arg(None, "passes over the traces [default 5; 3 with --thinking]", type=int)
@@ -180,8 +182,8 @@ class TrainArgs(CommonArgs):
     # memory
     grad_checkpointing: bool = arg(False, "recompute the backbone's activations in backward (long traces)")
     loss_chunk: int = arg(1024, "response positions per chunk of the LM head + loss (bounds peak memory)")
-    reference_cache: str = arg("auto", "where theta0's privileged and shortcut states go after their first forward, "
-                                       "so later epochs skip those forwards (exact): memory, disk (OUT/"
+    reference_cache: str = arg("auto", "keep theta0's privileged and shortcut states after their first forward so "
+                                       "later epochs skip those forwards (exact): memory, disk (OUT/"
                                        "reference_cache/), off; auto: memory if it fits in RAM, else disk, else off",
                                choices=["auto", "memory", "disk", "off"])
     # bookkeeping
@@ -192,35 +194,17 @@ class TrainArgs(CommonArgs):
 
 
 @dataclass
-class EvalArgs(CommonArgs):
-    # as released: 128 samples, temperature 0.6, top-p 0.95
-    n: int = arg(128, "samples per problem")
+class EvalArgs(SamplingArgs):
+    n: int = arg(128, "samples per problem")  # released: 128
     k: str = arg(None, "comma-separated k for pass@k (default: 1, 2, 4, ... <= n)")
-    temperature: float = arg(0.6, "sampling temperature (0: greedy)")
-    top_p: float = arg(0.95, "nucleus sampling mass")
-    top_k: int = arg(0, "keep only the k most likely tokens (0: all)")
-    max_new_tokens: int = arg(4096, "token budget per sample; with --thinking the thinking budget: the first pass "
-                                    "stops at </think> or here")
     presence_penalty: float = arg(1.5, "subtract this from the logit of every token already in the sample's own "
                                        "output, before temperature/top-k/top-p (vLLM's presence_penalty; 0: off)")
     answer_tokens: int = arg(100, "token budget of the second, forced-answer pass")
-    no_force_answer: bool = arg(False, "one pass only (with --thinking the budget then covers thinking and "
-                                       "answer); by default every --thinking sample, and every other sample "
-                                       "without \\boxed{, gets a second pass after an answer cue (with "
-                                       "--thinking: after </think> and the cue)")
-    batch_size: int = arg(64, "hf engine: sequences decoded together")
-    engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
-                      choices=["auto", "hf", "vllm"])
-    grader: str = arg("builtin", "how a sample's answer is graded: builtin (exact, no dependency) or "
-                                 "math-verify (pip install math-verify)", choices=["builtin", "math-verify"])
+    no_force_answer: bool = arg(False, "one pass only (with --thinking its budget covers thinking and answer); by "
+                                       "default every --thinking sample, and every other one without \\boxed{, gets "
+                                       "a second pass after an answer cue (with --thinking: </think>, then the cue)")
     regrade: bool = arg(False, "re-grade every response of OUT/samples.jsonl with --grader and rewrite the "
                                "results, without loading a model or sampling")
-    tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
-    max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
-    gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
-    shard: str = arg(None, "K/N: decode only shard K of N (problems K, K+N, ...) into OUT's part files, for "
-                           "schedulers other than torchrun (SLURM arrays); a later run without it merges them")
-    merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
 
 
 def resolve_released(args):
@@ -262,133 +246,75 @@ increasing order, then symbols alphabetically), not in the order the solution us
 ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
 _MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
-_GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi "
-          "rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega")
-_SIGN_BEFORE = ("", "$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\le", "\\ge", "\\leq", "\\geq",
-                "\\ne", "\\neq", "\\approx", "\\cdot", "\\times", "\\pm")
+_FRACTION = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
+_GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi rho "
+             "sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega".split())
+_SIGN_BEFORE = ("$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\le", "\\ge", "\\leq", "\\geq", "\\ne",
+                "\\neq", "\\approx", "\\cdot", "\\times", "\\pm")     # a minus sign after these is not a subtraction
 
 
 def intermediate_results(solution, answer=None):
-    """The shortcut context's list: the atomic values and symbols of an expert solution, without its method.
+    """The shortcut context's list: the atoms of an expert solution, without its method. Numbers (integers,
+    decimals, fractions a/b and \\frac{a}{b}, negative where the minus cannot be a subtraction) anywhere, and
+    symbols inside math ($...$, $$...$$, \\(...\\), \\[...\\]): a letter with an optional simple subscript (n,
+    a_1, x_{k}) or a Greek letter (\\pi). Statements (3^6 \\equiv 1 \\pmod 7) give only their atoms; commands
+    and \\text{...} are not symbols. De-duplicated (numbers by exact value, first spelling kept) and sorted,
+    numbers ascending then symbols alphabetically, so the order says nothing about the method. Atoms equal to
+    `answer` are left out (the hint states it first). There is no cap."""
+    numbers, symbols = {}, set()                                         # numbers: exact value -> first spelling
 
-    Atoms are numbers (integers, decimals, integer fractions a/b and \\frac{a}{b}; a minus sign counts when
-    it cannot be a subtraction, e.g. after = or \\equiv or an opening bracket) found anywhere, and single
-    symbols found inside math ($...$, $$...$$, \\(...\\), \\[...\\]): a letter with an optional simple
-    subscript (n, a_1, x_{k}) or a Greek letter (\\pi). Statements (3^6 \\equiv 1 \\pmod 7) contribute only
-    their atoms (3, 6, 1, 7); command names (\\pmod, \\frac) and \\text{...} are not symbols. The list is
-    de-duplicated (numbers by exact value, first spelling kept) and sorted, numbers ascending then symbols
-    alphabetically, so its order says nothing about the method. Atoms equal to `answer` are left out (the
-    hint states the answer first). There is no cap: every atom is listed."""
-    numbers, symbols = {}, set()
-    frac = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
-
-    def add_number(text, value):
-        numbers.setdefault(value, text)
-
-    def take_fractions(m):
-        num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    def take_fraction(m):
+        num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
         if int(den) != 0:
-            add_number(m.group(0).strip(), Fraction(int(num), int(den)))
+            numbers.setdefault(Fraction(int(num), int(den)), m[0].strip())
         return " "
-    rest = re.sub(frac, take_fractions, solution)
+    rest = re.sub(_FRACTION, take_fraction, solution)
     for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):
-        sign = m.group(1)
-        if sign and not rest[:m.start()].rstrip().endswith(_SIGN_BEFORE[1:]) and rest[:m.start()].strip():
-            sign = ""                                    # x - 3: a subtraction, the atom is 3
-        add_number(sign + m.group(2), Fraction(sign + m.group(2)))
+        before = rest[:m.start()].rstrip()
+        sign = m[1] if not before or before.endswith(_SIGN_BEFORE) else ""  # x - 3: a subtraction, the atom is 3
+        numbers.setdefault(Fraction(sign + m[2]), sign + m[2])
     for groups in re.findall(_MATH_SPANS, solution, flags=re.S):
-        math = next(g for g in groups if g)
-        math = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", math)
-        for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", math):
-            if m.group(1):
-                if m.group(1) in _GREEK.split():
-                    symbols.add("\\" + m.group(1))
-            else:
-                symbols.add(m.group(2) + (f"_{m.group(3)}" if m.group(3) else ""))
+        span = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", next(g for g in groups if g))
+        for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", span):
+            if m[1] is None:
+                symbols.add(m[2] + (f"_{m[3]}" if m[3] else ""))
+            elif m[1] in _GREEK:
+                symbols.add("\\" + m[1])
     atoms = [numbers[v] for v in sorted(numbers)] + sorted(symbols, key=lambda x: (x.lstrip("\\").lower(), x))
     return [a for a in atoms if answer is None or not is_equiv(a, answer)]
 
 
 def chat_prompt_ids(tok, user_text, thinking):
-    """Token ids of one user turn (or of a list of chat messages {role, content}) plus the assistant's
-    generation prompt. With `thinking` the response starts inside <think>. Templating goes through text and
-    the ids are taken once, here: responses are appended as ids, never decoded and re-encoded
-    (re-tokenizing can change the response tokens)."""
+    """Ids of one user turn (or of a list of chat messages {role, content}) + the assistant's generation prompt;
+    with `thinking` the response starts inside <think>. The ids are taken once, here: responses are appended
+    as ids, never decoded and re-encoded (re-tokenizing can change the response tokens)."""
     messages = user_text if isinstance(user_text, list) else [{"role": "user", "content": user_text}]
-    text = tok.apply_chat_template(messages, tokenize=False,
-                                   add_generation_prompt=True, enable_thinking=thinking)
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
     if thinking and not text.rstrip().endswith("<think>"):
         text += "<think>\n"
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-# No tokenizer averages this many characters per token on real text (English is about 4), so a text this many
-# characters per token of a budget long is over the budget: bounded_ids then tokenizes only a head of it.
-MAX_CHARS_PER_TOKEN = 32
-
-
-def bounded_ids(encode, text, budget):
-    """(ids, whole): encode(text), except that a text longer than MAX_CHARS_PER_TOKEN * budget characters is
-    first encoded only up to there; when that head alone is clearly over `budget` tokens, its ids are
-    returned with whole=False (the text is over the budget too: a head never has more than a few tokens
-    more than the whole). A 50 MB solution thus costs a budget's worth of tokenizing, not 10 GB and minutes."""
-    limit = MAX_CHARS_PER_TOKEN * (max(budget, 0) + 1) if budget is not None else None
-    if limit is not None and len(text) > limit:
-        head = encode(text[:limit])
-        if len(head) > budget + 8:
-            return head, False
-    return encode(text), True
-
-
-def shorten_solution(solution):
-    """One shortening step for an over-long privileged prompt: cut before the last "Solution N:" marker
-    (keep the first solutions of a multi-solution write-up), else keep the first half."""
-    marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
-    if marks and marks[-1] > 0:
-        return solution[:marks[-1]].rstrip()
-    return solution[:len(solution) // 2]
-
-
-def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
-    """The expert solution as the privileged prompt will hold it: shortened (shorten_solution, repeatedly)
-    until the prompt fits max_prompt_len. rewrite records this text in every trace (`privileged_solution`)
-    and train builds the teacher's context from exactly it, so the teacher sees what the validator saw."""
-    solution = problem["solution"]
-    while True:
-        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-        if max_prompt_len is None or len(bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text,
-                                                     max_prompt_len)[0]) <= max_prompt_len:
-            return solution
-        if not solution:
-            raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit "
-                            f"the prompt budget of {max_prompt_len} tokens even without the solution")
-        solution = shorten_solution(solution)
-
-
 def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
-    """Prompt ids of the requested contexts for one problem (dict). The privileged prompt holds
-    problem["privileged_solution"] when present (the text the validator saw), else the whole solution; it is
-    never shortened here (see fit_privileged_solution). A student or privileged prompt over max_prompt_len
-    raises DailError."""
-    out, whole = {}, {}
-    encode = lambda text: chat_prompt_ids(tok, text, thinking)  # noqa: E731
+    """Prompt ids of the requested contexts of one problem (dict). The privileged prompt holds
+    problem["privileged_solution"] when present (what the validator saw: fit_privileged_solution), else the
+    whole solution. A student or privileged prompt over max_prompt_len is a DailError: never shortened here."""
+    texts, out = {}, {}
     if "student" in which:
-        out["student"], whole["student"] = bounded_ids(encode, STUDENT_PROMPT.format(problem=problem["problem"]),
-                                                       max_prompt_len)
+        texts["student"] = STUDENT_PROMPT.format(problem=problem["problem"])
     if "privileged" in which:
         solution = problem.get("privileged_solution") or problem["solution"]
-        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-        out["privileged"], whole["privileged"] = bounded_ids(encode, text, max_prompt_len)
-    for name in ("student", "privileged"):
-        if name in out and max_prompt_len is not None and len(out[name]) > max_prompt_len:
-            raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is "
-                            f"{'' if whole[name] else 'over '}{len(out[name])} tokens, over the prompt budget of "
-                            f"{max_prompt_len} (--max-prompt-len, or the model's context length minus "
-                            f"--max-new-tokens)")
+        texts["privileged"] = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
+    for name, text in texts.items():
+        out[name], whole = bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text, max_prompt_len)
+        if max_prompt_len is not None and len(out[name]) > max_prompt_len:
+            raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is {'' if whole else 'over '}"
+                            f"{len(out[name])} tokens, over the prompt budget of {max_prompt_len} (--max-prompt-len, "
+                            f"or the model's context length minus --max-new-tokens)")
     if "shortcut" in which:
         results = intermediate_results(problem["solution"] or "", problem["answer"])
         text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
-                                      results=", ".join(results) if results else "none")
+                                      results=", ".join(results) or "none")
         out["shortcut"] = chat_prompt_ids(tok, text, thinking)
     return out
 
@@ -411,27 +337,28 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
     return torch.zeros_like(logits).scatter(-1, order, probs)
 
 
-def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
-    """The DAIL token rule, vectorized over a batch. p_propose, p_validate: [B, V] *sampling* distributions
-    (tempered, truncated: sampling_probs); q_validate: [B, V] the validator's *model* probabilities, the full
-    softmax of its raw logits at temperature 1 (model_probs), which is what the threshold tests (as released:
-    vLLM's raw log-probs). Returns tokens [B] (long) and accepted [B] (bool: the token is an accepted proposal).
+def model_probs(logits):
+    """[B, V] logits -> [B, V] float32 model probabilities, what the threshold tests: the full softmax at
+    temperature 1, no top-k or top-p. Banned tokens (logit -inf, e.g. </think> in a thinking rewrite) get 0."""
+    return logits.float().softmax(-1)
 
-    Per row: draw up to `retries` candidates c ~ p_propose; take the first with q_validate[c] >= threshold;
-    if none passes, draw the token from p_validate (a fallback). With A = {v : q_validate[v] >= threshold}
-    and a = p_propose(A), the token's distribution is exactly
+
+def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
+    """The DAIL token rule over a batch: tokens [B] (long) and accepted [B] (bool: an accepted proposal).
+    p_propose, p_validate: [B, V] *sampling* distributions (sampling_probs); q_validate: [B, V] the validator's
+    *model* probabilities (model_probs), which the threshold tests (as released: vLLM's raw log-probs; the
+    tempered p_validate would change what it means: at temperature 0.6 a raw 0.6 becomes 0.86 and passes 0.8).
+
+    Per row: draw up to R = `retries` candidates c ~ p_propose and take the first with q_validate[c] >=
+    threshold; if none passes, draw the token from p_validate (a fallback). With A = {v : q_validate[v] >=
+    threshold} and a = p_propose(A), the token's distribution is exactly
 
         P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
                (accepted mass 1 - (1-a)^R)                          (fallback mass (1-a)^R)
 
-    Only A depends on q; proposals and fallbacks come from the sampling distributions. (Testing the
-    tempered, renormalized p_validate instead changes what the threshold means: at temperature 0.6 a raw
-    0.6 can become 0.86 and pass 0.8.) threshold = 0 is pure proposer sampling (a = 1) and threshold > 1
-    pure validator sampling (a = 0).
-
-    u: [B, R + 1] uniforms in (0, 1), the row's only randomness (counter_uniforms: fixed by the trace and
-    the step, so a trace does not depend on its batch): columns :R draw the proposals, column R the
-    fallback. None: fresh uniforms from torch's global generator."""
+    threshold 0 is pure proposer sampling (a = 1), threshold > 1 pure validator sampling (a = 0).
+    u: [B, R + 1] uniforms in (0, 1), the row's only randomness (counter_uniforms: fixed by the trace and the
+    step, whatever its batch): columns :R draw the proposals, column R the fallback. None: torch.rand."""
     if u is None:
         u = torch.rand(p_propose.shape[0], retries + 1, dtype=torch.float64)
     draws = sample_with(p_propose, u[:, :retries])                                          # [B, R]
@@ -443,12 +370,12 @@ def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
     return torch.where(accepted, proposal, fallback), accepted
 
 
-def model_probs(logits):
-    """[B, V] logits -> [B, V] float32 model probabilities: the full softmax at temperature 1, no top-k or
-    top-p, what the threshold is compared with. Banned tokens (the caller set their logits to -inf, e.g.
-    </think> in a thinking rewrite) get probability 0 and the rest is renormalized: the validator's
-    probability of a candidate given that the trace cannot take a banned token."""
-    return logits.float().softmax(-1)
+def sample_with(probs, u):
+    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
+    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
+    cdf = probs.double().cumsum(-1)                                               # [B, V]
+    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
+    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 def trace_keys(seed, problem_ids, samples):
@@ -462,29 +389,19 @@ def trace_keys(seed, problem_ids, samples):
 
 
 def counter_uniforms(keys, step, n):
-    """[B, n] float64 uniforms in (0, 1) for B traces at decoding step `step`: a counter-based generator,
-    u = hash(key, step, j), so a trace's draws are fixed by its key whatever else shares its batch.
-    keys: [B, 2] from trace_keys."""
+    """[B, n] float64 uniforms in (0, 1) for B traces (keys [B, 2]: trace_keys) at decoding step `step`: a
+    counter-based generator, u = hash(key, step, j), so a trace's draws are fixed by its key whatever else
+    shares its batch."""
     j = torch.arange(n, dtype=torch.long, device=keys.device)
     counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
     h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
     return (h.double() + 0.5) / 2.0 ** 32
 
 
-def sample_with(probs, u):
-    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
-    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
-    cdf = probs.double().cumsum(-1)                                               # [B, V]
-    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
-    return tokens.clamp(max=probs.shape[-1] - 1)
-
-
 def _hash32(x):
     """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
     return x ^ (x >> 16)
 
 
@@ -498,37 +415,30 @@ def _mul32(x, c):
 def left_pad(seqs, pad_id, device):
     """Lists of ids -> ids [N, L] left-padded, attention mask [N, L], position ids [N, L] counted from each
     row's first real token (so a padded row computes exactly what it would alone)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+    rows = [torch.as_tensor(s, dtype=torch.long).flip(0) for s in seqs]   # reversed: pad_sequence pads right
+    ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id).flip(1)
+    mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).flip(1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
 
 @torch.no_grad()
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
-    """Decode one response per trace that is shared by G contexts (G = 2 for rewrite: proposer, validator;
-    G = 1 for eval). contexts: B traces, each a list of G prompt-id lists.
-    choose(logits [G, b, V], step, rows) -> (tokens [b], accepted [b] bool or None) picks each active
-    trace's token; rows [b] (long) are the indices in `contexts` of the active traces, so that a sampler
-    can key each row's random numbers by its trace and the step (counter_uniforms).
+    """One response per trace, shared by its G contexts (rewrite: G = 2, proposer and validator; eval: G = 1).
+    contexts: B traces, each a list of G prompt-id lists. choose(logits [G, b, V], step, rows [b]) -> (tokens
+    [b], accepted [b] bool or None) picks each active trace's token; rows are the active traces' indices in
+    `contexts`, so a sampler can key its random numbers by trace and step (counter_uniforms).
 
-    All G*B rows run as one batch: the prompts are prefilled once into a KV cache (left padding, position
-    ids from the mask), then every step feeds one token per row and grows the mask by one column. The
-    token chosen for a trace is appended to all its contexts, so they share the response ids exactly.
-    A trace stops at a stop token (not kept in its ids) or at the budget; finished rows leave the batch.
-    presence_penalty (eval; vLLM's semantics): before `choose`, subtract it from the logit of every token that
-    already occurs in this trace's response (generated tokens only, never the prompt's): a [b, V] mask.
-    Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id (the stop token or None),
-    n_accepted, n_fallback)."""
+    The G*B rows run as one batch: the prompts are prefilled once into a KV cache (left padding, positions from
+    the mask), then each step feeds one token per row. A trace's token is appended to all its contexts, so they
+    share the response ids exactly. A trace stops at a stop token (not kept) or at the budget. banned_ids get
+    logit -inf; presence_penalty (eval, vLLM's semantics) is subtracted from the logit of every token already
+    in the trace's response (never the prompt's). Returns per trace: dict(ids, finish_reason 'stop'|'length',
+    stop_id (the stop token or None), n_accepted, n_fallback)."""
+    from transformers import DynamicCache
     device = next(model.parameters()).device
     B, G = len(contexts), len(contexts[0])
-    rows = [trace[g] for g in range(G) for trace in contexts]          # row g*B + i = context g of trace i
-    ids, mask, positions = left_pad(rows, pad_id, device)
-    from transformers import DynamicCache
+    ids, mask, positions = left_pad([trace[g] for g in range(G) for trace in contexts], pad_id, device)  # g*B + i
     cache = DynamicCache()
     kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
@@ -536,35 +446,33 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     next_pos = positions[:, -1] + 1                                           # [G*B]
     active = list(range(B))                                                   # traces still decoding
     results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
-    stop = set(stop_ids)
-    present = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=device) if presence_penalty else None
+    present = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device) if presence_penalty else None
     for step in range(max_new_tokens):
         if banned_ids:
             logits[:, list(banned_ids)] = float("-inf")
-        if present is not None:                                   # [b, V] -> every context's rows [G*b, V]
+        if presence_penalty:                                      # [b, V] -> every context's rows [G*b, V]
             logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
         b = len(active)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
-        if present is not None:
+        if presence_penalty:
             present[torch.arange(b, device=device), tokens] = True
-        tok_list = tokens.tolist()
-        acc_list = accepted.tolist() if accepted is not None else [False] * b
         keep = []
-        for j, i in enumerate(active):
-            if tok_list[j] in stop:
-                results[i]["finish_reason"], results[i]["stop_id"] = "stop", tok_list[j]
-                continue
-            results[i]["ids"].append(tok_list[j])
-            results[i]["n_accepted" if acc_list[j] else "n_fallback"] += 1
-            keep.append(j)
+        for j, (t, acc) in enumerate(zip(tokens.tolist(), accepted.tolist() if accepted is not None else [0] * b)):
+            r = results[active[j]]
+            if t in stop_ids:
+                r["finish_reason"], r["stop_id"] = "stop", t
+            else:
+                r["ids"].append(t)
+                r["n_accepted" if acc else "n_fallback"] += 1
+                keep.append(j)
         if not keep or step == max_new_tokens - 1:
             break
-        if len(keep) < b:  # drop finished traces from every context's rows, cache included
+        if len(keep) < b:   # finished traces leave every context's rows, KV cache included: steps cost live rows only
             kept = torch.tensor(keep, device=device)
-            rows_kept = torch.cat([kept + g * b for g in range(G)])
-            cache.batch_select_indices(rows_kept)
-            mask, next_pos, tokens = mask[rows_kept], next_pos[rows_kept], tokens[kept]
-            present = present[kept] if present is not None else None
+            rows = (kept + b * torch.arange(G, device=device)[:, None]).flatten()      # [G*b'], context-major
+            cache.batch_select_indices(rows)
+            mask, next_pos, tokens = mask[rows], next_pos[rows], tokens[kept]
+            present = present[kept] if presence_penalty else None
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
@@ -3072,6 +2980,46 @@ def gather_parts(out_file, n, mode, config, config_of, expected, key, order, che
 
 
 # ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths and stop tokens ===============
+# The prompt-length guards (build_contexts, rewrite and train call them). No tokenizer averages this many
+# characters per token on real text (English: about 4), so a text this long per token of a budget is over it.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def bounded_ids(encode, text, budget):
+    """(ids, whole): encode(text), but a text over MAX_CHARS_PER_TOKEN * budget characters is first encoded only
+    up to there, and when that head is clearly over `budget` tokens its ids come back with whole=False (a head
+    never has more than a few tokens more than the whole). A 50 MB solution costs a budget's worth of tokenizing."""
+    limit = MAX_CHARS_PER_TOKEN * (max(budget, 0) + 1) if budget is not None else len(text)
+    if len(text) > limit:
+        head = encode(text[:limit])
+        if len(head) > budget + 8:
+            return head, False
+    return encode(text), True
+
+
+def shorten_solution(solution):
+    """One shortening step: cut before the last "Solution N:" marker (keep the first solutions of a
+    multi-solution write-up), else keep the first half."""
+    marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
+    return solution[:marks[-1]].rstrip() if marks and marks[-1] > 0 else solution[:len(solution) // 2]
+
+
+def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
+    """The expert solution as the privileged prompt holds it: shortened (shorten_solution) until the prompt fits
+    max_prompt_len. rewrite records it in each trace (`privileged_solution`) and train's teacher reads exactly
+    it, so the teacher sees what the validator saw."""
+    solution = problem["solution"]
+    while max_prompt_len is not None:
+        text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
+        if len(bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text, max_prompt_len)[0]) <= max_prompt_len:
+            break
+        if not solution:
+            raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit the prompt "
+                            f"budget of {max_prompt_len} tokens even without the solution")
+        solution = shorten_solution(solution)
+    return solution
+
+
 def resolve_device(name):
     """--device as a torch.device; one this machine cannot use is a DailError (validate_args asks first)."""
     if name == "auto":
