@@ -3,13 +3,10 @@
 dail.py -- Distribution Aligned Imitation Learning (DAIL; Mendes, Park, Ritter, arXiv 2602.02405) in one file.
 
 DAIL turns a few hundred expert solutions into training signal a model can actually learn from:
-  1. rewrite  the model re-writes each expert solution as its own trace, decoding token by token from two
-              prompts of itself: a proposer (default: the student prompt) and a validator (default: the
-              privileged prompt that sees the expert solution) that accepts a proposed token only when it
-              finds it likely (probability >= threshold).
-  2. train    contrastive self-distillation on those traces: pull the student toward the frozen model that
-              saw the solution (privileged), push it away from the frozen model that only saw the answer and
-              the intermediate results (shortcut).
+  1. rewrite  the model re-writes each expert solution as its own trace: a proposer prompt proposes each token,
+              a validator prompt that sees the solution accepts it only if its probability is >= a threshold.
+  2. train    contrastive self-distillation: toward the frozen model that saw the solution (privileged), away
+              from the one that saw only the answer and intermediate results (shortcut).
   3. eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
 
 Run it (the README is the manual):
@@ -17,11 +14,9 @@ Run it (the README is the manual):
     python dail.py rewrite|train|eval --model M --data D --out O    # one GPU (train: add --grad-checkpointing)
     torchrun --standalone --nproc_per_node 8 dail.py rewrite|train|eval ...   # several GPUs
 
-The map (# ==== banners): the arguments; the method in the paper's order -- three contexts of one model,
-the token rule and its rollout, filtering and rewrite, the loss (the part to copy), LoRA and the training
-loop, pass@k and eval; then Appendix A, grading, and Appendix B, running it: B.1 errors and files, B.2 run
-fingerprints and resume, B.3 the reference cache, B.4 torchrun and shards, B.5 models and the hub (and the
-prompt-length guards), B.6 vLLM, B.7 the command line.
+Map: the arguments; the method in the paper's order (three contexts, the token rule and its rollout, filtering and
+rewrite, the loss, LoRA and training, pass@k and eval); Appendix A, grading; Appendix B, running it (files,
+fingerprints and resume, the reference cache, torchrun and shards, models and the hub, vLLM, the command line).
 """
 from __future__ import annotations
 
@@ -52,10 +47,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# A hub id that cannot be reached must fail quickly with our message, not hang on retries.
-os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-
 
 # ==== The arguments: every flag of rewrite, train and eval (a field's help is its --help line), released defaults ======
 def arg(default=None, help="", **kw):
@@ -63,55 +54,41 @@ def arg(default=None, help="", **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-# The released configuration differs between non-reasoning (Qwen2.5-Instruct) and reasoning (Qwen3, --thinking)
-# models. Flags whose default is None take their value from here.
-RELEASED = {
-    False: dict(threshold=0.8, max_new_tokens=2048, epochs=5, max_len=12288),
-    True: dict(threshold=1.0, max_new_tokens=256, epochs=3, max_len=2048),
-}
+# Flags left at None take the released default of the model kind: Qwen2.5-Instruct, or Qwen3 with --thinking.
+RELEASED = {False: dict(threshold=0.8, max_new_tokens=2048, epochs=5, max_len=12288),
+            True: dict(threshold=1.0, max_new_tokens=256, epochs=3, max_len=2048)}
 
-# Phrases that show a rewritten trace leans on the expert solution instead of deriving it; the filter rejects
-# traces containing any of them (case-insensitive). Override with --leak-phrases.
-LEAK_PHRASES = (
-    "reference solution", "the reference", "provided solution", "given solution", "expert solution",
-    "the solution provided", "the provided", "the hint", "as shown in the solution",
-    "according to the solution", "worked solution",
-)
+# A trace that mentions any of these (case-insensitive) leans on the expert solution: the filter rejects it.
+LEAK_PHRASES = ("reference solution", "the reference", "provided solution", "given solution", "expert solution",
+                "the solution provided", "the provided", "the hint", "as shown in the solution",
+                "according to the solution", "worked solution")
 
 
 @dataclass
 class CommonArgs:
     model: str = arg(None, "local Hugging Face model folder, or a hub id (needs network access)", required=True)
-    data: str = arg(None, "input JSONL, one problem per line: problem, solution, optional answer and id",
-                    required=True)
+    data: str = arg(None, "input JSONL, one problem per line: problem, solution, optional answer and id", required=True)
     out: str = arg(None, "where results go (see the command's description)", required=True)
     seed: int = arg(0, "random seed (sampling, LoRA init, data order)")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
-    dtype: str = arg("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)",
-                     choices=["auto", "float32", "bfloat16", "float16"])
-    thinking: bool = arg(False, "reasoning model (Qwen3-style template): responses start inside <think>; "
-                                "switches to the released reasoning defaults")
+    dtype: str = arg("auto", "auto: bfloat16 on CUDA, else float32", choices=["auto", "float32", "bfloat16", "float16"])
+    thinking: bool = arg(False, "reasoning model (Qwen3-style): responses open in <think>; released reasoning defaults")
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
-    trust_remote_code: bool = arg(False, "let a model folder run its own Python code (auto_map in its config); "
-                                         "without it such a model is refused: that code runs with your rights")
-    threads: int = arg(0, "CPU threads of torch (0: torch's default, one per core); 1 suits tiny models on a "
-                          "shared CPU (README: Threads)")
+    trust_remote_code: bool = arg(False, "run a model folder's own Python code (auto_map); it runs with your rights")
+    threads: int = arg(0, "torch's CPU threads (0: its default, one per core; 1 suits tiny models on a shared CPU)")
     max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
-                                    "minus --max-new-tokens); longer prompts are an error or a counted skip",
-                              type=int)
+                                    "minus --max-new-tokens); longer prompts are an error or a counted skip", type=int)
 
 
 @dataclass
 class SamplingArgs(CommonArgs):
-    """The flags rewrite and eval share (as released: temperature 0.6, top-p 0.95); defaults are eval's."""
+    """The flags rewrite and eval share; the defaults are eval's (as released: temperature 0.6, top-p 0.95)."""
     temperature: float = arg(0.6, "sampling temperature of every context (0: greedy)")
     top_p: float = arg(0.95, "nucleus sampling mass of every context")
     top_k: int = arg(0, "keep only the k most likely tokens of every context (0: all)")
-    max_new_tokens: int = arg(4096, "token budget per sample; with --thinking the thinking budget: the first pass "
-                                    "stops at </think> or here")
+    max_new_tokens: int = arg(4096, "token budget per sample; with --thinking the thinking budget (to </think>)")
     batch_size: int = arg(64, "hf engine: sequences decoded together")
-    engine: str = arg("auto", "auto: vLLM when importable and a GPU is present, else hf",
-                      choices=["auto", "hf", "vllm"])
+    engine: str = arg("auto", "auto: vLLM when importable and on a GPU, else hf", choices=["auto", "hf", "vllm"])
     grader: str = arg("builtin", "how answers are graded: builtin (exact, no dependency) or math-verify "
                                  "(pip install math-verify)", choices=["builtin", "math-verify"])
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
@@ -124,69 +101,56 @@ class SamplingArgs(CommonArgs):
 
 @dataclass
 class RewriteArgs(SamplingArgs):
-    top_k: int = arg(20, "keep only the k most likely tokens of every context (0: all)")  # released: top-20
+    top_k: int = arg(20, "keep only the k most likely tokens of every context (0: all)")  # as released
     max_new_tokens: int = arg(None, "token budget per trace [default 2048; 256 with --thinking]", type=int)
     batch_size: int = arg(32, "traces decoded together (each takes two rows: proposer and validator)")
     engine: str = arg("hf", "hf: the token-by-token rollout; vllm/auto: vLLM when the threshold makes the rule a "
                             "pure policy (0 or >= 1), else hf", choices=["auto", "hf", "vllm"])
     samples: int = arg(32, "traces decoded per problem")
-    propose: str = arg("student", "which context proposes tokens; the other one validates",
-                       choices=["student", "privileged"])
-    threshold: float = arg(None, "accept a proposed token when the validator's probability of it is >= this "
-                                 "(0: pure proposer, >=1: pure validator) [default 0.8; 1.0 with --thinking]",
-                           type=float)
+    propose: str = arg("student", "the context that proposes; the other validates", choices=["student", "privileged"])
+    threshold: float = arg(None, "accept a proposal when the validator's probability of it is >= this (0: pure "
+                                 "proposer, >=1: pure validator) [default 0.8; 1.0 with --thinking]", type=float)
     retries: int = arg(5, "proposals drawn per step before falling back to the validator")
-    greedy_proposer: bool = arg(False, "ablation: the proposer always proposes its most likely token (the "
-                                       "validator's fallbacks still sample)")
-    # filtering, as released: keep one passing trace per problem
+    greedy_proposer: bool = arg(False, "ablation: the proposer proposes its most likely token (fallbacks sample)")
     keep_per_problem: int = arg(1, "traces kept per problem (the released code keeps 1)")
     no_filter: bool = arg(False, "keep every trace up to --keep-per-problem, graded or not")
     keep_truncated: bool = arg(False, "also grade traces cut by the token budget (released behaviour); by default "
                                       "they are rejected: they never learned to stop")
-    leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that "
-                                                    "mentions the reference ('' disables the check)")
+    leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that mentions the "
+                                                    "reference ('' disables the check)")
 
 
 @dataclass
 class TrainArgs(CommonArgs):
-    # what to optimise (the paper's method and its baselines)
-    objective: str = arg("dail", "dail: contrastive self-distillation; sft: cross-entropy (a baseline)",
-                         choices=["dail", "sft"])
-    sft_target: str = arg("trace", "sft only: the rewritten traces, or the raw expert solutions",
-                          choices=["trace", "expert"])
+    objective: str = arg("dail", "dail: contrastive self-distillation; sft: cross-entropy", choices=["dail", "sft"])
+    sft_target: str = arg("trace", "sft only: the rewritten traces or expert solutions", choices=["trace", "expert"])
     lam: float = arg(0.1, "weight of the subtracted shortcut KL (0: DAIL without the contrastive term)")
     direction: str = arg("reverse", "reverse: KL(student||teacher); forward: KL(teacher||student)",
                          choices=["reverse", "forward"])
-    loss_norm: str = arg("sequence", "sequence: per-token mean within each trace, then mean over the step's "
-                                     "traces (released); token: mean over all response tokens of the step",
-                         choices=["sequence", "token"])
+    loss_norm: str = arg("sequence", "sequence: per-token mean within each trace, then over the step's traces "
+                                     "(released); token: mean over the step's tokens", choices=["sequence", "token"])
     # LoRA, as released: r = alpha = 32, no dropout, all attention and MLP projections
     lora_rank: int = arg(32, "LoRA rank (0: full fine-tuning with a frozen copy as the reference)")
     lora_alpha: float = arg(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
     lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "comma-separated names of the nn.Linear modules that get adapters")
-    # as released: lr 2e-4, wd 0.01, 5 warm-up steps then linear decay, 16 sequences a step; but torch's AdamW
-    # with float32 state (released: bitsandbytes' paged_adamw_8bit)
+    # as released: lr 2e-4, wd 0.01, 5 warm-up steps, 16 sequences a step; but AdamW in float32 (released: 8-bit)
     lr: float = arg(2e-4, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_steps: int = arg(5, "linear warm-up steps, then linear decay to 0")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off; 1.0 as released: the Hugging "
-                                "Face Trainer's default)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off); 1.0 as released (the HF Trainer's)")
     batch_size: int = arg(16, "sequences per optimizer step, over all GPUs and micro-steps")
     micro_batch_size: int = arg(1, "sequences per forward pass (gradient accumulation makes up the rest)")
     epochs: int = arg(None, "passes over the traces [default 5; 3 with --thinking]", type=int)
     max_steps: int = arg(None, "stop after this many optimizer steps (default: all epochs)", type=int)
     max_len: int = arg(None, "drop (and count) examples whose longest context exceeds this many tokens "
                              "[default 12288; 2048 with --thinking]", type=int)
-    # memory
     grad_checkpointing: bool = arg(False, "recompute the backbone's activations in backward (long traces)")
     loss_chunk: int = arg(1024, "response positions per chunk of the LM head + loss (bounds peak memory)")
-    reference_cache: str = arg("auto", "keep theta0's privileged and shortcut states after their first forward so "
-                                       "later epochs skip those forwards (exact): memory, disk (OUT/"
-                                       "reference_cache/), off; auto: memory if it fits in RAM, else disk, else off",
-                               choices=["auto", "memory", "disk", "off"])
-    # bookkeeping
+    reference_cache: str = arg("auto", "keep theta0's privileged and shortcut states so later epochs skip those "
+                                       "forwards (exact): memory, disk (OUT/reference_cache/), off; auto: memory if "
+                                       "it fits in RAM, else disk, else off", choices=["auto", "memory", "disk", "off"])
     log_every: int = arg(1, "print a log line every this many steps (metrics.jsonl gets every step)")
     save_every: int = arg(50, "write OUT/checkpoint.pt every this many steps; also at every epoch end and on "
                               "SIGTERM/SIGINT (0: only then)")
@@ -195,16 +159,14 @@ class TrainArgs(CommonArgs):
 
 @dataclass
 class EvalArgs(SamplingArgs):
-    n: int = arg(128, "samples per problem")  # released: 128
+    n: int = arg(128, "samples per problem")                                                           # as released
     k: str = arg(None, "comma-separated k for pass@k (default: 1, 2, 4, ... <= n)")
     presence_penalty: float = arg(1.5, "subtract this from the logit of every token already in the sample's own "
                                        "output, before temperature/top-k/top-p (vLLM's presence_penalty; 0: off)")
     answer_tokens: int = arg(100, "token budget of the second, forced-answer pass")
-    no_force_answer: bool = arg(False, "one pass only (with --thinking its budget covers thinking and answer); by "
-                                       "default every --thinking sample, and every other one without \\boxed{, gets "
-                                       "a second pass after an answer cue (with --thinking: </think>, then the cue)")
-    regrade: bool = arg(False, "re-grade every response of OUT/samples.jsonl with --grader and rewrite the "
-                               "results, without loading a model or sampling")
+    no_force_answer: bool = arg(False, "one pass only; by default a second pass after an answer cue follows every "
+                                       "sample without \\boxed{ and, after </think>, every --thinking sample")
+    regrade: bool = arg(False, "re-grade OUT/samples.jsonl with --grader and rewrite the results; loads no model")
 
 
 def resolve_released(args):
@@ -254,21 +216,17 @@ _SIGN_BEFORE = ("$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\
 
 
 def intermediate_results(solution, answer=None):
-    """The shortcut context's list: the atoms of an expert solution, without its method. Numbers (integers,
-    decimals, fractions a/b and \\frac{a}{b}, negative where the minus cannot be a subtraction) anywhere, and
-    symbols inside math ($...$, $$...$$, \\(...\\), \\[...\\]): a letter with an optional simple subscript (n,
-    a_1, x_{k}) or a Greek letter (\\pi). Statements (3^6 \\equiv 1 \\pmod 7) give only their atoms; commands
-    and \\text{...} are not symbols. De-duplicated (numbers by exact value, first spelling kept) and sorted,
-    numbers ascending then symbols alphabetically, so the order says nothing about the method. Atoms equal to
-    `answer` are left out (the hint states it first). There is no cap."""
+    """The shortcut context's list: the atoms of an expert solution, without its method. Numbers anywhere
+    (integers, decimals, a/b, \\frac{a}{b}; negative where the minus cannot be a subtraction) and, inside math
+    ($...$, \\(...\\), ...), letters with an optional simple subscript (a_1, x_{k}) and Greek letters. De-duplicated
+    (numbers by value) and sorted, numbers then symbols, so the order says nothing about the method; atoms equal
+    to `answer` are left out (the hint states it first)."""
     numbers, symbols = {}, set()                                         # numbers: exact value -> first spelling
-
-    def take_fraction(m):
+    for m in re.finditer(_FRACTION, solution):
         num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
         if int(den) != 0:
             numbers.setdefault(Fraction(int(num), int(den)), m[0].strip())
-        return " "
-    rest = re.sub(_FRACTION, take_fraction, solution)
+    rest = re.sub(_FRACTION, " ", solution)
     for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):
         before = rest[:m.start()].rstrip()
         sign = m[1] if not before or before.endswith(_SIGN_BEFORE) else ""  # x - 3: a subtraction, the atom is 3
@@ -276,18 +234,15 @@ def intermediate_results(solution, answer=None):
     for groups in re.findall(_MATH_SPANS, solution, flags=re.S):
         span = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", next(g for g in groups if g))
         for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", span):
-            if m[1] is None:
-                symbols.add(m[2] + (f"_{m[3]}" if m[3] else ""))
-            elif m[1] in _GREEK:
-                symbols.add("\\" + m[1])
+            if m[1] is None or m[1] in _GREEK:                            # other commands (\pmod) are no symbols
+                symbols.add("\\" + m[1] if m[1] else m[2] + (f"_{m[3]}" if m[3] else ""))
     atoms = [numbers[v] for v in sorted(numbers)] + sorted(symbols, key=lambda x: (x.lstrip("\\").lower(), x))
     return [a for a in atoms if answer is None or not is_equiv(a, answer)]
 
 
 def chat_prompt_ids(tok, user_text, thinking):
-    """Ids of one user turn (or of a list of chat messages {role, content}) + the assistant's generation prompt;
-    with `thinking` the response starts inside <think>. The ids are taken once, here: responses are appended
-    as ids, never decoded and re-encoded (re-tokenizing can change the response tokens)."""
+    """Ids of one user turn (or a list of chat messages) + the assistant's generation prompt, inside <think> with
+    `thinking`. Taken once, here: responses are appended as ids, never re-encoded (that can change them)."""
     messages = user_text if isinstance(user_text, list) else [{"role": "user", "content": user_text}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
     if thinking and not text.rstrip().endswith("<think>"):
@@ -296,16 +251,12 @@ def chat_prompt_ids(tok, user_text, thinking):
 
 
 def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
-    """Prompt ids of the requested contexts of one problem (dict). The privileged prompt holds
-    problem["privileged_solution"] when present (what the validator saw: fit_privileged_solution), else the
-    whole solution. A student or privileged prompt over max_prompt_len is a DailError: never shortened here."""
-    texts, out = {}, {}
-    if "student" in which:
-        texts["student"] = STUDENT_PROMPT.format(problem=problem["problem"])
-    if "privileged" in which:
-        solution = problem.get("privileged_solution") or problem["solution"]
-        texts["privileged"] = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
-    for name, text in texts.items():
+    """Prompt ids of the requested contexts of one problem (dict). The privileged prompt holds privileged_solution
+    (fit_privileged_solution's cut) when given, else the solution; one over max_prompt_len is a DailError."""
+    prompts, out = dict(student=STUDENT_PROMPT, privileged=PRIVILEGED_PROMPT), {}
+    solution = problem.get("privileged_solution") or problem.get("solution")
+    for name in [n for n in ("student", "privileged") if n in which]:
+        text = prompts[name].format(problem=problem["problem"], solution=solution)    # student: no {solution}
         out[name], whole = bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text, max_prompt_len)
         if max_prompt_len is not None and len(out[name]) > max_prompt_len:
             raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is {'' if whole else 'over '}"
@@ -338,27 +289,24 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
 
 
 def model_probs(logits):
-    """[B, V] logits -> [B, V] float32 model probabilities, what the threshold tests: the full softmax at
-    temperature 1, no top-k or top-p. Banned tokens (logit -inf, e.g. </think> in a thinking rewrite) get 0."""
+    """[B, V] logits -> [B, V] float32 model probabilities, which the threshold tests: the full softmax at
+    temperature 1 (no top-k or top-p); banned tokens (logit -inf, e.g. </think> in a thinking rewrite) get 0."""
     return logits.float().softmax(-1)
 
 
 def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
     """The DAIL token rule over a batch: tokens [B] (long) and accepted [B] (bool: an accepted proposal).
     p_propose, p_validate: [B, V] *sampling* distributions (sampling_probs); q_validate: [B, V] the validator's
-    *model* probabilities (model_probs), which the threshold tests (as released: vLLM's raw log-probs; the
-    tempered p_validate would change what it means: at temperature 0.6 a raw 0.6 becomes 0.86 and passes 0.8).
-
-    Per row: draw up to R = `retries` candidates c ~ p_propose and take the first with q_validate[c] >=
-    threshold; if none passes, draw the token from p_validate (a fallback). With A = {v : q_validate[v] >=
-    threshold} and a = p_propose(A), the token's distribution is exactly
+    *model* probabilities (model_probs), which the threshold tests (as released; the tempered p_validate would
+    turn a raw 0.6 into 0.86 at temperature 0.6, passing 0.8). Per row: draw up to R = `retries` candidates
+    c ~ p_propose and take the first with q_validate[c] >= threshold; if none passes, draw from p_validate (a
+    fallback). With A = {v : q_validate[v] >= threshold} and a = p_propose(A), the token's distribution is
 
         P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
-               (accepted mass 1 - (1-a)^R)                          (fallback mass (1-a)^R)
 
-    threshold 0 is pure proposer sampling (a = 1), threshold > 1 pure validator sampling (a = 0).
-    u: [B, R + 1] uniforms in (0, 1), the row's only randomness (counter_uniforms: fixed by the trace and the
-    step, whatever its batch): columns :R draw the proposals, column R the fallback. None: torch.rand."""
+    (threshold 0: a = 1, the proposer; threshold > 1: a = 0, the validator). u: [B, R + 1] uniforms in (0, 1),
+    the row's only randomness (counter_uniforms, fixed by the trace and the step): columns :R draw the
+    proposals, column R the fallback. None: torch.rand."""
     if u is None:
         u = torch.rand(p_propose.shape[0], retries + 1, dtype=torch.float64)
     draws = sample_with(p_propose, u[:, :retries])                                          # [B, R]
@@ -371,8 +319,8 @@ def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
 
 
 def sample_with(probs, u):
-    """Inverse-CDF sampling: probs [B, V] (rows need not be normalized), u [B, m] uniforms -> [B, m] token
-    ids, each drawn from its row's distribution. Zero-probability tokens are never drawn."""
+    """Inverse-CDF sampling: probs [B, V] (rows need not sum to 1), u [B, m] uniforms -> [B, m] token ids drawn
+    from each row's distribution. Zero-probability tokens are never drawn."""
     cdf = probs.double().cumsum(-1)                                               # [B, V]
     tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
     return tokens.clamp(max=probs.shape[-1] - 1)
@@ -381,17 +329,15 @@ def sample_with(probs, u):
 def trace_keys(seed, problem_ids, samples):
     """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
     trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
-    words = []
-    for pid, s in zip(problem_ids, samples):
-        digest = hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
-        words.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
-    return torch.tensor(words, dtype=torch.long)
+    digests = [hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
+               for pid, s in zip(problem_ids, samples)]
+    return torch.tensor([[int.from_bytes(d[:4], "little"), int.from_bytes(d[4:], "little")] for d in digests],
+                        dtype=torch.long)
 
 
 def counter_uniforms(keys, step, n):
     """[B, n] float64 uniforms in (0, 1) for B traces (keys [B, 2]: trace_keys) at decoding step `step`: a
-    counter-based generator, u = hash(key, step, j), so a trace's draws are fixed by its key whatever else
-    shares its batch."""
+    counter-based generator, u = hash(key, step, j), so a trace's draws do not depend on its batch."""
     j = torch.arange(n, dtype=torch.long, device=keys.device)
     counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
     h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
@@ -400,16 +346,10 @@ def counter_uniforms(keys, step, n):
 
 def _hash32(x):
     """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
-    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
-    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = (x * (c & 0xFFFF) + ((x * (c >> 16) & 0xFFFF) << 16)) & 0xFFFFFFFF  # x * c mod 2^32 without overflow
     return x ^ (x >> 16)
-
-
-def _mul32(x, c):
-    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a Python int c < 2^32, with no int64 overflow."""
-    lo = x * (c & 0xFFFF)                                        # < 2^48
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16                        # < 2^32
-    return (lo + hi) & 0xFFFFFFFF
 
 
 def left_pad(seqs, pad_id, device):
@@ -426,15 +366,12 @@ def left_pad(seqs, pad_id, device):
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
     """One response per trace, shared by its G contexts (rewrite: G = 2, proposer and validator; eval: G = 1).
     contexts: B traces, each a list of G prompt-id lists. choose(logits [G, b, V], step, rows [b]) -> (tokens
-    [b], accepted [b] bool or None) picks each active trace's token; rows are the active traces' indices in
-    `contexts`, so a sampler can key its random numbers by trace and step (counter_uniforms).
-
-    The G*B rows run as one batch: the prompts are prefilled once into a KV cache (left padding, positions from
-    the mask), then each step feeds one token per row. A trace's token is appended to all its contexts, so they
-    share the response ids exactly. A trace stops at a stop token (not kept) or at the budget. banned_ids get
-    logit -inf; presence_penalty (eval, vLLM's semantics) is subtracted from the logit of every token already
-    in the trace's response (never the prompt's). Returns per trace: dict(ids, finish_reason 'stop'|'length',
-    stop_id (the stop token or None), n_accepted, n_fallback)."""
+    [b], accepted [b] bool or None) picks the active traces' tokens; rows (their indices in `contexts`) let a
+    sampler key its random numbers by trace and step. The G*B rows run as one batch: the prompts are prefilled
+    into a KV cache (left padding, positions from the mask), then each step feeds one token per row, the same
+    for all contexts of a trace, so they share the response ids exactly. A trace ends at a stop token (not kept)
+    or the budget. presence_penalty (eval, as vLLM) is subtracted from the logits of the tokens already in the
+    trace's response. Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback)."""
     from transformers import DynamicCache
     device = next(model.parameters()).device
     B, G = len(contexts), len(contexts[0])
@@ -2980,6 +2917,11 @@ def gather_parts(out_file, n, mode, config, config_of, expected, key, order, che
 
 
 # ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths and stop tokens ===============
+# A hub id that cannot be reached must fail quickly with our message, not hang on retries (set at import, before
+# huggingface_hub reads them).
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+
 # The prompt-length guards (build_contexts, rewrite and train call them). No tokenizer averages this many
 # characters per token on real text (English: about 4), so a text this long per token of a budget is over it.
 MAX_CHARS_PER_TOKEN = 32
