@@ -281,6 +281,15 @@ def test_help_documents_every_flag():
     assert "default 0.8; 1.0 with --thinking" in rewrite_help and "(default: 32)" in rewrite_help
 
 
+def test_rewrite_and_eval_share_one_base_and_keep_their_own_defaults():
+    assert issubclass(dail.RewriteArgs, dail.SamplingArgs) and issubclass(dail.EvalArgs, dail.SamplingArgs)
+    rewrite, evaluate = dail.RewriteArgs(), dail.EvalArgs()
+    assert (rewrite.top_k, rewrite.batch_size, rewrite.engine, rewrite.max_new_tokens) == (20, 32, "hf", None)
+    assert (evaluate.top_k, evaluate.batch_size, evaluate.engine, evaluate.max_new_tokens) == (0, 64, "auto", 4096)
+    for args in (rewrite, evaluate):
+        assert (args.temperature, args.top_p, args.grader, args.shard, args.merge) == (0.6, 0.95, "builtin", None, False)
+
+
 # ------------------------------------------------------------------------------------------------------
 # 2. contexts: token identity, shortening, thinking
 # ------------------------------------------------------------------------------------------------------
