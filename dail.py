@@ -114,10 +114,8 @@ class RewriteArgs(SamplingArgs):
     greedy_proposer: bool = arg(False, "ablation: the proposer proposes its most likely token (fallbacks sample)")
     keep_per_problem: int = arg(1, "traces kept per problem (the released code keeps 1)")
     no_filter: bool = arg(False, "keep every trace up to --keep-per-problem, graded or not")
-    keep_truncated: bool = arg(False, "also grade traces cut by the token budget (released behaviour); by default "
-                                      "they are rejected: they never learned to stop")
-    leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace that mentions the "
-                                                    "reference ('' disables the check)")
+    keep_truncated: bool = arg(False, "grade budget-cut traces too, as released (default: rejected: they never stop)")
+    leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace with one ('': none)")
 
 
 @dataclass
