@@ -114,7 +114,7 @@ class RewriteArgs(SamplingArgs):
     greedy_proposer: bool = arg(False, "ablation: the proposer proposes its most likely token (fallbacks sample)")
     keep_per_problem: int = arg(1, "traces kept per problem (the released code keeps 1)")
     no_filter: bool = arg(False, "keep every trace up to --keep-per-problem, graded or not")
-    keep_truncated: bool = arg(False, "grade budget-cut traces too, as released (default: rejected: they never stop)")
+    keep_truncated: bool = arg(False, "grade budget-cut traces too, as released (default: reject; they never stopped)")
     leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace with one ('': none)")
 
 
@@ -368,12 +368,14 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     sampler key its random numbers by trace and step. The G*B rows run as one batch: the prompts are prefilled
     into a KV cache (left padding, positions from the mask), then each step feeds one token per row, the same
     for all contexts of a trace, so they share the response ids exactly. A trace ends at a stop token (not kept)
-    or the budget. presence_penalty (eval, as vLLM) is subtracted from the logits of the tokens already in the
-    trace's response. Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback)."""
+    or the budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM) is subtracted from the logits of
+    the tokens already in the trace's response. Returns per trace: dict(ids, finish_reason 'stop'|'length',
+    stop_id, n_accepted, n_fallback)."""
     from transformers import DynamicCache
     device = next(model.parameters()).device
     B, G = len(contexts), len(contexts[0])
-    ids, mask, positions = left_pad([trace[g] for g in range(G) for trace in contexts], pad_id, device)  # g*B + i
+    rows = [trace[g] for g in range(G) for trace in contexts]                  # row g*B + i: context g of trace i
+    ids, mask, positions = left_pad(rows, pad_id, device)
     cache = DynamicCache()
     kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
@@ -404,9 +406,9 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             break
         if len(keep) < b:   # finished traces leave every context's rows, KV cache included: steps cost live rows only
             kept = torch.tensor(keep, device=device)
-            rows = (kept + b * torch.arange(G, device=device)[:, None]).flatten()      # [G*b'], context-major
-            cache.batch_select_indices(rows)
-            mask, next_pos, tokens = mask[rows], next_pos[rows], tokens[kept]
+            live = (kept + b * torch.arange(G, device=device)[:, None]).flatten()      # [G*b'], context-major
+            cache.batch_select_indices(live)
+            mask, next_pos, tokens = mask[live], next_pos[live], tokens[kept]
             present = present[kept] if presence_penalty else None
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
