@@ -127,13 +127,13 @@ class TrainArgs(CommonArgs):
                          choices=["reverse", "forward"])
     loss_norm: str = arg("sequence", "sequence: per-token mean within each trace, then over the step's traces "
                                      "(released); token: mean over the step's tokens", choices=["sequence", "token"])
-    # LoRA, as released: r = alpha = 32, no dropout, all attention and MLP projections
+    # as released: LoRA r = alpha = 32 on all attention and MLP projections, no dropout; lr 2e-4, wd 0.01, 5 warm-up
+    # steps, 16 sequences a step; but torch's AdamW with float32 state (released: bitsandbytes' 8-bit paged AdamW)
     lora_rank: int = arg(32, "LoRA rank (0: full fine-tuning with a frozen copy as the reference)")
     lora_alpha: float = arg(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
     lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "comma-separated names of the nn.Linear modules that get adapters")
-    # as released: lr 2e-4, wd 0.01, 5 warm-up steps, 16 sequences a step; but AdamW in float32 (released: 8-bit)
     lr: float = arg(2e-4, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_steps: int = arg(5, "linear warm-up steps, then linear decay to 0")
@@ -201,8 +201,7 @@ increasing order, then symbols alphabetically), not in the order the solution us
 
 """ + ANSWER_FORMAT
 
-# The forced-answer pass of eval (see force_answers) continues the response after this cue (with --thinking:
-# after </think> + the cue, outside the thinking, as the released protocol does).
+# eval's forced-answer pass (force_answers) continues a response after this cue (--thinking: after </think>)
 ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
 _MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
@@ -280,8 +279,7 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
     values, order = logits.topk(k, dim=-1)           # [B, k] candidates, most likely first (a sort when k = V)
     probs = (values / temperature).softmax(-1)
     if top_p < 1.0:
-        mass_before = probs.cumsum(-1) - probs      # keep a candidate while the mass before it is < top_p
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)   # keep while the mass before is < top_p
         probs = probs / probs.sum(-1, keepdim=True)
     return torch.zeros_like(logits).scatter(-1, order, probs)
 
