@@ -822,7 +822,7 @@ def chunked_sft_loss(h_student, targets, student_head, weights=None, chunk_size=
     head = float32_head(student_head)
     loss, = chunked_sum(lambda hs, y: (F.cross_entropy(head(hs), y, reduction="none"),), h_student, (targets,),
                         student_head, weights, chunk_size)
-    return loss, {"ce": float(loss)}
+    return loss, {"ce": float(loss.detach())}
 
 
 def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
@@ -834,7 +834,7 @@ def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
     w = (weights if weights is not None else torch.full(h.shape[:1], 1.0 / h.shape[0])).to(h.device, torch.float32)
     params = [p for p in head.parameters() if p.requires_grad]
     track = torch.is_grad_enabled() and (h.requires_grad or bool(params))
-    grad_h, grad_p = torch.zeros_like(h), [torch.zeros_like(p) for p in params]
+    grad_h, grad_p = (torch.zeros_like(h), [torch.zeros_like(p) for p in params]) if track else (None, None)
     sums = 0
     for i in range(0, h.shape[0], chunk_size):
         part = slice(i, i + chunk_size)
