@@ -575,9 +575,8 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
 def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
-    """Why a trace is rejected (None: it passes): it must finish (--keep-truncated: as released, a trace cut
-    by the budget is graded by its last box), box the reference answer and not mention the reference.
-    Thinking prefixes are not graded."""
+    """Why a trace is rejected (None: kept): it must finish (or --keep-truncated, as released: graded by its last
+    box), box the reference answer and not mention the reference. Thinking prefixes are not graded."""
     if thinking:
         return None
     if trace["finish_reason"] != "stop" and not keep_truncated:
@@ -609,9 +608,8 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
 
 
 def cmd_rewrite(args):
-    """Write OUT (traces.jsonl: a line per (problem, sample) of --data) and beside it OUT's .summary.json and
-    .config.json. Split over torchrun's ranks or --shard K/N, each shard decodes its problems into its own part
-    file, and the merging process writes OUT in input order and the summary (start_job, gather_parts)."""
+    """Write OUT (traces.jsonl: a line per (problem, sample) of --data), OUT's .summary.json and .config.json. Split
+    (torchrun, --shard K/N), each shard writes a part file; the merging process writes OUT and the summary."""
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
@@ -648,8 +646,7 @@ def cmd_rewrite(args):
                     for s in range(args.samples)} for k in range(n)}
     engine = rewrite_engine(args, say=True)
     leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
-    vocab = tok.get_vocab()
-    banned = [vocab["</think>"]] if args.thinking and "</think>" in vocab else []
+    banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     proposer, validator = roles if args.propose == "student" else roles[::-1]
     for k in ks:
         missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
@@ -663,12 +660,9 @@ def cmd_rewrite(args):
         print(f"rewrite: {len(todo)} traces to decode ({len(done[k])} already in {path}), engine {engine}",
               file=sys.stderr)
         with open(path, "a", encoding="utf-8") as f:
-            job = (f, tok, args, todo, contexts, proposer, validator, stop_token_ids(tok, args.model), banned,
-                   kept_count, leak_phrases)
-            if engine == "vllm":
-                rewrite_vllm(*job)
-            else:
-                rewrite_hf(*job, shard_device(args))
+            rollout = rewrite_vllm if engine == "vllm" else rewrite_hf
+            rollout(f, tok, args, todo, contexts, proposer, validator, stop_token_ids(tok, args.model), banned,
+                    kept_count, leak_phrases)
     index = {p["id"]: p["index"] for p in problems}
     traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
                           lambda t: (index[t["id"]], t["sample"]), checks)
@@ -688,13 +682,12 @@ def cmd_rewrite(args):
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
 
-def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
-               device):
-    """The token-by-token rollout (decode): both contexts of a batch of traces step together and the token rule
-    picks each token. A pure-policy threshold decodes one context alone: <= 0 passes every candidate (the
-    proposer's sampling), >= 1 only one the validator's q puts all its mass on, which is what the validator's
-    sampling draws (q one-hot stays one-hot tempered and truncated). A trace's random numbers are keyed by
-    (--seed, problem id, sample) and the step: its batch, a resume or a shard do not change it."""
+def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
+    """The token-by-token rollout (decode): both contexts of a batch of traces step together, the token rule picks
+    each token. A pure-policy threshold decodes one context alone: <= 0 passes every candidate (proposer
+    sampling), >= 1 only a token the validator's q is one-hot on, which validator sampling would draw anyway.
+    A trace's random numbers are keyed by (--seed, problem id, sample) and the step, not by its batch."""
+    device = shard_device(args)
     model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
     names = [pure] if pure else [proposer, validator]
@@ -708,20 +701,19 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
             return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
         return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, u)
 
-    bar = progress(total=len(todo), desc="rewrite", unit="trace")
     n_tok, n_acc, t0 = 0, 0, time.time()
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
-        keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
-        results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
-                         args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
-        for (p, s), r in zip(batch, results):
-            write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-        n_tok += sum(len(r["ids"]) for r in results)
-        n_acc += sum(r["n_accepted"] for r in results)
-        bar.update(len(batch))
-        bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
-    bar.close()
+    with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
+            results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
+                             args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
+            for (p, s), r in zip(batch, results):
+                write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+            n_tok += sum(len(r["ids"]) for r in results)
+            n_acc += sum(r["n_accepted"] for r in results)
+            bar.update(len(batch))
+            bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
 
 
 # ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========
@@ -744,10 +736,9 @@ def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="re
 
 
 def loss_weights(mask, norm="sequence", divisor=None):
-    """Each position's weight [B, T] from mask [B, T] (True on response positions, len_i = mask[i].sum()):
-    'sequence' 1 / (S * len_i), 'token' 1 / N. S, N: the sequences, or response tokens, of the whole optimizer
-    step when divisor gives them (all micro-batches and ranks: their losses then sum to the step's), else this
-    batch's own."""
+    """Each position's weight [B, T] from mask [B, T] (True on response positions): 'sequence' 1 / (S * len_i),
+    'token' 1 / N, with S, N the sequences / response tokens of the whole optimizer step (divisor: all micro-batches
+    and ranks, whose losses then sum to the step's) or by default of this batch."""
     mask = mask.bool()
     if norm == "token":
         return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
