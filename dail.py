@@ -752,7 +752,8 @@ def loss_weights(mask, norm="sequence", divisor=None):
 def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
               norm="sequence", divisor=None):
     """The DAIL loss. Logits [B, T, V], aligned: position t of all three predicts response token t (student
-    p_theta(.|x_s, y<t), teacher p_theta0(.|x_e, y<t), shortcut p_theta0(.|x_c, y<t)); mask [B, T] bool.
+    p_theta(.|x_s, y<t), teacher p_theta0(.|x_e, y<t), shortcut p_theta0(.|x_c, y<t)); mask [B, T] bool, True on
+    response positions; len_i = mask[i].sum(); S, N: the sequences, response tokens (divisor, else this batch's).
 
         reverse (released):  l[i,t] = KL(student || teacher) - lam * KL(student || shortcut)
         forward:             l[i,t] = KL(teacher || student) - lam * KL(shortcut || student)
@@ -761,8 +762,8 @@ def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, di
 
     The subtracted term is unbounded above, so both are logged. -> (loss, {"kl_teacher", "kl_shortcut"})."""
     pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed, it adds no value and no gradient
-    kl_teacher, kl_shortcut = dail_kl_terms(*(x.masked_fill(pad, 0.0) for x in (
-        student_logits, teacher_logits, shortcut_logits)), direction)                       # [B, T] each
+    s, e, c = (x.masked_fill(pad, 0.0) for x in (student_logits, teacher_logits, shortcut_logits))
+    kl_teacher, kl_shortcut = dail_kl_terms(s, e, c, direction)                              # [B, T] each
     w = loss_weights(mask, norm, divisor)
     loss = (w * (kl_teacher - lam * kl_shortcut)).sum()
     return loss, {"kl_teacher": float((w * kl_teacher).detach().sum()),
