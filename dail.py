@@ -418,9 +418,8 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
 def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
-    """Why a trace is rejected (None: it passes). Non-reasoning traces must finish (unless keep_truncated:
-    the released code graded a trace cut by the budget by its last box), have a boxed answer equal to the
-    reference, and not mention the reference. Thinking prefixes are not graded."""
+    """Why a trace is rejected (None: kept): it must finish (or --keep-truncated, as released: graded by its last
+    box), box the reference answer and not mention the reference. Thinking prefixes are not graded."""
     if thinking:
         return None
     if trace["finish_reason"] != "stop" and not keep_truncated:
@@ -429,81 +428,53 @@ def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
         return "no_answer"
     if not trace["correct"]:
         return "wrong_answer"
-    text = trace["response"].lower()
-    if any(p in text for p in leak_phrases):
-        return "mentions_reference"
-    return None
+    return "mentions_reference" if any(p in trace["response"].lower() for p in leak_phrases) else None
 
 
 def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter and append one line per trace; `kept_count` (id -> kept so far) enforces the limit.
-    `privileged_solution` is the solution text the validator's prompt held (train's teacher sees the same)."""
+    """Grade, filter and append one traces.jsonl line per result; kept_count (id -> kept so far) enforces
+    --keep-per-problem. privileged_solution: the solution text the validator (and train's teacher) sees."""
+    pid = problem["id"]
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
         pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
-        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
-                     privileged_solution=problem.get("privileged_solution", problem["solution"]), answer=problem["answer"],
-                     response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
+        trace = dict(id=pid, sample=s, problem=problem["problem"], solution=problem["solution"],
+                     privileged_solution=problem.get("privileged_solution", problem["solution"]),
+                     answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
                      n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
         reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases, args.keep_truncated)
-        if reason is None and kept_count.get(problem["id"], 0) >= args.keep_per_problem:
+        if reason is None and kept_count.get(pid, 0) >= args.keep_per_problem:
             reason = "per_problem_limit"
-        trace["kept"], trace["reject_reason"] = reason is None, reason
-        kept_count[problem["id"]] = kept_count.get(problem["id"], 0) + (reason is None)
+        trace.update(kept=reason is None, reject_reason=reason)
+        kept_count[pid] = kept_count.get(pid, 0) + (reason is None)
         append_jsonl(f, trace)
 
 
-def rewrite_summary(traces, n_problems, skipped, args, shortened=0):
-    reasons = {}
-    for t in traces:
-        if t["reject_reason"]:
-            reasons[t["reject_reason"]] = reasons.get(t["reject_reason"], 0) + 1
-    tokens = sum(len(t["response_ids"]) for t in traces)
-    return dict(problems=n_problems, problems_skipped_too_long=skipped, solutions_shortened=shortened,
-                traces=len(traces), kept=sum(t["kept"] for t in traces),
-                problems_with_kept=len({t["id"] for t in traces if t["kept"]}), reject_reasons=reasons,
-                acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
-                mean_tokens=tokens / max(len(traces), 1),
-                finished=sum(t["finish_reason"] == "stop" for t in traces),
-                grader=grader_info(args.grader),
-                settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
-
-
-def decode_only_kept(args):
-    """Thinking prefixes are not graded (and --no-filter grades nothing away), so the first
-    --keep-per-problem traces of a problem are the ones kept: decode only those, not --samples."""
-    if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:
+def cmd_rewrite(args):
+    """Write OUT (traces.jsonl: a line per (problem, sample) of --data), OUT's .summary.json and .config.json. Split
+    (torchrun, --shard K/N), each shard writes a part file; the merging process writes OUT and the summary."""
+    validate_args(resolve_released(args))
+    problems = load_problems(args.data, need_solution=True, need_answer=True)
+    if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
         print(f"note: {'--thinking prefixes are not graded' if args.thinking else '--no-filter'}: the first "
               f"--keep-per-problem {args.keep_per_problem} traces per problem are kept, so only those are "
               f"decoded (not --samples {args.samples})", file=sys.stderr)
         args.samples = args.keep_per_problem
-
-
-def cmd_rewrite(args):
-    """Write OUT (traces.jsonl: one line per trace), OUT's .summary.json and .config.json beside it
-    (traces.summary.json, traces.config.json: one of each per output file). Split over torchrun's ranks
-    or --shard K/N, each shard writes its problems (shard_problems) into its part file (part_file, with its
-    own .config.json); the merging process (plan_shards) writes OUT in input order and the summary."""
-    validate_args(resolve_released(args))
-    problems = load_problems(args.data, need_solution=True, need_answer=True)
-    decode_only_kept(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    out = Path(args.out)
+    out, config_of = Path(args.out), lambda path: path.with_suffix(".config.json")
     check_out_file(args)
-    config_of = lambda path: path.with_suffix(".config.json")  # noqa: E731
-    engine = rewrite_engine(args)
-    # every line of OUT is one (id, sample) of --data, once
-    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
-                                                             out.with_suffix(".summary.json"))
+    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, rewrite_engine(args), problems,
+                                                             config_of, out.with_suffix(".summary.json"))
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
-    max_prompt = prompt_budget(args, "rewrite", lambda: max(len(ids) for p in problems for ids in build_contexts(
-        tok, p, args.thinking, None, ("student", "privileged")).values()))
+    roles = ("student", "privileged")
+    max_prompt = prompt_budget(args, "rewrite", lambda: max(
+        len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
     contexts, skipped = {}, 0
     for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
         try:
             p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
-            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, ("student", "privileged"))
+            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, roles)
         except DailError as e:
             skipped += 1
             print(f"skip: {e}", file=sys.stderr)
@@ -515,119 +486,102 @@ def cmd_rewrite(args):
         raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
                         f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
     expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
-                     for s in range(args.samples)} for k in range(n)}
+                    for s in range(args.samples)} for k in range(n)}
     engine = rewrite_engine(args, say=True)
+    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
+    banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
+    proposer, validator = roles if args.propose == "student" else roles[::-1]
     for k in ks:
-        rewrite_shard(args, tok, os.devnull if follower else shard_path(out, k, n), done[k], expected[k], problems,
-                      contexts, engine)
+        missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
+        todo = [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]  # input order
+        if not todo:
+            continue
+        kept_count = {}
+        for t in done[k]:
+            kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
+        path = os.devnull if follower else shard_path(out, k, n)
+        print(f"rewrite: {len(todo)} traces to decode ({len(done[k])} already in {path}), engine {engine}",
+              file=sys.stderr)
+        with open(path, "a", encoding="utf-8") as f:
+            rollout = rewrite_vllm if engine == "vllm" else rewrite_hf
+            rollout(f, tok, args, todo, contexts, proposer, validator, stop_token_ids(tok, args.model), banned,
+                    kept_count, leak_phrases)
     index = {p["id"]: p["index"] for p in problems}
     traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
                           lambda t: (index[t["id"]], t["sample"]), checks)
     if traces is None:
         return                       # a rank other than 0 (rank 0 merges), or parts still missing
-    summary = rewrite_summary(traces, len(problems), skipped, args, shortened)
+    tokens = sum(len(t["response_ids"]) for t in traces)
+    reasons = [t["reject_reason"] for t in traces if t["reject_reason"]]
+    summary = dict(problems=len(problems), problems_skipped_too_long=skipped, solutions_shortened=shortened,
+                   traces=len(traces), kept=sum(t["kept"] for t in traces),
+                   problems_with_kept=len({t["id"] for t in traces if t["kept"]}),
+                   reject_reasons={r: reasons.count(r) for r in dict.fromkeys(reasons)},
+                   acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
+                   mean_tokens=tokens / max(len(traces), 1), finished=sum(t["finish_reason"] == "stop" for t in traces),
+                   grader=grader_info(args.grader),
+                   settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
     write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
 
 
-def rewrite_shard(args, tok, out, done, expected, problems, contexts, engine):
-    """Decode into `out` (traces.jsonl, or a shard's part file) the traces of `expected` ((id, sample)
-    pairs) that `done` (the records already there) lacks, in input order."""
-    written = {(t["id"], t["sample"]) for t in done}
-    todo = [(p, s) for p in problems if p["id"] in contexts for s in range(args.samples)
-            if (p["id"], s) in expected and (p["id"], s) not in written]
-    kept_count = {}
-    for t in done:
-        kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
-    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
-    if todo:
-        device = shard_device(args)
-        banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
-        stop_ids = stop_token_ids(tok, args.model)
-        proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
-        print(f"rewrite: {len(todo)} traces to decode ({len(written)} already in {out}), engine {engine}",
-              file=sys.stderr)
-        with open(out, "a", encoding="utf-8") as f:
-            if engine == "vllm":
-                rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
-                             leak_phrases)
-            else:
-                rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count,
-                           leak_phrases, device)
-
-
-def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases,
-               device):
-    """The token-by-token rollout: both contexts of every trace in one batched forward per step.
-    The threshold tests the validator's model probability q (model_probs: full softmax, temperature 1).
-    At threshold <= 0 every candidate passes (q >= 0): proposer sampling. At threshold >= 1 a candidate
-    passes only where q is one-hot on it (q[c] >= 1 means all other tokens have probability 0); then the
-    validator's sampling distribution, a tempered and truncated q, is that same one-hot, so accepting c
-    is what validator sampling would emit anyway: validator sampling. In both cases that one context is
-    decoded alone. Every random number of a trace comes from counter_uniforms keyed by (--seed, problem id,
-    sample index) and the step: its batch, the batch size, a resume or a shard do not change it."""
+def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
+    """The token-by-token rollout (decode): both contexts of a batch of traces step together, the token rule picks
+    each token. A pure-policy threshold decodes one context alone: <= 0 passes every candidate (proposer
+    sampling), >= 1 only a token the validator's q is one-hot on, which validator sampling would draw anyway.
+    A trace's random numbers are keyed by (--seed, problem id, sample) and the step, not by its batch."""
+    device = shard_device(args)
     model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
     names = [pure] if pure else [proposer, validator]
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
-        greedy = [args.greedy_proposer and name == proposer for name in names]   # --greedy-proposer: one-hot
-        probs = [sampling_probs(lg, 0 if g else args.temperature, args.top_p, args.top_k)
-                 for lg, g in zip(logits, greedy)]
+        probs = [sampling_probs(lg, 0 if args.greedy_proposer and name == proposer else args.temperature,
+                                args.top_p, args.top_k) for lg, name in zip(logits, names)]
         u = counter_uniforms(keys[rows], step, args.retries + 1)                 # [b, R + 1]
         if pure:
             tokens = sample_with(probs[0], u[:, :1]).squeeze(1)
             return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
         return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, u)
 
-    bar = progress(total=len(todo), desc="rewrite", unit="trace")
     n_tok, n_acc, t0 = 0, 0, time.time()
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
-        ctx = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
-        keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
-        results = decode(model, ctx, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
-        for (p, s), r in zip(batch, results):
-            write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-            n_tok += len(r["ids"])
-            n_acc += r["n_accepted"]
-        bar.update(len(batch))
-        bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
-    bar.close()
+    with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
+            results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
+                             args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
+            for (p, s), r in zip(batch, results):
+                write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+            n_tok += sum(len(r["ids"]) for r in results)
+            n_acc += sum(r["n_accepted"] for r in results)
+            bar.update(len(batch))
+            bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
 
 
 # ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========
 def kl(log_p, log_q):
-    """KL(p || q) over the last (vocabulary) dim, from log-probabilities: sum_v p(v) (log p(v) - log q(v)).
-    Same as F.kl_div(log_q, log_p, log_target=True, reduction='none').sum(-1): note that F.kl_div takes
-    its arguments in the reverse of the math's order (input = log q, target = log p)."""
+    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the last (vocabulary) dim, from log-probabilities.
+    (F.kl_div takes its arguments the other way round: F.kl_div(log_q, log_p, log_target=True).)"""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="reverse"):
-    """Per-position KL terms [...]: (to the privileged teacher, to the shortcut), full vocabulary, float32.
-    Teacher and shortcut are constants (no gradient flows into them)."""
+    """The per-token terms [...] (KL to the teacher, KL to the shortcut) over the full vocabulary, in float32.
+    The teacher and the shortcut are constants: no gradient flows into them."""
+    if direction not in ("reverse", "forward"):
+        raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
     log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_e = F.log_softmax(teacher_logits.detach().float(), dim=-1)
-    log_c = F.log_softmax(shortcut_logits.detach().float(), dim=-1)
+    log_e, log_c = (F.log_softmax(x.detach().float(), dim=-1) for x in (teacher_logits, shortcut_logits))
     if direction == "reverse":
         return kl(log_s, log_e), kl(log_s, log_c)
-    if direction == "forward":
-        return kl(log_e, log_s), kl(log_c, log_s)
-    raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
+    return kl(log_e, log_s), kl(log_c, log_s)
 
 
 def loss_weights(mask, norm="sequence", divisor=None):
-    """Each position's weight in the loss [B, T] (0 off the mask), from mask [B, T] bool (True on response
-    positions). With len_i = mask[i].sum() the response length of sequence i:
-
-        sequence (released):  w[i, t] = 1 / (S * len_i)   L = (1/S) sum_i (1/len_i) sum_t loss[i, t]
-        token (TRL's mean):   w[i, t] = 1 / N             L = (1/N) sum_{i,t} loss[i, t]
-
-    divisor is S (norm 'sequence': the number of sequences) or N ('token': the number of response tokens)
-    of the whole optimizer step, all micro-batches and ranks; then the sum of every micro-batch's loss is
-    the step's loss, and accumulation and data parallelism give the gradient of one big batch. Default:
-    this batch's own count (sequences with a response, or response tokens)."""
+    """Each position's weight [B, T] from mask [B, T] (True on response positions): 'sequence' 1 / (S * len_i),
+    'token' 1 / N, with S, N the sequences / response tokens of the whole optimizer step (divisor: all micro-batches
+    and ranks, whose losses then sum to the step's) or by default of this batch."""
     mask = mask.bool()
     if norm == "token":
         return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
@@ -640,37 +594,31 @@ def loss_weights(mask, norm="sequence", divisor=None):
 
 def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
               norm="sequence", divisor=None):
-    """The DAIL loss. Logits: [B, T, V], aligned (position t of all three predicts the same response token:
-    student = p_theta(.|x_s, y<t), teacher = p_theta0(.|x_e, y<t), shortcut = p_theta0(.|x_c, y<t));
-    mask: [B, T] bool, True on response positions; len_i = mask[i].sum().
+    """The DAIL loss. Logits [B, T, V], aligned: position t of all three predicts response token t (student
+    p_theta(.|x_s, y<t), teacher p_theta0(.|x_e, y<t), shortcut p_theta0(.|x_c, y<t)); mask [B, T] bool, True on
+    response positions; len_i = mask[i].sum(); S, N: the sequences, response tokens (divisor, else this batch's).
 
-        reverse (released default):  l[i,t] = KL(student || teacher) - lam * KL(student || shortcut)
-        forward:                     l[i,t] = KL(teacher || student) - lam * KL(shortcut || student)
-
+        reverse (released):  l[i,t] = KL(student || teacher) - lam * KL(student || shortcut)
+        forward:             l[i,t] = KL(teacher || student) - lam * KL(shortcut || student)
         norm 'sequence' (released):  L = (1/S) sum_i (1/len_i) sum_t l[i,t]   (each trace weighs the same)
         norm 'token':                L = (1/N) sum_i sum_t l[i,t]             (each token weighs the same)
 
-    S, N = divisor when given (the sequences / response tokens of the whole optimizer step, all micro-batches
-    and ranks: see loss_weights), else this batch's. The subtracted term is unbounded above, which is why
-    both terms are returned for logging, normalized the same way.
-    Returns (loss, {"kl_teacher": float, "kl_shortcut": float})."""
-    pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed before the softmax, it adds
-    kl_teacher, kl_shortcut = dail_kl_terms(                                 # neither value nor gradient
-        student_logits.masked_fill(pad, 0.0), teacher_logits.masked_fill(pad, 0.0),
-        shortcut_logits.masked_fill(pad, 0.0), direction)                                   # [B, T] each
+    The subtracted term is unbounded above, so both are logged. -> (loss, {"kl_teacher", "kl_shortcut"})."""
+    pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed, it adds no value and no gradient
+    s, e, c = (x.masked_fill(pad, 0.0) for x in (student_logits, teacher_logits, shortcut_logits))
+    kl_teacher, kl_shortcut = dail_kl_terms(s, e, c, direction)                              # [B, T] each
     w = loss_weights(mask, norm, divisor)
-    kl_teacher, kl_shortcut = kl_teacher * w, kl_shortcut * w
-    loss = (kl_teacher - lam * kl_shortcut).sum()
-    return loss, {"kl_teacher": float(kl_teacher.detach().sum()), "kl_shortcut": float(kl_shortcut.detach().sum())}
+    loss = (w * (kl_teacher - lam * kl_shortcut)).sum()
+    return loss, {"kl_teacher": float((w * kl_teacher).detach().sum()),
+                  "kl_shortcut": float((w * kl_shortcut).detach().sum())}
 
 
 def float32_head(head):
-    """h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype: bf16 logits alone
-    put a 12% relative error on a per-token KL of 0.03. The weight is cast once per call of the loss (a
-    transient float32 copy of the head for a bf16 model), the matmul runs with autocast off."""
+    """The LM head as h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype (bf16
+    logits alone put a 12% relative error on a per-token KL of 0.03); a LoRA head with its adapter unless off."""
     lora = head if isinstance(head, LoRALinear) and head.enabled else None
     linear = head.base if isinstance(head, LoRALinear) else head
-    weight = linear.weight.float()                 # the same tensor (and its gradient) when already float32
+    weight = linear.weight.float()                # once per loss call; the same tensor when already float32
     bias = None if linear.bias is None else linear.bias.float()
 
     def logits(h):
@@ -685,73 +633,58 @@ def float32_head(head):
 
 def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
                       direction="reverse", weights=None, chunk_size=1024):
-    """dail_loss from hidden states, a chunk of positions at a time: peak memory grows with
-    chunk_size x V, not N x V. h_*: [N, H] final hidden states at the N response positions, row-aligned
-    across the three contexts (teacher and shortcut ones computed without gradient); student_head and
-    reference_head: the LM heads of theta and theta0, run in float32 (float32_head); weights [N]: each
-    position's weight, loss_weights(mask, norm, divisor)[mask] (default: 1/N, the token mean). Equal,
-    value and gradient, to dail_loss(student_head(h_student)[None], reference_head(h_teacher)[None], ...)."""
-    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
-    weights = weights.to(h_student.device, torch.float32)
-    student_logits = float32_head(student_head)
-    with torch.no_grad(), adapters_off(reference_head):          # theta0's head: adapters off, if it has any
+    """dail_loss from the final hidden states h_* [N, H] at the N response positions (row-aligned across the
+    three contexts) through theta's head and theta0's (reference_head, adapters off), with the same per-token
+    terms; weights [N] = loss_weights(mask, norm, divisor)[mask]. Equal to dail_loss in value and gradient."""
+    student = float32_head(student_head)
+    with adapters_off(reference_head):   # a plain head shared by both is the same head: no second float32 copy
         shared = reference_head is student_head and not isinstance(student_head, LoRALinear)
-        reference_logits = student_logits if shared else float32_head(reference_head)
+        reference = student if shared else float32_head(reference_head)
 
-    def per_position(hs, he, hc, w):      # -> weighted loss terms [n], KL to the teacher [n], to the shortcut [n]
+    def terms(hs, he, hc):
         with torch.no_grad():
-            te, tc = reference_logits(he), reference_logits(hc)
-        kl_teacher, kl_shortcut = dail_kl_terms(student_logits(hs), te, tc, direction)
-        return (kl_teacher - lam * kl_shortcut) * w, kl_teacher * w, kl_shortcut * w
+            teacher, shortcut = reference(he), reference(hc)
+        kl_teacher, kl_shortcut = dail_kl_terms(student(hs), teacher, shortcut, direction)
+        return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
 
-    loss, (sum_e, sum_c) = chunked_sum(per_position, h_student, (h_teacher, h_shortcut, weights), student_head,
-                                       chunk_size)
-    return loss, {"kl_teacher": float(sum_e), "kl_shortcut": float(sum_c)}
+    loss, kl_teacher, kl_shortcut = chunked_sum(terms, h_student, (h_teacher, h_shortcut), student_head, weights,
+                                                chunk_size)
+    return loss, {"kl_teacher": float(kl_teacher), "kl_shortcut": float(kl_shortcut)}
 
 
 def chunked_sft_loss(h_student, targets, student_head, weights=None, chunk_size=1024):
-    """Weighted token cross-entropy sum_n w[n] * CE[n] from [N, H] hidden states and [N] targets, chunked
-    like chunked_dail_loss, head in float32 (the SFT baselines; weights as there, default the token mean)."""
-    weights = weights if weights is not None else torch.full((h_student.shape[0],), 1.0 / h_student.shape[0])
+    """The SFT baselines' weighted token cross-entropy, chunked alike: h_student [N, H], targets [N]."""
     head = float32_head(student_head)
-    loss, _ = chunked_sum(lambda hs, y, w: (F.cross_entropy(head(hs), y, reduction="none") * w,),
-                          h_student, (targets, weights.to(h_student.device, torch.float32)), student_head,
-                          chunk_size)
+    loss, = chunked_sum(lambda hs, y: (F.cross_entropy(head(hs), y, reduction="none"),), h_student, (targets,),
+                        student_head, weights, chunk_size)
     return loss, {"ce": float(loss.detach())}
 
 
-def chunked_sum(per_position, h, aligned, head, chunk_size):
-    """sum_i per_position(h[i], aligned[i])[0] over the N rows of h [N, H], one chunk of rows at a time,
-    as a scalar that backpropagates like the plain sum (plus the detached sums of the other outputs).
-
-    Each chunk's gradient (with respect to its rows of h and to the head's trainable weights) is taken
-    right away, while its logits exist, and the logits are then freed; the returned scalar carries those
-    gradients into the backbone through a linear surrogate. Nothing is recomputed in backward."""
+def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
+    """sum_n w[n] * terms(h[n], *aligned[n]) for each output of terms (per-row tensors, the loss first) over the
+    N rows of h [N, H], chunk_size rows at a time: peak memory grows with chunk_size x V, not N x V. weights [N]
+    default to 1/N (the token mean). -> (the loss, then the other sums, detached)."""
     if h.shape[0] == 0:
         raise ValueError("chunked_sum needs at least one response position")
+    w = (weights if weights is not None else torch.full(h.shape[:1], 1.0 / h.shape[0])).to(h.device, torch.float32)
     params = [p for p in head.parameters() if p.requires_grad]
     track = torch.is_grad_enabled() and (h.requires_grad or bool(params))
-    grad_h = torch.zeros_like(h) if track else None
-    grad_p = [torch.zeros_like(p) for p in params] if track else []
-    sums = None                                               # running detached sums of every output
+    grad_h, grad_p = (torch.zeros_like(h), [torch.zeros_like(p) for p in params]) if track else (None, None)
+    sums = 0
     for i in range(0, h.shape[0], chunk_size):
         part = slice(i, i + chunk_size)
-        hp = h[part].detach().requires_grad_(track and h.requires_grad)
-        out = per_position(hp, *(a[part] for a in aligned))
-        if track:
-            inputs = ([hp] if h.requires_grad else []) + params
-            grads = torch.autograd.grad(out[0].sum(), inputs)
-            if h.requires_grad:
-                grad_h[part] = grads[0]
-            for acc, g in zip(grad_p, grads[len(grads) - len(params):]):
+        hp = h[part].detach().requires_grad_(track)
+        out = [o * w[part] for o in terms(hp, *(a[part] for a in aligned))]
+        if track:  # the chunk's gradients now, while its logits exist (then freed): none is recomputed in backward
+            grad_h[part], *grads = torch.autograd.grad(out[0].sum(), [hp, *params])
+            for acc, g in zip(grad_p, grads):
                 acc += g
-        chunk_sums = [o.detach().sum() for o in out]
-        sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums)]
-    total, *extras = sums
+        sums = sums + torch.stack([o.detach().sum() for o in out])
     if not track:
-        return total, extras
-    surrogate = sum((p * g).sum() for p, g in zip(params, grad_p)) + (h * grad_h).sum()
-    return total + surrogate - surrogate.detach(), extras           # value: total; gradient: the chunks'
+        return tuple(sums)
+    # a linear surrogate carries the chunks' gradients into the backbone: value the sum, gradient the chunks'
+    surrogate = (h * grad_h).sum() + sum((p * g).sum() for p, g in zip(params, grad_p))
+    return (sums[0] + surrogate - surrogate.detach(), *sums[1:])
 
 
 # ==== Step 2, training: minimal LoRA, sequences and masks, the reference states, the loop, the train command ===========
