@@ -1563,21 +1563,16 @@ def _close(s, i, opening="{", closing="}", escaped=False):
 def _boxes(text):
     """Each \\boxed{...} / \\fbox{...} of `text`, in order: its content, braces matched (\\boxed{\\frac{1}{2}} ->
     \\frac{1}{2}) or the token of `\\boxed 5`; None for a box that is empty or never closes (truncated)."""
-    text = text or ""
-    starts = [m.start() for m in re.finditer(r"\\boxed|\\fbox", text)] + [len(text)]
-    found = []
-    for start, end in zip(starts, starts[1:]):
-        box = text[start:end]  # cut at the next box: of a box in a box, only the inner one counts
+    for box in re.split(r"(?=\\boxed|\\fbox)", text or "")[1:]:  # cut at the next box: in a box, the inner one counts
         i = 6 if box.startswith("\\boxed") else 5
         m = re.match(r" \s*([^\s$]+)", box[i:])  # \boxed 5: up to the next space or $
         j = _close(box, i, escaped=True) if box.startswith("{", i) else None
-        found.append(m[1] if m else (box[i + 1:j].strip() or None) if j else None)
-    return found
+        yield m[1] if m else (box[i + 1:j].strip() or None) if j else None
 
 
 def extract_boxed(text):
     """The last box's content (see `_boxes`); None when there is none or it is empty or truncated."""
-    return (_boxes(text) or [None])[-1]
+    return [None, *_boxes(text)][-1]
 
 
 # A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}") is dropped. One letter counts only after a space
@@ -1599,20 +1594,18 @@ def _unwrap(s):
 
 def _braced_frac(s):
     """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: both arguments of every \\frac braced."""
-    out, i = [], 0
+    i = 0
     while (j := s.find("\\frac", i)) >= 0:
-        out.append(s[i:j + 5])
         i = j + 5
-        for _ in range(2):  # {...} as it is (to the end if it never closes), one character braced
-            if i < len(s):
-                end = (_close(s, i) or len(s) - 1) if s[i] == "{" else i
-                out.append(s[i:end + 1] if s[i] == "{" else "{" + s[i] + "}")
-                i = end + 1
-    return "".join(out) + s[i:]
+        for _ in range(2):  # an argument: {...} kept as it is (to the end if it never closes), one character braced
+            if i < len(s) and s[i] != "{":
+                s, i = s[:i] + "{" + s[i] + "}" + s[i + 1:], i + 3
+            elif i < len(s):
+                i = (_close(s, i) or len(s) - 1) + 1
+    return s
 
 
-# normalize_answer's rules, in order: (pattern, replacement) or a function of the string.
-_NORMALIZE = [
+_NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or a function of the string
     str.strip, ("\u2212", "-"), ("\u03c0", r"\\pi "),                # Unicode minus and pi
     (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $ anywhere ($1$, $2$; \$ stays), \( \]
     (r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", ""), (r"\\displaystyle|\\!|\\\$", ""),
@@ -1625,8 +1618,7 @@ _NORMALIZE = [
     (r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", ""),                # degrees and percent signs
     # thousands separators only when the whole answer is one number (1,000 1{,}000 1\,000; "32, 349" is a list)
     (r"^\s*([+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?)\s*\Z", lambda m: re.sub(r"[^\d.+-]", "", m[1])),
-    (r"\\[,;: ]|~|\\q?quad", " "), str.strip,
-    (r"(?<=\d)\s+(?=\d)", "\x00"), (r"\s+", ""),  # a gap between digits is kept, never glued: 4 4/9 is not 44/9
+    (r"\\[,;: ]|~|\\q?quad", " "), str.strip, (r"(?<=\d)\s+(?=\d)", "\x00"), (r"\s+", ""),  # 4 4/9: a gap, not 44/9
     lambda s: s.rstrip("."), (r"^\+|(?<=[,(\[])\+", ""), _braced_frac, (r"\\sqrt(\w)", r"\\sqrt{\1}"),
     (r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi"),                     # pi/2 -> \pi/2
     (r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", ""),    # 2*x -> 2x, never 2\cdot 3 -> 23
@@ -1684,15 +1676,13 @@ def _parse(s):
     """A normalized answer as a tree of (kind, key, children) for `_same`: ("list", None, ...) unordered (a, b /
     \\{a, b\\} / a \\cup b); ("seq", brackets, ...) ordered (tuples, intervals, a matrix of rows); ("eq", "x", [v])
     for x = v or x \\in v; ("choice", "C", [v]) for an AoPS "(C) v"; ("val", a number's (c, n) or the text, [])."""
-    parts = _split_top(s, ",")
-    if len(parts) > 1 and all(parts):
-        return ("list", None, [_parse(p) for p in parts])
-    m = re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
-    if m and not m[1].startswith(("\\frac", "\\sqrt")):
-        return ("eq", m[1], [_parse(m[3])])
-    parts = _split_top(s, "\\cup")
-    if len(parts) > 1 and all(parts):
-        return ("list", None, [_parse(p) for p in parts])
+    for sep in (",", "\\cup"):  # x = 1, 2 is a list (x = 1 and 2); x \in A \cup B is x \in (A \cup B)
+        parts = _split_top(s, sep)
+        if len(parts) > 1 and all(parts):
+            return ("list", None, [_parse(p) for p in parts])
+        m = sep == "," and re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
+        if m and not m[1].startswith(("\\frac", "\\sqrt")):
+            return ("eq", m[1], [_parse(m[3])])
     m = re.fullmatch(r"\(([A-E])\)(.+)", s)
     if m:  # an AoPS choice with its value, \textbf{(C)}\ 25: the letter or the value names it
         return ("choice", m[1], [_parse(m[2])])
@@ -1708,9 +1698,7 @@ def _parse(s):
         if len(parts) == 1 and s[0] + s[-1] == "()":  # (113), (C): parentheses around one value are no tuple
             return _parse(parts[0])
         return ("seq", s[0] + s[-1], [_parse(p) for p in parts])
-    x = _as_number(s)
-    return ("val", x if x is not None else re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s),
-            [])
+    return ("val", _as_number(s) or re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s), [])
 
 
 def _same(a, b):
@@ -1735,50 +1723,41 @@ def _same(a, b):
 
 
 def is_equiv(pred, ref):
-    """True when two answers are the same value after `normalize_answer` (the built-in grader). Numbers are
-    exact, no tolerance (0.5 == \\frac{1}{2}, 0.333 != \\frac13, 18.90 == 18.9); a mixed number 1\\frac{4}{5} is
-    9/5; one term c*sqrt(n) is exact (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar
-    signs are ignored (10\\text{ cm} == 10); a comma list or set is unordered (1, -2 == -2, 1; a repeated element
-    counts); tuples, intervals, unions and matrices compare element-wise and need the same brackets (pmatrix ==
-    bmatrix, [0,1) != (0,1)); "x = 5" equals "5" but not "y = 5"; anything else must match as normalized text,
-    so 2x+3 vs 3+2x is missed, never invented. Unsure means not equal; None equals nothing, not even None."""
+    """True when two answers are the same value after `normalize_answer` (the built-in grader). Numbers are exact,
+    no tolerance (0.5 == \\frac{1}{2} == 1/2, 0.333 != \\frac13), mixed numbers too (1\\frac{4}{5} == 9/5), and one
+    term c*sqrt(n) (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar signs are ignored; a
+    comma list or set is unordered (1, -2 == -2, 1; repeats count); tuples, intervals, unions and matrices compare
+    element-wise with the same brackets ([0,1) != (0,1), pmatrix == bmatrix); "x = 5" equals "5", not "y = 5"; all
+    else must match as normalized text (2x+3 vs 3+2x: missed, never invented). None equals nothing, not even None."""
     if pred is None or ref is None:
         return False
     a, b = normalize_answer(pred), normalize_answer(ref)
     return bool(a and b) and (a == b or _same(_parse(a), _parse(b)))
 
 
-GRADERS = ("builtin", "math-verify")
 MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own default)
-
-
-def _grade_builtin(response, reference):
-    """The last box `is_equiv` to the reference; for a list, all complete boxes together (\\boxed{-2}, \\boxed{1})."""
-    pred = extract_boxed(response)
-    if is_equiv(pred, reference):
-        return pred, True
-    boxes = [box for box in _boxes(response) if box]
-    if len(boxes) > 1 and reference is not None and _parse(normalize_answer(reference))[0] == "list" \
-            and is_equiv(", ".join(boxes), reference):
-        return ", ".join(boxes), True
-    return pred, False
-
-
-_grade_builtin.info = dict(name="builtin")
 
 
 @functools.cache
 def make_grader(name):
     """The function (response, reference) -> (the extracted answer or None, correct) of --grader `name`, with
     `.info`: name; math-verify's version and timeouts (parse/verify calls that ran out of time, counted wrong)."""
-    if name not in GRADERS:
-        raise DailError(f"--grader {name}: expected one of {', '.join(GRADERS)}")
-    return _math_verify_grader() if name == "math-verify" else _grade_builtin
-
-
-def _math_verify_grader():
-    """Hugging Face's math-verify (an optional import) parses the whole response and the boxed reference and
-    verifies with sympy. Its time limit uses SIGALRM, which works only in the main thread: elsewhere, none."""
+    if name == "builtin":
+        def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
+            pred = extract_boxed(response)
+            if is_equiv(pred, reference):
+                return pred, True
+            boxes = [box for box in _boxes(response) if box]
+            if len(boxes) > 1 and reference is not None and _parse(normalize_answer(reference))[0] == "list" \
+                    and is_equiv(", ".join(boxes), reference):
+                return ", ".join(boxes), True
+            return pred, False
+        grade_builtin.info = dict(name="builtin")
+        return grade_builtin
+    if name != "math-verify":
+        raise DailError(f"--grader {name}: expected one of builtin, math-verify")
+    # Hugging Face's math-verify (an optional import) parses the whole response and the boxed reference and
+    # verifies with sympy. Its time limit uses SIGALRM, which works only in the main thread: elsewhere, none.
     try:
         import math_verify
         from math_verify.errors import TimeoutException
@@ -1823,7 +1802,8 @@ def grade(response, reference, grader="builtin"):
 
 def load_problems(path, need_solution, need_answer):
     """A whole problem file, validated before any model loads: dicts with id (str), problem, solution (or None),
-    answer (the `answer` field, else the last \\boxed{} of `solution`, else None) and prompt."""
+    answer (the `answer` field, else the last \\boxed{} of `solution`, else None) and prompt (None, or the record's
+    own eval prompt as the released eval used each benchmark's: the user turn, or a list of chat messages)."""
     problems, seen = [], {}
     for lineno, rec in read_jsonl(path):
         for name in ("problem", "solution") if need_solution else ("problem",):
@@ -1832,33 +1812,23 @@ def load_problems(path, need_solution, need_answer):
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
         answer = answer_of(path, lineno, rec, need_answer)
-        prompt = check_prompt_field(path, lineno, rec)
+        prompt = rec.get("prompt")
+        if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
+            if not isinstance(prompt, list) or not prompt:
+                raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list "
+                                f"of chat messages {{\"role\": ..., \"content\": ...}}")
+            for i, m in enumerate(prompt):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
+                                    f"{{\"role\": string, \"content\": string}}")
         pid = rec.get("id", lineno)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
-        pid = str(pid)
-        if pid in seen:
-            raise DailError(f"{path}:{lineno}: field 'id': duplicate id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = lineno
-        problems.append(dict(id=pid, index=len(problems), where=f"{path}:{lineno}", problem=rec["problem"],
+        if (first := seen.setdefault(str(pid), lineno)) != lineno:
+            raise DailError(f"{path}:{lineno}: field 'id': duplicate id {str(pid)!r} (first on line {first})")
+        problems.append(dict(id=str(pid), index=len(problems), where=f"{path}:{lineno}", problem=rec["problem"],
                              solution=solution, answer=answer, prompt=prompt))
     return problems
-
-
-def check_prompt_field(path, lineno, rec):
-    """The record's own eval prompt (the released eval used each benchmark's) or None: a string, the user turn
-    as it is, or a list of chat messages {"role": str, "content": str}."""
-    prompt = rec.get("prompt")
-    if prompt is None or isinstance(prompt, str) and prompt.strip():
-        return prompt
-    if not isinstance(prompt, list) or not prompt:
-        raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list of "
-                        f"chat messages {{\"role\": ..., \"content\": ...}}")
-    for i, m in enumerate(prompt):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
-                            f"{{\"role\": string, \"content\": string}}")
-    return prompt
 
 
 # ==== Appendix B.1, running it: errors, JSONL files and their line checks, training records, results, plots ============
