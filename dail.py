@@ -1585,7 +1585,7 @@ _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide fo
 
 
 def _unwrap(s):
-    """\\textbf{(113)} -> (113), repeatedly, when the wrapper's brace closes at the very end (\\text{a}+\\text{b})."""
+    """\\textbf{(113)} -> (113), repeatedly, while the wrapper's brace closes at the end (not \\text{a}+\\text{b})."""
     wrapper = r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(.*)\}"
     while (m := re.fullmatch(wrapper, s.strip())) and _close(m[0], m.start(1) - 1) == m.end() - 1:
         s = m[1].strip()
@@ -1610,7 +1610,7 @@ _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or 
     (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $ anywhere ($1$, $2$; \$ stays), \( \]
     (r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", ""), (r"\\displaystyle|\\!|\\\$", ""),
     (r"\\[dtc]frac", r"\\frac"), (r"\\\\", r"\\cr "),  # a row separator, kept from the spacing rules (the last rule)
-    (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"), _unwrap,
+    (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"), _unwrap,                 # \leq -> \le; a whole-answer \text{...}
     (r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ","),  # 6 \text{ and } 8: a list
     (r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", ""),          # a unit after a value (^2, ^3 too)
     (r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1"),  # unwrapped, never deleted
@@ -1662,10 +1662,10 @@ def _as_number(s):
     """A normalized number as (c, n), its exact value c*sqrt(n) with n square-free (1 for a rational), else None."""
     sign = -1 if s.startswith("-") else 1
     s = s[1:] if s[:1] in "+-" else s
-    s = re.sub(r"^(?:(\d+)\x00)?(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s)  # 4 4/9 -> 4\frac{4}{9}
+    s = re.sub(r"^(?:(\d+)\x00)?(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s)  # a/b, 4 4/9 as \frac
     c_n = next((value(*(Fraction(g or 1) for g in m.groups())) for form, value in _NUMBERS
                 if (m := re.fullmatch(form, s))), None)
-    if not c_n:
+    if not c_n:  # no form fits, a zero denominator, or no mixed number (2\frac{3}{2}: unsure)
         return None
     c, n = c_n[0], int(c_n[1])
     k = next(k for k in range(math.isqrt(n), 0, -1) if n % (k * k) == 0)  # the largest square: sqrt(12) = 2 sqrt(3)
