@@ -1327,82 +1327,32 @@ def make_sampler(engine, args, tok, stop_ids):
 
 
 # ==== Appendix A: grading -- boxed answers, the grader (shared by the rewrite filter and eval), problems ===============
+def _close(s, i, opening="{", closing="}", escaped=False):
+    """Index of the bracket closing s[i] (all of `opening` nest alike) or None; `escaped`: \\{ and \\} don't count."""
+    depth = 0
+    for m in re.finditer(r"\\.|." if escaped else ".", s[i:], re.S):
+        depth += (m[0] in opening) - (m[0] in closing)
+        if depth == 0:
+            return i + m.start()
+
+
+def _boxes(text):
+    """Each \\boxed{...} / \\fbox{...} of `text`, in order: its content, braces matched (\\boxed{\\frac{1}{2}} ->
+    \\frac{1}{2}) or the token of `\\boxed 5`; None for a box that is empty or never closes (truncated)."""
+    for box in re.split(r"(?=\\boxed|\\fbox)", text or "")[1:]:  # cut at the next box: in a box, the inner one counts
+        i = 6 if box.startswith("\\boxed") else 5
+        m = re.match(r" \s*([^\s$]+)", box[i:])  # \boxed 5: up to the next space or $
+        j = _close(box, i, escaped=True) if box.startswith("{", i) else None
+        yield m[1] if m else (box[i + 1:j].strip() or None) if j else None
+
+
 def extract_boxed(text):
-    """Content of the *last* \\boxed{...} or \\fbox{...} in `text`, braces matched, or None.
-
-    Nested braces are kept whole (\\boxed{\\frac{1}{2}} -> \\frac{1}{2}); escaped braces \\{ \\} do not
-    count. The space form `\\boxed 5` gives the token after the space. None when there is no box, when the
-    last box is empty, or when its braces never close (a truncated box is no answer)."""
-    if not text:
-        return None
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    if text.startswith(" ", i):  # \boxed 5  (no braces: up to the next space or $)
-        m = re.match(r"\s+([^\s$]+)", text[i:])
-        return m.group(1) if m else None
-    if not text.startswith("{", i):
-        return None
-    depth, j = 0, i
-    while j < len(text):
-        ch = text[j]
-        if ch == "\\":  # skip the escaped character, e.g. \{ or \}
-            j += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                content = text[i + 1:j].strip()
-                return content or None
-        j += 1
-    return None
+    """The last box's content (see `_boxes`); None when there is none or it is empty or truncated."""
+    return [None, *_boxes(text)][-1]
 
 
-def extract_all_boxed(text):
-    """Contents of every complete \\boxed{...} / \\fbox{...} in `text`, in order (see `extract_boxed`)."""
-    found, end = [], len(text or "")
-    while end > 0:
-        start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
-        if start < 0:
-            break
-        box = extract_boxed(text[start:end])  # a box nested in a box is cut here: only the inner one counts
-        if box is not None:
-            found.append(box)
-        end = start
-    return found[::-1]
-
-
-def _braced_frac(s):
-    """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: give both arguments braces."""
-    out, i = [], 0
-    while True:
-        j = s.find("\\frac", i)
-        if j < 0:
-            out.append(s[i:])
-            return "".join(out)
-        out.append(s[i:j] + "\\frac")
-        i = j + 5
-        for _ in range(2):
-            if i < len(s) and s[i] == "{":
-                depth, k = 0, i
-                while k < len(s):
-                    depth += {"{": 1, "}": -1}.get(s[k], 0)
-                    if depth == 0:
-                        break
-                    k += 1
-                out.append(s[i:k + 1])
-                i = k + 1
-            elif i < len(s):
-                out.append("{" + s[i] + "}")
-                i += 1
-
-
-# A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}"): dropped, the value is the answer. One letter
-# counts only after a space (\text{ m}), so 2\mathrm{e} keeps its e.
-# Words that change a number (5 hundred, 5 squared, 2 thirds) are never units.
+# A text-mode unit after a value ("5\text{ cm}^2", "3 \mbox{ inches}") is dropped. One letter counts only after a space
+# (\text{ m}), so 2\mathrm{e} keeps its e; words that change a number (5 hundred, 2 thirds) are never units.
 _NOT_UNIT = (r"(?!\s*(?:hundred|thousand|million|billion|trillion|dozen|half|halves|third|quarter|fourth|fifth|"
              r"sixth|seventh|eighth|ninth|tenth|squared|cubed|times|factorial|over|tens\b|score\b|pi\b))")
 _UNIT = (r"\\(?:text|mbox|mathrm|textrm)\{" + _NOT_UNIT + r"(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}"
@@ -1410,302 +1360,207 @@ _UNIT = (r"\\(?:text|mbox|mathrm|textrm)\{" + _NOT_UNIT + r"(?:\s+[a-zA-Z]|[a-zA
 _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide for a/b -> \frac{a}{b}
 
 
-def normalize_answer(s):
-    """The normal form of one answer string that `is_equiv` parses. In order: Unicode minus and pi; drop $;
-    strip \\( \\) \\[ \\]; drop \\left, \\right, \\displaystyle, \\! and \\$; \\dfrac, \\tfrac, \\cfrac -> \\frac; a row
-    separator \\\\ becomes \\cr (so the spacing rule cannot eat it; outside a matrix: dropped at the ends,
-    a gap inside); \\leq -> \\le; a whole-answer \\text{X} / \\textbf{X} / \\mathbf{X} -> X (\\textbf{(113)} -> (113));
-    \\text{ and } / \\text{ or } / " and " -> a list comma; a unit \\text{...} after a value (with ^2, ^3)
-    dropped, other \\text{X} unwrapped, never deleted (6 \\text{ and } 8 is not 68); "58 square units" -> 58;
-    degrees and percent signs dropped; thousands separators removed only when the whole answer is one
-    number written 1,000 / 1{,}000 / 1\\,000 (32, 349 with a space is a list of two numbers); whitespace
-    between two digits kept as a gap mark (4 4/9 is a mixed number, never 44/9), other whitespace removed;
-    trailing period and leading + dropped; \\frac and \\sqrt arguments braced; pi -> \\pi; 2*x, 2\\cdot x -> 2x;
-    a one-character super/subscript braced (52_8 -> 52_{8})."""
-    s = str(s).strip().replace("\u2212", "-").replace("\u03c0", "\\pi ")  # Unicode minus and pi
-    s = re.sub(r"(?<!\\)\$", "", s).strip()  # math-mode dollars, wherever they are ($1$, $2$); \$ stays a dollar
-    s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
-    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
-    s = re.sub(r"\\displaystyle|\\!|\\\$", "", s)
-    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
-    s = s.replace("\\\\", "\\cr ")
-    s = re.sub(r"\\(?:le|ge|ne)q(?![a-zA-Z])", lambda m: m.group(0)[:-1], s)
-    while True:  # unwrap whole-answer text/bold wrappers: \textbf{(113)}, \mathbf{127}, \text{(C)}
-        m = re.fullmatch(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(.*)\}", s.strip())
-        if not m or not _balanced(m.group(1)):
-            break
-        s = m.group(1).strip()
-    s = re.sub(r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ",", s)
-    s = re.sub(r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", "", s)
-    s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1", s)
-    m = re.fullmatch(r"([+-]?\d[\d,.]*)((?:\s+" + _NOT_UNIT + r"[a-zA-Z]{2,}\.?)+)(?:\^\{?[23]\}?)?", s.strip())
-    if m:  # 58 square units: a number and plain words
-        s = m.group(1)
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", "", s)
-    if re.fullmatch(r"[+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?", s.strip()):  # 1,000 1{,}000 1\,000
-        s = re.sub(r"\{,\}|\\,|,", "", s.strip())
-    s = re.sub(r"\\[,;: ]|~|\\q?quad", " ", s).strip()
-    s = re.sub(r"(?<=\d)\s+(?=\d)", "\x00", s)  # a gap between digits: never glue them
-    s = re.sub(r"\s+", "", s)
-    s = s.rstrip(".")
-    s = re.sub(r"^\+|(?<=[,(\[])\+", "", s)
-    s = _braced_frac(s)
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = re.sub(r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi", s)  # pi/2 -> \pi/2
-    s = re.sub(r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", "", s)  # 2*x -> 2x, never 2\cdot 3 -> 23
-    s = re.sub(r"([_^])(\w)", r"\1{\2}", s)
-    if "\\begin{" not in s:  # a stray \\ outside a matrix is layout: dropped at the ends (185\\), a gap inside
-        s = re.sub(r"^(?:\\cr)+|(?:\\cr)+$", "", s).replace("\\cr", "\x00")
+def _unwrap(s):
+    """\\textbf{(113)} -> (113), repeatedly, while the wrapper's brace closes at the end (not \\text{a}+\\text{b})."""
+    wrapper = r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(.*)\}"
+    while (m := re.fullmatch(wrapper, s.strip())) and _close(m[0], m.start(1) - 1) == m.end() - 1:
+        s = m[1].strip()
     return s
 
 
-def _balanced(s):
-    """Braces of s close in order (a wrapper \\text{...} spans the whole answer only then)."""
-    depth = 0
-    for ch in s:
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if depth < 0:
-            return False
-    return depth == 0
+def _braced_frac(s):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: both arguments of every \\frac braced."""
+    i = 0
+    while (j := s.find("\\frac", i)) >= 0:
+        i = j + 5
+        for _ in range(2):  # an argument: {...} kept as it is (to the end if it never closes), one character braced
+            if i < len(s) and s[i] != "{":
+                s, i = s[:i] + "{" + s[i] + "}" + s[i + 1:], i + 3
+            elif i < len(s):
+                i = (_close(s, i) or len(s) - 1) + 1
+    return s
+
+
+_NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or a function of the string
+    str.strip, ("\u2212", "-"), ("\u03c0", r"\\pi "),                # Unicode minus and pi
+    (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $ anywhere ($1$, $2$; \$ stays), \( \]
+    (r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", ""), (r"\\displaystyle|\\!|\\\$", ""),
+    (r"\\[dtc]frac", r"\\frac"), (r"\\\\", r"\\cr "),  # a row separator, kept from the spacing rules (the last rule)
+    (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"), _unwrap,                 # \leq -> \le; a whole-answer \text{...}
+    (r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ","),  # 6 \text{ and } 8: a list
+    (r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", ""),          # a unit after a value (^2, ^3 too)
+    (r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1"),  # unwrapped, never deleted
+    (r"^\s*([+-]?\d[\d,.]*)(?:\s+" + _NOT_UNIT + r"[a-zA-Z]{2,}\.?)+(?:\^\{?[23]\}?)?\s*\Z", r"\1"),  # 58 square units
+    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", ""),                # degrees and percent signs
+    # thousands separators only when the whole answer is one number (1,000 1{,}000 1\,000; "32, 349" is a list)
+    (r"^\s*([+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?)\s*\Z", lambda m: re.sub(r"[^\d.+-]", "", m[1])),
+    (r"\\[,;: ]|~|\\q?quad", " "), str.strip, (r"(?<=\d)\s+(?=\d)", "\x00"), (r"\s+", ""),  # 4 4/9: a gap, not 44/9
+    lambda s: s.rstrip("."), (r"^\+|(?<=[,(\[])\+", ""), _braced_frac, (r"\\sqrt(\w)", r"\\sqrt{\1}"),
+    (r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi"),                     # pi/2 -> \pi/2
+    (r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", ""),    # 2*x -> 2x, never 2\cdot 3 -> 23
+    (r"([_^])(\w)", r"\1{\2}"),                                       # 52_8 -> 52_{8}
+    # a \\ outside a matrix is layout: dropped at the ends (185\\), a gap inside
+    lambda s: s if "\\begin{" in s else re.sub(r"^(?:\\cr)+|(?:\\cr)+$", "", s).replace("\\cr", "\x00"),
+]
+
+
+def normalize_answer(s):
+    """The normal form of one answer string that `is_equiv` parses (the rules: `_NORMALIZE`)."""
+    s = str(s)
+    for rule in _NORMALIZE:
+        s = rule(s) if callable(rule) else re.sub(*rule, s)
+    return s
 
 
 def _split_top(s, sep):
-    """Split at `sep` where no bracket ( [ { is open; [s] when there is none."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        if s[i] in "([{":
-            depth += 1
-        elif s[i] in ")]}":
-            depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
+    """Split at `sep` where no bracket ( [ { is open (a stray closer opens none); [s] when there is none."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth == 0 and s.startswith(sep, i):  # no sep holds a bracket or starts again inside itself
             parts.append(s[start:i])
             start = i + len(sep)
-            i = start
-            continue
-        i += 1
     return parts + [s[start:]]
 
 
-def _encloses(s, opening, closing):
-    """s is opening ... closing with the first bracket closed only at the very end."""
-    if not (s.startswith(opening) and s.endswith(closing)) or len(s) < len(opening) + len(closing):
-        return False
-    depth = 0
-    for i in range(len(opening) - 1, len(s)):
-        depth += 1 if s[i] in "([{" else -1 if s[i] in ")]}" else 0
-        if depth == 0 and i < len(s) - 1:
-            return False
-    return True
+_ROOT = r"(\d*)\\sqrt\{(\d*[1-9]\d*)\}"  # c sqrt(n), n > 0
+_NUMBERS = [  # a number's forms; their groups (Fractions, 1 when empty) -> (c, n), the value c sqrt(n), or falsy
+    (r"(\d+\.?\d*|\.\d+)", lambda x: (x, 1)),
+    (r"\\frac\{(-?\d+)\}\{(-?\d+)\}", lambda a, b: b and (a / b, 1)),
+    (r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", lambda w, a, b: 0 < a < b and (w + a / b, 1)),  # 1\frac{4}{5}, not 2\frac32
+    (_ROOT, lambda c, n: (c, n)),
+    (r"\\frac\{" + _ROOT + r"\}\{(\d+)\}", lambda c, n, d: d and (c / d, n)),
+    (r"\\frac\{(\d+)\}\{" + _ROOT + r"\}", lambda a, c, n: c and (a / (c * n), n)),  # a/(c sqrt n) = a sqrt(n)/(c n)
+]
 
 
 def _as_number(s):
-    """A normalized answer as an exact Fraction (integers, decimals, integer fractions, mixed numbers
-    1\\frac{4}{5} and 4 4/9 with 0 < numerator < denominator), else None."""
+    """A normalized number as (c, n), its exact value c*sqrt(n) with n square-free (1 for a rational), else None."""
     sign = -1 if s.startswith("-") else 1
     s = s[1:] if s[:1] in "+-" else s
-    if re.fullmatch(r"\d+\.?\d*|\.\d+", s):
-        return sign * Fraction(s)
-    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}|(\d+)/(\d+)", s)
-    if m:
-        num, den = int(m.group(1) or m.group(3)), int(m.group(2) or m.group(4))
-        return None if den == 0 else sign * Fraction(num, den)
-    m = re.fullmatch(r"(\d+)(?:\\frac\{(\d+)\}\{(\d+)\}|\x00(\d+)/(\d+))", s)  # 1\frac{4}{5}, 4 4/9
-    if m:
-        num, den = int(m.group(2) or m.group(4)), int(m.group(3) or m.group(5))
-        if 0 < num < den:  # else (2\frac{3}{2}) not a mixed number: unsure, so no number
-            return sign * (int(m.group(1)) + Fraction(num, den))
-    return None
-
-
-def _as_surd(s):
-    """A normalized single term c * sqrt(n) (c rational, n > 1 square-free) as (c, n), else None:
-    2\\sqrt{3}, \\sqrt{12}, \\frac{\\sqrt{3}}{3}, \\frac{1}{\\sqrt{3}}, \\sqrt{2}/2 (exact, no floats)."""
-    sign = -1 if s.startswith("-") else 1
-    s = s[1:] if s[:1] in "+-" else s
-    root = r"(\d*)\\sqrt\{(\d+)\}"
-    m = (re.fullmatch(root, s) or re.fullmatch(r"\\frac\{" + root + r"\}\{(\d+)\}", s)
-         or re.fullmatch(root + r"/(\d+)", s))
-    if m:
-        c, n, d = int(m.group(1) or 1), int(m.group(2)), int(m.group(3)) if m.lastindex == 3 else 1
-        value = Fraction(c, d) if d else None
-    else:
-        m = re.fullmatch(r"\\frac\{(\d+)\}\{" + root + r"\}", s) or re.fullmatch(r"(\d+)/" + root, s)
-        if not m or int(m.group(3)) == 0:
-            return None
-        n = int(m.group(3))
-        value = Fraction(int(m.group(1)), int(m.group(2) or 1) * n)  # c / (d sqrt n) = c sqrt(n) / (d n)
-    if value is None or n == 0:
+    s = re.sub(r"^(?:(\d+)\x00)?(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s)  # a/b, 4 4/9 as \frac
+    c_n = next((value(*(Fraction(g or 1) for g in m.groups())) for form, value in _NUMBERS
+                if (m := re.fullmatch(form, s))), None)
+    if not c_n:  # no form fits, a zero denominator, or no mixed number (2\frac{3}{2}: unsure)
         return None
-    k = 2
-    while k * k <= n:  # pull square factors out: sqrt(12) = 2 sqrt(3)
-        while n % (k * k) == 0:
-            n //= k * k
-            value *= k
-        k += 1
-    return sign * value, n
+    c, n = c_n[0], int(c_n[1])
+    k = next(k for k in range(math.isqrt(n), 0, -1) if n % (k * k) == 0)  # the largest square: sqrt(12) = 2 sqrt(3)
+    return sign * c * k, n // (k * k)
 
 
 def _parse(s):
-    """A normalized answer as a small tree that `_same` compares:
-    ("list", [...]) unordered (a, b / \\{a, b\\} / a \\cup b), ("seq", "(", ")", [...]) ordered (tuples,
-    intervals), ("matrix", [[...]]), ("eq", "x", tree) for x = ... / x \\in ..., ("choice", "C", tree) for an
-    AoPS "(C) value", ("num", Fraction), ("surd", (c, n)) for c*sqrt(n), ("str", s)."""
-    parts = _split_top(s, ",")
-    if len(parts) > 1 and all(parts):
-        return ("list", [_parse(p) for p in parts])
-    m = re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
-    if m and not m.group(1).startswith(("\\frac", "\\sqrt")):
-        return ("eq", m.group(1), _parse(m.group(3)))
-    parts = _split_top(s, "\\cup")
-    if len(parts) > 1 and all(parts):
-        return ("list", [_parse(p) for p in parts])
+    """A normalized answer as a tree of (kind, key, children) for `_same`: ("list", None, ...) unordered (a, b /
+    \\{a, b\\} / a \\cup b); ("seq", brackets, ...) ordered (tuples, intervals, a matrix of rows); ("eq", "x", [v])
+    for x = v or x \\in v; ("choice", "C", [v]) for an AoPS "(C) v"; ("val", a number's (c, n) or the text, [])."""
+    for sep in (",", "\\cup"):  # x = 1, 2 is a list (x = 1 and 2); x \in A \cup B is x \in (A \cup B)
+        parts = _split_top(s, sep)
+        if len(parts) > 1 and all(parts):
+            return ("list", None, [_parse(p) for p in parts])
+        m = sep == "," and re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
+        if m and not m[1].startswith(("\\frac", "\\sqrt")):
+            return ("eq", m[1], [_parse(m[3])])
     m = re.fullmatch(r"\(([A-E])\)(.+)", s)
     if m:  # an AoPS choice with its value, \textbf{(C)}\ 25: the letter or the value names it
-        return ("choice", m.group(1), _parse(m.group(2)))
+        return ("choice", m[1], [_parse(m[2])])
     m = re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s)
     if m:
-        return ("matrix", [[_parse(c) for c in _split_top(row, "&")]
-                           for row in _split_top(m.group(2).removesuffix("\\cr"), "\\cr")])
-    if _encloses(s, "\\{", "\\}"):
-        return ("list", [_parse(p) for p in _split_top(s[2:-2], ",")])
-    if s[:1] in "([" and s[-1:] in ")]" and _encloses(s, s[0], s[-1]):
+        return ("seq", "matrix", [("seq", "row", [_parse(c) for c in _split_top(row, "&")])
+                                  for row in _split_top(m[2].removesuffix("\\cr"), "\\cr")])
+    # a set or brackets: when the first bracket closes only at the very end (or never)
+    if s.startswith("\\{") and s.endswith("\\}") and _close(s, 1, "([{", ")]}") in (None, len(s) - 1):
+        return ("list", None, [_parse(p) for p in _split_top(s[2:-2], ",")])
+    if s[:1] in ("(", "[") and s[-1:] in (")", "]") and _close(s, 0, "([{", ")]}") in (None, len(s) - 1):
         parts = _split_top(s[1:-1], ",")
-        if len(parts) == 1:  # (113), (C): brackets around one value are no tuple
-            return _parse(parts[0]) if s[0] + s[-1] == "()" else ("seq", s[0], s[-1], [_parse(parts[0])])
-        return ("seq", s[0], s[-1], [_parse(p) for p in parts])
-    x = _as_number(s)
-    if x is None and "\\sqrt" in s:
-        surd = _as_surd(s)
-        if surd is not None:
-            return ("num", surd[0]) if surd[1] == 1 else ("surd", surd)
-    return ("num", x) if x is not None else ("str", re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$",
-                                                           r"\1\\frac{\2}{\3}", s))
+        if len(parts) == 1 and s[0] + s[-1] == "()":  # (113), (C): parentheses around one value are no tuple
+            return _parse(parts[0])
+        return ("seq", s[0] + s[-1], [_parse(p) for p in parts])
+    return ("val", _as_number(s) or re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s), [])
 
 
 def _same(a, b):
-    """Tree equality: numbers exactly, strings literally, lists as multisets, tuples/intervals/matrices
-    element-wise; x = v matches v, and x = v matches y = v only when x is y."""
-    if a[0] == "choice" or b[0] == "choice":
-        if a[0] == b[0]:
-            return a[1] == b[1] and _same(a[2], b[2])
-        (_, letter, value), other = (a, b) if a[0] == "choice" else (b, a)
-        return other == ("str", letter) or _same(value, other)
-    if a[0] == "eq" or b[0] == "eq":
-        if a[0] == b[0]:
-            return a[1] == b[1] and _same(a[2], b[2])
-        return _same(a[2], b) if a[0] == "eq" else _same(a, b[2])
+    """Trees equal: kind and key, children in order (a list's in any order, as multisets); x = v and (C) v also
+    match a bare v, (C) v the letter C; x = v matches y = v only when x is y."""
     if a[0] != b[0]:
+        if "choice" in (a[0], b[0]):
+            (_, letter, (value,)), other = (a, b) if a[0] == "choice" else (b, a)
+            return other == ("val", letter, []) or _same(value, other)
+        if "eq" in (a[0], b[0]):
+            return _same(a[2][0], b) if a[0] == "eq" else _same(a, b[2][0])
         return False
-    if a[0] in ("num", "str", "surd"):
-        return a[1] == b[1]
-    if a[0] == "seq":
-        return a[1:3] == b[1:3] and len(a[3]) == len(b[3]) and all(map(_same, a[3], b[3]))
-    if a[0] == "matrix":
-        return [len(r) for r in a[1]] == [len(r) for r in b[1]] and all(
-            _same(x, y) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
-    left = list(b[1])  # "list": every element of a matched to its own element of b
-    if len(a[1]) != len(left):
-        return False
-    for x in a[1]:
+    if a[0] != "list":
+        return a[1] == b[1] and len(a[2]) == len(b[2]) and all(map(_same, a[2], b[2]))
+    left = list(b[2])
+    for x in a[2]:  # each element of a matched to its own element of b
         j = next((j for j, y in enumerate(left) if _same(x, y)), None)
         if j is None:
             return False
         left.pop(j)
-    return True
+    return not left
 
 
 def is_equiv(pred, ref):
-    """True when two answers are the same value after `normalize_answer` (the built-in grader). Conventions:
-    numbers are exact, no tolerance (0.5 == \\frac{1}{2}, 0.333 != \\frac13, 18.90 == 18.9); a mixed number
-    1\\frac{4}{5} is 9/5; one term c*sqrt(n) is compared exactly (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3});
-    units, degrees, percent and dollar signs are ignored (10\\text{ cm} == 10); a comma list or set is
-    unordered (1, -2 == -2, 1; a repeated element counts), tuples, intervals, unions and matrices are
-    compared element-wise with the same test and need the same brackets (pmatrix == bmatrix, [0,1) != (0,1));
-    "x = 5" equals "5" but not "y = 5"; anything else must match as normalized text, so equivalent
-    expressions written differently (2x+3 vs 3+2x) are missed, never invented. Unsure means not equal.
-    None is never equivalent, not even to None.
-    """
+    """True when two answers are the same value after `normalize_answer` (the built-in grader). Numbers are exact,
+    no tolerance (0.5 == \\frac{1}{2} == 1/2, 0.333 != \\frac13), mixed numbers too (1\\frac{4}{5} == 9/5), and one
+    term c*sqrt(n) (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar signs are ignored; a
+    comma list or set is unordered (1, -2 == -2, 1; repeats count); tuples, intervals, unions and matrices compare
+    element-wise with the same brackets ([0,1) != (0,1), pmatrix == bmatrix); "x = 5" equals "5", not "y = 5"; all
+    else must match as normalized text (2x+3 vs 3+2x: missed, never invented). None equals nothing, not even None."""
     if pred is None or ref is None:
         return False
     a, b = normalize_answer(pred), normalize_answer(ref)
-    if not a or not b:
-        return False
-    return a == b or _same(_parse(a), _parse(b))
+    return bool(a and b) and (a == b or _same(_parse(a), _parse(b)))
 
 
-GRADERS = ("builtin", "math-verify")
 MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own default)
-_GRADER_CACHE = {}
 
 
+@functools.cache
 def make_grader(name):
-    """A function (response, reference) -> (the extracted answer or None, correct) for --grader `name`, with
-    `.info` (name, version, timeouts: how many parse/verify calls hit the time limit and counted as wrong).
-
-    builtin: the last \\boxed{} of the response, `is_equiv` to the reference; when that fails and the
-    reference is a list, all boxes of the response together (\\boxed{-2} and \\boxed{1} for "1, -2").
-    math-verify: Hugging Face's math-verify (an optional import) parses the whole response and the boxed
-    reference and verifies with sympy. Its time limit uses SIGALRM, which only works in the main thread;
-    elsewhere it runs without one."""
-    if name in _GRADER_CACHE:
-        return _GRADER_CACHE[name]
+    """The function (response, reference) -> (the extracted answer or None, correct) of --grader `name`, with
+    `.info`: name; math-verify's version and timeouts (parse/verify calls that ran out of time, counted wrong)."""
     if name == "builtin":
-        def grade_builtin(response, reference):
+        def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
             pred = extract_boxed(response)
             if is_equiv(pred, reference):
                 return pred, True
-            boxes = extract_all_boxed(response)
-            ref = normalize_answer(reference) if reference is not None else ""
-            if len(boxes) > 1 and ref and _parse(ref)[0] == "list":
-                joined = ", ".join(boxes)
-                if is_equiv(joined, reference):
-                    return joined, True
+            boxes = [box for box in _boxes(response) if box]
+            if len(boxes) > 1 and reference is not None and _parse(normalize_answer(reference))[0] == "list" \
+                    and is_equiv(", ".join(boxes), reference):
+                return ", ".join(boxes), True
             return pred, False
         grade_builtin.info = dict(name="builtin")
-        fn = grade_builtin
-    elif name == "math-verify":
-        fn = _math_verify_grader()
-    else:
-        raise DailError(f"--grader {name}: expected one of {', '.join(GRADERS)}")
-    _GRADER_CACHE[name] = fn
-    return fn
-
-
-def _math_verify_grader():
-    """The math-verify grader of `make_grader` (imported here, so that it stays optional)."""
+        return grade_builtin
+    if name != "math-verify":
+        raise DailError(f"--grader {name}: expected one of builtin, math-verify")
+    # Hugging Face's math-verify (an optional import) parses the whole response and the boxed reference and
+    # verifies with sympy. Its time limit uses SIGALRM, which works only in the main thread: elsewhere, none.
     try:
         import math_verify
         from math_verify.errors import TimeoutException
     except ImportError:
         raise DailError("--grader math-verify: math-verify is not installed; `pip install math-verify`") from None
     import importlib.metadata
-    import threading
     info = dict(name="math-verify", version=importlib.metadata.version("math-verify"), timeouts=0)
 
-    def grade_math_verify(response, reference):
-        # SIGALRM time limits only work in the main thread; a timeout (a BaseException there) is "not correct"
-        limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-        if not response or reference is None:
-            return None, False
+    def attempt(fn, *args, **kwargs):  # fn's result, or None: an error or a timeout (a BaseException) is wrong
         try:
-            gold = math_verify.parse("\\boxed{" + str(reference) + "}", parsing_timeout=limit, raise_on_error=True)
-            pred = math_verify.parse(response, parsing_timeout=limit, raise_on_error=True)
+            return fn(*args, raise_on_error=True, **kwargs)
         except TimeoutException:
             info["timeouts"] += 1
-            return None, False
         except Exception:
+            return None
+
+    def grade_math_verify(response, reference):
+        if not response or reference is None:
+            return None, False
+        limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+        gold = attempt(math_verify.parse, "\\boxed{" + str(reference) + "}", parsing_timeout=limit)
+        pred = None if gold is None else attempt(math_verify.parse, response, parsing_timeout=limit)
+        if pred is None:
             return None, False
         shown = next((p for p in pred if isinstance(p, str)), str(pred[0]) if pred else None)
-        for g in gold:  # math_verify.verify tries every pair too; one pair at a time to count timeouts
-            for p in pred:
-                try:
-                    if math_verify.verify(g, p, timeout_seconds=limit, raise_on_error=True):
-                        return shown, True
-                except TimeoutException:
-                    info["timeouts"] += 1
-                except Exception:
-                    pass
-        return shown, False
+        # one pair at a time (math_verify.verify would try them all) to count the timeouts
+        return shown, any(attempt(math_verify.verify, g, p, timeout_seconds=limit) for g in gold for p in pred)
     grade_math_verify.info = info
     return grade_math_verify
 
@@ -1716,15 +1571,15 @@ def grader_info(name):
 
 
 def grade(response, reference, grader="builtin"):
-    """(the extracted answer or None, whether it equals `reference`) of one response: what rewrite's filter
-    and eval's pass@k both use, so a trace is kept by the very rule that scores a sample. `grader`: see
-    `make_grader`."""
+    """(the extracted answer or None, correct) of one response: rewrite's filter and eval's pass@k both use it,
+    so a trace is kept by the very rule that scores a sample."""
     return make_grader(grader)(response, reference)
 
 
 def load_problems(path, need_solution, need_answer):
-    """Validate a whole problem file before any model is loaded; a list of dicts with id (str), problem,
-    solution (or None) and answer (the `answer` field, else the last \\boxed{} of `solution`, else None)."""
+    """A whole problem file, validated before any model loads: dicts with id (str), problem, solution (or None),
+    answer (the `answer` field, else the last \\boxed{} of `solution`, else None) and prompt (None, or the record's
+    own eval prompt as the released eval used each benchmark's: the user turn, or a list of chat messages)."""
     problems, seen = [], {}
     for lineno, rec in read_jsonl(path):
         for name in ("problem", "solution") if need_solution else ("problem",):
@@ -1733,33 +1588,23 @@ def load_problems(path, need_solution, need_answer):
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
         answer = answer_of(path, lineno, rec, need_answer)
-        prompt = check_prompt_field(path, lineno, rec)
+        prompt = rec.get("prompt")
+        if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
+            if not isinstance(prompt, list) or not prompt:
+                raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list "
+                                f"of chat messages {{\"role\": ..., \"content\": ...}}")
+            for i, m in enumerate(prompt):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
+                                    f"{{\"role\": string, \"content\": string}}")
         pid = rec.get("id", lineno)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
-        pid = str(pid)
-        if pid in seen:
-            raise DailError(f"{path}:{lineno}: field 'id': duplicate id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = lineno
-        problems.append(dict(id=pid, index=len(problems), where=f"{path}:{lineno}", problem=rec["problem"],
+        if (first := seen.setdefault(str(pid), lineno)) != lineno:
+            raise DailError(f"{path}:{lineno}: field 'id': duplicate id {str(pid)!r} (first on line {first})")
+        problems.append(dict(id=str(pid), index=len(problems), where=f"{path}:{lineno}", problem=rec["problem"],
                              solution=solution, answer=answer, prompt=prompt))
     return problems
-
-
-def check_prompt_field(path, lineno, rec):
-    """The record's own eval prompt (the released eval used each benchmark's prompt), or None: a string (the
-    user turn, used as it is) or a list of chat messages {"role": str, "content": str}."""
-    prompt = rec.get("prompt")
-    if prompt is None or isinstance(prompt, str) and prompt.strip():
-        return prompt
-    if not isinstance(prompt, list) or not prompt:
-        raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list of "
-                        f"chat messages {{\"role\": ..., \"content\": ...}}")
-    for i, m in enumerate(prompt):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
-                            f"{{\"role\": string, \"content\": string}}")
-    return prompt
 
 
 # ==== Appendix B.1, running it: errors, JSONL files and their line checks, training records, results, plots ============
