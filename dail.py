@@ -2029,14 +2029,15 @@ def read_jsonl(path, flag="--data", resume=False, check=None, peek=False):
             continue
         try:  # an input's number with a fraction stays the text written: 0.00001, not float's 1e-05
             rec = json.loads(raw.decode("utf-8"), parse_float=None if resume else str)
-            fault = check and check(rec) if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
+            fault = (check and check(rec) if isinstance(rec, dict) else
+                     f"expected a JSON object, got {type(rec).__name__}")
         except UnicodeDecodeError as e:
             fault = f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
         except json.JSONDecodeError as e:
             fault = f"not valid JSON ({e.msg} at column {e.colno})"
         if fault and not peek:
-            raise DailError(f"{path}:{lineno}: {fault}" + resume * (" in an earlier run's output; move the file "
-                                                                    "away (or --overwrite) to start over"))
+            raise DailError(f"{path}:{lineno}: {fault}" + (" in an earlier run's output; move the file away (or "
+                                                           "--overwrite) to start over" if resume else ""))
         if not fault:
             records.append((lineno, rec))
     if not (records or resume):
@@ -2141,10 +2142,11 @@ def load_training_records(args):
     """(the examples train learns from, traces not kept): kept traces, or expert solutions with --objective sft
     --sft-target expert (an expert JSONL, or a traces file's first line of each problem)."""
     rows, expert = read_jsonl(args.data), args.objective == "sft" and args.sft_target == "expert"
-    if expert and "response_ids" in rows[0][1]:
+    if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
-    fields = dict(problem=str, solution=str, **({} if expert else dict(response_ids=list, finish_reason=str, kept=bool)))
+    fields = dict(problem=str, solution=str)
+    fields.update({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
     records, not_kept = [], 0
     for lineno, r in rows:
         for name, kind in fields.items():
@@ -2155,7 +2157,8 @@ def load_training_records(args):
         if expert or r["kept"]:
             records.append(dict(r, where=f"{args.data}:{lineno}",
                                 answer=answer_of(args.data, lineno, r, needed=args.objective == "dail")))
-        not_kept += not (expert or r["kept"])
+        else:
+            not_kept += 1
     if not records:
         raise DailError(f"{args.data}: no trace has kept=true ({not_kept} rejected by the filter)")
     return records, not_kept
@@ -2317,7 +2320,10 @@ def check_resume_config(path, config, resuming):
 def clear_results(*paths):
     """--overwrite: remove what an earlier run left (files or folders); what is not there is skipped."""
     for p in map(Path, paths):
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
@@ -2344,8 +2350,9 @@ def check_out(args, outputs, folder=True):
     p = Path(args.out).expanduser()
     check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
     if p.exists() and p.is_dir() != folder:
-        raise DailError(f"--out {args.out}: exists and is not a folder; eval and train write a folder" if folder else
-                        f"--out {args.out}: is a folder; rewrite writes a JSONL file (e.g. {Path(args.out) / 'traces.jsonl'})")
+        raise DailError(f"--out {args.out}: " + ("exists and is not a folder; eval and train write a folder" if folder
+                                                 else f"is a folder; rewrite writes a JSONL file (e.g. "
+                                                      f"{Path(args.out) / 'traces.jsonl'})"))
     try:
         (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
         if not folder:
@@ -2409,8 +2416,9 @@ def guard_train_out(args):
     lock_output(out, args.out)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
-        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}{', ...' * (len(held) > 3)}); "
-                        f"use another --out, --resume to continue it, or --overwrite to start over")
+        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
+                        f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
+                        f"--overwrite to start over")
     if args.overwrite:
         clear_results(*(out / name for name in TRAIN_RESULTS))
     for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
@@ -2501,7 +2509,7 @@ def validate_args(args):
     # eval holds all --n samples of a problem until its line is written: ~512 bytes of records each, and per
     # token of both passes an 8-byte list slot and a 28-byte int (--n 30000000 grew past 4 GB before a line)
     need = args.n * (512 + (args.max_new_tokens + args.answer_tokens) * 36) if command == "eval" else 0
-    if need and not args.regrade and need > (have := available_ram()):
+    if command == "eval" and not args.regrade and need > (have := available_ram()):
         raise DailError(f"--n {args.n}: the {args.n} samples of one problem are held together until its line is "
                         f"written, up to {need / 2**30:.3g} GiB at --max-new-tokens {args.max_new_tokens} + "
                         f"--answer-tokens {args.answer_tokens}, and {have / 2**30:.3g} GiB are available; lower --n")
