@@ -2029,7 +2029,7 @@ def read_jsonl(path, flag="--data", resume=False, check=None, peek=False):
             continue
         try:  # an input's number with a fraction stays the text written: 0.00001, not float's 1e-05
             rec = json.loads(raw.decode("utf-8"), parse_float=None if resume else str)
-            fault = (check and check(rec) if isinstance(rec, dict) else
+            fault = ((check and check(rec)) if isinstance(rec, dict) else
                      f"expected a JSON object, got {type(rec).__name__}")
         except UnicodeDecodeError as e:
             fault = f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
@@ -2308,12 +2308,13 @@ def check_resume_config(path, config, resuming):
     """Results are resumed only by the run that wrote them: when `resuming`, the config saved at `path` must
     equal `config` (run_config), else one line names the first difference. Then (re)write it."""
     p = Path(path)
-    if resuming and not p.exists():
-        raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they were "
-                        f"made; {START_OVER}")
-    if resuming and (k := differing_setting(old := read_config(p), config)) is not None:
-        raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old.get(k, '(not recorded)')!r}, "
-                        f"this run asks for {k}={config[k]!r}; {START_OVER}")
+    if resuming:
+        if not p.exists():
+            raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they were "
+                            f"made; {START_OVER}")
+        if (k := differing_setting(old := read_config(p), config)) is not None:
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}="
+                            f"{old.get(k, '(not recorded)')!r}, this run asks for {k}={config[k]!r}; {START_OVER}")
     write_atomic(p, json.dumps(config, indent=2))
 
 
