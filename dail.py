@@ -1613,51 +1613,70 @@ class DailError(Exception):
 
 
 def first_line(e, width=200):
-    """The first line of an exception's message (its type's name when it has none), cut to `width`: what a
-    one-line DailError quotes of a library's error."""
+    """The first line of an exception's message (its type's name when it has none), cut to `width`."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:width]
 
 
 class Interrupted(Exception):
     """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
-
     def __init__(self, message, code):
         super().__init__(message)
         self.code = code
 
 
-def read_jsonl(path, flag="--data"):
-    """[(line number, record)] of a JSONL file; any defect is a DailError naming the file and the line."""
+def read_jsonl(path, flag="--data", resume=False, check=None, peek=False):
+    """[(line number, record)] of a JSONL file; a defect is a DailError naming the file and the line.
+    resume: an earlier run's output ([] when absent), each record vetted by check(record) -> fault or None.
+    Records are appended one write each, so an interruption leaves at most a half-written *last* line: it is
+    cut off (with a note) so the rerun appends cleanly. peek: a file another process may be appending to:
+    its last line is only left out, and a bad line is skipped (merge_parts names it later)."""
     p = Path(path)
     if not p.is_file():
+        if resume:
+            return []
         raise DailError(f"{flag} {path}: no such file")
+    data = p.read_bytes()
+    if resume and data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        if not peek:
+            with open(p, "r+b") as f:
+                f.truncate(len(data))
+            print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
     records = []
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DailError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:  # a number with a fraction or exponent stays the text written: 0.00001, not float's 1e-05
-                rec = json.loads(line, parse_float=str)
-            except json.JSONDecodeError as e:
-                raise DailError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DailError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
+    # (ensure_ascii=False) leaves unescaped inside a model's response
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:  # an input's number with a fraction stays the text written: 0.00001, not float's 1e-05
+            rec = json.loads(raw.decode("utf-8"), parse_float=None if resume else str)
+            fault = ((check and check(rec)) if isinstance(rec, dict) else
+                     f"expected a JSON object, got {type(rec).__name__}")
+        except UnicodeDecodeError as e:
+            fault = f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+        except json.JSONDecodeError as e:
+            fault = f"not valid JSON ({e.msg} at column {e.colno})"
+        if fault and not peek:
+            raise DailError(f"{path}:{lineno}: {fault}" + (" in an earlier run's output; move the file away (or "
+                                                           "--overwrite) to start over" if resume else ""))
+        if not fault:
             records.append((lineno, rec))
-    if not records:
+    if not (records or resume):
         raise DailError(f"{path}: empty file, no JSON lines")
     return records
+
+
+def resume_jsonl(path, check=None, peek=False):
+    """The records an earlier run wrote to the output `path` (read_jsonl's resume mode)."""
+    return [rec for _, rec in read_jsonl(path, resume=True, check=check, peek=peek)]
 
 
 KINDS = {str: "a non-empty string", list: "a list", bool: "true or false", (str, int): "a non-empty string or a number"}
 
 
 def require(path, lineno, rec, name, kind=str, hint=""):
-    """rec[name], checked: a DailError naming the file, line and field when it is missing or not `kind` (a string
-    must hold more than spaces; true/false is no number)."""
+    """rec[name], or a DailError naming file, line and field when it is missing or not `kind` (a string must
+    hold more than spaces; true/false is no number)."""
     if name not in rec:
         raise DailError(f"{path}:{lineno}: field '{name}': missing{hint}")
     value = rec[name]
@@ -1668,53 +1687,13 @@ def require(path, lineno, rec, name, kind=str, hint=""):
 
 
 def answer_of(path, lineno, rec, needed=True):
-    """A record's reference answer as text: its `answer` field (a number as written in the file: read_jsonl keeps
-    a JSON float's text, str() of an int is exact), else the last \\boxed{} of its `solution`, else None, which
-    is a DailError when `needed` (the shortcut prompt states the answer; eval and the filter grade against it)."""
+    """A record's reference answer as text: its `answer` (a number as written in the file), else the last
+    \\boxed{} of its `solution`, else None: a DailError when `needed` (prompts state it; eval grades by it)."""
     if rec.get("answer") is not None:
         return str(require(path, lineno, rec, "answer", (str, int)))
-    answer = extract_boxed(rec.get("solution"))
-    if needed and answer is None:
+    if (answer := extract_boxed(rec.get("solution"))) is None and needed:
         raise DailError(f"{path}:{lineno}: field 'answer': missing, and 'solution' has no \\boxed{{}} answer")
     return answer
-
-
-def resume_jsonl(path, check=None, peek=False):
-    """Records an earlier run wrote to `path` (an output file), [] if none. Each must be a JSON object that
-    `check` (line_check, or None) finds no fault with; a line that is not is a DailError naming file and line.
-
-    Lines are appended one `write` at a time, so an interruption can only leave a half-written *last*
-    line; it is cut off here (with a note) so the rerun appends cleanly and writes that record again.
-    peek: read a file another process may be appending to: nothing is cut (the last line may be the one
-    being written, so it is only left out) and a bad line is skipped (merge_parts names it later)."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    data = p.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        if not peek:
-            with open(p, "r+b") as f:
-                f.truncate(keep)
-            print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
-        data = data[:keep]
-    out = []
-    # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
-    # (ensure_ascii=False) leaves unescaped inside a model's response
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        if raw.strip():
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-                fault = "not a JSON object" if not isinstance(rec, dict) else check(rec) if check else None
-            except ValueError:                                        # not UTF-8, or not JSON
-                fault = "corrupt line"
-            if fault and peek:
-                continue
-            if fault:
-                raise DailError(f"{path}:{lineno}: {fault} in an earlier run's output; move the file away "
-                                f"(or --overwrite) to start over")
-            out.append(rec)
-    return out
 
 
 # The fields eval and rewrite read back from their own output lines (resume, merge, summary): name -> type.
@@ -1724,9 +1703,9 @@ TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_
 
 
 def line_check(fields, key, expected=None, n=None):
-    """A check for resume_jsonl: a record must hold `fields` ({name: type}; each list of n items when n is
-    given), and key(record) must be one of `expected` (what this run's --data asks for; None: any), once.
-    Returns the fault of a record, or None. A duplicated or foreign line is thus an error, never counted."""
+    """A record's fault for read_jsonl's `check`, or None: it holds `fields` ({name: type}; lists of n items
+    when n is given) and key(record) is one of `expected` (None: any), once: a duplicated or foreign line is
+    an error, never counted."""
     seen = set()
 
     def check(rec):
@@ -1746,8 +1725,8 @@ def line_check(fields, key, expected=None, n=None):
 
 
 def output_checks(command, problems, args, n):
-    """k -> the line_check of shard k of n's output file (k = 0 of n = 1: the whole file): eval, one line per
-    problem of the shard, each with --n samples; rewrite, one line per (problem id, sample < --samples)."""
+    """k -> the line_check of shard k of n's output (n = 1: the whole file): eval, one line per problem of the
+    shard with --n samples each; rewrite, one line per (problem id, sample < --samples)."""
     if command == "eval":
         return lambda k: line_check(EVAL_FIELDS, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)},
                                     args.n)
@@ -1762,10 +1741,8 @@ def append_jsonl(f, record):
 
 
 def write_atomic(path, content):
-    """Write a file whole or not at all: `content` (text, bytes, or a function that writes to a binary file)
-    goes into a temporary file beside `path`, which then replaces it (os.replace), so an interruption or a
-    full disk never leaves a 0-byte or half-written result. On failure the temporary file is removed and
-    the error is one line naming the file."""
+    """Every whole file dail.py writes: `content` (text, bytes, or a function writing to a binary file) goes to
+    a temporary file that then replaces `path`, so an interruption or a full disk never leaves half a result."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # the pid: processes never share a temp file
     try:
@@ -1783,29 +1760,22 @@ def write_atomic(path, content):
 
 
 def load_training_records(args):
-    """The examples `train` learns from: kept traces (dail, sft on traces), or expert solutions (sft on
-    expert; either an expert JSONL or the traces file, one per problem)."""
-    rows = read_jsonl(args.data)
-    if args.objective == "sft" and args.sft_target == "expert":
-        if "response_ids" in rows[0][1]:  # a traces file: one expert solution per problem
-            first = {}
-            for lineno, r in rows:
-                first.setdefault(str(r.get("id", lineno)), (lineno, r))
-            rows = list(first.values())
-        records = []
-        for lineno, r in rows:
-            require(args.data, lineno, r, "problem")
-            require(args.data, lineno, r, "solution")
-            records.append(dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, False)))
-        return records, 0
+    """(the examples train learns from, traces not kept): kept traces, or expert solutions with --objective sft
+    --sft-target expert (an expert JSONL, or a traces file's first line of each problem)."""
+    rows, expert = read_jsonl(args.data), args.objective == "sft" and args.sft_target == "expert"
+    if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
+        first = {}
+        rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
+    fields = dict(problem=str, solution=str)
+    fields.update({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
     records, not_kept = [], 0
     for lineno, r in rows:
-        for name, kind in (("problem", str), ("solution", str), ("response_ids", list), ("finish_reason", str),
-                           ("kept", bool)):
+        for name, kind in fields.items():
             require(args.data, lineno, r, name, kind, " (train reads the traces.jsonl written by `rewrite`)"
                     if name == "response_ids" else "")
-        check_token_ids(args.data, lineno, r["response_ids"], args.model)
-        if r["kept"]:
+        if not expert:
+            check_token_ids(args.data, lineno, r["response_ids"], args.model)
+        if expert or r["kept"]:
             records.append(dict(r, where=f"{args.data}:{lineno}",
                                 answer=answer_of(args.data, lineno, r, needed=args.objective == "dail")))
         else:
@@ -1816,24 +1786,18 @@ def load_training_records(args):
 
 
 def save_peft_adapters(model, folder, args):
-    """The LoRA adapters alone in PEFT's format, which peft's PeftModel.from_pretrained(base, folder) and vLLM
-    (--enable-lora) load: adapter_model.safetensors with keys base_model.model.<module>.lora_A.weight [r, in]
-    and .lora_B.weight [out, r], and adapter_config.json (PEFT's scale lora_alpha / r is ours)."""
-    from safetensors.torch import save_file
-    tensors, targets = {}, set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().float().cpu().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().float().cpu().contiguous()
-            targets.add(name.rsplit(".", 1)[-1])
+    """The LoRA adapters in PEFT's format, which PeftModel.from_pretrained and vLLM (--enable-lora) load: keys
+    base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]; PEFT's scale alpha / r is ours."""
+    from safetensors.torch import save
+    tensors = {f"base_model.model.{name}.{ab}.weight": getattr(m, ab).detach().float().cpu().contiguous()
+               for name, m in model.named_modules() if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    base = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    write_atomic(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     write_atomic(folder / "adapter_config.json", json.dumps(dict(
-        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=args.lora_rank,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=sorted(targets), bias="none",
-        fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, modules_to_save=None,
-        use_rslora=False, use_dora=False), indent=2))
+        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=normalized_model(args.model), bias="none",
+        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+        inference_mode=True), indent=2))
 
 
 def save_result(out, model, tok, args, summary):
@@ -1848,16 +1812,15 @@ def save_result(out, model, tok, args, summary):
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     # the trained model answers in its trained format only from the student prompt: say which, beside it
-    (out / "dail_prompt.json").write_text(json.dumps(dict(
+    write_atomic(out / "dail_prompt.json", json.dumps(dict(
         user_prompt=STUDENT_PROMPT, thinking=args.thinking,
         usage="text = tok.apply_chat_template([{'role': 'user', 'content': user_prompt.format(problem=...)}], "
               "tokenize=False, add_generation_prompt=True, enable_thinking=thinking); with thinking, append "
               "'<think>\\n' unless text ends with <think>; ids = tok(text, add_special_tokens=False).input_ids "
               "(the ids dail.py eval feeds the model)"), indent=2))
     metrics = resume_jsonl(out / "metrics.jsonl")
-    keys = LOGGED[args.objective]
     save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
-              {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys})
+              {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in LOGGED[args.objective]})
     summary = dict(summary, final=metrics[-1] if metrics else None, settings=dataclasses.asdict(args))
     write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
     return summary
@@ -1869,72 +1832,26 @@ def progress(iterable=None, **kw):
 
 
 def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
-    """Write a PNG of {label: (xs, ys)} when matplotlib is importable; say nothing when it is not."""
+    """A PNG of {label: (xs, ys)} when matplotlib is importable (else nothing); ylim: a fixed scale (pass@k:
+    0..1), so a flat 0.2 does not look like a slope."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ax = Figure(figsize=(6, 4), layout="tight").subplots()
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", ms=3, label=label)
     if logx:
         ax.set_xscale("log", base=2)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if ylim is not None:           # a fixed scale (pass@k: 0..1), so a flat 0.2 does not look like a slope
-        ax.set_ylim(*ylim)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=ylim)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    write_atomic(path, lambda f: ax.figure.savefig(f, format="png", dpi=120))
 
 # ==== Appendix B.2, running it: safe reruns -- run fingerprints, resume, checkpoints, output locks, flag checks ========
-def check_resume_config(path, config, resuming, overwrite=False):
-    """Results may only be resumed by the run that wrote them. When `resuming` (earlier results exist) and
-    not `overwrite`, compare `config` (run_config: model and data fingerprints plus every setting that changes
-    results) with the one saved at `path`; any difference, or no saved config, is a one-line DailError naming
-    the setting, old vs new, and the two ways out. Then (re)write it: an --out that cannot be written fails
-    here, before any model loads."""
-    p = Path(path)
-    if resuming and not overwrite:
-        if not p.exists():
-            raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they "
-                            f"were made; use another --out, or --overwrite to start over")
-        old = read_config(p)
-        k = differing_setting(old, config)
-        if k is not None:
-            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old.get(k, '(not recorded)')!r}, "
-                            f"this run asks for {k}={config[k]!r}; use another --out, or --overwrite to start over")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(p, json.dumps(config, indent=2))
-    except OSError as e:
-        raise DailError(f"--out {p.parent}: cannot write there ({e.strerror or e})") from None
-
-
-def differing_setting(old, config):
-    """The first result setting (the paths aside) where the saved settings `old` differ from `config`, or None;
-    the one comparison behind both resume's refusal and the merge of part files."""
-    return next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)
-
-
-def read_config(path):
-    """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
-    try:
-        old = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise DailError(f"{path}: unreadable ({e}); use another --out, or --overwrite to start over") from None
-    if not isinstance(old, dict):
-        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; use another --out, or "
-                        f"--overwrite to start over")
-    return old
-
+START_OVER = "use another --out, or --overwrite to start over"
 
 # The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
-# A new flag that changes results is one more name here.
 RESULT_SETTINGS = {
     "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
                 "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
@@ -1946,15 +1863,21 @@ RESULT_SETTINGS = {
              "presence_penalty", "answer_tokens", "no_force_answer"),
 }
 
+# The files of a model folder that decide its outputs (weights, config, tokenizer): its fingerprint, and inputs
+# no run may write over. Metrics, checkpoints or an eval folder inside it are not the model.
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "chat_template.jinja", "chat_template.json", "*.safetensors", "*.safetensors.index.json",
+               "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
 
 def run_config(args, command):
-    """What proves that results in --out belong to this run: fingerprints of the model and the data (so the
-    same files named by another path match, and a retrained model in the same folder does not), the
-    normalized paths (for the reader), and every setting in RESULT_SETTINGS[command]."""
-    config = dict(model_fingerprint=model_fingerprint(args.model),
-                  data_fingerprint=file_fingerprint(args.data, whole_below=float("inf")))  # data: every byte
-    config.update({k: getattr(args, k) for k in RESULT_SETTINGS[command]})
-    return dict(config, paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
+    """What proves that results in --out belong to this run: fingerprints of the model (a model retrained in the
+    same folder differs) and of the data's bytes, RESULT_SETTINGS[command], and the paths (for the reader)."""
+    return dict(model_fingerprint=model_fingerprint(args.model),
+                data_fingerprint=file_fingerprint(args.data, whole_below=math.inf),
+                **{k: getattr(args, k) for k in RESULT_SETTINGS[command]},
+                paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
 
 
 def normalized_model(name):
@@ -1963,45 +1886,57 @@ def normalized_model(name):
 
 
 def file_fingerprint(path, whole_below=64 << 20, edge=1 << 20):
-    """'size:sha256[:16]' of a file: its whole content when under `whole_below` bytes (every data file in
-    practice), else of its size, first and last `edge` bytes (a weight file: safetensors keep the tensor
-    index in the header). None when the file does not exist."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    size, h = p.stat().st_size, hashlib.sha256()
-    with open(p, "rb") as f:
-        if size < whole_below:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
+    """'size:sha256[:16]' of a file; from `whole_below` bytes on, of its first and last `edge` bytes only (a
+    weight file: the safetensors header holds every tensor's name, shape and offset)."""
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        if size >= whole_below:
             h.update(f.read(edge))
             f.seek(size - edge)
-            h.update(f.read(edge))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return f"{size}:{h.hexdigest()[:16]}"
 
 
-# The files of a model folder that decide its outputs (weights, config, tokenizer); the rest of the folder
-# (metrics, checkpoints, an eval folder inside it) does not enter the fingerprint.
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-               "chat_template.jinja", "chat_template.json", "*.safetensors", "*.safetensors.index.json",
-               "pytorch_model*.bin", "pytorch_model.bin.index.json")
-
-
 def model_fingerprint(name):
-    """A short hash that changes when the model changes, cheap for a 16 GB folder. A folder: the
-    file_fingerprint of each of its MODEL_FILES (small files whole; a weight file over 64 MiB by its size
-    and first and last MiB, which hold the safetensors header with every tensor's name, shape and offset);
-    all weights are not read. A hub id: 'id@commit' when the hub or the local cache says which commit it
-    resolves to (hub_commit), else the id alone (then a new upload under the same id is not noticed)."""
+    """A hash of a model folder's MODEL_FILES (file_fingerprint: cheap for a 16 GB folder). A hub id:
+    'id@commit' when the hub or its cache names the commit (hub_commit), else the id alone."""
     folder = Path(name).expanduser()
     if not folder.is_dir():
-        commit = hub_commit(name)
-        return f"{name}@{commit}" if commit else name
+        return f"{name}@{commit}" if (commit := hub_commit(name)) else name
     files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
     h = hashlib.sha256(json.dumps([(f.name, file_fingerprint(f)) for f in files]).encode())
     return f"{len(files)} files:{h.hexdigest()[:16]}"
+
+
+def read_config(path):
+    """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DailError(f"{path}: unreadable ({e}); {START_OVER}") from None
+    if not isinstance(old, dict):
+        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; {START_OVER}")
+    return old
+
+
+def differing_setting(old, config):
+    """The first setting (paths aside) where saved settings `old` differ from `config`, or None."""
+    return next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)
+
+
+def check_resume_config(path, config, resuming):
+    """Results are resumed only by the run that wrote them: when `resuming`, the config saved at `path` must
+    equal `config` (run_config), else one line names the first difference. Then (re)write it."""
+    p = Path(path)
+    if resuming:
+        if not p.exists():
+            raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they were "
+                            f"made; {START_OVER}")
+        if (k := differing_setting(old := read_config(p), config)) is not None:
+            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}="
+                            f"{old.get(k, '(not recorded)')!r}, this run asks for {k}={config[k]!r}; {START_OVER}")
+    write_atomic(p, json.dumps(config, indent=2))
 
 
 def clear_results(*paths):
@@ -2013,112 +1948,14 @@ def clear_results(*paths):
             p.unlink(missing_ok=True)
 
 
-# Files `train` writes into --out (besides the model); --overwrite removes them, and any other file in --out
-# means it holds something already.
-TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "checkpoint.pt.tmp",
-                 "adapters", "train_config.json", "reference_cache", "dail_prompt.json")
-
-
-def guard_train_out(args):
-    """train's --out, before any model loads: never the base model's folder nor a folder holding it or --data
-    (check_own_inputs); a folder that holds anything is refused unless --resume (then only with the settings
-    recorded in train_config.json) or --overwrite (which clears the earlier run's metrics, checkpoint and
-    adapters first). Under torchrun only rank 0 checks and writes (the others would race it); when it
-    refuses, torchrun stops the other ranks."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    out = Path(args.out).expanduser()
-    check_own_inputs(args.out, [out / name for name in TRAIN_RESULTS + MODEL_FILES], {"--data": args.data},
-                     args.model, folder=out)
-    if out.exists() and not out.is_dir():
-        raise DailError(f"--out {args.out}: exists and is not a folder; train writes a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DailError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    lock_output(out, args.out)
-    held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
-    if held and not (args.resume or args.overwrite):
-        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
-                        f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
-                        f"--overwrite to start over")
-    if args.overwrite:
-        if args.resume:
-            raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
-        clear_results(*(out / name for name in TRAIN_RESULTS))
-    for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
-        stale.unlink()
-    check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
-
-
-def trainable_state(model, args):
-    """The weights train optimises (and checkpoints): the LoRA adapters, or every weight with --lora-rank 0."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
-
-
-def save_checkpoint(path, step, model, optimizer, args, device):
-    """OUT/checkpoint.pt after `step` completed optimizer steps: the trainable weights, AdamW's state and every
-    RNG, so that --resume continues exactly. Written whole or not at all (write_atomic)."""
-    state = dict(step=step, trainable=trainable_state(model, args), optimizer=optimizer.state_dict(),
-                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                          python=random.getstate()), args=dataclasses.asdict(args))
-    write_atomic(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, model, optimizer, args, device, total_steps):
-    """Restore what save_checkpoint wrote; returns the number of completed steps. Strictly: a file that is not a
-    checkpoint (truncated, garbage) or does not fit this run (trainable weights missing, extra or of another
-    shape, a step past the run's end) is one line, never a silent start from fresh adapters."""
-    def refuse(why):
-        raise DailError(f"{path}: {why}; not a checkpoint of this run: move it away, or --overwrite to start over")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        step, trainable = ckpt["step"], dict(ckpt["trainable"])
-    except Exception as e:          # a truncated zip, garbage bytes, another pickle: whatever torch says
-        refuse(f"unreadable ({first_line(e, 120)})")
-    want = trainable_state(model, args).keys()
-    missing, extra = sorted(want - trainable.keys()), sorted(trainable.keys() - want)
-    if missing or extra:
-        refuse(f"{len(missing)} trainable weights missing ({(missing or ['none'])[0]}), {len(extra)} not of this "
-               f"model ({(extra or ['none'])[0]})")
-    if not isinstance(step, int) or not 0 <= step <= total_steps:
-        refuse(f"step {step!r}, outside this run's 0..{total_steps} steps")
-    try:
-        model.load_state_dict(trainable, strict=False)          # strict over the trainable weights: checked above
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"].get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a shape, the optimizer's groups, an RNG state
-        refuse(f"does not fit ({first_line(e, 120)})")
-    return step
-
-
-def check_finite(step, values, checkpoint, args):
-    """Stop training at the first step whose loss (or a term of it) or gradient norm is not finite, before
-    its update: from there every weight turns NaN, and a NaN model would be saved with exit 0. Nothing is
-    written for that step, so metrics.jsonl stays JSON and the last checkpoint (of a finite step) stands."""
-    bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        kept = f"{checkpoint} keeps the last checkpoint" if checkpoint.exists() else "no checkpoint was written"
-        raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before this step's update "
-                        f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
-
-
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
-    """No run writes over one of its own inputs, whatever the flags: each path in `outputs` (what the run writes
-    or clears) is compared with each input ({flag: path}) and each of the --model folder's MODEL_FILES as the
-    file system sees them (os.path.samefile: another spelling, a symlink or a hard link is the same file); an
-    output `folder` may neither be nor hold the model folder. No flag lifts this, so the message offers none
-    (--overwrite would delete the input)."""
+    """No run writes over its own inputs, whatever the flags (no message offers --overwrite, which would delete
+    them): no path of `outputs` is the same file (any spelling or link) as an input ({flag: path}) or a
+    MODEL_FILES of --model, and an output `folder` is not and does not hold the model's folder."""
     files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
-    model_dir = Path(model).expanduser() if model else None
-    if model_dir and model_dir.is_dir():
-        real, here = os.path.realpath(model_dir), os.path.realpath(folder) if folder else None
-        if here and (real == here or real.startswith(here.rstrip(os.sep) + os.sep)):
+    if model and (model_dir := Path(model).expanduser()).is_dir():
+        real, here = os.path.realpath(model_dir), folder and os.path.realpath(folder)
+        if here and os.path.commonpath([real, here]) == here:
             raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder {model}; writing "
                             f"there would destroy the model; use another --out")
         files.update({f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)})
@@ -2129,15 +1966,45 @@ def check_own_inputs(out, outputs, inputs, model=None, folder=None):
                     raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
 
 
+def check_out(args, outputs, folder=True):
+    """--out before any model loads -> Path: not an input (check_own_inputs; `outputs`: what the run writes or
+    clears there), a folder (folder=False: a file) that can be created."""
+    p = Path(args.out).expanduser()
+    check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
+    if p.exists() and p.is_dir() != folder:
+        raise DailError(f"--out {args.out}: " + ("exists and is not a folder; eval and train write a folder" if folder
+                                                 else f"is a folder; rewrite writes a JSONL file (e.g. "
+                                                      f"{Path(args.out) / 'traces.jsonl'})"))
+    try:
+        (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
+        if not folder:
+            open(p, "a").close()
+    except OSError as e:
+        raise DailError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    return p
+
+
+def check_out_file(args):
+    """rewrite's --out: a JSONL file, with its summary, config and part files beside it."""
+    p = Path(args.out).expanduser()
+    check_out(args, [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"),
+                     *p.parent.glob(f"{p.stem}.part*")], folder=False)
+
+
+def check_out_folder(args):
+    """eval's --out: a folder."""
+    p = Path(args.out).expanduser()
+    check_out(args, [p / f for f in ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")] +
+              list(p.glob("samples.part*")))
+
+
 _LOCKS = []  # the output locks this command holds (lock_output); main() releases them when the command ends
 
 
 def lock_output(path, out):
-    """An exclusive OS lock (flock, on a hidden file beside `path`, or in it for train's folder) on one output
-    this run writes, held until the command ends: two runs appending to one file interleave their records
-    (two evals into one folder counted 11 lines for 6 problems). Shards of one job write different part files
-    and lock each its own, so they run together. The OS drops the lock when the process dies, kill -9
-    included, so a rerun resumes."""
+    """An exclusive flock until the command ends on one output (a hidden file beside `path`, or in train's
+    folder): two runs appending to one file interleave their records. Shards lock each its own part file;
+    the OS drops a lock when its process dies (kill -9 too)."""
     p = Path(path)
     lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
     try:
@@ -2155,141 +2022,136 @@ def lock_output(path, out):
     _LOCKS.append(fd)
 
 
-def check_out_file(args):
-    """rewrite's --out is a file: refuse a folder, one of the run's inputs (check_own_inputs), and any place a file
-    cannot be created, before any model loads."""
-    path, p = args.out, Path(args.out).expanduser()
-    check_own_inputs(path, [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"),
-                            *p.parent.glob(f"{p.stem}.part*")], {"--data": args.data}, args.model)
-    if p.is_dir():
-        raise DailError(f"--out {path}: is a folder; rewrite writes a JSONL file (e.g. {Path(path) / 'traces.jsonl'})")
+# What train writes into --out besides the model: --overwrite removes them; any other file means an earlier run.
+TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "adapters",
+                 "train_config.json", "reference_cache", "dail_prompt.json")
+
+
+def guard_train_out(args):
+    """train's --out (check_out): a folder holding anything only with --resume (and the settings recorded in
+    train_config.json) or --overwrite (clears TRAIN_RESULTS). Under torchrun rank 0 alone checks and writes."""
+    if args.resume and args.overwrite:
+        raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out = check_out(args, [Path(args.out).expanduser() / name for name in TRAIN_RESULTS + MODEL_FILES])
+    lock_output(out, args.out)
+    held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
+    if held and not (args.resume or args.overwrite):
+        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
+                        f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
+                        f"--overwrite to start over")
+    if args.overwrite:
+        clear_results(*(out / name for name in TRAIN_RESULTS))
+    for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
+        stale.unlink()
+    check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+
+
+def trainable_state(model, args):
+    """The weights train optimises (and checkpoints): the LoRA adapters, or every weight with --lora-rank 0."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or args.lora_rank == 0}
+
+
+def save_checkpoint(path, step, model, optimizer, args, device):
+    """OUT/checkpoint.pt after `step` optimizer steps: trainable weights, AdamW's state and every RNG."""
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    write_atomic(path, lambda f: torch.save(dict(step=step, trainable=trainable_state(model, args), rng=rng,
+                                                 optimizer=optimizer.state_dict(), args=dataclasses.asdict(args)), f))
+
+
+def load_checkpoint(path, model, optimizer, args, device, total_steps):
+    """Restore save_checkpoint's state -> the completed steps. Strictly: a file that is not a checkpoint of this
+    run (garbage; weights missing, extra or misshaped; a step past the end) is one line, never a fresh start."""
+    def refuse(why):
+        raise DailError(f"{path}: {why}; not a checkpoint of this run: move it away, or --overwrite to start over")
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a"):
-            pass
-    except OSError as e:
-        raise DailError(f"--out {path}: cannot write there ({e.strerror or e})") from None
-
-
-def check_out_folder(args):
-    """eval's --out is a folder: refuse an existing file, one that is or holds the model folder, an output that is
-    an input (check_own_inputs), and any place a folder cannot be created."""
-    path, p = args.out, Path(args.out).expanduser()
-    check_own_inputs(path, [p / f for f in ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")] +
-                     list(p.glob("samples.part*")), {"--data": args.data}, args.model, folder=p)
-    if p.exists() and not p.is_dir():
-        raise DailError(f"--out {path}: exists and is not a folder; eval writes a folder")
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        step, trainable, rng = ckpt["step"], dict(ckpt["trainable"]), ckpt["rng"]
+    except Exception as e:          # a truncated zip, garbage bytes, another pickle: whatever torch says
+        refuse(f"unreadable ({first_line(e, 120)})")
+    want = trainable_state(model, args).keys()
+    missing, extra = sorted(want - trainable.keys()), sorted(trainable.keys() - want)
+    if missing or extra:
+        refuse(f"{len(missing)} trainable weights missing ({(missing or ['none'])[0]}), {len(extra)} not of this "
+               f"model ({(extra or ['none'])[0]})")
+    if not isinstance(step, int) or not 0 <= step <= total_steps:
+        refuse(f"step {step!r}, outside this run's 0..{total_steps} steps")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DailError(f"--out {path}: cannot create it ({e.strerror or e})") from None
+        model.load_state_dict(trainable, strict=False)          # strict over the trainable weights: checked above
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a shape, the optimizer's groups, an RNG state
+        refuse(f"does not fit ({first_line(e, 120)})")
+    return step
 
 
-def _at_least(low, optional=False):
-    return lambda v: (optional and v is None) or (v is not None and math.isfinite(v) and v >= low)
+def check_finite(step, values, checkpoint, args):
+    """Stop before the update of a step whose loss terms or gradient norm are not finite (a NaN model would be
+    saved with exit 0); nothing is written for it, so the last checkpoint (of a finite step) stands."""
+    if bad := [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]:
+        kept = f"{checkpoint} keeps the last checkpoint" if checkpoint.exists() else "no checkpoint was written"
+        raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before this step's update "
+                        f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
 
 
-# Every numeric (and otherwise constrained) flag: name -> (predicate, what it must be). validate_args applies
-# the entries whose flag the command has; adding a flag's check is one line here.
-VALID = {
-    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in 0..4294967295"),  # torch, numpy and vLLM take derived seeds
-    "threads": (_at_least(0), "an integer >= 0 (0: torch's default)"),
-    "samples": (_at_least(1), "an integer >= 1"),
-    "retries": (_at_least(1), "an integer >= 1"),
-    "threshold": (_at_least(0), "a number >= 0 (0: pure proposer, >= 1: pure validator)"),
-    "temperature": (_at_least(0), "a number >= 0 (0: greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (_at_least(0), "an integer >= 0 (0: all)"),
-    "max_new_tokens": (_at_least(1), "an integer >= 1"),
-    "max_prompt_len": (_at_least(1, optional=True), "an integer >= 1"),
-    "keep_per_problem": (_at_least(1), "an integer >= 1"),
-    "batch_size": (_at_least(1), "an integer >= 1"),
-    "micro_batch_size": (_at_least(1), "an integer >= 1"),
-    "tensor_parallel_size": (_at_least(1), "an integer >= 1"),
-    "max_model_len": (_at_least(1, optional=True), "an integer >= 1"),
-    "gpu_memory_utilization": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "n": (_at_least(1), "an integer >= 1"),
-    "presence_penalty": (_at_least(0), "a number >= 0 (0: off)"),
-    "answer_tokens": (_at_least(1), "an integer >= 1"),
-    "lam": (_at_least(0), "a number >= 0 (it weighs a subtracted term; 0 switches it off)"),
-    "lora_rank": (_at_least(0), "an integer >= 0 (0: full fine-tuning)"),
-    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "lora_targets": (lambda v: all(x.strip() for x in v.split(",")), "comma-separated module names"),
-    "lr": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
-    "weight_decay": (_at_least(0), "a number >= 0"),
-    "warmup_steps": (_at_least(0), "an integer >= 0"),
-    "grad_clip": (_at_least(0), "a number >= 0 (0: off)"),
-    "epochs": (_at_least(1), "an integer >= 1"),
-    "max_steps": (_at_least(1, optional=True), "an integer >= 1 (an untrained model is not a result)"),
-    "max_len": (_at_least(1), "an integer >= 1"),
-    "loss_chunk": (_at_least(1), "an integer >= 1"),
-    "log_every": (_at_least(1), "an integer >= 1"),
-    "save_every": (_at_least(0), "an integer >= 0 (0: only at epoch ends, the end and on a signal)"),
-    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
-}
-
-# Flags a command inherits but does not use: giving one is an error rather than silently ignored.
-UNUSED = {"train": {"max_prompt_len": "train's length limit is --max-len"}}
+# The flag checks: name -> (test, what a value must be); a number's message says "an integer" or "a number" by
+# its type. None is a flag left unset (or to its released default).
+VALID = {name: (lambda v, low=low: low <= v < math.inf, f">= {low}") for low, names in (
+    (0, "threads top_k lora_rank warmup_steps save_every temperature threshold presence_penalty lam weight_decay "
+        "grad_clip"),
+    (1, "samples retries max_new_tokens max_prompt_len keep_per_problem batch_size micro_batch_size n epochs "
+        "tensor_parallel_size max_model_len answer_tokens max_steps max_len loss_chunk log_every"))
+    for name in names.split()}
+VALID.update(
+    seed=(lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"),           # torch, numpy and vLLM take derived seeds
+    top_p=(lambda v: 0 < v <= 1, "in (0, 1]"), gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"),
+    lr=(lambda v: 0 < v < math.inf, "> 0"), lora_alpha=(lambda v: 0 < v < math.inf, "> 0"),
+    lora_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    lora_targets=(lambda v: all(x.strip() for x in v.split(",")), "comma-separated module names"),
+    device=(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"))
 
 
 def validate_args(args):
-    """Check every flag the command has against VALID (and UNUSED), before any file or model is touched: a
-    bad value is a one-line DailError naming the flag, the value and what it must be."""
+    """Every flag the command has against VALID, before any file or model is touched: a bad value is one line
+    naming the flag, the value and what it must be."""
     command = next(name for name, (cls, _, _) in COMMANDS.items() if type(args) is cls)
-    for name, reason in UNUSED.get(command, {}).items():
-        if getattr(args, name, None) is not None:
-            raise DailError(f"--{name.replace('_', '-')}: not used by {command} ({reason})")
+    if command == "train" and args.max_prompt_len is not None:   # inherited, unused: an error, not ignored
+        raise DailError("--max-prompt-len: not used by train (train's length limit is --max-len)")
     for name, (ok, must) in VALID.items():
-        if hasattr(args, name):
-            value = getattr(args, name)
-            if value is None and name in ("threshold", "max_new_tokens", "epochs", "max_len"):
-                continue  # None: the released default, filled in by resolve_released
-            if not ok(value):
-                raise DailError(f"--{name.replace('_', '-')} {value}: must be {must}")
+        if (value := getattr(args, name, None)) is not None and not ok(value):
+            kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
+            raise DailError(f"--{name.replace('_', '-')} {value}: must be {kind}{must}")
     resolve_device(args.device)                # a device this machine lacks: refused before any model loads
-    if command == "eval" and not args.regrade:
-        check_sample_memory(args)
-    return args
-
-
-# What one eval sample holds at least until its problem's line is written (samples.jsonl has one line per
-# problem, so all --n samples of a problem are in memory together): its records (a dict, list entries, its text
-# and grade) and, per token of both passes, an 8-byte list slot and a 28-byte Python int for its id.
-SAMPLE_BYTES, TOKEN_BYTES = 512, 36
-
-
-def check_sample_memory(args):
-    """Refuse an --n whose samples of one problem cannot fit in the memory available now, before any model loads
-    (--n 30000000 otherwise grew past 4 GB building its rows before writing a line)."""
-    need = args.n * (SAMPLE_BYTES + (args.max_new_tokens + args.answer_tokens) * TOKEN_BYTES)
-    have = available_ram()
-    if need > have:
+    # eval holds all --n samples of a problem until its line is written: ~512 bytes of records each, and per
+    # token of both passes an 8-byte list slot and a 28-byte int (--n 30000000 grew past 4 GB before a line)
+    need = args.n * (512 + (args.max_new_tokens + args.answer_tokens) * 36) if command == "eval" else 0
+    if command == "eval" and not args.regrade and need > (have := available_ram()):
         raise DailError(f"--n {args.n}: the {args.n} samples of one problem are held together until its line is "
                         f"written, up to {need / 2**30:.3g} GiB at --max-new-tokens {args.max_new_tokens} + "
                         f"--answer-tokens {args.answer_tokens}, and {have / 2**30:.3g} GiB are available; lower --n")
+    return args
 
 
-# Fewer optimizer steps than this barely move a model: train warns (planned_steps).
-FEW_STEPS = 20
-
-
-def planned_steps(args, num_examples, say=True):
-    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps. A run of no more steps
-    than the warm-up (the learning rate never passes its ramp) or of fewer than FEW_STEPS gets one warning line
-    with the numbers and what to change: a few traces at the defaults are otherwise an untrained model, silently."""
-    steps = math.ceil(num_examples * args.epochs / args.batch_size)
-    if args.max_steps is not None:
-        steps = min(steps, args.max_steps)
-    if say and (steps <= args.warmup_steps or steps < FEW_STEPS):
+def planned_steps(args, num_examples, say=True, few=20):
+    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps; one warning line
+    when they end inside the warm-up or are under `few`, which barely move a model (a few traces at the
+    defaults would otherwise be an untrained model, silently)."""
+    steps = min(math.ceil(num_examples * args.epochs / args.batch_size), args.max_steps or math.inf)
+    ramp = steps <= args.warmup_steps
+    if say and (ramp or steps < few):
         why = (f"no more than the {args.warmup_steps} warm-up steps (--warmup-steps), so the learning rate never "
-               f"gets past its ramp" if steps <= args.warmup_steps else f"fewer than {FEW_STEPS}")
+               f"gets past its ramp" if ramp else f"fewer than {few}")
         print(f"warning: train: {num_examples} examples x {args.epochs} epochs / batch {args.batch_size} = {steps} "
               f"optimizer steps{f' (--max-steps {args.max_steps})' if steps == args.max_steps else ''}, {why}: the "
               f"model will barely train; use more traces, more --epochs or a smaller --batch-size"
-              f"{', or fewer --warmup-steps' if steps <= args.warmup_steps else ''}", file=sys.stderr)
+              f"{', or fewer --warmup-steps' if ramp else ''}", file=sys.stderr)
     return steps
-
 
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) =================
 def new_reference_cache(mode, folder=None, hidden=None):

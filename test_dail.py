@@ -1031,8 +1031,8 @@ def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, t
     cases = [
         (json.dumps(first), 3, "record 'p0' a second time"),
         (json.dumps(dict(first, id="zz")), 3, "record 'zz' is not one of this run's --data"),
-        ("[1, 2]", 3, "not a JSON object"),
-        ('{"id": "\xff"}', 3, "corrupt line"),
+        ("[1, 2]", 3, "expected a JSON object, got list"),
+        ('{"id": "\xff"}', 3, "not UTF-8 text (invalid start byte at byte 8 of the line)"),
         (json.dumps({k: v for k, v in first.items() if k != "correct"}), 3, "field 'correct': missing or of the wrong type"),
         (json.dumps(dict(second, correct=[True] * 3)), 2, "field 'correct': 3 items where this run has --n 2"),
     ]
@@ -1176,8 +1176,11 @@ def test_resume_jsonl_drops_half_written_tail(tmp_path):
     assert dail.resume_jsonl(p) == [{"a": 1}, {"a": 2}]
     assert p.read_text() == '{"a": 1}\n{"a": 2}\n'
     p.write_text('{"a": 1}\n{oops}\n{"a": 3}\n')
-    with pytest.raises(dail.DailError, match=":2: corrupt line"):
+    with pytest.raises(dail.DailError, match=":2: not valid JSON"):
         dail.resume_jsonl(p)
+    assert dail.written_records(p) == [{"a": 1}, {"a": 3}]          # peek: a bad line is skipped, never an error
+    p.write_text('{"a": 1}\n{"a": ')
+    assert dail.written_records(p) == [{"a": 1}] and p.read_text() == '{"a": 1}\n{"a": '   # peek cuts nothing
 
 
 def test_jsonl_keeps_responses_with_unicode_line_breaks(tmp_path):
@@ -1961,7 +1964,7 @@ BAD_VALUES = [
     ("train", ["--max-steps", 0], "--max-steps 0: must be an integer >= 1"),
     ("train", ["--lam", -5], "--lam -5.0: must be a number >= 0"),
     ("train", ["--save-every", -1], "--save-every -1: must be an integer >= 0"),
-    ("train", ["--lora-dropout", 1], "--lora-dropout 1.0: must be a probability in [0, 1)"),
+    ("train", ["--lora-dropout", 1], "--lora-dropout 1.0: must be a number in [0, 1)"),
     ("train", ["--max-len", 0], "--max-len 0: must be"),
     ("train", ["--micro-batch-size", 0], "--micro-batch-size 0: must be"),
     ("train", ["--device", "tpu"], "--device tpu: must be"),
