@@ -2732,11 +2732,8 @@ def store_states(cache, ex, teacher, shortcut):
 
 def available_ram():
     """Bytes of host memory available to new allocations (Linux MemAvailable; else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+    return int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
@@ -2749,9 +2746,9 @@ def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
     fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= disk, off=True)
     mode = next(m for m in fits if fits[m]) if args.reference_cache == "auto" else args.reference_cache
     if not fits[mode]:
-        raise DailError(f"--reference-cache {mode}: the cache would take {size / 1e9:.2f} GB per rank ({ranks_here} "
-                        f"here), more than half the available RAM ({ram / 1e9:.2f} GB) or half the free space at "
-                        f"{out} ({disk / 1e9:.2f} GB); use --reference-cache auto or off")
+        raise DailError(f"--reference-cache {mode}: the cache would take {size / 1e9:.2f} GB (x {ranks_here} ranks "
+                        f"here in memory): more than half the available RAM ({ram / 1e9:.2f} GB) or of the free space "
+                        f"at {out} ({disk / 1e9:.2f} GB); use --reference-cache auto or off")
     where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
     line = (f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
             f"GB = {tokens} response tokens x 2 contexts x hidden {hidden} x {dtype.itemsize} bytes)")
@@ -2768,8 +2765,8 @@ def shard_device(args):
 
 
 def setup_distributed(args):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one training process per device, each takes its share of
-    every step. -> (ddp, rank, world_size, device); a single process gets (False, 0, 1, --device)."""
+    """train under torchrun: one process per device, each takes its share of every step -> (ddp, rank, world_size,
+    device); a single process gets (False, 0, 1, --device)."""
     device = shard_device(args)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False, 0, 1, device
