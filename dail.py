@@ -2868,9 +2868,9 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
     splits = set() if args.overwrite else set(found.values())
     if len(splits | ({n} if n > 1 else set())) > 1:
-        raise DailError(f"{out_file.parent}: holds the part files of a split into "
-                        f"{' and '.join(map(str, sorted(splits)))} shards{f', this run splits into {n}' if n > 1 else ''}"
-                        f"; keep one split, or --overwrite to start over")
+        sizes = " and ".join(map(str, sorted(splits)))
+        raise DailError(f"{out_file.parent}: holds the part files of a split into {sizes} shards"
+                        f"{f', this run splits into {n}' if n > 1 else ''}; keep one split, or --overwrite to start over")
     if args.merge and (n > 1 or not splits):
         raise DailError(f"--merge: merges the part files of {out_file} from an earlier split in one process "
                         f"({'drop --shard (or torchrun)' if n > 1 else 'none found: run the shards first'})")
