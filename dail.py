@@ -2870,7 +2870,7 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     if len(splits | ({n} if n > 1 else set())) > 1:
         sizes = " and ".join(map(str, sorted(splits)))
         raise DailError(f"{out_file.parent}: holds the part files of a split into {sizes} shards"
-                        f"{f', this run splits into {n}' if n > 1 else ''}; keep one split, or --overwrite to start over")
+                        f"{f', this run splits into {n}' if n > 1 else ''}; keep one split, or --overwrite")
     if args.merge and (n > 1 or not splits):
         raise DailError(f"--merge: merges the part files of {out_file} from an earlier split in one process "
                         f"({'drop --shard (or torchrun)' if n > 1 else 'none found: run the shards first'})")
