@@ -2155,129 +2155,106 @@ def planned_steps(args, num_examples, say=True, few=20):
 
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) =================
 def new_reference_cache(mode, folder=None, hidden=None):
-    """A store for reference_states: mode 'memory' (host RAM, moved to the device per micro-batch), 'disk' (one
-    safetensors file per example in `folder`, read per micro-batch: memory does not grow with the examples)
-    or 'off'; hidden: H, to check what is read. Counts examples computed, reused, and files found bad."""
+    """A store for reference_states: 'memory' (host RAM), 'disk' (a file per example in `folder`) or 'off'."""
     if mode == "disk":
         Path(folder).mkdir(parents=True, exist_ok=True)
-    return dict(mode=mode, folder=Path(folder) if folder else None, hidden=hidden, dtype=None, states={},
+    return dict(mode=mode, folder=folder and Path(folder), hidden=hidden, dtype=None, states={},
                 computed=0, reused=0, bad_files=0)
 
 
 def example_key(ex):
-    """A cache entry's name: a hash of the example's token ids (privileged prompt, shortcut prompt, response),
-    so an entry can only serve the example it was computed for, whichever rank or run computed it."""
+    """An entry's name: a hash of the example's token ids, so it serves only the example it was computed for."""
     ids = [ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:32]
 
 
+def states_digest(tensors):
+    """sha256 of tensors' dtypes, shapes and bytes: a disk entry's checksum, kept in its header."""
+    return hashlib.sha256(b"".join(f"{t.dtype}{tuple(t.shape)}".encode() + t.cpu().contiguous().view(torch.uint8)
+                                   .numpy().tobytes() for t in tensors)).hexdigest()
+
+
 def load_states(cache, ex):
-    """An example's cached (teacher [n, H], shortcut [n, H]), or None when it must be computed. A file that
-    does not load, belongs to another example, fails its checksum (read_states) or holds another shape or
-    dtype (a damaged or copied cache) is counted, reported and recomputed (store_states replaces it)."""
-    if cache["mode"] == "memory":
-        states = cache["states"].get(example_key(ex))
-    elif cache["mode"] == "disk":
-        path = cache["folder"] / f"{example_key(ex)}.safetensors"
-        if not path.exists():
-            return None
-        states = read_states(path, example_key(ex))
-        n = len(ex["privileged"][1])
-        dtype = cache["dtype"] or (states[0].dtype if states else None)
-        if not states or any(t.shape != (n, cache["hidden"] or t.shape[1]) or t.dtype != dtype for t in states):
+    """An example's cached (teacher [n, H], shortcut [n, H]), or None: compute them. A file that does not load, was
+    written for another example, fails its checksum or holds another shape or dtype is counted and recomputed."""
+    key = example_key(ex)
+    if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
+            dtype, shape = cache["dtype"] or states[0].dtype, (len(ex["privileged"][1]), cache["hidden"])
+            ok = (meta.get("key"), meta.get("sha256")) == (key, states_digest(states)) and all(
+                t.dtype == dtype and t.shape == shape for t in states)
+        except Exception:
+            ok = False
+        if not ok:
             cache["bad_files"] += 1
             print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
             return None
         cache["dtype"] = dtype
     else:
-        return None
+        states = cache["states"].get(key)               # memory ('off' and a disk cache hold none here)
     cache["reused"] += states is not None
     return states
 
 
 def store_states(cache, ex, teacher, shortcut):
-    """Keep one example's freshly computed states (teacher, shortcut: [n, H]) and return them (disk: write_states,
-    whole or not at all, with the example's key and a checksum)."""
+    """Keep one example's fresh states (teacher, shortcut: [n, H]) and return them. On disk: whole or not at all
+    (write_atomic), the example's key and the checksum in the safetensors header."""
     cache["dtype"] = cache["dtype"] or teacher.dtype
     if cache["mode"] == "memory":
         cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
     elif cache["mode"] == "disk":
-        write_states(cache["folder"] / f"{example_key(ex)}.safetensors", example_key(ex), teacher, shortcut)
+        from safetensors.torch import save
+        tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
+        meta = dict(key=example_key(ex), sha256=states_digest(tensors.values()))
+        write_atomic(cache["folder"] / f"{meta['key']}.safetensors", save(tensors, metadata=meta))
     return teacher, shortcut
 
 
 def available_ram():
     """Bytes of host memory available to new allocations (Linux MemAvailable; else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+    return int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
-    """--reference-cache -> (new_reference_cache, the line that says what was picked and its size). Size =
-    response tokens x 2 contexts x H x bytes of `dtype`; in memory every rank on this machine holds its own
-    copy. auto: memory if that is at most half the available RAM, else disk if the free space at OUT is at
-    least twice the size, else off. An explicit choice that does not fit is an error, never a full disk."""
+    """--reference-cache -> (new_reference_cache, a line saying what was picked). auto: memory if the copies of the
+    ranks on this machine take at most half the available RAM, else disk if OUT has twice the size free, else off."""
     hidden = model.get_input_embeddings().weight.shape[1]
     tokens = sum(len(ex["privileged"][1]) for ex in examples)
-    size = tokens * 2 * hidden * dtype.itemsize
+    size = tokens * 2 * hidden * dtype.itemsize                       # response tokens x 2 contexts x H x bytes
     ram, disk = available_ram(), shutil.disk_usage(out).free
     fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= disk, off=True)
-    mode = args.reference_cache
-    if mode == "auto":
-        mode = next(m for m in ("memory", "disk", "off") if fits[m])
-    elif not fits[mode]:
-        room = (f"{size * ranks_here / 1e9:.2f} GB for {ranks_here} rank(s), more than half the available RAM "
-                f"({ram / 1e9:.2f} GB)") if mode == "memory" else \
-            f"{size / 1e9:.2f} GB, and {out} has {disk / 1e9:.2f} GB free (less than twice that)"
-        raise DailError(f"--reference-cache {mode}: the cache would take {room}; use --reference-cache auto or off")
+    mode = next(m for m in fits if fits[m]) if args.reference_cache == "auto" else args.reference_cache
+    if not fits[mode]:
+        raise DailError(f"--reference-cache {mode}: the cache would take {size / 1e9:.2f} GB (x {ranks_here} ranks "
+                        f"here in memory): more than half the available RAM ({ram / 1e9:.2f} GB) or of the free space "
+                        f"at {out} ({disk / 1e9:.2f} GB); use --reference-cache auto or off")
     where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
     line = (f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
             f"GB = {tokens} response tokens x 2 contexts x hidden {hidden} x {dtype.itemsize} bytes)")
     return new_reference_cache(mode, out / "reference_cache", hidden), line
 
 
-def states_digest(tensors):
-    """sha256 of tensors' dtypes, shapes and bytes: a reference-cache entry's checksum."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def write_states(path, key, teacher, shortcut):
-    """One reference-cache file (safetensors) that names what it holds: its example's key (example_key) and the
-    checksum of its states (states_digest), in the header's metadata; read_states checks both."""
-    from safetensors.torch import save
-    tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
-    write_atomic(path, save(tensors, metadata=dict(key=key, sha256=states_digest(tensors.values()))))
-
-
-def read_states(path, key):
-    """(teacher, shortcut) of a file write_states wrote for `key`, or () when it does not load, was written for
-    another example (a file copied over this one) or fails its checksum (flipped bits): never read as data."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
-    except Exception:
-        return ()
-    return states if meta.get("key") == key and meta.get("sha256") == states_digest(states) else ()
-
-
 # ==== Appendix B.4, running it: torchrun (process group, all-reduce, stop signals) and --shard part files ==============
+def shard_device(args):
+    """This process's torch device: under torchrun, a CUDA --device (or auto) is each rank's own, cuda:LOCAL_RANK."""
+    if (args.device == "auto" or args.device.startswith("cuda")) and torch.cuda.is_available() \
+            and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return resolve_device(args.device)
+
+
 def setup_distributed(args):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process per device, each takes its share of every
-    step. Returns (ddp, rank, world_size, device); a single process gets (False, 0, 1, --device)."""
+    """train under torchrun: one process per device, each takes its share of every step -> (ddp, rank, world_size,
+    device); a single process gets (False, 0, 1, --device)."""
+    device = shard_device(args)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False, 0, 1, resolve_device(args.device)
-    backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
-    dist.init_process_group(backend)
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
+        return False, 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
 
@@ -2302,25 +2279,21 @@ def all_reduce_step(params, logged, device):
 
 @contextlib.contextmanager
 def stop_signals():
-    """Within the block SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) do not kill the process: they
-    set state["signal"], and the training loop stops after the step in flight with a checkpoint. A second
-    signal a second or more later (torchrun forwards the first Ctrl-C once more at once) abandons the step
-    in flight (raises Interrupted); the last checkpoint stands."""
+    """In the block SIGTERM and SIGINT only set state["signal"]: the loop stops after the step in flight, with a
+    checkpoint. A second signal a second or more later (torchrun repeats the first Ctrl-C at once) abandons it."""
     state = {"signal": None, "at": 0.0}
 
     def handler(signum, frame):
         if state["signal"] is None:
             state["signal"], state["at"] = signum, time.time()
-            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "     # not print():
-                        b"(signal again to abandon the step)\n")                                 # not reentrant
+            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "  # print() is not
+                        b"(signal again to abandon the step)\n")                              # reentrant
         elif time.time() - state["at"] >= 1.0:
             raise Interrupted("interrupted again: the step in flight is abandoned; rerun with --resume to "
                               "continue from the last checkpoint", 128 + signum)
 
-    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
-        yield state
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    main = threading.current_thread() is threading.main_thread()      # signals reach the main thread only
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         yield state
     finally:
@@ -2330,225 +2303,105 @@ def stop_signals():
 
 def agreed_signal(signum, ddp, device):
     """The stop signal as every rank sees it (0: none): all ranks stop after the same step."""
-    if not ddp:
-        return signum or 0
     flag = torch.tensor([float(signum or 0)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
 
 
-def shard_of(spec):
-    """This process's share of a rewrite or eval: (k, n) = shard k of n. From `--shard K/N` (SLURM arrays and
-    other schedulers), else torchrun's RANK and WORLD_SIZE, else (0, 1): the whole job in one process."""
-    if spec:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
-        if not m or not int(m.group(1)) < int(m.group(2)):
-            raise DailError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise DailError(f"--shard {spec}: under torchrun each rank already takes its own shard; drop --shard")
-        return int(m.group(1)), int(m.group(2))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def part_file(out_file, k, n):
-    """Where shard k of n writes: traces.jsonl -> traces.part0-of-4.jsonl, beside the merged file."""
-    out_file = Path(out_file)
-    return out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
-
-
+# A sharded rewrite or eval: torchrun's ranks and --shard K/N runs alike, shard k of n takes problems k, k + n, ...
+# into its own part file, which resumes alone; the shard that completes the last part merges them all.
 def shard_problems(problems, k, n):
-    """Shard k of n takes problems k, k + n, k + 2n, ... of the file: equal counts (to one), and early and
-    late problems alike, so no shard gets all the long ones of a file sorted by difficulty."""
+    """Equal counts (to one), and no shard gets all the long problems of a file sorted by length."""
     return problems[k::n]
 
 
-def merge_parts(out_file, n, order, checks=None):
-    """Write the records of the n part files of `out_file` into `out_file` itself, sorted by order(record)
-    (input order), atomically; a record present twice is an error, never a silent duplicate; checks(k): the
-    line_check of part k (output_checks). -> records."""
-    records = [r for k in range(n) for r in resume_jsonl(part_file(out_file, k, n), checks and checks(k))]
-    records.sort(key=order)
-    keys = [order(r) for r in records]
-    dup = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
-    if dup is not None:
-        raise DailError(f"{out_file}: the part files hold record {dup} twice; they were not written by "
-                        f"one split of this job")
-    # two shards that finish together may both merge: each through its own temporary file (write_atomic)
-    write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return records
-
-
-def shard_device(args):
-    """rewrite/eval's torch device: under torchrun each rank its own GPU (cuda:LOCAL_RANK) with --device auto."""
-    if args.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return resolve_device(args.device)
-
-
-def split_on_disk(out_file):
-    """N of the part files (part_file) an earlier split of this job left beside out_file; None when none."""
+def shard_path(out_file, k, n):
+    """The file shard k of n writes: out_file itself when n = 1, else traces.jsonl -> traces.part0-of-4.jsonl."""
     out_file = Path(out_file)
-    pattern = re.compile(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+){re.escape(out_file.suffix)}")
-    ns = {int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
-          if (m := pattern.fullmatch(p.name))}
-    if len(ns) > 1:
-        raise DailError(f"{out_file.parent}: holds part files of splits into {sorted(ns)} shards; keep one split "
-                        f"(move the others away), or --overwrite to start over")
-    return ns.pop() if ns else None
+    return out_file if n == 1 else out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
 
 
-def plan_shards(out_file, args, shard=None):
-    """Which files this process writes and whether it merges: (n, ks, merge, follower) = the split into n
-    shards, the shards k it decodes (each into part_file(out_file, k, n); n = 1: out_file itself), and when it merges:
-    'wait' (rank 0 under torchrun: polls until every part is complete), 'ready' (--shard K/N: merges when it
-    finds every part complete), 'now' (a plain run that found the parts of an earlier split: it finishes
-    every incomplete part itself, then merges; --merge: merges only), None (n = 1). follower: a vLLM
-    tensor-parallel rank other than the first of its group, which decodes its group's shard in step with
-    it (vLLM's collectives) but writes nothing.
-    shard: (k, n, follower) when vLLM splits the ranks itself (vllm_shard), else from shard_of(--shard).
-    Each file this process will write is locked (lock_output) before anything is cleared or resumed."""
-    k, n, follower = shard or (*shard_of(args.shard), False)
-    earlier = None if args.overwrite else split_on_disk(out_file)
-    if n > 1 and args.merge:
-        raise DailError("--merge: merges the parts of an earlier split in one process; drop --shard (or torchrun)")
-    if n > 1:
-        if earlier not in (None, n):
-            raise DailError(f"{Path(out_file).parent}: holds the parts of a split into {earlier} shards, this run "
-                            f"splits into {n}; use the same split, or --overwrite to start over")
-        plan = n, [k], None if follower else "ready" if args.shard else "wait" if k == 0 else None, follower
-    elif args.merge:
-        if earlier is None:
-            raise DailError(f"--merge: no part files of {out_file} to merge (run the shards first: --shard K/N)")
-        plan = earlier, [], "now", follower
-    else:
-        plan = (earlier, list(range(earlier)), "now", follower) if earlier else (1, [0], None, follower)
-    for k in [] if follower else plan[1]:
-        lock_output(shard_path(out_file, k, plan[0]), args.out)
-    return plan
-
-
-def vllm_shard(args, engine):
-    """Under torchrun with the vLLM engine, vLLM's own data parallelism for external launchers: every group
-    of --tensor-parallel-size consecutive ranks runs one engine (ranks r with r // tp = k form data-parallel
-    shard k of WORLD_SIZE / tp). -> (k, n, follower), or None when not under torchrun or not vLLM."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if engine != "vllm" or world == 1:
-        return None
-    tp = args.tensor_parallel_size
+def shard_of(args, engine):
+    """-> (k, n, follower): shard k of n from --shard K/N, else torchrun's RANK of WORLD_SIZE, else (0, 1). vLLM
+    under torchrun runs one engine per --tensor-parallel-size (tp) ranks (data parallel for external launchers):
+    shard rank // tp of WORLD_SIZE / tp; a follower (not the group's first rank) decodes in step, writes nothing."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if args.shard:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.shard)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            raise DailError(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
+        if world > 1:
+            raise DailError(f"--shard {args.shard}: under torchrun each rank already takes its own shard; drop --shard")
+        return int(m.group(1)), int(m.group(2)), False
+    tp = args.tensor_parallel_size if engine == "vllm" and world > 1 else 1
     if world % tp:
         raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
-    if args.shard:
-        shard_of(args.shard)                                  # the one-line error: no --shard under torchrun
-    rank = int(os.environ["RANK"])
     return rank // tp, world // tp, rank % tp != 0
 
 
 def start_job(command, out_file, args, engine, problems, config_of, *results):
-    """The one start of rewrite and eval: plan the split (plan_shards), clear out_file's parts and `results`
-    on --overwrite, and read back what this process's shards wrote earlier (open_shard)
-    -> (n, ks, merge, follower, config, checks, done: {k: records})."""
-    n, ks, merge, follower = plan_shards(out_file, args, vllm_shard(args, engine))
-    if args.overwrite and not follower:
-        clear_shard_results(out_file, n, ks, merge, config_of, *results)
-    config = run_config(args, command)
-    checks = output_checks(command, problems, args, n)
-    done = {k: open_shard(out_file, k, n, config, config_of, follower, checks(k)) for k in ks}
+    """The one start of rewrite and eval -> (n, ks, merge, follower, config, checks, done): the split into n, the
+    shards k this process decodes, how it merges (gather_parts), and done[k]: what shard k wrote earlier, with
+    this run's config. Its files are locked (lock_output); --overwrite clears them, out_file, `results` and the
+    parts of other splits. A plain run that finds an earlier split's parts finishes them itself, then merges."""
+    k, n, follower = shard_of(args, engine)
+    out_file = Path(out_file)
+    found = {p: int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
+             if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
+    splits = set() if args.overwrite else set(found.values())
+    if len(splits | ({n} if n > 1 else set())) > 1:
+        sizes = " and ".join(map(str, sorted(splits)))
+        raise DailError(f"{out_file.parent}: holds the part files of a split into {sizes} shards"
+                        f"{f', this run splits into {n}' if n > 1 else ''}; keep one split, or --overwrite")
+    if args.merge and (n > 1 or not splits):
+        raise DailError(f"--merge: merges the part files of {out_file} from an earlier split in one process "
+                        f"({'drop --shard (or torchrun)' if n > 1 else 'none found: run the shards first'})")
+    if n == 1 and splits:
+        n, ks, merge = max(splits), [] if args.merge else list(range(max(splits))), "now"
+    else:
+        ks, merge = [k], None if follower or n == 1 else "ready"
+    paths = {j: shard_path(out_file, j, n) for j in ks}
+    if not follower:
+        for path in paths.values():
+            lock_output(path, args.out)
+        if args.overwrite:
+            clear_results(*paths.values(), *map(config_of, paths.values()), out_file, *results,
+                          *(p for p, m in found.items() if m != n))
+    config, checks, done = run_config(args, command), output_checks(command, problems, args, n), {}
+    for j, path in paths.items():
+        done[j] = resume_jsonl(path, None if follower else checks(j), peek=follower)   # a follower only reads
+        if not follower:
+            check_resume_config(config_of(path), config, resuming=bool(done[j]))
     return n, ks, merge, follower, config, checks, done
 
 
-def open_shard(out_file, k, n, config, config_of, follower=False, check=None):
-    """The records shard k of n wrote earlier into its file (shard_path), after checking they were written
-    with `config` (check_resume_config, which saves it) and each line with `check` (resume_jsonl). A vLLM
-    follower only reads (it writes nothing)."""
-    path = shard_path(out_file, k, n)
-    if follower:
-        return written_records(path)
-    done = resume_jsonl(path, check)
-    check_resume_config(config_of(path), config, resuming=bool(done))
-    return done
+def gather_parts(out_file, n, merge, config, config_of, expected, key, order, checks):
+    """The whole job's records: out_file's own (n = 1), None (merge None: a vLLM follower), or, once every part k
+    holds all of expected[k] (by key(record)), written with this `config`, the parts merged into out_file in input
+    order (order(record)). While parts are incomplete: merge 'ready' says which -> None, 'now' fails."""
+    if merge is None:
+        return resume_jsonl(out_file, checks(0)) if n == 1 else None
 
+    def complete(k):
+        path, saved = shard_path(out_file, k, n), config_of(shard_path(out_file, k, n))
+        if not saved.exists():
+            return False                                        # not started yet
+        if (diff := differing_setting(old := read_config(saved), config)) is not None:
+            raise DailError(f"{path}: written with {diff}={old.get(diff, '(not recorded)')!r}, unlike this run; parts "
+                            f"of one file must come from one command (rerun that shard, or --overwrite)")
+        return expected[k] <= {key(r) for r in resume_jsonl(path, checks(k), peek=True)}   # it may be being written
 
-def clear_shard_results(out_file, n, ks, merge, config_of, *others):
-    """--overwrite: each process removes the files it writes (its part files and their configs); the process
-    that merges (or a single one) also the merged file, `others` (the summary) and parts of other splits."""
-    parts = [part_file(out_file, k, n) for k in ks if n > 1]
-    clear_results(*parts, *map(config_of, parts))
-    if merge or n == 1:
-        out_file = Path(out_file)
-        stale = [p for p in out_file.parent.glob(f"{out_file.stem}.part*-of-*")
-                 if not p.name.split(".part", 1)[1].split(".")[0].endswith(f"-of-{n}") or n == 1]
-        clear_results(out_file, *others, *stale)
-
-
-def shard_path(out_file, k, n):
-    """The file shard k of n writes: out_file itself when the job is not split."""
-    return Path(out_file) if n == 1 else part_file(out_file, k, n)
-
-
-def written_records(path):
-    """The complete lines of a JSONL file another process may be appending to (resume_jsonl's read-only mode)."""
-    return resume_jsonl(path, peek=True)
-
-
-def config_difference(path, config):
-    """The first result setting where the config saved at path differs from `config` ('' when equal; None
-    when no config is saved there yet)."""
-    p = Path(path)
-    if not p.exists():
+    if missing := [k for k in range(n) if not complete(k)]:
+        print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; the shard "
+              f"that completes the last one merges them (or a run without --shard, or with --merge)", file=sys.stderr)
+        if merge == "now":
+            raise DailError(f"{out_file}: {len(missing)} of {n} parts are incomplete; run them (--shard K/{n})")
         return None
-    try:
-        old = json.loads(p.read_text())
-    except ValueError:
-        return None                                      # being written right now: look again later
-    k = differing_setting(old, config)
-    return "" if k is None else f"{k}={old.get(k, '(not recorded)')!r}"
-
-
-def incomplete_parts(out_file, n, config, config_of, expected, key):
-    """The shards k < n whose part file lacks one of expected[k] (a set of key(record)) or was not yet
-    started; a part written with other settings than `config` is a DailError (never merged)."""
-    missing = []
-    for k in range(n):
-        path = part_file(out_file, k, n)
-        diff = config_difference(config_of(path), config)
-        if diff:
-            raise DailError(f"{path}: written with {diff}, unlike this run; parts of one file must come from "
-                            f"the same command (rerun that shard, or --overwrite to start over)")
-        if diff is None or not expected[k] <= {key(r) for r in written_records(path) if keyed(key, r)}:
-            missing.append(k)
-    return missing
-
-
-def keyed(key, record):
-    """Whether key(record) can be taken: a part still being written is read before merge_parts checks its lines."""
-    try:
-        return key(record) is not None
-    except (KeyError, TypeError):
-        return False
-
-
-def gather_parts(out_file, n, mode, config, config_of, expected, key, order, checks=None):
-    """The records of the whole job, the one tail of rewrite and eval. A job not split (n = 1): out_file's
-    own. A process that does not merge (mode None, n > 1: a rank other than 0): None. Else merge the n part
-    files into out_file (merge_parts, input order) once all are complete, and save `config` beside it -> the
-    merged records, or None when not all are complete and mode is not 'wait' (then say which are missing).
-    'wait' (rank 0 under torchrun) polls the files instead of a barrier, which would time out on a long job;
-    if a rank dies, torchrun stops this one too."""
-    if mode is None:
-        return resume_jsonl(out_file, checks and checks(0)) if n == 1 else None
-    pause = 1.0
-    while missing := incomplete_parts(out_file, n, config, config_of, expected, key):
-        if mode != "wait":
-            print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; run "
-                  f"them (--shard K/{n}), then rerun without --shard (or with --merge) to merge", file=sys.stderr)
-            if mode == "now":
-                raise DailError(f"--merge: {len(missing)} of {n} parts of {out_file} are incomplete")
-            return None
-        if pause == 1.0:
-            print(f"rank 0: waiting for parts {', '.join(map(str, missing))} of {n} of {out_file}", file=sys.stderr)
-        time.sleep(pause)
-        pause = min(2 * pause, 30.0)
-    records = merge_parts(out_file, n, order, checks)
+    # each part's line_check refuses another shard's record, so none is merged twice; two shards that finish
+    # together may both merge, each through its own temporary file (write_atomic)
+    records = sorted((r for k in range(n) for r in resume_jsonl(shard_path(out_file, k, n), checks(k))), key=order)
+    write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     check_resume_config(config_of(out_file), config, resuming=False)
     print(f"merged {n} parts into {out_file}", file=sys.stderr)
     return records

@@ -1193,7 +1193,7 @@ def test_jsonl_keeps_responses_with_unicode_line_breaks(tmp_path):
             dail.append_jsonl(f, r)
     assert len(p.read_text(encoding="utf-8").splitlines()) > len(records)      # the trap is really there
     assert dail.resume_jsonl(p) == records
-    assert dail.written_records(p) == records
+    assert dail.resume_jsonl(p, peek=True) == records
     assert read_lines(p) == records
 
 
@@ -1635,30 +1635,70 @@ def test_sample_with_is_the_inverse_cdf():
 
 
 def test_shards_split_and_merge(tmp_path, monkeypatch):
+    from types import SimpleNamespace
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    assert dail.shard_of(None) == (0, 1) and dail.shard_of("2/3") == (2, 3)
+    flags = lambda shard=None, tp=1, **kw: SimpleNamespace(shard=shard, tensor_parallel_size=tp, **kw)  # noqa: E731
+    assert dail.shard_of(flags(), "hf") == (0, 1, False) and dail.shard_of(flags("2/3"), "hf") == (2, 3, False)
+    assert dail.shard_of(flags(tp=2), "vllm") == (0, 1, False)                  # one process: no data parallelism
     for bad in ("3/3", "1", "a/b", "-1/2"):
         with pytest.raises(dail.DailError, match="--shard"):
-            dail.shard_of(bad)
-    monkeypatch.setenv("RANK", "1")
+            dail.shard_of(flags(bad), "hf")
+    monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert dail.shard_of(None) == (1, 4)
+    assert dail.shard_of(flags(), "hf") == (3, 4, False)
+    assert dail.shard_of(flags(tp=2), "vllm") == (1, 2, True)                # one engine per 2 ranks: a follower
     with pytest.raises(dail.DailError, match="under torchrun"):
-        dail.shard_of("0/2")
+        dail.shard_of(flags("0/2"), "hf")
+    with pytest.raises(dail.DailError, match="not a multiple"):
+        dail.shard_of(flags(tp=3), "vllm")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
     problems = list(range(10))
     parts = [dail.shard_problems(problems, k, 3) for k in range(3)]
     assert sorted(sum(parts, [])) == problems and [len(p) for p in parts] == [4, 3, 3]
     out = tmp_path / "traces.jsonl"
-    assert dail.part_file(out, 1, 3) == tmp_path / "traces.part1-of-3.jsonl"
+    assert dail.shard_path(out, 1, 3) == tmp_path / "traces.part1-of-3.jsonl" and dail.shard_path(out, 0, 1) == out
+    # merge: input order, nothing lost; a part incomplete, or written with other settings, is not merged
     records = [dict(index=i, sample=s) for i in range(5) for s in range(2)]
+    config_of = lambda p: p.with_suffix(".config.json")  # noqa: E731
+    key = lambda r: (r["index"], r["sample"])  # noqa: E731
+    expected = {k: {key(r) for r in records if r["index"] % 3 == k} for k in range(3)}
+    checks = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])  # noqa: E731
+
+    def gather(merge):
+        return dail.gather_parts(out, 3, merge, dict(seed=0), config_of, expected, key, key, checks)
+
     for k in range(3):
-        write_jsonl(dail.part_file(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1])
-    merged = dail.merge_parts(out, 3, lambda r: (r["index"], r["sample"]))
-    assert merged == records and read_lines(out) == records                  # input order, nothing lost
-    write_jsonl(dail.part_file(out, 2, 3), [records[0]])                      # a record in two parts
-    with pytest.raises(dail.DailError, match="twice"):
-        dail.merge_parts(out, 3, lambda r: (r["index"], r["sample"]))
+        write_jsonl(dail.shard_path(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1][:-1 if k else None])
+        config_of(dail.shard_path(out, k, 3)).write_text(json.dumps(dict(seed=0)))
+    assert gather("ready") is None                                              # parts 1 and 2 lack a record
+    with pytest.raises(dail.DailError, match="2 of 3 parts are incomplete"):
+        gather("now")
+    for k in range(3):
+        write_jsonl(dail.shard_path(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1])
+    assert gather("ready") == records and read_lines(out) == records
+    assert json.loads(config_of(out).read_text()) == dict(seed=0)
+    write_jsonl(dail.shard_path(out, 2, 3), [r for r in records if r["index"] % 3 == 2] + [records[0]])
+    with pytest.raises(dail.DailError, match="is not one of this run"):           # a record of another shard
+        gather("now")
+    config_of(dail.shard_path(out, 1, 3)).write_text(json.dumps(dict(seed=1)))
+    with pytest.raises(dail.DailError, match="traces.part1-of-3.jsonl: written with seed=1"):
+        gather("now")
+    # start_job's refusals come before anything is read or written
+
+    def job(shard=None, merge=False, out=out):
+        return dail.start_job("rewrite", out, flags(shard, overwrite=False, merge=merge), "hf", [], config_of)
+
+    with pytest.raises(dail.DailError, match="split into 3 shards, this run splits into 2"):
+        job("0/2")
+    with pytest.raises(dail.DailError, match="--merge.*drop --shard"):
+        job("0/3", merge=True)
+    write_jsonl(tmp_path / "traces.part0-of-2.jsonl", records[:1])
+    with pytest.raises(dail.DailError, match="split into 2 and 3 shards"):
+        job()
+    with pytest.raises(dail.DailError, match="--merge.*none found"):
+        job(merge=True, out=tmp_path / "other.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1779,7 +1819,7 @@ def test_shard_runs_then_merge_equal_one_process(tmp_path, capsys, tiny, shard_d
     out = tmp_path / "sharded" / "traces.jsonl"
     code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--shard", "1/2"), capsys)
     assert code == 0 and "parts 0 of 2 are not complete" in err and not read_text_or_empty(out), err
-    assert dail.part_file(out, 1, 2).exists() and dail.part_file(out, 1, 2).with_suffix(".config.json").exists()
+    assert dail.shard_path(out, 1, 2).exists() and dail.shard_path(out, 1, 2).with_suffix(".config.json").exists()
     code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--merge"), capsys)
     assert code == 2 and "incomplete" in err
     code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--shard", "0/2"), capsys)
@@ -1819,7 +1859,7 @@ def test_torchrun_rewrite_and_eval_match_one_process(tmp_path, capsys, tiny, sha
     assert r.returncode == 0, r.stderr[-3000:]
     assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
     same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
-    assert dail.part_file(out, 0, 2).exists() and dail.part_file(out, 1, 2).exists()
+    assert dail.shard_path(out, 0, 2).exists() and dail.shard_path(out, 1, 2).exists()
     e_one, e_ddp = tmp_path / "e_one", tmp_path / "e_ddp"
     assert run_cli(eval_argv(tiny, shard_data, e_one), capsys)[0] == 0
     r = torchrun(eval_argv(tiny, shard_data, e_ddp))
@@ -1852,7 +1892,7 @@ def test_torchrun_rank_killed_then_rerun_resumes_every_part(tmp_path, capsys, ti
     out = tmp_path / "ddp" / "traces.jsonl"
     r = torchrun(rewrite_argv(tiny, shard_data, out), script=script)
     assert r.returncode != 0 and not read_text_or_empty(out)
-    assert len(dail.part_file(out, 1, 2).read_text().splitlines()) == 3          # 2 traces + the half line
+    assert len(dail.shard_path(out, 1, 2).read_text().splitlines()) == 3          # 2 traces + the half line
     r = torchrun(rewrite_argv(tiny, shard_data, out))                            # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
     assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED           # nothing lost or duplicated
@@ -1887,7 +1927,7 @@ def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, 
         code, err = run_cli(argv, capsys)                     # ... so the same command runs
         assert code == 0, err
     # shards of one job lock their own part files: shard 1 runs while another process holds part 0
-    other = hold_lock(dail.part_file(ev / "s" / "samples.jsonl", 0, 2))
+    other = hold_lock(dail.shard_path(ev / "s" / "samples.jsonl", 0, 2))
     try:
         code, err = run_cli(eval_argv(tiny, shard_data, ev / "s", "--shard", "1/2"), capsys)
         assert code == 0 and "parts 0 of 2 are not complete" in err, err
