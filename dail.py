@@ -3116,11 +3116,9 @@ def hub_commit(name):
             constants.HF_HUB_OFFLINE = True
     if _HUB_COMMITS.get(name):
         return _HUB_COMMITS[name]
-    try:
+    with contextlib.suppress(Exception):  # (a malformed id: None)
         cached = try_to_load_from_cache(name, "config.json")
-    except Exception:
-        return None
-    return Path(cached).parent.name if isinstance(cached, str) else None
+        return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def from_pretrained(auto, what, name, trust_remote_code, **kw):
@@ -3220,10 +3218,9 @@ def cache_kwarg(model, cache):
 
 
 def prompt_budget(args, command, longest_prompt):
-    """--max-prompt-len, else the context length in the model's config minus --max-new-tokens, else None (no
-    limit). A --max-new-tokens that fills the whole context (the defaults on a small model) is clipped, with one
-    printed line, to the context minus the longest prompt (longest_prompt(): its tokens); a function of the
-    model, the data and the flag, so a rerun clips alike and resumes."""
+    """--max-prompt-len, else the model's context length (its config) minus --max-new-tokens, else None. A
+    --max-new-tokens that fills the context (the defaults on a small model) is clipped, in one printed line, to the
+    context minus the longest prompt (longest_prompt(): its tokens), so a rerun clips alike and resumes."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
     from transformers import AutoConfig
@@ -3254,8 +3251,8 @@ def stop_token_ids(tok, name):
         eos = GenerationConfig.from_pretrained(name).eos_token_id
     except Exception:  # no generation_config.json: the tokenizer's EOS is enough
         eos = None
-    return sorted({tok.eos_token_id, end_of_turn_id(tok), *(eos if isinstance(eos, (list, tuple)) else [eos])}
-                  - {None})
+    ids = {tok.eos_token_id, end_of_turn_id(tok)} | set(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(ids - {None})
 
 
 # ==== Appendix B.6, running it: the vLLM engine (an optional import) ===================================================
@@ -3277,11 +3274,10 @@ def rewrite_engine(args, say=False):
 
 
 def vllm_available():
-    try:
+    with contextlib.suppress(Exception):
         import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
+        return True
+    return False
 
 
 def load_vllm(args):
@@ -3290,7 +3286,7 @@ def load_vllm(args):
     except ImportError:
         raise DailError("--engine vllm: vLLM is not installed; `pip install -r requirements-vllm.txt` "
                         "(GPU), or use --engine hf") from None
-    cuda = torch.cuda.is_available() and (args.device == "auto" or resolve_device(args.device).type == "cuda")
+    cuda = torch.cuda.is_available() and args.device not in ("cpu", "mps")
     kw = dict(gpu_memory_utilization=args.gpu_memory_utilization) if cuda else dict(enforce_eager=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (vllm_shard)
@@ -3302,10 +3298,9 @@ def load_vllm(args):
 
 
 def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=(), max_tokens=None, presence_penalty=0.0):
-    """vLLM's sampling, for eval and rewrite alike: n samples per prompt (token ids, so both engines see the same
-    prompt), one request per prompt with its own seed, at most max_tokens (default --max-new-tokens) each;
-    presence_penalty is vLLM's (over the generated output, as decode's). -> per prompt, n dicts (ids without the
-    stop token, finish_reason, stop_id: the stop token or None)."""
+    """eval's and rewrite's vLLM sampling: n samples of each prompt (token ids: both engines see the same prompt),
+    a request and a seed per prompt; presence_penalty is vLLM's (over the output, as decode's). -> per prompt,
+    n dicts (ids without the stop token, finish_reason, stop_id: the stop token or None)."""
     from vllm import SamplingParams
     greedy = args.temperature == 0    # vLLM refuses n > 1 when greedy: one sample, copied (they are equal)
     params = [SamplingParams(n=1 if greedy else n, temperature=args.temperature, top_p=args.top_p,
