@@ -3225,8 +3225,9 @@ def prompt_budget(args, command, longest_prompt):
         return args.max_prompt_len
     from transformers import AutoConfig
     try:
-        n = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).max_position_embeddings
-    except Exception:  # no readable config, or no context length in it
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        n = int(config.max_position_embeddings)
+    except Exception:  # no readable config, or no context length in it: no limit
         return None
     if n - args.max_new_tokens < 1:
         longest = longest_prompt()

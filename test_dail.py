@@ -1937,6 +1937,8 @@ BAD_VALUES = [
     ("eval", ["--seed", 2 ** 70], "--seed 1180591620717411303424: must be"),
     *[(c, ["--device", "mps"], "--device mps: Apple's MPS is not available on this machine")
       for c in ("rewrite", "train", "eval") if not torch.backends.mps.is_available()],
+    *[(c, ["--device", "cuda:0"], "--device cuda:0: this machine has 0 CUDA device(s)")
+      for c in ("rewrite", "eval") if not torch.cuda.is_available()],
     ("rewrite", ["--gpu-memory-utilization", 0], "--gpu-memory-utilization 0.0: must be"),
     ("train", ["--epochs", 0], "--epochs 0: must be an integer >= 1"),
     ("train", ["--lora-rank", -1], "--lora-rank -1: must be an integer >= 0"),
