@@ -3172,12 +3172,12 @@ def check_thinking_flag(tok, args):
     template = tok.chat_template
     text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
     supports = "enable_thinking" in text or "<think>" in text
-    if supports != args.thinking:
-        print(f"warning: --model {args.model}: " + (
-            "the chat template supports thinking (<think>) but --thinking is not set; a reasoning model needs "
-            "--thinking for its prompts, budgets and grading" if supports else
-            "--thinking is set but the chat template has no thinking support; dail.py will open <think> itself"),
-            file=sys.stderr)
+    if supports and not args.thinking:
+        print(f"warning: --model {args.model}: the chat template supports thinking (<think>) but --thinking is not "
+              f"set; a reasoning model needs --thinking for its prompts, budgets and grading", file=sys.stderr)
+    elif args.thinking and not supports:
+        print(f"warning: --model {args.model}: --thinking is set but the chat template has no thinking support; "
+              f"dail.py will open <think> itself", file=sys.stderr)
     return supports
 
 
