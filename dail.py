@@ -2457,93 +2457,69 @@ def resolve_device(name):
     """--device as a torch.device; one this machine cannot use is a DailError (validate_args asks first)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DailError(f"--device {name}: CUDA is not available on this machine")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise DailError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not torch.backends.mps.is_available():
+    device, n_cuda = torch.device(name), torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= n_cuda:
+        raise DailError(f"--device {name}: this machine has {n_cuda} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise DailError("--device mps: Apple's MPS is not available on this machine")
-    return torch.device(name)
+    return device
 
 
 def resolve_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return getattr(torch, name)  # float32, bfloat16 or float16 (argparse's choices)
 
 
-def check_model_name(name):
-    """An existing folder, or something shaped like a hub id ("org/name"); a missing folder fails here.
-    For a hub id with the hub out of reach, switch to the local cache at once (the hub client would
-    otherwise retry with back-off for about a minute before failing)."""
-    if Path(name).exists():
-        return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise DailError(f"--model {name}: no such model folder")
-    if hub_offline():
-        return
-    if not hub_probe(name)[1]:
-        print(f"note: the Hugging Face hub ({hub_endpoint()}) is unreachable; looking for {name} in the local "
-              f"cache only", file=sys.stderr)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        import huggingface_hub.constants
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
-def hub_offline():
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def hub_endpoint():
-    """The hub the client talks to: HF_ENDPOINT (a mirror) when set, else huggingface.co."""
-    import huggingface_hub.constants
-    return os.environ.get("HF_ENDPOINT", huggingface_hub.constants.ENDPOINT).rstrip("/")
-
-
-_HUB_PROBES = {}
-
-
-def hub_probe(name, timeout=5):
-    """(commit or None, hub reachable) for a hub id, asked once per process: one HEAD request for its
-    config.json through the hub client, so HF_ENDPOINT (a mirror), HTTP(S)_PROXY and the token are honoured
-    as in the download itself; no retries, `timeout` seconds. An HTTP error (no such repo, gated) means
-    the hub answered; a connection error or timeout means it is out of reach."""
-    if name not in _HUB_PROBES:
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.errors import HfHubHTTPError
-        try:
-            _HUB_PROBES[name] = (get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=hub_endpoint()),
-                                                      timeout=timeout).commit_hash,
-                                 True)
-        except HfHubHTTPError:
-            _HUB_PROBES[name] = (None, True)
-        except Exception:  # connection refused, DNS failure, timeout, proxy error, offline mode
-            _HUB_PROBES[name] = (None, False)
-    return _HUB_PROBES[name]
+_HUB_COMMITS = {}  # hub id -> the commit the hub says it resolves to (None: the hub answered without one)
 
 
 def hub_commit(name):
-    """The commit a hub id resolves to: from the hub (hub_probe) unless offline, else from the local cache's
-    snapshot of its config.json; None when neither knows."""
-    if not hub_offline():
-        commit = hub_probe(name)[0]
-        if commit:
-            return commit
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    """The commit hub id `name` resolves to, or None; a name shaped like a path is a missing folder (DailError).
+    Asked once per process: one HEAD request for config.json through the hub client (so HF_ENDPOINT, proxies
+    and the token count), 5 s, no retries; a hub out of reach switches to the local cache at once, with a note
+    (the client would retry with back-off for a minute). Offline: the cached snapshot's commit."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise DailError(f"--model {name}: no such model folder")
+    if name not in _HUB_COMMITS and not constants.HF_HUB_OFFLINE:
+        endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")   # read now: a mirror set late
+        try:
+            _HUB_COMMITS[name] = get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=endpoint),
+                                                      timeout=5).commit_hash
+        except HfHubHTTPError:  # the hub answered: no such repo, gated, ...
+            _HUB_COMMITS[name] = None
+        except Exception:       # connection refused, DNS failure, timeout, proxy error: out of reach
+            print(f"note: the Hugging Face hub ({endpoint}) is unreachable; looking for {name} in the local "
+                  f"cache only", file=sys.stderr)
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            constants.HF_HUB_OFFLINE = True
+    if _HUB_COMMITS.get(name):
+        return _HUB_COMMITS[name]
+    with contextlib.suppress(Exception):  # (a malformed id: None)
         cached = try_to_load_from_cache(name, "config.json")
-    except Exception:
-        return None
-    return Path(cached).parent.name if isinstance(cached, str) else None
+        return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def from_pretrained(auto, what, name, trust_remote_code, **kw):
+    """auto.from_pretrained(name), or a one-line DailError. Without --trust-remote-code a folder with its own code
+    (auto_map) is refused: transformers neither runs it nor asks on stdin."""
+    try:
+        return auto.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
+    except Exception as e:
+        if "trust_remote_code" in str(e):
+            raise DailError(f"--model {name}: ships its own Python code (auto_map), which runs only with "
+                            f"--trust-remote-code; pass it only for a model whose code you trust") from None
+        hint = "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache"
+        raise DailError(f"--model {name}: could not load the {what} ({first_line(e)}){hint}") from None
 
 
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
-    check_model_name(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except Exception as e:  # hub unreachable, bad folder, ...: one clear line, not a traceback
-        raise load_error(name, "tokenizer", e) from None
+    if not Path(name).exists():
+        hub_commit(name)  # a missing folder fails here; a hub out of reach: the local cache, at once
+    tok = from_pretrained(AutoTokenizer, "tokenizer", name, trust_remote_code)
     if not getattr(tok, "chat_template", None):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
     check_tokenizer_reload(tok, name)
@@ -2552,77 +2528,51 @@ def load_tokenizer(name, trust_remote_code=False):
     return tok
 
 
-def template_supports_thinking(tok):
-    """Whether the tokenizer's chat template knows a thinking block (Qwen3-style: it reads `enable_thinking`
-    or writes <think>). A template given as several named templates counts when any of them does."""
-    template = tok.chat_template
-    text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
-    return "enable_thinking" in text or "<think>" in text
-
-
-def check_thinking_flag(tok, args):
-    """Warn (stderr, once per command) when --thinking does not match the chat template: a reasoning model
-    run without it is prompted, budgeted and graded as a non-reasoning one, silently."""
-    supports = template_supports_thinking(tok)
-    if supports and not args.thinking:
-        print(f"warning: --model {args.model}: the chat template supports thinking (<think>) but --thinking "
-              f"is not set; a reasoning model needs --thinking for its prompts, budgets and grading",
-              file=sys.stderr)
-    elif args.thinking and not supports:
-        print(f"warning: --model {args.model}: --thinking is set but the chat template has no thinking "
-              f"support; dail.py will open <think> itself", file=sys.stderr)
-    return supports
+def load_model(name, device, dtype, trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+    return from_pretrained(AutoModelForCausalLM, "model", name, trust_remote_code, dtype=dtype).to(device)
 
 
 def check_tokenizer_reload(tok, name):
-    """Warn when the loaded tokenizer encodes differently from the folder's own tokenizer.json:
-    transformers 5 may reload a saved tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2
-    config) with that class's pre-tokenizer, so one trained another way then silently changes its ids."""
+    """Warn when tok encodes differently from the folder's own tokenizer.json: transformers 5 may reload a saved
+    tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2 config), whose pre-tokenizer changes ids."""
     path = Path(name) / "tokenizer.json"
-    if not path.is_file():
-        return
-    from tokenizers import Tokenizer
-    probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
-    saved = Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids
-    if saved != tok(probe, add_special_tokens=False)["input_ids"]:
-        print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
-              f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
+    if path.is_file():
+        from tokenizers import Tokenizer
+        probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
+        if Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids != \
+                tok(probe, add_special_tokens=False)["input_ids"]:
+            print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
+                  f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
 
 
-def load_model(name, device, dtype, trust_remote_code=False):
-    from transformers import AutoModelForCausalLM
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise load_error(name, "model", e) from None
-    return model.to(device)
-
-
-def load_error(name, what, e):
-    """The one-line DailError of a model or tokenizer that failed to load. A folder with its own code (auto_map)
-    fails without --trust-remote-code (trust_remote_code=False: transformers neither runs it nor asks on stdin)."""
-    msg = first_line(e)
-    if "trust_remote_code" in str(e):
-        return DailError(f"--model {name}: ships its own Python code (auto_map), which runs only with "
-                         f"--trust-remote-code; pass it only for a model whose code you trust")
-    hint = "" if Path(name).exists() or what == "model" else \
-        "; a hub id needs network access or a copy in the local cache"
-    return DailError(f"--model {name}: could not load the {what} ({msg[:200]}){hint}")
+def check_thinking_flag(tok, args):
+    """Warn when --thinking does not match the chat template (Qwen3-style: it reads `enable_thinking` or writes
+    <think>, in any of its named templates): a reasoning model run without it is prompted, budgeted and graded
+    as a non-reasoning one, silently. -> whether the template supports thinking."""
+    template = tok.chat_template
+    text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
+    supports = "enable_thinking" in text or "<think>" in text
+    if supports and not args.thinking:
+        print(f"warning: --model {args.model}: the chat template supports thinking (<think>) but --thinking is not "
+              f"set; a reasoning model needs --thinking for its prompts, budgets and grading", file=sys.stderr)
+    elif args.thinking and not supports:
+        print(f"warning: --model {args.model}: --thinking is set but the chat template has no thinking support; "
+              f"dail.py will open <think> itself", file=sys.stderr)
+    return supports
 
 
 @functools.lru_cache(maxsize=None)
 def vocab_size(name):
-    """vocab_size from a model folder's config.json, read as plain JSON (no code runs, no network), or None."""
-    try:
+    """vocab_size of a model folder's config.json, read as plain JSON (no code runs, no network), or None."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         size = json.loads((Path(name) / "config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return size if type(size) is int else None
+        return size if type(size) is int else None
 
 
 def check_token_ids(path, lineno, ids, model):
-    """A trace's response_ids must be token ids of --model: integers in [0, its vocabulary size), checked before
-    any model loads (an id out of range fails deep inside the embedding, far from the line that holds it)."""
+    """A trace's response_ids must be token ids of --model, checked before any model loads (an id out of range
+    fails deep inside the embedding, far from the line that holds it)."""
     vocab = vocab_size(model)
     bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab), None)
     if bad is not None:
@@ -2631,8 +2581,8 @@ def check_token_ids(path, lineno, ids, model):
 
 
 def record_prompt_ids(tok, problem, thinking):
-    """chat_prompt_ids of an eval record's own `prompt`; one the chat template rejects (a role it does not know:
-    jinja2's error names no file or line) is a DailError naming the record's file, line and field."""
+    """chat_prompt_ids of an eval record's own `prompt`; one the chat template rejects (jinja2's error names no
+    file or line) is a DailError naming the record's file, line and field."""
     try:
         return chat_prompt_ids(tok, problem["prompt"], thinking)
     except Exception as e:
@@ -2641,33 +2591,26 @@ def record_prompt_ids(tok, problem, thinking):
 
 
 def cache_kwarg(model, cache):
-    """The keyword a model's forward takes its KV cache by: `cache` in transformers 5.x (which warns that
-    `past_key_values` goes away in 5.40), `past_key_values` in 4.x (which has no `cache`)."""
+    """{keyword: cache} for a model's forward: `cache` in transformers 5.x (`past_key_values` goes away in 5.40),
+    `past_key_values` in 4.x (which has no `cache`)."""
     import inspect
     forward = getattr(model, "get_base_model", lambda: model)().forward
     return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
 
 
-def context_length(name, trust_remote_code=False):
-    """The model's context length from its config (no weights loaded), or None."""
-    from transformers import AutoConfig
-    try:
-        return getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code),
-                       "max_position_embeddings", None)
-    except Exception:
-        return None
-
-
 def prompt_budget(args, command, longest_prompt):
-    """--max-prompt-len, else the model's context length minus --max-new-tokens, else None (no limit).
-    A --max-new-tokens that fills the whole context (the defaults, 2048 and 4096, on a small model) is
-    clipped, with one printed line, to the context minus the longest prompt (longest_prompt(): its tokens),
-    so the defaults run on the shipped 512-token model and stay as released on real models. The clipped
-    value is a function of the model, the data and the flag, so a rerun clips alike and resumes."""
+    """--max-prompt-len, else the model's context length (its config) minus --max-new-tokens, else None. A
+    --max-new-tokens that fills the context (the defaults on a small model) is clipped, in one printed line, to the
+    context minus the longest prompt (longest_prompt(): its tokens), so a rerun clips alike and resumes."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
-    n = context_length(args.model, args.trust_remote_code)
-    if n is not None and n - args.max_new_tokens < 1:
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        n = int(config.max_position_embeddings)
+    except Exception:  # no readable config, or no context length in it: no limit
+        return None
+    if n - args.max_new_tokens < 1:
         longest = longest_prompt()
         if n - longest < 1:
             raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
@@ -2675,56 +2618,48 @@ def prompt_budget(args, command, longest_prompt):
         print(f"{command}: --max-new-tokens {args.max_new_tokens} does not fit the model's {n}-token context; "
               f"using {n - longest} (the context minus the longest prompt, {longest} tokens)", file=sys.stderr)
         args.max_new_tokens = n - longest
-    return None if n is None else n - args.max_new_tokens
-
-
-def stop_token_ids(tok, name):
-    """Tokens that end a response: the tokenizer's and generation config's EOS, and ChatML's end of turn."""
-    ids = {tok.eos_token_id}
-    try:
-        from transformers import GenerationConfig
-        eos = GenerationConfig.from_pretrained(name).eos_token_id
-        ids |= set(eos if isinstance(eos, (list, tuple)) else [eos])
-    except Exception:
-        pass  # no generation_config.json: the tokenizer's EOS is enough
-    ids.add(end_of_turn_id(tok))
-    return sorted(i for i in ids if i is not None)
+    return n - args.max_new_tokens
 
 
 def end_of_turn_id(tok):
     """The token that closes an assistant turn (ChatML's <|im_end|>, else EOS): what a trace learns to stop on."""
-    vocab = tok.get_vocab()
-    return vocab.get("<|im_end|>", tok.eos_token_id)
+    return tok.get_vocab().get("<|im_end|>", tok.eos_token_id)
+
+
+def stop_token_ids(tok, name):
+    """Tokens that end a response: the tokenizer's and the generation config's EOS, and the end of a turn."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(name).eos_token_id
+    except Exception:  # no generation_config.json: the tokenizer's EOS is enough
+        eos = None
+    ids = {tok.eos_token_id, end_of_turn_id(tok)} | set(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(ids - {None})
 
 
 # ==== Appendix B.6, running it: the vLLM engine (an optional import) ===================================================
 def eval_engine(args):
-    """eval's engine: --engine, where auto is vLLM when it is importable and a GPU is present, else hf."""
+    """--engine, where auto is vLLM when it is importable and a GPU is present, else hf."""
     if args.engine == "auto":
-        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
     return args.engine
 
 
 def rewrite_engine(args, say=False):
-    """The engine rewrite runs: vLLM only at a pure-policy threshold (0 or >= 1); auto: vLLM on a GPU."""
-    engine = args.engine
-    pure = args.threshold <= 0 or args.threshold >= 1
-    if engine in ("vllm", "auto") and not pure:
+    """As eval_engine, but vLLM only where the token rule is a pure policy (threshold 0 or >= 1)."""
+    if args.engine != "hf" and 0 < args.threshold < 1:
         if say:
             print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
                   f"sampling cannot do; using the transformers engine", file=sys.stderr)
-        engine = "hf"
-    if engine == "auto":
-        engine = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
-    return engine
+        return "hf"
+    return eval_engine(args)
 
 
 def vllm_available():
-    try:
+    with contextlib.suppress(Exception):
         import vllm  # noqa: F401
         return True
-    except Exception:
-        return False
+    return False
 
 
 def load_vllm(args):
@@ -2733,59 +2668,45 @@ def load_vllm(args):
     except ImportError:
         raise DailError("--engine vllm: vLLM is not installed; `pip install -r requirements-vllm.txt` "
                         "(GPU), or use --engine hf") from None
-    device = resolve_device(args.device) if args.device != "auto" else None
-    dtype = "auto" if args.dtype == "auto" else args.dtype
-    if dtype == "auto" and not torch.cuda.is_available():
-        dtype = "float32"
-    kw = dict(model=args.model, dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-              trust_remote_code=args.trust_remote_code)
+    cuda = torch.cuda.is_available() and args.device not in ("cpu", "mps")
+    kw = dict(gpu_memory_utilization=args.gpu_memory_utilization) if cuda else dict(enforce_eager=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (vllm_shard)
         kw.update(distributed_executor_backend="external_launcher",
                   data_parallel_size=world // args.tensor_parallel_size)
-    if args.max_model_len:
-        kw["max_model_len"] = args.max_model_len
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
-    else:
-        kw["enforce_eager"] = True
-    return vllm.LLM(**kw)
+    return vllm.LLM(model=args.model, dtype=args.dtype if args.dtype != "auto" or cuda else "float32",
+                    seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+                    trust_remote_code=args.trust_remote_code, **kw)
 
 
 def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=(), max_tokens=None, presence_penalty=0.0):
-    """n samples per prompt (given as token ids, so both engines see the same prompt) with one request per
-    prompt and a per-prompt seed; at most max_tokens (default --max-new-tokens) each. presence_penalty is
-    vLLM's own (it penalizes tokens of the generated output, not the prompt: decode's semantics). Returns per
-    prompt, n dicts (ids without the stop token, finish_reason, stop_id: the stop token or None)."""
+    """eval's and rewrite's vLLM sampling: n samples of each prompt (token ids: both engines see the same prompt),
+    a request and a seed per prompt; presence_penalty is vLLM's (over the output, as decode's). -> per prompt,
+    n dicts (ids without the stop token, finish_reason, stop_id: the stop token or None)."""
     from vllm import SamplingParams
-    copies = n if args.temperature == 0 else 1       # vLLM refuses n > 1 when greedy: the samples are equal
-    n = 1 if args.temperature == 0 else n
-    params = [SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k if args.top_k > 0 else -1,
-                             max_tokens=max_tokens or args.max_new_tokens, presence_penalty=presence_penalty,
-                             seed=s, stop_token_ids=list(stop_ids), skip_special_tokens=False,
-                             logit_bias={t: -100.0 for t in banned_ids} or None) for s in seeds]
-    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-    stop = set(stop_ids)
+    greedy = args.temperature == 0    # vLLM refuses n > 1 when greedy: one sample, copied (they are equal)
+    params = [SamplingParams(n=1 if greedy else n, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k or -1, max_tokens=max_tokens or args.max_new_tokens,
+                             presence_penalty=presence_penalty, seed=s, stop_token_ids=list(stop_ids),
+                             skip_special_tokens=False, logit_bias={t: -100.0 for t in banned_ids} or None)
+              for s in seeds]
     results = []
-    for o in outs:
+    for out in llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False):
         samples = []
-        for c in o.outputs:
-            ids = list(c.token_ids)
-            finished = c.finish_reason == "stop"
+        for c in out.outputs:
+            ids, stopped = list(c.token_ids), c.finish_reason == "stop"
             # the stop token: the last id when vLLM kept it, else its stop_reason (an int for stop_token_ids)
-            stop_id = c.stop_reason if finished and isinstance(c.stop_reason, int) else None
-            if finished and ids and ids[-1] in stop:
-                stop_id = ids[-1]
-                ids = ids[:-1]
-            samples.append(dict(ids=ids, finish_reason="stop" if finished else "length", stop_id=stop_id))
-        results.append([dict(s) for s in samples for _ in range(copies)])
+            stop_id = c.stop_reason if stopped and isinstance(c.stop_reason, int) else None
+            if stopped and ids and ids[-1] in stop_ids:
+                stop_id = ids.pop()
+            samples.append(dict(ids=ids, finish_reason="stop" if stopped else "length", stop_id=stop_id))
+        results.append([dict(s) for s in samples for _ in range(n if greedy else 1)])
     return results
 
 
 def close_vllm(llm):
-    """Tear an LLM's process-wide state down now. Left to a later garbage collection, it can happen while
-    the next LLM of the same process starts, and take that one's parallel groups with it."""
+    """Tear an LLM's process-wide state down now: left to the garbage collector, it can happen while the next
+    LLM of the process starts, and take that one's parallel groups with it."""
     import gc
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     del llm
@@ -2794,30 +2715,22 @@ def close_vllm(llm):
 
 
 def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """Rewrite at a pure-policy threshold as ordinary batched sampling: threshold >= 1 samples the
-    validator context (every token a fallback), threshold 0 the proposer (every token accepted)."""
-    llm = load_vllm(args)
-    context = validator if args.threshold >= 1 else proposer
-    if context == proposer and args.greedy_proposer:
+    """Rewrite at a pure-policy threshold by eval's sampling (vllm_sample): threshold >= 1 samples the validator
+    context (every token a fallback), 0 the proposer (every token accepted). One request per trace, seeded by
+    (--seed, problem index, sample), so neither a resume nor a shard changes a trace."""
+    name = validator if args.threshold >= 1 else proposer
+    if name == proposer and args.greedy_proposer:
         args = dataclasses.replace(args, temperature=0.0)
-    by_problem = {}
-    for p, s in todo:
-        by_problem.setdefault(p["id"], (p, []))[1].append(s)
-    groups = list(by_problem.values())
+    llm = load_vllm(args)
     bar = progress(total=len(todo), desc="rewrite (vLLM)", unit="trace")
-    per_call = max(1, 8192 // args.samples)
-    for start in range(0, len(groups), per_call):
-        chunk = groups[start:start + per_call]
-        # one request per problem; a problem resumed half-way asks for its missing samples only
-        outs = vllm_sample(llm, [contexts[p["id"]][context] for p, _ in chunk], args.samples, args, stop_ids,
-                           [args.seed + p["index"] for p, _ in chunk], banned)
-        for (p, samples), results in zip(chunk, outs):
-            results = results[:len(samples)]
-            for r in results:
-                n = len(r["ids"])
-                r["n_accepted"], r["n_fallback"] = (0, n) if args.threshold >= 1 else (n, 0)
-            write_traces(f, tok, args, p, samples, results, kept_count, leak_phrases)
-            bar.update(len(samples))
+    for start in range(0, len(todo), 8192):   # vLLM batches a call's requests (and caches the shared prompts)
+        chunk = todo[start:start + 8192]
+        outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids,
+                           [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk], banned)
+        for (p, s), [r] in zip(chunk, outs):
+            r["n_accepted"], r["n_fallback"] = (0, len(r["ids"])) if name == validator else (len(r["ids"]), 0)
+            write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+        bar.update(len(chunk))
     bar.close()
     close_vllm(llm)
 
@@ -2831,9 +2744,11 @@ COMMANDS = {
     "eval": (EvalArgs, cmd_eval, "Sample n responses per problem from the student prompt, grade the boxed "
                                  "answers, report the unbiased pass@k. OUT is a folder."),
 }
+REGRADE_OPTIONAL = ("model", "data")  # eval --regrade loads no model and reads no data file
 
 
 def build_parser():
+    """One subcommand per COMMANDS entry; each field of its dataclass is a flag, the field's help its --help."""
     import argparse
     parser = argparse.ArgumentParser(prog="dail.py", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2841,23 +2756,22 @@ def build_parser():
     for name, (cls, _, doc) in COMMANDS.items():
         p = sub.add_parser(name, help=doc, description=doc)
         for f in dataclasses.fields(cls):
-            meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
-            helptext = meta.pop("help") + ("" if f.default is None else f" (default: {f.default})")
+            kw = dict(f.metadata)
+            if f.default is not None and f.default is not False:
+                kw["help"] += f" (default: {f.default})"
             if name == "eval" and f.name in REGRADE_OPTIONAL:   # checked in main: --regrade reads OUT's files
-                meta["required"] = False
-                helptext += " (not needed with --regrade: taken from OUT/eval_config.json)"
+                kw.update(required=False, help=kw["help"] + " (not needed with --regrade: taken from "
+                                                            "OUT/eval_config.json)")
             if isinstance(f.default, bool):
-                p.add_argument(flag, action="store_true", help=helptext.replace(" (default: False)", ""))
+                p.add_argument("--" + f.name.replace("_", "-"), action="store_true", **kw)
             else:
-                kind = meta.pop("type", type(f.default) if f.default is not None else str)
-                p.add_argument(flag, type=kind, default=f.default, help=helptext, **meta)
+                kw.setdefault("type", str if f.default is None else type(f.default))
+                p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
     return parser
 
 
-REGRADE_OPTIONAL = ("model", "data")  # eval --regrade loads no model and reads no data file
-
-
 def main(argv=None):
+    """Run one command: a DailError or a full disk is one line and exit 2; a signal, one line and 128 + signal."""
     parser = build_parser()
     args = parser.parse_args(argv)
     missing = [f"--{f}" for f in REGRADE_OPTIONAL if args.command == "eval" and getattr(args, f) is None]
@@ -2870,7 +2784,11 @@ def main(argv=None):
     # train continues only from a checkpoint (--resume); rewrite and eval skip what is written
     hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)"
             if args.command == "train" else "rerun the same command to resume")
-    previous = terminate_like_interrupt(hint)
+
+    def terminate(signum, frame):   # SIGTERM (preemption, `kill`) ends a command as Ctrl-C does
+        raise Interrupted(f"interrupted; {hint}", 128 + signum)     # (train's loop saves a checkpoint first)
+    on_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
     try:
         run(cls(**values))
     except DailError as e:
@@ -2895,17 +2813,6 @@ def main(argv=None):
         while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
             os.close(_LOCKS.pop())
     return 0
-
-
-def terminate_like_interrupt(hint):
-    """SIGTERM (a scheduler's preemption, `kill`) ends a command as Ctrl-C does: one line saying how to resume,
-    exit 143 (inside train's loop its own handler saves a checkpoint first). Returns the previous handler."""
-    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
-        return None
-
-    def handler(signum, frame):
-        raise Interrupted(f"interrupted; {hint}", 128 + signum)
-    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -1378,8 +1378,8 @@ def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeyp
     monkeypatch.setattr(socket, "create_connection", unreachable)
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dail, "_HUB_PROBES", {})
-    dail.check_model_name("nobody/no-such-model")
+    monkeypatch.setattr(dail, "_HUB_COMMITS", {})
+    assert dail.hub_commit("nobody/no-such-model") is None
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
     code, err = run_cli(["eval", "--model", "nobody/no-such-model", "--data", expert, "--out", tmp_path / "o"], capsys)
     assert code == 2
@@ -1996,6 +1996,8 @@ BAD_VALUES = [
     ("eval", ["--seed", 2 ** 70], "--seed 1180591620717411303424: must be"),
     *[(c, ["--device", "mps"], "--device mps: Apple's MPS is not available on this machine")
       for c in ("rewrite", "train", "eval") if not torch.backends.mps.is_available()],
+    *[(c, ["--device", "cuda:0"], "--device cuda:0: this machine has 0 CUDA device(s)")
+      for c in ("rewrite", "eval") if not torch.cuda.is_available()],
     ("rewrite", ["--gpu-memory-utilization", 0], "--gpu-memory-utilization 0.0: must be"),
     ("train", ["--epochs", 0], "--epochs 0: must be an integer >= 1"),
     ("train", ["--lora-rank", -1], "--lora-rank -1: must be an integer >= 0"),
@@ -2371,7 +2373,7 @@ def local_hub(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dail, "_HUB_PROBES", {})
+    monkeypatch.setattr(dail, "_HUB_COMMITS", {})
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY",
                  "no_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -2393,19 +2395,18 @@ def new_hub_client():
 def test_hub_check_honours_hf_endpoint(local_hub, monkeypatch, capsys):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_ENDPOINT", local_hub)                 # a mirror that answers: online
-    assert dail.hub_probe("nobody/model") == (None, True)
-    dail.check_model_name("nobody/model")
+    assert dail.hub_commit("nobody/model") is None and "nobody/model" in dail._HUB_COMMITS   # the hub answered
     assert not huggingface_hub.constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ
     assert _Hub.seen and _Hub.seen[0].startswith("/nobody/model/resolve/")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # a mirror that is down: offline, said so
-    dail.check_model_name("nobody/other")
+    assert dail.hub_commit("nobody/other") is None
     assert huggingface_hub.constants.HF_HUB_OFFLINE and "http://127.0.0.1:9) is unreachable" in capsys.readouterr().err
 
 
 def test_hub_check_goes_through_a_proxy(local_hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")      # reachable only through the proxy
     monkeypatch.setenv("HTTP_PROXY", local_hub)
-    assert dail.hub_probe("nobody/model") == (None, True)
+    assert dail.hub_commit("nobody/model") is None and "nobody/model" in dail._HUB_COMMITS
     assert _Hub.seen == ["http://hub.invalid/nobody/model/resolve/main/config.json"]
 
 
@@ -3521,17 +3522,16 @@ def test_thinking_flag_matches_the_template(tok, capsys):
                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
                               "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
                               "{% endif %}{% endif %}")
-    assert dail.template_supports_thinking(thinking) and not dail.template_supports_thinking(plain)
     args = lambda t: dail.EvalArgs(model="m", data="-", out="-", thinking=t)  # noqa: E731
-    dail.check_thinking_flag(thinking, args(False))
+    assert dail.check_thinking_flag(thinking, args(False))      # -> whether the template supports thinking
     assert "supports thinking (<think>) but --thinking is not set" in capsys.readouterr().err
-    dail.check_thinking_flag(plain, args(True))
+    assert not dail.check_thinking_flag(plain, args(True))
     assert "--thinking is set but the chat template has no thinking support" in capsys.readouterr().err
     dail.check_thinking_flag(thinking, args(True))
     dail.check_thinking_flag(plain, args(False))
     assert capsys.readouterr().err == ""
     thinking.chat_template = {"default": thinking.chat_template, "tool_use": "x"}      # named templates
-    assert dail.template_supports_thinking(thinking)
+    assert dail.check_thinking_flag(thinking, args(True))
 
 
 def test_help_and_readme_show_the_protocol_flags():
