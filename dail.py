@@ -1241,39 +1241,29 @@ def pass_at_k(n, c, k):
         pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
 
     in the product form, which stays accurate for n in the thousands (no huge binomials).
-    Edge cases: 0.0 when c = 0; 1.0 when n - c < k (every k-subset holds a correct sample).
-    ValueError when k > n (the estimator needs n >= k) or the counts are invalid."""
-    if min(n, k) < 1 or not 0 <= c <= n:
-        raise ValueError(f"pass_at_k needs n >= 1, k >= 1 and 0 <= c <= n; got n={n}, c={c}, k={k}")
-    if k > n:
-        raise ValueError(f"pass_at_k needs n >= k; got n={n}, k={k}")
-    if c == 0:
-        return 0.0
+    Edge cases: 0.0 when c = 0 (an empty product); 1.0 when n - c < k (every k-subset holds a correct sample).
+    ValueError when n < k (the estimator needs n >= k) or the counts are invalid."""
+    if not (1 <= k <= n and 0 <= c <= n):
+        raise ValueError(f"pass_at_k needs 1 <= k <= n and 0 <= c <= n; got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
 def parse_ks(spec, n):
-    """k values for pass@k: the --k list (each must be <= n), or 1, 2, 4, ... <= n, and n itself."""
-    if not spec:
-        return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
-    try:
-        ks = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise DailError(f"--k {spec}: expected comma-separated integers") from None
-    if not ks or ks[0] < 1 or ks[-1] > n:
-        raise DailError(f"--k {spec}: every k must be in 1..n (n = {n}); the unbiased estimator needs n >= k")
-    return ks
+    """k values for pass@k: the --k list, or 1, 2, 4, ... <= n and n itself."""
+    with contextlib.suppress(ValueError):
+        ks = sorted({int(x) for x in spec.split(",") if x.strip()} if spec else
+                    {2 ** i for i in range(n.bit_length())} | {n})
+        if ks and 1 <= ks[0] and ks[-1] <= n:
+            return ks
+    raise DailError(f"--k {spec}: expected comma-separated integers in 1..n (n = {n}; pass@k needs n >= k)")
 
 
 def eval_summary(lines, ks):
     """Mean pass@k over problems, mean tokens (all/thinking/answer, of all/correct samples), no-answer counts."""
     def mean_of(field, only_correct):
-        vals = []
-        for r in lines:  # a line of an older run has no thinking/answer split: all its tokens are answer tokens
-            old = r["n_tokens"] if field == "n_answer_tokens" else [0] * len(r["n_tokens"])
-            vals += [t for t, ok in zip(r.get(field, old), r["correct"]) if ok or not only_correct]
+        vals = [t for r in lines for t, ok in zip(r[field], r["correct"]) if ok or not only_correct]
         return float(np.mean(vals)) if vals else None
     return dict(
         problems=len(lines),
@@ -1281,7 +1271,7 @@ def eval_summary(lines, ks):
                    for k in ks},
         **{f"mean_{part}tokens{tail}": mean_of(f"n_{part}tokens", tail == "_correct")
            for part in ("", "thinking_", "answer_") for tail in ("", "_correct")},
-        samples_forced=sum(f is not None for r in lines for f in r.get("forced", [])),
+        samples_forced=sum(f is not None for r in lines for f in r["forced"]),
         samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
         problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
         truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]))
@@ -1298,7 +1288,6 @@ def cmd_eval(args):
     out = Path(args.out)
     check_out_folder(args)
     samples_path = out / "samples.jsonl"
-
     def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
     engine = eval_engine(args)
@@ -1317,8 +1306,7 @@ def cmd_eval(args):
     per_call = max(1, (args.batch_size if engine == "hf" else 8192) // args.n)
     for k, mine in ((k, mine) for k, mine in todo.items() if mine):
         path = os.devnull if follower else shard_path(samples_path, k, n)
-        print(f"eval: {len(mine)} problems x {args.n} samples ({len(done[k])} already in {path}), engine {engine}",
-              file=sys.stderr)
+        print(f"eval: {len(mine)} problems x {args.n} samples ({len(done[k])} in {path}), {engine}", file=sys.stderr)
         with open(path, "a", encoding="utf-8") as f, progress(total=len(mine), desc="eval") as bar:
             for chunk in (mine[i:i + per_call] for i in range(0, len(mine), per_call)):
                 outputs = sampler([prompts[p["id"]] for p in chunk], [args.seed + p["index"] for p in chunk],
@@ -1349,25 +1337,24 @@ def cmd_eval(args):
 
 def eval_line(tok, problem, samples, thinking):
     """One problem's line of samples.jsonl, ungraded: per sample the first pass (`responses`, `finish_reasons`),
-    the forced pass (`forced`: the cue + what was sampled after it, or null) and the generated tokens:
-    n_tokens = n_thinking_tokens (--thinking: up to a generated </think>) + n_answer_tokens (incl. n_forced_tokens)."""
-    think_end, split = tok.get_vocab().get("</think>"), []
-    for s in samples:
-        cut = 0 if not thinking else s["ids"].index(think_end) + 1 if think_end in s["ids"] else len(s["ids"])
-        split.append((cut, len(s["ids"]) - cut + s.get("n_forced", 0)))
+    the forced pass (`forced`: the cue + what was sampled after it, or null) and the generated tokens: n_tokens =
+    n_thinking_tokens (--thinking: up to a generated </think>) + n_answer_tokens (the rest, n_forced_tokens too)."""
+    think_end, forced = tok.get_vocab().get("</think>"), [s.get("n_forced", 0) for s in samples]
+    cuts = [(s["ids"].index(think_end) + 1 if think_end in s["ids"] else len(s["ids"])) if thinking else 0
+            for s in samples]
     text = lambda ids: None if ids is None else tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     return dict(id=problem["id"], problem=problem["problem"], answer=problem["answer"],
                 responses=[text(s["ids"]) for s in samples], forced=[text(s.get("forced_ids")) for s in samples],
-                n_tokens=[a + b for a, b in split], n_thinking_tokens=[a for a, _ in split],
-                n_answer_tokens=[b for _, b in split], n_forced_tokens=[s.get("n_forced", 0) for s in samples],
-                finish_reasons=[s["finish_reason"] for s in samples])
+                n_tokens=[len(s["ids"]) + f for s, f in zip(samples, forced)], n_thinking_tokens=cuts,
+                n_answer_tokens=[len(s["ids"]) - c + f for s, c, f in zip(samples, cuts, forced)],
+                n_forced_tokens=forced, finish_reasons=[s["finish_reason"] for s in samples])
 
 
 def grade_line(line, args):
     """Grade one line of samples.jsonl with --grader (the one place eval grades): each first pass + forced text,
     of which only answer_part. Sets preds, correct, n_correct and grader."""
     graded = [grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
-              for t, fo in zip(line["responses"], line.get("forced") or [None] * len(line["responses"]))]
+              for t, fo in zip(line["responses"], line["forced"])]
     line.update(preds=[p for p, _ in graded], correct=[bool(c) for _, c in graded], grader=args.grader)
     line["n_correct"] = sum(line["correct"])
     return line
@@ -1378,52 +1365,30 @@ def answer_part(response, thinking):
     closed: a box inside the thinking is a guess, not an answer); else the whole response. The inserted cue
     is not graded (nor was the released one): its empty \\boxed{} is no answer, but math-verify reads it."""
     response = response.replace(ANSWER_REQUEST, "")
-    if not thinking:
-        return response
-    cut = response.rfind("</think>")
-    return "" if cut < 0 else response[cut + len("</think>"):]
+    _, closed, after = response.rpartition("</think>")
+    return response if not thinking else after if closed else ""
 
 
 def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
-    """Prompt ids of one eval problem: the record's own `prompt` (a string: the user turn; a list: the chat
-    messages), else the student prompt. Over max_prompt_len: DailError."""
+    """Prompt ids of one eval problem: its own `prompt` (a user turn, or chat messages), else the student prompt."""
     if problem.get("prompt") is None:
         return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
     ids = record_prompt_ids(tok, problem, thinking)
     if max_prompt_len is not None and len(ids) > max_prompt_len:
-        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt "
-                        f"budget of {max_prompt_len} (--max-prompt-len, or the model's context length minus "
-                        f"--max-new-tokens)")
+        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt budget "
+                        f"of {max_prompt_len} (--max-prompt-len, or the context length minus --max-new-tokens)")
     return ids
 
 
-def force_answers(tok, prompts, outputs, thinking, second_pass, seeds, pids=None):
-    """The released eval's second pass. --thinking: every sample continues after </think> + ANSWER_REQUEST,
-    whether its thinking closed (the first pass stopped on </think>, not in its ids) or was cut; otherwise only
-    a sample with no \\boxed{, after ANSWER_REQUEST. Each sample dict of outputs (per prompt) gains forced_ids
-    (cue + sampled ids; None: no second pass) and n_forced. second_pass(rows, seeds, names) samples one
-    continuation per row; a row's seed derives from its problem's (vLLM), its name is (problem id, "forced:<i>")."""
-    cue = tok(("</think>" if thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
-    todo = []
-    for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids or [None] * len(prompts)):
-        for i, s in enumerate(samples):
-            s["forced_ids"], s["n_forced"] = None, 0
-            if thinking or "\\boxed{" not in tok.decode(s["ids"], skip_special_tokens=False):
-                todo.append((s, list(prompt) + s["ids"] + cue, seed * 1_000_003 + i + 1, (pid, f"forced:{i}")))
-    if todo:
-        targets, rows, row_seeds, names = map(list, zip(*todo))
-        for s, r in zip(targets, second_pass(rows, row_seeds, names)):
-            s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
-    return outputs
-
-
 def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n sample dicts (force_answers' too);
-    .close() frees the engine. Both passes: the sampling flags and presence penalty; --thinking: the first also
-    stops at </think>. vLLM seeds a problem by --seed + its index; the hf engine keys a sample's random numbers
-    by (--seed, problem id, sample index or "forced:<i>"): no batch, resume or shard changes a sample."""
-    think_end = tok.get_vocab().get("</think>") if args.thinking and not args.no_force_answer else None
-    first_stops = list(stop_ids) + ([think_end] if think_end is not None else [])
+    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n sample dicts (ids, finish_reason, forced_ids,
+    n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): --thinking stops
+    the first pass at </think> too, then every sample continues after </think> + ANSWER_REQUEST (closed or cut);
+    otherwise a sample with no \\boxed{ continues after ANSWER_REQUEST. vLLM seeds a problem by --seed + its index;
+    hf keys a sample's random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
+    force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
+    first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
+    cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
     if engine == "vllm":
         llm = load_vllm(args)
 
@@ -1448,9 +1413,16 @@ def make_sampler(engine, args, tok, stop_ids):
 
     def sample(prompts, seeds, pids):
         outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds, [(p, None) for p in pids])
-        if not args.no_force_answer:
-            force_answers(tok, prompts, outputs, args.thinking, lambda rows, row_seeds, names: generate(
-                rows, 1, args.answer_tokens, stop_ids, row_seeds, names), seeds, pids)
+        todo = []  # (sample, prompt + ids + cue, its seed (vLLM), its name (hf)) of each sample to force
+        for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids):
+            for i, s in enumerate(samples):
+                s["forced_ids"], s["n_forced"] = None, 0
+                if force and (args.thinking or "\\boxed{" not in tok.decode(s["ids"], skip_special_tokens=False)):
+                    todo.append((s, list(prompt) + s["ids"] + cue, seed * 1_000_003 + i + 1, (pid, f"forced:{i}")))
+        if todo:
+            targets, rows, row_seeds, names = map(list, zip(*todo))
+            for s, r in zip(targets, generate(rows, 1, args.answer_tokens, stop_ids, row_seeds, names)):
+                s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
         return outputs
     sample.close = (lambda: close_vllm(llm)) if engine == "vllm" else (lambda: None)
     return sample

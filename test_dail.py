@@ -3256,7 +3256,7 @@ def test_forced_answer_cue_is_not_graded_by_math_verify():
         assert dail.grade(dail.answer_part(text, thinking), "5", "math-verify") == ("5", True)
 
 
-def test_force_answers_rows_and_suffixes(tok):
+def test_forced_answer_rows_and_suffixes(tiny, tok, monkeypatch):
     """--thinking: every sample's second pass continues from </think> then the cue, outside the thinking,
     whether the thinking closed by itself or was cut (the released protocol); without: only samples with
     no box, after the cue."""
@@ -3266,25 +3266,30 @@ def test_force_answers_rows_and_suffixes(tok):
     prompt = [1, 2, 3]
     request = ids(dail.ANSWER_REQUEST)
     assert "\\boxed{}" in dail.ANSWER_REQUEST and "</think>" not in dail.ANSWER_REQUEST
-    rows_seen = []
+    first, rows_seen = [], []
 
-    def second_pass(rows, seeds, names=None):
-        rows_seen.extend(rows)
-        return [[dict(ids=ids(" \\boxed{4}"), finish_reason="stop")] for _ in rows]
-    thinking = [[dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
-                 dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
-                 dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)]]          # end of turn inside
-    dail.force_answers(tok, [prompt], thinking, True, second_pass, [0])
+    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
+        if first:
+            return [dict(s) for s in first.pop()]
+        rows_seen.extend(c[0] for c in contexts)
+        return [dict(ids=ids(" \\boxed{4}"), finish_reason="stop", stop_id=eos) for _ in contexts]
+    monkeypatch.setattr(dail, "decode", fake_decode)
+    first.append([dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
+                  dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
+                  dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)])          # end of turn inside
+    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=3, thinking=True, device="cpu")
+    thinking = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
     assert rows_seen == [prompt + ids(t) + [think_end] + request for t in ("think a", "think b", "think c")]
-    assert [s["forced_ids"] for s in thinking[0]] == [[think_end] + request + ids(" \\boxed{4}")] * 3
-    assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking[0])
+    assert [s["forced_ids"] for s in thinking] == [[think_end] + request + ids(" \\boxed{4}")] * 3
+    assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking)
     rows_seen.clear()
-    plain = [[dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
-              dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)]]
-    dail.force_answers(tok, [prompt], plain, False, second_pass, [0])
+    first.append([dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
+                  dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)])
+    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, device="cpu")
+    plain = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
     assert rows_seen == [prompt + ids("so it is 3") + request]          # only the sample without a box
-    assert plain[0][0]["forced_ids"] is None and plain[0][0]["n_forced"] == 0
-    assert plain[0][1]["forced_ids"] == request + ids(" \\boxed{4}")
+    assert plain[0]["forced_ids"] is None and plain[0]["n_forced"] == 0
+    assert plain[1]["forced_ids"] == request + ids(" \\boxed{4}")
 
 
 def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
@@ -3317,7 +3322,7 @@ def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
     calls.clear()
     sampler = dail.make_sampler("hf", dataclasses_replace(args, no_force_answer=True), tok, stop_ids)
     out = sampler([[1, 2]], [0], ["p"])[0]
-    assert len(calls) == 1 and calls[0]["stops"] == stop_ids and "forced_ids" not in out[0]
+    assert len(calls) == 1 and calls[0]["stops"] == stop_ids and out[0]["forced_ids"] is None
 
 
 def dataclasses_replace(obj, **kw):
