@@ -1237,9 +1237,7 @@ def cmd_train(args):
 # ==== Evaluation: the unbiased pass@k estimator, the forced answer, the eval command ===================================
 def pass_at_k(n, c, k):
     """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
-
         pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
-
     in the product form, which stays accurate for n in the thousands (no huge binomials).
     Edge cases: 0.0 when c = 0 (an empty product); 1.0 when n - c < k (every k-subset holds a correct sample).
     ValueError when n < k (the estimator needs n >= k) or the counts are invalid."""
@@ -1260,27 +1258,9 @@ def parse_ks(spec, n):
     raise DailError(f"--k {spec}: expected comma-separated integers in 1..n (n = {n}; pass@k needs n >= k)")
 
 
-def eval_summary(lines, ks):
-    """Mean pass@k over problems, mean tokens (all/thinking/answer, of all/correct samples), no-answer counts."""
-    def mean_of(field, only_correct):
-        vals = [t for r in lines for t, ok in zip(r[field], r["correct"]) if ok or not only_correct]
-        return float(np.mean(vals)) if vals else None
-    return dict(
-        problems=len(lines),
-        pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
-                   for k in ks},
-        **{f"mean_{part}tokens{tail}": mean_of(f"n_{part}tokens", tail == "_correct")
-           for part in ("", "thinking_", "answer_") for tail in ("", "_correct")},
-        samples_forced=sum(f is not None for r in lines for f in r["forced"]),
-        samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
-        problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
-        truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]))
-
-
 def cmd_eval(args):
-    """Write OUT/samples.jsonl (one line per problem: eval_line), summary.json, passk.png and eval_config.json
-    (what a resumed run must match). The summary is always graded from samples.jsonl: a line another --grader
-    graded is graded again, so rerunning eval with another --grader re-grades without sampling."""
+    """Write OUT/samples.jsonl (eval_line), summary.json, passk.png, eval_config.json. The summary is always graded
+    from samples.jsonl: rerunning eval with another --grader re-grades each line, without sampling."""
     validate_args(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     problems = load_problems(args.data, need_solution=False, need_answer=True)
@@ -1325,11 +1305,23 @@ def cmd_eval(args):
     if stale := [grade_line(r, args) for r in lines if r.get("grader") != args.grader]:
         write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
         print(f"eval: graded the samples of {len(stale)} problems again with --grader {args.grader}", file=sys.stderr)
-    summary = dict(eval_summary(lines, ks), engine=engine, grader=grader_info(args.grader),
-                   settings=dataclasses.asdict(args))
+    def mean_of(field, only_correct):
+        vals = [t for r in lines for t, ok in zip(r[field], r["correct"]) if ok or not only_correct]
+        return float(np.mean(vals)) if vals else None
+    summary = dict(  # mean pass@k over problems, mean tokens (all/thinking/answer, of all/correct samples)
+        problems=len(lines),
+        pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
+                   for k in ks},
+        **{f"mean_{part}tokens{tail}": mean_of(f"n_{part}tokens", tail == "_correct")
+           for part in ("", "thinking_", "answer_") for tail in ("", "_correct")},
+        samples_forced=sum(f is not None for r in lines for f in r["forced"]),
+        samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
+        problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
+        truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]),
+        engine=engine, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
-              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True,
+              {Path(args.model).name or args.model: (ks, list(summary["pass_at_k"].values()))}, logx=True,
               ylim=(-0.02, 1.02))
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
     return summary
@@ -1351,19 +1343,17 @@ def eval_line(tok, problem, samples, thinking):
 
 
 def grade_line(line, args):
-    """Grade one line of samples.jsonl with --grader (the one place eval grades): each first pass + forced text,
-    of which only answer_part. Sets preds, correct, n_correct and grader."""
-    graded = [grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
-              for t, fo in zip(line["responses"], line["forced"])]
-    line.update(preds=[p for p, _ in graded], correct=[bool(c) for _, c in graded], grader=args.grader)
-    line["n_correct"] = sum(line["correct"])
+    """Grade one line of samples.jsonl (answer_part of each first pass + forced text): the one place eval grades."""
+    preds, correct = zip(*[grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
+                           for t, fo in zip(line["responses"], line["forced"])])
+    correct = [bool(c) for c in correct]
+    line.update(preds=list(preds), correct=correct, n_correct=sum(correct), grader=args.grader)
     return line
 
 
 def answer_part(response, thinking):
-    """The text that is graded: with `thinking`, what follows the last </think> ("" when the thinking never
-    closed: a box inside the thinking is a guess, not an answer); else the whole response. The inserted cue
-    is not graded (nor was the released one): its empty \\boxed{} is no answer, but math-verify reads it."""
+    """What is graded: with `thinking`, what follows the last </think> ("" if it never closed: a box inside the
+    thinking is a guess); else all. Never the inserted cue: its empty \\boxed{} is no answer (math-verify reads it)."""
     response = response.replace(ANSWER_REQUEST, "")
     _, closed, after = response.rpartition("</think>")
     return response if not thinking else after if closed else ""
@@ -1391,7 +1381,6 @@ def make_sampler(engine, args, tok, stop_ids):
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
     if engine == "vllm":
         llm = load_vllm(args)
-
         def generate(prompts, n, max_tokens, stops, seeds, names):
             return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
                                presence_penalty=args.presence_penalty)
@@ -1399,10 +1388,9 @@ def make_sampler(engine, args, tok, stop_ids):
         device = shard_device(args)
         model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
 
-        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, None | a tag)
+        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, sample) per row
             rows, b, results = [[p] for p in prompts for _ in range(n)], args.batch_size, []
-            keys = trace_keys(args.seed, [pid for pid, _ in names for _ in range(n)],
-                              [j if tag is None else tag for _, tag in names for j in range(n)])
+            keys = trace_keys(args.seed, [pid for pid, _ in names], [j for _, j in names])
             for i in range(0, len(rows), b):
                 def choose(logits, step, active, keys=keys[i:i + b]):  # logits [1, b, V], penalized already
                     probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
@@ -1412,15 +1400,13 @@ def make_sampler(engine, args, tok, stop_ids):
             return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
 
     def sample(prompts, seeds, pids):
-        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds, [(p, None) for p in pids])
-        todo = []  # (sample, prompt + ids + cue, its seed (vLLM), its name (hf)) of each sample to force
-        for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids):
-            for i, s in enumerate(samples):
-                s["forced_ids"], s["n_forced"] = None, 0
-                if force and (args.thinking or "\\boxed{" not in tok.decode(s["ids"], skip_special_tokens=False)):
-                    todo.append((s, list(prompt) + s["ids"] + cue, seed * 1_000_003 + i + 1, (pid, f"forced:{i}")))
+        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds,
+                           [(p, j) for p in pids for j in range(args.n)])
+        todo = [(s, list(prompt) + s["ids"] + cue, seed * 1_000_003 + i + 1, (pid, f"forced:{i}"))
+                for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids) for i, s in enumerate(samples)
+                if force and (args.thinking or "\\boxed{" not in tok.decode(s["ids"], skip_special_tokens=False))]
         if todo:
-            targets, rows, row_seeds, names = map(list, zip(*todo))
+            targets, rows, row_seeds, names = map(list, zip(*todo))  # seeds: vLLM's; names: hf's trace keys
             for s, r in zip(targets, generate(rows, 1, args.answer_tokens, stop_ids, row_seeds, names)):
                 s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
         return outputs

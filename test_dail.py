@@ -3288,7 +3288,7 @@ def test_forced_answer_rows_and_suffixes(tiny, tok, monkeypatch):
     args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, device="cpu")
     plain = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
     assert rows_seen == [prompt + ids("so it is 3") + request]          # only the sample without a box
-    assert plain[0]["forced_ids"] is None and plain[0]["n_forced"] == 0
+    assert "forced_ids" not in plain[0] and "n_forced" not in plain[0]
     assert plain[1]["forced_ids"] == request + ids(" \\boxed{4}")
 
 
@@ -3322,7 +3322,7 @@ def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
     calls.clear()
     sampler = dail.make_sampler("hf", dataclasses_replace(args, no_force_answer=True), tok, stop_ids)
     out = sampler([[1, 2]], [0], ["p"])[0]
-    assert len(calls) == 1 and calls[0]["stops"] == stop_ids and out[0]["forced_ids"] is None
+    assert len(calls) == 1 and calls[0]["stops"] == stop_ids and "forced_ids" not in out[0]
 
 
 def dataclasses_replace(obj, **kw):
