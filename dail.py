@@ -255,7 +255,7 @@ increasing order, then symbols alphabetically), not in the order the solution us
 
 """ + ANSWER_FORMAT
 
-# The forced-answer pass of eval (see force_answers) continues the response after this cue (with --thinking:
+# The forced-answer pass of eval (see make_sampler) continues the response after this cue (with --thinking:
 # after </think> + the cue, outside the thinking, as the released protocol does).
 ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
@@ -1298,10 +1298,10 @@ def cmd_eval(args):
         sampler.close()
     index = {p["id"]: p["index"] for p in problems}
     expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
-    lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
-                         lambda r: index[r["id"]], checks)
+    lines = None if follower else gather_parts(samples_path, n, merge, config, config_of, expected,
+                                               lambda r: r["id"], lambda r: index[r["id"]], checks)
     if lines is None:
-        return None                  # a rank other than 0 (rank 0 merges), or parts still missing
+        return None                  # a vLLM follower, a rank other than 0 (rank 0 merges), or parts still missing
     if stale := [grade_line(r, args) for r in lines if r.get("grader") != args.grader]:
         write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
         print(f"eval: graded the samples of {len(stale)} problems again with --grader {args.grader}", file=sys.stderr)

@@ -2582,7 +2582,7 @@ def test_second_signal_abandons_the_step_in_flight(tmp_path, capsys, tiny, trace
 
 
 # ------------------------------------------------------------------------------------------------------
-# ---- grading cases: the built-in grader and math-verify against public grading facts (--grader, --regrade)
+# ---- grading cases: the built-in grader and math-verify against public grading facts (--grader; eval re-grades)
 # ------------------------------------------------------------------------------------------------------
 # (response, reference, the right verdict). A response without \boxed is graded as "... \boxed{response}".
 # Facts (answer formats and verdicts), not code, from: the Hendrycks MATH equivalence tests (HM), Math-Verify's
