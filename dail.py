@@ -1286,7 +1286,7 @@ def cmd_eval(args):
     per_call = max(1, (args.batch_size if engine == "hf" else 8192) // args.n)
     for k, mine in ((k, mine) for k, mine in todo.items() if mine):
         path = os.devnull if follower else shard_path(samples_path, k, n)
-        print(f"eval: {len(mine)} problems x {args.n} samples ({len(done[k])} in {path}), {engine}", file=sys.stderr)
+        print(f"eval: {len(mine)} problems x {args.n} samples, {engine} ({len(done[k])} in {path})", file=sys.stderr)
         with open(path, "a", encoding="utf-8") as f, progress(total=len(mine), desc="eval") as bar:
             for chunk in (mine[i:i + per_call] for i in range(0, len(mine), per_call)):
                 outputs = sampler([prompts[p["id"]] for p in chunk], [args.seed + p["index"] for p in chunk],
