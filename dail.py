@@ -164,7 +164,6 @@ class EvalArgs(SamplingArgs):
     answer_tokens: int = arg(100, "token budget of the second, forced-answer pass")
     no_force_answer: bool = arg(False, "one pass only; by default a second pass after an answer cue follows every "
                                        "sample without \\boxed{ and, after </think>, every --thinking sample")
-    regrade: bool = arg(False, "re-grade OUT/samples.jsonl with --grader and rewrite the results; loads no model")
 
 
 def resolve_released(args):
@@ -201,7 +200,7 @@ increasing order, then symbols alphabetically), not in the order the solution us
 
 """ + ANSWER_FORMAT
 
-# eval's forced-answer pass (force_answers) continues a response after this cue (--thinking: after </think>)
+# eval's forced-answer pass (make_sampler) continues a response after this cue (--thinking: after </think>)
 ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
 _MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
@@ -1015,314 +1014,180 @@ def cmd_train(args):
 # ==== Evaluation: the unbiased pass@k estimator, the forced answer, the eval command ===================================
 def pass_at_k(n, c, k):
     """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
-
         pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
-
     in the product form, which stays accurate for n in the thousands (no huge binomials).
-    Edge cases: 0.0 when c = 0; 1.0 when n - c < k (every k-subset holds a correct sample).
-    ValueError when k > n (the estimator needs n >= k) or the counts are invalid."""
-    if min(n, k) < 1 or not 0 <= c <= n:
-        raise ValueError(f"pass_at_k needs n >= 1, k >= 1 and 0 <= c <= n; got n={n}, c={c}, k={k}")
-    if k > n:
-        raise ValueError(f"pass_at_k needs n >= k; got n={n}, k={k}")
-    if c == 0:
-        return 0.0
+    Edge cases: 0.0 when c = 0 (an empty product); 1.0 when n - c < k (every k-subset holds a correct sample).
+    ValueError when n < k (the estimator needs n >= k) or the counts are invalid."""
+    if not (1 <= k <= n and 0 <= c <= n):
+        raise ValueError(f"pass_at_k needs 1 <= k <= n and 0 <= c <= n; got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
 def parse_ks(spec, n):
-    """k values for pass@k: the --k list (each must be <= n), or 1, 2, 4, ... <= n, and n itself."""
-    if spec:
-        try:
-            ks = sorted({int(x) for x in spec.split(",") if x.strip()})
-        except ValueError:
-            raise DailError(f"--k {spec}: expected comma-separated integers") from None
-        if not ks or ks[0] < 1 or ks[-1] > n:
-            raise DailError(f"--k {spec}: every k must be in 1..n (n = {n}); the unbiased estimator needs n >= k")
-        return ks
-    return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
-
-
-def eval_summary(lines, ks):
-    """Mean pass@k over problems, response-length figures, and answer-extraction counts."""
-    all_tokens = [t for r in lines for t in r["n_tokens"]]
-    correct_tokens = [t for r in lines for t, ok in zip(r["n_tokens"], r["correct"]) if ok]
-
-    def mean_of(part, only_correct=False):  # thinking and answer tokens apart (older runs: all are answer)
-        vals = []
-        for r in lines:
-            counts = r.get(f"n_{part}_tokens") or (r["n_tokens"] if part == "answer" else [0] * len(r["n_tokens"]))
-            vals += [t for t, ok in zip(counts, r["correct"]) if ok or not only_correct]
-        return float(np.mean(vals)) if vals else None
-    return dict(
-        problems=len(lines),
-        pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
-                   for k in ks},
-        mean_tokens=float(np.mean(all_tokens)) if all_tokens else None,
-        mean_tokens_correct=float(np.mean(correct_tokens)) if correct_tokens else None,
-        mean_thinking_tokens=mean_of("thinking"), mean_answer_tokens=mean_of("answer"),
-        mean_thinking_tokens_correct=mean_of("thinking", True), mean_answer_tokens_correct=mean_of("answer", True),
-        samples_forced=sum(f is not None for r in lines for f in r.get("forced", [])),
-        samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
-        problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
-        truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]))
+    """k values for pass@k: the --k list, or 1, 2, 4, ... <= n and n itself."""
+    with contextlib.suppress(ValueError):
+        ks = sorted({int(x) for x in spec.split(",") if x.strip()} if spec else
+                    {2 ** i for i in range(n.bit_length())} | {n})
+        if ks and 1 <= ks[0] and ks[-1] <= n:
+            return ks
+    raise DailError(f"--k {spec}: expected comma-separated integers in 1..n (n = {n}; pass@k needs n >= k)")
 
 
 def cmd_eval(args):
-    """Write OUT/samples.jsonl (one line per problem), OUT/summary.json, OUT/passk.png and OUT/eval_config.json
-    (the settings a resumed run must match). Per sample, samples.jsonl keeps the first pass (`responses`,
-    `finish_reasons`) and the forced-answer pass apart (`forced`: the inserted line + what was sampled after
-    it, or null), and counts generated tokens: n_tokens = n_thinking_tokens + n_answer_tokens, of which
-    n_forced_tokens in the second pass. Only answer_part (after </think> with --thinking) is graded."""
+    """Write OUT/samples.jsonl (eval_line), summary.json, passk.png, eval_config.json. The summary is always graded
+    from samples.jsonl: rerunning eval with another --grader re-grades each line, without sampling."""
     validate_args(args)
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    if args.regrade:
-        return regrade_eval(args)
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     out = Path(args.out)
     check_out_folder(args)
     samples_path = out / "samples.jsonl"
-    def config_of(path):  # samples.jsonl's is eval_config.json (as before); a part's is beside it
+    def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
     engine = eval_engine(args)
-    # every line of samples.jsonl is one problem of --data, once, with n samples
     n, shards, merge, follower, config, checks, done = start_job("eval", samples_path, args, engine, problems,
                                                                  config_of, out / "summary.json", out / "passk.png")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
                                                          for p in problems))
-    prompts = {}
-    for p in problems:  # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
-        prompts[p["id"]] = eval_prompt_ids(tok, p, args.thinking, max_prompt)
-    t0, n_new = time.time(), 0
-    for k in shards:
-        written = {r["id"] for r in done[k]}
-        todo = [p for p in shard_problems(problems, k, n) if p["id"] not in written]
-        n_new += eval_shard(args, tok, os.devnull if follower else shard_path(samples_path, k, n), todo, prompts,
-                            engine, len(written))
+    # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
+    prompts = {p["id"]: eval_prompt_ids(tok, p, args.thinking, max_prompt) for p in problems}
+    written = {r["id"] for k in shards for r in done[k]}
+    todo = {k: [p for p in shard_problems(problems, k, n) if p["id"] not in written] for k in shards}
+    sampler = make_sampler(engine, args, tok, stop_token_ids(tok, args.model)) if any(todo.values()) else None
+    # problems per call: the hf engine decodes --batch-size rows at a time; vLLM batches on its own
+    per_call = max(1, (args.batch_size if engine == "hf" else 8192) // args.n)
+    for k, mine in ((k, mine) for k, mine in todo.items() if mine):
+        path = os.devnull if follower else shard_path(samples_path, k, n)
+        print(f"eval: {len(mine)} problems x {args.n} samples, {engine} ({len(done[k])} in {path})", file=sys.stderr)
+        with open(path, "a", encoding="utf-8") as f, progress(total=len(mine), desc="eval") as bar:
+            for chunk in (mine[i:i + per_call] for i in range(0, len(mine), per_call)):
+                outputs = sampler([prompts[p["id"]] for p in chunk], [args.seed + p["index"] for p in chunk],
+                                  [p["id"] for p in chunk])
+                for p, samples in zip(chunk, outputs):
+                    append_jsonl(f, grade_line(eval_line(tok, p, samples, args.thinking), args))
+                bar.update(len(chunk))
+    if sampler:
+        sampler.close()
     index = {p["id"]: p["index"] for p in problems}
     expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
-    lines = gather_parts(samples_path, n, merge, config, config_of, expected, lambda r: r["id"],
-                         lambda r: index[r["id"]], checks)
+    lines = None if follower else gather_parts(samples_path, n, merge, config, config_of, expected,
+                                               lambda r: r["id"], lambda r: index[r["id"]], checks)
     if lines is None:
-        return None                  # a rank other than 0 (rank 0 merges), or parts still missing
-    return write_eval_summary(out, lines, ks, args, engine=engine,
-                              samples_per_s_this_run=n_new / max(time.time() - t0, 1e-9) if n_new else None)
-
-
-def eval_shard(args, tok, samples_path, todo, prompts, engine, n_done):
-    """Sample and grade the problems `todo` into samples_path (samples.jsonl, or a shard's part file), one
-    line per problem, in input order. -> the number of samples drawn."""
-    n_new = 0
-    think_end = tok.get_vocab().get("</think>")
-    if todo:
-        stop_ids = stop_token_ids(tok, args.model)
-        print(f"eval: {len(todo)} problems x {args.n} samples ({n_done} already in {samples_path}), "
-              f"engine {engine}", file=sys.stderr)
-        sampler = make_sampler(engine, args, tok, stop_ids)
-        # problems per call: the hf engine decodes --batch-size rows at a time; vLLM batches on its own
-        per_call = max(1, args.batch_size // args.n) if engine == "hf" else max(1, 8192 // args.n)
-        bar = progress(total=len(todo), desc="eval", unit="problem")
-        with open(samples_path, "a", encoding="utf-8") as f:
-            for start in range(0, len(todo), per_call):
-                chunk = todo[start:start + per_call]
-                outputs = sampler([prompts[p["id"]] for p in chunk],
-                                  [args.seed + p["index"] for p in chunk], [p["id"] for p in chunk])
-                for p, samples in zip(chunk, outputs):
-                    texts = [tok.decode(s["ids"], skip_special_tokens=False) for s in samples]
-                    forced = [None if s.get("forced_ids") is None else
-                              tok.decode(s["forced_ids"], skip_special_tokens=False) for s in samples]
-                    preds, correct = grade_responses([t + (fo or "") for t, fo in zip(texts, forced)], p["answer"],
-                                                     args.grader, args.thinking)
-                    split = [token_split(s, args.thinking, think_end) for s in samples]
-                    append_jsonl(f, dict(id=p["id"], problem=p["problem"], answer=p["answer"],
-                                         n_correct=sum(correct), responses=texts, forced=forced, preds=preds,
-                                         correct=correct, n_tokens=[a + b for a, b in split],
-                                         n_thinking_tokens=[a for a, _ in split],
-                                         n_answer_tokens=[b for _, b in split],
-                                         n_forced_tokens=[s.get("n_forced", 0) for s in samples],
-                                         finish_reasons=[s["finish_reason"] for s in samples]))
-                    n_new += len(samples)
-                bar.update(len(chunk))
-        bar.close()
-        sampler.close()
-    return n_new
-
-
-def grade_responses(texts, reference, grader, thinking):
-    """(preds, correct) of one problem's responses (first pass + forced answer): the one place eval grades,
-    sampling or re-grading. Only answer_part is graded (with --thinking: the text after </think>)."""
-    graded = [grade(answer_part(t, thinking), reference, grader) for t in texts]
-    return [p for p, _ in graded], [bool(c) for _, c in graded]
-
-
-def write_eval_summary(out, lines, ks, args, **extra):
-    """OUT/summary.json (pass@k, lengths, the grader) and OUT/passk.png from the lines of samples.jsonl."""
-    summary = eval_summary(lines, ks)
-    summary.update(extra, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
+        return None                  # a vLLM follower, a rank other than 0 (rank 0 merges), or parts still missing
+    if stale := [grade_line(r, args) for r in lines if r.get("grader") != args.grader]:
+        write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+        print(f"eval: graded the samples of {len(stale)} problems again with --grader {args.grader}", file=sys.stderr)
+    def mean_of(field, only_correct):
+        vals = [t for r in lines for t, ok in zip(r[field], r["correct"]) if ok or not only_correct]
+        return float(np.mean(vals)) if vals else None
+    summary = dict(  # mean pass@k over problems, mean tokens (all/thinking/answer, of all/correct samples)
+        problems=len(lines),
+        pass_at_k={str(k): float(np.mean([pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in lines]))
+                   for k in ks},
+        **{f"mean_{part}tokens{tail}": mean_of(f"n_{part}tokens", tail == "_correct")
+           for part in ("", "thinking_", "answer_") for tail in ("", "_correct")},
+        samples_forced=sum(f is not None for r in lines for f in r["forced"]),
+        samples_no_answer=sum(p is None for r in lines for p in r["preds"]),
+        problems_no_answer=sum(all(p is None for p in r["preds"]) for r in lines),
+        truncated=sum(f == "length" for r in lines for f in r["finish_reasons"]),
+        engine=engine, grader=grader_info(args.grader), settings=dataclasses.asdict(args))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     save_plot(out / "passk.png", f"pass@k, {len(lines)} problems, n = {args.n}", "k", "pass@k",
-              {Path(args.model).name or args.model: (ks, [summary["pass_at_k"][str(k)] for k in ks])}, logx=True,
+              {Path(args.model).name or args.model: (ks, list(summary["pass_at_k"].values()))}, logx=True,
               ylim=(-0.02, 1.02))
     print(json.dumps({k: summary[k] for k in ("problems", "pass_at_k", "mean_tokens")}), file=sys.stderr)
     return summary
 
 
-def regrade_eval(args):
-    """--regrade: grade every response of OUT/samples.jsonl again with --grader against the answer recorded
-    beside it; no model is loaded. samples.jsonl is replaced atomically (write_atomic), the
-    grader in eval_config.json is updated (a later resume continues with this grader), then summary.json."""
-    out = Path(args.out)
-    samples_path = out / "samples.jsonl"
-    if not samples_path.is_file():
-        raise DailError(f"--regrade: {samples_path}: no such file; run eval first")
-    lock_output(samples_path, args.out)
-    config = out / "eval_config.json"
-    recorded = read_config(config) if config.exists() else {}
-    # --model and --data are optional here: the summary names the run's own (as eval_config.json has them)
-    args = dataclasses.replace(args, **{k: getattr(args, k) or recorded.get("paths", {}).get(k) or "unknown"
-                                        for k in ("model", "data")})
-    lines = resume_jsonl(samples_path, line_check(EVAL_FIELDS, lambda r: r["id"]))
-    if not lines:
-        raise DailError(f"--regrade: {samples_path}: no samples to grade")
-    n = len(lines[0]["responses"])
-    if any(len(r["responses"]) != n for r in lines):
-        raise DailError(f"--regrade: {samples_path}: problems hold different numbers of samples")
-    args.n = n  # pass@k takes n from the file, not from the flag
-    ks = parse_ks(args.k, n)
-    changed = 0
-    thinking = recorded.get("thinking", args.thinking)
-    for r in lines:
-        texts = [t + (fo or "") for t, fo in zip(r["responses"], r.get("forced") or [None] * n)]
-        preds, correct = grade_responses(texts, r["answer"], args.grader, thinking)
-        changed += sum(a != bool(b) for a, b in zip(correct, r["correct"]))
-        r.update(preds=preds, correct=correct, n_correct=sum(correct))
-    write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
-    if config.exists():
-        write_atomic(config, json.dumps({**recorded, "grader": args.grader}, indent=2))
-    print(f"regrade: {sum(map(len, (r['responses'] for r in lines)))} responses with --grader {args.grader}; "
-          f"{changed} verdicts changed", file=sys.stderr)
-    return write_eval_summary(out, lines, ks, args, engine=None, samples_per_s_this_run=None, regraded=True,
-                              verdicts_changed=changed)
+def eval_line(tok, problem, samples, thinking):
+    """One problem's line of samples.jsonl, ungraded: per sample the first pass (`responses`, `finish_reasons`),
+    the forced pass (`forced`: the cue + what was sampled after it, or null) and the generated tokens: n_tokens =
+    n_thinking_tokens (--thinking: up to a generated </think>) + n_answer_tokens (the rest, n_forced_tokens too)."""
+    think_end, forced = tok.get_vocab().get("</think>"), [s.get("n_forced", 0) for s in samples]
+    cuts = [(s["ids"].index(think_end) + 1 if think_end in s["ids"] else len(s["ids"])) if thinking else 0
+            for s in samples]
+    text = lambda ids: None if ids is None else tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    return dict(id=problem["id"], problem=problem["problem"], answer=problem["answer"],
+                responses=[text(s["ids"]) for s in samples], forced=[text(s.get("forced_ids")) for s in samples],
+                n_tokens=[len(s["ids"]) + f for s, f in zip(samples, forced)], n_thinking_tokens=cuts,
+                n_answer_tokens=[len(s["ids"]) - c + f for s, c, f in zip(samples, cuts, forced)],
+                n_forced_tokens=forced, finish_reasons=[s["finish_reason"] for s in samples])
+
+
+def grade_line(line, args):
+    """Grade one line of samples.jsonl (answer_part of each first pass + forced text): the one place eval grades."""
+    preds, correct = zip(*[grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
+                           for t, fo in zip(line["responses"], line["forced"])])
+    correct = [bool(c) for c in correct]
+    line.update(preds=list(preds), correct=correct, n_correct=sum(correct), grader=args.grader)
+    return line
+
+
+def answer_part(response, thinking):
+    """What is graded: with `thinking`, what follows the last </think> ("" if it never closed: a box inside the
+    thinking is a guess); else all. Never the inserted cue: its empty \\boxed{} is no answer (math-verify reads it)."""
+    response = response.replace(ANSWER_REQUEST, "")
+    _, closed, after = response.rpartition("</think>")
+    return response if not thinking else after if closed else ""
 
 
 def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
-    """Prompt ids of one eval problem: the record's own `prompt` when it has one (a string: the user turn;
-    a list: the chat messages), else the student prompt. Over max_prompt_len: DailError."""
+    """Prompt ids of one eval problem: its own `prompt` (a user turn, or chat messages), else the student prompt."""
     if problem.get("prompt") is None:
         return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
     ids = record_prompt_ids(tok, problem, thinking)
     if max_prompt_len is not None and len(ids) > max_prompt_len:
-        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt "
-                        f"budget of {max_prompt_len} (--max-prompt-len, or the model's context length minus "
-                        f"--max-new-tokens)")
+        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt budget "
+                        f"of {max_prompt_len} (--max-prompt-len, or the context length minus --max-new-tokens)")
     return ids
 
 
-def answer_part(response, thinking):
-    """The text that is graded: with `thinking`, what follows the last </think> ("" when the thinking never
-    closed: a box inside the thinking is a guess, not an answer); else the whole response. The inserted cue
-    is not graded (nor was the released one): its empty \\boxed{} is no answer, but math-verify reads it."""
-    response = response.replace(ANSWER_REQUEST, "")
-    if not thinking:
-        return response
-    cut = response.rfind("</think>")
-    return "" if cut < 0 else response[cut + len("</think>"):]
-
-
-def token_split(sample, thinking, think_end):
-    """(thinking tokens, answer tokens) of one sample, generated tokens only (the inserted </think> and
-    ANSWER_REQUEST are not counted). With `thinking`: the first pass up to and including a generated
-    </think> is thinking, the rest of it and the forced pass are answer; without: all answer."""
-    ids, forced = sample["ids"], sample.get("n_forced", 0)
-    if not thinking:
-        return 0, len(ids) + forced
-    cut = ids.index(think_end) + 1 if think_end in ids else len(ids)
-    return cut, len(ids) - cut + forced
-
-
-def forced_answer_suffix(tok, sample, thinking):
-    """What the forced-answer pass appends to prompt + first-pass ids before it samples (ids), or None when
-    the sample gets no second pass. --thinking: every sample, </think> then ANSWER_REQUEST, whether the
-    thinking closed by itself (the first pass stopped on </think>, which is not in its ids) or the budget (or
-    an end of turn) cut it. Otherwise only a sample whose text has no \\boxed{ gets one: ANSWER_REQUEST."""
-    if not thinking and "\\boxed{" in tok.decode(sample["ids"], skip_special_tokens=False):
-        return None
-    return tok(("</think>" if thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
-
-
-def force_answers(tok, prompts, outputs, thinking, second_pass, seeds, pids=None):
-    """The released eval's second pass, engine-agnostic. outputs: per prompt, the first pass's sample dicts
-    (ids, finish_reason, stop_id); updated in place with forced_ids (the suffix + the ids sampled after it;
-    None: no second pass) and n_forced (tokens sampled in the second pass). second_pass(rows, seeds, names)
-    samples one continuation per row (prompt + ids + suffix) with at most --answer-tokens tokens; it returns
-    per row a list holding one dict (ids, ...). Seeds: one per sample, derived from the problem's (vLLM);
-    names: (problem id, "forced:<sample index>") per row (the hf engine's trace key: not the first pass's)."""
-    rows, targets, row_seeds, names = [], [], [], []
-    for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids or [None] * len(prompts)):
-        for i, s in enumerate(samples):
-            s["forced_ids"], s["n_forced"] = None, 0
-            suffix = forced_answer_suffix(tok, s, thinking)
-            if suffix is not None:
-                rows.append(list(prompt) + s["ids"] + suffix)
-                targets.append((s, suffix))
-                row_seeds.append(seed * 1_000_003 + i + 1)
-                names.append((pid, f"forced:{i}"))
-    if rows:
-        for (s, suffix), r in zip(targets, second_pass(rows, row_seeds, names)):
-            s["forced_ids"], s["n_forced"] = suffix + r[0]["ids"], len(r[0]["ids"])
-    return outputs
-
-
 def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, stop_id, and after
-    the forced-answer pass forced_ids, n_forced), from one engine; sampler.close() frees it. Both passes
-    use the sampling flags and the presence penalty. With --thinking (and the forced answer on) the first
-    pass also stops at </think>. Seeds: vLLM takes one per problem (--seed + its index in the file), so a
-    resumed run samples what an uninterrupted one would; the hf engine keys each sample's random numbers by
-    (--seed, problem id, sample index) and the step (counter_uniforms), so neither the batch, the batch
-    size, a resume nor a shard changes a sample; the forced-answer pass uses the key (id, "forced:<j>")."""
-    think_end = tok.get_vocab().get("</think>") if args.thinking else None
-    first_stops = list(stop_ids) + ([think_end] if think_end is not None and not args.no_force_answer else [])
+    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n sample dicts (ids, finish_reason, forced_ids,
+    n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): --thinking stops
+    the first pass at </think> too, then every sample continues after </think> + ANSWER_REQUEST (closed or cut);
+    otherwise a sample with no \\boxed{ continues after ANSWER_REQUEST. vLLM seeds a problem by --seed + its index;
+    hf keys a sample's random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
+    force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
+    first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
+    cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
     if engine == "vllm":
         llm = load_vllm(args)
-
         def generate(prompts, n, max_tokens, stops, seeds, names):
             return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
                                presence_penalty=args.presence_penalty)
-        close = lambda: close_vllm(llm)  # noqa: E731
     else:
         device = shard_device(args)
         model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
 
-        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, None | a tag)
-            rows = [[p] for p in prompts for _ in range(n)]
-            keys = trace_keys(args.seed, [pid for pid, _ in names for _ in range(n)],
-                              [j if tag is None else tag for _, tag in names for j in range(n)])
-            results = []
-            for i in range(0, len(rows), args.batch_size):
-                batch_keys = keys[i:i + args.batch_size]
-
-                def choose(logits, step, active):  # [1, b, V]: one context (the presence penalty is applied)
+        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, sample) per row
+            rows, b, results = [[p] for p in prompts for _ in range(n)], args.batch_size, []
+            keys = trace_keys(args.seed, [pid for pid, _ in names], [j for _, j in names])
+            for i in range(0, len(rows), b):
+                def choose(logits, step, active, keys=keys[i:i + b]):  # logits [1, b, V], penalized already
                     probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
-                    return sample_with(probs, counter_uniforms(batch_keys[active], step, 1)).squeeze(1), None
-                results += decode(model, rows[i:i + args.batch_size], choose, max_tokens, stops,
-                                  tok.pad_token_id, presence_penalty=args.presence_penalty)
+                    return sample_with(probs, counter_uniforms(keys[active], step, 1)).squeeze(1), None
+                results += decode(model, rows[i:i + b], choose, max_tokens, stops, tok.pad_token_id,
+                                  presence_penalty=args.presence_penalty)
             return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
-        close = lambda: None  # noqa: E731
 
     def sample(prompts, seeds, pids):
-        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds, [(p, None) for p in pids])
-        if not args.no_force_answer:
-            force_answers(tok, prompts, outputs, args.thinking,
-                          lambda rows, row_seeds, names: generate(rows, 1, args.answer_tokens, stop_ids, row_seeds,
-                                                                  names), seeds, pids)
+        outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds,
+                           [(p, j) for p in pids for j in range(args.n)])
+        todo = [(s, list(prompt) + s["ids"] + cue, seed * 1_000_003 + i + 1, (pid, f"forced:{i}"))
+                for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids) for i, s in enumerate(samples)
+                if force and (args.thinking or "\\boxed{" not in tok.decode(s["ids"], skip_special_tokens=False))]
+        if todo:
+            targets, rows, row_seeds, names = map(list, zip(*todo))  # seeds: vLLM's; names: hf's trace keys
+            for s, r in zip(targets, generate(rows, 1, args.answer_tokens, stop_ids, row_seeds, names)):
+                s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
         return outputs
-    sample.close = close
+    sample.close = (lambda: close_vllm(llm)) if engine == "vllm" else (lambda: None)
     return sample
 
 
@@ -1859,7 +1724,7 @@ RESULT_SETTINGS = {
     "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
               "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
               "max_len", "thinking", "seed", "dtype", "loss_norm"),
-    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype", "grader",
+    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype",
              "presence_penalty", "answer_tokens", "no_force_answer"),
 }
 
@@ -2131,7 +1996,7 @@ def validate_args(args):
     # eval holds all --n samples of a problem until its line is written: ~512 bytes of records each, and per
     # token of both passes an 8-byte list slot and a 28-byte int (--n 30000000 grew past 4 GB before a line)
     need = args.n * (512 + (args.max_new_tokens + args.answer_tokens) * 36) if command == "eval" else 0
-    if command == "eval" and not args.regrade and need > (have := available_ram()):
+    if command == "eval" and need > (have := available_ram()):
         raise DailError(f"--n {args.n}: the {args.n} samples of one problem are held together until its line is "
                         f"written, up to {need / 2**30:.3g} GiB at --max-new-tokens {args.max_new_tokens} + "
                         f"--answer-tokens {args.answer_tokens}, and {have / 2**30:.3g} GiB are available; lower --n")
@@ -2744,7 +2609,6 @@ COMMANDS = {
     "eval": (EvalArgs, cmd_eval, "Sample n responses per problem from the student prompt, grade the boxed "
                                  "answers, report the unbiased pass@k. OUT is a folder."),
 }
-REGRADE_OPTIONAL = ("model", "data")  # eval --regrade loads no model and reads no data file
 
 
 def build_parser():
@@ -2759,9 +2623,6 @@ def build_parser():
             kw = dict(f.metadata)
             if f.default is not None and f.default is not False:
                 kw["help"] += f" (default: {f.default})"
-            if name == "eval" and f.name in REGRADE_OPTIONAL:   # checked in main: --regrade reads OUT's files
-                kw.update(required=False, help=kw["help"] + " (not needed with --regrade: taken from "
-                                                            "OUT/eval_config.json)")
             if isinstance(f.default, bool):
                 p.add_argument("--" + f.name.replace("_", "-"), action="store_true", **kw)
             else:
@@ -2774,9 +2635,6 @@ def main(argv=None):
     """Run one command: a DailError or a full disk is one line and exit 2; a signal, one line and 128 + signal."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    missing = [f"--{f}" for f in REGRADE_OPTIONAL if args.command == "eval" and getattr(args, f) is None]
-    if missing and not args.regrade:
-        parser.error(f"eval: the following arguments are required: {', '.join(missing)}")
     cls, run, _ = COMMANDS[args.command]
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     if values["threads"] > 0:       # before any model loads (a negative value is refused by validate_args)

@@ -1048,8 +1048,6 @@ def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, t
     code, err = run_cli(argv, capsys)
     assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: not a JSON object of "
                                          f"settings but a list; use another --out, or --overwrite to start over")
-    code, err = run_cli(["eval", "--out", out, "--regrade"], capsys)
-    assert code == 2 and "not a JSON object of settings but a list" in err and len(err.strip().splitlines()) == 1
 
 
 def test_rewrite_resume_refuses_duplicated_or_foreign_traces(tmp_path, capsys, tiny, traces):
@@ -1100,7 +1098,7 @@ def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, mon
     out = tmp_path / "eval"
     argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 4,
             "--batch-size", 2, "--engine", "hf"]
-    real, calls = dail.grade_responses, []
+    real, calls = dail.grade_line, []
 
     def signal_at_the_second_problem(*a):
         calls.append(1)
@@ -1111,7 +1109,7 @@ def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, mon
     def unhandled(*_):                       # without dail's handler: a failure, not the death of pytest
         raise RuntimeError("the signal reached no handler of dail.py")
 
-    monkeypatch.setattr(dail, "grade_responses", signal_at_the_second_problem)
+    monkeypatch.setattr(dail, "grade_line", signal_at_the_second_problem)
     before = signal.signal(signal.SIGTERM, unhandled)
     try:
         got, err = run_cli(argv, capsys)
@@ -1120,21 +1118,20 @@ def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, mon
         signal.signal(signal.SIGTERM, before)
     assert got == code and "dail.py eval: interrupted; rerun the same command to resume\n" in err, err
     assert len(read_lines(out / "samples.jsonl")) == 1
-    monkeypatch.setattr(dail, "grade_responses", real)
+    monkeypatch.setattr(dail, "grade_line", real)
     assert run_cli(argv, capsys)[0] == 0 and len(read_lines(out / "samples.jsonl")) == 3
 
 
-def test_eval_plot_shows_pass_at_k_on_0_to_1(tmp_path, monkeypatch):
+def test_eval_plot_shows_pass_at_k_on_0_to_1(tmp_path, capsys, tiny, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
     seen, real = [], Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.append(fig.axes[0].get_ylim()),
                                                                  real(fig, *a, **k)))
-    monkeypatch.setattr(dail, "eval_summary", lambda lines, ks: dict(pass_at_k={"1": 0.2, "2": 0.2},
-                                                                    problems=1, mean_tokens=1.0))
-    args = dail.EvalArgs(model="m", data="d", out=str(tmp_path), n=2)
-    dail.write_eval_summary(tmp_path, [], [1, 2], args)
-    assert seen == [(-0.02, 1.02)]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}])
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{5}", "no"]}))   # a flat pass@k
+    assert run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 2], capsys)[0] == 0
+    assert seen == [(-0.02, 1.02)] and (tmp_path / "e" / "passk.png").exists()
 
 
 
@@ -2290,7 +2287,7 @@ def test_full_disk_on_a_small_file_system(tmp_path, capsys, expert, tiny, traces
             with contextlib.suppress(OSError):
                 while True:
                     f.write(b"x" * 512)
-        code, err = run_cli(["eval", "--out", ev, "--regrade"], capsys)
+        code, err = run_cli(eval_argv(tiny, expert, ev, "--n", 2, "--grader", "math-verify"), capsys)   # re-grades
         assert code == 2 and "could not write it (the disk is full)" in err and "Traceback" not in err, err
         assert {f: (ev / f).read_bytes() for f in before} == before and not list(ev.glob("*.tmp"))
     finally:
@@ -2645,7 +2642,7 @@ def test_second_signal_abandons_the_step_in_flight(tmp_path, capsys, tiny, trace
 
 
 # ------------------------------------------------------------------------------------------------------
-# ---- grading cases: the built-in grader and math-verify against public grading facts (--grader, --regrade)
+# ---- grading cases: the built-in grader and math-verify against public grading facts (--grader; eval re-grades)
 # ------------------------------------------------------------------------------------------------------
 # (response, reference, the right verdict). A response without \boxed is graded as "... \boxed{response}".
 # Facts (answer formats and verdicts), not code, from: the Hendrycks MATH equivalence tests (HM), Math-Verify's
@@ -3081,8 +3078,9 @@ def fake_sampler_for(answers):
     return fake_sampler
 
 
-def test_eval_regrade_without_sampling(tmp_path, capsys, tiny, monkeypatch):
-    """--regrade grades samples.jsonl again (here: verdicts an older grader wrote) and loads no model."""
+def test_eval_rerun_regrades_without_sampling(tmp_path, capsys, tiny, monkeypatch):
+    """The summary is always graded from samples.jsonl: a line another grader graded (here: verdicts of an older
+    grader, which did not record its name) is graded again, the file rewritten, and no model is loaded."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "-2, 1"},
                                               {"problem": "p2", "answer": "\\$18.90"}])
     answers = {0: ["\\boxed{1,-2}", "\\boxed{-2} and \\boxed{1}", "\\boxed{-21}"],
@@ -3093,49 +3091,39 @@ def test_eval_regrade_without_sampling(tmp_path, capsys, tiny, monkeypatch):
     samples = tmp_path / "e" / "samples.jsonl"
     lines = read_lines(samples)
     assert [r["correct"] for r in lines] == [[True, True, False], [True, False, False]]
-    # an older grader's verdicts: everything wrong
-    samples.write_text("".join(json.dumps({**r, "correct": [False] * 3, "n_correct": 0}) + "\n" for r in lines))
+    assert {r["grader"] for r in lines} == {"builtin"}
+    code, err = run_cli(argv, capsys)                                     # graded by this grader: left as is
+    assert code == 0 and "again" not in err and read_lines(samples) == lines
+    samples.write_text("".join(json.dumps({k: v for k, v in dict(r, correct=[False] * 3, n_correct=0).items()
+                                           if k != "grader"}) + "\n" for r in lines))
 
     def no_model(*a, **k):
-        raise AssertionError("--regrade must not load a model")
+        raise AssertionError("re-grading must not load a model")
     monkeypatch.setattr(dail, "make_sampler", no_model)
-    monkeypatch.setattr(dail, "load_tokenizer", no_model)
-    code, err = run_cli(argv + ["--regrade"], capsys)
-    assert code == 0 and "3 verdicts changed" in err, err
-    again = read_lines(samples)
-    assert [r["correct"] for r in again] == [[True, True, False], [True, False, False]]
-    assert [r["responses"] for r in again] == [r["responses"] for r in lines]
-    assert not list((tmp_path / "e").glob("*.tmp"))
+    monkeypatch.setattr(dail, "load_model", no_model)
+    code, err = run_cli(argv, capsys)
+    assert code == 0 and "graded the samples of 2 problems again with --grader builtin" in err, err
+    assert read_lines(samples) == lines and not list((tmp_path / "e").glob("*.tmp"))
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["pass_at_k"]["1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
-    assert summary["grader"] == {"name": "builtin"} and summary["regraded"] is True
-    # --model and --data are not needed: the summary names the run's own, from eval_config.json
-    samples.write_text("".join(json.dumps({**r, "correct": [False] * 3, "n_correct": 0}) + "\n" for r in lines))
-    code, err = run_cli(["eval", "--out", tmp_path / "e", "--regrade"], capsys)
-    assert code == 0 and "3 verdicts changed" in err, err
-    again = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert again["pass_at_k"] == summary["pass_at_k"]
-    assert again["settings"]["model"] == str(Path(tiny).resolve()) and again["settings"]["data"] == str(data.resolve())
-    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "none", "--regrade"], capsys)
-    assert code == 2 and "no such file" in err
-    with pytest.raises(SystemExit) as e:   # without --regrade they are required, as argparse says it
+    assert summary["pass_at_k"]["1"] == pytest.approx((2 / 3 + 1 / 3) / 2) and summary["grader"] == {"name": "builtin"}
+    with pytest.raises(SystemExit) as e:   # --model and --data are required, as argparse says it
         dail.main(["eval", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "required: --model, --data" in capsys.readouterr().err
 
 
 @needs_math_verify
 def test_eval_grader_recorded_and_never_mixed(tmp_path, capsys, tiny, monkeypatch):
-    """summary.json names the grader (math-verify with its version); a resume with another grader is refused;
-    --regrade switches a finished run to another grader."""
+    """summary.json names the grader (math-verify with its version); a rerun with another grader re-grades every
+    line (samples.jsonl and the summary never mix two graders)."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "2x+3"}])
     monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{3+2x}", "\\boxed{2x+3}"]}))
     argv = ["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 2, "--max-new-tokens", 8]
     assert run_cli(argv, capsys)[0] == 0
     assert read_lines(tmp_path / "e" / "samples.jsonl")[0]["correct"] == [False, True]
-    code, err = run_cli(argv + ["--grader", "math-verify"], capsys)
-    assert code == 2 and "grader='builtin'" in err, err
-    assert run_cli(argv + ["--grader", "math-verify", "--regrade"], capsys)[0] == 0
-    assert read_lines(tmp_path / "e" / "samples.jsonl")[0]["correct"] == [True, True]
+    monkeypatch.setattr(dail, "make_sampler", None)                      # nothing is sampled again
+    assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0
+    line = read_lines(tmp_path / "e" / "samples.jsonl")[0]
+    assert line["correct"] == [True, True] and line["grader"] == "math-verify"
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["grader"]["name"] == "math-verify" and summary["grader"]["version"]
     assert summary["settings"]["grader"] == "math-verify"
@@ -3325,10 +3313,10 @@ def test_forced_answer_cue_is_not_graded_by_math_verify():
     """math-verify reads every box: the cue's empty \\boxed{} made a forced \\boxed{5} read as ",5" (wrong)."""
     for thinking, first in [(True, "hmm</think>"), (False, "so it is")]:
         text = first + dail.ANSWER_REQUEST + "\\boxed{5}"
-        assert dail.grade_responses([text], "5", "math-verify", thinking) == (["5"], [True])
+        assert dail.grade(dail.answer_part(text, thinking), "5", "math-verify") == ("5", True)
 
 
-def test_force_answers_rows_and_suffixes(tok):
+def test_forced_answer_rows_and_suffixes(tiny, tok, monkeypatch):
     """--thinking: every sample's second pass continues from </think> then the cue, outside the thinking,
     whether the thinking closed by itself or was cut (the released protocol); without: only samples with
     no box, after the cue."""
@@ -3338,25 +3326,30 @@ def test_force_answers_rows_and_suffixes(tok):
     prompt = [1, 2, 3]
     request = ids(dail.ANSWER_REQUEST)
     assert "\\boxed{}" in dail.ANSWER_REQUEST and "</think>" not in dail.ANSWER_REQUEST
-    rows_seen = []
+    first, rows_seen = [], []
 
-    def second_pass(rows, seeds, names=None):
-        rows_seen.extend(rows)
-        return [[dict(ids=ids(" \\boxed{4}"), finish_reason="stop")] for _ in rows]
-    thinking = [[dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
-                 dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
-                 dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)]]          # end of turn inside
-    dail.force_answers(tok, [prompt], thinking, True, second_pass, [0])
+    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
+        if first:
+            return [dict(s) for s in first.pop()]
+        rows_seen.extend(c[0] for c in contexts)
+        return [dict(ids=ids(" \\boxed{4}"), finish_reason="stop", stop_id=eos) for _ in contexts]
+    monkeypatch.setattr(dail, "decode", fake_decode)
+    first.append([dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
+                  dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
+                  dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)])          # end of turn inside
+    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=3, thinking=True, device="cpu")
+    thinking = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
     assert rows_seen == [prompt + ids(t) + [think_end] + request for t in ("think a", "think b", "think c")]
-    assert [s["forced_ids"] for s in thinking[0]] == [[think_end] + request + ids(" \\boxed{4}")] * 3
-    assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking[0])
+    assert [s["forced_ids"] for s in thinking] == [[think_end] + request + ids(" \\boxed{4}")] * 3
+    assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking)
     rows_seen.clear()
-    plain = [[dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
-              dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)]]
-    dail.force_answers(tok, [prompt], plain, False, second_pass, [0])
+    first.append([dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
+                  dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)])
+    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, device="cpu")
+    plain = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
     assert rows_seen == [prompt + ids("so it is 3") + request]          # only the sample without a box
-    assert plain[0][0]["forced_ids"] is None and plain[0][0]["n_forced"] == 0
-    assert plain[0][1]["forced_ids"] == request + ids(" \\boxed{4}")
+    assert "forced_ids" not in plain[0] and "n_forced" not in plain[0]
+    assert plain[1]["forced_ids"] == request + ids(" \\boxed{4}")
 
 
 def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
