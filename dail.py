@@ -918,11 +918,10 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
         super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.base, self.scale, self.enabled, self.dropout = base, alpha / rank, True, nn.Dropout(dropout)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         if not self.enabled:
@@ -967,8 +966,7 @@ def merge_lora(model):
 
 def collate(pairs, pad_id):
     """[(prompt ids, response ids)] -> right-padded ids [B, L], attention mask [B, L] and `predicts` [B, L-1]:
-    True where logits[:, p] predict a response token ids[:, p+1] (a mask, never a slice by prompt length; the
-    released code's mask started two positions late, so the first two response tokens were never trained)."""
+    True where logits[:, p] predict a response token ids[:, p+1] (the released mask began two tokens late)."""
     rows = [torch.tensor(p + r) for p, r in pairs]
     ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
     mask = nn.utils.rnn.pad_sequence([torch.ones_like(row) for row in rows], batch_first=True)
@@ -1007,9 +1005,8 @@ LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
 
 
 def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device, cache=None):
-    """One micro-batch's loss, each position weighted by --loss-norm with the whole step's divisor, so that the
-    losses of a step's micro-batches and ranks sum to the step's. reference: theta0 (the model with adapters
-    off, or a frozen copy); cache: its states (reference_states). Returns (loss, {logged term: float})."""
+    """(loss, {logged term: float}) of one micro-batch, weighted by --loss-norm with the whole step's divisor so
+    that a step's micro-batches and ranks sum to its loss. reference: theta0; cache: its states."""
     batch = collate([ex["student"] for ex in examples], pad_id)
     h_student, targets = response_hidden(model, batch, device)
     weights = loss_weights(batch[2], args.loss_norm, divisor)[batch[2]]                # [N], in (row, t) order
@@ -1028,9 +1025,8 @@ def lr_at(step, total_steps, peak, warmup):
 
 
 def build_examples(args, records, not_kept, master):
-    """The tokenizer, and per trace the contexts (student, privileged, shortcut; SFT: the student) as pairs
-    (prompt ids, response ids), the response shared. The teacher sees the solution the validator saw (never
-    re-shortened); an example over --max-len is dropped. Returns (tok, examples, their counts)."""
+    """(tok, examples, counts): per trace the contexts (student, privileged, shortcut; SFT: the student) as
+    (prompt ids, response ids), the response shared; an example over --max-len is dropped."""
     tok = load_tokenizer(args.model, args.trust_remote_code)
     if master:
         check_thinking_flag(tok, args)
@@ -1058,9 +1054,8 @@ def build_examples(args, records, not_kept, master):
 
 
 def build_models(args, device, examples, master):
-    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0) and its AdamW; theta0, the
-    reference of the teacher and shortcut passes (theta with adapters off, or a frozen copy; None for SFT
-    with full fine-tuning), and the cache of theta0's states (DAIL); the forwards' autocast."""
+    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (theta with adapters
+    off, or a frozen copy; None for SFT with full FT), AdamW, the cache of theta0's states, the autocast."""
     dtype, full_ft = resolve_dtype(args.dtype, device), args.lora_rank == 0
     model = load_model(args.model, device, torch.float32 if full_ft else dtype,   # full FT: fp32 master weights
                        args.trust_remote_code)
@@ -1143,8 +1138,9 @@ def cmd_train(args):
                     append_jsonl(f, rec)
                 bar.update()
                 if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-                    bar.write(f"step {step + 1}/{total_steps} {' '.join(f'{k} {v:.4g}' for k, v in logged.items())} "
-                              f"lr {lr:.3g} grad_norm {grad_norm:.3g} tok/s {rec['tok_per_s']:.0f}", file=sys.stderr)
+                    terms = " ".join(f"{k} {v:.4g}" for k, v in logged.items())
+                    bar.write(f"step {step + 1}/{total_steps} {terms} lr {lr:.3g} grad_norm {grad_norm:.3g} "
+                              f"tok/s {rec['tok_per_s']:.0f}", file=sys.stderr)     # above the bar on a terminal
             # 6. checkpoint: every --save-every steps, at each epoch's end, after the last step, on SIGTERM/SIGINT
             stop = agreed_signal(signals["signal"], ddp, device)
             ends_epoch = (step + 1) * args.batch_size // len(examples) > step * args.batch_size // len(examples)
@@ -1160,12 +1156,11 @@ def cmd_train(args):
         final = save_result(out, model, tok, args, dict(counts, steps=total_steps, world_size=world_size,
                                                         reference_cache=cache_counts))["final"] or {}
         terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
-        print(f"train: done: {total_steps} steps over {len(examples)} examples "
-              f"({min(len(order), total_steps * args.batch_size)} sequences), final {terms}, "
-              f"{time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
-        if cache:
-            print(f"train: reference cache ({cache['mode']}, rank 0): theta0 ran on {cache['computed']} examples, "
-                  f"{cache['reused']} reused, {cache['bad_files']} bad files recomputed", file=sys.stderr)
+        theta0 = cache and (f"; theta0 ran on {cache['computed']} examples, {cache['reused']} from the reference "
+                            f"cache ({cache['mode']}, rank 0), {cache['bad_files']} bad files recomputed")
+        sequences = min(len(order), total_steps * args.batch_size)
+        print(f"train: done: {total_steps} steps over {len(examples)} examples ({sequences} sequences), final "
+              f"{terms}, {time.time() - t_start:.1f} s{theta0 or ''}; model in {out}", file=sys.stderr)
     end_distributed(ddp)
 
 
