@@ -975,8 +975,8 @@ def collate(pairs, pad_id):
 
 
 def response_hidden(model, batch, device):
-    """Final hidden states [N, H] at the positions that predict response tokens, in (row, t) order, and their
-    targets [N]. All contexts of an example share the response, so their N rows line up one to one."""
+    """Final hidden states [N, H] where response tokens are predicted, in (row, t) order, and their targets [N]:
+    all contexts of an example share the response, so their N rows line up one to one."""
     ids, mask, predicts = (x.to(device) for x in batch)
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state    # [B, L, H]
     return hidden[:, :-1][predicts], ids[:, 1:][predicts]
@@ -1076,7 +1076,8 @@ def build_models(args, device, examples, master):
                                             int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if master:
             print(line, file=sys.stderr)
-    return model, reference, optimizer, cache, functools.partial(torch.autocast, device.type, dtype, use_amp)
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=use_amp)
+    return model, reference, optimizer, cache, autocast
 
 
 def cmd_train(args):
