@@ -688,47 +688,40 @@ def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
 
 # ==== Step 2, training: minimal LoRA, sequences and masks, the reference states, the loop, the train command ===========
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B (A x): the base nn.Linear W is frozen, A [r, in] starts random and
-    B [out, r] at zero, so training starts from the base model exactly. The adapter is kept in float32."""
+    """y = W x + (alpha / r) * B (A x): W (the base nn.Linear) frozen, A [r, in] random, B [out, r] zero, so
+    training starts from the base model exactly. The adapter is kept in float32."""
 
     def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
         super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.base, self.scale, self.enabled, self.dropout = base, alpha / rank, True, nn.Dropout(dropout)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        y = self.base(x)
         if not self.enabled:
-            return y
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + (self.dropout(x) @ a.T @ b.T) * self.scale
+            return self.base(x)
+        return self.base(x) + (self.dropout(x) @ self.lora_A.to(x.dtype).T @ self.lora_B.to(x.dtype).T) * self.scale
 
 
 def add_lora(model, targets, rank, alpha, dropout=0.0):
     """Freeze `model` and wrap every nn.Linear named in `targets` (e.g. q_proj) in a LoRALinear."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and name in targets:
-                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
-                wrapped += 1
-    if not wrapped:
+    sites = [(module, name, child) for module in model.requires_grad_(False).modules()
+             for name, child in module.named_children() if isinstance(child, nn.Linear) and name in targets]
+    if not sites:
         raise DailError(f"--lora-targets {','.join(targets)}: no such nn.Linear in the model")
+    for module, name, child in sites:
+        setattr(module, name, LoRALinear(child, rank, alpha, dropout))
     return model
 
 
 @contextlib.contextmanager
 def adapters_off(model):
-    """Within the block the LoRA model computes theta0, the initial model (no-op without adapters)."""
+    """Within the block the LoRA model computes theta0, the initial model (a no-op without adapters)."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in layers:
-        m.enabled = False
     try:
+        for m in layers:
+            m.enabled = False
         yield model
     finally:
         for m in layers:
@@ -738,77 +731,36 @@ def adapters_off(model):
 def merge_lora(model):
     """Fold every adapter into its base weight (W += scale * B @ A, in float32) and unwrap it."""
     for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                w = child.base.weight
-                delta = child.scale * (child.lora_B.float() @ child.lora_A.float())
-                w.data = (w.data.float() + delta.to(w.device)).to(w.dtype)
-                setattr(module, name, child.base)
+        for name, lora in list(module.named_children()):
+            if isinstance(lora, LoRALinear):
+                w = lora.base.weight
+                w.data = (w.data.float() + lora.scale * (lora.lora_B.float() @ lora.lora_A.float())).to(w.dtype)
+                setattr(module, name, lora.base)
     return model
 
 
-def training_response(tok, record, args, eot):
-    """The response ids every context of one example shares: the trace's ids + the end-of-turn token when
-    the trace finished (so the model learns to stop; thinking prefixes end at the budget and get none),
-    or, for SFT on expert solutions, the tokenized solution + end of turn."""
-    if args.objective == "sft" and args.sft_target == "expert":  # a huge solution: just enough ids to be dropped
-        return bounded_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"], record["solution"],
-                           args.max_len)[0] + [eot]
-    return list(record["response_ids"]) + ([eot] if record["finish_reason"] == "stop" else [])
-
-
 def collate(pairs, pad_id):
-    """[(prompt ids, response ids)] -> right-padded ids [B, L], attention mask [B, L], and `predicts`
-    [B, L-1] bool: True where logits[:, p] predict a response token ids[:, p+1]. The distribution that
-    predicts response token t of a row therefore sits at position prompt_len + t - 1. (The released code's
-    mask started two positions late, so the distributions of the first two response tokens were never
-    trained; its last position, the distribution after the last response token, did teach stopping.)"""
-    width = max(len(p) + len(r) for p, r in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    is_response = torch.zeros((len(pairs), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(pairs):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, :len(p) + len(r)] = 1
-        is_response[i, len(p):len(p) + len(r)] = True
-    return ids, mask, is_response[:, 1:]
+    """[(prompt ids, response ids)] -> right-padded ids [B, L], attention mask [B, L] and `predicts` [B, L-1]:
+    True where logits[:, p] predict a response token ids[:, p+1] (the released mask began two tokens late)."""
+    rows = [torch.tensor(p + r) for p, r in pairs]
+    ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    mask = nn.utils.rnn.pad_sequence([torch.ones_like(row) for row in rows], batch_first=True)
+    is_response = [torch.tensor([False] * len(p) + [True] * len(r)) for p, r in pairs]
+    return ids, mask, nn.utils.rnn.pad_sequence(is_response, batch_first=True)[:, 1:]
 
 
 def response_hidden(model, batch, device):
-    """Final hidden states at the positions that predict response tokens: [N, H] in (row, t) order, and
-    their targets [N]. Every context of an example has the same response, so the N rows of the student,
-    privileged and shortcut contexts line up one to one whatever their prompt lengths."""
+    """Final hidden states [N, H] where response tokens are predicted, in (row, t) order, and their targets [N]:
+    all contexts of an example share the response, so their N rows line up one to one."""
     ids, mask, predicts = (x.to(device) for x in batch)
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state    # [B, L, H]
     return hidden[:, :-1][predicts], ids[:, 1:][predicts]
 
 
-# what the loss reports, summed over a step's micro-batches and ranks (metrics.jsonl, log lines, the plot)
-LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
-
-
-def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device, cache=None):
-    """Loss of one micro-batch, weighted by --loss-norm with the optimizer step's divisor (step_divisor), so
-    that the sum over micro-batches and ranks is the step's loss. reference is theta0: the model itself with
-    adapters off (LoRA), or a frozen copy (full fine-tuning); cache: its states (reference_states)."""
-    batch = collate([ex["student"] for ex in examples], pad_id)
-    h_student, targets = response_hidden(model, batch, device)
-    predicts = batch[2]
-    weights = loss_weights(predicts, args.loss_norm, divisor)[predicts]                # [N], in (row, t) order
-    head = model.get_output_embeddings()
-    if args.objective == "sft":
-        return chunked_sft_loss(h_student, targets, head, weights, args.loss_chunk)
-    h_teacher, h_shortcut = reference_states(reference, examples, cache, pad_id, device)
-    return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(),
-                             args.lam, args.direction, weights, args.loss_chunk)
-
-
 def reference_states(reference, examples, cache, pad_id, device):
-    """theta0's final hidden states at the response positions of the privileged and the shortcut contexts:
-    (h_teacher, h_shortcut), each [N, H] in the (row, t) order response_hidden gives for these examples.
-    theta0 is frozen and the examples never change, so these are constants of the run: with a cache
-    (new_reference_cache) only the examples missing from it go through theta0, together in one batch, and
-    each is stored as its forward produced it ([n_i, H] per context, the forward's dtype). cache None: off."""
+    """theta0's (h_teacher, h_shortcut) at the response positions of the privileged and shortcut contexts,
+    each [N, H] in response_hidden's order: constants of the run, so with a cache (Appendix B.3) only the
+    examples missing from it go through theta0, in one batch, each stored as its forward made it."""
     cache = cache if cache is not None else new_reference_cache("off")
     found = [load_states(cache, ex) for ex in examples]
     missing = [ex for ex, states in zip(examples, found) if states is None]
@@ -820,15 +772,24 @@ def reference_states(reference, examples, cache, pad_id, device):
         sizes = [len(ex["privileged"][1]) for ex in missing]             # n_i rows per example, in row order
         fresh = iter(zip(h_teacher.split(sizes), h_shortcut.split(sizes)))
         found = [states or store_states(cache, ex, *next(fresh)) for ex, states in zip(examples, found)]
-        if len(missing) == len(examples):
-            return h_teacher, h_shortcut
     return tuple(torch.cat([states[i].to(device) for states in found]) for i in (0, 1))  # cached ones: on the host
 
 
-def step_divisor(items, norm):
-    """The divisor of one optimizer step's loss, known before its micro-steps: its number of sequences
-    (--loss-norm sequence) or of response tokens (token), over all ranks and micro-batches."""
-    return len(items) if norm == "sequence" else sum(len(ex["student"][1]) for ex in items)
+# what the loss reports, summed over a step's micro-batches and ranks (metrics.jsonl, log lines, the plot)
+LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
+
+
+def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device, cache=None):
+    """(loss, {logged term: float}) of one micro-batch, weighted by --loss-norm with the whole step's divisor so
+    that a step's micro-batches and ranks sum to its loss. reference: theta0; cache: its states."""
+    batch = collate([ex["student"] for ex in examples], pad_id)
+    h_student, targets = response_hidden(model, batch, device)
+    weights = loss_weights(batch[2], args.loss_norm, divisor)[batch[2]]                # [N], in (row, t) order
+    if args.objective == "sft":
+        return chunked_sft_loss(h_student, targets, model.get_output_embeddings(), weights, args.loss_chunk)
+    h_teacher, h_shortcut = reference_states(reference, examples, cache, pad_id, device)
+    return chunked_dail_loss(h_student, h_teacher, h_shortcut, model.get_output_embeddings(),
+                             reference.get_output_embeddings(), args.lam, args.direction, weights, args.loss_chunk)
 
 
 def lr_at(step, total_steps, peak, warmup):
@@ -838,176 +799,144 @@ def lr_at(step, total_steps, peak, warmup):
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
-def build_examples(tok, records, args):
-    """Three contexts per trace (student, privileged, shortcut; SFT: the student alone), each a pair
-    (prompt ids, response ids) with the response shared. The teacher sees the solution the validator saw
-    (never re-shortened); an example longer than --max-len is dropped and counted.
-    Returns ([{context name: (prompt ids, response ids)}], number dropped)."""
-    eot = end_of_turn_id(tok)
+def build_examples(args, records, not_kept, master):
+    """(tok, examples, counts): per trace the contexts (student, privileged, shortcut; SFT: the student) as
+    (prompt ids, response ids), the response shared; an example over --max-len is dropped."""
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    if master:
+        check_thinking_flag(tok, args)
     which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
-    examples, too_long = [], 0
+    eot, examples = end_of_turn_id(tok), []
     for r in records:
-        response = training_response(tok, r, args, eot)
+        if args.objective == "sft" and args.sft_target == "expert":    # a huge solution: just enough to be dropped
+            response = bounded_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"], r["solution"],
+                                   args.max_len)[0] + [eot]
+        else:        # end of turn if the trace finished: the model learns to stop (a cut thinking prefix: none)
+            response = list(r["response_ids"]) + [eot] * (r["finish_reason"] == "stop")
         try:
             contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
-        except DailError:
-            contexts = None
-        if contexts is None or max(len(p) for p in contexts.values()) + len(response) > args.max_len:
-            too_long += 1
-        else:
+        except DailError:                                                   # a prompt over the budget
+            continue
+        if max(len(p) for p in contexts.values()) + len(response) <= args.max_len:
             examples.append({name: (prompt, response) for name, prompt in contexts.items()})
-    return examples, too_long
+    counts = dict(examples=len(examples), dropped_too_long=len(records) - len(examples), traces_not_kept=not_kept)
+    if master:
+        print(f"train: {len(examples)} examples ({counts['dropped_too_long']} dropped as longer than --max-len "
+              f"{args.max_len}, {not_kept} traces not kept by the filter)", file=sys.stderr)
+    if not examples:
+        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
+    return tok, examples, counts
 
 
-def build_models(args, device):
-    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (the reference for
-    the teacher and shortcut passes: the same network with adapters off, or a frozen copy; None for SFT
-    with full fine-tuning), the trainable parameters and their AdamW."""
-    full_ft = args.lora_rank == 0
-    base_dtype = torch.float32 if full_ft else resolve_dtype(args.dtype, device)   # full FT keeps fp32 master weights
-    model = load_model(args.model, device, base_dtype, args.trust_remote_code)
+def build_models(args, device, examples, master):
+    """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (theta with adapters
+    off, or a frozen copy; None for SFT with full FT), AdamW, the cache of theta0's states, the autocast."""
+    dtype, full_ft = resolve_dtype(args.dtype, device), args.lora_rank == 0
+    model = load_model(args.model, device, torch.float32 if full_ft else dtype,   # full FT: fp32 master weights
+                       args.trust_remote_code)
     if full_ft:
         reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
     else:
-        model = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
-        reference = model                                    # same network, adapters switched off
+        model = reference = add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha,
+                                     args.lora_dropout)
     if args.grad_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return model, reference, params, optimizer
-
-
-def checkpoint_due(step, total_steps, args, num_examples):
-    """Whether to write a checkpoint after optimizer step `step` (0-based): every --save-every steps, at the
-    end of every epoch (the step that completes a pass over the examples), and after the last step."""
-    ends_epoch = (step + 1) * args.batch_size // num_examples > step * args.batch_size // num_examples
-    return ends_epoch or step + 1 == total_steps or bool(args.save_every and (step + 1) % args.save_every == 0)
-
-
-def log_line(rec, total_steps):
-    """One plain line per --log-every steps, for logs that are files (no progress-bar carriage returns)."""
-    terms = " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "kl_teacher", "kl_shortcut", "ce") if k in rec)
-    return (f"step {rec['step']}/{total_steps} {terms} lr {rec['lr']:.3g} grad_norm {rec['grad_norm']:.3g} "
-            f"tok/s {rec['tok_per_s']:.0f}")
+    optimizer = torch.optim.AdamW([p for p in model.train().parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    use_amp, cache = device.type == "cuda" and dtype != torch.float32, None
+    if args.objective == "dail":
+        states_dtype = dtype if use_amp else model.get_input_embeddings().weight.dtype     # what forwards give
+        cache, line = setup_reference_cache(args, examples, model, states_dtype, Path(args.out),
+                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if master:
+            print(line, file=sys.stderr)
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=use_amp)
+    return model, reference, optimizer, cache, autocast
 
 
 def cmd_train(args):
-    """Write OUT/ : the merged model + tokenizer (from_pretrained / vLLM), dail_prompt.json (its prompt),
+    """Write OUT/: the merged model + tokenizer (from_pretrained / vLLM), dail_prompt.json (its prompt),
     adapters/ (PEFT), metrics.jsonl, metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
     validate_args(resolve_released(args))
     records, not_kept = load_training_records(args)            # all input checks before any model loads
     guard_train_out(args)                                      # --out: not the model, not an unrelated run
-    out = Path(args.out)
-    if args.resume and not (out / "checkpoint.pt").exists():
-        raise DailError(f"--resume: {out / 'checkpoint.pt'} does not exist")
-    t_start = time.time()
-
+    out, t_start = Path(args.out), time.time()
+    checkpoint, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
+    if args.resume and not checkpoint.exists():
+        raise DailError(f"--resume: {checkpoint} does not exist")
     ddp, rank, world_size, device = setup_distributed(args)
-    master_process = rank == 0                                 # it logs and saves; every rank trains
+    master = rank == 0                                         # it logs and saves; every rank trains
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    if master_process:
-        check_thinking_flag(tok, args)
-    examples, too_long = build_examples(tok, records, args)
-    if master_process:
-        print(f"train: {len(examples)} examples ({too_long} dropped as longer than --max-len {args.max_len}, "
-              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
-    if not examples:
-        raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
-    model, reference, params, optimizer = build_models(args, device)
-    autocast_dtype = resolve_dtype(args.dtype, device)
-    use_autocast = device.type == "cuda" and autocast_dtype != torch.float32
-    cache = None                                       # theta0's states, computed once (reference_states)
-    if args.objective == "dail":
-        out.mkdir(parents=True, exist_ok=True)
-        cache, line = setup_reference_cache(args, examples, model, autocast_dtype if use_autocast else
-                                            model.get_input_embeddings().weight.dtype, out,
-                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if master_process:
-            print(line, file=sys.stderr)
-
+    tok, examples, counts = build_examples(args, records, not_kept, master)
+    model, reference, optimizer, cache, autocast = build_models(args, device, examples, master)
+    params = optimizer.param_groups[0]["params"]
+    total_steps = planned_steps(args, len(examples), say=master)
+    start = load_checkpoint(checkpoint, model, optimizer, args, device, total_steps) if args.resume else 0
+    if master:                                       # metrics.jsonl: afresh, or cut back to the checkpoint
+        kept = [m for m in resume_jsonl(metrics) if m["step"] <= start] if args.resume else []
+        write_atomic(metrics, "".join(json.dumps(m) + "\n" for m in kept))
     # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
-    total_steps = planned_steps(args, len(examples), say=master_process)
-    checkpoint = out / "checkpoint.pt"
-    start = load_checkpoint(checkpoint, model, optimizer, args, device, total_steps) if args.resume else 0
-    metrics_path = out / "metrics.jsonl"
-    if master_process:
-        out.mkdir(parents=True, exist_ok=True)
-        kept_lines = [m for m in resume_jsonl(metrics_path) if m["step"] <= start] if args.resume else []
-        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in kept_lines))
-
-    # ---- the training loop: one optimizer step per iteration ------------------------------------------
-    bar = progress(total=total_steps, initial=start, desc=f"train {args.objective}", unit="step",
-                   disable=not master_process or not sys.stderr.isatty())   # a log file gets plain lines
-    with stop_signals() as signals:
+    with stop_signals() as signals, progress(total=total_steps, initial=start, desc=f"train {args.objective}",
+                                             unit="step", disable=not master or not sys.stderr.isatty()) as bar:
         for step in range(start, total_steps):
             t0 = time.time()
-            # 1. learning rate of this step
-            lr = lr_at(step, total_steps, args.lr, args.warmup_steps)
+            lr = lr_at(step, total_steps, args.lr, args.warmup_steps)          # 1. this step's learning rate
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # 2. this step's sequences; the divisor (all ranks) makes the sum of micro-batch losses the step's loss
+            # 2. micro-steps over this rank's share of the step; gradients accumulate in .grad. Each position
+            #    is divided by the whole step's sequences or tokens (all ranks): the sum is the step's loss
             items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
-            divisor, num_tokens = step_divisor(items, args.loss_norm), sum(len(ex["student"][1]) for ex in items)
-            mine = items[rank::world_size]
-            # 3. micro-steps: forward, backward, gradients accumulate in .grad
+            tokens = sum(len(ex["student"][1]) for ex in items)
+            divisor = len(items) if args.loss_norm == "sequence" else tokens
             logged = dict.fromkeys(LOGGED[args.objective], 0.0)
+            mine = items[rank::world_size]
             for i in range(0, len(mine), args.micro_batch_size):
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                with autocast():
                     loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
                                                    divisor, tok.pad_token_id, device, cache)
                 loss.backward()
                 for k, v in dict(loss=float(loss.detach()), **stats).items():
                     logged[k] += v
-            # 4. data parallel: sum the gradients once per step (each is already divided by the global count)
-            if ddp:
+            if ddp:                                         # data parallel: sum the gradients once per step
                 logged = all_reduce_step(params, logged, device)
-            # 5. clip, step, zero
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            check_finite(step + 1, dict(logged, grad_norm=float(grad_norm)), checkpoint, args)
-            optimizer.step()
+            # 3. clip: a loss or gradient norm that is not finite stops the run before its update
+            grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf))
+            check_finite(step + 1, dict(logged, grad_norm=grad_norm), checkpoint, args)
+            optimizer.step()                                                    # 4. the update
             optimizer.zero_grad(set_to_none=True)
-            # 6. log: metrics.jsonl every step, a line every --log-every steps
-            if master_process:
-                rec = dict(step=step + 1, lr=lr, grad_norm=float(grad_norm), tokens=num_tokens, sequences=len(items),
-                           tok_per_s=num_tokens / (time.time() - t0), **logged)
-                with open(metrics_path, "a") as f:
+            if master:                        # 5. log: metrics.jsonl every step, a line every --log-every steps
+                rec = dict(step=step + 1, lr=lr, grad_norm=grad_norm, tokens=tokens, sequences=len(items),
+                           tok_per_s=tokens / (time.time() - t0), **logged)
+                with open(metrics, "a") as f:
                     append_jsonl(f, rec)
                 bar.update()
                 if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-                    if bar.disable:
-                        print(log_line(rec, total_steps), file=sys.stderr, flush=True)
-                    else:
-                        bar.set_postfix({k: f"{rec[k]:.4g}" for k in LOGGED[args.objective]})
-            # 7. checkpoint: every --save-every steps, at every epoch end, and when SIGTERM/SIGINT asks to stop
+                    terms = " ".join(f"{k} {v:.4g}" for k, v in logged.items())
+                    bar.write(f"step {step + 1}/{total_steps} {terms} lr {lr:.3g} grad_norm {grad_norm:.3g} "
+                              f"tok/s {rec['tok_per_s']:.0f}", file=sys.stderr)     # above the bar on a terminal
+            # 6. checkpoint: every --save-every steps, at each epoch's end, after the last step, on SIGTERM/SIGINT
             stop = agreed_signal(signals["signal"], ddp, device)
-            if master_process and (stop or checkpoint_due(step, total_steps, args, len(examples))):
+            ends_epoch = (step + 1) * args.batch_size // len(examples) > step * args.batch_size // len(examples)
+            if master and (stop or ends_epoch or step + 1 == total_steps
+                           or args.save_every and (step + 1) % args.save_every == 0):
                 save_checkpoint(checkpoint, step + 1, model, optimizer, args, device)
             if stop:
-                bar.close()
                 end_distributed(ddp)
                 raise Interrupted(f"interrupted at step {step + 1}; rerun with --resume to continue"
-                                  if master_process else "", 128 + stop)
-    bar.close()
-
-    # ---- save: adapters alone, then the merged model that from_pretrained and vLLM load ------------------
-    if master_process:
-        summary = save_result(out, model, tok, args, dict(
-            examples=len(examples), dropped_too_long=too_long, traces_not_kept=not_kept, steps=total_steps,
-            world_size=world_size, reference_cache=cache and {k: cache[k] for k in (
-                "mode", "computed", "reused", "bad_files")}))
-        final = summary["final"] or {}
+                                  if master else "", 128 + stop)
+    if master:                    # adapters alone, then the merged model that from_pretrained and vLLM load
+        cache_counts = cache and {k: cache[k] for k in ("mode", "computed", "reused", "bad_files")}
+        final = save_result(out, model, tok, args, dict(counts, steps=total_steps, world_size=world_size,
+                                                        reference_cache=cache_counts))["final"] or {}
         terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
-        print(f"train: done: {total_steps} steps over {len(examples)} examples ({min(len(order), total_steps * args.batch_size)} "
-              f"sequences), final {terms}, {time.time() - t_start:.1f} s; model in {out}", file=sys.stderr)
-        if cache:
-            print(f"train: reference cache ({cache['mode']}, rank 0): theta0 ran on {cache['computed']} examples, "
-                  f"{cache['reused']} reused, {cache['bad_files']} bad files recomputed", file=sys.stderr)
+        theta0 = cache and (f"; theta0 ran on {cache['computed']} examples, {cache['reused']} from the reference "
+                            f"cache ({cache['mode']}, rank 0), {cache['bad_files']} bad files recomputed")
+        sequences = min(len(order), total_steps * args.batch_size)
+        print(f"train: done: {total_steps} steps over {len(examples)} examples ({sequences} sequences), final "
+              f"{terms}, {time.time() - t_start:.1f} s{theta0 or ''}; model in {out}", file=sys.stderr)
     end_distributed(ddp)
 
 

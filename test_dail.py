@@ -293,7 +293,7 @@ def test_rewrite_and_eval_share_one_base_and_keep_their_own_defaults():
 # ------------------------------------------------------------------------------------------------------
 # 2. contexts: token identity, shortening, thinking
 # ------------------------------------------------------------------------------------------------------
-def test_contexts_share_response_ids(tok):
+def test_contexts_share_response_ids(tiny, tok):
     problem = dail.load_problems(write_jsonl(Path(os.environ.get("TMPDIR", "/tmp")) / "p_ctx.jsonl", PROBLEMS),
                                  True, True)[1]
     ctx = dail.build_contexts(tok, problem, False, None)
@@ -304,12 +304,14 @@ def test_contexts_share_response_ids(tok):
     assert problem["solution"] not in tok.decode(ctx["shortcut"])
     response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
     record = dict(problem, response_ids=response, finish_reason="stop")
-    args = dail.TrainArgs(objective="dail")
+    args = dail.TrainArgs(objective="dail", model=str(tiny), max_len=4096)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert dail.end_of_turn_id(tok) == eot
-    assert dail.training_response(tok, record, args, eot) == response + [eot]   # finished: learn to stop
-    record["finish_reason"] = "length"
-    assert dail.training_response(tok, record, args, eot) == response           # cut by the budget: no stop
+    cut = dict(record, finish_reason="length")
+    _, exs, _ = dail.build_examples(args, [record, cut], 0, master=False)
+    assert [ex["privileged"][0] for ex in exs] == [ctx["privileged"]] * 2
+    assert exs[0]["student"][1] == exs[0]["shortcut"][1] == response + [eot]   # finished: learn to stop
+    assert exs[1]["student"][1] == response                                     # cut by the budget: no stop
     # each context's training sequence is its prompt ids + the very same response ids
     ids, _, predicts = dail.collate([(ctx[name], response) for name in ("student", "privileged", "shortcut")], 0)
     targets = [ids[i, 1:][predicts[i]].tolist() for i in range(3)]
@@ -776,8 +778,7 @@ def test_num_tokens_accumulation_equals_one_batch(tiny, tok, norm, objective):
     loss.backward()
     one = [p.grad.clone() for p in params]
     m.zero_grad()
-    divisor = dail.step_divisor(exs, norm)                   # known before the micro-steps: 4 sequences / 30 tokens
-    assert divisor == (4 if norm == "sequence" else sum(len(ex["student"][1]) for ex in exs))
+    divisor = 4 if norm == "sequence" else sum(len(ex["student"][1]) for ex in exs)   # the whole step's, as cmd_train
     for ex in exs:
         dail.micro_batch_loss(m, m, [ex], args, divisor, tok.pad_token_id, torch.device("cpu"))[0].backward()
     for a, p in zip(one, params):
