@@ -347,31 +347,27 @@ def left_pad(seqs, pad_id, device):
 @torch.no_grad()
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
     """One response per trace, shared by its G contexts (rewrite: G = 2, proposer and validator; eval: G = 1).
-    contexts: B traces, each a list of G prompt-id lists. choose(logits [G, b, V], step, rows [b]) -> (tokens
-    [b], accepted [b] bool or None) picks the active traces' tokens; rows (their indices in `contexts`) let a
-    sampler key its random numbers by trace and step. The G*B rows run as one batch: the prompts are prefilled
-    into a KV cache (left padding, positions from the mask), then each step feeds one token per row, the same
-    for all contexts of a trace, so they share the response ids exactly. A trace ends at a stop token (not kept)
-    or the budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM) is subtracted from the logits of
-    the tokens already in the trace's response. Returns per trace: dict(ids, finish_reason 'stop'|'length',
-    stop_id, n_accepted, n_fallback)."""
+    contexts: B traces of G prompt-id lists. choose(logits [G, b, V], step, rows [b]) -> (tokens [b], accepted [b]
+    bool or None) picks the b active traces' tokens (rows: their indices in `contexts`, which key a sampler's random
+    numbers). The G*B rows run as one batch on one KV cache: the first step feeds the left-padded prompts, each later
+    step one token per row, the same for all contexts of a trace. A trace ends at a stop token (not kept) or the
+    budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM's) is subtracted from the logits of the tokens
+    already in the response. Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted,
+    n_fallback)."""
     from transformers import DynamicCache
-    device = next(model.parameters()).device
-    B, G = len(contexts), len(contexts[0])
+    device, B, G = next(model.parameters()).device, len(contexts), len(contexts[0])
     rows = [trace[g] for g in range(G) for trace in contexts]                  # row g*B + i: context g of trace i
-    ids, mask, positions = left_pad(rows, pad_id, device)
-    cache = DynamicCache()
-    kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
-    next_pos = positions[:, -1] + 1                                           # [G*B]
+    ids, mask, pos = left_pad(rows, pad_id, device)                           # [G*B, L]
+    kv = cache_kwarg(model, cache := DynamicCache())                          # {its keyword: the KV cache}
     active = list(range(B))                                                   # traces still decoding
     results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
-    present = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device) if presence_penalty else None
     for step in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kv, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]                      # [G*b, V]
         if banned_ids:
             logits[:, list(banned_ids)] = float("-inf")
-        if presence_penalty:                                      # [b, V] -> every context's rows [G*b, V]
+        if presence_penalty:    # present [b, V]: the tokens already in each response (made at step 0), on G rows
+            present = present if step else torch.zeros_like(logits[:B], dtype=torch.bool)
             logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
         b = len(active)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
@@ -392,13 +388,11 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             kept = torch.tensor(keep, device=device)
             live = (kept + b * torch.arange(G, device=device)[:, None]).flatten()      # [G*b'], context-major
             cache.batch_select_indices(live)
-            mask, next_pos, tokens = mask[live], next_pos[live], tokens[kept]
+            mask, pos, tokens = mask[live], pos[live], tokens[kept]
             present = present[kept] if presence_penalty else None
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       **kv, use_cache=True).logits[:, -1]
-        next_pos = next_pos + 1
+        ids, pos = tokens.repeat(G)[:, None], pos[:, -1:] + 1                 # [G*b, 1]: the next step's input
     return results
 
 
