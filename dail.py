@@ -9,8 +9,7 @@ DAIL turns a few hundred expert solutions into training signal a model can actua
               from the one that saw only the answer and intermediate results (shortcut).
   3. eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
 
-Run `python dail.py rewrite|train|eval --model M --data D --out O` (several GPUs: `torchrun ... dail.py ...`);
-`python examples/quickstart.py` runs all three on CPU. The README is the manual.
+Run: python dail.py rewrite|train|eval --model M --data D --out O (or under torchrun); the README is the manual.
 
 Map: the arguments; the method in the paper's order (three contexts, the token rule and its rollout, filtering and
 rewrite, the loss, LoRA and training, pass@k and eval); Appendix A, grading; Appendix B, running it (files,
@@ -46,7 +45,6 @@ import torch.nn.functional as F
 
 # ==== The arguments: every flag of rewrite, train and eval (a field's help is its --help line), released defaults ======
 def arg(default=None, help="", **kw):
-    """A dataclass field that becomes one command-line flag; `help` is its --help line."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -164,9 +162,7 @@ class EvalArgs(SamplingArgs):
 
 def resolve_released(args):
     """Fill the flags left at None with the released default of this model kind (see RELEASED)."""
-    for name, value in RELEASED[args.thinking].items():
-        if getattr(args, name, 0) is None:
-            setattr(args, name, value)
+    vars(args).update({name: v for name, v in RELEASED[args.thinking].items() if getattr(args, name, 0) is None})
     return args
 
 
@@ -199,7 +195,6 @@ increasing order, then symbols alphabetically), not in the order the solution us
 # eval's forced-answer pass (make_sampler) continues a response after this cue (--thinking: after </think>)
 ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
-_MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
 _FRACTION = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
 _GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi rho "
              "sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega".split())
@@ -221,7 +216,7 @@ def intermediate_results(solution, answer=None):
         before = rest[:m.start()].rstrip()
         sign = m[1] if not before or before.endswith(_SIGN_BEFORE) else ""  # x - 3: a subtraction, the atom is 3
         numbers.setdefault(Fraction(sign + m[2]), sign + m[2])
-    for groups in re.findall(_MATH_SPANS, solution, flags=re.S):
+    for groups in re.findall(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", solution, flags=re.S):  # math
         span = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", next(g for g in groups if g))
         for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", span):
             if m[1] is None or m[1] in _GREEK:                            # other commands (\pmod) are no symbols
