@@ -305,8 +305,7 @@ def sample_with(probs, u):
 
 
 def trace_keys(seed, problem_ids, samples):
-    """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
-    trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
+    """[B, 2] int64 keys (two 32-bit words) of (seed, problem id, sample): not of the batch, a resume or a shard."""
     digests = b"".join(hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
                        for pid, s in zip(problem_ids, samples))
     return torch.from_numpy(np.frombuffer(digests, "<u4").astype(np.int64).reshape(-1, 2))
@@ -341,14 +340,13 @@ def left_pad(seqs, pad_id, device):
 
 @torch.no_grad()
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
-    """One response per trace, shared by its G contexts (rewrite: G = 2, proposer and validator; eval: G = 1).
-    contexts: B traces of G prompt-id lists. choose(logits [G, b, V], step, rows [b]) -> (tokens [b], accepted [b]
-    bool or None) picks the b active traces' tokens (rows: their indices in `contexts`, which key a sampler's random
-    numbers). The G*B rows run as one batch on one KV cache: the first step feeds the left-padded prompts, each later
-    step one token per row, the same for all contexts of a trace. A trace ends at a stop token (not kept) or the
-    budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM's) is subtracted from the logits of the tokens
-    already in the response. Returns per trace: dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted,
-    n_fallback)."""
+    """One response per trace, shared by its G prompts (rewrite: G = 2, proposer and validator; eval: G = 1), as
+    dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). contexts: B traces of G prompt-id lists.
+    choose(logits [G, b, V], step, rows [b]) -> (tokens [b], accepted [b] bool or None) picks the b active traces'
+    tokens (rows: their indices in `contexts`). The G*B rows share one KV cache: the first step feeds the left-padded
+    prompts, each later step one token per row, the same for all contexts of a trace, until a stop token (not kept)
+    or the budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM) is subtracted from the logits of the
+    tokens already in the response."""
     from transformers import DynamicCache
     device, B, G = next(model.parameters()).device, len(contexts), len(contexts[0])
     rows = [trace[g] for g in range(G) for trace in contexts]                  # row g*B + i: context g of trace i
