@@ -269,8 +269,7 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
 
 
 def model_probs(logits):
-    """[B, V] logits -> [B, V] float32 model probabilities, which the threshold tests: the full softmax at
-    temperature 1 (no top-k or top-p); banned tokens (logit -inf, e.g. </think> in a thinking rewrite) get 0."""
+    """[B, V] logits -> what the threshold tests: the full softmax at temperature 1, no top-k/top-p; -inf gets 0."""
     return logits.float().softmax(-1)
 
 
@@ -297,8 +296,7 @@ def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
 
 
 def sample_with(probs, u):
-    """Inverse-CDF sampling: probs [B, V] (rows need not sum to 1), u [B, m] uniforms -> [B, m] token ids drawn
-    from each row's distribution. Zero-probability tokens are never drawn."""
+    """Inverse-CDF draws: probs [B, V] (rows need not sum to 1), u [B, m] -> [B, m] ids; a 0-probability id never."""
     cdf = probs.double().cumsum(-1)                                               # [B, V]
     tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
     return tokens.clamp(max=probs.shape[-1] - 1)
@@ -312,8 +310,7 @@ def trace_keys(seed, problem_ids, samples):
 
 
 def counter_uniforms(keys, step, n):
-    """[B, n] float64 uniforms in (0, 1) for B traces (keys [B, 2]: trace_keys) at decoding step `step`: a
-    counter-based generator, u = hash(key, step, j), so a trace's draws do not depend on its batch."""
+    """[B, n] float64 uniforms in (0, 1) at decoding step `step`, counter-based: u = hash(trace_keys, step, j)."""
     j = torch.arange(n, dtype=torch.long, device=keys.device)
     counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
     h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
