@@ -331,8 +331,7 @@ def left_pad(seqs, pad_id, device):
     rows = [torch.as_tensor(s, dtype=torch.long).flip(0) for s in seqs]   # reversed: pad_sequence pads right
     ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id).flip(1)
     mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).flip(1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+    return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
 
 
 @torch.no_grad()
