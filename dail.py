@@ -9,17 +9,12 @@ DAIL turns a few hundred expert solutions into training signal a model can actua
               from the one that saw only the answer and intermediate results (shortcut).
   3. eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
 
-Run it (the README is the manual):
-    python examples/quickstart.py                                   # CPU, the shipped tiny world
-    python dail.py rewrite|train|eval --model M --data D --out O    # one GPU (train: add --grad-checkpointing)
-    torchrun --standalone --nproc_per_node 8 dail.py rewrite|train|eval ...   # several GPUs
+Run: python dail.py rewrite|train|eval --model M --data D --out O (or under torchrun); the README is the manual.
 
 Map: the arguments; the method in the paper's order (three contexts, the token rule and its rollout, filtering and
 rewrite, the loss, LoRA and training, pass@k and eval); Appendix A, grading; Appendix B, running it (files,
 fingerprints and resume, the reference cache, torchrun and shards, models and the hub, vLLM, the command line).
 """
-from __future__ import annotations
-
 import contextlib
 import copy
 import dataclasses
@@ -50,7 +45,6 @@ import torch.nn.functional as F
 
 # ==== The arguments: every flag of rewrite, train and eval (a field's help is its --help line), released defaults ======
 def arg(default=None, help="", **kw):
-    """A dataclass field that becomes one command-line flag; `help` is its --help line."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -89,8 +83,8 @@ class SamplingArgs(CommonArgs):
     max_new_tokens: int = arg(4096, "token budget per sample; with --thinking the thinking budget (to </think>)")
     batch_size: int = arg(64, "hf engine: sequences decoded together")
     engine: str = arg("auto", "auto: vLLM when importable and on a GPU, else hf", choices=["auto", "hf", "vllm"])
-    grader: str = arg("builtin", "how answers are graded: builtin (exact, no dependency) or math-verify "
-                                 "(pip install math-verify)", choices=["builtin", "math-verify"])
+    grader: str = arg("builtin", "builtin (exact, no dependency) or math-verify (pip install math-verify); eval: "
+                                 "rerun with another to re-grade its samples", choices=["builtin", "math-verify"])
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
     max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
     gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
@@ -168,9 +162,7 @@ class EvalArgs(SamplingArgs):
 
 def resolve_released(args):
     """Fill the flags left at None with the released default of this model kind (see RELEASED)."""
-    for name, value in RELEASED[args.thinking].items():
-        if hasattr(args, name) and getattr(args, name) is None:
-            setattr(args, name, value)
+    vars(args).update({name: v for name, v in RELEASED[args.thinking].items() if getattr(args, name, 0) is None})
     return args
 
 
@@ -203,7 +195,6 @@ increasing order, then symbols alphabetically), not in the order the solution us
 # eval's forced-answer pass (make_sampler) continues a response after this cue (--thinking: after </think>)
 ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
 
-_MATH_SPANS = r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]"
 _FRACTION = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
 _GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi rho "
              "sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega".split())
@@ -212,22 +203,20 @@ _SIGN_BEFORE = ("$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\
 
 
 def intermediate_results(solution, answer=None):
-    """The shortcut context's list: the atoms of an expert solution, without its method. Numbers anywhere
-    (integers, decimals, a/b, \\frac{a}{b}; negative where the minus cannot be a subtraction) and, inside math
-    ($...$, \\(...\\), ...), letters with an optional simple subscript (a_1, x_{k}) and Greek letters. De-duplicated
-    (numbers by value) and sorted, numbers then symbols, so the order says nothing about the method; atoms equal
-    to `answer` are left out (the hint states it first)."""
+    """The shortcut context's list: the atoms of an expert solution, without its method. Numbers anywhere (integers,
+    decimals, a/b, \\frac{a}{b}; negative where the minus cannot be a subtraction) and, inside math, letters with an
+    optional simple subscript (a_1, x_{k}) and Greek letters; de-duplicated (numbers by value) and sorted, numbers
+    then symbols, so the order says nothing about the method. Atoms equal to `answer` are left out."""
     numbers, symbols = {}, set()                                         # numbers: exact value -> first spelling
-    for m in re.finditer(_FRACTION, solution):
-        num, den = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
-        if int(den) != 0:
-            numbers.setdefault(Fraction(int(num), int(den)), m[0].strip())
+    for m in re.finditer(_FRACTION, solution):                           # \frac{a}{b} (groups 1, 2) or a/b (3, 4)
+        if int(m[2] or m[4]):
+            numbers.setdefault(Fraction(int(m[1] or m[3]), int(m[2] or m[4])), m[0].strip())
     rest = re.sub(_FRACTION, " ", solution)
     for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):
         before = rest[:m.start()].rstrip()
         sign = m[1] if not before or before.endswith(_SIGN_BEFORE) else ""  # x - 3: a subtraction, the atom is 3
         numbers.setdefault(Fraction(sign + m[2]), sign + m[2])
-    for groups in re.findall(_MATH_SPANS, solution, flags=re.S):
+    for groups in re.findall(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", solution, flags=re.S):  # math
         span = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", next(g for g in groups if g))
         for m in re.finditer(r"\\([A-Za-z]+)|(?<![A-Za-z])([A-Za-z])(?![A-Za-z])(?:_\{?([A-Za-z0-9])\}?)?", span):
             if m[1] is None or m[1] in _GREEK:                            # other commands (\pmod) are no symbols
@@ -249,33 +238,29 @@ def chat_prompt_ids(tok, user_text, thinking):
 def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
     """Prompt ids of the requested contexts of one problem (dict). The privileged prompt holds privileged_solution
     (fit_privileged_solution's cut) when given, else the solution; one over max_prompt_len is a DailError."""
-    prompts, out = dict(student=STUDENT_PROMPT, privileged=PRIVILEGED_PROMPT), {}
-    solution = problem.get("privileged_solution") or problem.get("solution")
-    for name in [n for n in ("student", "privileged") if n in which]:
-        text = prompts[name].format(problem=problem["problem"], solution=solution)    # student: no {solution}
+    fields = dict(problem=problem["problem"], solution=problem.get("privileged_solution") or problem.get("solution"))
+    if "shortcut" in which:                              # the answer and the solution's atoms, never its text
+        atoms = intermediate_results(problem["solution"] or "", problem["answer"])
+        fields.update(answer=problem["answer"], results=", ".join(atoms) or "none")
+    prompts, out = dict(student=STUDENT_PROMPT, privileged=PRIVILEGED_PROMPT, shortcut=SHORTCUT_PROMPT), {}
+    for name in which:
+        text = prompts[name].format(**fields)                    # a template ignores the fields it does not name
         out[name], whole = bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text, max_prompt_len)
         if max_prompt_len is not None and len(out[name]) > max_prompt_len:
             raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is {'' if whole else 'over '}"
                             f"{len(out[name])} tokens, over the prompt budget of {max_prompt_len} (--max-prompt-len, "
                             f"or the model's context length minus --max-new-tokens)")
-    if "shortcut" in which:
-        results = intermediate_results(problem["solution"] or "", problem["answer"])
-        text = SHORTCUT_PROMPT.format(problem=problem["problem"], answer=problem["answer"],
-                                      results=", ".join(results) or "none")
-        out["shortcut"] = chat_prompt_ids(tok, text, thinking)
     return out
 
 
 # ==== Step 1, rewrite: the token rule (proposer, validator, threshold), its per-trace random numbers, the rollout ======
 def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
-    """[B, V] logits -> [B, V] float32 sampling distribution, rows summing to 1. Order as in vLLM:
-    temperature, then top-k (exactly k candidates), then top-p (the smallest set of most likely candidates
-    with mass >= top_p). temperature 0 is greedy: a one-hot row on the argmax."""
-    logits = logits.float()
+    """[B, V] logits -> [B, V] float32 sampling distribution. As in vLLM: temperature, then top-k (exactly k
+    candidates), then top-p (the smallest most likely set with mass >= top_p); temperature 0: one-hot argmax."""
+    logits, V = logits.float(), logits.shape[-1]
     if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    k = top_k if 0 < top_k < logits.shape[-1] else logits.shape[-1]
-    values, order = logits.topk(k, dim=-1)           # [B, k] candidates, most likely first (a sort when k = V)
+        return F.one_hot(logits.argmax(-1), V).float()
+    values, order = logits.topk(top_k if 0 < top_k < V else V, dim=-1)     # [B, k], most likely first (k = V: a sort)
     probs = (values / temperature).softmax(-1)
     if top_p < 1.0:
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)   # keep while the mass before is < top_p
@@ -284,55 +269,48 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=0):
 
 
 def model_probs(logits):
-    """[B, V] logits -> [B, V] float32 model probabilities, which the threshold tests: the full softmax at
-    temperature 1 (no top-k or top-p); banned tokens (logit -inf, e.g. </think> in a thinking rewrite) get 0."""
+    """[B, V] logits -> what the threshold tests: the full softmax at temperature 1, no top-k/top-p; -inf gets 0."""
     return logits.float().softmax(-1)
 
 
 def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
-    """The DAIL token rule over a batch: tokens [B] (long) and accepted [B] (bool: an accepted proposal).
-    p_propose, p_validate: [B, V] *sampling* distributions (sampling_probs); q_validate: [B, V] the validator's
-    *model* probabilities (model_probs), which the threshold tests (as released; the tempered p_validate would
-    turn a raw 0.6 into 0.86 at temperature 0.6, passing 0.8). Per row: draw up to R = `retries` candidates
-    c ~ p_propose and take the first with q_validate[c] >= threshold; if none passes, draw from p_validate (a
-    fallback). With A = {v : q_validate[v] >= threshold} and a = p_propose(A), the token's distribution is
+    """The DAIL token rule over B rows -> tokens [B] (long), accepted [B] (bool: a proposal passed). Per row: draw
+    up to R = `retries` candidates c ~ p_propose and take the first whose validator *model* probability q_validate[c]
+    is >= threshold; if none passes, draw from p_validate (the fallback). p_propose, p_validate: [B, V] *sampling*
+    distributions (sampling_probs); q_validate: [B, V] model_probs, as released (the tempered p_validate would turn
+    a raw 0.6 into 0.86 at temperature 0.6, passing 0.8). With A = {v : q_validate[v] >= threshold} and
+    a = p_propose(A), the token's distribution is
 
         P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
 
-    (threshold 0: a = 1, the proposer; threshold > 1: a = 0, the validator). u: [B, R + 1] uniforms in (0, 1),
-    the row's only randomness (counter_uniforms, fixed by the trace and the step): columns :R draw the
-    proposals, column R the fallback. None: torch.rand."""
+    (threshold 0: a = 1, the proposer; threshold > 1: a = 0, the validator). u: [B, R + 1] uniforms in (0, 1), the
+    row's only randomness (counter_uniforms; None: torch.rand): columns :R draw the proposals, column R the fallback."""
     if u is None:
         u = torch.rand(p_propose.shape[0], retries + 1, dtype=torch.float64)
     draws = sample_with(p_propose, u[:, :retries])                                          # [B, R]
     passes = q_validate.gather(1, draws) >= threshold                                       # [B, R]
     accepted = passes.any(1)                                                                # [B]
-    first = passes.int().argmax(1, keepdim=True)              # index of the first passing draw (0 if none)
-    proposal = draws.gather(1, first).squeeze(1)                                            # [B]
+    proposal = draws.gather(1, passes.int().argmax(1, keepdim=True)).squeeze(1)  # [B] the first passing draw (or any)
     fallback = sample_with(p_validate, u[:, retries:]).squeeze(1)                           # [B]
     return torch.where(accepted, proposal, fallback), accepted
 
 
 def sample_with(probs, u):
-    """Inverse-CDF sampling: probs [B, V] (rows need not sum to 1), u [B, m] uniforms -> [B, m] token ids drawn
-    from each row's distribution. Zero-probability tokens are never drawn."""
+    """Inverse-CDF draws: probs [B, V] (rows need not sum to 1), u [B, m] -> [B, m] ids; a 0-probability id never."""
     cdf = probs.double().cumsum(-1)                                               # [B, V]
     tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
     return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 def trace_keys(seed, problem_ids, samples):
-    """[B, 2] int64: two 32-bit words per trace from (seed, problem id, sample index), the only things a
-    trace's random numbers may depend on (not its batch, its batch size, a resume or a shard)."""
-    digests = [hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
-               for pid, s in zip(problem_ids, samples)]
-    return torch.tensor([[int.from_bytes(d[:4], "little"), int.from_bytes(d[4:], "little")] for d in digests],
-                        dtype=torch.long)
+    """[B, 2] int64 keys (two 32-bit words) of (seed, problem id, sample): not of the batch, a resume or a shard."""
+    digests = b"".join(hashlib.blake2b(f"{seed}\x1f{pid}\x1f{s}".encode(), digest_size=8).digest()
+                       for pid, s in zip(problem_ids, samples))
+    return torch.from_numpy(np.frombuffer(digests, "<u4").astype(np.int64).reshape(-1, 2))
 
 
 def counter_uniforms(keys, step, n):
-    """[B, n] float64 uniforms in (0, 1) for B traces (keys [B, 2]: trace_keys) at decoding step `step`: a
-    counter-based generator, u = hash(key, step, j), so a trace's draws do not depend on its batch."""
+    """[B, n] float64 uniforms in (0, 1) at decoding step `step`, counter-based: u = hash(trace_keys, step, j)."""
     j = torch.arange(n, dtype=torch.long, device=keys.device)
     counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
     h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
@@ -353,38 +331,32 @@ def left_pad(seqs, pad_id, device):
     rows = [torch.as_tensor(s, dtype=torch.long).flip(0) for s in seqs]   # reversed: pad_sequence pads right
     ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id).flip(1)
     mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).flip(1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+    return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
 
 
 @torch.no_grad()
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
-    """One response per trace, shared by its G contexts (rewrite: G = 2, proposer and validator; eval: G = 1).
-    contexts: B traces, each a list of G prompt-id lists. choose(logits [G, b, V], step, rows [b]) -> (tokens
-    [b], accepted [b] bool or None) picks the active traces' tokens; rows (their indices in `contexts`) let a
-    sampler key its random numbers by trace and step. The G*B rows run as one batch: the prompts are prefilled
-    into a KV cache (left padding, positions from the mask), then each step feeds one token per row, the same
-    for all contexts of a trace, so they share the response ids exactly. A trace ends at a stop token (not kept)
-    or the budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM) is subtracted from the logits of
-    the tokens already in the trace's response. Returns per trace: dict(ids, finish_reason 'stop'|'length',
-    stop_id, n_accepted, n_fallback)."""
+    """One response per trace, shared by its G prompts (rewrite: G = 2, proposer and validator; eval: G = 1), as
+    dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). contexts: B traces of G prompt-id lists.
+    choose(logits [G, b, V], step, rows [b]) -> (tokens [b], accepted [b] bool or None) picks the b active traces'
+    tokens (rows: their indices in `contexts`). The G*B rows share one KV cache: the first step feeds the left-padded
+    prompts, each later step one token per row, the same for all contexts of a trace, until a stop token (not kept)
+    or the budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM) is subtracted from the logits of the
+    tokens already in the response."""
     from transformers import DynamicCache
-    device = next(model.parameters()).device
-    B, G = len(contexts), len(contexts[0])
+    device, B, G = next(model.parameters()).device, len(contexts), len(contexts[0])
     rows = [trace[g] for g in range(G) for trace in contexts]                  # row g*B + i: context g of trace i
-    ids, mask, positions = left_pad(rows, pad_id, device)
-    cache = DynamicCache()
-    kv = cache_kwarg(model, cache)                                            # {its keyword: cache}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]           # [G*B, V]
-    next_pos = positions[:, -1] + 1                                           # [G*B]
+    ids, mask, pos = left_pad(rows, pad_id, device)                           # [G*B, L]
+    kv = cache_kwarg(model, cache := DynamicCache())                          # {its keyword: the KV cache}
     active = list(range(B))                                                   # traces still decoding
     results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
-    present = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device) if presence_penalty else None
     for step in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kv, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]                      # [G*b, V]
         if banned_ids:
             logits[:, list(banned_ids)] = float("-inf")
-        if presence_penalty:                                      # [b, V] -> every context's rows [G*b, V]
+        if presence_penalty:    # present [b, V]: the tokens already in each response (made at step 0), on G rows
+            present = present if step else torch.zeros_like(logits[:B], dtype=torch.bool)
             logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
         b = len(active)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
@@ -405,13 +377,11 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             kept = torch.tensor(keep, device=device)
             live = (kept + b * torch.arange(G, device=device)[:, None]).flatten()      # [G*b'], context-major
             cache.batch_select_indices(live)
-            mask, next_pos, tokens = mask[live], next_pos[live], tokens[kept]
+            mask, pos, tokens = mask[live], pos[live], tokens[kept]
             present = present[kept] if presence_penalty else None
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=tokens.repeat(G)[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       **kv, use_cache=True).logits[:, -1]
-        next_pos = next_pos + 1
+        ids, pos = tokens.repeat(G)[:, None], pos[:, -1:] + 1                 # [G*b, 1]: the next step's input
     return results
 
 
