@@ -451,7 +451,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
 
 def cmd_rewrite(args):
     """Write OUT (traces.jsonl: a line per (problem, sample) of --data), OUT's .summary.json and .config.json. Split
-    (torchrun, --shard K/N), each shard writes a part file; the merging process writes OUT and the summary."""
+    (torchrun, --shard K/N), shard k appends to its part file (shard_path); gather_parts merges the parts into OUT."""
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
@@ -460,75 +460,40 @@ def cmd_rewrite(args):
               f"decoded (not --samples {args.samples})", file=sys.stderr)
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    out, config_of = Path(args.out), lambda path: path.with_suffix(".config.json")
+    out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), rewrite_engine(args, True)
     check_out_file(args)
-    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, rewrite_engine(args), problems,
-                                                             config_of, out.with_suffix(".summary.json"))
+    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
+                                                             out.with_suffix(".summary.json"))
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
-    roles = ("student", "privileged")
-    max_prompt = prompt_budget(args, "rewrite", lambda: max(
-        len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
-    contexts, skipped = {}, 0
-    for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
-        try:
-            p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
-            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, roles)
-        except DailError as e:
-            skipped += 1
-            print(f"skip: {e}", file=sys.stderr)
-    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
-    if shortened:
-        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
-              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
-    if not contexts:
-        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
-                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
+    contexts, skipped, shortened = fit_prompts(tok, problems, args)
     expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
                     for s in range(args.samples)} for k in range(n)}
-    engine = rewrite_engine(args, say=True)
     leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
-    proposer, validator = roles if args.propose == "student" else roles[::-1]
+    proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
+    rollout, stop_ids = rewrite_vllm if engine == "vllm" else rewrite_hf, stop_token_ids(tok, args.model)
+    kept_count = {}                  # --keep-per-problem counts what earlier runs kept (a problem is in one shard)
+    for t in (t for k in ks for t in done[k] if t["kept"]):
+        kept_count[t["id"]] = kept_count.get(t["id"], 0) + 1
     for k in ks:
         missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
-        todo = [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]  # input order
-        if not todo:
-            continue
-        kept_count = {}
-        for t in done[k]:
-            kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
-        path = os.devnull if follower else shard_path(out, k, n)
-        print(f"rewrite: {len(todo)} traces to decode ({len(done[k])} already in {path}), engine {engine}",
-              file=sys.stderr)
-        with open(path, "a", encoding="utf-8") as f:
-            rollout = rewrite_vllm if engine == "vllm" else rewrite_hf
-            rollout(f, tok, args, todo, contexts, proposer, validator, stop_token_ids(tok, args.model), banned,
-                    kept_count, leak_phrases)
+        if todo := [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]:  # input order
+            path = os.devnull if follower else shard_path(out, k, n)
+            print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(done[k])} done in {path})", file=sys.stderr)
+            with open(path, "a", encoding="utf-8") as f:
+                rollout(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases)
     index = {p["id"]: p["index"] for p in problems}
     traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
                           lambda t: (index[t["id"]], t["sample"]), checks)
-    if traces is None:
-        return                       # a rank other than 0 (rank 0 merges), or parts still missing
-    tokens = sum(len(t["response_ids"]) for t in traces)
-    reasons = [t["reject_reason"] for t in traces if t["reject_reason"]]
-    summary = dict(problems=len(problems), problems_skipped_too_long=skipped, solutions_shortened=shortened,
-                   traces=len(traces), kept=sum(t["kept"] for t in traces),
-                   problems_with_kept=len({t["id"] for t in traces if t["kept"]}),
-                   reject_reasons={r: reasons.count(r) for r in dict.fromkeys(reasons)},
-                   acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
-                   mean_tokens=tokens / max(len(traces), 1), finished=sum(t["finish_reason"] == "stop" for t in traces),
-                   grader=grader_info(args.grader),
-                   settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
-    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
+    if traces is not None:           # None: a rank other than 0 (rank 0 merges), or parts still missing
+        write_rewrite_summary(out, args, problems, traces, skipped, shortened)
 
 
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """The token-by-token rollout (decode): both contexts of a batch of traces step together, the token rule picks
-    each token. A pure-policy threshold decodes one context alone: <= 0 passes every candidate (proposer
-    sampling), >= 1 only a token the validator's q is one-hot on, which validator sampling would draw anyway.
-    A trace's random numbers are keyed by (--seed, problem id, sample) and the step, not by its batch."""
+    """The token-by-token rollout (decode): a batch of traces steps both contexts together, the token rule picks each
+    token. A pure-policy threshold decodes one context (<= 0: proposer sampling; >= 1: validator sampling, as only a
+    one-hot q passes). A trace's random numbers are keyed by (--seed, problem id, sample) and the step, not batch."""
     device = shard_device(args)
     model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
@@ -552,8 +517,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
                              args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
                 write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-            n_tok += sum(len(r["ids"]) for r in results)
-            n_acc += sum(r["n_accepted"] for r in results)
+            n_tok, n_acc = n_tok + sum(len(r["ids"]) for r in results), n_acc + sum(r["n_accepted"] for r in results)
             bar.update(len(batch))
             bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
 
@@ -1691,6 +1655,22 @@ def save_result(out, model, tok, args, summary):
     return summary
 
 
+def write_rewrite_summary(out, args, problems, traces, skipped, shortened):
+    """OUT's .summary.json (counts, reject reasons, acceptance, the settings), and its short form on stderr."""
+    tokens = sum(len(t["response_ids"]) for t in traces)
+    reasons = [t["reject_reason"] for t in traces if t["reject_reason"]]
+    summary = dict(problems=len(problems), problems_skipped_too_long=skipped, solutions_shortened=shortened,
+                   traces=len(traces), kept=sum(t["kept"] for t in traces),
+                   problems_with_kept=len({t["id"] for t in traces if t["kept"]}),
+                   reject_reasons={r: reasons.count(r) for r in dict.fromkeys(reasons)},
+                   acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
+                   mean_tokens=tokens / max(len(traces), 1), finished=sum(t["finish_reason"] == "stop" for t in traces),
+                   grader=grader_info(args.grader),
+                   settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
+    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
+
+
 def progress(iterable=None, **kw):
     from tqdm.auto import tqdm
     return tqdm(iterable, dynamic_ncols=True, **kw)
@@ -2316,6 +2296,30 @@ def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
                             f"budget of {max_prompt_len} tokens even without the solution")
         solution = shorten_solution(solution)
     return solution
+
+
+def fit_prompts(tok, problems, args, roles=("student", "privileged")):
+    """rewrite's contexts {id: {role: ids}} within the prompt budget (prompt_budget), each expert solution shortened
+    to fit (fit_privileged_solution) -> (contexts, skipped, shortened): a problem that cannot fit is skipped and
+    counted, never silently dropped; none fitting is a DailError."""
+    max_prompt = prompt_budget(args, "rewrite", lambda: max(
+        len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
+    contexts, skipped = {}, 0
+    for p in problems:
+        try:
+            p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
+            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, roles)
+        except DailError as e:
+            skipped += 1
+            print(f"skip: {e}", file=sys.stderr)
+    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
+    if shortened:
+        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
+              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
+    if not contexts:
+        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
+                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
+    return contexts, skipped, shortened
 
 
 def resolve_device(name):
