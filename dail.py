@@ -416,11 +416,9 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
-def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
+def filter_reason(trace, leak_phrases, keep_truncated=False):
     """Why a trace is rejected (None: kept): it must finish (or --keep-truncated, as released: graded by its last
-    box), box the reference answer and not mention the reference. Thinking prefixes are not graded."""
-    if thinking:
-        return None
+    box), box the reference answer and not mention the reference."""
     if trace["finish_reason"] != "stop" and not keep_truncated:
         return "truncated"
     if trace["pred"] is None:
@@ -431,8 +429,8 @@ def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
 
 
 def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter and append one traces.jsonl line per result; kept_count (id -> kept so far) enforces
-    --keep-per-problem. privileged_solution: the solution text the validator (and train's teacher) sees."""
+    """Grade, filter (--thinking prefixes: neither) and append one traces.jsonl line per result; kept_count (id ->
+    kept so far) enforces --keep-per-problem. privileged_solution: the text the validator (and train's teacher) saw."""
     pid = problem["id"]
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
@@ -441,7 +439,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
                      privileged_solution=problem.get("privileged_solution", problem["solution"]),
                      answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
                      n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
-        reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases, args.keep_truncated)
+        reason = None if args.no_filter or args.thinking else filter_reason(trace, leak_phrases, args.keep_truncated)
         if reason is None and kept_count.get(pid, 0) >= args.keep_per_problem:
             reason = "per_problem_limit"
         trace.update(kept=reason is None, reject_reason=reason)
@@ -510,8 +508,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
 
     n_tok, n_acc, t0 = 0, 0, time.time()
     with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
+        for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
             keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
             results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
                              args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
