@@ -520,36 +520,30 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
 
 
 # ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========
-def kl(log_p, log_q):
-    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the last (vocabulary) dim, from log-probabilities.
-    (F.kl_div takes its arguments the other way round: F.kl_div(log_q, log_p, log_target=True).)"""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="reverse"):
-    """The per-token terms [...] (KL to the teacher, KL to the shortcut) over the full vocabulary, in float32.
-    The teacher and the shortcut are constants: no gradient flows into them."""
+def dail_terms(student_logits, teacher_logits, shortcut_logits, lam=0.1, direction="reverse"):
+    """dail_loss's per-token terms (l, KL to the teacher, KL to the shortcut), each of the logits' shape less the
+    vocabulary (summed over in full, in float32). The teacher and the shortcut are constants: no gradient into them."""
+    def kl(log_p, log_q):  # KL(p || q) over the vocabulary; F.kl_div takes it the other way: F.kl_div(log_q, log_p)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)                                         # log-probabilities
+    e, c = (F.log_softmax(x.detach().float(), dim=-1) for x in (teacher_logits, shortcut_logits))
     if direction not in ("reverse", "forward"):
         raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_e, log_c = (F.log_softmax(x.detach().float(), dim=-1) for x in (teacher_logits, shortcut_logits))
-    if direction == "reverse":
-        return kl(log_s, log_e), kl(log_s, log_c)
-    return kl(log_e, log_s), kl(log_c, log_s)
+    kl_teacher, kl_shortcut = (kl(s, e), kl(s, c)) if direction == "reverse" else (kl(e, s), kl(c, s))
+    return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
 
 
 def loss_weights(mask, norm="sequence", divisor=None):
     """Each position's weight [B, T] from mask [B, T] (True on response positions): 'sequence' 1 / (S * len_i),
-    'token' 1 / N, with S, N the sequences / response tokens of the whole optimizer step (divisor: all micro-batches
-    and ranks, whose losses then sum to the step's) or by default of this batch."""
+    'token' 1 / N; S, N: the step's sequences / response tokens (divisor: over all micro-batches and ranks, whose
+    losses then sum to the step's; by default this batch's)."""
     mask = mask.bool()
     if norm == "token":
         return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
-    if norm == "sequence":
-        lengths = mask.sum(-1, keepdim=True)                                           # [B, 1]
-        n = divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)
-        return mask / (lengths.clamp(min=1) * n)
-    raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+    if norm != "sequence":
+        raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+    lengths = mask.sum(-1, keepdim=True)                                                      # [B, 1]
+    return mask / (lengths.clamp(min=1) * (divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)))
 
 
 def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
@@ -566,20 +560,17 @@ def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, di
     The subtracted term is unbounded above, so both are logged. -> (loss, {"kl_teacher", "kl_shortcut"})."""
     pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed, it adds no value and no gradient
     s, e, c = (x.masked_fill(pad, 0.0) for x in (student_logits, teacher_logits, shortcut_logits))
-    kl_teacher, kl_shortcut = dail_kl_terms(s, e, c, direction)                              # [B, T] each
     w = loss_weights(mask, norm, divisor)
-    loss = (w * (kl_teacher - lam * kl_shortcut)).sum()
-    return loss, {"kl_teacher": float((w * kl_teacher).detach().sum()),
-                  "kl_shortcut": float((w * kl_shortcut).detach().sum())}
+    loss, kl_teacher, kl_shortcut = ((w * x).sum() for x in dail_terms(s, e, c, lam, direction))  # terms [B, T]
+    return loss, {"kl_teacher": float(kl_teacher), "kl_shortcut": float(kl_shortcut)}
 
 
 def float32_head(head):
-    """The LM head as h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype (bf16
-    logits alone put a 12% relative error on a per-token KL of 0.03); a LoRA head with its adapter unless off."""
+    """The LM head as h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype (cast once;
+    bf16 logits alone put a 12% relative error on a per-token KL of 0.03); a LoRA head with its adapter unless off."""
     lora = head if isinstance(head, LoRALinear) and head.enabled else None
     linear = head.base if isinstance(head, LoRALinear) else head
-    weight = linear.weight.float()                # once per loss call; the same tensor when already float32
-    bias = None if linear.bias is None else linear.bias.float()
+    weight, bias = linear.weight.float(), None if linear.bias is None else linear.bias.float()
 
     def logits(h):
         with torch.autocast(h.device.type, enabled=False):
@@ -604,8 +595,7 @@ def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_
     def terms(hs, he, hc):
         with torch.no_grad():
             teacher, shortcut = reference(he), reference(hc)
-        kl_teacher, kl_shortcut = dail_kl_terms(student(hs), teacher, shortcut, direction)
-        return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
+        return dail_terms(student(hs), teacher, shortcut, lam, direction)
 
     loss, kl_teacher, kl_shortcut = chunked_sum(terms, h_student, (h_teacher, h_shortcut), student_head, weights,
                                                 chunk_size)
@@ -637,13 +627,10 @@ def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
         out = [o * w[part] for o in terms(hp, *(a[part] for a in aligned))]
         if track:  # the chunk's gradients now, while its logits exist (then freed): none is recomputed in backward
             grad_h[part], *grads = torch.autograd.grad(out[0].sum(), [hp, *params])
-            for acc, g in zip(grad_p, grads):
-                acc += g
+            grad_p = [acc + g for acc, g in zip(grad_p, grads)]
         sums = sums + torch.stack([o.detach().sum() for o in out])
-    if not track:
-        return tuple(sums)
     # a linear surrogate carries the chunks' gradients into the backbone: value the sum, gradient the chunks'
-    surrogate = (h * grad_h).sum() + sum((p * g).sum() for p, g in zip(params, grad_p))
+    surrogate = (h * grad_h).sum() + sum((p * g).sum() for p, g in zip(params, grad_p)) if track else sums.new_zeros(())
     return (sums[0] + surrogate - surrogate.detach(), *sums[1:])
 
 
