@@ -440,8 +440,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
                      answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
                      n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
         reason = None if args.no_filter or args.thinking else filter_reason(trace, leak_phrases, args.keep_truncated)
-        if reason is None and kept_count.get(pid, 0) >= args.keep_per_problem:
-            reason = "per_problem_limit"
+        reason = reason or ("per_problem_limit" if kept_count.get(pid, 0) >= args.keep_per_problem else None)
         trace.update(kept=reason is None, reject_reason=reason)
         kept_count[pid] = kept_count.get(pid, 0) + (reason is None)
         append_jsonl(f, trace)
@@ -562,7 +561,7 @@ def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, di
     s, e, c = (x.masked_fill(pad, 0.0) for x in (student_logits, teacher_logits, shortcut_logits))
     w = loss_weights(mask, norm, divisor)
     loss, kl_teacher, kl_shortcut = ((w * x).sum() for x in dail_terms(s, e, c, lam, direction))  # terms [B, T]
-    return loss, {"kl_teacher": float(kl_teacher), "kl_shortcut": float(kl_shortcut)}
+    return loss, {"kl_teacher": float(kl_teacher.detach()), "kl_shortcut": float(kl_shortcut.detach())}
 
 
 def float32_head(head):
@@ -596,7 +595,6 @@ def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_
         with torch.no_grad():
             teacher, shortcut = reference(he), reference(hc)
         return dail_terms(student(hs), teacher, shortcut, lam, direction)
-
     loss, kl_teacher, kl_shortcut = chunked_sum(terms, h_student, (h_teacher, h_shortcut), student_head, weights,
                                                 chunk_size)
     return loss, {"kl_teacher": float(kl_teacher), "kl_shortcut": float(kl_shortcut)}
