@@ -431,18 +431,17 @@ def filter_reason(trace, leak_phrases, keep_truncated=False):
 def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
     """Grade, filter (--thinking prefixes: neither) and append one traces.jsonl line per result; kept_count (id ->
     kept so far) enforces --keep-per-problem. privileged_solution: the text the validator (and train's teacher) saw."""
-    pid = problem["id"]
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
         pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
-        trace = dict(id=pid, sample=s, problem=problem["problem"], solution=problem["solution"],
+        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
                      privileged_solution=problem.get("privileged_solution", problem["solution"]),
                      answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
                      n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
         reason = None if args.no_filter or args.thinking else filter_reason(trace, leak_phrases, args.keep_truncated)
-        reason = reason or ("per_problem_limit" if kept_count.get(pid, 0) >= args.keep_per_problem else None)
+        reason = reason or ("per_problem_limit" if kept_count.get(trace["id"], 0) >= args.keep_per_problem else None)
         trace.update(kept=reason is None, reject_reason=reason)
-        kept_count[pid] = kept_count.get(pid, 0) + (reason is None)
+        kept_count[trace["id"]] = kept_count.get(trace["id"], 0) + (reason is None)
         append_jsonl(f, trace)
 
 
@@ -470,9 +469,8 @@ def cmd_rewrite(args):
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
     rollout, stop_ids = rewrite_vllm if engine == "vllm" else rewrite_hf, stop_token_ids(tok, args.model)
-    kept_count = {}                  # --keep-per-problem counts what earlier runs kept (a problem is in one shard)
-    for t in (t for k in ks for t in done[k] if t["kept"]):
-        kept_count[t["id"]] = kept_count.get(t["id"], 0) + 1
+    from collections import Counter  # --keep-per-problem counts what earlier runs kept (a problem is in one shard)
+    kept_count = Counter(t["id"] for k in ks for t in done[k] if t["kept"])
     for k in ks:
         missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
         if todo := [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]:  # input order
@@ -488,9 +486,8 @@ def cmd_rewrite(args):
 
 
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """The token-by-token rollout (decode): a batch of traces steps both contexts together, the token rule picks each
-    token. A pure-policy threshold decodes one context (<= 0: proposer sampling; >= 1: validator sampling, as only a
-    one-hot q passes). A trace's random numbers are keyed by (--seed, problem id, sample) and the step, not batch."""
+    """The token-by-token rollout (decode): both contexts of a batch step together, the token rule picks each token.
+    A pure-policy threshold decodes one context: <= 0 the proposer, >= 1 the validator (only a one-hot q passes)."""
     device = shard_device(args)
     model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
@@ -508,7 +505,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
     n_tok, n_acc, t0 = 0, 0, time.time()
     with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
         for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
-            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
+            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
             results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
                              args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
@@ -536,7 +533,6 @@ def loss_weights(mask, norm="sequence", divisor=None):
     """Each position's weight [B, T] from mask [B, T] (True on response positions): 'sequence' 1 / (S * len_i),
     'token' 1 / N; S, N: the step's sequences / response tokens (divisor: over all micro-batches and ranks, whose
     losses then sum to the step's; by default this batch's)."""
-    mask = mask.bool()
     if norm == "token":
         return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
     if norm != "sequence":
@@ -625,7 +621,8 @@ def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
         out = [o * w[part] for o in terms(hp, *(a[part] for a in aligned))]
         if track:  # the chunk's gradients now, while its logits exist (then freed): none is recomputed in backward
             grad_h[part], *grads = torch.autograd.grad(out[0].sum(), [hp, *params])
-            grad_p = [acc + g for acc, g in zip(grad_p, grads)]
+            for acc, g in zip(grad_p, grads):   # in place: a trainable head's gradient is V x H
+                acc += g
         sums = sums + torch.stack([o.detach().sum() for o in out])
     # a linear surrogate carries the chunks' gradients into the backbone: value the sum, gradient the chunks'
     surrogate = (h * grad_h).sum() + sum((p * g).sum() for p, g in zip(params, grad_p)) if track else sums.new_zeros(())
