@@ -386,11 +386,9 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
-def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
+def filter_reason(trace, leak_phrases, keep_truncated=False):
     """Why a trace is rejected (None: kept): it must finish (or --keep-truncated, as released: graded by its last
-    box), box the reference answer and not mention the reference. Thinking prefixes are not graded."""
-    if thinking:
-        return None
+    box), box the reference answer and not mention the reference."""
     if trace["finish_reason"] != "stop" and not keep_truncated:
         return "truncated"
     if trace["pred"] is None:
@@ -401,27 +399,25 @@ def filter_reason(trace, thinking, leak_phrases, keep_truncated=False):
 
 
 def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter and append one traces.jsonl line per result; kept_count (id -> kept so far) enforces
-    --keep-per-problem. privileged_solution: the solution text the validator (and train's teacher) sees."""
-    pid = problem["id"]
+    """Grade, filter (--thinking prefixes: neither) and append one traces.jsonl line per result; kept_count (id ->
+    kept so far) enforces --keep-per-problem. privileged_solution: the text the validator (and train's teacher) saw."""
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
         pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
-        trace = dict(id=pid, sample=s, problem=problem["problem"], solution=problem["solution"],
+        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
                      privileged_solution=problem.get("privileged_solution", problem["solution"]),
                      answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
                      n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
-        reason = None if args.no_filter else filter_reason(trace, args.thinking, leak_phrases, args.keep_truncated)
-        if reason is None and kept_count.get(pid, 0) >= args.keep_per_problem:
-            reason = "per_problem_limit"
+        reason = None if args.no_filter or args.thinking else filter_reason(trace, leak_phrases, args.keep_truncated)
+        reason = reason or ("per_problem_limit" if kept_count.get(trace["id"], 0) >= args.keep_per_problem else None)
         trace.update(kept=reason is None, reject_reason=reason)
-        kept_count[pid] = kept_count.get(pid, 0) + (reason is None)
+        kept_count[trace["id"]] = kept_count.get(trace["id"], 0) + (reason is None)
         append_jsonl(f, trace)
 
 
 def cmd_rewrite(args):
     """Write OUT (traces.jsonl: a line per (problem, sample) of --data), OUT's .summary.json and .config.json. Split
-    (torchrun, --shard K/N), each shard writes a part file; the merging process writes OUT and the summary."""
+    (torchrun, --shard K/N), shard k appends to its part file (shard_path); gather_parts merges the parts into OUT."""
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
@@ -430,75 +426,38 @@ def cmd_rewrite(args):
               f"decoded (not --samples {args.samples})", file=sys.stderr)
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    out, config_of = Path(args.out), lambda path: path.with_suffix(".config.json")
+    out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), rewrite_engine(args, True)
     check_out_file(args)
-    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, rewrite_engine(args), problems,
-                                                             config_of, out.with_suffix(".summary.json"))
+    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
+                                                             out.with_suffix(".summary.json"))
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
-    roles = ("student", "privileged")
-    max_prompt = prompt_budget(args, "rewrite", lambda: max(
-        len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
-    contexts, skipped = {}, 0
-    for p in problems:  # a prompt that cannot fit is skipped and counted, never silently dropped
-        try:
-            p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
-            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, roles)
-        except DailError as e:
-            skipped += 1
-            print(f"skip: {e}", file=sys.stderr)
-    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
-    if shortened:
-        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
-              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
-    if not contexts:
-        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
-                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
+    contexts, skipped, shortened = fit_prompts(tok, problems, args)
     expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
                     for s in range(args.samples)} for k in range(n)}
-    engine = rewrite_engine(args, say=True)
     leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
-    proposer, validator = roles if args.propose == "student" else roles[::-1]
+    proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
+    rollout, stop_ids = rewrite_vllm if engine == "vllm" else rewrite_hf, stop_token_ids(tok, args.model)
+    from collections import Counter
+    kept_count = Counter(t["id"] for k in ks for t in done[k] if t["kept"])   # --keep-per-problem counts these too
     for k in ks:
         missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
-        todo = [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]  # input order
-        if not todo:
-            continue
-        kept_count = {}
-        for t in done[k]:
-            kept_count[t["id"]] = kept_count.get(t["id"], 0) + bool(t["kept"])
-        path = os.devnull if follower else shard_path(out, k, n)
-        print(f"rewrite: {len(todo)} traces to decode ({len(done[k])} already in {path}), engine {engine}",
-              file=sys.stderr)
-        with open(path, "a", encoding="utf-8") as f:
-            rollout = rewrite_vllm if engine == "vllm" else rewrite_hf
-            rollout(f, tok, args, todo, contexts, proposer, validator, stop_token_ids(tok, args.model), banned,
-                    kept_count, leak_phrases)
+        if todo := [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]:  # input order
+            path = os.devnull if follower else shard_path(out, k, n)
+            print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(done[k])} done in {path})", file=sys.stderr)
+            with open(path, "a", encoding="utf-8") as f:
+                rollout(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases)
     index = {p["id"]: p["index"] for p in problems}
     traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
                           lambda t: (index[t["id"]], t["sample"]), checks)
-    if traces is None:
-        return                       # a rank other than 0 (rank 0 merges), or parts still missing
-    tokens = sum(len(t["response_ids"]) for t in traces)
-    reasons = [t["reject_reason"] for t in traces if t["reject_reason"]]
-    summary = dict(problems=len(problems), problems_skipped_too_long=skipped, solutions_shortened=shortened,
-                   traces=len(traces), kept=sum(t["kept"] for t in traces),
-                   problems_with_kept=len({t["id"] for t in traces if t["kept"]}),
-                   reject_reasons={r: reasons.count(r) for r in dict.fromkeys(reasons)},
-                   acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
-                   mean_tokens=tokens / max(len(traces), 1), finished=sum(t["finish_reason"] == "stop" for t in traces),
-                   grader=grader_info(args.grader),
-                   settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
-    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
+    if traces is not None:           # None: a rank other than 0 (rank 0 merges), or parts still missing
+        write_rewrite_summary(out, args, problems, traces, skipped, shortened)
 
 
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """The token-by-token rollout (decode): both contexts of a batch of traces step together, the token rule picks
-    each token. A pure-policy threshold decodes one context alone: <= 0 passes every candidate (proposer
-    sampling), >= 1 only a token the validator's q is one-hot on, which validator sampling would draw anyway.
-    A trace's random numbers are keyed by (--seed, problem id, sample) and the step, not by its batch."""
+    """The token-by-token rollout (decode): both contexts of a batch step together, the token rule picks each token.
+    A pure-policy threshold decodes one context: <= 0 the proposer, >= 1 the validator (only a one-hot q passes)."""
     device = shard_device(args)
     model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
     pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
@@ -515,50 +474,41 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
 
     n_tok, n_acc, t0 = 0, 0, time.time()
     with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])   # read by choose
+        for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
+            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
             results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
                              args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
                 write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-            n_tok += sum(len(r["ids"]) for r in results)
-            n_acc += sum(r["n_accepted"] for r in results)
+            n_tok, n_acc = n_tok + sum(len(r["ids"]) for r in results), n_acc + sum(r["n_accepted"] for r in results)
             bar.update(len(batch))
             bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
 
 
 # ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========
-def kl(log_p, log_q):
-    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the last (vocabulary) dim, from log-probabilities.
-    (F.kl_div takes its arguments the other way round: F.kl_div(log_q, log_p, log_target=True).)"""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def dail_kl_terms(student_logits, teacher_logits, shortcut_logits, direction="reverse"):
-    """The per-token terms [...] (KL to the teacher, KL to the shortcut) over the full vocabulary, in float32.
-    The teacher and the shortcut are constants: no gradient flows into them."""
+def dail_terms(student_logits, teacher_logits, shortcut_logits, lam=0.1, direction="reverse"):
+    """dail_loss's per-token terms (l, KL to the teacher, KL to the shortcut), each of the logits' shape less the
+    vocabulary (summed over in full, in float32). The teacher and the shortcut are constants: no gradient into them."""
+    def kl(log_p, log_q):  # KL(p || q) over the vocabulary; F.kl_div takes it the other way: F.kl_div(log_q, log_p)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)                                         # log-probabilities
+    e, c = (F.log_softmax(x.detach().float(), dim=-1) for x in (teacher_logits, shortcut_logits))
     if direction not in ("reverse", "forward"):
         raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_e, log_c = (F.log_softmax(x.detach().float(), dim=-1) for x in (teacher_logits, shortcut_logits))
-    if direction == "reverse":
-        return kl(log_s, log_e), kl(log_s, log_c)
-    return kl(log_e, log_s), kl(log_c, log_s)
+    kl_teacher, kl_shortcut = (kl(s, e), kl(s, c)) if direction == "reverse" else (kl(e, s), kl(c, s))
+    return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
 
 
 def loss_weights(mask, norm="sequence", divisor=None):
     """Each position's weight [B, T] from mask [B, T] (True on response positions): 'sequence' 1 / (S * len_i),
-    'token' 1 / N, with S, N the sequences / response tokens of the whole optimizer step (divisor: all micro-batches
-    and ranks, whose losses then sum to the step's) or by default of this batch."""
-    mask = mask.bool()
+    'token' 1 / N; S, N: the step's sequences / response tokens (divisor: over all micro-batches and ranks, whose
+    losses then sum to the step's; by default this batch's)."""
     if norm == "token":
         return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
-    if norm == "sequence":
-        lengths = mask.sum(-1, keepdim=True)                                           # [B, 1]
-        n = divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)
-        return mask / (lengths.clamp(min=1) * n)
-    raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+    if norm != "sequence":
+        raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+    lengths = mask.sum(-1, keepdim=True)                                                      # [B, 1]
+    return mask / (lengths.clamp(min=1) * (divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)))
 
 
 def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
@@ -575,20 +525,17 @@ def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, di
     The subtracted term is unbounded above, so both are logged. -> (loss, {"kl_teacher", "kl_shortcut"})."""
     pad = ~mask[..., None]   # padding may hold anything, even inf/nan: zeroed, it adds no value and no gradient
     s, e, c = (x.masked_fill(pad, 0.0) for x in (student_logits, teacher_logits, shortcut_logits))
-    kl_teacher, kl_shortcut = dail_kl_terms(s, e, c, direction)                              # [B, T] each
     w = loss_weights(mask, norm, divisor)
-    loss = (w * (kl_teacher - lam * kl_shortcut)).sum()
-    return loss, {"kl_teacher": float((w * kl_teacher).detach().sum()),
-                  "kl_shortcut": float((w * kl_shortcut).detach().sum())}
+    loss, kl_teacher, kl_shortcut = ((w * x).sum() for x in dail_terms(s, e, c, lam, direction))  # terms [B, T]
+    return loss, {"kl_teacher": float(kl_teacher.detach()), "kl_shortcut": float(kl_shortcut.detach())}
 
 
 def float32_head(head):
-    """The LM head as h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype (bf16
-    logits alone put a 12% relative error on a per-token KL of 0.03); a LoRA head with its adapter unless off."""
+    """The LM head as h [n, H] -> logits [n, V] in float32, whatever the autocast and the weights' dtype (cast once;
+    bf16 logits alone put a 12% relative error on a per-token KL of 0.03); a LoRA head with its adapter unless off."""
     lora = head if isinstance(head, LoRALinear) and head.enabled else None
     linear = head.base if isinstance(head, LoRALinear) else head
-    weight = linear.weight.float()                # once per loss call; the same tensor when already float32
-    bias = None if linear.bias is None else linear.bias.float()
+    weight, bias = linear.weight.float(), None if linear.bias is None else linear.bias.float()
 
     def logits(h):
         with torch.autocast(h.device.type, enabled=False):
@@ -613,9 +560,7 @@ def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_
     def terms(hs, he, hc):
         with torch.no_grad():
             teacher, shortcut = reference(he), reference(hc)
-        kl_teacher, kl_shortcut = dail_kl_terms(student(hs), teacher, shortcut, direction)
-        return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
-
+        return dail_terms(student(hs), teacher, shortcut, lam, direction)
     loss, kl_teacher, kl_shortcut = chunked_sum(terms, h_student, (h_teacher, h_shortcut), student_head, weights,
                                                 chunk_size)
     return loss, {"kl_teacher": float(kl_teacher), "kl_shortcut": float(kl_shortcut)}
@@ -646,13 +591,11 @@ def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
         out = [o * w[part] for o in terms(hp, *(a[part] for a in aligned))]
         if track:  # the chunk's gradients now, while its logits exist (then freed): none is recomputed in backward
             grad_h[part], *grads = torch.autograd.grad(out[0].sum(), [hp, *params])
-            for acc, g in zip(grad_p, grads):
+            for acc, g in zip(grad_p, grads):   # in place: a trainable head's gradient is V x H
                 acc += g
         sums = sums + torch.stack([o.detach().sum() for o in out])
-    if not track:
-        return tuple(sums)
     # a linear surrogate carries the chunks' gradients into the backbone: value the sum, gradient the chunks'
-    surrogate = (h * grad_h).sum() + sum((p * g).sum() for p, g in zip(params, grad_p))
+    surrogate = (h * grad_h).sum() + sum((p * g).sum() for p, g in zip(params, grad_p)) if track else sums.new_zeros(())
     return (sums[0] + surrogate - surrogate.detach(), *sums[1:])
 
 
@@ -1590,6 +1533,22 @@ def save_result(out, model, tok, args, summary):
     return summary
 
 
+def write_rewrite_summary(out, args, problems, traces, skipped, shortened):
+    """OUT's .summary.json (counts, reject reasons, acceptance, the settings), and its short form on stderr."""
+    tokens = sum(len(t["response_ids"]) for t in traces)
+    reasons = [t["reject_reason"] for t in traces if t["reject_reason"]]
+    summary = dict(problems=len(problems), problems_skipped_too_long=skipped, solutions_shortened=shortened,
+                   traces=len(traces), kept=sum(t["kept"] for t in traces),
+                   problems_with_kept=len({t["id"] for t in traces if t["kept"]}),
+                   reject_reasons={r: reasons.count(r) for r in dict.fromkeys(reasons)},
+                   acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
+                   mean_tokens=tokens / max(len(traces), 1), finished=sum(t["finish_reason"] == "stop" for t in traces),
+                   grader=grader_info(args.grader),
+                   settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
+    write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
+
+
 def progress(iterable=None, **kw):
     from tqdm.auto import tqdm
     return tqdm(iterable, dynamic_ncols=True, **kw)
@@ -2215,6 +2174,30 @@ def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
                             f"budget of {max_prompt_len} tokens even without the solution")
         solution = shorten_solution(solution)
     return solution
+
+
+def fit_prompts(tok, problems, args, roles=("student", "privileged")):
+    """rewrite's contexts {id: {role: ids}} within the prompt budget (prompt_budget), each expert solution shortened
+    to fit (fit_privileged_solution) -> (contexts, skipped, shortened): a problem that cannot fit is skipped and
+    counted, never silently dropped; none fitting is a DailError."""
+    max_prompt = prompt_budget(args, "rewrite", lambda: max(
+        len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
+    contexts, skipped = {}, 0
+    for p in problems:
+        try:
+            p["privileged_solution"] = fit_privileged_solution(tok, p, args.thinking, max_prompt)
+            contexts[p["id"]] = build_contexts(tok, p, args.thinking, max_prompt, roles)
+        except DailError as e:
+            skipped += 1
+            print(f"skip: {e}", file=sys.stderr)
+    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
+    if shortened:
+        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
+              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
+    if not contexts:
+        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
+                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
+    return contexts, skipped, shortened
 
 
 def resolve_device(name):

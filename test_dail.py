@@ -574,15 +574,14 @@ def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, tok, model, thr
 def test_filter_reasons_and_keep_limit(tok):
     leak = [p.lower() for p in dail.LEAK_PHRASES]
     base = dict(finish_reason="stop", pred="5", correct=True, response="so \\boxed{5}")
-    assert dail.filter_reason(base, False, leak) is None
-    assert dail.filter_reason(dict(base, finish_reason="length"), False, leak) == "truncated"
-    assert dail.filter_reason(dict(base, finish_reason="length"), False, leak, keep_truncated=True) is None
-    assert dail.filter_reason(dict(base, finish_reason="length", pred="6", correct=False), False, leak,
+    assert dail.filter_reason(base, leak) is None
+    assert dail.filter_reason(dict(base, finish_reason="length"), leak) == "truncated"
+    assert dail.filter_reason(dict(base, finish_reason="length"), leak, keep_truncated=True) is None
+    assert dail.filter_reason(dict(base, finish_reason="length", pred="6", correct=False), leak,
                               keep_truncated=True) == "wrong_answer"
-    assert dail.filter_reason(dict(base, pred=None, correct=False), False, leak) == "no_answer"
-    assert dail.filter_reason(dict(base, pred="6", correct=False), False, leak) == "wrong_answer"
-    assert dail.filter_reason(dict(base, response="By the Reference Solution, \\boxed{5}"), False, leak) == "mentions_reference"
-    assert dail.filter_reason(dict(base, finish_reason="length", pred=None), True, leak) is None  # thinking
+    assert dail.filter_reason(dict(base, pred=None, correct=False), leak) == "no_answer"
+    assert dail.filter_reason(dict(base, pred="6", correct=False), leak) == "wrong_answer"
+    assert dail.filter_reason(dict(base, response="By the Reference Solution, \\boxed{5}"), leak) == "mentions_reference"
 
     class Args:
         thinking, no_filter, keep_per_problem, keep_truncated, grader = False, False, 1, False, "builtin"
@@ -601,6 +600,11 @@ def test_filter_reasons_and_keep_limit(tok):
     dail.write_traces(sink, tok, Args, problem, [0, 1, 2], results, kept, leak)
     assert [t["kept"] for t in sink] == [True, False, False]
     assert [t["reject_reason"] for t in sink] == [None, "per_problem_limit", "per_problem_limit"]
+    # --thinking: a prefix is neither graded nor filtered, even unfinished and unboxed (the keep limit still holds)
+    Args.thinking, sink, kept = True, Sink(), {}
+    cut = dict(ids=tok("no box", add_special_tokens=False)["input_ids"], finish_reason="length", n_accepted=0, n_fallback=1)
+    dail.write_traces(sink, tok, Args, problem, [0, 1], [cut, cut], kept, leak)
+    assert [(t["kept"], t["reject_reason"], t["pred"]) for t in sink] == [(True, None, None), (False, "per_problem_limit", None)]
 
 
 # ------------------------------------------------------------------------------------------------------
