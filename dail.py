@@ -1309,8 +1309,11 @@ def _as_number(s):
     if not c_n:  # no form fits, a zero denominator, or no mixed number (2\frac{3}{2}: unsure)
         return None
     c, n = c_n[0], int(c_n[1])
-    k = next(k for k in range(math.isqrt(n), 0, -1) if n % (k * k) == 0)  # the largest square: sqrt(12) = 2 sqrt(3)
-    return sign * c * k, n // (k * k)
+    for f in range(2, min(math.isqrt(n), 10 ** 5) + 1):  # squares out, sqrt(12) = 2 sqrt(3): exact up to n = 1e10,
+        while n % (f * f) == 0:                          # bounded above (counting down from a 30-digit prime's root
+            c, n = c * f, n // (f * f)                    # would take ~1e15 steps)
+    r = math.isqrt(n)
+    return (sign * c * r, 1) if r * r == n else (sign * c, n)  # what is left may be a large prime's square
 
 
 def _parse(s):
