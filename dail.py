@@ -1013,11 +1013,9 @@ def cmd_train(args):
 
 # ==== Evaluation: the unbiased pass@k estimator, the forced answer, the eval command ===================================
 def pass_at_k(n, c, k):
-    """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
-        pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
-    in the product form, which stays accurate for n in the thousands (no huge binomials).
-    Edge cases: 0.0 when c = 0 (an empty product); 1.0 when n - c < k (every k-subset holds a correct sample).
-    ValueError when n < k (the estimator needs n >= k) or the counts are invalid."""
+    """Unbiased pass@k of one problem, n samples of which c are correct (Chen et al. 2021), in the product form
+    1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i), accurate for n in the thousands. Edge cases: 0.0 when
+    c = 0 (an empty product); 1.0 when n - c < k (every k-subset holds a correct sample); ValueError when n < k."""
     if not (1 <= k <= n and 0 <= c <= n):
         raise ValueError(f"pass_at_k needs 1 <= k <= n and 0 <= c <= n; got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -1042,9 +1040,8 @@ def cmd_eval(args):
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
-    out = Path(args.out)
     check_out_folder(args)
-    samples_path = out / "samples.jsonl"
+    out, samples_path = Path(args.out), Path(args.out) / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
     engine = eval_engine(args)
@@ -1105,9 +1102,8 @@ def cmd_eval(args):
 
 
 def eval_line(tok, problem, samples, thinking):
-    """One problem's line of samples.jsonl, ungraded: per sample the first pass (`responses`, `finish_reasons`),
-    the forced pass (`forced`: the cue + what was sampled after it, or null) and the generated tokens: n_tokens =
-    n_thinking_tokens (--thinking: up to a generated </think>) + n_answer_tokens (the rest, n_forced_tokens too)."""
+    """One problem's ungraded line of samples.jsonl: per sample the first pass, the forced pass (the cue + what
+    followed, or null), n_tokens = n_thinking_tokens (up to a generated </think>) + n_answer_tokens (+ forced)."""
     think_end, forced = tok.get_vocab().get("</think>"), [s.get("n_forced", 0) for s in samples]
     cuts = [(s["ids"].index(think_end) + 1 if think_end in s["ids"] else len(s["ids"])) if thinking else 0
             for s in samples]
@@ -1121,10 +1117,9 @@ def eval_line(tok, problem, samples, thinking):
 
 def grade_line(line, args):
     """Grade one line of samples.jsonl (answer_part of each first pass + forced text): the one place eval grades."""
-    preds, correct = zip(*[grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
-                           for t, fo in zip(line["responses"], line["forced"])])
-    correct = [bool(c) for c in correct]
-    line.update(preds=list(preds), correct=correct, n_correct=sum(correct), grader=args.grader)
+    preds, correct = map(list, zip(*[grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
+                                     for t, fo in zip(line["responses"], line["forced"])]))
+    line.update(preds=preds, correct=correct, n_correct=sum(correct), grader=args.grader)
     return line
 
 
@@ -1159,8 +1154,7 @@ def make_sampler(engine, args, tok, stop_ids):
     if engine == "vllm":
         llm = load_vllm(args)
         def generate(prompts, n, max_tokens, stops, seeds, names):
-            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
-                               presence_penalty=args.presence_penalty)
+            return vllm_sample(llm, prompts, n, args, stops, seeds, (), max_tokens, args.presence_penalty)
     else:
         device = shard_device(args)
         model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
@@ -1271,10 +1265,7 @@ _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or 
 
 def normalize_answer(s):
     """The normal form of one answer string that `is_equiv` parses (the rules: `_NORMALIZE`)."""
-    s = str(s)
-    for rule in _NORMALIZE:
-        s = rule(s) if callable(rule) else re.sub(*rule, s)
-    return s
+    return functools.reduce(lambda s, rule: rule(s) if callable(rule) else re.sub(*rule, s), _NORMALIZE, str(s))
 
 
 def _split_top(s, sep):
@@ -1327,11 +1318,9 @@ def _parse(s):
         m = sep == "," and re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
         if m and not m[1].startswith(("\\frac", "\\sqrt")):
             return ("eq", m[1], [_parse(m[3])])
-    m = re.fullmatch(r"\(([A-E])\)(.+)", s)
-    if m:  # an AoPS choice with its value, \textbf{(C)}\ 25: the letter or the value names it
+    if m := re.fullmatch(r"\(([A-E])\)(.+)", s):  # an AoPS choice and its value, \textbf{(C)}\ 25: either names it
         return ("choice", m[1], [_parse(m[2])])
-    m = re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s)
-    if m:
+    if m := re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s):
         return ("seq", "matrix", [("seq", "row", [_parse(c) for c in _split_top(row, "&")])
                                   for row in _split_top(m[2].removesuffix("\\cr"), "\\cr")])
     # a set or brackets: when the first bracket closes only at the very end (or never)
@@ -1367,15 +1356,12 @@ def _same(a, b):
 
 
 def is_equiv(pred, ref):
-    """True when two answers are the same value after `normalize_answer` (the built-in grader). Numbers are exact,
-    no tolerance (0.5 == \\frac{1}{2} == 1/2, 0.333 != \\frac13), mixed numbers too (1\\frac{4}{5} == 9/5), and one
-    term c*sqrt(n) (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar signs are ignored; a
-    comma list or set is unordered (1, -2 == -2, 1; repeats count); tuples, intervals, unions and matrices compare
-    element-wise with the same brackets ([0,1) != (0,1), pmatrix == bmatrix); "x = 5" equals "5", not "y = 5"; all
-    else must match as normalized text (2x+3 vs 3+2x: missed, never invented). None equals nothing, not even None."""
-    if pred is None or ref is None:
-        return False
-    a, b = normalize_answer(pred), normalize_answer(ref)
+    """The built-in grader: the same value after `normalize_answer`. Numbers exact, no tolerance (0.5 == 1/2 ==
+    \\frac{1}{2}, 0.333 != \\frac13, 1\\frac{4}{5} == 9/5, 2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units,
+    degrees, percent and dollar signs ignored; a comma list or set unordered (repeats count); tuples, intervals and
+    matrices element-wise with their brackets ([0,1) != (0,1)); "x = 5" == "5" != "y = 5"; the rest as normalized
+    text (2x+3 vs 3+2x: missed, never invented). None equals nothing, not even None."""
+    a, b = ("", "") if pred is None or ref is None else (normalize_answer(pred), normalize_answer(ref))
     return bool(a and b) and (a == b or _same(_parse(a), _parse(b)))
 
 
@@ -1388,14 +1374,12 @@ def make_grader(name):
     `.info`: name; math-verify's version and timeouts (parse/verify calls that ran out of time, counted wrong)."""
     if name == "builtin":
         def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
-            pred = extract_boxed(response)
-            if is_equiv(pred, reference):
-                return pred, True
-            boxes = [box for box in _boxes(response) if box]
-            if len(boxes) > 1 and reference is not None and _parse(normalize_answer(reference))[0] == "list" \
-                    and is_equiv(", ".join(boxes), reference):
-                return ", ".join(boxes), True
-            return pred, False
+            found = [None, *_boxes(response)]  # as extract_boxed: the last one
+            pred, boxes = found[-1], [box for box in found if box]
+            if (ok := is_equiv(pred, reference)) or len(boxes) < 2 or reference is None \
+                    or _parse(normalize_answer(reference))[0] != "list":
+                return pred, ok
+            return (", ".join(boxes), True) if is_equiv(", ".join(boxes), reference) else (pred, False)
         grade_builtin.info = dict(name="builtin")
         return grade_builtin
     if name != "math-verify":
@@ -1455,16 +1439,14 @@ def load_problems(path, need_solution, need_answer):
         solution = rec.get("solution")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
-        answer = answer_of(path, lineno, rec, need_answer)
-        prompt = rec.get("prompt")
-        if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
-            if not isinstance(prompt, list) or not prompt:
-                raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list "
-                                f"of chat messages {{\"role\": ..., \"content\": ...}}")
-            for i, m in enumerate(prompt):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
-                                    f"{{\"role\": string, \"content\": string}}")
+        answer, prompt = answer_of(path, lineno, rec, need_answer), rec.get("prompt")
+        if not (prompt is None or prompt and isinstance(prompt, list) or isinstance(prompt, str) and prompt.strip()):
+            raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list "
+                            f"of chat messages {{\"role\": ..., \"content\": ...}}")
+        for i, m in enumerate(prompt if isinstance(prompt, list) else ()):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
+                                f"{{\"role\": string, \"content\": string}}")
         pid = rec.get("id", lineno)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
