@@ -1143,11 +1143,11 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
 
 
 def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n sample dicts (ids, finish_reason, forced_ids,
-    n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): --thinking stops
-    the first pass at </think> too, then every sample continues after </think> + ANSWER_REQUEST (closed or cut);
-    otherwise a sample with no \\boxed{ continues after ANSWER_REQUEST. vLLM seeds a problem by --seed + its index;
-    hf keys a sample's random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
+    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, forced_ids,
+    n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): with --thinking the
+    first pass stops at </think> too and every sample continues after </think> + ANSWER_REQUEST; without, a sample
+    with no \\boxed{ continues after ANSWER_REQUEST. Seeds: vLLM's per problem (--seed + index); hf keys a sample's
+    random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
     force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
     first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
@@ -1341,15 +1341,12 @@ def _same(a, b):
         if "choice" in (a[0], b[0]):
             (_, letter, (value,)), other = (a, b) if a[0] == "choice" else (b, a)
             return other == ("val", letter, []) or _same(value, other)
-        if "eq" in (a[0], b[0]):
-            return _same(a[2][0], b) if a[0] == "eq" else _same(a, b[2][0])
-        return False
+        return "eq" in (a[0], b[0]) and (_same(a[2][0], b) if a[0] == "eq" else _same(a, b[2][0]))
     if a[0] != "list":
         return a[1] == b[1] and len(a[2]) == len(b[2]) and all(map(_same, a[2], b[2]))
     left = list(b[2])
     for x in a[2]:  # each element of a matched to its own element of b
-        j = next((j for j, y in enumerate(left) if _same(x, y)), None)
-        if j is None:
+        if (j := next((j for j, y in enumerate(left) if _same(x, y)), None)) is None:
             return False
         left.pop(j)
     return not left
@@ -1403,14 +1400,13 @@ def make_grader(name):
             return None
 
     def grade_math_verify(response, reference):
-        if not response or reference is None:
-            return None, False
         limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-        gold = attempt(math_verify.parse, "\\boxed{" + str(reference) + "}", parsing_timeout=limit)
+        gold = (attempt(math_verify.parse, "\\boxed{" + str(reference) + "}", parsing_timeout=limit)
+                if response and reference is not None else None)
         pred = None if gold is None else attempt(math_verify.parse, response, parsing_timeout=limit)
-        if pred is None:
+        if not pred:
             return None, False
-        shown = next((p for p in pred if isinstance(p, str)), str(pred[0]) if pred else None)
+        shown = next((p for p in pred if isinstance(p, str)), str(pred[0]))
         # one pair at a time (math_verify.verify would try them all) to count the timeouts
         return shown, any(attempt(math_verify.verify, g, p, timeout_seconds=limit) for g in gold for p in pred)
     grade_math_verify.info = info
@@ -1436,8 +1432,7 @@ def load_problems(path, need_solution, need_answer):
     for lineno, rec in read_jsonl(path):
         for name in ("problem", "solution") if need_solution else ("problem",):
             require(path, lineno, rec, name)
-        solution = rec.get("solution")
-        if solution is not None and not isinstance(solution, str):
+        if (solution := rec.get("solution")) is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
         answer, prompt = answer_of(path, lineno, rec, need_answer), rec.get("prompt")
         if not (prompt is None or prompt and isinstance(prompt, list) or isinstance(prompt, str) and prompt.strip()):
@@ -1447,8 +1442,7 @@ def load_problems(path, need_solution, need_answer):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
                                 f"{{\"role\": string, \"content\": string}}")
-        pid = rec.get("id", lineno)
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+        if not isinstance(pid := rec.get("id", lineno), (str, int)) or isinstance(pid, bool):
             raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
         if (first := seen.setdefault(str(pid), lineno)) != lineno:
             raise DailError(f"{path}:{lineno}: field 'id': duplicate id {str(pid)!r} (first on line {first})")
