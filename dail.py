@@ -1154,7 +1154,8 @@ def make_sampler(engine, args, tok, stop_ids):
     if engine == "vllm":
         llm = load_vllm(args)
         def generate(prompts, n, max_tokens, stops, seeds, names):
-            return vllm_sample(llm, prompts, n, args, stops, seeds, (), max_tokens, args.presence_penalty)
+            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
+                               presence_penalty=args.presence_penalty)
     else:
         device = shard_device(args)
         model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
