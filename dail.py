@@ -1354,11 +1354,10 @@ def _same(a, b):
 
 
 def is_equiv(pred, ref):
-    """The built-in grader: the same value after `normalize_answer`. Numbers exact, no tolerance (0.5 == 1/2 ==
-    \\frac{1}{2}, 0.333 != \\frac13, 1\\frac{4}{5} == 9/5, 2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units,
-    degrees, percent and dollar signs ignored; a comma list or set unordered (repeats count); tuples, intervals and
-    matrices element-wise with their brackets ([0,1) != (0,1)); "x = 5" == "5" != "y = 5"; the rest as normalized
-    text (2x+3 vs 3+2x: missed, never invented). None equals nothing, not even None."""
+    """The built-in grader: the same value after `normalize_answer`. Numbers exact (0.5 == 1/2 == \\frac{1}{2}, 0.333 !=
+    \\frac13, 1\\frac{4}{5} == 9/5, 2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar signs
+    ignored; comma lists and sets unordered (repeats count); tuples, intervals ([0,1) != (0,1)), matrices element-wise;
+    "x = 5" == "5" != "y = 5"; else normalized text (2x+3 vs 3+2x: missed, never invented). None equals nothing."""
     a, b = ("", "") if pred is None or ref is None else (normalize_answer(pred), normalize_answer(ref))
     return bool(a and b) and (a == b or _same(_parse(a), _parse(b)))
 
