@@ -855,11 +855,9 @@ def cmd_train(args):
 
 # ==== Evaluation: the unbiased pass@k estimator, the forced answer, the eval command ===================================
 def pass_at_k(n, c, k):
-    """Unbiased pass@k of one problem with n samples of which c are correct (Chen et al. 2021):
-        pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)
-    in the product form, which stays accurate for n in the thousands (no huge binomials).
-    Edge cases: 0.0 when c = 0 (an empty product); 1.0 when n - c < k (every k-subset holds a correct sample).
-    ValueError when n < k (the estimator needs n >= k) or the counts are invalid."""
+    """Unbiased pass@k of one problem, n samples of which c are correct (Chen et al. 2021), in the product form
+    1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i), accurate for n in the thousands. Edge cases: 0.0 when
+    c = 0 (an empty product); 1.0 when n - c < k (every k-subset holds a correct sample); ValueError when n < k."""
     if not (1 <= k <= n and 0 <= c <= n):
         raise ValueError(f"pass_at_k needs 1 <= k <= n and 0 <= c <= n; got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -884,9 +882,8 @@ def cmd_eval(args):
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
-    out = Path(args.out)
     check_out_folder(args)
-    samples_path = out / "samples.jsonl"
+    out, samples_path = Path(args.out), Path(args.out) / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
     engine = eval_engine(args)
@@ -947,9 +944,8 @@ def cmd_eval(args):
 
 
 def eval_line(tok, problem, samples, thinking):
-    """One problem's line of samples.jsonl, ungraded: per sample the first pass (`responses`, `finish_reasons`),
-    the forced pass (`forced`: the cue + what was sampled after it, or null) and the generated tokens: n_tokens =
-    n_thinking_tokens (--thinking: up to a generated </think>) + n_answer_tokens (the rest, n_forced_tokens too)."""
+    """One problem's ungraded line of samples.jsonl: per sample the first pass, the forced pass (the cue + what
+    followed, or null), n_tokens = n_thinking_tokens (up to a generated </think>) + n_answer_tokens (+ forced)."""
     think_end, forced = tok.get_vocab().get("</think>"), [s.get("n_forced", 0) for s in samples]
     cuts = [(s["ids"].index(think_end) + 1 if think_end in s["ids"] else len(s["ids"])) if thinking else 0
             for s in samples]
@@ -963,10 +959,9 @@ def eval_line(tok, problem, samples, thinking):
 
 def grade_line(line, args):
     """Grade one line of samples.jsonl (answer_part of each first pass + forced text): the one place eval grades."""
-    preds, correct = zip(*[grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
-                           for t, fo in zip(line["responses"], line["forced"])])
-    correct = [bool(c) for c in correct]
-    line.update(preds=list(preds), correct=correct, n_correct=sum(correct), grader=args.grader)
+    preds, correct = map(list, zip(*[grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
+                                     for t, fo in zip(line["responses"], line["forced"])]))
+    line.update(preds=preds, correct=correct, n_correct=sum(correct), grader=args.grader)
     return line
 
 
@@ -990,11 +985,11 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
 
 
 def make_sampler(engine, args, tok, stop_ids):
-    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n sample dicts (ids, finish_reason, forced_ids,
-    n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): --thinking stops
-    the first pass at </think> too, then every sample continues after </think> + ANSWER_REQUEST (closed or cut);
-    otherwise a sample with no \\boxed{ continues after ANSWER_REQUEST. vLLM seeds a problem by --seed + its index;
-    hf keys a sample's random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
+    """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, forced_ids,
+    n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): with --thinking the
+    first pass stops at </think> too and every sample continues after </think> + ANSWER_REQUEST; without, a sample
+    with no \\boxed{ continues after ANSWER_REQUEST. Seeds: vLLM's per problem (--seed + index); hf keys a sample's
+    random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
     force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
     first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
@@ -1113,10 +1108,7 @@ _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or 
 
 def normalize_answer(s):
     """The normal form of one answer string that `is_equiv` parses (the rules: `_NORMALIZE`)."""
-    s = str(s)
-    for rule in _NORMALIZE:
-        s = rule(s) if callable(rule) else re.sub(*rule, s)
-    return s
+    return functools.reduce(lambda s, rule: rule(s) if callable(rule) else re.sub(*rule, s), _NORMALIZE, str(s))
 
 
 def _split_top(s, sep):
@@ -1151,8 +1143,11 @@ def _as_number(s):
     if not c_n:  # no form fits, a zero denominator, or no mixed number (2\frac{3}{2}: unsure)
         return None
     c, n = c_n[0], int(c_n[1])
-    k = next(k for k in range(math.isqrt(n), 0, -1) if n % (k * k) == 0)  # the largest square: sqrt(12) = 2 sqrt(3)
-    return sign * c * k, n // (k * k)
+    for f in range(2, min(math.isqrt(n), 10 ** 5) + 1):  # squares out, sqrt(12) = 2 sqrt(3): exact up to n = 1e10,
+        while n % (f * f) == 0:                          # bounded above (counting down from a 30-digit prime's root
+            c, n = c * f, n // (f * f)                    # would take ~1e15 steps)
+    r = math.isqrt(n)
+    return (sign * c * r, 1) if r * r == n else (sign * c, n)  # what is left may be a large prime's square
 
 
 def _parse(s):
@@ -1166,11 +1161,9 @@ def _parse(s):
         m = sep == "," and re.match(r"([a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+)(=|\\in(?![a-zA-Z]))(?![=])(.+)$", s)
         if m and not m[1].startswith(("\\frac", "\\sqrt")):
             return ("eq", m[1], [_parse(m[3])])
-    m = re.fullmatch(r"\(([A-E])\)(.+)", s)
-    if m:  # an AoPS choice with its value, \textbf{(C)}\ 25: the letter or the value names it
+    if m := re.fullmatch(r"\(([A-E])\)(.+)", s):  # an AoPS choice and its value, \textbf{(C)}\ 25: either names it
         return ("choice", m[1], [_parse(m[2])])
-    m = re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s)
-    if m:
+    if m := re.fullmatch(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", s):
         return ("seq", "matrix", [("seq", "row", [_parse(c) for c in _split_top(row, "&")])
                                   for row in _split_top(m[2].removesuffix("\\cr"), "\\cr")])
     # a set or brackets: when the first bracket closes only at the very end (or never)
@@ -1191,30 +1184,23 @@ def _same(a, b):
         if "choice" in (a[0], b[0]):
             (_, letter, (value,)), other = (a, b) if a[0] == "choice" else (b, a)
             return other == ("val", letter, []) or _same(value, other)
-        if "eq" in (a[0], b[0]):
-            return _same(a[2][0], b) if a[0] == "eq" else _same(a, b[2][0])
-        return False
+        return "eq" in (a[0], b[0]) and (_same(a[2][0], b) if a[0] == "eq" else _same(a, b[2][0]))
     if a[0] != "list":
         return a[1] == b[1] and len(a[2]) == len(b[2]) and all(map(_same, a[2], b[2]))
     left = list(b[2])
     for x in a[2]:  # each element of a matched to its own element of b
-        j = next((j for j, y in enumerate(left) if _same(x, y)), None)
-        if j is None:
+        if (j := next((j for j, y in enumerate(left) if _same(x, y)), None)) is None:
             return False
         left.pop(j)
     return not left
 
 
 def is_equiv(pred, ref):
-    """True when two answers are the same value after `normalize_answer` (the built-in grader). Numbers are exact,
-    no tolerance (0.5 == \\frac{1}{2} == 1/2, 0.333 != \\frac13), mixed numbers too (1\\frac{4}{5} == 9/5), and one
-    term c*sqrt(n) (2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar signs are ignored; a
-    comma list or set is unordered (1, -2 == -2, 1; repeats count); tuples, intervals, unions and matrices compare
-    element-wise with the same brackets ([0,1) != (0,1), pmatrix == bmatrix); "x = 5" equals "5", not "y = 5"; all
-    else must match as normalized text (2x+3 vs 3+2x: missed, never invented). None equals nothing, not even None."""
-    if pred is None or ref is None:
-        return False
-    a, b = normalize_answer(pred), normalize_answer(ref)
+    """The built-in grader: the same value after `normalize_answer`. Numbers exact (0.5 == 1/2 == \\frac{1}{2}, 0.333 !=
+    \\frac13, 1\\frac{4}{5} == 9/5, 2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar signs
+    ignored; comma lists and sets unordered (repeats count); tuples, intervals ([0,1) != (0,1)), matrices element-wise;
+    "x = 5" == "5" != "y = 5"; else normalized text (2x+3 vs 3+2x: missed, never invented). None equals nothing."""
+    a, b = ("", "") if pred is None or ref is None else (normalize_answer(pred), normalize_answer(ref))
     return bool(a and b) and (a == b or _same(_parse(a), _parse(b)))
 
 
@@ -1227,14 +1213,12 @@ def make_grader(name):
     `.info`: name; math-verify's version and timeouts (parse/verify calls that ran out of time, counted wrong)."""
     if name == "builtin":
         def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
-            pred = extract_boxed(response)
-            if is_equiv(pred, reference):
-                return pred, True
-            boxes = [box for box in _boxes(response) if box]
-            if len(boxes) > 1 and reference is not None and _parse(normalize_answer(reference))[0] == "list" \
-                    and is_equiv(", ".join(boxes), reference):
-                return ", ".join(boxes), True
-            return pred, False
+            found = [None, *_boxes(response)]  # as extract_boxed: the last one
+            pred, boxes = found[-1], [box for box in found if box]
+            if (ok := is_equiv(pred, reference)) or len(boxes) < 2 or reference is None \
+                    or _parse(normalize_answer(reference))[0] != "list":
+                return pred, ok
+            return (", ".join(boxes), True) if is_equiv(", ".join(boxes), reference) else (pred, False)
         grade_builtin.info = dict(name="builtin")
         return grade_builtin
     if name != "math-verify":
@@ -1258,14 +1242,13 @@ def make_grader(name):
             return None
 
     def grade_math_verify(response, reference):
-        if not response or reference is None:
-            return None, False
         limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-        gold = attempt(math_verify.parse, "\\boxed{" + str(reference) + "}", parsing_timeout=limit)
+        gold = (attempt(math_verify.parse, "\\boxed{" + str(reference) + "}", parsing_timeout=limit)
+                if response and reference is not None else None)
         pred = None if gold is None else attempt(math_verify.parse, response, parsing_timeout=limit)
-        if pred is None:
+        if not pred:
             return None, False
-        shown = next((p for p in pred if isinstance(p, str)), str(pred[0]) if pred else None)
+        shown = next((p for p in pred if isinstance(p, str)), str(pred[0]))
         # one pair at a time (math_verify.verify would try them all) to count the timeouts
         return shown, any(attempt(math_verify.verify, g, p, timeout_seconds=limit) for g in gold for p in pred)
     grade_math_verify.info = info
@@ -1291,21 +1274,17 @@ def load_problems(path, need_solution, need_answer):
     for lineno, rec in read_jsonl(path):
         for name in ("problem", "solution") if need_solution else ("problem",):
             require(path, lineno, rec, name)
-        solution = rec.get("solution")
-        if solution is not None and not isinstance(solution, str):
+        if (solution := rec.get("solution")) is not None and not isinstance(solution, str):
             raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
-        answer = answer_of(path, lineno, rec, need_answer)
-        prompt = rec.get("prompt")
-        if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
-            if not isinstance(prompt, list) or not prompt:
-                raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list "
-                                f"of chat messages {{\"role\": ..., \"content\": ...}}")
-            for i, m in enumerate(prompt):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
-                                    f"{{\"role\": string, \"content\": string}}")
-        pid = rec.get("id", lineno)
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+        answer, prompt = answer_of(path, lineno, rec, need_answer), rec.get("prompt")
+        if not (prompt is None or prompt and isinstance(prompt, list) or isinstance(prompt, str) and prompt.strip()):
+            raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list "
+                            f"of chat messages {{\"role\": ..., \"content\": ...}}")
+        for i, m in enumerate(prompt if isinstance(prompt, list) else ()):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
+                                f"{{\"role\": string, \"content\": string}}")
+        if not isinstance(pid := rec.get("id", lineno), (str, int)) or isinstance(pid, bool):
             raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
         if (first := seen.setdefault(str(pid), lineno)) != lineno:
             raise DailError(f"{path}:{lineno}: field 'id': duplicate id {str(pid)!r} (first on line {first})")

@@ -2983,6 +2983,19 @@ def test_builtin_grader_drops_nothing_that_matters(a, b):
     assert not dail.is_equiv(a, b) and not dail.is_equiv(b, a)
 
 
+def test_builtin_grader_square_root_of_a_large_prime_is_fast():
+    """\\sqrt{p} for a 30-digit prime p: the largest-square search once counted down ~1e15 steps from sqrt(p)."""
+    p, signal_handler = 10 ** 29 + 319, signal.signal(signal.SIGALRM, lambda *_: pytest.fail("too slow"))
+    signal.alarm(5)
+    try:
+        assert dail.is_equiv(f"2\\sqrt{{{p}}}", f"\\sqrt{{{4 * p}}}")
+        assert dail.is_equiv(f"\\sqrt{{{p * p}}}", str(p)) and not dail.is_equiv(f"\\sqrt{{{p}}}", "1")
+        assert dail.is_equiv("\\sqrt{9800}", "70\\sqrt{2}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal_handler)
+
+
 def spellings(x):
     """Exact LaTeX spellings of the rational x: fractions, decimals (when finite), mixed numbers, units."""
     sign, a = ("-" if x < 0 else ""), abs(x)
