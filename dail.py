@@ -1493,10 +1493,9 @@ def read_jsonl(path, flag="--data", resume=False, check=None, peek=False):
     """[(line number, record)] of a JSONL file; a defect is a DailError naming the file and the line.
     resume: an earlier run's output ([] when absent), each record vetted by check(record) -> fault or None.
     Records are appended one write each, so an interruption leaves at most a half-written *last* line: it is
-    cut off (with a note) so the rerun appends cleanly. peek: a file another process may be appending to:
-    its last line is only left out, and a bad line is skipped (merge_parts names it later)."""
-    p = Path(path)
-    if not p.is_file():
+    cut off (with a note) so the rerun appends cleanly. peek: a file another process may be appending to: its
+    last line is only left out, and a bad line is skipped (gather_parts's merge reads it strictly)."""
+    if not (p := Path(path)).is_file():
         if resume:
             return []
         raise DailError(f"{flag} {path}: no such file")
@@ -1631,8 +1630,7 @@ def load_training_records(args):
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
-    fields = dict(problem=str, solution=str)
-    fields.update({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
+    fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
     records, not_kept = [], 0
     for lineno, r in rows:
         for name, kind in fields.items():
@@ -1654,15 +1652,15 @@ def save_peft_adapters(model, folder, args):
     """The LoRA adapters in PEFT's format, which PeftModel.from_pretrained and vLLM (--enable-lora) load: keys
     base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]; PEFT's scale alpha / r is ours."""
     from safetensors.torch import save
+    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     tensors = {f"base_model.model.{name}.{ab}.weight": getattr(m, ab).detach().float().cpu().contiguous()
-               for name, m in model.named_modules() if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+               for name, m in loras.items() for ab in ("lora_A", "lora_B")}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     write_atomic(folder / "adapter_config.json", json.dumps(dict(
         peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=normalized_model(args.model), bias="none",
-        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-        inference_mode=True), indent=2))
+        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name in loras}), inference_mode=True), indent=2))
 
 
 def save_result(out, model, tok, args, summary):
