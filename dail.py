@@ -1490,11 +1490,10 @@ class Interrupted(Exception):
 
 
 def read_jsonl(path, flag="--data", resume=False, check=None, peek=False):
-    """[(line number, record)] of a JSONL file; a defect is a DailError naming the file and the line.
-    resume: an earlier run's output ([] when absent), each record vetted by check(record) -> fault or None.
-    Records are appended one write each, so an interruption leaves at most a half-written *last* line: it is
-    cut off (with a note) so the rerun appends cleanly. peek: a file another process may be appending to: its
-    last line is only left out, and a bad line is skipped (gather_parts's merge reads it strictly)."""
+    """[(line number, record)] of a JSONL file; a defect is a DailError naming the file and the line. resume: an
+    earlier run's output ([] when absent), each record vetted by check(record) -> fault or None; its half-written
+    last line (records are appended one write each) is cut off, with a note, so the rerun appends cleanly.
+    peek: a file another process may be appending to: its last line is left out, a bad line skipped."""
     if not (p := Path(path)).is_file():
         if resume:
             return []
@@ -1567,9 +1566,8 @@ TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_
 
 
 def line_check(fields, key, expected=None, n=None):
-    """A record's fault for read_jsonl's `check`, or None: it holds `fields` ({name: type}; lists of n items
-    when n is given) and key(record) is one of `expected` (None: any), once: a duplicated or foreign line is
-    an error, never counted."""
+    """read_jsonl's `check`: a record holds `fields` ({name: type}; lists of n items when n is given) and
+    key(record) is one of `expected` (None: any), once; a duplicated or foreign line is an error, never counted."""
     seen = set()
 
     def check(rec):
@@ -1802,24 +1800,29 @@ def clear_results(*paths):
             p.unlink(missing_ok=True)
 
 
-def check_out(args, outputs, folder=True):
-    """--out, before any model loads -> Path: a folder (folder=False: a file) that can be created, never over an
-    input whatever the flags (no message offers --overwrite, which would delete it): no path of `outputs` (what
-    the run writes or clears there) is, by any spelling or link, --data or one of --model's MODEL_FILES, and the
-    folder is not and does not hold the model's folder."""
-    p, inputs = Path(args.out).expanduser(), {f"--data {args.data}": args.data}
-    if (model_dir := Path(args.model).expanduser()).is_dir():
-        real, here = os.path.realpath(model_dir), os.path.realpath(p)
-        if folder and os.path.commonpath([real, here]) == here:
-            raise DailError(f"--out {args.out}: {'is' if real == here else 'holds'} the --model folder {args.model}; "
-                            f"writing there would destroy the model; use another --out")
-        inputs |= {f"--model {args.model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
+def check_own_inputs(out, outputs, inputs, model=None, folder=None):
+    """No run writes over its own inputs, whatever the flags (--overwrite would delete them): no path of `outputs`
+    is, by any spelling or link, an input ({flag: path}) or a MODEL_FILES of --model, and an output `folder` is
+    not and does not hold the model's folder."""
+    files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
+    if model and (model_dir := Path(model).expanduser()).is_dir():
+        real, here = os.path.realpath(model_dir), folder and os.path.realpath(folder)
+        if here and os.path.commonpath([real, here]) == here:
+            raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder {model}; writing "
+                            f"there would destroy the model; use another --out")
+        files |= {f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
     for path in outputs:
-        for what, source in inputs.items():
+        for what, source in files.items():
             with contextlib.suppress(OSError):
                 if os.path.samefile(path, source):
-                    raise DailError(f"--out {args.out}: would write over {what}, an input of this run; use another "
-                                    f"--out")
+                    raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
+
+
+def check_out(args, outputs, folder=True):
+    """--out before any model loads -> Path: not an input (check_own_inputs; `outputs`: what the run writes or
+    clears there), a folder (folder=False: a file) that can be created."""
+    p = Path(args.out).expanduser()
+    check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
     if p.exists() and p.is_dir() != folder:
         raise DailError(f"--out {args.out}: " + ("exists and is not a folder; eval and train write a folder" if folder
                                                  else f"is a folder; rewrite writes a JSONL file (e.g. "
@@ -1851,9 +1854,8 @@ _LOCKS = []  # the output locks this command holds (lock_output); main() release
 
 
 def lock_output(path, out):
-    """An exclusive flock, until the command ends, of one output (a hidden file beside `path`, or in train's
-    folder): two runs appending to one file would interleave their records. The OS drops it when its process
-    dies (kill -9 too)."""
+    """An exclusive flock of one output (a hidden file beside `path`, or in train's folder) until the command
+    ends (or dies, kill -9 too): two runs appending to one file would interleave their records."""
     p = Path(path)
     lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
     try:
@@ -1966,12 +1968,11 @@ VALID = {name: check for names, check in {
 
 
 def validate_args(args):
-    """Every flag the command has against VALID, before any file or model is touched: a bad value is one line
-    naming the flag, the value and what it must be."""
+    """Every flag against VALID before any file or model is touched: a bad value is one line, exit 2."""
     if isinstance(args, TrainArgs) and args.max_prompt_len is not None:   # inherited, unused: refused, not ignored
         raise DailError("--max-prompt-len: not used by train (train's length limit is --max-len)")
     for name, (ok, must) in VALID.items():
-        if (value := getattr(args, name, None)) is not None and not ok(value):
+        if (value := getattr(args, name, None)) is not None and not ok(value):   # None: unset, or not this command's
             kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
             raise DailError(f"--{name.replace('_', '-')} {value}: must be {kind}{must}")
     resolve_device(args.device)                # a device this machine lacks: refused before any model loads
@@ -1986,9 +1987,8 @@ def validate_args(args):
 
 
 def planned_steps(args, num_examples, say=True, few=20):
-    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps; one warning line
-    when they end inside the warm-up or are under `few`, which barely move a model (a few traces at the
-    defaults would otherwise be an untrained model, silently)."""
+    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps; a warning line when
+    they end inside the warm-up or are under `few` (else a few traces would silently be an untrained model)."""
     steps = min(math.ceil(num_examples * args.epochs / args.batch_size), args.max_steps or math.inf)
     if say and ((ramp := steps <= args.warmup_steps) or steps < few):
         why = (f"no more than the {args.warmup_steps} warm-up steps (--warmup-steps), so the learning rate never "
