@@ -1766,6 +1766,9 @@ def read_config(path):
     """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
     try:
         old = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DailError(f"{Path(path).parent}: holds results of an earlier run but no {Path(path).name} recording "
+                        f"how they were made; {START_OVER}") from None
     except (OSError, ValueError) as e:
         raise DailError(f"{path}: unreadable ({e}); {START_OVER}") from None
     if not isinstance(old, dict):
@@ -1781,14 +1784,10 @@ def differing_setting(old, config):
 def check_resume_config(path, config, resuming):
     """Only the run that wrote results resumes them: when `resuming`, the config saved at `path` must equal
     `config` (run_config), else one line names the first difference. Then (re)write it."""
-    p = Path(path)
-    if resuming and not p.exists():
-        raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they were made; "
-                        f"{START_OVER}")
-    if resuming and (k := differing_setting(old := read_config(p), config)) is not None:
-        raise DailError(f"{p.parent}: an earlier run wrote these results with {k}={old.get(k, '(not recorded)')!r}, "
-                        f"this run asks for {k}={config[k]!r}; {START_OVER}")
-    write_atomic(p, json.dumps(config, indent=2))
+    if resuming and (k := differing_setting(old := read_config(path), config)) is not None:
+        raise DailError(f"{Path(path).parent}: an earlier run wrote these results with "
+                        f"{k}={old.get(k, '(not recorded)')!r}, this run asks for {k}={config[k]!r}; {START_OVER}")
+    write_atomic(path, json.dumps(config, indent=2))
 
 
 def clear_results(*paths):
