@@ -1311,13 +1311,11 @@ class Interrupted(Exception):
 
 
 def read_jsonl(path, flag="--data", resume=False, check=None, peek=False):
-    """[(line number, record)] of a JSONL file; a defect is a DailError naming the file and the line.
-    resume: an earlier run's output ([] when absent), each record vetted by check(record) -> fault or None.
-    Records are appended one write each, so an interruption leaves at most a half-written *last* line: it is
-    cut off (with a note) so the rerun appends cleanly. peek: a file another process may be appending to:
-    its last line is only left out, and a bad line is skipped (merge_parts names it later)."""
-    p = Path(path)
-    if not p.is_file():
+    """[(line number, record)] of a JSONL file; a defect is a DailError naming the file and the line. resume: an
+    earlier run's output ([] when absent), each record vetted by check(record) -> fault or None; its half-written
+    last line (records are appended one write each) is cut off, with a note, so the rerun appends cleanly.
+    peek: a file another process may be appending to: its last line is left out, a bad line skipped."""
+    if not (p := Path(path)).is_file():
         if resume:
             return []
         raise DailError(f"{flag} {path}: no such file")
@@ -1389,9 +1387,8 @@ TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_
 
 
 def line_check(fields, key, expected=None, n=None):
-    """A record's fault for read_jsonl's `check`, or None: it holds `fields` ({name: type}; lists of n items
-    when n is given) and key(record) is one of `expected` (None: any), once: a duplicated or foreign line is
-    an error, never counted."""
+    """read_jsonl's `check`: a record holds `fields` ({name: type}; lists of n items when n is given) and
+    key(record) is one of `expected` (None: any), once; a duplicated or foreign line is an error, never counted."""
     seen = set()
 
     def check(rec):
@@ -1452,8 +1449,7 @@ def load_training_records(args):
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
-    fields = dict(problem=str, solution=str)
-    fields.update({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
+    fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
     records, not_kept = [], 0
     for lineno, r in rows:
         for name, kind in fields.items():
@@ -1475,15 +1471,15 @@ def save_peft_adapters(model, folder, args):
     """The LoRA adapters in PEFT's format, which PeftModel.from_pretrained and vLLM (--enable-lora) load: keys
     base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]; PEFT's scale alpha / r is ours."""
     from safetensors.torch import save
+    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     tensors = {f"base_model.model.{name}.{ab}.weight": getattr(m, ab).detach().float().cpu().contiguous()
-               for name, m in model.named_modules() if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+               for name, m in loras.items() for ab in ("lora_A", "lora_B")}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     write_atomic(folder / "adapter_config.json", json.dumps(dict(
         peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=normalized_model(args.model), bias="none",
-        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-        inference_mode=True), indent=2))
+        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name in loras}), inference_mode=True), indent=2))
 
 
 def save_result(out, model, tok, args, summary):
@@ -1554,16 +1550,13 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
 START_OVER = "use another --out, or --overwrite to start over"
 
 # The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
-RESULT_SETTINGS = {
-    "rewrite": ("samples", "propose", "threshold", "retries", "temperature", "top_p", "top_k", "max_new_tokens",
-                "thinking", "keep_per_problem", "no_filter", "keep_truncated", "leak_phrases", "max_prompt_len", "seed",
-                "dtype", "grader", "greedy_proposer"),
-    "train": ("objective", "sft_target", "lam", "direction", "lora_rank", "lora_alpha", "lora_dropout",
-              "lora_targets", "lr", "weight_decay", "warmup_steps", "grad_clip", "batch_size", "epochs", "max_steps",
-              "max_len", "thinking", "seed", "dtype", "loss_norm"),
-    "eval": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "thinking", "seed", "dtype",
-             "presence_penalty", "answer_tokens", "no_force_answer"),
-}
+RESULT_SETTINGS = {command: names.split() for command, names in dict(
+    rewrite="samples propose threshold retries temperature top_p top_k max_new_tokens thinking keep_per_problem "
+            "no_filter keep_truncated leak_phrases max_prompt_len seed dtype grader greedy_proposer",
+    train="objective sft_target lam direction lora_rank lora_alpha lora_dropout lora_targets lr weight_decay "
+          "warmup_steps grad_clip batch_size epochs max_steps max_len thinking seed dtype loss_norm",
+    eval="n temperature top_p top_k max_new_tokens thinking seed dtype presence_penalty answer_tokens no_force_answer",
+).items()}
 
 # The files of a model folder that decide its outputs (weights, config, tokenizer): its fingerprint, and inputs
 # no run may write over. Metrics, checkpoints or an eval folder inside it are not the model.
@@ -1574,10 +1567,9 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 
 def run_config(args, command):
-    """What proves that results in --out belong to this run: fingerprints of the model (a model retrained in the
-    same folder differs) and of the data's bytes, RESULT_SETTINGS[command], and the paths (for the reader)."""
-    return dict(model_fingerprint=model_fingerprint(args.model),
-                data_fingerprint=file_fingerprint(args.data, whole_below=math.inf),
+    """What proves that results in --out are this run's: fingerprints of the model (one retrained in the same
+    folder differs) and of the data, RESULT_SETTINGS[command], and the paths (for the reader, never compared)."""
+    return dict(model_fingerprint=model_fingerprint(args.model), data_fingerprint=file_fingerprint(args.data, True),
                 **{k: getattr(args, k) for k in RESULT_SETTINGS[command]},
                 paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
 
@@ -1587,24 +1579,20 @@ def normalized_model(name):
     return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
 
 
-def file_fingerprint(path, whole_below=64 << 20, edge=1 << 20):
-    """'size:sha256[:16]' of a file; from `whole_below` bytes on, of its first and last `edge` bytes only (a
-    weight file: the safetensors header holds every tensor's name, shape and offset)."""
-    size, h = os.path.getsize(path), hashlib.sha256()
+def file_fingerprint(path, whole=False, edge=1 << 20):
+    """'size:sha256[:16]' of a file; of one over 64 MiB (a weight file), unless `whole`, of its first and last
+    `edge` bytes only: the safetensors header holds every tensor's name, shape and offset."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        if size >= whole_below:
-            h.update(f.read(edge))
-            f.seek(size - edge)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{size}:{h.hexdigest()[:16]}"
+        head = f.read(-1 if whole or size < 64 << 20 else edge)
+        f.seek(max(size - edge, f.tell()))
+        return f"{size}:{hashlib.sha256(head + f.read()).hexdigest()[:16]}"
 
 
 def model_fingerprint(name):
-    """A hash of a model folder's MODEL_FILES (file_fingerprint: cheap for a 16 GB folder). A hub id:
+    """A model folder: a hash of its MODEL_FILES (file_fingerprint: cheap for a 16 GB folder). A hub id:
     'id@commit' when the hub or its cache names the commit (hub_commit), else the id alone."""
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
+    if not (folder := Path(name).expanduser()).is_dir():
         return f"{name}@{commit}" if (commit := hub_commit(name)) else name
     files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
     h = hashlib.sha256(json.dumps([(f.name, file_fingerprint(f)) for f in files]).encode())
@@ -1615,6 +1603,9 @@ def read_config(path):
     """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
     try:
         old = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DailError(f"{Path(path).parent}: holds results of an earlier run but no {Path(path).name} recording "
+                        f"how they were made; {START_OVER}") from None
     except (OSError, ValueError) as e:
         raise DailError(f"{path}: unreadable ({e}); {START_OVER}") from None
     if not isinstance(old, dict):
@@ -1628,17 +1619,12 @@ def differing_setting(old, config):
 
 
 def check_resume_config(path, config, resuming):
-    """Results are resumed only by the run that wrote them: when `resuming`, the config saved at `path` must
-    equal `config` (run_config), else one line names the first difference. Then (re)write it."""
-    p = Path(path)
-    if resuming:
-        if not p.exists():
-            raise DailError(f"{p.parent}: holds results of an earlier run but no {p.name} recording how they were "
-                            f"made; {START_OVER}")
-        if (k := differing_setting(old := read_config(p), config)) is not None:
-            raise DailError(f"{p.parent}: an earlier run wrote these results with {k}="
-                            f"{old.get(k, '(not recorded)')!r}, this run asks for {k}={config[k]!r}; {START_OVER}")
-    write_atomic(p, json.dumps(config, indent=2))
+    """Only the run that wrote results resumes them: when `resuming`, the config saved at `path` must equal
+    `config` (run_config), else one line names the first difference. Then (re)write it."""
+    if resuming and (k := differing_setting(old := read_config(path), config)) is not None:
+        raise DailError(f"{Path(path).parent}: an earlier run wrote these results with "
+                        f"{k}={old.get(k, '(not recorded)')!r}, this run asks for {k}={config[k]!r}; {START_OVER}")
+    write_atomic(path, json.dumps(config, indent=2))
 
 
 def clear_results(*paths):
@@ -1651,16 +1637,16 @@ def clear_results(*paths):
 
 
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
-    """No run writes over its own inputs, whatever the flags (no message offers --overwrite, which would delete
-    them): no path of `outputs` is the same file (any spelling or link) as an input ({flag: path}) or a
-    MODEL_FILES of --model, and an output `folder` is not and does not hold the model's folder."""
+    """No run writes over its own inputs, whatever the flags (--overwrite would delete them): no path of `outputs`
+    is, by any spelling or link, an input ({flag: path}) or a MODEL_FILES of --model, and an output `folder` is
+    not and does not hold the model's folder."""
     files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
     if model and (model_dir := Path(model).expanduser()).is_dir():
         real, here = os.path.realpath(model_dir), folder and os.path.realpath(folder)
         if here and os.path.commonpath([real, here]) == here:
             raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder {model}; writing "
                             f"there would destroy the model; use another --out")
-        files.update({f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)})
+        files |= {f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
     for path in outputs:
         for what, source in files.items():
             with contextlib.suppress(OSError):
@@ -1704,9 +1690,8 @@ _LOCKS = []  # the output locks this command holds (lock_output); main() release
 
 
 def lock_output(path, out):
-    """An exclusive flock until the command ends on one output (a hidden file beside `path`, or in train's
-    folder): two runs appending to one file interleave their records. Shards lock each its own part file;
-    the OS drops a lock when its process dies (kill -9 too)."""
+    """An exclusive flock of one output (a hidden file beside `path`, or in train's folder) until the command
+    ends (or dies, kill -9 too): two runs appending to one file would interleave their records."""
     p = Path(path)
     lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
     try:
@@ -1740,9 +1725,8 @@ def guard_train_out(args):
     lock_output(out, args.out)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
-        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3])}"
-                        f"{', ...' if len(held) > 3 else ''}); use another --out, --resume to continue it, or "
-                        f"--overwrite to start over")
+        raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "
+                        f"use another --out, --resume to continue it, or --overwrite to start over")
     if args.overwrite:
         clear_results(*(out / name for name in TRAIN_RESULTS))
     for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
@@ -1802,38 +1786,36 @@ def check_finite(step, values, checkpoint, args):
                         f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
 
 
-# The flag checks: name -> (test, what a value must be); a number's message says "an integer" or "a number" by
-# its type. None is a flag left unset (or to its released default).
-VALID = {name: (lambda v, low=low: low <= v < math.inf, f">= {low}") for low, names in (
-    (0, "threads top_k lora_rank warmup_steps save_every temperature threshold presence_penalty lam weight_decay "
-        "grad_clip"),
-    (1, "samples retries max_new_tokens max_prompt_len keep_per_problem batch_size micro_batch_size n epochs "
-        "tensor_parallel_size max_model_len answer_tokens max_steps max_len loss_chunk log_every"))
-    for name in names.split()}
-VALID.update(
-    seed=(lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"),           # torch, numpy and vLLM take derived seeds
-    top_p=(lambda v: 0 < v <= 1, "in (0, 1]"), gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"),
-    lr=(lambda v: 0 < v < math.inf, "> 0"), lora_alpha=(lambda v: 0 < v < math.inf, "> 0"),
-    lora_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
-    lora_targets=(lambda v: all(x.strip() for x in v.split(",")), "comma-separated module names"),
-    device=(lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"))
+# The flag checks (validate_args): flags -> (test, what a value must be); the message says "an integer" or "a
+# number" by the value's type. None is a flag left unset (or to its released default).
+VALID = {name: check for names, check in {
+    "threads top_k lora_rank warmup_steps save_every temperature threshold presence_penalty lam weight_decay grad_clip":
+        (lambda v: 0 <= v < math.inf, ">= 0"),
+    "samples retries max_new_tokens max_prompt_len keep_per_problem batch_size micro_batch_size n epochs "
+    "tensor_parallel_size max_model_len answer_tokens max_steps max_len loss_chunk log_every":
+        (lambda v: 1 <= v < math.inf, ">= 1"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"),           # torch, numpy and vLLM take derived seeds
+    "top_p gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lr lora_alpha": (lambda v: 0 < v < math.inf, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora_targets": (lambda v: all(x.strip() for x in v.split(",")), "comma-separated module names"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
+}.items() for name in names.split()}
 
 
 def validate_args(args):
-    """Every flag the command has against VALID, before any file or model is touched: a bad value is one line
-    naming the flag, the value and what it must be."""
-    command = next(name for name, (cls, _, _) in COMMANDS.items() if type(args) is cls)
-    if command == "train" and args.max_prompt_len is not None:   # inherited, unused: an error, not ignored
+    """Every flag against VALID before any file or model is touched: a bad value is one line, exit 2."""
+    if isinstance(args, TrainArgs) and args.max_prompt_len is not None:   # inherited, unused: refused, not ignored
         raise DailError("--max-prompt-len: not used by train (train's length limit is --max-len)")
     for name, (ok, must) in VALID.items():
-        if (value := getattr(args, name, None)) is not None and not ok(value):
+        if (value := getattr(args, name, None)) is not None and not ok(value):   # None: unset, or not this command's
             kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
             raise DailError(f"--{name.replace('_', '-')} {value}: must be {kind}{must}")
     resolve_device(args.device)                # a device this machine lacks: refused before any model loads
     # eval holds all --n samples of a problem until its line is written: ~512 bytes of records each, and per
     # token of both passes an 8-byte list slot and a 28-byte int (--n 30000000 grew past 4 GB before a line)
-    need = args.n * (512 + (args.max_new_tokens + args.answer_tokens) * 36) if command == "eval" else 0
-    if command == "eval" and need > (have := available_ram()):
+    need = args.n * (512 + (args.max_new_tokens + args.answer_tokens) * 36) if isinstance(args, EvalArgs) else 0
+    if need and need > (have := available_ram()):
         raise DailError(f"--n {args.n}: the {args.n} samples of one problem are held together until its line is "
                         f"written, up to {need / 2**30:.3g} GiB at --max-new-tokens {args.max_new_tokens} + "
                         f"--answer-tokens {args.answer_tokens}, and {have / 2**30:.3g} GiB are available; lower --n")
@@ -1841,12 +1823,10 @@ def validate_args(args):
 
 
 def planned_steps(args, num_examples, say=True, few=20):
-    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps; one warning line
-    when they end inside the warm-up or are under `few`, which barely move a model (a few traces at the
-    defaults would otherwise be an untrained model, silently)."""
+    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps; a warning line when
+    they end inside the warm-up or are under `few` (else a few traces would silently be an untrained model)."""
     steps = min(math.ceil(num_examples * args.epochs / args.batch_size), args.max_steps or math.inf)
-    ramp = steps <= args.warmup_steps
-    if say and (ramp or steps < few):
+    if say and ((ramp := steps <= args.warmup_steps) or steps < few):
         why = (f"no more than the {args.warmup_steps} warm-up steps (--warmup-steps), so the learning rate never "
                f"gets past its ramp" if ramp else f"fewer than {few}")
         print(f"warning: train: {num_examples} examples x {args.epochs} epochs / batch {args.batch_size} = {steps} "
