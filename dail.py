@@ -2040,8 +2040,7 @@ def states_digest(tensors):
 
 
 def load_states(cache, ex):
-    """An example's cached (teacher [n, H], shortcut [n, H]), or None: compute them. A disk entry that does not
-    load, was written for another example, fails its checksum or has another shape is counted and recomputed."""
+    """An example's cached (teacher [n, H], shortcut [n, H]), or None: compute them (a bad disk entry is counted)."""
     key = example_key(ex)
     states = cache["states"].get(key)                  # memory ('off' and a disk cache hold none here)
     if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
@@ -2062,8 +2061,7 @@ def load_states(cache, ex):
 
 
 def store_states(cache, ex, teacher, shortcut):
-    """Keep one example's fresh states (teacher, shortcut: [n, H]) and return them. On disk: whole or not at all
-    (write_atomic), with the example's key and the checksum in the safetensors header."""
+    """Keep one example's fresh states and return them; on disk whole (write_atomic), key and checksum in the header."""
     if cache["mode"] == "memory":
         cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
     elif cache["mode"] == "disk":
@@ -2124,8 +2122,7 @@ def end_distributed(ddp):
 
 
 def all_reduce_step(params, logged, device):
-    """Data parallel, once per optimizer step: sum every rank's gradients (each already over the step's global
-    divisor, so the sum is the big batch's gradient) and logged sums."""
+    """Sum every rank's gradients (each over the step's global divisor: the sum is the big batch's) and logged sums."""
     for p in params:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad    # a rank with no sequence in a short last step
         dist.all_reduce(p.grad)
@@ -2178,9 +2175,8 @@ def shard_path(out_file, k, n):
 
 
 def shard_of(args, engine):
-    """-> (k, n, follower): shard k of n from --shard K/N, else torchrun's RANK of WORLD_SIZE, else (0, 1). vLLM
-    under torchrun runs one engine per --tensor-parallel-size (tp) ranks (data parallel for external launchers):
-    shard rank // tp of WORLD_SIZE / tp; a follower (not the group's first rank) decodes in step, writes nothing."""
+    """-> (k, n, follower): --shard K/N, else torchrun's RANK of WORLD_SIZE, else (0, 1). vLLM under torchrun: an
+    engine per --tensor-parallel-size (tp) ranks is shard rank // tp of WORLD_SIZE / tp; followers decode in step."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if args.shard:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.shard)
@@ -2197,9 +2193,8 @@ def shard_of(args, engine):
 
 def start_job(command, out_file, args, engine, problems, config_of, *results):
     """The one start of rewrite and eval -> (n, ks, merge, follower, config, checks, done): the split into n, the
-    shards k this process decodes, each into its own part file that resumes alone (done[k]: what it holds), and how
-    they merge (gather_parts). --overwrite clears this run's files, out_file, `results` and other splits' parts. A
-    plain run that finds an earlier split's parts finishes them itself, then merges."""
+    shards k this process decodes, each into its own part file that resumes alone (done[k]), how they merge. A plain
+    run that finds an earlier split's parts finishes them, then merges; --overwrite clears them and `results`."""
     k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
