@@ -1839,9 +1839,8 @@ def planned_steps(args, num_examples, say=True, few=20):
 def new_reference_cache(mode, folder=None, hidden=None):
     """A store for reference_states: 'memory' (host RAM), 'disk' (a file per example in `folder`) or 'off'."""
     if mode == "disk":
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    return dict(mode=mode, folder=folder and Path(folder), hidden=hidden, dtype=None, states={},
-                computed=0, reused=0, bad_files=0)
+        folder.mkdir(parents=True, exist_ok=True)
+    return dict(mode=mode, folder=folder, hidden=hidden, states={}, computed=0, reused=0, bad_files=0)
 
 
 def example_key(ex):
@@ -1851,40 +1850,34 @@ def example_key(ex):
 
 
 def states_digest(tensors):
-    """sha256 of tensors' dtypes, shapes and bytes: a disk entry's checksum, kept in its header."""
+    """A disk entry's checksum, kept in its header: sha256 of the tensors' dtypes, shapes and bytes."""
     return hashlib.sha256(b"".join(f"{t.dtype}{tuple(t.shape)}".encode() + t.cpu().contiguous().view(torch.uint8)
                                    .numpy().tobytes() for t in tensors)).hexdigest()
 
 
 def load_states(cache, ex):
-    """An example's cached (teacher [n, H], shortcut [n, H]), or None: compute them. A file that does not load, was
-    written for another example, fails its checksum or holds another shape or dtype is counted and recomputed."""
+    """An example's cached (teacher [n, H], shortcut [n, H]), or None: compute them. A disk entry whose header lacks
+    its key or checksum (the run's config pins model and dtype) is counted and recomputed."""
     key = example_key(ex)
+    states = cache["states"].get(key)                  # memory ('off' and a disk cache hold none here)
     if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
         from safetensors import safe_open
         try:
             with safe_open(str(path), "pt") as f:
                 meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
-            dtype, shape = cache["dtype"] or states[0].dtype, (len(ex["privileged"][1]), cache["hidden"])
-            ok = (meta.get("key"), meta.get("sha256")) == (key, states_digest(states)) and all(
-                t.dtype == dtype and t.shape == shape for t in states)
+            ok = (meta.get("key"), meta.get("sha256")) == (key, states_digest(states))
         except Exception:
             ok = False
         if not ok:
             cache["bad_files"] += 1
             print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
             return None
-        cache["dtype"] = dtype
-    else:
-        states = cache["states"].get(key)               # memory ('off' and a disk cache hold none here)
     cache["reused"] += states is not None
     return states
 
 
 def store_states(cache, ex, teacher, shortcut):
-    """Keep one example's fresh states (teacher, shortcut: [n, H]) and return them. On disk: whole or not at all
-    (write_atomic), the example's key and the checksum in the safetensors header."""
-    cache["dtype"] = cache["dtype"] or teacher.dtype
+    """Keep one example's fresh states and return them; on disk whole (write_atomic), key and checksum in the header."""
     if cache["mode"] == "memory":
         cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
     elif cache["mode"] == "disk":
@@ -1904,8 +1897,7 @@ def available_ram():
 def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
     """--reference-cache -> (new_reference_cache, a line saying what was picked). auto: memory if the copies of the
     ranks on this machine take at most half the available RAM, else disk if OUT has twice the size free, else off."""
-    hidden = model.get_input_embeddings().weight.shape[1]
-    tokens = sum(len(ex["privileged"][1]) for ex in examples)
+    hidden, tokens = model.get_input_embeddings().weight.shape[1], sum(len(ex["privileged"][1]) for ex in examples)
     size = tokens * 2 * hidden * dtype.itemsize                       # response tokens x 2 contexts x H x bytes
     ram, disk = available_ram(), shutil.disk_usage(out).free
     fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= disk, off=True)
@@ -1923,15 +1915,13 @@ def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
 # ==== Appendix B.4, running it: torchrun (process group, all-reduce, stop signals) and --shard part files ==============
 def shard_device(args):
     """This process's torch device: under torchrun, a CUDA --device (or auto) is each rank's own, cuda:LOCAL_RANK."""
-    if (args.device == "auto" or args.device.startswith("cuda")) and torch.cuda.is_available() \
-            and "LOCAL_RANK" in os.environ:
+    if "LOCAL_RANK" in os.environ and args.device.split(":")[0] in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return resolve_device(args.device)
 
 
 def setup_distributed(args):
-    """train under torchrun: one process per device, each takes its share of every step -> (ddp, rank, world_size,
-    device); a single process gets (False, 0, 1, --device)."""
+    """train under torchrun (a process per device, each its share of every step) -> (ddp, rank, world_size, device)."""
     device = shard_device(args)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False, 0, 1, device
@@ -1948,11 +1938,9 @@ def end_distributed(ddp):
 
 
 def all_reduce_step(params, logged, device):
-    """Data parallel: sum the gradients and the logged sums of every rank, once per optimizer step. Each rank's
-    share is already divided by the step's global divisor, so the sum is the big batch's gradient."""
+    """Sum every rank's gradients (each over the step's global divisor: the sum is the big batch's) and logged sums."""
     for p in params:
-        if p.grad is None:                 # a rank with no sequence in a short last step
-            p.grad = torch.zeros_like(p)
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad    # a rank with no sequence in a short last step
         dist.all_reduce(p.grad)
     sums = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
     dist.all_reduce(sums)
@@ -1991,31 +1979,28 @@ def agreed_signal(signum, ddp, device):
     return int(flag.item())
 
 
-# A sharded rewrite or eval: torchrun's ranks and --shard K/N runs alike, shard k of n takes problems k, k + n, ...
-# into its own part file, which resumes alone; the shard that completes the last part merges them all.
 def shard_problems(problems, k, n):
-    """Equal counts (to one), and no shard gets all the long problems of a file sorted by length."""
+    """Shard k of n of a rewrite or eval (torchrun's ranks and --shard K/N runs alike) takes problems k, k + n, ...:
+    equal counts (to one), and no shard gets all the long problems of a file sorted by length."""
     return problems[k::n]
 
 
 def shard_path(out_file, k, n):
     """The file shard k of n writes: out_file itself when n = 1, else traces.jsonl -> traces.part0-of-4.jsonl."""
-    out_file = Path(out_file)
     return out_file if n == 1 else out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
 
 
 def shard_of(args, engine):
-    """-> (k, n, follower): shard k of n from --shard K/N, else torchrun's RANK of WORLD_SIZE, else (0, 1). vLLM
-    under torchrun runs one engine per --tensor-parallel-size (tp) ranks (data parallel for external launchers):
-    shard rank // tp of WORLD_SIZE / tp; a follower (not the group's first rank) decodes in step, writes nothing."""
+    """-> (k, n, follower): --shard K/N, else torchrun's RANK of WORLD_SIZE, else (0, 1). vLLM under torchrun: an
+    engine per --tensor-parallel-size (tp) ranks is shard rank // tp of WORLD_SIZE / tp; followers decode in step."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if args.shard:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.shard)
-        if not m or not int(m.group(1)) < int(m.group(2)):
+        if not m or not int(m[1]) < int(m[2]):
             raise DailError(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
         if world > 1:
             raise DailError(f"--shard {args.shard}: under torchrun each rank already takes its own shard; drop --shard")
-        return int(m.group(1)), int(m.group(2)), False
+        return int(m[1]), int(m[2]), False
     tp = args.tensor_parallel_size if engine == "vllm" and world > 1 else 1
     if world % tp:
         raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
@@ -2024,15 +2009,13 @@ def shard_of(args, engine):
 
 def start_job(command, out_file, args, engine, problems, config_of, *results):
     """The one start of rewrite and eval -> (n, ks, merge, follower, config, checks, done): the split into n, the
-    shards k this process decodes, how it merges (gather_parts), and done[k]: what shard k wrote earlier, with
-    this run's config. Its files are locked (lock_output); --overwrite clears them, out_file, `results` and the
-    parts of other splits. A plain run that finds an earlier split's parts finishes them itself, then merges."""
+    shards k this process decodes, each into its own part file that resumes alone (done[k]), how they merge. A plain
+    run that finds an earlier split's parts finishes them, then merges; --overwrite clears them and `results`."""
     k, n, follower = shard_of(args, engine)
-    out_file = Path(out_file)
-    found = {p: int(m.group(1)) for p in out_file.parent.glob(f"{out_file.stem}.part*")
+    found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
     splits = set() if args.overwrite else set(found.values())
-    if len(splits | ({n} if n > 1 else set())) > 1:
+    if len(splits | {n} - {1}) > 1:
         sizes = " and ".join(map(str, sorted(splits)))
         raise DailError(f"{out_file.parent}: holds the part files of a split into {sizes} shards"
                         f"{f', this run splits into {n}' if n > 1 else ''}; keep one split, or --overwrite")
@@ -2044,17 +2027,17 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     else:
         ks, merge = [k], None if follower or n == 1 else "ready"
     paths = {j: shard_path(out_file, j, n) for j in ks}
-    if not follower:
-        for path in paths.values():
-            lock_output(path, args.out)
-        if args.overwrite:
-            clear_results(*paths.values(), *map(config_of, paths.values()), out_file, *results,
-                          *(p for p, m in found.items() if m != n))
-    config, checks, done = run_config(args, command), output_checks(command, problems, args, n), {}
+    config, checks = run_config(args, command), output_checks(command, problems, args, n)
+    if follower:                                 # decodes in step with its group's first rank, which writes
+        return n, ks, merge, follower, config, checks, {j: resume_jsonl(p, peek=True) for j, p in paths.items()}
+    for path in paths.values():
+        lock_output(path, args.out)
+    if args.overwrite:
+        clear_results(*paths.values(), *map(config_of, paths.values()), out_file, *results,
+                      *(p for p, m in found.items() if m != n))
+    done = {j: resume_jsonl(path, checks(j)) for j, path in paths.items()}
     for j, path in paths.items():
-        done[j] = resume_jsonl(path, None if follower else checks(j), peek=follower)   # a follower only reads
-        if not follower:
-            check_resume_config(config_of(path), config, resuming=bool(done[j]))
+        check_resume_config(config_of(path), config, resuming=bool(done[j]))
     return n, ks, merge, follower, config, checks, done
 
 
@@ -2064,25 +2047,23 @@ def gather_parts(out_file, n, merge, config, config_of, expected, key, order, ch
     order (order(record)). While parts are incomplete: merge 'ready' says which -> None, 'now' fails."""
     if merge is None:
         return resume_jsonl(out_file, checks(0)) if n == 1 else None
-
-    def complete(k):
-        path, saved = shard_path(out_file, k, n), config_of(shard_path(out_file, k, n))
-        if not saved.exists():
-            return False                                        # not started yet
-        if (diff := differing_setting(old := read_config(saved), config)) is not None:
-            raise DailError(f"{path}: written with {diff}={old.get(diff, '(not recorded)')!r}, unlike this run; parts "
-                            f"of one file must come from one command (rerun that shard, or --overwrite)")
-        return expected[k] <= {key(r) for r in resume_jsonl(path, checks(k), peek=True)}   # it may be being written
-
-    if missing := [k for k in range(n) if not complete(k)]:
+    parts = [shard_path(out_file, k, n) for k in range(n)]
+    saved = {k: read_config(config_of(p)) for k, p in enumerate(parts) if config_of(p).exists()}  # none: not begun
+    for k, old in saved.items():
+        if (diff := differing_setting(old, config)) is not None:
+            raise DailError(f"{parts[k]}: written with {diff}={old.get(diff, '(not recorded)')!r}, unlike this run; "
+                            f"parts of one file must come from one command (rerun that shard, or --overwrite)")
+    missing = [k for k, p in enumerate(parts) if k not in saved        # peek: a part may be being written
+               or not expected[k] <= {key(r) for r in resume_jsonl(p, checks(k), peek=True)}]
+    if missing and merge == "now":
+        raise DailError(f"{out_file}: {len(missing)} of {n} parts are incomplete; run them (--shard K/{n})")
+    if missing:
         print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; the shard "
               f"that completes the last one merges them (or a run without --shard, or with --merge)", file=sys.stderr)
-        if merge == "now":
-            raise DailError(f"{out_file}: {len(missing)} of {n} parts are incomplete; run them (--shard K/{n})")
         return None
     # each part's line_check refuses another shard's record, so none is merged twice; two shards that finish
     # together may both merge, each through its own temporary file (write_atomic)
-    records = sorted((r for k in range(n) for r in resume_jsonl(shard_path(out_file, k, n), checks(k))), key=order)
+    records = sorted((r for k, p in enumerate(parts) for r in resume_jsonl(p, checks(k))), key=order)
     write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     check_resume_config(config_of(out_file), config, resuming=False)
     print(f"merged {n} parts into {out_file}", file=sys.stderr)
