@@ -2516,7 +2516,7 @@ def load_vllm(args):
     kw = dict(gpu_memory_utilization=args.gpu_memory_utilization) if cuda else dict(enforce_eager=True)
     # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (shard_of)
     if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
-        kw.update(distributed_executor_backend="external_launcher", 
+        kw.update(distributed_executor_backend="external_launcher",
                   data_parallel_size=world // args.tensor_parallel_size)
     return vllm.LLM(model=args.model, dtype=args.dtype if args.dtype != "auto" or cuda else "float32",
                     seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
