@@ -2447,9 +2447,9 @@ def cache_kwarg(model, cache):
 
 
 def prompt_budget(args, command, longest_prompt):
-    """--max-prompt-len, else the model's context length (its config) minus --max-new-tokens, else None. A
-    --max-new-tokens that fills the context (the defaults on a small model) is clipped, in one printed line, to the
-    context minus the longest prompt (longest_prompt(): its tokens), so a rerun clips alike and resumes."""
+    """--max-prompt-len, else the model's context (config) minus --max-new-tokens, else None. A --max-new-tokens that
+    fills the context (the defaults on a small model) is clipped, in one line, to the context minus the longest
+    prompt (longest_prompt(): its tokens), so a rerun clips alike and resumes."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
     from transformers import AutoConfig
