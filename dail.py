@@ -2142,48 +2142,40 @@ def fit_prompts(tok, problems, args, roles=("student", "privileged")):
 
 def resolve_device(name):
     """--device as a torch.device; one this machine cannot use is a DailError (validate_args asks first)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device, n_cuda = torch.device(name), torch.cuda.device_count()
-    if device.type == "cuda" and (device.index or 0) >= n_cuda:
+    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and (device.index or 0) >= (n_cuda := torch.cuda.device_count()):
         raise DailError(f"--device {name}: this machine has {n_cuda} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DailError("--device mps: Apple's MPS is not available on this machine")
     return device
 
 
-def resolve_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)  # float32, bfloat16 or float16 (argparse's choices)
+def resolve_dtype(name, device):  # auto: bfloat16 on CUDA, else float32; or float32, bfloat16, float16 (choices)
+    return getattr(torch, name) if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-_HUB_COMMITS = {}  # hub id -> the commit the hub says it resolves to (None: the hub answered without one)
-
-
+@functools.lru_cache(maxsize=None)   # asked once per process
 def hub_commit(name):
-    """The commit hub id `name` resolves to, or None; a name shaped like a path is a missing folder (DailError).
-    Asked once per process: one HEAD request for config.json through the hub client (so HF_ENDPOINT, proxies
-    and the token count), 5 s, no retries; a hub out of reach switches to the local cache at once, with a note
-    (the client would retry with back-off for a minute). Offline: the cached snapshot's commit."""
+    """The commit hub id `name` resolves to, or None; a path-shaped name is a missing folder (DailError). One 5 s
+    HEAD request for config.json through the hub client (HF_ENDPOINT, proxies and the token count); a hub out of
+    reach switches to the local cache at once, with a note, not after a minute of retries. Else the cache's commit."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise DailError(f"--model {name}: no such model folder")
-    if name not in _HUB_COMMITS and not constants.HF_HUB_OFFLINE:
+    if not constants.HF_HUB_OFFLINE:
         endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")   # read now: a mirror set late
         try:
-            _HUB_COMMITS[name] = get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=endpoint),
-                                                      timeout=5).commit_hash
-        except HfHubHTTPError:  # the hub answered: no such repo, gated, ...
-            _HUB_COMMITS[name] = None
+            url = hf_hub_url(name, "config.json", endpoint=endpoint)
+            if commit := get_hf_file_metadata(url, timeout=5).commit_hash:
+                return commit
+        except HfHubHTTPError:  # the hub answered (no such repo, gated, ...): the cache may know it
+            pass
         except Exception:       # connection refused, DNS failure, timeout, proxy error: out of reach
             print(f"note: the Hugging Face hub ({endpoint}) is unreachable; looking for {name} in the local "
                   f"cache only", file=sys.stderr)
             os.environ["HF_HUB_OFFLINE"] = "1"
             constants.HF_HUB_OFFLINE = True
-    if _HUB_COMMITS.get(name):
-        return _HUB_COMMITS[name]
     with contextlib.suppress(Exception):  # (a malformed id: None)
         cached = try_to_load_from_cache(name, "config.json")
         return Path(cached).parent.name if isinstance(cached, str) else None
@@ -2203,13 +2195,22 @@ def from_pretrained(auto, what, name, trust_remote_code, **kw):
 
 
 def load_tokenizer(name, trust_remote_code=False):
+    """The tokenizer, with a pad token. Warns when it encodes differently from the folder's own tokenizer.json:
+    transformers 5 may reload a saved tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2 config),
+    whose pre-tokenizer changes ids."""
     from transformers import AutoTokenizer
     if not Path(name).exists():
         hub_commit(name)  # a missing folder fails here; a hub out of reach: the local cache, at once
     tok = from_pretrained(AutoTokenizer, "tokenizer", name, trust_remote_code)
     if not getattr(tok, "chat_template", None):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
-    check_tokenizer_reload(tok, name)
+    if (path := Path(name) / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
+        if Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids != \
+                tok(probe, add_special_tokens=False)["input_ids"]:
+            print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
+                  f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -2220,38 +2221,22 @@ def load_model(name, device, dtype, trust_remote_code=False):
     return from_pretrained(AutoModelForCausalLM, "model", name, trust_remote_code, dtype=dtype).to(device)
 
 
-def check_tokenizer_reload(tok, name):
-    """Warn when tok encodes differently from the folder's own tokenizer.json: transformers 5 may reload a saved
-    tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2 config), whose pre-tokenizer changes ids."""
-    path = Path(name) / "tokenizer.json"
-    if path.is_file():
-        from tokenizers import Tokenizer
-        probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
-        if Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids != \
-                tok(probe, add_special_tokens=False)["input_ids"]:
-            print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
-                  f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
-
-
 def check_thinking_flag(tok, args):
-    """Warn when --thinking does not match the chat template (Qwen3-style: it reads `enable_thinking` or writes
-    <think>, in any of its named templates): a reasoning model run without it is prompted, budgeted and graded
-    as a non-reasoning one, silently. -> whether the template supports thinking."""
-    template = tok.chat_template
-    text = " ".join(template.values()) if isinstance(template, dict) else str(template or "")
+    """-> whether the chat template supports thinking (Qwen3-style: `enable_thinking` or <think>, in any named
+    template); a warning when --thinking disagrees (a reasoning model would be prompted and graded as a plain one)."""
+    text = " ".join(t.values()) if isinstance(t := tok.chat_template, dict) else str(t or "")
     supports = "enable_thinking" in text or "<think>" in text
-    if supports and not args.thinking:
-        print(f"warning: --model {args.model}: the chat template supports thinking (<think>) but --thinking is not "
-              f"set; a reasoning model needs --thinking for its prompts, budgets and grading", file=sys.stderr)
-    elif args.thinking and not supports:
-        print(f"warning: --model {args.model}: --thinking is set but the chat template has no thinking support; "
-              f"dail.py will open <think> itself", file=sys.stderr)
+    if supports != args.thinking:
+        print(f"warning: --model {args.model}: " + (
+            "the chat template supports thinking (<think>) but --thinking is not set; a reasoning model needs "
+            "--thinking for its prompts, budgets and grading" if supports else
+            "--thinking is set but the chat template has no thinking support; dail.py will open <think> itself"),
+            file=sys.stderr)
     return supports
 
 
 @functools.lru_cache(maxsize=None)
-def vocab_size(name):
-    """vocab_size of a model folder's config.json, read as plain JSON (no code runs, no network), or None."""
+def vocab_size(name):  # a model folder's config.json vocab_size, as plain JSON (no code runs, no network), or None
     with contextlib.suppress(OSError, ValueError, AttributeError):
         size = json.loads((Path(name) / "config.json").read_text()).get("vocab_size")
         return size if type(size) is int else None
@@ -2268,8 +2253,7 @@ def check_token_ids(path, lineno, ids, model):
 
 
 def record_prompt_ids(tok, problem, thinking):
-    """chat_prompt_ids of an eval record's own `prompt`; one the chat template rejects (jinja2's error names no
-    file or line) is a DailError naming the record's file, line and field."""
+    """chat_prompt_ids of an eval record's own `prompt`, or a DailError naming its file and line (jinja2's does not)."""
     try:
         return chat_prompt_ids(tok, problem["prompt"], thinking)
     except Exception as e:
@@ -2278,17 +2262,16 @@ def record_prompt_ids(tok, problem, thinking):
 
 
 def cache_kwarg(model, cache):
-    """{keyword: cache} for a model's forward: `cache` in transformers 5.x (`past_key_values` goes away in 5.40),
-    `past_key_values` in 4.x (which has no `cache`)."""
+    """{keyword: cache} for forward: 5.x's `cache` (`past_key_values` goes in 5.40), else 4.x's `past_key_values`."""
     import inspect
     forward = getattr(model, "get_base_model", lambda: model)().forward
     return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
 
 
 def prompt_budget(args, command, longest_prompt):
-    """--max-prompt-len, else the model's context length (its config) minus --max-new-tokens, else None. A
-    --max-new-tokens that fills the context (the defaults on a small model) is clipped, in one printed line, to the
-    context minus the longest prompt (longest_prompt(): its tokens), so a rerun clips alike and resumes."""
+    """--max-prompt-len, else the model's context (config) minus --max-new-tokens, else None. A --max-new-tokens that
+    fills the context (the defaults on a small model) is clipped, in one line, to the context minus the longest
+    prompt (longest_prompt(): its tokens), so a rerun clips alike and resumes."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
     from transformers import AutoConfig
@@ -2298,8 +2281,7 @@ def prompt_budget(args, command, longest_prompt):
     except Exception:  # no readable config, or no context length in it: no limit
         return None
     if n - args.max_new_tokens < 1:
-        longest = longest_prompt()
-        if n - longest < 1:
+        if n - (longest := longest_prompt()) < 1:
             raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
                             f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
         print(f"{command}: --max-new-tokens {args.max_new_tokens} does not fit the model's {n}-token context; "
@@ -2316,10 +2298,9 @@ def end_of_turn_id(tok):
 def stop_token_ids(tok, name):
     """Tokens that end a response: the tokenizer's and the generation config's EOS, and the end of a turn."""
     from transformers import GenerationConfig
-    try:
+    eos = None
+    with contextlib.suppress(Exception):  # no generation_config.json: the tokenizer's EOS is enough
         eos = GenerationConfig.from_pretrained(name).eos_token_id
-    except Exception:  # no generation_config.json: the tokenizer's EOS is enough
-        eos = None
     ids = {tok.eos_token_id, end_of_turn_id(tok)} | set(eos if isinstance(eos, (list, tuple)) else [eos])
     return sorted(ids - {None})
 
@@ -2327,19 +2308,17 @@ def stop_token_ids(tok, name):
 # ==== Appendix B.6, running it: the vLLM engine (an optional import) ===================================================
 def eval_engine(args):
     """--engine, where auto is vLLM when it is importable and a GPU is present, else hf."""
-    if args.engine == "auto":
-        return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
-    return args.engine
+    return args.engine if args.engine != "auto" else "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
 
 
 def rewrite_engine(args, say=False):
     """As eval_engine, but vLLM only where the token rule is a pure policy (threshold 0 or >= 1)."""
-    if args.engine != "hf" and 0 < args.threshold < 1:
-        if say:
-            print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
-                  f"sampling cannot do; using the transformers engine", file=sys.stderr)
-        return "hf"
-    return eval_engine(args)
+    if args.engine == "hf" or not 0 < args.threshold < 1:
+        return eval_engine(args)
+    if say:
+        print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
+              f"sampling cannot do; using the transformers engine", file=sys.stderr)
+    return "hf"
 
 
 def vllm_available():
@@ -2357,8 +2336,8 @@ def load_vllm(args):
                         "(GPU), or use --engine hf") from None
     cuda = torch.cuda.is_available() and args.device not in ("cpu", "mps")
     kw = dict(gpu_memory_utilization=args.gpu_memory_utilization) if cuda else dict(enforce_eager=True)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (vllm_shard)
+    # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (shard_of)
+    if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
         kw.update(distributed_executor_backend="external_launcher",
                   data_parallel_size=world // args.tensor_parallel_size)
     return vllm.LLM(model=args.model, dtype=args.dtype if args.dtype != "auto" or cuda else "float32",
@@ -2377,48 +2356,43 @@ def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=(), max_token
                              presence_penalty=presence_penalty, seed=s, stop_token_ids=list(stop_ids),
                              skip_special_tokens=False, logit_bias={t: -100.0 for t in banned_ids} or None)
               for s in seeds]
-    results = []
-    for out in llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False):
-        samples = []
-        for c in out.outputs:
-            ids, stopped = list(c.token_ids), c.finish_reason == "stop"
-            # the stop token: the last id when vLLM kept it, else its stop_reason (an int for stop_token_ids)
-            stop_id = c.stop_reason if stopped and isinstance(c.stop_reason, int) else None
-            if stopped and ids and ids[-1] in stop_ids:
-                stop_id = ids.pop()
-            samples.append(dict(ids=ids, finish_reason="stop" if stopped else "length", stop_id=stop_id))
-        results.append([dict(s) for s in samples for _ in range(n if greedy else 1)])
-    return results
+
+    def sample(c):  # the stop token: the last id when vLLM kept it, else its stop_reason (an int for stop_token_ids)
+        ids, stopped = list(c.token_ids), c.finish_reason == "stop"
+        stop_id = c.stop_reason if stopped and isinstance(c.stop_reason, int) else None
+        if stopped and ids and ids[-1] in stop_ids:
+            stop_id = ids.pop()
+        return dict(ids=ids, finish_reason="stop" if stopped else "length", stop_id=stop_id)
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    return [[sample(c) for c in out.outputs for _ in range(n if greedy else 1)] for out in outs]
 
 
 def close_vllm(llm):
-    """Tear an LLM's process-wide state down now: left to the garbage collector, it can happen while the next
-    LLM of the process starts, and take that one's parallel groups with it."""
+    """Tear vLLM's process-wide state down now: left to the garbage collector, it can happen while the next LLM
+    of the process starts, and take that one's parallel groups with it."""
     import gc
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-    del llm
     gc.collect()
     cleanup_dist_env_and_memory()
 
 
 def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """Rewrite at a pure-policy threshold by eval's sampling (vllm_sample): threshold >= 1 samples the validator
-    context (every token a fallback), 0 the proposer (every token accepted). One request per trace, seeded by
-    (--seed, problem index, sample), so neither a resume nor a shard changes a trace."""
+    """Rewrite at a pure-policy threshold by eval's sampling: >= 1 samples the validator (every token a fallback),
+    0 the proposer (every token accepted). A request per trace, seeded by (--seed, problem index, sample), so
+    neither a resume nor a shard changes a trace."""
     name = validator if args.threshold >= 1 else proposer
     if name == proposer and args.greedy_proposer:
         args = dataclasses.replace(args, temperature=0.0)
     llm = load_vllm(args)
-    bar = progress(total=len(todo), desc="rewrite (vLLM)", unit="trace")
-    for start in range(0, len(todo), 8192):   # vLLM batches a call's requests (and caches the shared prompts)
-        chunk = todo[start:start + 8192]
-        outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids,
-                           [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk], banned)
-        for (p, s), [r] in zip(chunk, outs):
-            r["n_accepted"], r["n_fallback"] = (0, len(r["ids"])) if name == validator else (len(r["ids"]), 0)
-            write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-        bar.update(len(chunk))
-    bar.close()
+    with progress(total=len(todo), desc="rewrite (vLLM)", unit="trace") as bar:
+        for start in range(0, len(todo), 8192):   # vLLM batches a call's requests (and caches the shared prompts)
+            chunk = todo[start:start + 8192]
+            outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids,
+                               [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk], banned)
+            for (p, s), [r] in zip(chunk, outs):
+                r["n_accepted"], r["n_fallback"] = (0, len(r["ids"])) if name == validator else (len(r["ids"]), 0)
+                write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+            bar.update(len(chunk))
     close_vllm(llm)
 
 
@@ -2442,25 +2416,22 @@ def build_parser():
     for name, (cls, _, doc) in COMMANDS.items():
         p = sub.add_parser(name, help=doc, description=doc)
         for f in dataclasses.fields(cls):
-            kw = dict(f.metadata)
+            kind = dict(action="store_true") if isinstance(f.default, bool) else \
+                dict(type=str if f.default is None else type(f.default))   # (a field's own type= or choices= wins)
+            kw = dict(kind, default=f.default, **f.metadata)
             if f.default is not None and f.default is not False:
                 kw["help"] += f" (default: {f.default})"
-            if isinstance(f.default, bool):
-                p.add_argument("--" + f.name.replace("_", "-"), action="store_true", **kw)
-            else:
-                kw.setdefault("type", str if f.default is None else type(f.default))
-                p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+            p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return parser
 
 
 def main(argv=None):
     """Run one command: a DailError or a full disk is one line and exit 2; a signal, one line and 128 + signal."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     cls, run, _ = COMMANDS[args.command]
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    if values["threads"] > 0:       # before any model loads (a negative value is refused by validate_args)
-        torch.set_num_threads(values["threads"])
+    config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    if config.threads > 0:          # before any model loads (a negative value is refused by validate_args)
+        torch.set_num_threads(config.threads)
     # train continues only from a checkpoint (--resume); rewrite and eval skip what is written
     hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)"
             if args.command == "train" else "rerun the same command to resume")
@@ -2469,30 +2440,27 @@ def main(argv=None):
         raise Interrupted(f"interrupted; {hint}", 128 + signum)     # (train's loop saves a checkpoint first)
     on_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
+    message, code = "", 0
     try:
-        run(cls(**values))
+        run(config)
     except DailError as e:
-        print(f"dail.py {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        if str(e):                                                  # under torchrun the master says it once
-            print(f"dail.py {args.command}: {e}", file=sys.stderr)
-        return e.code
+        message, code = f"error: {e}", 2
+    except Interrupted as e:                 # (no message: a rank under torchrun whose master says it)
+        message, code = str(e), e.code
     except KeyboardInterrupt:
-        print(f"dail.py {args.command}: interrupted; {hint}", file=sys.stderr)
-        return 130
+        message, code = f"interrupted; {hint}", 130
     except OSError as e:                     # a full disk while appending records: each line is whole or cut off
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"dail.py {args.command}: error: {e.filename or '--out'}: the disk is full; free space and rerun the "
-              f"same command to resume", file=sys.stderr)
-        return 2
+        message, code = f"error: {e.filename or '--out'}: the disk is full; free space and {hint}", 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
             os.close(_LOCKS.pop())
-    return 0
+    if message:
+        print(f"dail.py {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

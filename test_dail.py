@@ -1380,7 +1380,7 @@ def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeyp
     monkeypatch.setattr(socket, "create_connection", unreachable)
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dail, "_HUB_COMMITS", {})
+    dail.hub_commit.cache_clear()
     assert dail.hub_commit("nobody/no-such-model") is None
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
     code, err = run_cli(["eval", "--model", "nobody/no-such-model", "--data", expert, "--out", tmp_path / "o"], capsys)
@@ -1542,7 +1542,7 @@ def test_quickstart_table_one_seed_has_no_spread():
 
 
 
-def test_tokenizer_reload_check(tmp_path, tiny, capsys):
+def test_tokenizer_reload_check(tmp_path, tiny, capsys, monkeypatch):
     import shutil
     folder = tmp_path / "m"
     shutil.copytree(tiny, folder)
@@ -1553,8 +1553,8 @@ def test_tokenizer_reload_check(tmp_path, tiny, capsys):
     a, b = vocab["a"], vocab["b"]
     vocab["a"], vocab["b"] = b, a                                          # a tokenizer.json that disagrees
     (folder / "tokenizer.json").write_text(json.dumps(saved))
-    tok_ = make_tokenizer()
-    dail.check_tokenizer_reload(tok_, str(folder))
+    monkeypatch.setattr(dail, "from_pretrained", lambda *a, **k: make_tokenizer())   # the folder's own, unswapped
+    dail.load_tokenizer(str(folder))
     assert "encodes text differently" in capsys.readouterr().err
 
 
@@ -2375,7 +2375,7 @@ def local_hub(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dail, "_HUB_COMMITS", {})
+    dail.hub_commit.cache_clear()             # asked once per process: forget what earlier tests asked
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY",
                  "no_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -2397,9 +2397,9 @@ def new_hub_client():
 def test_hub_check_honours_hf_endpoint(local_hub, monkeypatch, capsys):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_ENDPOINT", local_hub)                 # a mirror that answers: online
-    assert dail.hub_commit("nobody/model") is None and "nobody/model" in dail._HUB_COMMITS   # the hub answered
-    assert not huggingface_hub.constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ
-    assert _Hub.seen and _Hub.seen[0].startswith("/nobody/model/resolve/")
+    assert dail.hub_commit("nobody/model") is None and dail.hub_commit("nobody/model") is None
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ   # the hub answered
+    assert len(_Hub.seen) == 1 and _Hub.seen[0].startswith("/nobody/model/resolve/")          # asked once
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # a mirror that is down: offline, said so
     assert dail.hub_commit("nobody/other") is None
     assert huggingface_hub.constants.HF_HUB_OFFLINE and "http://127.0.0.1:9) is unreachable" in capsys.readouterr().err
@@ -2408,7 +2408,7 @@ def test_hub_check_honours_hf_endpoint(local_hub, monkeypatch, capsys):
 def test_hub_check_goes_through_a_proxy(local_hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")      # reachable only through the proxy
     monkeypatch.setenv("HTTP_PROXY", local_hub)
-    assert dail.hub_commit("nobody/model") is None and "nobody/model" in dail._HUB_COMMITS
+    assert dail.hub_commit("nobody/model") is None and "HF_HUB_OFFLINE" not in os.environ       # the hub answered
     assert _Hub.seen == ["http://hub.invalid/nobody/model/resolve/main/config.json"]
 
 
