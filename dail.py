@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -439,7 +440,6 @@ def cmd_rewrite(args):
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
     rollout, stop_ids = rewrite_vllm if engine == "vllm" else rewrite_hf, stop_token_ids(tok, args.model)
-    from collections import Counter
     kept_count = Counter(t["id"] for k in ks for t in done[k] if t["kept"])   # --keep-per-problem counts these too
     for k in ks:
         missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
