@@ -3164,8 +3164,11 @@ def test_readme_documents_every_flag():
     readme = (ROOT / "README.md").read_text()
     for name, (cls, _, _) in dail.COMMANDS.items():
         table = readme[readme.index(f"### `{name}`"):]
-        for f in dail.dataclasses.fields(cls):
-            assert f"`--{f.name.replace('_', '-')}`" in table.split("\n### ")[0], (name, f.name)
+        rows = {r.split(" | ")[0].strip("| `"): r for r in table.split("\n### ")[0].splitlines() if r.startswith("| `--")}
+        for f in dail.dataclasses.fields(cls):       # a row per flag, its meaning the flag's --help text
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in rows, (name, flag)
+            assert f" | {f.metadata['help'].replace('|', chr(92) + '|')}" in rows[flag], (name, flag)
 
 
 def test_readme_commands_work_when_pasted():
