@@ -451,7 +451,7 @@ def cmd_rewrite(args):
     index = {p["id"]: p["index"] for p in problems}
     traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
                           lambda t: (index[t["id"]], t["sample"]), checks)
-    if traces is not None:           # None: a rank other than 0 (rank 0 merges), or parts still missing
+    if traces is not None:           # None: a vLLM follower, or parts still missing (the last to finish merges)
         write_rewrite_summary(out, args, problems, traces, skipped, shortened)
 
 
@@ -917,7 +917,7 @@ def cmd_eval(args):
     lines = None if follower else gather_parts(samples_path, n, merge, config, config_of, expected,
                                                lambda r: r["id"], lambda r: index[r["id"]], checks)
     if lines is None:
-        return None                  # a vLLM follower, a rank other than 0 (rank 0 merges), or parts still missing
+        return None                  # a vLLM follower, or parts still missing (the last to finish merges)
     if stale := [grade_line(r, args) for r in lines if r.get("grader") != args.grader]:
         write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
         print(f"eval: graded the samples of {len(stale)} problems again with --grader {args.grader}", file=sys.stderr)
@@ -1546,6 +1546,7 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
     ax.legend()
     write_atomic(path, lambda f: ax.figure.savefig(f, format="png", dpi=120))
 
+
 # ==== Appendix B.2, running it: safe reruns -- run fingerprints, resume, checkpoints, output locks, flag checks ========
 START_OVER = "use another --out, or --overwrite to start over"
 
@@ -1834,6 +1835,7 @@ def planned_steps(args, num_examples, say=True, few=20):
               f"model will barely train; use more traces, more --epochs or a smaller --batch-size"
               f"{', or fewer --warmup-steps' if ramp else ''}", file=sys.stderr)
     return steps
+
 
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) =================
 def new_reference_cache(mode, folder=None, hidden=None):
