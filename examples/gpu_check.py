@@ -684,8 +684,8 @@ def hf_samples(a, folder, tok, prompts, pids, temperature, n):
 
 
 def pass_at_1(tok, outs, problems):
-    correct = [dail.grade_responses([tok.decode(s["ids"], skip_special_tokens=False) for s in o], p["answer"],
-                                    "builtin", False)[1] for o, p in zip(outs, problems)]
+    correct = [[dail.grade(tok.decode(s["ids"], skip_special_tokens=False), p["answer"])[1] for s in o]
+               for o, p in zip(outs, problems)]
     return sum(dail.pass_at_k(len(c), sum(c), 1) for c in correct) / len(correct)
 
 
