@@ -43,6 +43,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+# A hub id that cannot be reached must fail quickly with our message, not hang on retries (set at import, before
+# huggingface_hub reads them).
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+
 
 # ==== The arguments: every flag of rewrite, train and eval (a field's help is its --help line), released defaults ======
 def arg(default=None, help="", **kw):
@@ -2073,11 +2078,6 @@ def gather_parts(out_file, n, merge, config, config_of, expected, key, order, ch
 
 
 # ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths and stop tokens ===============
-# A hub id that cannot be reached must fail quickly with our message, not hang on retries (set at import, before
-# huggingface_hub reads them).
-os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-
 # The prompt-length guards (build_contexts, rewrite and train call them). No tokenizer averages this many
 # characters per token on real text (English: about 4), so a text this long per token of a budget is over it.
 MAX_CHARS_PER_TOKEN = 32
