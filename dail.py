@@ -1,20 +1,14 @@
 #!/usr/bin/env python
-"""
-dail.py -- Distribution Aligned Imitation Learning (DAIL; Mendes, Park, Ritter, arXiv 2602.02405) in one file.
+"""DAIL, Distribution Aligned Imitation Learning (Mendes, Park, Ritter, arXiv 2602.02405), as three commands:
+  rewrite  the model re-writes each expert solution as its own trace: a proposer prompt proposes each token, a
+           validator prompt that sees the solution accepts it only if its probability is >= a threshold.
+  train    contrastive self-distillation: toward the frozen model that saw the solution (privileged), away from
+           the one that saw only the answer and intermediate results (shortcut).
+  eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
 
-DAIL turns a few hundred expert solutions into training signal a model can actually learn from:
-  1. rewrite  the model re-writes each expert solution as its own trace: a proposer prompt proposes each token,
-              a validator prompt that sees the solution accepts it only if its probability is >= a threshold.
-  2. train    contrastive self-distillation: toward the frozen model that saw the solution (privileged), away
-              from the one that saw only the answer and intermediate results (shortcut).
-  3. eval     n samples per problem, boxed-answer grading, the unbiased pass@k.
-
-Run: python dail.py rewrite|train|eval --model M --data D --out O (or under torchrun); the README is the manual.
-
-Map: the arguments; the method in the paper's order (three contexts, the token rule and its rollout, filtering and
-rewrite, the loss, LoRA and training, pass@k and eval); Appendix A, grading; Appendix B, running it (files,
-fingerprints and resume, the reference cache, torchrun and shards, models and the hub, vLLM, the command line).
-"""
+Map (the README is the manual): the arguments; the method in the paper's order (three contexts, the token rule and
+its rollout, filtering and rewrite, the loss, LoRA and training, pass@k and eval); Appendix A, grading; Appendix B,
+running it (files, resume, the reference cache, torchrun and shards, models and the hub, vLLM, the command line)."""
 import contextlib
 import copy
 import dataclasses
@@ -33,7 +27,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -43,28 +36,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# A hub id that cannot be reached must fail quickly with our message, not hang on retries (set at import, before
-# huggingface_hub reads them).
-os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")        # an unreachable hub id fails fast with our message, not
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")    # after retries (set here, before huggingface_hub reads them)
 
 
 # ==== The arguments: every flag of rewrite, train and eval (a field's help is its --help line), released defaults ======
 def arg(default=None, help="", **kw):
-    return field(default=default, metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-# Flags left at None take the released default of the model kind: Qwen2.5-Instruct, or Qwen3 with --thinking.
-RELEASED = {False: dict(threshold=0.8, max_new_tokens=2048, epochs=5, max_len=12288),
-            True: dict(threshold=1.0, max_new_tokens=256, epochs=3, max_len=2048)}
-
-# A trace that mentions any of these (case-insensitive) leans on the expert solution: the filter rejects it.
 LEAK_PHRASES = ("reference solution", "the reference", "provided solution", "given solution", "expert solution",
                 "the solution provided", "the provided", "the hint", "as shown in the solution",
                 "according to the solution", "worked solution")
 
 
-@dataclass
+@dataclasses.dataclass
 class CommonArgs:
     model: str = arg(None, "local Hugging Face model folder, or a hub id (needs network access)", required=True)
     data: str = arg(None, "input JSONL, one problem per line: problem, solution, optional answer and id", required=True)
@@ -76,15 +62,13 @@ class CommonArgs:
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
     trust_remote_code: bool = arg(False, "run a model folder's own Python code (auto_map); it runs with your rights")
     threads: int = arg(0, "torch's CPU threads (0: its default, one per core; 1 suits tiny models on a shared CPU)")
-    max_prompt_len: int = arg(None, "rewrite, eval: longest prompt in tokens (default: the model's context length "
-                                    "minus --max-new-tokens); longer prompts are an error or a counted skip", type=int)
+    max_prompt_len: int = arg(None, "rewrite, eval: max prompt tokens [default: the context length - --max-new-tokens]")
 
 
-@dataclass
-class SamplingArgs(CommonArgs):
-    """The flags rewrite and eval share; the defaults are eval's (as released: temperature 0.6, top-p 0.95)."""
-    temperature: float = arg(0.6, "sampling temperature of every context (0: greedy)")
-    top_p: float = arg(0.95, "nucleus sampling mass of every context")
+@dataclasses.dataclass
+class SamplingArgs(CommonArgs):  # the flags rewrite and eval share; the defaults are eval's
+    temperature: float = arg(0.6, "sampling temperature of every context (0: greedy)")                # as released
+    top_p: float = arg(0.95, "nucleus sampling mass of every context")                                # as released
     top_k: int = arg(0, "keep only the k most likely tokens of every context (0: all)")
     max_new_tokens: int = arg(4096, "token budget per sample; with --thinking the thinking budget (to </think>)")
     batch_size: int = arg(64, "hf engine: sequences decoded together")
@@ -92,24 +76,23 @@ class SamplingArgs(CommonArgs):
     grader: str = arg("builtin", "builtin (exact, no dependency) or math-verify (pip install math-verify); eval: "
                                  "rerun with another to re-grade its samples", choices=["builtin", "math-verify"])
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
-    max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)", type=int)
+    max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)")
     gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
-    shard: str = arg(None, "K/N: decode only problems K, K+N, ... into OUT's part files (for SLURM arrays; "
-                           "torchrun needs none); a later run without it merges them")
+    shard: str = arg(None, "K/N: decode only problems K, K+N, ... into part files (SLURM arrays); the last to end merges")
     merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
 
 
-@dataclass
+@dataclasses.dataclass
 class RewriteArgs(SamplingArgs):
     top_k: int = arg(20, "keep only the k most likely tokens of every context (0: all)")  # as released
-    max_new_tokens: int = arg(None, "token budget per trace [default 2048; 256 with --thinking]", type=int)
+    max_new_tokens: int = arg(None, "token budget per trace [default 2048; 256 with --thinking]")
     batch_size: int = arg(32, "traces decoded together (each takes two rows: proposer and validator)")
-    engine: str = arg("hf", "hf: the token-by-token rollout; vllm/auto: vLLM when the threshold makes the rule a "
-                            "pure policy (0 or >= 1), else hf", choices=["auto", "hf", "vllm"])
+    engine: str = arg("hf", "hf: the token rule; vllm, auto: vLLM when the threshold is 0 or >= 1 (a pure policy), "
+                            "else hf", choices=["auto", "hf", "vllm"])
     samples: int = arg(32, "traces decoded per problem")
     propose: str = arg("student", "the context that proposes; the other validates", choices=["student", "privileged"])
-    threshold: float = arg(None, "accept a proposal when the validator's probability of it is >= this (0: pure "
-                                 "proposer, >=1: pure validator) [default 0.8; 1.0 with --thinking]", type=float)
+    threshold: float = arg(None, "accept a proposal if the validator's probability of it is >= this (0: pure proposer,"
+                                 " >=1: pure validator) [default 0.8; 1.0 with --thinking]")
     retries: int = arg(5, "proposals drawn per step before falling back to the validator")
     greedy_proposer: bool = arg(False, "ablation: the proposer proposes its most likely token (fallbacks sample)")
     keep_per_problem: int = arg(1, "traces kept per problem (the released code keeps 1)")
@@ -118,64 +101,53 @@ class RewriteArgs(SamplingArgs):
     leak_phrases: str = arg(",".join(LEAK_PHRASES), "comma-separated phrases that reject a trace with one ('': none)")
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainArgs(CommonArgs):
     objective: str = arg("dail", "dail: contrastive self-distillation; sft: cross-entropy", choices=["dail", "sft"])
     sft_target: str = arg("trace", "sft only: the rewritten traces or expert solutions", choices=["trace", "expert"])
     lam: float = arg(0.1, "weight of the subtracted shortcut KL (0: DAIL without the contrastive term)")
     direction: str = arg("reverse", "reverse: KL(student||teacher); forward: KL(teacher||student)",
                          choices=["reverse", "forward"])
-    loss_norm: str = arg("sequence", "sequence: per-token mean within each trace, then over the step's traces "
-                                     "(released); token: mean over the step's tokens", choices=["sequence", "token"])
-    # as released: LoRA r = alpha = 32 on all attention and MLP projections, no dropout; lr 2e-4, wd 0.01, 5 warm-up
-    # steps, 16 sequences a step; but torch's AdamW with float32 state (released: bitsandbytes' 8-bit paged AdamW)
+    loss_norm: str = arg("sequence", "sequence: per-token mean in each trace, then over the step's traces (released); "
+                                     "token: mean over the step's tokens", choices=["sequence", "token"])
+    # the defaults as released, but torch's AdamW with float32 state (released: bitsandbytes' 8-bit paged AdamW)
     lora_rank: int = arg(32, "LoRA rank (0: full fine-tuning with a frozen copy as the reference)")
     lora_alpha: float = arg(32.0, "LoRA scale numerator: the update is (alpha / rank) * B @ A")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
-    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                            "comma-separated names of the nn.Linear modules that get adapters")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "nn.Linear modules to adapt")
     lr: float = arg(2e-4, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     warmup_steps: int = arg(5, "linear warm-up steps, then linear decay to 0")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: off); 1.0 as released (the HF Trainer's)")
     batch_size: int = arg(16, "sequences per optimizer step, over all GPUs and micro-steps")
     micro_batch_size: int = arg(1, "sequences per forward pass (gradient accumulation makes up the rest)")
-    epochs: int = arg(None, "passes over the traces [default 5; 3 with --thinking]", type=int)
-    max_steps: int = arg(None, "stop after this many optimizer steps (default: all epochs)", type=int)
-    max_len: int = arg(None, "drop (and count) examples whose longest context exceeds this many tokens "
-                             "[default 12288; 2048 with --thinking]", type=int)
+    epochs: int = arg(None, "passes over the traces [default 5; 3 with --thinking]")
+    max_steps: int = arg(None, "stop after this many optimizer steps (default: all epochs)")
+    max_len: int = arg(None, "tokens a context may have (else dropped, counted) [default 12288; 2048 with --thinking]")
     grad_checkpointing: bool = arg(False, "recompute the backbone's activations in backward (long traces)")
     loss_chunk: int = arg(1024, "response positions per chunk of the LM head + loss (bounds peak memory)")
     reference_cache: str = arg("auto", "keep theta0's privileged and shortcut states so later epochs skip those "
                                        "forwards (exact): memory, disk (OUT/reference_cache/), off; auto: memory if "
                                        "it fits in RAM, else disk, else off", choices=["auto", "memory", "disk", "off"])
     log_every: int = arg(1, "print a log line every this many steps (metrics.jsonl gets every step)")
-    save_every: int = arg(50, "write OUT/checkpoint.pt every this many steps; also at every epoch end and on "
-                              "SIGTERM/SIGINT (0: only then)")
+    save_every: int = arg(50, "checkpoint.pt every this many steps, each epoch end, on SIGTERM/SIGINT (0: only then)")
     resume: bool = arg(False, "continue from OUT/checkpoint.pt")
 
 
-@dataclass
+@dataclasses.dataclass
 class EvalArgs(SamplingArgs):
     n: int = arg(128, "samples per problem")                                                           # as released
     k: str = arg(None, "comma-separated k for pass@k (default: 1, 2, 4, ... <= n)")
-    presence_penalty: float = arg(1.5, "subtract this from the logit of every token already in the sample's own "
-                                       "output, before temperature/top-k/top-p (vLLM's presence_penalty; 0: off)")
+    presence_penalty: float = arg(1.5, "logit penalty on tokens already sampled (vLLM's presence_penalty; 0: off)")
     answer_tokens: int = arg(100, "token budget of the second, forced-answer pass")
     no_force_answer: bool = arg(False, "one pass only; by default a second pass after an answer cue follows every "
                                        "sample without \\boxed{ and, after </think>, every --thinking sample")
 
 
-def resolve_released(args):
-    """Fill the flags left at None with the released default of this model kind (see RELEASED)."""
-    vars(args).update({name: v for name, v in RELEASED[args.thinking].items() if getattr(args, name, 0) is None})
-    return args
-
-
 # ==== Three contexts of one model: the student, privileged and shortcut prompts (all of dail.py's prompt text) =========
 ANSWER_FORMAT = "Reason step by step, and write the final answer inside \\boxed{{}}."  # {{}}: a .format template
-
 STUDENT_PROMPT = "{problem}\n\n" + ANSWER_FORMAT
+ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "  # eval's forced-answer cue
 
 PRIVILEGED_PROMPT = """{problem}
 
@@ -198,29 +170,23 @@ increasing order, then symbols alphabetically), not in the order the solution us
 
 """ + ANSWER_FORMAT
 
-# eval's forced-answer pass (make_sampler) continues a response after this cue (--thinking: after </think>)
-ANSWER_REQUEST = "\n\nPutting it all together, the final answer, written in \\boxed{}, is "
-
 _FRACTION = r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}|(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])"
 _GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi rho "
              "sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega".split())
-_SIGN_BEFORE = ("$", "=", "(", "[", "{", ",", ":", "<", ">", "^", "\\equiv", "\\le", "\\ge", "\\leq", "\\geq", "\\ne",
-                "\\neq", "\\approx", "\\cdot", "\\times", "\\pm")     # a minus sign after these is not a subtraction
+_SIGN_BEFORE = tuple(r"$ = ( [ { , : < > ^ \equiv \le \ge \leq \geq \ne \neq \approx \cdot \times \pm".split())
 
 
 def intermediate_results(solution, answer=None):
-    """The shortcut context's list: the atoms of an expert solution, without its method. Numbers anywhere (integers,
-    decimals, a/b, \\frac{a}{b}; negative where the minus cannot be a subtraction) and, inside math, letters with an
-    optional simple subscript (a_1, x_{k}) and Greek letters; de-duplicated (numbers by value) and sorted, numbers
-    then symbols, so the order says nothing about the method. Atoms equal to `answer` are left out."""
+    """The shortcut context's list: an expert solution's atoms, not its method. Numbers anywhere (integers, decimals,
+    a/b, \\frac{a}{b}; negative unless the minus may be a subtraction) and, in math, letters (a_1, x_{k}) and Greek
+    letters; de-duplicated (numbers by value), numbers then symbols, sorted (no method in the order); no `answer`."""
     numbers, symbols = {}, set()                                         # numbers: exact value -> first spelling
     for m in re.finditer(_FRACTION, solution):                           # \frac{a}{b} (groups 1, 2) or a/b (3, 4)
         if int(m[2] or m[4]):
             numbers.setdefault(Fraction(int(m[1] or m[3]), int(m[2] or m[4])), m[0].strip())
     rest = re.sub(_FRACTION, " ", solution)
-    for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):
-        before = rest[:m.start()].rstrip()
-        sign = m[1] if not before or before.endswith(_SIGN_BEFORE) else ""  # x - 3: a subtraction, the atom is 3
+    for m in re.finditer(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])", rest):  # a minus after _SIGN_BEFORE is a sign;
+        sign = m[1] if (rest[:m.start()].rstrip() or "=").endswith(_SIGN_BEFORE) else ""   # in x - 3, the atom is 3
         numbers.setdefault(Fraction(sign + m[2]), sign + m[2])
     for groups in re.findall(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", solution, flags=re.S):  # math
         span = re.sub(r"\\(?:text|textbf|mathrm|operatorname|mbox)\s*\{[^{}]*\}", " ", next(g for g in groups if g))
@@ -236,26 +202,23 @@ def chat_prompt_ids(tok, user_text, thinking):
     `thinking`. Taken once, here: responses are appended as ids, never re-encoded (that can change them)."""
     messages = user_text if isinstance(user_text, list) else [{"role": "user", "content": user_text}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
-    if thinking and not text.rstrip().endswith("<think>"):
-        text += "<think>\n"
-    return tok(text, add_special_tokens=False)["input_ids"]
+    think = "<think>\n" if thinking and not text.rstrip().endswith("<think>") else ""   # a template that omits it
+    return tok(text + think, add_special_tokens=False)["input_ids"]
 
 
 def build_contexts(tok, problem, thinking, max_prompt_len, which=("student", "privileged", "shortcut")):
     """Prompt ids of the requested contexts of one problem (dict). The privileged prompt holds privileged_solution
     (fit_privileged_solution's cut) when given, else the solution; one over max_prompt_len is a DailError."""
-    fields = dict(problem=problem["problem"], solution=problem.get("privileged_solution") or problem.get("solution"))
+    fields = dict(problem, solution=problem.get("privileged_solution") or problem.get("solution"))
     if "shortcut" in which:                              # the answer and the solution's atoms, never its text
-        atoms = intermediate_results(problem["solution"] or "", problem["answer"])
-        fields.update(answer=problem["answer"], results=", ".join(atoms) or "none")
+        fields["results"] = ", ".join(intermediate_results(problem["solution"] or "", problem["answer"])) or "none"
     prompts, out = dict(student=STUDENT_PROMPT, privileged=PRIVILEGED_PROMPT, shortcut=SHORTCUT_PROMPT), {}
     for name in which:
         text = prompts[name].format(**fields)                    # a template ignores the fields it does not name
         out[name], whole = bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text, max_prompt_len)
         if max_prompt_len is not None and len(out[name]) > max_prompt_len:
             raise DailError(f"{problem['where']}: field 'problem': the {name} prompt is {'' if whole else 'over '}"
-                            f"{len(out[name])} tokens, over the prompt budget of {max_prompt_len} (--max-prompt-len, "
-                            f"or the model's context length minus --max-new-tokens)")
+                            f"{len(out[name])} tokens, over the prompt budget of {max_prompt_len} (--max-prompt-len)")
     return out
 
 
@@ -2409,19 +2372,25 @@ COMMANDS = {
 }
 
 
+def resolve_released(args):
+    """Fill the flags left at None with the released default of the model kind: (Qwen2.5-Instruct, Qwen3 thinking)."""
+    released = dict(threshold=(0.8, 1.0), max_new_tokens=(2048, 256), epochs=(5, 3), max_len=(12288, 2048))
+    vars(args).update({name: v[args.thinking] for name, v in released.items() if getattr(args, name, 0) is None})
+    return args
+
+
 def build_parser():
-    """One subcommand per COMMANDS entry; each field of its dataclass is a flag, the field's help its --help."""
+    """One subcommand per COMMANDS entry; each field of its dataclass is a flag of its type, with its help."""
     import argparse
-    parser = argparse.ArgumentParser(prog="dail.py", description=__doc__.split("\n\n")[1],
+    parser = argparse.ArgumentParser(prog="dail.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{rewrite,train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, doc) in COMMANDS.items():
         p = sub.add_parser(name, help=doc, description=doc)
         for f in dataclasses.fields(cls):
-            kind = dict(action="store_true") if isinstance(f.default, bool) else \
-                dict(type=str if f.default is None else type(f.default))   # (a field's own type= or choices= wins)
+            kind = dict(action="store_true") if f.type is bool else dict(type=f.type)   # parsed by the annotation
             kw = dict(kind, default=f.default, **f.metadata)
-            if f.default is not None and f.default is not False:
+            if f.default is not None and f.type is not bool:
                 kw["help"] += f" (default: {f.default})"
             p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return parser
@@ -2434,21 +2403,18 @@ def main(argv=None):
     config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
     if config.threads > 0:          # before any model loads (a negative value is refused by validate_args)
         torch.set_num_threads(config.threads)
-    # train continues only from a checkpoint (--resume); rewrite and eval skip what is written
-    hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)"
-            if args.command == "train" else "rerun the same command to resume")
+    hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)" if args.command ==
+            "train" else "rerun the same command to resume")            # rewrite and eval skip what is written
 
-    def terminate(signum, frame):   # SIGTERM (preemption, `kill`) ends a command as Ctrl-C does
-        raise Interrupted(f"interrupted; {hint}", 128 + signum)     # (train's loop saves a checkpoint first)
+    def terminate(signum, frame):   # SIGTERM (preemption, `kill`) ends a command as Ctrl-C does (train saves first)
+        raise Interrupted(f"interrupted; {hint}", 128 + signum)
     on_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
-    message, code = "", 0
     try:
         run(config)
-    except DailError as e:
-        message, code = f"error: {e}", 2
-    except Interrupted as e:                 # (no message: a rank under torchrun whose master says it)
-        message, code = str(e), e.code
+        return 0
+    except (DailError, Interrupted) as e:    # (Interrupted without a message: a torchrun rank whose master says it)
+        message, code = (str(e), e.code) if isinstance(e, Interrupted) else (f"error: {e}", 2)
     except KeyboardInterrupt:
         message, code = f"interrupted; {hint}", 130
     except OSError as e:                     # a full disk while appending records: each line is whole or cut off
