@@ -47,7 +47,7 @@ def arg(default=None, help="", **kw):
 
 LEAK_PHRASES = ("reference solution", "the reference", "provided solution", "given solution", "expert solution",
                 "the solution provided", "the provided", "the hint", "as shown in the solution",
-                "according to the solution", "worked solution")
+                "according to the solution", "worked solution")    # a trace with one leans on the expert solution
 
 
 @dataclasses.dataclass
@@ -78,7 +78,7 @@ class SamplingArgs(CommonArgs):  # the flags rewrite and eval share; the default
     tensor_parallel_size: int = arg(1, "vLLM: GPUs per model")
     max_model_len: int = arg(None, "vLLM: context length to reserve (default: the model's)")
     gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take")
-    shard: str = arg(None, "K/N: decode only problems K, K+N, ... into part files (SLURM arrays); the last to end merges")
+    shard: str = arg(None, "K/N: decode only problems K, K+N, ... to part files (SLURM arrays); the last to end merges")
     merge: bool = arg(False, "only merge the complete part files of an earlier --shard K/N split into OUT")
 
 
