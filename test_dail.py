@@ -3099,7 +3099,7 @@ def test_cli_exit_code_without_traceback(tmp_path):
                                               "has no \\boxed{} answer\n")                    # one line, no traceback
 
 
-def test_help_and_readme_documents_every_flag():
+def test_readme_documents_every_flag_as_help_does():
     readme, parser = (ROOT / "README.md").read_text(), dail.build_parser()
     for name, (cls, _, _) in dail.COMMANDS.items():
         text = " ".join(parser._subparsers._group_actions[0].choices[name].format_help().split())
