@@ -2373,7 +2373,7 @@ COMMANDS = {
 
 
 def resolve_released(args):
-    """Fill the flags left at None with the released default of the model kind: (Qwen2.5-Instruct, Qwen3 thinking)."""
+    """Fill the flags left at None with the released defaults, (Qwen2.5-Instruct's, Qwen3's with --thinking)."""
     released = dict(threshold=(0.8, 1.0), max_new_tokens=(2048, 256), epochs=(5, 3), max_len=(12288, 2048))
     vars(args).update({name: v[args.thinking] for name, v in released.items() if getattr(args, name, 0) is None})
     return args
