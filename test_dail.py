@@ -139,6 +139,9 @@ def test_rewrite_and_eval_share_one_base_and_keep_their_own_defaults():
     assert (evaluate.top_k, evaluate.batch_size, evaluate.engine, evaluate.max_new_tokens) == (0, 64, "auto", 4096)
     for a in (rewrite, evaluate):
         assert (a.temperature, a.top_p, a.grader, a.shard, a.merge) == (0.6, 0.95, "builtin", None, False)
+    released = [dail.resolve_released(c(thinking=t)) for t in (False, True) for c in (dail.RewriteArgs, dail.TrainArgs)]
+    assert [(a.max_new_tokens, a.threshold) for a in released[::2]] == [(2048, 0.8), (256, 1.0)]   # flags left at None
+    assert [(a.epochs, a.max_len) for a in released[1::2]] == [(5, 12288), (3, 2048)]
 
 
 # ==== Three contexts of one model: the student, privileged and shortcut prompts =======================================
