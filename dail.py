@@ -301,8 +301,7 @@ def mix_step(p_propose, p_validate, q_validate, threshold, retries, u):
 def sample_with(probs, u):
     """Inverse-CDF draws: probs [B, V] (rows need not sum to 1), u [B, m] -> [B, m] ids; a 0-probability id never."""
     cdf = probs.double().cumsum(-1)                                               # [B, V]
-    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
-    return tokens.clamp(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).clamp(max=probs.shape[-1] - 1)
 
 
 def trace_keys(seed, problem_ids, samples):
@@ -313,9 +312,8 @@ def trace_keys(seed, problem_ids, samples):
 
 
 def counter_uniforms(keys, step, n):
-    """[B, n] float64 uniforms in (0, 1) at decoding step `step`, counter-based: u = hash(trace_keys, step, j), with
-    hash the 32-bit "lowbias32" mixer (xor-shift-multiply) on int64 tensors < 2^32."""
-    def hash32(x):
+    """[B, n] float64 uniforms in (0, 1) at decoding step `step`, counter-based: u = hash32(trace_keys, step, j)."""
+    def hash32(x):  # the 32-bit "lowbias32" mixer (xor-shift-multiply) on int64 tensors < 2^32
         for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
             x = x ^ (x >> shift)
             x = (x * (c & 0xFFFF) + ((x * (c >> 16) & 0xFFFF) << 16)) & 0xFFFFFFFF  # x * c mod 2^32, no overflow
@@ -336,11 +334,10 @@ def left_pad(seqs, pad_id, device):
 
 @torch.no_grad()
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
-    """One response per trace, shared by its G prompts (rewrite: G = 2, proposer and validator; eval: G = 1) ->
-    per trace dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). contexts: B traces of G
-    prompt-id lists; choose(logits [G, b, V], step, rows [b]: the live traces' indices) -> (tokens [b], accepted [b]
-    or None). The G*B rows share one KV cache (row g*B + i: context g of trace i), one token a step, until a stop
-    token (not kept) or the budget. banned_ids get -inf; presence_penalty (eval, as vLLM) is subtracted from the
+    """One response per trace of G prompts (rewrite: G = 2, proposer and validator; eval: G = 1) -> per trace
+    dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). choose(logits [G, b, V], step, rows [b]:
+    the live traces' indices in contexts) -> (tokens [b], accepted [b] or None). The G*B rows share one KV cache; a
+    stop token ends a trace (not kept); banned_ids get -inf; presence_penalty (eval, as vLLM) is subtracted from the
     logits of the tokens already in the response."""
     from transformers import DynamicCache
     device, B, G = next(model.parameters()).device, len(contexts), len(contexts[0])
@@ -351,15 +348,12 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kv, use_cache=True,
                        logits_to_keep=1).logits[:, -1]                      # [G*b, V]
-        if banned_ids:
-            logits[:, list(banned_ids)] = float("-inf")
-        if presence_penalty:    # present [b, V]: the tokens already in each response (made at step 0), on G rows
-            present = present if step else torch.zeros_like(logits[:B], dtype=torch.bool)
-            logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
+        logits[:, list(banned_ids)] = float("-inf")
         b = len(active)
+        if presence_penalty:    # present [b, V]: the tokens in each response so far (ids[:b]: the last ones), on G rows
+            present = present.scatter(1, ids[:b], True) if step else torch.zeros_like(logits[:b], dtype=torch.bool)
+            logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
-        if presence_penalty:
-            present[torch.arange(b, device=device), tokens] = True
         keep = []
         for j, (t, acc) in enumerate(zip(tokens.tolist(), accepted.tolist() if accepted is not None else [0] * b)):
             r = results[active[j]]
@@ -385,20 +379,17 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
 def filter_reason(trace, leak_phrases, keep_truncated=False):
-    """Why a trace is rejected (None: kept): it must finish (or --keep-truncated, as released: graded by its last
-    box), box the reference answer and not mention the reference."""
-    if trace["finish_reason"] != "stop" and not keep_truncated:
-        return "truncated"
-    if trace["pred"] is None:
-        return "no_answer"
-    if not trace["correct"]:
-        return "wrong_answer"
-    return "mentions_reference" if any(p in trace["response"].lower() for p in leak_phrases) else None
+    """Why a trace is rejected, the first that applies (None: kept): unfinished (unless --keep-truncated, as released:
+    graded by its last box), no boxed answer, a wrong one, or a mention of the reference."""
+    failed = dict(truncated=trace["finish_reason"] != "stop" and not keep_truncated, no_answer=trace["pred"] is None,
+                  wrong_answer=not trace["correct"],
+                  mentions_reference=any(p in trace["response"].lower() for p in leak_phrases))
+    return next((reason for reason, yes in failed.items() if yes), None)
 
 
 def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
     """Grade, filter (--thinking prefixes: neither) and append a traces.jsonl line per result; kept_count (Counter:
-    id -> kept so far) enforces --keep-per-problem. privileged_solution: what the validator (and train's teacher) saw."""
+    id -> kept so far) enforces --keep-per-problem. privileged_solution: what the validator (and the teacher) saw."""
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
         pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
@@ -418,9 +409,8 @@ def cmd_rewrite(args):
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
-        print(f"note: {'--thinking' if args.thinking else '--no-filter'}: only the first --keep-per-problem "
-              f"{args.keep_per_problem} traces per problem are kept, so only those are decoded (not --samples "
-              f"{args.samples})", file=sys.stderr)
+        print(f"note: {'--thinking' if args.thinking else '--no-filter'}: decoding only the --keep-per-problem "
+              f"{args.keep_per_problem} traces per problem it keeps, not --samples {args.samples}", file=sys.stderr)
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), rewrite_engine(args, True)
