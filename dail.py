@@ -334,11 +334,10 @@ def left_pad(seqs, pad_id, device):
 
 @torch.no_grad()
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
-    """One response per trace of G prompts (rewrite: G = 2, proposer and validator; eval: G = 1) -> per trace
-    dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). choose(logits [G, b, V], step, rows [b]:
-    the live traces' indices in contexts) -> (tokens [b], accepted [b] or None). The G*B rows share one KV cache; a
-    stop token ends a trace (not kept); banned_ids get -inf; presence_penalty (eval, as vLLM) is subtracted from the
-    logits of the tokens already in the response."""
+    """One response per trace of G prompts (rewrite: G = 2, proposer and validator; eval: 1) -> per trace dict(ids,
+    finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). choose(logits [G, b, V], step, rows [b]: the live
+    traces' indices in contexts) -> (tokens [b], accepted [b] or None). The G*B rows share one KV cache; a stop token
+    ends a trace (not kept); banned_ids get -inf; presence_penalty (eval, as vLLM) lowers the response's tokens."""
     from transformers import DynamicCache
     device, B, G = next(model.parameters()).device, len(contexts), len(contexts[0])
     ids, mask, pos = left_pad([c[g] for g in range(G) for c in contexts], pad_id, device)  # [G*B, L], context-major
@@ -379,8 +378,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
 def filter_reason(trace, leak_phrases, keep_truncated=False):
-    """Why a trace is rejected, the first that applies (None: kept): unfinished (unless --keep-truncated, as released:
-    graded by its last box), no boxed answer, a wrong one, or a mention of the reference."""
+    """The first reason that rejects a trace (None: kept); with --keep-truncated (as released) unfinished ones count."""
     failed = dict(truncated=trace["finish_reason"] != "stop" and not keep_truncated, no_answer=trace["pred"] is None,
                   wrong_answer=not trace["correct"],
                   mentions_reference=any(p in trace["response"].lower() for p in leak_phrases))
@@ -404,8 +402,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
 
 
 def cmd_rewrite(args):
-    """Write OUT (traces.jsonl: a line per (problem, sample) of --data), OUT's .summary.json and .config.json. Split
-    (torchrun, --shard K/N), shard k appends to its part file (shard_path); gather_parts merges the parts into OUT."""
+    """OUT (traces.jsonl: a line per (problem, sample) of --data), its .summary.json and .config.json; shards merge."""
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
@@ -446,17 +443,15 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
     pure policy decodes one context: threshold <= 0 the proposer (mix_step with a = 1), >= 1 the validator."""
     device = shard_device(args)
     model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
-    pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
-    names = [pure] if pure else [proposer, validator]
+    names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
         probs = [sampling_probs(lg, 0 if args.greedy_proposer and name == proposer else args.temperature,
                                 args.top_p, args.top_k) for lg, name in zip(logits, names)]
         u = counter_uniforms(keys[rows], step, args.retries + 1)                 # [b, R + 1]
-        if pure == validator:                                                    # every token a fallback
+        if names == [validator]:                                                 # every token a fallback
             return sample_with(probs[0], u[:, :1]).squeeze(1), None
         return mix_step(probs[0], probs[-1], model_probs(logits[-1]), args.threshold, args.retries, u)
-
     with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
         for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
             keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace

@@ -272,10 +272,7 @@ def closed_form(p, q, threshold, retries, q_model=None):
     accept = (q if q_model is None else q_model) >= threshold
     a = p[accept].sum()
     miss = (1 - a) ** retries
-    out = miss * q
-    if a > 0:
-        out = out + p * accept * (1 - miss) / a
-    return out
+    return miss * q + (p * accept * (1 - miss) / a if a > 0 else 0)
 
 
 P6, Q6 = [0.35, 0.25, 0.2, 0.1, 0.07, 0.03], [0.05, 0.1, 0.2, 0.25, 0.4, 0.0]
