@@ -349,9 +349,9 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
                        logits_to_keep=1).logits[:, -1]                      # [G*b, V]
         logits[:, list(banned_ids)] = float("-inf")
         b = len(active)
-        if presence_penalty:    # present [b, V]: the tokens in each response so far (ids[:b]: the last ones), on G rows
-            present = present.scatter(1, ids[:b], True) if step else torch.zeros_like(logits[:b], dtype=torch.bool)
-            logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
+        if presence_penalty:    # present [G*b, V]: the tokens in each row's response so far (ids: the last ones)
+            present = present.scatter(1, ids, True) if step else torch.zeros_like(logits, dtype=torch.bool)
+            logits = logits - presence_penalty * present.to(logits.dtype)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
         keep = []
         for j, (t, acc) in enumerate(zip(tokens.tolist(), accepted.tolist() if accepted is not None else [0] * b)):
@@ -365,11 +365,10 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < b:   # finished traces leave every context's rows, KV cache included: steps cost live rows only
-            kept = torch.tensor(keep, device=device)
-            live = (kept + b * torch.arange(G, device=device)[:, None]).flatten()      # [G*b'], context-major
+            live = torch.tensor([j + g * b for g in range(G) for j in keep], device=device)   # [G*b'], context-major
             cache.batch_select_indices(live)
-            mask, pos, tokens = mask[live], pos[live], tokens[kept]
-            present = present[kept] if presence_penalty else None
+            mask, pos, tokens = mask[live], pos[live], tokens[keep]
+            present = present[live] if presence_penalty else None
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         ids, pos = tokens.repeat(G)[:, None], pos[:, -1:] + 1                 # [G*b, 1]: the next step's input
