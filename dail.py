@@ -347,7 +347,8 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kv, use_cache=True,
                        logits_to_keep=1).logits[:, -1]                      # [G*b, V]
-        logits[:, list(banned_ids)] = float("-inf")
+        if banned_ids:
+            logits[:, list(banned_ids)] = float("-inf")
         b = len(active)
         if presence_penalty:    # present [G*b, V]: the tokens in each row's response so far (ids: the last ones)
             present = present.scatter(1, ids, True) if step else torch.zeros_like(logits, dtype=torch.bool)
