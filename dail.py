@@ -378,7 +378,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
 def filter_reason(trace, leak_phrases, keep_truncated=False):
-    """The first reason that rejects a trace (None: kept); with --keep-truncated (as released) unfinished ones count."""
+    """The first reason that rejects a trace (None: kept); --keep-truncated (as released) grades unfinished ones too."""
     failed = dict(truncated=trace["finish_reason"] != "stop" and not keep_truncated, no_answer=trace["pred"] is None,
                   wrong_answer=not trace["correct"],
                   mentions_reference=any(p in trace["response"].lower() for p in leak_phrases))
@@ -402,7 +402,7 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
 
 
 def cmd_rewrite(args):
-    """OUT (traces.jsonl: a line per (problem, sample) of --data), its .summary.json and .config.json; shards merge."""
+    """OUT (traces.jsonl: a line per (problem, sample) of --data), .summary.json, .config.json; parts merge into OUT."""
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
