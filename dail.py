@@ -354,7 +354,6 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             present = present.scatter(1, ids, True) if step else torch.zeros_like(logits, dtype=torch.bool)
             logits = logits - presence_penalty * present.to(logits.dtype)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
-        keep = []
         for j, (t, acc) in enumerate(zip(tokens.tolist(), accepted.tolist() if accepted is not None else [0] * b)):
             r = results[active[j]]
             if t in stop_ids:
@@ -362,7 +361,7 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             else:
                 r["ids"].append(t)
                 r["n_accepted" if acc else "n_fallback"] += 1
-                keep.append(j)
+        keep = [j for j, i in enumerate(active) if results[i]["stop_id"] is None]   # the traces still decoding
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < b:   # finished traces leave every context's rows, KV cache included: steps cost live rows only
