@@ -242,20 +242,17 @@ def model_probs(logits):
     return logits.float().softmax(-1)
 
 
-def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
+def mix_step(p_propose, p_validate, q_validate, threshold, retries, u):
     """The DAIL token rule over B rows -> tokens [B] (long), accepted [B] (bool: a proposal passed). Per row: draw
-    up to R = `retries` candidates c ~ p_propose and take the first whose validator *model* probability q_validate[c]
-    is >= threshold; if none passes, draw from p_validate (the fallback). p_propose, p_validate: [B, V] *sampling*
-    distributions (sampling_probs); q_validate: [B, V] model_probs, as released (the tempered p_validate would turn
-    a raw 0.6 into 0.86 at temperature 0.6, passing 0.8). With A = {v : q_validate[v] >= threshold} and
-    a = p_propose(A), the token's distribution is
+    up to R = `retries` candidates c ~ p_propose, take the first whose validator *model* probability q_validate[c]
+    is >= threshold, else draw from p_validate (the fallback). p_propose, p_validate: [B, V] sampling distributions
+    (sampling_probs); q_validate: [B, V] model_probs, as released (tempering would make a raw 0.6 an 0.86 at
+    temperature 0.6, passing 0.8). With A = {v : q_validate[v] >= threshold} and a = p_propose(A):
 
         P(v) = p_propose(v) * [v in A] * (1 - (1 - a)^R) / a   +   (1 - a)^R * p_validate(v)
 
-    (threshold 0: a = 1, the proposer; threshold > 1: a = 0, the validator). u: [B, R + 1] uniforms in (0, 1), the
-    row's only randomness (counter_uniforms; None: torch.rand): columns :R draw the proposals, column R the fallback."""
-    if u is None:
-        u = torch.rand(p_propose.shape[0], retries + 1, dtype=torch.float64)
+    (threshold 0: a = 1, the proposer; > 1: a = 0, the validator). u: [B, R + 1] uniforms in (0, 1), the row's
+    only randomness (counter_uniforms): columns :R draw the proposals, column R the fallback."""
     draws = sample_with(p_propose, u[:, :retries])                                          # [B, R]
     passes = q_validate.gather(1, draws) >= threshold                                       # [B, R]
     accepted = passes.any(1)                                                                # [B]
@@ -267,8 +264,7 @@ def mix_step(p_propose, p_validate, q_validate, threshold, retries=5, u=None):
 def sample_with(probs, u):
     """Inverse-CDF draws: probs [B, V] (rows need not sum to 1), u [B, m] -> [B, m] ids; a 0-probability id never."""
     cdf = probs.double().cumsum(-1)                                               # [B, V]
-    tokens = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)
-    return tokens.clamp(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).clamp(max=probs.shape[-1] - 1)
 
 
 def trace_keys(seed, problem_ids, samples):
@@ -279,19 +275,15 @@ def trace_keys(seed, problem_ids, samples):
 
 
 def counter_uniforms(keys, step, n):
-    """[B, n] float64 uniforms in (0, 1) at decoding step `step`, counter-based: u = hash(trace_keys, step, j)."""
-    j = torch.arange(n, dtype=torch.long, device=keys.device)
-    counter = _hash32((step * n + j) & 0xFFFFFFFF)[None, :]                      # [1, n]
-    h = _hash32(keys[:, :1] ^ _hash32(keys[:, 1:] ^ counter))                    # [B, n]
+    """[B, n] float64 uniforms in (0, 1) at decoding step `step`, counter-based: u = hash32(trace_keys, step, j)."""
+    def hash32(x):  # the 32-bit "lowbias32" mixer (xor-shift-multiply) on int64 tensors < 2^32
+        for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x = x ^ (x >> shift)
+            x = (x * (c & 0xFFFF) + ((x * (c >> 16) & 0xFFFF) << 16)) & 0xFFFFFFFF  # x * c mod 2^32, no overflow
+        return x ^ (x >> 16)
+    counter = hash32((step * n + torch.arange(n, dtype=torch.long, device=keys.device)) & 0xFFFFFFFF)   # [n]
+    h = hash32(keys[:, :1] ^ hash32(keys[:, 1:] ^ counter[None, :]))                                    # [B, n]
     return (h.double() + 0.5) / 2.0 ** 32
-
-
-def _hash32(x):
-    """A 32-bit integer mixer (xor-shift-multiply, the "lowbias32" constants) on int64 tensors < 2^32."""
-    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        x = x ^ (x >> shift)
-        x = (x * (c & 0xFFFF) + ((x * (c >> 16) & 0xFFFF) << 16)) & 0xFFFFFFFF  # x * c mod 2^32 without overflow
-    return x ^ (x >> 16)
 
 
 def left_pad(seqs, pad_id, device):
@@ -305,17 +297,13 @@ def left_pad(seqs, pad_id, device):
 
 @torch.no_grad()
 def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids=(), presence_penalty=0.0):
-    """One response per trace, shared by its G prompts (rewrite: G = 2, proposer and validator; eval: G = 1), as
-    dict(ids, finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). contexts: B traces of G prompt-id lists.
-    choose(logits [G, b, V], step, rows [b]) -> (tokens [b], accepted [b] bool or None) picks the b active traces'
-    tokens (rows: their indices in `contexts`). The G*B rows share one KV cache: the first step feeds the left-padded
-    prompts, each later step one token per row, the same for all contexts of a trace, until a stop token (not kept)
-    or the budget. banned_ids get logit -inf; presence_penalty (eval, as vLLM) is subtracted from the logits of the
-    tokens already in the response."""
+    """One response per trace of G prompts (rewrite: G = 2, proposer and validator; eval: 1) -> per trace dict(ids,
+    finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). choose(logits [G, b, V], step, rows [b]: the live
+    traces' indices in contexts) -> (tokens [b], accepted [b] or None). The G*B rows share one KV cache; a stop token
+    ends a trace (not kept); banned_ids get -inf; presence_penalty (eval, as vLLM) lowers the response's tokens."""
     from transformers import DynamicCache
     device, B, G = next(model.parameters()).device, len(contexts), len(contexts[0])
-    rows = [trace[g] for g in range(G) for trace in contexts]                  # row g*B + i: context g of trace i
-    ids, mask, pos = left_pad(rows, pad_id, device)                           # [G*B, L]
+    ids, mask, pos = left_pad([c[g] for g in range(G) for c in contexts], pad_id, device)  # [G*B, L], context-major
     kv = cache_kwarg(model, cache := DynamicCache())                          # {its keyword: the KV cache}
     active = list(range(B))                                                   # traces still decoding
     results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
@@ -324,14 +312,11 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
                        logits_to_keep=1).logits[:, -1]                      # [G*b, V]
         if banned_ids:
             logits[:, list(banned_ids)] = float("-inf")
-        if presence_penalty:    # present [b, V]: the tokens already in each response (made at step 0), on G rows
-            present = present if step else torch.zeros_like(logits[:B], dtype=torch.bool)
-            logits = logits - presence_penalty * present.repeat(G, 1).to(logits.dtype)
         b = len(active)
+        if presence_penalty:    # present [G*b, V]: the tokens in each row's response so far (ids: the last ones)
+            present = present.scatter(1, ids, True) if step else torch.zeros_like(logits, dtype=torch.bool)
+            logits = logits - presence_penalty * present.to(logits.dtype)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
-        if presence_penalty:
-            present[torch.arange(b, device=device), tokens] = True
-        keep = []
         for j, (t, acc) in enumerate(zip(tokens.tolist(), accepted.tolist() if accepted is not None else [0] * b)):
             r = results[active[j]]
             if t in stop_ids:
@@ -339,15 +324,14 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             else:
                 r["ids"].append(t)
                 r["n_accepted" if acc else "n_fallback"] += 1
-                keep.append(j)
+        keep = [j for j, i in enumerate(active) if results[i]["stop_id"] is None]   # the traces still decoding
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < b:   # finished traces leave every context's rows, KV cache included: steps cost live rows only
-            kept = torch.tensor(keep, device=device)
-            live = (kept + b * torch.arange(G, device=device)[:, None]).flatten()      # [G*b'], context-major
+            live = torch.tensor([j + g * b for g in range(G) for j in keep], device=device)   # [G*b'], context-major
             cache.batch_select_indices(live)
-            mask, pos, tokens = mask[live], pos[live], tokens[kept]
-            present = present[kept] if presence_penalty else None
+            mask, pos, tokens = mask[live], pos[live], tokens[keep]
+            present = present[live] if presence_penalty else None
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         ids, pos = tokens.repeat(G)[:, None], pos[:, -1:] + 1                 # [G*b, 1]: the next step's input
@@ -356,20 +340,16 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
 def filter_reason(trace, leak_phrases, keep_truncated=False):
-    """Why a trace is rejected (None: kept): it must finish (or --keep-truncated, as released: graded by its last
-    box), box the reference answer and not mention the reference."""
-    if trace["finish_reason"] != "stop" and not keep_truncated:
-        return "truncated"
-    if trace["pred"] is None:
-        return "no_answer"
-    if not trace["correct"]:
-        return "wrong_answer"
-    return "mentions_reference" if any(p in trace["response"].lower() for p in leak_phrases) else None
+    """The first reason that rejects a trace (None: kept); --keep-truncated (as released) grades unfinished ones too."""
+    failed = dict(truncated=trace["finish_reason"] != "stop" and not keep_truncated, no_answer=trace["pred"] is None,
+                  wrong_answer=not trace["correct"],
+                  mentions_reference=any(p in trace["response"].lower() for p in leak_phrases))
+    return next((reason for reason, yes in failed.items() if yes), None)
 
 
 def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter (--thinking prefixes: neither) and append one traces.jsonl line per result; kept_count (id ->
-    kept so far) enforces --keep-per-problem. privileged_solution: the text the validator (and train's teacher) saw."""
+    """Grade, filter (--thinking prefixes: neither) and append a traces.jsonl line per result; kept_count (Counter:
+    id -> kept so far) enforces --keep-per-problem. privileged_solution: what the validator (and the teacher) saw."""
     for s, r in zip(samples, results):
         text = tok.decode(r["ids"], skip_special_tokens=False)
         pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
@@ -378,21 +358,18 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
                      answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
                      n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
         reason = None if args.no_filter or args.thinking else filter_reason(trace, leak_phrases, args.keep_truncated)
-        reason = reason or ("per_problem_limit" if kept_count.get(trace["id"], 0) >= args.keep_per_problem else None)
-        trace.update(kept=reason is None, reject_reason=reason)
-        kept_count[trace["id"]] = kept_count.get(trace["id"], 0) + (reason is None)
-        append_jsonl(f, trace)
+        reason = reason or ("per_problem_limit" if kept_count[problem["id"]] >= args.keep_per_problem else None)
+        kept_count[problem["id"]] += reason is None
+        append_jsonl(f, dict(trace, kept=reason is None, reject_reason=reason))
 
 
 def cmd_rewrite(args):
-    """Write OUT (traces.jsonl: a line per (problem, sample) of --data), OUT's .summary.json and .config.json. Split
-    (torchrun, --shard K/N), shard k appends to its part file (shard_path); gather_parts merges the parts into OUT."""
+    """OUT (traces.jsonl: a line per (problem, sample) of --data), .summary.json, .config.json; parts merge into OUT."""
     validate_args(resolve_released(args))
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
-        print(f"note: {'--thinking prefixes are not graded' if args.thinking else '--no-filter'}: the first "
-              f"--keep-per-problem {args.keep_per_problem} traces per problem are kept, so only those are "
-              f"decoded (not --samples {args.samples})", file=sys.stderr)
+        print(f"note: {'--thinking' if args.thinking else '--no-filter'}: decoding only the --keep-per-problem "
+              f"{args.keep_per_problem} traces per problem it keeps, not --samples {args.samples}", file=sys.stderr)
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), rewrite_engine(args, True)
@@ -424,23 +401,19 @@ def cmd_rewrite(args):
 
 
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """The token-by-token rollout (decode): both contexts of a batch step together, the token rule picks each token.
-    A pure-policy threshold decodes one context: <= 0 the proposer, >= 1 the validator (only a one-hot q passes)."""
+    """The token-by-token rollout: decode steps a batch's two contexts together, the token rule picks each token. A
+    pure policy decodes one context: threshold <= 0 the proposer (mix_step with a = 1), >= 1 the validator."""
     device = shard_device(args)
     model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
-    pure = validator if args.threshold >= 1 else proposer if args.threshold <= 0 else None
-    names = [pure] if pure else [proposer, validator]
+    names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
         probs = [sampling_probs(lg, 0 if args.greedy_proposer and name == proposer else args.temperature,
                                 args.top_p, args.top_k) for lg, name in zip(logits, names)]
         u = counter_uniforms(keys[rows], step, args.retries + 1)                 # [b, R + 1]
-        if pure:
-            tokens = sample_with(probs[0], u[:, :1]).squeeze(1)
-            return tokens, torch.full_like(tokens, pure == proposer, dtype=torch.bool)
-        return mix_step(probs[0], probs[1], model_probs(logits[1]), args.threshold, args.retries, u)
-
-    n_tok, n_acc, t0 = 0, 0, time.time()
+        if names == [validator]:                                                 # every token a fallback
+            return sample_with(probs[0], u[:, :1]).squeeze(1), None
+        return mix_step(probs[0], probs[-1], model_probs(logits[-1]), args.threshold, args.retries, u)
     with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
         for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
             keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
@@ -448,9 +421,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
                              args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
                 write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-            n_tok, n_acc = n_tok + sum(len(r["ids"]) for r in results), n_acc + sum(r["n_accepted"] for r in results)
             bar.update(len(batch))
-            bar.set_postfix(tok_per_s=f"{n_tok / (time.time() - t0):.0f}", accept=f"{n_acc / max(n_tok, 1):.2f}")
 
 
 # ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========

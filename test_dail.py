@@ -226,209 +226,31 @@ def closed_form(p, q, threshold, retries, q_model=None):
     accept = (q if q_model is None else q_model) >= threshold
     a = p[accept].sum()
     miss = (1 - a) ** retries
-    out = miss * q
-    if a > 0:
-        out = out + p * accept * (1 - miss) / a
-    return out
+    return miss * q + (p * accept * (1 - miss) / a if a > 0 else 0)
 
 
-@pytest.mark.parametrize("threshold,retries", [(0.0, 5), (0.15, 1), (0.15, 5), (0.3, 3), (0.8, 5), (1.0, 5), (2.0, 5)])
-def test_mix_step_distribution(threshold, retries):
-    g = torch.Generator().manual_seed(0)
-    V, draws = 6, 200_000
-    p = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.07, 0.03], dtype=torch.float64)
-    q = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.4, 0.0], dtype=torch.float64)
-    u = torch.rand(draws, retries + 1, generator=g, dtype=torch.float64)
-    tokens, accepted = dail.mix_step(p.float().expand(draws, V), q.float().expand(draws, V), q.float().expand(draws, V),
-                                     threshold, retries, u)
-    empirical = torch.bincount(tokens, minlength=V).double() / draws
-    want = closed_form(p, q, threshold, retries)
+P6, Q6 = [0.35, 0.25, 0.2, 0.1, 0.07, 0.03], [0.05, 0.1, 0.2, 0.25, 0.4, 0.0]
+# proposer; validator tempered + truncated (sampled from); validator raw (tested): at 0.8 only the raw q decides
+P5, PV5, Q5 = [0.1, 0.4, 0.3, 0.15, 0.05], [0.85, 0.15, 0.0, 0.0, 0.0], [0.6, 0.1, 0.1, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("p,pv,q,threshold,retries", [
+    *[(P6, Q6, Q6, t, r) for t, r in [(0.0, 5), (0.15, 1), (0.15, 5), (0.3, 3), (0.8, 5), (1.0, 5), (2.0, 5)]],
+    *[(P5, PV5, Q5, t, r) for t, r in [(0.8, 5), (0.5, 3), (0.1, 2), (0.0, 5), (1.0, 5)]],
+    ([0.9, 0.1], [0.1, 0.9], [0.1, 0.9], 0.5, 1), ([0.9, 0.1], [0.1, 0.9], [0.1, 0.9], 0.5, 5)])   # retries matter
+def test_mix_step_distribution(p, pv, q, threshold, retries):
+    """200k rows of mix_step against the closed form: the token's distribution and the acceptance rate."""
+    p, pv, q = (torch.tensor(x, dtype=torch.float64) for x in (p, pv, q))
+    draws, V = 200_000, len(p)
+    u = torch.rand(draws, retries + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), threshold, retries, u)
+    want = closed_form(p, pv, threshold, retries, q_model=q)
     assert float(want.sum()) == pytest.approx(1.0)
-    assert 0.5 * float((empirical - want).abs().sum()) < 0.01
+    assert 0.5 * float((torch.bincount(tokens, minlength=V).double() / draws - want).abs().sum()) < 0.01
     a = float(p[q >= threshold].sum())
     assert float(accepted.double().mean()) == pytest.approx(1 - (1 - a) ** retries, abs=0.01)
-    if threshold == 0:
-        assert accepted.all()                                        # pure proposer
-    if threshold > 1:
-        assert not accepted.any()                                    # pure validator
-
-
-def test_mix_step_retries_matter():
-    p = torch.tensor([[0.9, 0.1]])
-    q = torch.tensor([[0.1, 0.9]])
-    one = closed_form(p[0].double(), q[0].double(), 0.5, 1)
-    five = closed_form(p[0].double(), q[0].double(), 0.5, 5)
-    assert float(five[1]) > float(one[1])                             # more retries, more accepted mass
-    g = torch.Generator().manual_seed(1)
-    t1, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 1,
-                          torch.rand(100_000, 2, generator=g, dtype=torch.float64))
-    t5, _ = dail.mix_step(p.expand(100_000, 2), q.expand(100_000, 2), q.expand(100_000, 2), 0.5, 5,
-                          torch.rand(100_000, 6, generator=g, dtype=torch.float64))
-    assert abs(float((t1 == 1).double().mean()) - float(one[1])) < 0.01
-    assert abs(float((t5 == 1).double().mean()) - float(five[1])) < 0.01
-
-
-def test_sampling_probs_against_direct_computation():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 50, dtype=torch.float64)
-    got = dail.sampling_probs(logits, 0.7, top_p=0.8, top_k=10).double()
-    for row in range(3):
-        z = (logits[row] / 0.7).numpy()
-        top10 = np.argsort(-z)[:10]
-        p = np.exp(z[top10] - z[top10].max())
-        p /= p.sum()
-        order = np.argsort(-p)
-        keep, mass = [], 0.0
-        for i in order:                    # smallest prefix with mass >= 0.8
-            if mass >= 0.8:
-                break
-            keep.append(top10[i])
-            mass += p[i]
-        want = np.zeros(50)
-        want[keep] = p[[list(top10).index(k) for k in keep]]
-        want /= want.sum()
-        np.testing.assert_allclose(got[row].numpy(), want, atol=1e-6)
-    greedy = dail.sampling_probs(logits, 0.0)
-    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.all(greedy.sum(-1) == 1)
-
-
-def unpadded_logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1]
-
-
-def test_decode_batched_equals_each_context_alone(model, tok):
-    rng = np.random.default_rng(0)
-    # 3 traces x 2 contexts of different lengths (proposer short, validator long)
-    contexts = [[list(rng.integers(0, 256, n1)), list(rng.integers(0, 256, n2))]
-                for n1, n2 in [(5, 17), (12, 9), (3, 30)]]
-    contexts = [[[int(t) for t in c] for c in trace] for trace in contexts]
-    seen = []
-    g = torch.Generator().manual_seed(0)
-
-    def choose(logits, *_):                              # record, then sample like rewrite does
-        seen.append(logits.clone())
-        pp = dail.sampling_probs(logits[0], 1.0)
-        pv = dail.sampling_probs(logits[1], 1.0)
-        return dail.mix_step(pp, pv, pv, 0.0, 1, torch.rand(pp.shape[0], 2, generator=g, dtype=torch.float64))
-
-    out = dail.decode(model, contexts, choose, 12, stop_ids=[], pad_id=tok.pad_token_id)
-    assert all(len(r["ids"]) == 12 and r["finish_reason"] == "length" for r in out)
-    worst = 0.0
-    for step, logits in enumerate(seen):
-        for i, trace in enumerate(contexts):
-            for gidx, prompt in enumerate(trace):
-                alone = unpadded_logits(model, prompt + out[i]["ids"][:step])
-                worst = max(worst, float((logits[gidx, i] - alone).abs().max()))
-    assert worst < 1e-4
-
-
-def test_decode_pad_mask_negative_control(model, tok):
-    """Without the attention mask the padded row differs: the comparison above can fail."""
-    short, long_ = [1, 2, 3], list(range(10, 30))
-    ids, mask, pos = dail.left_pad([short, long_], tok.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        masked = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[0, -1]
-        unmasked = model(input_ids=ids, position_ids=pos).logits[0, -1]
-    alone = unpadded_logits(model, short)
-    assert float((masked - alone).abs().max()) < 1e-4
-    assert float((unmasked - alone).abs().max()) > 1e-3
-
-
-def test_decode_stops_rows_independently(model, tok):
-    stop, plan = 5, {0: 2, 1: 4}               # trace 0 stops at step 2, trace 1 at step 4, trace 2 never
-    active, calls = [0, 1, 2], []
-
-    def choose(logits, *_):
-        step = len(calls)
-        calls.append(logits.shape[1])
-        assert logits.shape[1] == len(active)
-        toks = torch.tensor([stop if plan.get(i) == step else 7 for i in active])
-        active[:] = [i for i in active if plan.get(i) != step]
-        return toks, torch.ones(len(toks), dtype=torch.bool)
-
-    out = dail.decode(model, [[[1, 2]], [[3, 4, 5]], [[6]]], choose, 8, stop_ids=[stop], pad_id=tok.pad_token_id)
-    assert [len(r["ids"]) for r in out] == [2, 4, 8]
-    assert [r["finish_reason"] for r in out] == ["stop", "stop", "length"]
-    assert calls == [3, 3, 3, 2, 2, 1, 1, 1]                            # finished rows leave the batch
-
-
-def test_decode_emits_no_transformers_deprecation(model, tok):
-    """The KV cache goes in by the keyword this transformers takes (5.x: `cache`; `past_key_values` there
-    warns that it goes away in 5.40): no FutureWarning/DeprecationWarning from transformers while decoding."""
-    import warnings
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dail.decode(model, [[[1, 2], [3, 4, 5]], [[6], [7, 8]]], lambda logits, *_: (logits[0].argmax(-1), None),
-                    3, stop_ids=[], pad_id=tok.pad_token_id)
-    bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
-           and ("transformers" in w.filename or "past_key_values" in str(w.message) or "cache" in str(w.message))]
-    assert not bad, bad
-
-
-def _hash32_reference(x):
-    """The lowbias32 mixer in plain Python integers (an independent computation of dail._hash32)."""
-    m = 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & m
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & m
-    return x ^ (x >> 16)
-
-
-def test_hash32_matches_plain_integers():
-    xs = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF] + random.Random(0).sample(range(2 ** 32), 200)
-    got = dail._hash32(torch.tensor(xs, dtype=torch.long)).tolist()
-    assert got == [_hash32_reference(x) for x in xs]
-
-
-def test_counter_uniforms_depend_only_on_the_trace():
-    keys = dail.trace_keys(7, ["p1", "p2", "p3"], [0, 5, 0])
-    both = dail.counter_uniforms(keys, step=11, n=6)
-    alone = dail.counter_uniforms(keys[1:2], step=11, n=6)
-    assert torch.equal(both[1:2], alone)                                  # batch composition: no effect
-    assert torch.equal(dail.trace_keys(7, ["p2"], [5]), keys[1:2])
-    assert not torch.equal(both[0], both[2])                              # another problem, same sample
-    assert not torch.equal(dail.trace_keys(8, ["p1"], [0]), keys[:1])    # the seed matters
-    assert not torch.equal(dail.counter_uniforms(keys, 12, 6), both)      # so does the step
-    # uniform on (0, 1): 40k draws in 20 bins, chi-square far below the 0.999 quantile (~43.8 for 19 dof)
-    u = dail.counter_uniforms(dail.trace_keys(0, range(400), [0] * 400), step=3, n=100).flatten()
-    assert 0 < float(u.min()) and float(u.max()) < 1
-    counts = torch.histc(u.float(), bins=20, min=0, max=1)
-    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
-    assert chi2 < 43.8, chi2
-    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02   # neighbours uncorrelated
-
-
-def test_sample_with_is_the_inverse_cdf():
-    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0]])    # rows need not sum to 1
-    n = 10000
-    u = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[None].expand(2, n)   # an even grid of (0, 1)
-    tokens = dail.sample_with(probs, u)
-    freq = torch.stack([torch.bincount(t, minlength=4) for t in tokens]).double() / n
-    assert torch.allclose(freq, probs.double() / probs.double().sum(-1, keepdim=True), atol=1e-4)
-    assert int(tokens[0].eq(1).sum()) == 0                                 # a zero-probability token: never
-
-
-def test_mix_step_tests_the_model_probability_by_sampling():
-    """Proposals and fallbacks come from the sampling distributions, the threshold tests q (the model's)."""
-    g = torch.Generator().manual_seed(0)
-    V, draws = 5, 200_000
-    p = torch.tensor([0.1, 0.4, 0.3, 0.15, 0.05], dtype=torch.float64)       # proposer, sampling
-    pv = torch.tensor([0.85, 0.15, 0.0, 0.0, 0.0], dtype=torch.float64)      # validator, tempered + truncated
-    q = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)         # validator, raw softmax
-    for threshold, retries in [(0.8, 5), (0.5, 3), (0.1, 2), (0.0, 5), (1.0, 5)]:
-        tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), threshold, retries,
-                                         torch.rand(draws, retries + 1, generator=g, dtype=torch.float64))
-        empirical = torch.bincount(tokens, minlength=V).double() / draws
-        want = closed_form(p, pv, threshold, retries, q_model=q)
-        assert 0.5 * float((empirical - want).abs().sum()) < 0.01, threshold
-        a = float(p[q >= threshold].sum())
-        assert float(accepted.double().mean()) == pytest.approx(1 - (1 - a) ** retries, abs=0.01)
-    # at 0.8 only the raw q decides: token 0 is in A under pv (0.85) but not under q (0.6)
-    tokens, accepted = dail.mix_step(*(x.float().expand(draws, V) for x in (p, pv, q)), 0.8, 5,
-                                     torch.rand(draws, 6, generator=g, dtype=torch.float64))
-    assert not accepted.any()
+    if threshold == 0 or a == 0:                        # exactly: the pure proposer, or no proposal can pass
+        assert torch.all(accepted == (threshold == 0))
 
 
 def test_mix_step_exact_enumeration(monkeypatch):
@@ -439,50 +261,33 @@ def test_mix_step_exact_enumeration(monkeypatch):
     p = [Fraction(1, 2), Fraction(1, 4), Fraction(1, 8), Fraction(1, 8)]
     pv = [Fraction(1, 10), Fraction(7, 10), Fraction(1, 5), Fraction(0)]
     q = [Fraction(1, 5), Fraction(1, 2), Fraction(1, 4), Fraction(1, 20)]
-    combos = list(itertools.product(range(V), repeat=R + 1))           # R proposals, then the fallback
-    draws = torch.tensor([c[:R] for c in combos])
-    fallback = torch.tensor([[c[R]] for c in combos])
-    calls = []
-
-    def fake_sample_with(probs, u):
-        calls.append(u.shape[1])
-        return draws if len(calls) == 1 else fallback
-    monkeypatch.setattr(dail, "sample_with", fake_sample_with)
-    f = lambda xs: torch.tensor([float(x) for x in xs]).expand(len(combos), V)  # noqa: E731
-    tokens, _ = dail.mix_step(f(p), f(pv), f(q), float(threshold), R)
+    combos = torch.tensor(list(itertools.product(range(V), repeat=R + 1)))   # R proposals, then the fallback
+    monkeypatch.setattr(dail, "sample_with", lambda probs, u: combos[:, :R] if u.shape[1] == R else combos[:, R:])
+    f = lambda xs, dtype=torch.float32: torch.tensor([float(x) for x in xs], dtype=dtype)  # noqa: E731
+    tokens, _ = dail.mix_step(*(f(x).expand(len(combos), V) for x in (p, pv, q)), float(threshold), R,
+                              torch.zeros(len(combos), R + 1))
     got = [Fraction(0)] * V
-    for combo, t in zip(combos, tokens.tolist()):
-        weight = pv[combo[R]]
-        for d in combo[:R]:
-            weight *= p[d]
-        got[t] += weight
+    for combo, t in zip(combos.tolist(), tokens.tolist()):
+        got[t] += math.prod((p[d] for d in combo[:R]), start=pv[combo[R]])
     accept = [qi >= threshold for qi in q]
     a = sum(pi for pi, ok in zip(p, accept) if ok)
-    miss = (1 - a) ** R
-    want = [pi * ok * (1 - miss) / a + miss * pvi for pi, ok, pvi in zip(p, accept, pv)]
+    want = [pi * ok * (1 - (1 - a) ** R) / a + (1 - a) ** R * pvi for pi, ok, pvi in zip(p, accept, pv)]
     assert got == want and sum(got) == 1
-    # the same closed form through the float64 helper the sampling tests use
-    cf = closed_form(torch.tensor([float(x) for x in p], dtype=torch.float64),
-                     torch.tensor([float(x) for x in pv], dtype=torch.float64), float(threshold), R,
-                     q_model=torch.tensor([float(x) for x in q], dtype=torch.float64))
-    np.testing.assert_allclose(cf.numpy(), [float(x) for x in want], atol=1e-12)
+    cf = closed_form(f(p, torch.float64), f(pv, torch.float64), float(threshold), R, q_model=f(q, torch.float64))
+    np.testing.assert_allclose(cf.numpy(), [float(x) for x in want], atol=1e-12)   # the sampling tests' helper
 
 
 def test_threshold_uses_the_raw_probability_issue_example():
     """Issue 9: at temperature 0.6, top-p 0.95, top-k 20, a raw 0.6 becomes 0.87 in the sampling
     distribution; τ = 0.8 must reject it. And the resulting token distribution moves by a large TV."""
     raw = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64).log()
-    sampled = dail.sampling_probs(raw, 0.6, 0.95, 20)[0]
-    model = dail.model_probs(raw)[0]
+    sampled, model = dail.sampling_probs(raw, 0.6, 0.95, 20)[0], dail.model_probs(raw)[0]
     assert float(sampled[0]) == pytest.approx(0.868, abs=0.001) and float(model[0]) == pytest.approx(0.6)
     proposer = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]]).expand(1000, 5)       # always proposes token 0
-    g = torch.Generator().manual_seed(0)
-    _, accepted = dail.mix_step(proposer, sampled.float().expand(1000, 5), model.float().expand(1000, 5), 0.8, 5,
-                                torch.rand(1000, 6, generator=g, dtype=torch.float64))
-    assert not accepted.any()                                           # the released rule rejects it
-    _, accepted_old = dail.mix_step(proposer, sampled.float().expand(1000, 5), sampled.float().expand(1000, 5),
-                                    0.8, 5, torch.rand(1000, 6, generator=g, dtype=torch.float64))
-    assert accepted_old.all()                                           # the tempered check let it through
+    u = torch.rand(1000, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for tested, passes in [(model, False), (sampled, True)]:   # the released rule rejects it, the tempered check not
+        _, accepted = dail.mix_step(proposer, *(x.float().expand(1000, 5) for x in (sampled, tested)), 0.8, 5, u)
+        assert bool(accepted.all()) == passes and bool(accepted.any()) == passes
     # one step's token distribution, student raw [0.7, 0.2, ...] proposing to this validator, R = 5:
     student = torch.tensor([[0.7, 0.2, 0.05, 0.03, 0.02]], dtype=torch.float64).log()
     tv = lambda a, b: 0.5 * float((a - b).abs().sum())  # noqa: E731
@@ -497,186 +302,204 @@ def test_threshold_uses_the_raw_probability_issue_example():
     assert tv(fixed, released) == pytest.approx(0.268, abs=1e-3)     # the rest: temperature 0.6 and top-p 0.95
 
 
-def test_model_probs_full_softmax_and_banned_tokens():
+def test_sampling_probs_and_model_probs_against_direct_computation():
     torch.manual_seed(0)
-    logits = torch.randn(2, 9)
-    np.testing.assert_allclose(dail.model_probs(logits).numpy(), torch.softmax(logits.double(), -1).numpy(),
-                               atol=1e-6)
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    got = dail.sampling_probs(logits, 0.7, top_p=0.8, top_k=10).double()
+    for row in range(3):
+        z = (logits[row] / 0.7).numpy()
+        top10 = np.argsort(-z)[:10]                           # most likely first
+        e = np.exp(z[top10] - z[top10].max())
+        p = e / e.sum()
+        m = int(np.searchsorted(np.cumsum(p), 0.8)) + 1       # the smallest prefix with mass >= 0.8
+        want = np.zeros(50)
+        want[top10[:m]] = p[:m] / p[:m].sum()
+        np.testing.assert_allclose(got[row].numpy(), want, atol=1e-6)
+    greedy = dail.sampling_probs(logits, 0.0)
+    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.all(greedy.sum(-1) == 1)
+    # model_probs: the full softmax; a banned (-inf) token gets 0, the rest renormalized without it
+    np.testing.assert_allclose(dail.model_probs(logits).numpy(), torch.softmax(logits, -1).numpy(), atol=1e-6)
     banned = logits.clone()
     banned[:, 3] = float("-inf")                                        # what decode does to </think>
-    q = dail.model_probs(banned)
-    keep = [i for i in range(9) if i != 3]
+    q, keep = dail.model_probs(banned), [i for i in range(50) if i != 3]
     assert torch.all(q[:, 3] == 0)
-    np.testing.assert_allclose(q[:, keep].numpy(), torch.softmax(logits[:, keep].double(), -1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(q[:, keep].numpy(), torch.softmax(logits[:, keep], -1).numpy(), atol=1e-6)
 
 
-def test_decode_presence_penalty_against_unbatched_forwards(model, tok):
-    """Each step's logits = the model's (alone, unpadded) minus the penalty on every token already generated
-    in that trace (not the prompt's); finished traces leave the batch with their own mask."""
-    penalty, seen = 1.5, []
-    contexts = [[[5, 6, 7, 8, 9, 10]], [[40, 41]], [[100, 101, 102]]]
-    stop = {0: None, 1: 3, 2: None}                                     # trace 1 stops at step 3
-
-    def choose(logits, *_):                          # greedy, so the penalty changes the path: repeats are likely
-        seen.append(logits[0].clone())
-        toks = logits[0].argmax(-1)
-        step = len(seen) - 1
-        if step == 3 and logits.shape[1] == 3:
-            toks[1] = 99999 % logits.shape[-1]
-        return toks, None
-    stop_id = 99999 % len(tok)
-    out = dail.decode(model, contexts, choose, 10, [stop_id], tok.pad_token_id, presence_penalty=penalty)
-    assert out[1]["finish_reason"] == "stop" and len(out[1]["ids"]) == 3 and out[1]["stop_id"] == stop_id
-    worst, penalized = 0.0, 0
-    for step, logits in enumerate(seen):
-        active = [i for i in range(3) if step < len(out[i]["ids"]) + (out[i]["finish_reason"] == "stop")]
-        for row, i in enumerate(active):
-            generated = out[i]["ids"][:step]
-            want = unpadded_logits(model, contexts[i][0] + generated).clone()
-            present = sorted(set(generated))
-            want[present] -= penalty
-            penalized += len(present)
-            worst = max(worst, float((logits[row] - want).abs().max()))
-    assert worst < 1e-4 and penalized > 0
-    plain = dail.decode(model, contexts, lambda lg, *_: (lg[0].argmax(-1), None), 10, [], tok.pad_token_id)
-    assert [r["ids"] for r in plain] != [r["ids"] for r in out]        # the penalty changed the greedy path
+def test_counter_uniforms_are_the_hash_of_the_trace():
+    def hash32(x):                                                # lowbias32 in plain Python integers
+        for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x = ((x ^ (x >> shift)) * c) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    keys = dail.trace_keys(0, range(400), [0] * 400)
+    u = dail.counter_uniforms(keys, step=3, n=100)
+    assert [round(x * 2 ** 32 - 0.5) for x in u[:2].flatten().tolist()] == [
+        hash32(k0 ^ hash32(k1 ^ hash32(3 * 100 + j))) for k0, k1 in keys[:2].tolist() for j in range(100)]
+    assert u[0, :2].tolist() == [0.7693192240549251, 0.2571435460122302]       # pinned: traces stay reproducible
+    both, alone = dail.counter_uniforms(keys[[5, 9]], 11, 6), dail.counter_uniforms(keys[9:10], 11, 6)
+    assert torch.equal(both[1:2], alone) and torch.equal(dail.trace_keys(0, [9], [0]), keys[9:10])   # batch: no effect
+    assert not torch.equal(both[0], both[1])                              # another problem
+    assert not torch.equal(dail.trace_keys(0, [5], [1]), keys[5:6])       # another sample
+    assert not torch.equal(dail.trace_keys(8, [5], [0]), keys[5:6])       # the seed matters
+    assert not torch.equal(dail.counter_uniforms(keys[[5, 9]], 12, 6), both)   # so does the step
+    # uniform on (0, 1): 40k draws in 20 bins, chi-square far below the 0.999 quantile (~43.8 for 19 dof)
+    u = u.flatten()
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    chi2 = float(((torch.histc(u.float(), bins=20, min=0, max=1) - 2000) ** 2 / 2000).sum())
+    assert chi2 < 43.8, chi2
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02   # neighbours uncorrelated
 
 
-def test_greedy_proposer_ablation(tmp_path, capsys, expert, tiny, tok, model):
-    """--greedy-proposer at threshold 0 (every proposal accepted) is the student context's greedy decode,
-    whatever the temperature, and so is the two-context path when every proposal passes."""
+def test_sample_with_is_the_inverse_cdf():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0]])    # rows need not sum to 1
+    u = ((torch.arange(10000, dtype=torch.float64) + 0.5) / 10000)[None].expand(2, 10000)   # an even grid of (0, 1)
+    tokens = dail.sample_with(probs, u)
+    freq = torch.stack([torch.bincount(t, minlength=4) for t in tokens]).double() / 10000
+    assert torch.allclose(freq, probs.double() / probs.double().sum(-1, keepdim=True), atol=1e-4)
+    assert int(tokens[0].eq(1).sum()) == 0                                 # a zero-probability token: never
+
+
+def unpadded_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+@pytest.mark.parametrize("penalty", [0.0, 1.5])
+def test_decode_equals_each_context_alone(model, tok, penalty):
+    """Every step's logits [G, b, V] (3 traces x 2 contexts of other lengths, one KV cache) = that context's alone,
+    unpadded, minus the penalty on the tokens the trace generated (not the prompt's); finished traces leave the
+    batch (trace 1 stops at step 2, trace 0 at step 4); and no transformers deprecation warning (the cache keyword)."""
+    import warnings
+    rng = np.random.default_rng(0)
+    contexts = [[[int(t) for t in rng.integers(0, 256, n)] for n in lengths] for lengths in [(5, 17), (12, 9), (3, 30)]]
+    stop, plan, seen = model.config.vocab_size - 1, {1: 2, 0: 4}, []
+
+    def choose(logits, step, rows):                  # greedy on the first context but for the stop id: repeats likely
+        seen.append((rows.tolist(), logits.clone()))
+        toks = logits[0, :, :-1].argmax(-1)
+        toks[torch.tensor([plan.get(i) == step for i in rows.tolist()])] = stop
+        return toks, rows == 2                                     # trace 2's tokens count as accepted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dail.decode(model, contexts, choose, 8, [stop], tok.pad_token_id, presence_penalty=penalty)
+    bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+           and ("transformers" in w.filename or "past_key_values" in str(w.message) or "cache" in str(w.message))]
+    assert not bad, bad
+    assert [(len(r["ids"]), r["finish_reason"], r["stop_id"]) for r in out] == [(4, "stop", stop), (2, "stop", stop),
+                                                                                (8, "length", None)]
+    assert [(r["n_accepted"], r["n_fallback"]) for r in out] == [(0, 4), (0, 2), (8, 0)]
+    assert [len(rows) for rows, _ in seen] == [3, 3, 3, 2, 2, 1, 1, 1]                 # finished rows leave
+    worst = 0.0
+    for step, (rows, logits) in enumerate(seen):
+        for j, i in enumerate(rows):
+            for g, prompt in enumerate(contexts[i]):
+                want = unpadded_logits(model, prompt + out[i]["ids"][:step]).clone()
+                want[sorted(set(out[i]["ids"][:step]))] -= penalty
+                worst = max(worst, float((logits[g, j] - want).abs().max()))
+    assert worst < 1e-4
+
+
+def test_decode_pad_mask_negative_control(model, tok):
+    """Without the attention mask the padded row differs: the comparison above can fail."""
+    ids, mask, pos = dail.left_pad([[1, 2, 3], list(range(10, 30))], tok.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[0, -1]
+        unmasked = model(input_ids=ids, position_ids=pos).logits[0, -1]
+    alone = unpadded_logits(model, [1, 2, 3])
+    assert float((masked - alone).abs().max()) < 1e-4 and float((unmasked - alone).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("flags,context,none_of", [
+    (["--threshold", 0, "--temperature", 0], "student", "n_fallback"),                 # pure proposer
+    (["--threshold", 2, "--temperature", 0], "privileged", "n_accepted"),              # pure validator
+    (["--threshold", 0, "--temperature", 1.0, "--greedy-proposer"], "student", "n_fallback"),
+    (["--threshold", 1e-9, "--greedy-proposer"], "student", "n_fallback")])   # two contexts, every proposal passes
+def test_rewrite_greedy_is_the_contexts_own_greedy_decode(tmp_path, capsys, expert, tiny, tok, model, flags, context,
+                                                         none_of):
+    """A greedy pure policy (or --greedy-proposer where every proposal passes) is its context's greedy decode."""
     out = tmp_path / "g.jsonl"
     code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1,
-                         "--max-new-tokens", 6, "--threshold", 0, "--temperature", 1.0, "--greedy-proposer"], capsys)
+                         "--max-new-tokens", 6, *flags], capsys)
     assert code == 0, err
     stops = dail.stop_token_ids(tok, str(tiny))
     for trace, problem in zip(read_lines(out), dail.load_problems(expert, True, True)):
-        prompt = dail.build_contexts(tok, problem, False, None)["student"]
+        prompt = dail.build_contexts(tok, problem, False, None)[context]
         alone = dail.decode(model, [[prompt]], lambda lg, *_: (lg[0].argmax(-1), None), 6, stops, tok.pad_token_id)[0]
-        assert trace["response_ids"] == alone["ids"]
-    # the mixing path (two contexts, threshold 1e-9: every greedy proposal passes) gives the same traces
-    mixed = tmp_path / "m.jsonl"
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", mixed, "--samples", 1,
-                         "--max-new-tokens", 6, "--threshold", 1e-9, "--greedy-proposer"], capsys)
-    assert code == 0, err
-    assert [t["response_ids"] for t in read_lines(mixed)] == [t["response_ids"] for t in read_lines(out)]
-    assert all(t["n_fallback"] == 0 for t in read_lines(mixed))
+        assert trace["response_ids"] == alone["ids"] and trace[none_of] == 0
 
 
 # ==== Step 1, filtering the traces, and the rewrite command ===========================================================
-def test_rewrite_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
+def test_rewrite_end_to_end_resume_and_grader(tmp_path, capsys, expert, tiny, monkeypatch):
+    """Every field of traces.jsonl; the filter grades with --grader, recorded in the summary and the resume config;
+    a resume adds nothing, writes a half-written last line again, and refuses other settings."""
+    seen, real = [], dail.grade
+    monkeypatch.setattr(dail, "grade", lambda text, ref, grader: seen.append(grader) or real(text, ref, grader))
     out = tmp_path / "r" / "traces.jsonl"
     argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 3, "--max-new-tokens", 6,
             "--batch-size", 4, "--threshold", 0.5]
     assert run_cli(argv, capsys)[0] == 0
     traces = read_lines(out)
-    assert len(traces) == 9
-    fields = {"id", "sample", "problem", "solution", "answer", "response", "response_ids", "finish_reason",
-              "n_accepted", "n_fallback", "pred", "kept", "reject_reason"}
+    assert seen == ["builtin"] * 9 and len(traces) == 9
+    fields = ["id", "sample", "problem", "solution", "privileged_solution", "answer", "response", "response_ids",
+              "finish_reason", "n_accepted", "n_fallback", "pred", "correct", "kept", "reject_reason"]
     for t in traces:
-        assert fields <= set(t)
-        assert t["n_accepted"] + t["n_fallback"] == len(t["response_ids"])
-        assert t["kept"] == (t["reject_reason"] is None)
-    assert sorted((t["id"], t["sample"]) for t in traces) == sorted((str(p["id"]), s) for p in PROBLEMS for s in range(3))
-    summary = json.loads((out.parent / "traces.summary.json").read_text())
+        assert list(t) == fields
+        assert t["n_accepted"] + t["n_fallback"] == len(t["response_ids"]) and t["kept"] == (t["reject_reason"] is None)
+    assert [(t["id"], t["sample"]) for t in traces] == [(str(p["id"]), s) for p in PROBLEMS for s in range(3)]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
     assert summary["traces"] == 9 and summary["kept"] + sum(summary["reject_reasons"].values()) == 9
+    assert summary["grader"] == {"name": "builtin"}
+    assert json.loads(out.with_suffix(".config.json").read_text())["grader"] == "builtin"
     # resume: nothing added, nothing lost; a half-written last line is cut and written again
     assert run_cli(argv, capsys)[0] == 0
     assert read_lines(out) == traces
-    text = out.read_text()
-    out.write_text(text[: len(text) - 20])
+    out.write_text(out.read_text()[:-20])
     code, err = run_cli(argv, capsys)
     assert code == 0 and "half-written" in err
     again = read_lines(out)
     assert len(again) == 9 and again[:8] == traces[:8] and again[8]["sample"] == traces[8]["sample"]
-    # a resume with other settings is refused
-    code, err = run_cli(argv[:-1] + [0.9], capsys)
+    code, err = run_cli(argv[:-1] + [0.9], capsys)            # a resume with other settings is refused
     assert code == 2 and "threshold=0.5" in err
 
 
-@pytest.mark.parametrize("threshold,field,context", [(0, "n_fallback", "student"), (2, "n_accepted", "privileged")])
-def test_rewrite_pure_thresholds(tmp_path, capsys, expert, tiny, tok, model, threshold, field, context):
-    out = tmp_path / "traces.jsonl"
-    code, _ = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 2,
-                       "--max-new-tokens", 5, "--threshold", threshold], capsys)
-    traces = read_lines(out)
-    assert code == 0 and len(traces) == 6
-    assert all(t[field] == 0 for t in traces)
-    assert sum(len(t["response_ids"]) for t in traces) > 0
-    # greedy: threshold 0 is the student context's own greedy decode, threshold 2 the privileged one's
-    out = tmp_path / "greedy.jsonl"
-    assert run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1,
-                    "--max-new-tokens", 6, "--threshold", threshold, "--temperature", 0], capsys)[0] == 0
-    for trace, problem in zip(read_lines(out), dail.load_problems(expert, True, True)):
-        prompt = dail.build_contexts(tok, problem, False, None)[context]
-        alone = dail.decode(model, [[prompt]], lambda lg, *_: (lg[0].argmax(-1), None), 6,
-                            dail.stop_token_ids(tok, str(tiny)), tok.pad_token_id)[0]
-        assert trace["response_ids"] == alone["ids"]
-
-
 def test_filter_reasons_and_keep_limit(tok):
+    from collections import Counter
+    from io import StringIO
+    from types import SimpleNamespace
     leak = [p.lower() for p in dail.LEAK_PHRASES]
     base = dict(finish_reason="stop", pred="5", correct=True, response="so \\boxed{5}")
-    assert dail.filter_reason(base, leak) is None
-    assert dail.filter_reason(dict(base, finish_reason="length"), leak) == "truncated"
-    assert dail.filter_reason(dict(base, finish_reason="length"), leak, keep_truncated=True) is None
-    assert dail.filter_reason(dict(base, finish_reason="length", pred="6", correct=False), leak,
-                              keep_truncated=True) == "wrong_answer"
-    assert dail.filter_reason(dict(base, pred=None, correct=False), leak) == "no_answer"
-    assert dail.filter_reason(dict(base, pred="6", correct=False), leak) == "wrong_answer"
-    assert dail.filter_reason(dict(base, response="By the Reference Solution, \\boxed{5}"), leak) == "mentions_reference"
-
-    class Args:
-        thinking, no_filter, keep_per_problem, keep_truncated, grader = False, False, 1, False, "builtin"
-
-    class Sink(list):
-        def write(self, s):
-            self.append(json.loads(s))
-
-        def flush(self):
-            pass
-
-    sink, kept = Sink(), {}
-    good = tok("ok \\boxed{5}", add_special_tokens=False)["input_ids"]
-    results = [dict(ids=good, finish_reason="stop", n_accepted=1, n_fallback=0) for _ in range(3)]
+    cut, wrong = dict(finish_reason="length"), dict(pred="6", correct=False)
+    for change, keep_truncated, want in [
+            ({}, False, None), (cut, False, "truncated"), (cut, True, None), ({**cut, **wrong}, True, "wrong_answer"),
+            (dict(pred=None, correct=False), False, "no_answer"), (wrong, False, "wrong_answer"),
+            (dict(response="By the Reference Solution, \\boxed{5}"), False, "mentions_reference")]:
+        assert dail.filter_reason(dict(base, **change), leak, keep_truncated) == want, change
+    args = dict(no_filter=False, keep_per_problem=1, keep_truncated=False, grader="builtin")
     problem = dict(id="p", problem="q", solution="s", answer="5")
-    dail.write_traces(sink, tok, Args, problem, [0, 1, 2], results, kept, leak)
-    assert [t["kept"] for t in sink] == [True, False, False]
-    assert [t["reject_reason"] for t in sink] == [None, "per_problem_limit", "per_problem_limit"]
+    good = dict(ids=tok("ok \\boxed{5}", add_special_tokens=False)["input_ids"], finish_reason="stop", n_accepted=1,
+                n_fallback=0)
     # --thinking: a prefix is neither graded nor filtered, even unfinished and unboxed (the keep limit still holds)
-    Args.thinking, sink, kept = True, Sink(), {}
-    cut = dict(ids=tok("no box", add_special_tokens=False)["input_ids"], finish_reason="length", n_accepted=0, n_fallback=1)
-    dail.write_traces(sink, tok, Args, problem, [0, 1], [cut, cut], kept, leak)
-    assert [(t["kept"], t["reject_reason"], t["pred"]) for t in sink] == [(True, None, None), (False, "per_problem_limit", None)]
+    prefix = dict(ids=tok("no box", add_special_tokens=False)["input_ids"], finish_reason="length", n_accepted=0,
+                  n_fallback=1)
+    for thinking, result in [(False, good), (True, prefix)]:
+        sink = StringIO()
+        dail.write_traces(sink, tok, SimpleNamespace(**args, thinking=thinking), problem, [0, 1, 2], [result] * 3,
+                          Counter(), leak)
+        lines = [json.loads(line) for line in sink.getvalue().splitlines()]
+        assert [(t["kept"], t["reject_reason"]) for t in lines] == [(True, None)] + [(False, "per_problem_limit")] * 2
+        assert [t["pred"] for t in lines] == [None if thinking else "5"] * 3
 
 
 def test_thinking_rewrite_decodes_what_it_keeps_one_summary_per_file(tmp_path, capsys, expert, tiny):
-    for name in ("a", "b"):
+    for name, keep in (("a", 1), ("b", 2)):
         code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / f"{name}.jsonl",
-                             "--thinking", "--samples", 4, "--keep-per-problem", 1 if name == "a" else 2,
-                             "--max-new-tokens", 3, "--threshold", 0], capsys)
-        assert code == 0 and "only those are decoded (not --samples 4)" in err
-    a, b = read_lines(tmp_path / "a.jsonl"), read_lines(tmp_path / "b.jsonl")
-    assert len(a) == 3 and all(t["kept"] for t in a)             # 1 per problem decoded, 1 kept
-    assert len(b) == 6 and all(t["kept"] for t in b)
-    sa = json.loads((tmp_path / "a.summary.json").read_text())
-    sb = json.loads((tmp_path / "b.summary.json").read_text())
-    assert (sa["traces"], sb["traces"]) == (3, 6) and not (tmp_path / "rewrite_summary.json").exists()
-
-
-def test_rewrite_filter_uses_the_grader(tmp_path, capsys, expert, tiny, monkeypatch):
-    """rewrite's filter grades with --grader; traces.summary.json and the resume config record it."""
-    seen = []
-    real = dail.grade
-    monkeypatch.setattr(dail, "grade",
-                        lambda text, ref, grader="builtin": seen.append(grader) or real(text, ref, grader))
-    out = tmp_path / "r" / "traces.jsonl"
-    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 3,
-            "--threshold", 0]
-    assert run_cli(argv, capsys)[0] == 0
-    assert seen == ["builtin"] * 3
-    assert json.loads((out.with_suffix(".summary.json")).read_text())["grader"] == {"name": "builtin"}
-    assert json.loads(out.with_suffix(".config.json").read_text())["grader"] == "builtin"
+                             "--thinking", "--samples", 4, "--keep-per-problem", keep, "--max-new-tokens", 3,
+                             "--threshold", 0], capsys)
+        assert code == 0 and f"only the --keep-per-problem {keep} traces per problem it keeps, not --samples 4" in err
+        traces = read_lines(tmp_path / f"{name}.jsonl")
+        assert len(traces) == 3 * keep and all(t["kept"] for t in traces)
+        assert json.loads((tmp_path / f"{name}.summary.json").read_text())["traces"] == 3 * keep
+    assert not (tmp_path / "rewrite_summary.json").exists()
 
 
 # ==== Step 2, the loss (dail_loss against float64 numpy; the chunked path equals the plain one) =======================
