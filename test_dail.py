@@ -766,16 +766,12 @@ def test_dail_loss_matches_float64_numpy(direction, lam, divisor, norm):
     assert [float(loss), stats["kl_teacher"], stats["kl_shortcut"]] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
-def test_dail_loss_hand_computed_two_token_vocab():
+def test_dail_loss_by_hand_zero_gradient_masks_and_bf16():
     # student (0.5, 0.5), teacher (0.25, 0.75), shortcut (0.5, 0.5): KL(s||t) = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75)
-    s = torch.log(torch.tensor([[[0.5, 0.5]]]))
-    t = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    s, t = torch.log(torch.tensor([[[0.5, 0.5]]])), torch.log(torch.tensor([[[0.25, 0.75]]]))
     loss, stats = dail.dail_loss(s, t, s, torch.ones(1, 1, dtype=torch.bool), lam=0.1)
     assert float(loss) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel=1e-6)
     assert stats["kl_shortcut"] == pytest.approx(0.0, abs=1e-7)
-
-
-def test_dail_loss_zero_gradient_masks_and_bf16():
     s, e, c, mask = random_logits(seed=1)
     assert float(dail.dail_loss(s, s, s, mask, lam=0.0)[0]) == pytest.approx(0.0, abs=1e-7)
     # masked positions get exactly zero gradient, even with inf/nan in the padding; the teacher is a constant
@@ -887,9 +883,8 @@ def lora_model(tiny, seed=0):
     m = dail.load_model(str(tiny), torch.device("cpu"), torch.float32)
     dail.add_lora(m, dail.TrainArgs().lora_targets.split(","), 4, 8)     # the seven projections
     with torch.no_grad():                       # B starts at 0; make the adapters matter for these tests
-        for mod in m.modules():
-            if isinstance(mod, dail.LoRALinear):
-                mod.lora_B.normal_(0, 0.2)
+        for lora in (x for x in m.modules() if isinstance(x, dail.LoRALinear)):
+            lora.lora_B.normal_(0, 0.2)
     return m
 
 
@@ -903,7 +898,7 @@ def test_micro_batches_sum_to_the_batch(tiny, tok, norm, objective):
     exs = make_examples(tok, n=4, seed=1)
     loss, _ = dail.micro_batch_loss(m, m, exs, args, None, pad, cpu)
     loss.backward()
-    one = [p.grad.clone() for p in params]
+    one, loss = [p.grad.clone() for p in params], float(loss.detach())
     m.zero_grad()
     divisor = 4 if norm == "sequence" else sum(len(ex["student"][1]) for ex in exs)
     total = 0.0
@@ -911,7 +906,7 @@ def test_micro_batches_sum_to_the_batch(tiny, tok, norm, objective):
         single, _ = dail.micro_batch_loss(m, m, [ex], args, divisor, pad, cpu)
         single.backward()
         total += float(single.detach())
-    assert total == pytest.approx(float(loss), abs=1e-5) and float(loss) != 0.0
+    assert total == pytest.approx(loss, abs=1e-5) and loss != 0.0
     for a, p in zip(one, params):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-4)
     if objective == "sft":      # the chunked cross-entropy equals the plain one over the model's own logits
@@ -919,7 +914,7 @@ def test_micro_batches_sum_to_the_batch(tiny, tok, norm, objective):
         with torch.no_grad():
             logits = m(input_ids=ids, attention_mask=attention).logits[:, :-1][predicts]
         ce = torch.nn.functional.cross_entropy(logits, ids[:, 1:][predicts], reduction="none")
-        assert float(loss) == pytest.approx(float((dail.loss_weights(predicts, norm)[predicts] * ce).sum()), rel=1e-5)
+        assert loss == pytest.approx(float((dail.loss_weights(predicts, norm)[predicts] * ce).sum()), rel=1e-5)
 
 
 def test_lora_off_equals_base_and_merge_equals_adapters(tiny):
@@ -962,11 +957,8 @@ def test_train_run_writes_model_metrics_logs_and_prompt(tmp_path, capsys, tiny, 
     assert all(f" {key} " in lines[0] for key in ("loss", "kl_teacher", "kl_shortcut", "lr", "grad_norm", "tok/s"))
     done = [x for x in err.splitlines() if x.startswith("train: done:")]
     assert len(done) == 1 and "20 steps" in done[0] and "final loss" in done[0] and str(out) in done[0]
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "adapters/adapter_model.safetensors"):
-        assert (out / name).exists(), name
-    merged = dail.load_model(str(out), torch.device("cpu"), torch.float32)
-    assert not any(isinstance(x, dail.LoRALinear) for x in merged.modules())
-    # dail_prompt.json; the README's "Using the trained model" snippet on this model: its prompt ids are eval's
+    # dail_prompt.json; the README's "Using the trained model" snippet loads the model (the trained weights, merged)
+    # and builds eval's prompt ids
     spec = json.loads((out / "dail_prompt.json").read_text())
     assert spec["user_prompt"] == dail.STUDENT_PROMPT and spec["thinking"] is False
     readme = (ROOT / "README.md").read_text().split("## Using the trained model")[1]
@@ -975,6 +967,9 @@ def test_train_run_writes_model_metrics_logs_and_prompt(tmp_path, capsys, tiny, 
     exec(snippet.replace("max_new_tokens=200", "max_new_tokens=3"), scope)
     problem = dict(problem=scope["problem"], prompt=None, where="readme")
     assert scope["ids"][0].tolist() == dail.eval_prompt_ids(dail.load_tokenizer(str(out)), problem, False, None)
+    q, base = "model.layers.0.self_attn.q_proj.weight", dail.load_model(str(tiny), torch.device("cpu"), torch.float32)
+    assert not torch.equal(scope["model"].state_dict()[q], base.state_dict()[q])      # the adapters, merged in
+    assert (out / "adapters" / "adapter_model.safetensors").exists()
     code, err = run_cli(train_argv(tiny, mixed, tmp_path / "p", "--max-len", 200), capsys)
     assert code == 2 and "no example fits --max-len 200" in err
 
