@@ -561,9 +561,8 @@ def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_
 
 
 def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
-    """sum_n w[n] * terms(h[n], *aligned[n]) for each output of terms (per-row tensors, the loss first) over the
-    N rows of h [N, H], chunk_size rows at a time: peak memory grows with chunk_size x V, not N x V. weights [N]
-    default to 1/N (the token mean). -> (the loss, then the other sums, detached)."""
+    """sum_n w[n] * terms(h[n], *aligned[n]) for each output of terms (per-row, the loss first: the one sum with a
+    gradient) over h [N, H], chunk_size rows at a time (peak memory ~ chunk_size x V, not N x V); w: weights or 1/N."""
     if h.shape[0] == 0:
         raise ValueError("chunked_sum needs at least one response position")
     w = (weights if weights is not None else torch.full(h.shape[:1], 1.0 / h.shape[0])).to(h.device, torch.float32)
@@ -703,7 +702,7 @@ def lr_at(step, total_steps, peak, warmup):
 
 def build_examples(args, records, not_kept, master):
     """(tok, examples, counts): per trace each context's (prompt ids, response ids), the response shared (SFT: the
-    student alone); an example over --max-len is dropped."""
+    student's alone); one over --max-len is dropped."""
     tok = load_tokenizer(args.model, args.trust_remote_code)
     if master:
         check_thinking_flag(tok, args)
