@@ -799,9 +799,8 @@ def cmd_train(args):
                     logged[k] += v
             if ddp:                                         # data parallel: sum the gradients once per step
                 logged = all_reduce_step(params, logged, device)
-            # 3. clip: a loss or gradient norm that is not finite stops the run before its update
-            grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf))
-            check_finite(step + 1, dict(logged, grad_norm=grad_norm), checkpoint, args)
+            grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))   # 3. clip (0: off)
+            check_finite(step + 1, dict(logged, grad_norm=grad_norm), checkpoint, args)   # not finite: stop, no update
             optimizer.step()                                                    # 4. the update
             optimizer.zero_grad(set_to_none=True)
             if master:                        # 5. log: metrics.jsonl every step, a line every --log-every steps

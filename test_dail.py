@@ -862,9 +862,8 @@ def test_collate_mask_selects_exactly_the_predicting_positions():
     # exactly the response tokens, in order (the released off-by-two mask fails this)
     teacher = torch.nn.functional.one_hot(ids[:, 1:], 20).float()
     assert teacher.argmax(-1)[predicts].tolist() == [10, 11, 12, 13, 14, 15]
-    for row, (p, r) in enumerate(pairs):
-        positions = predicts[row].nonzero().squeeze(1).tolist()
-        assert positions == list(range(len(p) - 1, len(p) + len(r) - 1))       # prompt_len + t - 1
+    positions = [row.nonzero().squeeze(1).tolist() for row in predicts]
+    assert positions == [list(range(len(p) - 1, len(p) + len(r) - 1)) for p, r in pairs]    # prompt_len + t - 1
     assert mask.sum().item() == sum(len(p) + len(r) for p, r in pairs)
 
 
@@ -940,8 +939,7 @@ def test_lr_schedule():
 
 def test_train_run_writes_model_metrics_logs_and_prompt(tmp_path, capsys, tiny, traces):
     # 20 steps over the 8 traces (--batch-size 8: the same batch every step) and one over --max-len, dropped
-    _, data = traces
-    records = read_lines(data)
+    records = read_lines(traces[1])
     long_one = dict(records[0], id="long", problem="What is this? " + "very " * 200)
     mixed, out = write_jsonl(tmp_path / "mixed.jsonl", records + [long_one]), tmp_path / "dail"
     code, err = run_cli(train_argv(tiny, mixed, out, "--max-steps", 20, "--max-len", 900, "--log-every", 8), capsys)
