@@ -428,26 +428,18 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
 def dail_terms(student_logits, teacher_logits, shortcut_logits, lam=0.1, direction="reverse"):
     """dail_loss's per-token terms (l, KL to the teacher, KL to the shortcut), each of the logits' shape less the
     vocabulary (summed over in full, in float32). The teacher and the shortcut are constants: no gradient into them."""
-    def kl(log_p, log_q):  # KL(p || q) over the vocabulary; F.kl_div takes it the other way: F.kl_div(log_q, log_p)
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
     s = F.log_softmax(student_logits.float(), dim=-1)                                         # log-probabilities
     e, c = (F.log_softmax(x.detach().float(), dim=-1) for x in (teacher_logits, shortcut_logits))
-    if direction not in ("reverse", "forward"):
-        raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
-    kl_teacher, kl_shortcut = (kl(s, e), kl(s, c)) if direction == "reverse" else (kl(e, s), kl(c, s))
+    pairs = {"reverse": ((s, e), (s, c)), "forward": ((e, s), (c, s))}[direction]     # (p, q) of KL(p || q)
+    kl_teacher, kl_shortcut = ((p.exp() * (p - q)).sum(-1) for p, q in pairs)          # over the vocabulary
     return kl_teacher - lam * kl_shortcut, kl_teacher, kl_shortcut
 
 
 def loss_weights(mask, norm="sequence", divisor=None):
-    """Each position's weight [B, T] from mask [B, T] (True on response positions): 'sequence' 1 / (S * len_i),
-    'token' 1 / N; S, N: the step's sequences / response tokens (divisor: over all micro-batches and ranks, whose
-    losses then sum to the step's; by default this batch's)."""
-    if norm == "token":
-        return mask / (divisor if divisor is not None else mask.sum().clamp(min=1))
-    if norm != "sequence":
-        raise ValueError(f"norm must be 'sequence' or 'token', not {norm!r}")
+    """dail_loss's weight of each position [B, T] (mask [B, T]): 'sequence' 1 / (S * len_i), 'token' 1 / N."""
     lengths = mask.sum(-1, keepdim=True)                                                      # [B, 1]
-    return mask / (lengths.clamp(min=1) * (divisor if divisor is not None else (lengths > 0).sum().clamp(min=1)))
+    per_row, count = {"sequence": (lengths.clamp(min=1), (lengths > 0).sum()), "token": (1, lengths.sum())}[norm]
+    return mask / (per_row * (divisor if divisor is not None else count.clamp(min=1)))
 
 
 def dail_loss(student_logits, teacher_logits, shortcut_logits, mask, lam=0.1, direction="reverse",
@@ -488,35 +480,23 @@ def float32_head(head):
 
 def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_head, lam=0.1,
                       direction="reverse", weights=None, chunk_size=1024):
-    """dail_loss from the final hidden states h_* [N, H] at the N response positions (row-aligned across the
-    three contexts) through theta's head and theta0's (reference_head, adapters off), with the same per-token
-    terms; weights [N] = loss_weights(mask, norm, divisor)[mask]. Equal to dail_loss in value and gradient."""
+    """dail_loss from the final hidden states h_* [N, H] at the N response positions (rows aligned across the
+    contexts) through theta's head and theta0's (reference_head, adapters off), chunk by chunk with dail_terms;
+    weights [N] = loss_weights(mask, norm, divisor)[mask]. Equal to dail_loss in value and gradient."""
     student = float32_head(student_head)
     with adapters_off(reference_head):   # a plain head shared by both is the same head: no second float32 copy
         shared = reference_head is student_head and not isinstance(student_head, LoRALinear)
         reference = student if shared else float32_head(reference_head)
 
-    def terms(hs, he, hc):
-        with torch.no_grad():
-            teacher, shortcut = reference(he), reference(hc)
-        return dail_terms(student(hs), teacher, shortcut, lam, direction)
-    loss, kl_teacher, kl_shortcut = chunked_sum(terms, h_student, (h_teacher, h_shortcut), student_head, weights,
-                                                chunk_size)
-    return loss, {"kl_teacher": float(kl_teacher), "kl_shortcut": float(kl_shortcut)}
-
-
-def chunked_sft_loss(h_student, targets, student_head, weights=None, chunk_size=1024):
-    """The SFT baselines' weighted token cross-entropy, chunked alike: h_student [N, H], targets [N]."""
-    head = float32_head(student_head)
-    loss, = chunked_sum(lambda hs, y: (F.cross_entropy(head(hs), y, reduction="none"),), h_student, (targets,),
-                        student_head, weights, chunk_size)
-    return loss, {"ce": float(loss.detach())}
+    def terms(hs, he, hc):   # theta0's logits are constants: dail_terms detaches them
+        return dail_terms(student(hs), reference(he), reference(hc), lam, direction)
+    loss, kl_e, kl_c = chunked_sum(terms, h_student, (h_teacher, h_shortcut), student_head, weights, chunk_size)
+    return loss, {"kl_teacher": float(kl_e), "kl_shortcut": float(kl_c)}
 
 
 def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
-    """sum_n w[n] * terms(h[n], *aligned[n]) for each output of terms (per-row tensors, the loss first) over the
-    N rows of h [N, H], chunk_size rows at a time: peak memory grows with chunk_size x V, not N x V. weights [N]
-    default to 1/N (the token mean). -> (the loss, then the other sums, detached)."""
+    """sum_n w[n] * terms(h[n], *aligned[n]) for each output of terms (per-row, the loss first: the one sum with a
+    gradient) over h [N, H], chunk_size rows at a time (peak memory ~ chunk_size x V, not N x V); w: weights or 1/N."""
     if h.shape[0] == 0:
         raise ValueError("chunked_sum needs at least one response position")
     w = (weights if weights is not None else torch.full(h.shape[:1], 1.0 / h.shape[0])).to(h.device, torch.float32)
@@ -610,9 +590,8 @@ def response_hidden(model, batch, device):
 
 
 def reference_states(reference, examples, cache, pad_id, device):
-    """theta0's (h_teacher, h_shortcut) at the response positions of the privileged and shortcut contexts,
-    each [N, H] in response_hidden's order: constants of the run, so with a cache (Appendix B.3) only the
-    examples missing from it go through theta0, in one batch, each stored as its forward made it."""
+    """theta0's (h_teacher, h_shortcut) [N, H] in response_hidden's order: constants of the run, so with a cache
+    (Appendix B.3) only the examples missing from it go through theta0, in one batch, each stored as made."""
     cache = cache if cache is not None else new_reference_cache("off")
     found = [load_states(cache, ex) for ex in examples]
     missing = [ex for ex, states in zip(examples, found) if states is None]
@@ -632,16 +611,20 @@ LOGGED = {"dail": ("loss", "kl_teacher", "kl_shortcut"), "sft": ("loss", "ce")}
 
 
 def micro_batch_loss(model, reference, examples, args, divisor, pad_id, device, cache=None):
-    """(loss, {logged term: float}) of one micro-batch, weighted by --loss-norm with the whole step's divisor so
-    that a step's micro-batches and ranks sum to its loss. reference: theta0; cache: its states."""
+    """(loss, {logged term: float}) of one micro-batch under --loss-norm with the whole step's divisor (a step's
+    micro-batches and ranks sum to its loss); reference: theta0; cache: its states. SFT: token cross-entropy."""
     batch = collate([ex["student"] for ex in examples], pad_id)
     h_student, targets = response_hidden(model, batch, device)
     weights = loss_weights(batch[2], args.loss_norm, divisor)[batch[2]]                # [N], in (row, t) order
+    head = model.get_output_embeddings()
     if args.objective == "sft":
-        return chunked_sft_loss(h_student, targets, model.get_output_embeddings(), weights, args.loss_chunk)
+        logits = float32_head(head)
+        loss, = chunked_sum(lambda hs, y: (F.cross_entropy(logits(hs), y, reduction="none"),), h_student,
+                            (targets,), head, weights, args.loss_chunk)
+        return loss, {"ce": float(loss.detach())}
     h_teacher, h_shortcut = reference_states(reference, examples, cache, pad_id, device)
-    return chunked_dail_loss(h_student, h_teacher, h_shortcut, model.get_output_embeddings(),
-                             reference.get_output_embeddings(), args.lam, args.direction, weights, args.loss_chunk)
+    return chunked_dail_loss(h_student, h_teacher, h_shortcut, head, reference.get_output_embeddings(), args.lam,
+                             args.direction, weights, args.loss_chunk)
 
 
 def lr_at(step, total_steps, peak, warmup):
@@ -652,8 +635,8 @@ def lr_at(step, total_steps, peak, warmup):
 
 
 def build_examples(args, records, not_kept, master):
-    """(tok, examples, counts): per trace the contexts (student, privileged, shortcut; SFT: the student) as
-    (prompt ids, response ids), the response shared; an example over --max-len is dropped."""
+    """(tok, examples, counts): per trace each context's (prompt ids, response ids), the response shared (SFT: the
+    student's alone); one over --max-len is dropped."""
     tok = load_tokenizer(args.model, args.trust_remote_code)
     if master:
         check_thinking_flag(tok, args)
@@ -665,27 +648,25 @@ def build_examples(args, records, not_kept, master):
                                    args.max_len)[0] + [eot]
         else:        # end of turn if the trace finished: the model learns to stop (a cut thinking prefix: none)
             response = list(r["response_ids"]) + [eot] * (r["finish_reason"] == "stop")
-        try:
+        try:                                  # each prompt gets what the response leaves of --max-len, or is dropped
             contexts = build_contexts(tok, r, args.thinking, args.max_len - len(response), which)
-        except DailError:                                                   # a prompt over the budget
+        except DailError:
             continue
-        if max(len(p) for p in contexts.values()) + len(response) <= args.max_len:
-            examples.append({name: (prompt, response) for name, prompt in contexts.items()})
-    counts = dict(examples=len(examples), dropped_too_long=len(records) - len(examples), traces_not_kept=not_kept)
+        examples.append({name: (prompt, response) for name, prompt in contexts.items()})
+    dropped = len(records) - len(examples)
     if master:
-        print(f"train: {len(examples)} examples ({counts['dropped_too_long']} dropped as longer than --max-len "
-              f"{args.max_len}, {not_kept} traces not kept by the filter)", file=sys.stderr)
+        print(f"train: {len(examples)} examples ({dropped} dropped as longer than --max-len {args.max_len}, "
+              f"{not_kept} traces not kept by the filter)", file=sys.stderr)
     if not examples:
         raise DailError(f"{args.data}: no example fits --max-len {args.max_len}")
-    return tok, examples, counts
+    return tok, examples, dict(examples=len(examples), dropped_too_long=dropped, traces_not_kept=not_kept)
 
 
 def build_models(args, device, examples, master):
     """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (theta with adapters
     off, or a frozen copy; None for SFT with full FT), AdamW, the cache of theta0's states, the autocast."""
-    dtype, full_ft = resolve_dtype(args.dtype, device), args.lora_rank == 0
-    model = load_model(args.model, device, torch.float32 if full_ft else dtype,   # full FT: fp32 master weights
-                       args.trust_remote_code)
+    dtype, full_ft = resolve_dtype(args.dtype, device), args.lora_rank == 0         # full FT: fp32 master weights
+    model = load_model(args.model, device, torch.float32 if full_ft else dtype, args.trust_remote_code)
     if full_ft:
         reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
     else:
@@ -708,8 +689,7 @@ def build_models(args, device, examples, master):
 
 
 def cmd_train(args):
-    """Write OUT/: the merged model + tokenizer (from_pretrained / vLLM), dail_prompt.json (its prompt),
-    adapters/ (PEFT), metrics.jsonl, metrics.png, train_summary.json, and checkpoint.pt (for --resume)."""
+    """Write OUT/: the merged model, adapters/ (PEFT), dail_prompt.json, metrics, train_summary.json, checkpoint.pt."""
     validate_args(resolve_released(args))
     records, not_kept = load_training_records(args)            # all input checks before any model loads
     guard_train_out(args)                                      # --out: not the model, not an unrelated run
@@ -728,7 +708,7 @@ def cmd_train(args):
     if master:                                       # metrics.jsonl: afresh, or cut back to the checkpoint
         kept = [m for m in resume_jsonl(metrics) if m["step"] <= start] if args.resume else []
         write_atomic(metrics, "".join(json.dumps(m) + "\n" for m in kept))
-    # data order: one permutation per epoch, fixed by the seed, so step s always sees the same items
+    # data order: a permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
     with stop_signals() as signals, progress(total=total_steps, initial=start, desc=f"train {args.objective}",
@@ -738,8 +718,7 @@ def cmd_train(args):
             lr = lr_at(step, total_steps, args.lr, args.warmup_steps)          # 1. this step's learning rate
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # 2. micro-steps over this rank's share of the step; gradients accumulate in .grad. Each position
-            #    is divided by the whole step's sequences or tokens (all ranks): the sum is the step's loss
+            # 2. micro-steps over this rank's share, accumulating .grad, over the whole step's sequences/tokens
             items = [examples[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
             tokens = sum(len(ex["student"][1]) for ex in items)
             divisor = len(items) if args.loss_norm == "sequence" else tokens
@@ -754,9 +733,8 @@ def cmd_train(args):
                     logged[k] += v
             if ddp:                                         # data parallel: sum the gradients once per step
                 logged = all_reduce_step(params, logged, device)
-            # 3. clip: a loss or gradient norm that is not finite stops the run before its update
-            grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf))
-            check_finite(step + 1, dict(logged, grad_norm=grad_norm), checkpoint, args)
+            grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))   # 3. clip (0: off)
+            check_finite(step + 1, dict(logged, grad_norm=grad_norm), checkpoint, args)   # not finite: stop, no update
             optimizer.step()                                                    # 4. the update
             optimizer.zero_grad(set_to_none=True)
             if master:                        # 5. log: metrics.jsonl every step, a line every --log-every steps
@@ -784,11 +762,8 @@ def cmd_train(args):
         final = save_result(out, model, tok, args, dict(counts, steps=total_steps, world_size=world_size,
                                                         reference_cache=cache_counts))["final"] or {}
         terms = ", ".join(f"{k} {final[k]:.4g}" for k in LOGGED[args.objective] if k in final)
-        theta0 = cache and (f"; theta0 ran on {cache['computed']} examples, {cache['reused']} from the reference "
-                            f"cache ({cache['mode']}, rank 0), {cache['bad_files']} bad files recomputed")
-        sequences = min(len(order), total_steps * args.batch_size)
-        print(f"train: done: {total_steps} steps over {len(examples)} examples ({sequences} sequences), final "
-              f"{terms}, {time.time() - t_start:.1f} s{theta0 or ''}; model in {out}", file=sys.stderr)
+        print(f"train: done: {total_steps} steps over {len(examples)} examples, final {terms}, "
+              f"{time.time() - t_start:.1f} s (counts in train_summary.json); model in {out}", file=sys.stderr)
     end_distributed(ddp)
 
 
