@@ -3523,283 +3523,162 @@ def test_probe_teacher_against_one_full_forward(tmp_path):
 
 
 # ==== Grading cases: the built-in grader and math-verify against public grading facts =================================
-# (response, reference, the right verdict). A response without \boxed is graded as "... \boxed{response}".
-# Facts (answer formats and verdicts), not code, from: the Hendrycks MATH equivalence tests (HM), Math-Verify's
-# test suite (MV), NeMo-Skills' math grader tests (NS), verl's math reward tests (VR), Qwen2.5-Math's grader
-# (QM), open-r1's accuracy reward tests (OR), and MATH-500 / AIME reference answers (M5, AI).
+# (response, reference, the right verdict); a response without a box is graded as "\boxed{response}". Facts
+# (answer formats and verdicts), not code, from: the Hendrycks MATH equivalence tests (HM), Math-Verify's test suite
+# (MV), NeMo-Skills' math grader tests (NS), verl's math reward tests (VR), Qwen2.5-Math's grader (QM), open-r1's
+# accuracy reward tests (OR), MATH-500 / AIME reference answers (M5, AI) and AoPS solutions; each line names its
+# source. A line without one holds variants built here (a changed digit, sign, order, bracket or variable).
 FORMAT_CASES = [
-    # -- plain integers and signs (M5, AI: three-digit AIME answers)
-    ("\\boxed{113}", "113", True),                                   # AI
-    ("\\boxed{025}", "25", True),                                    # AI: leading zeros of a 3-digit answer
-    ("\\boxed{112}", "113", False),                                  # AI
-    ("\\boxed{-5}", "5", False),                                     # HM
-    ("\\boxed{+5}", "5", True),                                      # NS: a leading +
-    ("\\boxed{+7}", "-7", False),                                    # NS
-    ("\\boxed{10}", "100", False),                                   # HM
-    ("\\boxed{0}", "0", True),                                       # MV
-    ("\\boxed{-0}", "0", True),                                      # MV
-    ("\\boxed{5.}", "5", True),                                      # HM: trailing period
-    ("\\boxed{ 9 }", "9", True),                                     # MV: notations
-    ("\\boxed{$9$}", "9", True),                                     # MV: inline math inside the box
-    ("\\boxed{\\(9\\)}", "9", True),                                 # MV
-    ("\\boxed{}", "9", False),                                       # OR: an empty box is no answer
-    ("\\boxed{odd}", "\\text{odd}", True),                             # NS
-    ("\\boxed{\\text{oddd}}", "odd", False),                           # NS
-    ("\\boxed{9", "9", False),                                       # VR: a truncated box is no answer
-    # -- thousands separators vs lists (HM, MV, M5)
-    ("\\boxed{1,000}", "1000", True),                                # HM
-    ("\\boxed{10,\\!000}", "10000", True),                           # M5: MATH writes 10,\!000
-    ("\\boxed{14{,}916}", "14916", True),                            # MV
-    ("\\boxed{1,000,000}", "1000000", True),                         # HM
-    ("\\boxed{1000.99}", "1,000.99", True),                          # MV
-    ("\\boxed{32, 349}", "32349", False),                            # FP class: digits merged across ", "
-    ("\\boxed{32349}", "32, 349", False),                            # same, the other way round
-    ("\\boxed{1, 000}", "1000", False),                              # a list of 1 and 0 is not 1000
-    ("\\boxed{1,2}", "12", False),                                   # HM
-    ("\\boxed{12,345,678}", "12345678", True),                       # HM
-    # -- exact numbers: fractions, decimals (HM, MV, QM)
-    ("\\boxed{\\frac{1}{2}}", "1/2", True),                          # HM
-    ("\\boxed{\\dfrac{1}{2}}", "\\frac12", True),                    # HM
-    ("\\boxed{\\tfrac{1}{3}}", "1/3", True),                         # MV: frac variants
-    ("\\boxed{\\frac13}", "1/3", True),                              # MV: malformed fraction
-    ("\\boxed{0.5}", "\\frac{1}{2}", True),                          # QM
-    ("\\boxed{.4}", "0.4", True),                                    # MV: no leading zero
-    ("\\boxed{2.50}", "2.5", True),                                  # QM
-    ("\\boxed{18.90}", "18.9", True),                                # M5
-    ("\\boxed{0.333}", "\\frac{1}{3}", False),                       # convention: exact, no tolerance
-    ("\\boxed{0.33}", "1/3", False),                                 # same
-    ("\\boxed{\\frac{10}{9}}", "10/9", True),                        # MV: simple fraction notation
-    ("\\boxed{-\\frac{10}{9}}", "-10/9", True),                      # MV
-    ("\\boxed{\\frac{-10}{9}}", "-\\frac{10}{9}", True),             # QM
-    ("\\boxed{\\frac{6}{8}}", "\\frac{3}{4}", True),                 # QM: unreduced fraction is the same number
-    ("\\boxed{\\frac{1}{2}}", "\\frac{2}{1}", False),                # HM
-    ("\\boxed{\\frac{14}{3}}", "\\frac{14}{3}", True),               # MV: from a MATH solution
-    ("\\boxed{\\frac{3}{56}}", "\\frac{3}{56}", True),               # MV
-    ("\\boxed{\\frac{3}{56}}", "\\frac{3}{65}", False),              # MV, changed digits
-    ("\\boxed{4.0}", "4", True),                                     # QM
-    ("\\boxed{0.75}", "-\\frac{3}{4}", False),                       # sign
-    ("\\boxed{\\frac{1}{0}}", "0", False),                           # no number divides by zero
-    # -- mixed numbers (M5; FP class "4 4/9 read as 44/9")
-    ("\\boxed{1\\frac{4}{5}}", "\\frac{9}{5}", True),                # M5: mixed number
-    ("\\boxed{1\\frac{4}{5}}", "1.8", True),                         # M5
-    ("\\boxed{2\\frac{1}{4}}", "\\frac{9}{4}", True),                # M5
-    ("\\boxed{4 4/9}", "44/9", False),                               # FP class
-    ("\\boxed{4 4/9}", "\\frac{40}{9}", True),                       # a mixed number written with a space
-    ("\\boxed{6\\frac{1}{4}}", "\\frac{61}{4}", False),              # 6 1/4 is 25/4, not 61/4
-    ("\\boxed{6\\frac{1}{4}}", "\\frac{25}{4}", True),               # M5
-    # -- digits glued across text (FP class "6 \text{ and } 8 read as 68")
-    ("\\boxed{6 \\text{ and } 8}", "68", False),                     # FP class
-    ("\\boxed{6 \\text{ and } 8}", "6, 8", True),                    # M5: "and" lists
-    ("\\boxed{12\\text{ and }13}", "12 \\text{ and } 13", True),     # MV: from a MATH solution
-    ("\\boxed{6 8}", "68", False),                                   # a gap between digits is no number
-    ("\\boxed{2 \\text{ or } 3}", "23", False),                      # same with "or"
-    # -- a leading v= (FP class "x = -47/8 equal to y = -47/8")
-    ("\\boxed{x = -47/8}", "y = -47/8", False),                      # FP class
-    ("\\boxed{x = -47/8}", "x=-\\frac{47}{8}", True),                # same variable
-    ("\\boxed{x=5}", "5", True),                                     # HM: a leading x= dropped
-    ("\\boxed{5}", "x = 5", True),                                   # HM
-    ("\\boxed{k = \\frac{1}{3}}", "1/3", True),                      # MV: the last = is the answer
-    ("\\boxed{a=2}", "b=2", False),                                  # the variable differs
-    ("\\boxed{y = 2x + 3}", "y=2x+3", True),                         # M5: an equation as the answer
-    ("\\boxed{y=2x+3}", "y=2x+4", False),                            # same, wrong intercept
-    ("\\boxed{n=1, 2, 3}", "n=1, 2, 3", True),                       # MV
-    ("\\boxed{n=2, 3, 4}", "n=1, 2, 3", False),                      # MV
-    ("\\boxed{D = (0, 1)}", "D = (0, 1)", True),                     # MV
-    ("\\boxed{D = (0, 1.5)}", "D = (0, 1)", False),                  # MV
-    ("\\boxed{x = 1, y = 2}", "x=1,y=2", True),                      # NS: several assignments
-    ("\\boxed{x = 2, y = 1}", "x=1,y=2", False),                     # NS: swapped values
-    # -- matrices and vectors (M5: every matrix answer uses "\\ " row separators)
-    ("\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),                       # M5
-    ("\\boxed{\\begin{pmatrix} -\\frac{1}{3} \\\\ \\frac{2}{3} \\\\ \\frac{5}{3} \\end{pmatrix}}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),                       # M5
-    ("\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/4 \\end{pmatrix}}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", False),                      # one entry wrong
-    ("\\boxed{\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),                            # MV
-    ("\\boxed{\\begin{bmatrix} 0 & 3 \\\\ 0 & -1 \\end{bmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),                            # bmatrix vs pmatrix
-    ("\\boxed{\\begin{pmatrix} 0 & 3 \\\\ -1 & 0 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),                           # entries moved
-    ("\\boxed{\\begin{pmatrix} 0 & 3 & 0 & -1 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),                           # shape differs
-    ("\\boxed{\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}}",
-     "\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}", True),                             # MV
-    ("\\boxed{\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}}",
-     "\\begin{pmatrix} 32 \\\\ -6 \\end{pmatrix}", False),                                  # rows glued
-    ("\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True),  # M5
-    ("\\boxed{\\begin{pmatrix} 1/2 & 0 \\\\ 0 & 1 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}", True),                           # exact entries
+    # -- plain integers and signs (AI: three-digit answers, leading zeros; MV: notations; OR, VR: an empty or cut box)
+    ("113", "113", True), ("025", "25", True), ("112", "113", False),  # AI
+    ("-5", "5", False), ("10", "100", False), ("5.", "5", True),  # HM
+    ("+5", "5", True), ("+7", "-7", False), ("odd", "\\text{odd}", True), ("\\text{oddd}", "odd", False),  # NS
+    ("0", "0", True), ("-0", "0", True), (" 9 ", "9", True), ("$9$", "9", True), ("\\(9\\)", "9", True),  # MV
+    ("", "9", False),  # OR
+    ("\\boxed{9", "9", False),  # VR
+    # -- thousands separators vs lists (M5: MATH writes 10,\!000; `32, 349` and `1, 000` are lists of two numbers)
+    ("1,000", "1000", True), ("1,000,000", "1000000", True), ("1,2", "12", False),  # HM
+    ("12,345,678", "12345678", True),  # HM
+    ("10,\\!000", "10000", True),  # M5
+    ("14{,}916", "14916", True), ("1000.99", "1,000.99", True),  # MV
+    ("32, 349", "32349", False),  # FP class
+    ("32349", "32, 349", False), ("1, 000", "1000", False),
+    # -- exact numbers: fractions, decimals (convention: exact, no tolerance; no number divides by zero)
+    ("\\frac{1}{2}", "1/2", True), ("\\dfrac{1}{2}", "\\frac12", True), ("\\frac{1}{2}", "\\frac{2}{1}", False),  # HM
+    ("\\tfrac{1}{3}", "1/3", True), ("\\frac13", "1/3", True), (".4", "0.4", True),  # MV
+    ("\\frac{10}{9}", "10/9", True), ("-\\frac{10}{9}", "-10/9", True), ("\\frac{14}{3}", "\\frac{14}{3}", True),  # MV
+    ("\\frac{3}{56}", "\\frac{3}{56}", True), ("\\frac{3}{56}", "\\frac{3}{65}", False),  # MV
+    ("0.5", "\\frac{1}{2}", True), ("2.50", "2.5", True), ("\\frac{-10}{9}", "-\\frac{10}{9}", True),  # QM
+    ("\\frac{6}{8}", "\\frac{3}{4}", True), ("4.0", "4", True),  # QM
+    ("18.90", "18.9", True),  # M5
+    ("0.333", "\\frac{1}{3}", False), ("0.33", "1/3", False), ("0.75", "-\\frac{3}{4}", False),
+    ("\\frac{1}{0}", "0", False),
+    # -- mixed numbers (M5; FP class "4 4/9 read as 44/9"; 6 1/4 is 25/4, not 61/4)
+    ("1\\frac{4}{5}", "\\frac{9}{5}", True), ("1\\frac{4}{5}", "1.8", True),  # M5
+    ("2\\frac{1}{4}", "\\frac{9}{4}", True), ("6\\frac{1}{4}", "\\frac{25}{4}", True),  # M5
+    ("4 4/9", "44/9", False),  # FP class
+    ("4 4/9", "\\frac{40}{9}", True), ("6\\frac{1}{4}", "\\frac{61}{4}", False),
+    # -- digits glued across text (FP class "6 \text{ and } 8 read as 68"; "and"/"or" lists; a gap is no number)
+    ("6 \\text{ and } 8", "68", False),  # FP class
+    ("6 \\text{ and } 8", "6, 8", True),  # M5
+    ("12\\text{ and }13", "12 \\text{ and } 13", True),  # MV
+    ("6 8", "68", False), ("2 \\text{ or } 3", "23", False),
+    # -- a leading v= (FP class "x = -47/8 equal to y = -47/8"; x = v matches v, never y = v)
+    ("x = -47/8", "y = -47/8", False),  # FP class
+    ("x = -47/8", "x=-\\frac{47}{8}", True), ("a=2", "b=2", False), ("y=2x+3", "y=2x+4", False),
+    ("x=5", "5", True), ("5", "x = 5", True),  # HM
+    ("k = \\frac{1}{3}", "1/3", True), ("n=1, 2, 3", "n=1, 2, 3", True), ("n=2, 3, 4", "n=1, 2, 3", False),  # MV
+    ("D = (0, 1)", "D = (0, 1)", True), ("D = (0, 1.5)", "D = (0, 1)", False),  # MV
+    ("y = 2x + 3", "y=2x+3", True),  # M5
+    ("x = 1, y = 2", "x=1,y=2", True), ("x = 2, y = 1", "x=1,y=2", False),  # NS
+    # -- matrices and vectors (M5: every matrix answer uses "\\ " row separators; entries exact, shapes must match)
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),  # M5
+    ("\\begin{pmatrix} -\\frac{1}{3} \\\\ \\frac{2}{3} \\\\ \\frac{5}{3} \\end{pmatrix}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),  # M5
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True),  # M5
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/4 \\end{pmatrix}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", False),
+    ("\\begin{bmatrix} 0 & 3 \\\\ 0 & -1 \\end{bmatrix}", "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),
+    ("\\begin{pmatrix} 0 & 3 \\\\ -1 & 0 \\end{pmatrix}", "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 0 & 3 & 0 & -1 \\end{pmatrix}", "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}", "\\begin{pmatrix} 32 \\\\ -6 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 1/2 & 0 \\\\ 0 & 1 \\end{pmatrix}", "\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}", True),
+    ("\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}",
+     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),  # MV
+    ("\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}",
+     "\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}", True),  # MV
     # -- money, units, degrees, percent (M5, MV, HM)
-    ("\\boxed{\\$18.90}", "18.90", True),                            # M5
-    ("\\boxed{\\$18.90}", "\\$18.90", True),                         # M5
-    ("\\boxed{\\$18.09}", "\\$18.90", False),                        # M5, digits swapped
-    ("\\boxed{\\$1,000.99}", "1000.99", True),                       # MV: currency units
-    ("\\boxed{10\\text{ cm}}", "10", True),                          # HM
-    ("\\boxed{15\\mbox{ cm}^2}", "15", True),                        # MV: a unit with ^2
-    ("\\boxed{15}", "15\\mbox{ cm}^2", True),                        # MV
-    ("\\boxed{15\\text{ cm}^2}", "16\\text{ cm}^2", False),          # wrong value, same unit
-    ("\\boxed{\\frac{1}{3} \\text{meters}}", "1/3", True),           # MV
-    ("\\boxed{40 \\text{ inches}}", "40", True),                     # M5
-    ("\\boxed{90^\\circ}", "90", True),                              # MV
-    ("\\boxed{90^{\\circ}}", "90^\\circ", True),                     # M5
-    ("\\boxed{90°}", "90", True),                                    # NS: the degree sign
-    ("\\boxed{80^\\circ}", "90^\\circ", False),                      # wrong angle
-    ("\\boxed{28\\%}", "28", True),                                  # MV: percent notation
-    ("\\boxed{28 \\%}", "28\\%", True),                              # MV
-    ("\\boxed{29\\%}", "28\\%", False),                              # wrong percent
-    # -- text answers and multiple choice (M5, MV, AoPS references)
-    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),             # MV
-    ("\\boxed{Evelyn}", "\\text{Evelyn}", True),                     # M5
-    ("\\boxed{\\text{Briana}}", "\\text{Evelyn}", False),            # MV, another name
-    ("\\boxed{\\text{(C)}}", "C", True),                             # M5: choice letters
-    ("\\boxed{C}", "\\text{(C)}", True),                             # M5
-    ("\\boxed{(C)}", "\\text{(C)}", True),                           # M5
-    ("\\boxed{\\text{(B)}}", "\\text{(C)}", False),                  # another choice
-    ("\\boxed{\\textbf{(C)}}", "C", True),                           # AoPS solutions box bold letters
-    ("\\boxed{\\textbf{(113)}}", "113", True),                       # AoPS: bold AIME answer
-    ("\\boxed{113}", "\\textbf{(113)}", True),                       # AoPS reference from a solution
-    ("\\boxed{\\mathbf{127}}", "127", True),                         # AoPS
-    ("\\boxed{\\mathbf{127}}", "128", False),                        # AoPS, wrong
-    ("\\boxed{\\textbf{(112)}}", "113", False),                      # AoPS, wrong
-    ("\\boxed{25}", "\\textbf{(C)}\\ 25", True),                      # AoPS: an AMC answer boxed with its letter
-    ("\\boxed{C}", "\\textbf{(C)}\\ 25", True),                       # AoPS
-    ("\\boxed{\\textbf{(C) }25}", "C", True),                          # AoPS
-    ("\\boxed{26}", "\\textbf{(C)}\\ 25", False),                     # AoPS, wrong value
-    ("\\boxed{D}", "\\textbf{(C)}\\ 25", False),                      # AoPS, wrong letter
-    ("\\boxed{\\text{odd}}", "\\text{even}", False),                 # M5: odd/even answers
-    ("\\boxed{\\text{even}}", "\\text{even}", True),                 # M5
-    # -- unordered lists of solutions (M5 "enter all solutions, separated by commas", MV)
-    ("\\boxed{-2,1}", "-2,1", True),                                 # MV
-    ("\\boxed{1,-2}", "-2, 1", True),                                # order of a solution list is free
-    ("\\boxed{1, -2}", "-2,1", True),                                # spaces
-    ("\\boxed{1, 2}", "-2,1", False),                                # a sign
-    ("\\boxed{-2}", "-2,1", False),                                  # one of two solutions
-    ("\\boxed{-2,1,3}", "-2,1", False),                              # an extra solution
-    ("\\boxed{1,1,-2}", "1,-2", False),                              # a repeated one is not the same list
-    ("\\boxed{\\frac{1}{2}, -3}", "-3, 0.5", True),                  # exact elements
-    ("\\boxed{3, 5, 7}", "7, 5, 3", True),                           # M5
-    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", True),                       # sets are unordered
-    ("\\boxed{\\{1,2\\}}", "\\{1,3\\}", False),                      # MV: sets
-    # -- several boxes (M5-style responses; convention: all boxes as one unordered list)
-    ("so \\boxed{-2} and \\boxed{1}", "-2, 1", True),                # several boxes, list reference
-    ("so \\boxed{1} and \\boxed{-2}", "-2, 1", True),                # same, other order
-    ("so \\boxed{1} and \\boxed{-3}", "-2, 1", False),               # one box wrong
-    ("first \\boxed{1}, finally \\boxed{5}", "5", True),             # the last box answers
-    ("first \\boxed{5}, finally \\boxed{1}", "5", False),            # the last box answers
-    ("\\boxed{-2} \\boxed{1} \\boxed{7}", "-2, 1", False),           # an extra box
-    # -- tuples and intervals, element-wise (MV, M5)
-    ("\\boxed{(1,2)}", "(1,2)", True),                               # HM
-    ("\\boxed{(2,1)}", "(1,2)", False),                              # HM: order matters in a tuple
-    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3, \\frac{\\pi}{2})", True),  # MV: polar coordinates
-    ("\\boxed{(3, \\pi/2)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),          # M5
-    ("\\boxed{(3, \\frac{\\pi}{3})}", "(3, \\frac{\\pi}{2})", False),                # wrong angle
-    ("\\boxed{(1, 0.5)}", "\\left(1,\\frac{1}{2}\\right)", True),   # exact elements
-    ("\\boxed{[0,1)}", "[0,1)", True),                               # MV: sets handling
-    ("\\boxed{[0,1)}", "[0,9)", False),                              # MV
-    ("\\boxed{[0,9)}", "(0,9)", False),                              # MV: brackets differ
-    ("\\boxed{[-2,7]}", "[-2,7]", True),                             # M5
-    ("\\boxed{x \\in [-2,7]}", "[-2,7]", True),                      # M5: x \in
-    ("\\boxed{x \\in [-2,7]}", "[-2,7)", False),                     # one end open
-    ("\\boxed{[-2, 7]}", "[-7,2]", False),                           # wrong ends
-    ("\\boxed{(-\\infty, 3)}", "(-\\infty,3)", True),                # M5
-    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3)", False),               # closed end
-    ("\\boxed{(-\\infty,-2)\\cup(3,\\infty)}", "(-\\infty, -2) \\cup (3, \\infty)", True),  # M5
-    ("\\boxed{(3,\\infty)\\cup(-\\infty,-2)}", "(-\\infty, -2) \\cup (3, \\infty)", True),  # a union is unordered
-    ("\\boxed{(-\\infty,-2]\\cup(3,\\infty)}", "(-\\infty, -2) \\cup (3, \\infty)", False),
-    ("\\boxed{(1,2)}", "1,2", False),                                # a tuple is not a solution list
+    ("\\$18.90", "18.90", True), ("\\$18.90", "\\$18.90", True), ("\\$18.09", "\\$18.90", False),  # M5
+    ("40 \\text{ inches}", "40", True), ("90^{\\circ}", "90^\\circ", True),  # M5
+    ("\\$1,000.99", "1000.99", True), ("15\\mbox{ cm}^2", "15", True), ("15", "15\\mbox{ cm}^2", True),  # MV
+    ("\\frac{1}{3} \\text{meters}", "1/3", True), ("90^\\circ", "90", True), ("28\\%", "28", True),  # MV
+    ("28 \\%", "28\\%", True),  # MV
+    ("10\\text{ cm}", "10", True),  # HM
+    ("15\\text{ cm}^2", "16\\text{ cm}^2", False), ("80^\\circ", "90^\\circ", False), ("29\\%", "28\\%", False),
+    ("90°", "90", True),  # NS
+    # -- text answers and multiple choice (M5, MV; AoPS: solutions box bold letters, AMC answers with their letter)
+    ("\\text{Evelyn}", "\\text{Evelyn}", True), ("\\text{Briana}", "\\text{Evelyn}", False),  # MV
+    ("Evelyn", "\\text{Evelyn}", True), ("\\text{(C)}", "C", True), ("C", "\\text{(C)}", True),  # M5
+    ("(C)", "\\text{(C)}", True), ("\\text{odd}", "\\text{even}", False), ("\\text{even}", "\\text{even}", True),  # M5
+    ("\\text{(B)}", "\\text{(C)}", False),
+    ("\\textbf{(C)}", "C", True), ("\\textbf{(113)}", "113", True), ("113", "\\textbf{(113)}", True),  # AoPS
+    ("\\mathbf{127}", "127", True), ("\\mathbf{127}", "128", False), ("\\textbf{(112)}", "113", False),  # AoPS
+    ("25", "\\textbf{(C)}\\ 25", True), ("C", "\\textbf{(C)}\\ 25", True), ("\\textbf{(C) }25", "C", True),  # AoPS
+    ("26", "\\textbf{(C)}\\ 25", False), ("D", "\\textbf{(C)}\\ 25", False),  # AoPS
+    # -- unordered lists of solutions (M5 "enter all solutions, separated by commas", MV; a repeat counts)
+    ("-2,1", "-2,1", True), ("\\{1,2\\}", "\\{1,3\\}", False),  # MV
+    ("1,-2", "-2, 1", True), ("1, -2", "-2,1", True), ("1, 2", "-2,1", False), ("-2", "-2,1", False),
+    ("-2,1,3", "-2,1", False), ("1,1,-2", "1,-2", False), ("\\frac{1}{2}, -3", "-3, 0.5", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("3, 5, 7", "7, 5, 3", True),  # M5
+    # -- several boxes (M5-style responses; convention: the last box, or all boxes as one unordered list)
+    ("so \\boxed{-2} and \\boxed{1}", "-2, 1", True), ("so \\boxed{1} and \\boxed{-2}", "-2, 1", True),
+    ("so \\boxed{1} and \\boxed{-3}", "-2, 1", False), ("first \\boxed{1}, finally \\boxed{5}", "5", True),
+    ("first \\boxed{5}, finally \\boxed{1}", "5", False), ("\\boxed{-2} \\boxed{1} \\boxed{7}", "-2, 1", False),
+    # -- tuples and intervals, element-wise (MV, M5; brackets must match; a tuple is not a solution list)
+    ("(1,2)", "(1,2)", True), ("(2,1)", "(1,2)", False),  # HM
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", True), ("[0,1)", "[0,1)", True),  # MV
+    ("[0,1)", "[0,9)", False), ("[0,9)", "(0,9)", False),  # MV
+    ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", True), ("[-2,7]", "[-2,7]", True),  # M5
+    ("x \\in [-2,7]", "[-2,7]", True), ("(-\\infty, 3)", "(-\\infty,3)", True),  # M5
+    ("(-\\infty,-2)\\cup(3,\\infty)", "(-\\infty, -2) \\cup (3, \\infty)", True),  # M5
+    ("(3, \\frac{\\pi}{3})", "(3, \\frac{\\pi}{2})", False), ("(1, 0.5)", "\\left(1,\\frac{1}{2}\\right)", True),
+    ("x \\in [-2,7]", "[-2,7)", False), ("[-2, 7]", "[-7,2]", False), ("(-\\infty, 3]", "(-\\infty,3)", False),
+    ("(3,\\infty)\\cup(-\\infty,-2)", "(-\\infty, -2) \\cup (3, \\infty)", True),
+    ("(-\\infty,-2]\\cup(3,\\infty)", "(-\\infty, -2) \\cup (3, \\infty)", False), ("(1,2)", "1,2", False),
     # -- \pi, roots and other symbolic forms (MV, HM; convention: text match after normalization)
-    ("\\boxed{\\pi/2}", "\\frac{\\pi}{2}", True),                    # M5
-    ("\\boxed{\\frac{\\pi}{2}}", "\\pi/2", True),                    # M5
-    ("\\boxed{\\pi/3}", "\\frac{\\pi}{2}", False),                   # wrong
-    ("\\boxed{2\\pi}", "2\\pi", True),                               # M5
-    ("\\boxed{\\pi}", "\\pi", True),                                 # HM
-    ("\\boxed{\\sqrt2}", "\\sqrt{2}", True),                         # HM
-    ("\\boxed{\\sqrt3}", "\\sqrt{3}", True),                         # MV: malformed sqrt
-    ("\\boxed{2\\sqrt3}", "2\\sqrt{3}", True),                       # HM
-    ("\\boxed{3\\sqrt{13}}", "3\\sqrt{13}", True),                   # MV
-    ("\\boxed{3\\sqrt{31}}", "3\\sqrt{13}", False),                  # digits swapped
-    ("\\boxed{\\sqrt{2}}", "2", False),                              # HM
-    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True), # M5
-    ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),# M5
-    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{3}}{2}", False),
-    ("\\boxed{x^2}", "x^{2}", True),                                 # braces on a one-character power
-    ("\\boxed{x^2}", "x^3", False),                                  # HM
-    ("\\boxed{2-2p}", "2-2p", True),                                 # MV
-    ("\\boxed{2-2p}", "2+2p", False),                                # sign
-    ("\\boxed{2x+3}", "2x+3", True),                                 # same text
-    ("\\boxed{2x+3}", "2x-3", False),                                # sign
-    ("\\boxed{\\left(\\frac{1}{2}\\right)}", "\\frac{1}{2}", True),  # MV: styling removed
-    ("\\boxed{\\displaystyle \\frac{1}{2}}", "\\frac{1}{2}", True),  # NS
-    ("\\boxed{\\infty}", "\\infty", True),                           # M5
-    ("\\boxed{-\\infty}", "\\infty", False),                         # sign
-    ("\\boxed{x \\leq 3}", "x \\le 3", True),                        # NS: \leq is \le
-    ("\\boxed{x \\geq 3}", "x \\le 3", False),                       # the other direction
-    # -- bases and subscripts (M5: answers like 52_8, 1010_2)
-    ("\\boxed{52_{8}}", "52_8", True),                               # M5
-    ("\\boxed{52_8}", "52_{8}", True),                               # M5
-    ("\\boxed{52_9}", "52_8", False),                                # another base
-    ("\\boxed{25_8}", "52_8", False),                                # digits swapped
-    ("\\boxed{1010_2}", "1010_{2}", True),                           # M5
-    ("\\boxed{52}", "52_8", False),                                  # base dropped: unsure, a miss
-    # -- whole responses (OR, VR, MV: a box inside a longer response)
-    ("We get $x=2$. Thus $\\boxed{\\frac{14}{3}}$.", "\\frac{14}{3}", True),       # MV
-    ("Therefore, there are $\\boxed{2}$ distinct possible values.", "2", True),    # MV
-    ("Then $129^{34}+96^{38} \\equiv \\boxed{9} \\pmod{11}.$", "9", True),          # MV
-    ("The area is $\\boxed{15\\mbox{ cm}^2}.$", "15\\mbox{ cm}^2", True),           # MV
+    ("\\pi/2", "\\frac{\\pi}{2}", True), ("\\frac{\\pi}{2}", "\\pi/2", True), ("2\\pi", "2\\pi", True),  # M5
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", True),  # M5
+    ("\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", True), ("\\infty", "\\infty", True),  # M5
+    ("\\pi/3", "\\frac{\\pi}{2}", False), ("3\\sqrt{31}", "3\\sqrt{13}", False),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{\\sqrt{3}}{2}", False), ("x^2", "x^{2}", True), ("2-2p", "2+2p", False),
+    ("2x+3", "2x+3", True), ("2x+3", "2x-3", False), ("-\\infty", "\\infty", False), ("x \\geq 3", "x \\le 3", False),
+    ("\\pi", "\\pi", True), ("\\sqrt2", "\\sqrt{2}", True), ("2\\sqrt3", "2\\sqrt{3}", True),  # HM
+    ("\\sqrt{2}", "2", False), ("x^2", "x^3", False),  # HM
+    ("\\sqrt3", "\\sqrt{3}", True), ("3\\sqrt{13}", "3\\sqrt{13}", True), ("2-2p", "2-2p", True),  # MV
+    ("\\left(\\frac{1}{2}\\right)", "\\frac{1}{2}", True),  # MV
+    ("\\displaystyle \\frac{1}{2}", "\\frac{1}{2}", True), ("x \\leq 3", "x \\le 3", True),  # NS
+    # -- bases and subscripts (M5: answers like 52_8, 1010_2; a dropped base is unsure: a miss)
+    ("52_{8}", "52_8", True), ("52_8", "52_{8}", True), ("1010_2", "1010_{2}", True),  # M5
+    ("52_9", "52_8", False), ("25_8", "52_8", False), ("52", "52_8", False),
+    # -- whole responses (OR, VR, MV: a box inside a longer response, a box in a box, fbox, the space form)
+    ("We get $x=2$. Thus $\\boxed{\\frac{14}{3}}$.", "\\frac{14}{3}", True),  # MV
+    ("Therefore, there are $\\boxed{2}$ distinct possible values.", "2", True),  # MV
+    ("Then $129^{34}+96^{38} \\equiv \\boxed{9} \\pmod{11}.$", "9", True),  # MV
+    ("The area is $\\boxed{15\\mbox{ cm}^2}.$", "15\\mbox{ cm}^2", True),  # MV
     ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$", "\\left( 3, \\frac{\\pi}{2} \\right)", True),  # MV
-    ("The only integer roots are $\\boxed{-2,1}.$", "-2,1", True),                 # MV
-    ("Final answer: \\boxed{\\boxed{7}}", "7", True),                              # a box inside a box
-    ("Hence \\fbox{42}.", "42", True),                               # fbox
-    ("Hence \\boxed 42$.", "42", True),                              # the space form
-    ("Hence \\boxed{41}.", "42", False),                             # wrong
+    ("The only integer roots are $\\boxed{-2,1}.$", "-2,1", True),  # MV
+    ("Final answer: \\boxed{\\boxed{7}}", "7", True), ("Hence \\fbox{42}.", "42", True),
+    ("Hence \\boxed 42$.", "42", True), ("Hence \\boxed{41}.", "42", False),
     ("\\boxed{\\frac{1}{2}} is wrong, the answer is \\boxed{\\frac{1}{3}}", "\\frac{1}{2}", False),
-    ("Answer: \\boxed{\\text{no solution}}", "\\text{no solution}", True),         # M5
+    ("Answer: \\boxed{\\text{no solution}}", "\\text{no solution}", True),  # M5
     # -- more published facts (NS: NeMo-Skills' math_equal tests; HM: the Hendrycks MATH is_equiv tests)
-    ("\\boxed{918\\frac{1}{2}}", "918.5", True),                     # NS: mixed number
-    ("\\boxed{185\\\\}", "185", True),                               # NS: a stray \\ after the answer
-    ("\\boxed{\\frac {1}{2}}", "0.5", True),                         # NS
-    ("\\boxed{17\\text{ any text}}", "17", True),                    # NS
-    ("\\boxed{10%}", "10", True),                                    # NS
-    ("\\boxed{5.001}", "5", False),                                  # NS: no tolerance
-    ("\\boxed{\\sqrt{67},-\\sqrt{85}}", "\\sqrt{67}", False),        # NS: an extra solution
-    ("\\boxed{\\mathrm{E}}", "E", True),                             # NS
-    ("\\boxed{\\textbf{A}}", "A", True),                             # NS
-    ("\\boxed{\\mathrm{E}*2}", "E", False),                          # NS
-    ("\\boxed{\\frac{1}{3}}", "\\dfrac{1}{3}", True),                # NS
-    ("\\boxed{\\begin{pmatrix}0&0&0\\\\0&1&0\\\\0&0&1\\end{pmatrix}}",
-     "\\begin{bmatrix} 0 & 0 & 0 \\\\ 0 & 1 & 0 \\\\ 0 & 0 & 1 \\end{bmatrix}", True),     # NS
-    ("\\boxed{10\\text{ units}}", "10 ", True),                      # HM
-    ("\\boxed{10\\text{ units}}", "100 ", False),                    # HM
-    ("\\boxed{58 square units}", "58", True),                        # HM
-    ("\\boxed{\\left(x-2\\right)\\left(x+2\\right)}", "(x-2)(x+2)", True),  # HM
-    ("\\boxed{10\\sqrt{3} + \\sqrt4}", "10\\sqrt3 + \\sqrt{4}", True),       # HM
-    ("\\boxed{\\frac34i}", "\\frac{3}{4}i", True),                   # HM
-    ("\\boxed{\\tfrac83}", "\\frac{8}{3}", True),                    # HM
-    ("\\boxed{5x - 7y + 11z + 4 = 0}", "x + y - z + 2 = 0", False),  # HM
-    ("\\boxed{10, 4, 2}", "4, 12, 2", False),                        # HM
-    ("\\boxed{0.1, 4, 2}", "4, .1, 2", True),                        # HM's format; verdict: lists are unordered here
-    ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", True),                     # one exact term c*sqrt(n)
-    ("\\boxed{\\sqrt{8}}", "2\\sqrt{3}", False),                     # 2 sqrt 2 is not 2 sqrt 3
-    ("\\boxed{\\frac{\\pi}{2}}", "pi/2", True),                      # pi written as a word
+    ("918\\frac{1}{2}", "918.5", True), ("185\\\\", "185", True), ("\\frac {1}{2}", "0.5", True),  # NS
+    ("17\\text{ any text}", "17", True), ("10%", "10", True), ("5.001", "5", False),  # NS
+    ("\\sqrt{67},-\\sqrt{85}", "\\sqrt{67}", False), ("\\mathrm{E}", "E", True), ("\\textbf{A}", "A", True),  # NS
+    ("\\mathrm{E}*2", "E", False), ("\\frac{1}{3}", "\\dfrac{1}{3}", True),  # NS
+    ("\\begin{pmatrix}0&0&0\\\\0&1&0\\\\0&0&1\\end{pmatrix}",
+     "\\begin{bmatrix} 0 & 0 & 0 \\\\ 0 & 1 & 0 \\\\ 0 & 0 & 1 \\end{bmatrix}", True),  # NS
+    ("10\\text{ units}", "10 ", True), ("10\\text{ units}", "100 ", False), ("58 square units", "58", True),  # HM
+    ("\\left(x-2\\right)\\left(x+2\\right)", "(x-2)(x+2)", True),  # HM
+    ("10\\sqrt{3} + \\sqrt4", "10\\sqrt3 + \\sqrt{4}", True), ("\\frac34i", "\\frac{3}{4}i", True),  # HM
+    ("\\tfrac83", "\\frac{8}{3}", True), ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", False),  # HM
+    ("10, 4, 2", "4, 12, 2", False), ("0.1, 4, 2", "4, .1, 2", True),  # HM
+    ("2\\sqrt{3}", "\\sqrt{12}", True), ("\\sqrt{8}", "2\\sqrt{3}", False), ("\\frac{\\pi}{2}", "pi/2", True),
 ]
 
 # Symbolic equivalence (math-verify's sympy finds these; the built-in grader may miss them, never invent).
 SYMBOLIC_CASES = [
-    ("\\boxed{3+2x}", "2x+3", True),                                 # MV handles, builtin misses
-    ("\\boxed{(x+1)^2}", "x^2+2x+1", True),                          # MV handles, builtin misses
-    ("\\boxed{\\frac{1}{2}\\pi}", "\\frac{\\pi}{2}", True),          # MV handles, builtin misses
-    ("\\boxed{2+2}", "4", True),                                     # MV handles, builtin misses
-    ("\\boxed{\\frac{\\sqrt{3}}{3}}", "\\frac{1}{\\sqrt{3}}", True), # both: one exact term c*sqrt(n)
-    ("\\boxed{x+1}", "x+2", False),
-    ("\\boxed{(x+1)^2}", "x^2+1", False),
+    ("3+2x", "2x+3", True), ("(x+1)^2", "x^2+2x+1", True), ("\\frac{1}{2}\\pi", "\\frac{\\pi}{2}", True),  # MV
+    ("2+2", "4", True),  # MV
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True), ("x+1", "x+2", False), ("(x+1)^2", "x^2+1", False),
 ]
 GRADING_CASES = FORMAT_CASES + SYMBOLIC_CASES
 
-
 def as_response(text):
-    """A case's response: the text itself when it holds a box, else the text boxed at the end of a sentence."""
-    return text if ("\\boxed" in text or "\\fbox" in text) else f"The answer is \\boxed{{{text}}}."
+    """A case's response: the text itself when it holds a box, else the text boxed."""
+    return text if "\\boxed" in text or "\\fbox" in text else f"\\boxed{{{text}}}"
 
 
 def test_grading_cases_are_many_and_both_ways():
@@ -3808,16 +3687,12 @@ def test_grading_cases_are_many_and_both_ways():
     assert len({(r, ref) for r, ref, _ in GRADING_CASES}) == len(GRADING_CASES)  # no duplicates
 
 
-@pytest.mark.parametrize("response,reference,want", FORMAT_CASES)
-def test_builtin_grader_formats(response, reference, want):
-    assert dail.grade(as_response(response), reference)[1] is want
-
-
-@pytest.mark.parametrize("response,reference,want", SYMBOLIC_CASES)
-def test_builtin_grader_never_invents(response, reference, want):
-    """Symbolic equivalence is out of the built-in grader's scope: it may miss a right answer, never
-    call a wrong one right."""
-    assert not dail.grade(as_response(response), reference)[1] or want
+@pytest.mark.parametrize("response,reference,want,exact", [(*c, True) for c in FORMAT_CASES] +
+                         [(*c, False) for c in SYMBOLIC_CASES])
+def test_builtin_grader_on_the_cases(response, reference, want, exact):
+    """Every format case exactly; symbolic equivalence is out of scope: missed maybe, never invented."""
+    got = dail.grade(as_response(response), reference)[1]
+    assert got is want if exact else not got or want
 
 
 def test_builtin_grader_figures():
@@ -3884,7 +3759,7 @@ def test_builtin_grader_against_exact_fractions():
 def test_math_verify_grader_on_the_cases():
     """math-verify through --grader: sympy finds the symbolic cases; its agreement on the table is >= 90%."""
     verdicts = [(dail.grade(as_response(r), ref, "math-verify")[1], w) for r, ref, w in GRADING_CASES]
-    assert all(got for got, _ in verdicts[len(FORMAT_CASES):][:5])  # the symbolic positives
+    assert all(got for got, w in verdicts[len(FORMAT_CASES):] if w)  # the symbolic positives
     assert sum(got == w for got, w in verdicts) / len(verdicts) >= 0.9
     info = dail.grader_info("math-verify")
     assert info["name"] == "math-verify" and info["version"] and info["timeouts"] == 0
