@@ -1151,29 +1151,29 @@ def test_lora_on_the_lm_head_teacher_uses_theta0_head(tiny):
 
 
 # ==== Evaluation: pass@k and eval (the unbiased estimator, the forced answer, the eval command) =======================
-def exact_pass_at_k(n, c, k):
-    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
-
-
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 128, 2000])
 def test_pass_at_k_matches_exact_fractions(n):
-    cs = sorted({0, 1, 2, n // 3, n // 2, n - 1, n} & set(range(n + 1)))
-    ks = sorted({1, 2, 10, n // 2, n - 1, n} & set(range(1, n + 1)))
-    for c in cs:
-        for k in ks:
-            want = float(exact_pass_at_k(n, c, k))
+    for c in {0, 1, 2, n // 3, n // 2, n - 1, n} & set(range(n + 1)):
+        for k in {1, 2, 10, n // 2, n - 1, n} & set(range(1, n + 1)):
+            want = float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
             assert dail.pass_at_k(n, c, k) == pytest.approx(want, rel=1e-12, abs=1e-14), (n, c, k)
 
 
-def test_pass_at_k_edge_cases():
-    assert dail.pass_at_k(10, 0, 1) == 0.0
-    assert dail.pass_at_k(10, 10, 3) == 1.0            # c = n
-    assert dail.pass_at_k(10, 3, 10) == 1.0            # k = n and c > 0
-    assert dail.pass_at_k(10, 1, 1) == pytest.approx(0.1)
+def test_pass_at_k_brute_force_and_edge_cases():
+    from itertools import combinations
+    for n, c, k in [(5, 2, 2), (6, 1, 3), (4, 3, 2), (7, 3, 1)]:  # the share of k-subsets holding a correct sample
+        subsets = list(combinations([True] * c + [False] * (n - c), k))
+        assert dail.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets), rel=1e-12)
+    assert dail.pass_at_k(10, 0, 1) == 0.0 and dail.pass_at_k(10, 1, 1) == pytest.approx(0.1)
+    assert dail.pass_at_k(10, 10, 3) == dail.pass_at_k(10, 3, 10) == 1.0      # c = n; k = n and c > 0
     assert dail.pass_at_k(2000, 1, 1) == pytest.approx(1 / 2000, rel=1e-12)
     for bad in [(4, 1, 5), (4, 5, 1), (4, -1, 1), (0, 0, 1), (4, 1, 0)]:
         with pytest.raises(ValueError):
             dail.pass_at_k(*bad)
+
+
+EVAL_LINE = {"id", "problem", "answer", "responses", "forced", "n_tokens", "n_thinking_tokens", "n_answer_tokens",
+             "n_forced_tokens", "finish_reasons", "preds", "correct", "n_correct", "grader"}
 
 
 def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
@@ -1181,139 +1181,20 @@ def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 4, "--max-new-tokens", 8,
             "--batch-size", 6, "--engine", "hf"]
     assert run_cli(argv, capsys)[0] == 0
-    lines = read_lines(out / "samples.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
     assert (out / "passk.png").exists() or not _has_matplotlib()
-    assert [r["id"] for r in lines] == ["add", "half", "7"]
+    assert json.loads((out / "eval_config.json").read_text())
+    assert [r["id"] for r in lines] == ["add", "half", "7"] and all(set(r) == EVAL_LINE for r in lines)
     for r in lines:
         assert len(r["responses"]) == len(r["preds"]) == len(r["correct"]) == len(r["n_tokens"]) == 4
         assert all(0 < t - f <= 8 for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))   # first pass
-    assert set(summary["pass_at_k"]) == {"1", "2", "4"}
-    for k in (1, 2, 4):
-        want = np.mean([dail.pass_at_k(4, sum(r["correct"]), k) for r in lines])
-        assert summary["pass_at_k"][str(k)] == pytest.approx(want)
+    assert summary["pass_at_k"] == pytest.approx(
+        {str(k): np.mean([dail.pass_at_k(4, sum(r["correct"]), k) for r in lines]) for k in (1, 2, 4)})
     assert summary["samples_no_answer"] == sum(p is None for r in lines for p in r["preds"])
     assert summary["mean_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_tokens"]]))
-    # rerun: nothing duplicated
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(out / "samples.jsonl") == lines
-
-
-def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
-    """Force the sampler to write a known response: grading, pass@k and token counts follow the flags."""
-    tok_ = make_tokenizer()
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}, {"problem": "p2", "answer": "7"}])
-    answers = {0: ["\\boxed{5}", "\\boxed{6}", "none"], 1: ["\\boxed{8}", "\\boxed{8}", "x"]}
-
-    def fake_sampler(engine, args, tok, stop_ids):
-        def sample(prompts, seeds, pids=None):
-            return [[dict(ids=tok(a, add_special_tokens=False)["input_ids"], finish_reason="stop")
-                     for a in answers[s - args.seed]] for s in seeds]
-        sample.close = lambda: None
-        return sample
-
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
-    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
-                         "--max-new-tokens", 8], capsys)
-    assert code == 0, err
-    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["pass_at_k"]["1"] == pytest.approx((1 / 3 + 0) / 2)
-    assert summary["pass_at_k"]["3"] == pytest.approx(0.5)
-    assert summary["mean_tokens_correct"] == len(tok_("\\boxed{5}", add_special_tokens=False)["input_ids"])
-    assert summary["samples_no_answer"] == 2 and summary["problems_no_answer"] == 0
-
-
-def _has_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def test_answer_part_grades_only_after_thinking():
-    assert dail.answer_part("guess \\boxed{5} hmm </think> so \\boxed{6}", True) == " so \\boxed{6}"
-    assert dail.answer_part("a </think> b </think> \\boxed{7}", True) == " \\boxed{7}"      # the last one
-    assert dail.answer_part("never closed \\boxed{5}", True) == ""
-    assert dail.answer_part("plain \\boxed{5}", False) == "plain \\boxed{5}"
-    assert dail.grade(dail.answer_part("guess \\boxed{5}", True), "5")[1] is False
-    cue = dail.ANSWER_REQUEST
-    assert dail.answer_part("a</think>" + cue + "\\boxed{7}", True) == "\\boxed{7}"     # the cue is not graded
-    assert dail.answer_part("so 7" + cue + "\\boxed{7}", False) == "so 7\\boxed{7}"
-
-
-def test_forced_answer_rows_and_suffixes(tiny, tok, monkeypatch):
-    """--thinking: every sample's second pass continues from </think> then the cue, outside the thinking,
-    whether the thinking closed by itself or was cut (the released protocol); without: only samples with
-    no box, after the cue."""
-    think_end = tok.convert_tokens_to_ids("</think>")
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt = [1, 2, 3]
-    request = ids(dail.ANSWER_REQUEST)
-    assert "\\boxed{}" in dail.ANSWER_REQUEST and "</think>" not in dail.ANSWER_REQUEST
-    first, rows_seen = [], []
-
-    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
-        if first:
-            return [dict(s) for s in first.pop()]
-        rows_seen.extend(c[0] for c in contexts)
-        return [dict(ids=ids(" \\boxed{4}"), finish_reason="stop", stop_id=eos) for _ in contexts]
-    monkeypatch.setattr(dail, "decode", fake_decode)
-    first.append([dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
-                  dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
-                  dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)])          # end of turn inside
-    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=3, thinking=True, device="cpu")
-    thinking = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
-    assert rows_seen == [prompt + ids(t) + [think_end] + request for t in ("think a", "think b", "think c")]
-    assert [s["forced_ids"] for s in thinking] == [[think_end] + request + ids(" \\boxed{4}")] * 3
-    assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking)
-    rows_seen.clear()
-    first.append([dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
-                  dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)])
-    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, device="cpu")
-    plain = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
-    assert rows_seen == [prompt + ids("so it is 3") + request]          # only the sample without a box
-    assert "forced_ids" not in plain[0] and "n_forced" not in plain[0]
-    assert plain[1]["forced_ids"] == request + ids(" \\boxed{4}")
-
-
-def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
-    """The hf engine's wiring: the first pass stops at </think> or --max-new-tokens, the second pass at an
-    end of turn or --answer-tokens, both with the presence penalty; --no-force-answer: one pass."""
-    think_end = tok.convert_tokens_to_ids("</think>")
-    stop_ids = [tok.convert_tokens_to_ids("<|im_end|>")]
-    calls = []
-
-    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
-        calls.append(dict(rows=[c[0] for c in contexts], max_new_tokens=max_new_tokens, stops=list(stops),
-                          presence_penalty=presence_penalty))
-        if len(calls) == 1:
-            return [dict(ids=[70, 71], finish_reason="stop", stop_id=think_end, n_accepted=0, n_fallback=2),
-                    dict(ids=[72] * 6, finish_reason="length", stop_id=None, n_accepted=0, n_fallback=6)]
-        return [dict(ids=[73], finish_reason="stop", stop_id=stop_ids[0], n_accepted=0, n_fallback=1)
-                for _ in contexts]
-    monkeypatch.setattr(dail, "decode", fake_decode)
-    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, max_new_tokens=6, answer_tokens=5, thinking=True,
-                         device="cpu")
-    sampler = dail.make_sampler("hf", args, tok, stop_ids)
-    out = sampler([[1, 2]], [0], ["p"])[0]
-    first, second = calls
-    assert first["max_new_tokens"] == 6 and set(first["stops"]) == {think_end, *stop_ids}
-    assert second["max_new_tokens"] == 5 and second["stops"] == stop_ids
-    assert first["presence_penalty"] == second["presence_penalty"] == 1.5
-    cue = [think_end] + tok(dail.ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
-    assert second["rows"] == [[1, 2, 70, 71] + cue, [1, 2] + [72] * 6 + cue]      # closed itself; cut: the same cue
-    assert out[0]["forced_ids"] == cue + [73] and out[1]["forced_ids"] == cue + [73]
-    calls.clear()
-    sampler = dail.make_sampler("hf", dataclasses_replace(args, no_force_answer=True), tok, stop_ids)
-    out = sampler([[1, 2]], [0], ["p"])[0]
-    assert len(calls) == 1 and calls[0]["stops"] == stop_ids and "forced_ids" not in out[0]
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-    return dataclasses.replace(obj, **kw)
+    assert {"problems", "mean_tokens_correct", "mean_thinking_tokens_correct", "mean_answer_tokens", "samples_forced",
+            "problems_no_answer", "truncated", "engine", "grader", "settings"} <= set(summary)
+    assert run_cli(argv, capsys)[0] == 0 and read_lines(out / "samples.jsonl") == lines   # rerun: nothing duplicated
 
 
 def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
@@ -1325,97 +1206,123 @@ def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
                          "--answer-tokens", 5, "--batch-size", 8, "--engine", "hf", "--thinking"], capsys)
     assert code == 0, err
     assert "--thinking is set but the chat template has no thinking support" in err
-    lines = read_lines(out / "samples.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
     for r in lines:
         for text, forced, n, nt, na, nf in zip(r["responses"], r["forced"], r["n_tokens"], r["n_thinking_tokens"],
                                                r["n_answer_tokens"], r["n_forced_tokens"]):
             assert forced is not None and forced.startswith("</think>" + dail.ANSWER_REQUEST)
             assert "</think>" not in text and nt <= 6 and na == nf <= 5 and n == nt + na
     assert summary["samples_forced"] == 6
-    assert summary["mean_thinking_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_thinking_tokens"]]))
-    assert summary["mean_answer_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_answer_tokens"]]))
+    for part in ("thinking", "answer"):
+        want = np.mean([t for r in lines for t in r[f"n_{part}_tokens"]])
+        assert summary[f"mean_{part}_tokens"] == pytest.approx(want)
 
 
-def test_eval_grades_only_the_answer_after_thinking(tmp_path, capsys, tiny, monkeypatch):
-    """A box inside the thinking is a guess: only the text after </think> (here: the forced part) counts."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}])
+def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, tok, monkeypatch):
+    """A sampler that writes known responses: grading, pass@k and the token counts follow them."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}, {"problem": "p2", "answer": "7"}])
+    answers = {0: ["\\boxed{5}", "\\boxed{6}", "none"], 1: ["\\boxed{8}", "\\boxed{8}", "x"]}
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for(answers))
+    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
+                         "--max-new-tokens", 8], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["pass_at_k"] == pytest.approx({"1": (1 / 3 + 0) / 2, "2": (2 / 3 + 0) / 2, "3": 0.5})
+    assert summary["mean_tokens_correct"] == len(tok("\\boxed{5}", add_special_tokens=False)["input_ids"])
+    assert summary["samples_no_answer"] == 2 and summary["problems_no_answer"] == 0
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_eval_grades_only_the_answer_after_thinking(tok):
+    """With --thinking only what follows the last </think> counts (here the forced part): a box inside the
+    thinking is a guess, and a sample whose thinking never closed has no answer. The cue is never graded."""
+    enc = lambda t: None if t is None else tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     plan = [("maybe \\boxed{5}", "</think>\n\n\\boxed{6}"),        # right guess inside, wrong answer: wrong
             ("hmm \\boxed{6}", "</think>\n\n\\boxed{5}"),          # the answer after thinking: right
-            ("maybe \\boxed{5}", None)]                           # never closed, no forced pass: no answer
-
-    def fake_sampler(engine, args, tok, stop_ids):
-        def sample(prompts, seeds, pids=None):
-            enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-            return [[dict(ids=enc(a), finish_reason="length", forced_ids=None if b is None else enc(b),
-                          n_forced=0 if b is None else len(enc(b)) - 1) for a, b in plan]]
-        sample.close = lambda: None
-        return sample
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
-    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
-                         "--max-new-tokens", 20, "--thinking"], capsys)
-    assert code == 0, err
-    line = read_lines(tmp_path / "e" / "samples.jsonl")[0]
-    assert line["correct"] == [False, True, False] and line["preds"] == ["6", "5", None]
-    assert line["forced"] == [b for _, b in plan]
+            ("maybe \\boxed{5}", None),                           # never closed, no forced pass: no answer
+            ("x </think> \\boxed{5} </think> so", None)]          # the last </think> counts
+    samples = [dict(ids=enc(a), forced_ids=enc(b), n_forced=len(enc(b) or ()), finish_reason="length") for a, b in plan]
+    args = dail.EvalArgs(model="-", data="-", out="-", thinking=True)
+    line = dail.grade_line(dail.eval_line(tok, dict(id="p", problem="p", answer="5"), samples, True), args)
+    assert line["correct"] == [False, True, False, False] and line["preds"] == ["6", "5", None, None]
+    assert line["forced"] == [b for _, b in plan] and line["n_correct"] == 1
+    plain = dict(responses=["plain \\boxed{5}", "so 7"], forced=[None, dail.ANSWER_REQUEST + "\\boxed{5}"], answer="5")
+    assert dail.grade_line(plain, dail.EvalArgs(model="-", data="-", out="-"))["correct"] == [True, True]
 
 
-def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, capsys, tiny, tok, monkeypatch):
+def test_forced_answer_rows_stops_and_budgets(tiny, tok, monkeypatch):
+    """The released protocol, hf engine: with --thinking the first pass stops at </think> or --max-new-tokens
+    and every sample (closed, cut, or ended inside) continues after </think> + the cue up to --answer-tokens;
+    without, only a sample with no box, after the cue; --no-force-answer: one pass. Both take the penalty."""
+    think_end, eos = tok.convert_tokens_to_ids("</think>"), tok.convert_tokens_to_ids("<|im_end|>")
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    request, answer, first, calls = ids(dail.ANSWER_REQUEST), ids(" \\boxed{4}"), [], []
+    assert "\\boxed{}" in dail.ANSWER_REQUEST and "</think>" not in dail.ANSWER_REQUEST
+
+    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
+        calls.append(([c[0] for c in contexts], max_new_tokens, set(stops), presence_penalty))
+        return first.pop() if first else [dict(ids=answer, finish_reason="stop", stop_id=eos) for _ in contexts]
+    monkeypatch.setattr(dail, "decode", fake_decode)
+
+    def sample(texts, **flags):
+        calls.clear()
+        first.append([dict(ids=ids(t), finish_reason=f, stop_id=s) for t, f, s in texts])
+        args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=len(texts), max_new_tokens=6, answer_tokens=5,
+                             device="cpu", **flags)
+        return dail.make_sampler("hf", args, tok, [eos])([[1, 2]], [0], ["p"])[0]
+    out = sample([("think a", "stop", think_end), ("think b", "length", None), ("think c", "stop", eos)], thinking=True)
+    assert [c[1:] for c in calls] == [(6, {think_end, eos}, 1.5), (5, {eos}, 1.5)]
+    assert calls[1][0] == [[1, 2] + ids(t) + [think_end] + request for t in ("think a", "think b", "think c")]
+    assert [(s["forced_ids"], s["n_forced"]) for s in out] == [([think_end] + request + answer, len(answer))] * 3
+    out = sample([("so \\boxed{3}", "stop", eos), ("so it is 3", "length", None)])
+    assert calls[1][0] == [[1, 2] + ids("so it is 3") + request]          # only the sample without a box
+    assert "forced_ids" not in out[0] and out[1]["forced_ids"] == request + answer
+    out = sample([("think a", "length", None)], thinking=True, no_force_answer=True)
+    assert [c[1:] for c in calls] == [(6, {eos}, 1.5)] and "forced_ids" not in out[0]
+
+
+def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, tok):
     data = write_jsonl(tmp_path / "d.jsonl", [
         {"id": "s", "problem": "What is 2+3?", "answer": "5", "prompt": "Benchmark style: 2+3 = ?"},
         {"id": "m", "problem": "What is 1+1?", "answer": "2",
          "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]},
         {"id": "d", "problem": "What is 7*6?", "answer": "42"}])
-    seen = []
-
-    def fake_sampler(engine, args, tok_, stop_ids):
-        def sample(prompts, seeds, pids=None):
-            seen.extend(tok_.decode(p) for p in prompts)
-            return [[dict(ids=tok_("\\boxed{5}", add_special_tokens=False)["input_ids"], finish_reason="stop")]
-                    for _ in prompts]
-        sample.close = lambda: None
-        return sample
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
-    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 1,
-                         "--max-new-tokens", 8, "--batch-size", 1], capsys)
-    assert code == 0, err
+    problems = dail.load_problems(data, need_solution=False, need_answer=True)
+    seen = [tok.decode(dail.eval_prompt_ids(tok, p, False, None)) for p in problems]
     assert seen[0] == "<|im_start|>user\nBenchmark style: 2+3 = ?<|im_end|>\n<|im_start|>assistant\n"
     assert seen[1] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
                        "<|im_start|>assistant\n")
     assert dail.ANSWER_FORMAT.format() in seen[2] and "What is 7*6?" in seen[2]   # no prompt: the student's
-    for bad, field in [(3, "'prompt'"), ("  ", "'prompt'"), ([], "'prompt'"), ([{"role": "user"}], "'prompt[0]'"),
-                       (["hi"], "'prompt[0]'")]:
-        path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", "answer": "2",
-                                                                                       "prompt": bad}])
-        code, err = run_cli(["eval", "--model", tiny, "--data", path, "--out", tmp_path / "b", "--n", 1], capsys)
-        assert code == 2 and f"bad.jsonl:2: field {field}" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(dail.DailError, match=r"d.jsonl:1: field 'prompt': the prompt is \d+ tokens, over .* of 3 "):
+        dail.eval_prompt_ids(tok, problems[0], False, 3)
+    for bad in [3, "  ", [], [{"role": "user"}], ["hi"]]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", "prompt": bad}])
+        with pytest.raises(dail.DailError, match="bad.jsonl:2: field 'prompt': expected"):
+            dail.load_problems(path, need_solution=False, need_answer=False)
 
 
 # ==== Appendix A: grading -- boxed answers, the grader (built-in and math-verify), problems ===========================
 @pytest.mark.parametrize("text,want", [
-    ("so \\boxed{5}", "5"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                       # nested braces kept whole
-    ("first \\boxed{1} then \\boxed{2}", "2"),                       # the last box
-    ("\\boxed{\\sqrt{\\frac{a}{b}}} end", "\\sqrt{\\frac{a}{b}}"),
-    ("\\fbox{7}", "7"),
+    ("so \\boxed{5}", "5"), ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{\\sqrt{\\frac{a}{b}}} end", "\\sqrt{\\frac{a}{b}}"), ("\\fbox{7}", "7"),
     ("\\boxed{3} and \\fbox{4}", "4"),
-    ("the answer is \\boxed 5$.", "5"),                               # space form
-    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),                              # escaped braces do not count
-    ("\\boxed{ 12 }", "12"),
-    ("\\boxed{x^{2}+1}", "x^{2}+1"),
-    ("no box here", None),
-    ("", None),
-    (None, None),
-    ("\\boxed{\\frac{1}{2}", None),                                   # truncated: unbalanced
-    ("\\boxed{}", None),                                              # empty
-    ("\\boxed{1} \\boxed{\\frac{1", None),                            # the last box is truncated
+    ("the answer is \\boxed 5$.", "5"), ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # the space form; \{ \} do not count
+    ("\\boxed{ 12 }", "12"), ("\\boxed{x^{2}+1}", "x^{2}+1"), ("no box here", None), ("", None), (None, None),
+    ("\\boxed{\\frac{1}{2}", None), ("\\boxed{}", None), ("\\boxed{1} \\boxed{\\frac{1", None),  # cut, empty, cut last
     ("\\boxed", None),
 ])
 def test_extract_boxed(text, want):
     assert dail.extract_boxed(text) == want
 
 
-@pytest.mark.parametrize("pred,ref", [
+@pytest.mark.parametrize("pred,ref,want", [(a, b, True) for a, b in [
     ("5", "5"), (" 5 ", "5"), ("$5$", "5"), ("5.", "5"), ("x=5", "5"), ("x = 5", "5"),
     ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\tfrac12", "\\frac{1}{2}"), ("\\frac12", "\\frac{1}{2}"),
     ("1/2", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}"), ("0.5", "1/2"), (".5", "0.5"), ("2.50", "2.5"),
@@ -1424,38 +1331,29 @@ def test_extract_boxed(text, want):
     ("\\left(1,2\\right)", "(1,2)"), ("10\\text{ cm}", "10"), ("\\text{(B)}", "(B)"),
     ("30^\\circ", "30"), ("50\\%", "50"), ("-\\frac{3}{4}", "-0.75"), ("\\frac{6}{8}", "\\frac{3}{4}"),
     ("4", "4.0"), ("\\pi", "\\pi"),
-])
-def test_is_equiv_positive(pred, ref):
-    assert dail.is_equiv(pred, ref)
-    assert dail.is_equiv(ref, pred)
-
-
-@pytest.mark.parametrize("pred,ref", [
+]] + [(a, b, False) for a, b in [
     ("5", "6"), ("0.333", "\\frac{1}{3}"), ("0.33", "1/3"), ("1,2", "12"), ("\\frac{1}{2}", "\\frac{2}{1}"),
     ("-5", "5"), ("\\sqrt{2}", "2"), ("x^2", "x^3"), ("(1,2)", "(2,1)"), ("5", ""), ("10", "100"),
     (None, "5"), ("5", None), (None, None),
-])
-def test_is_equiv_negative(pred, ref):
-    assert not dail.is_equiv(pred, ref)
+]])
+def test_is_equiv(pred, ref, want):
+    assert dail.is_equiv(pred, ref) is want
+    assert dail.is_equiv(ref, pred) is want or not want  # an equality holds both ways
 
 
 def test_numeric_answers_are_the_text_written_and_a_trace_needs_an_answer(tmp_path, capsys):
-    lines = ['{"id": %d, "problem": "p", "answer": %s}' % (i, a) for i, a in
-             enumerate(["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"])]
+    written = ["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"]
     path = tmp_path / "numbers.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join('{"id": %d, "problem": "p", "answer": %s}\n' % (i, a) for i, a in enumerate(written)))
     answers = [p["answer"] for p in dail.load_problems(path, need_solution=False, need_answer=True)]
-    assert answers == ["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"]
-    assert dail.grade("so \\boxed{0.00001}", answers[0]) == ("0.00001", True)          # str(float) gave 1e-05
+    assert answers == written and dail.grade("so \\boxed{0.00001}", answers[0]) == ("0.00001", True)  # not 1e-05
     # a kept trace with no answer and no boxed solution: train would say "the final answer is None"
     trace = dict(id="a", problem="p", solution="no box", response_ids=[1, 2], finish_reason="stop", kept=True)
-    data = write_jsonl(tmp_path / "t.jsonl", [trace])
-    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and err.strip() == (f"dail.py train: error: {data}:1: field 'answer': missing, and 'solution' "
-                                         f"has no \\boxed{{}} answer")
-    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", write_jsonl(data, [dict(trace, answer="")]),
-                         "--out", tmp_path / "o"], capsys)
-    assert code == 2 and f"{data}:1: field 'answer': expected a non-empty string or a number" in err
+    for record, want in [(trace, "missing, and 'solution' has no \\boxed{} answer"),
+                         (dict(trace, answer=""), "expected a non-empty string or a number")]:
+        data = write_jsonl(tmp_path / "t.jsonl", [record])
+        code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and err.strip() == f"dail.py train: error: {data}:1: field 'answer': {want}", err
 
 
 def test_builtin_grader_square_root_of_a_large_prime_is_fast():
@@ -1463,9 +1361,8 @@ def test_builtin_grader_square_root_of_a_large_prime_is_fast():
     p, signal_handler = 10 ** 29 + 319, signal.signal(signal.SIGALRM, lambda *_: pytest.fail("too slow"))
     signal.alarm(5)
     try:
-        assert dail.is_equiv(f"2\\sqrt{{{p}}}", f"\\sqrt{{{4 * p}}}")
+        assert dail.is_equiv(f"2\\sqrt{{{p}}}", f"\\sqrt{{{4 * p}}}") and dail.is_equiv("\\sqrt{9800}", "70\\sqrt{2}")
         assert dail.is_equiv(f"\\sqrt{{{p * p}}}", str(p)) and not dail.is_equiv(f"\\sqrt{{{p}}}", "1")
-        assert dail.is_equiv("\\sqrt{9800}", "70\\sqrt{2}")
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, signal_handler)
@@ -1486,9 +1383,8 @@ def test_math_verify_timeout_counts_as_wrong(monkeypatch):
     import threading
     import math_verify
     from math_verify.errors import TimeoutException
-    grader = dail.make_grader("math-verify")
+    grader, limits = dail.make_grader("math-verify"), []
     before = grader.info["timeouts"]
-    limits = []
 
     def slow_verify(gold, pred, timeout_seconds=None, raise_on_error=False, **kw):
         limits.append(timeout_seconds)
@@ -1519,9 +1415,9 @@ def test_grader_math_verify_missing_is_one_line(tmp_path, capsys, expert, tiny, 
 def test_forced_answer_cue_is_not_graded_by_math_verify():
     """math-verify reads every box: the cue's empty \\boxed{} made a forced \\boxed{5} read as ",5" (wrong)."""
     for thinking, first in [(True, "hmm</think>"), (False, "so it is")]:
-        text = first + dail.ANSWER_REQUEST + "\\boxed{5}"
-        assert dail.grade(dail.answer_part(text, thinking), "5", "math-verify") == ("5", True)
-
+        line = dict(responses=[first], forced=[dail.ANSWER_REQUEST + "\\boxed{5}"], answer="5")
+        args = dail.EvalArgs(model="-", data="-", out="-", thinking=thinking, grader="math-verify")
+        assert dail.grade_line(line, args)["preds"] == ["5"] and line["correct"] == [True]
 
 # ==== Appendix B.1, running it: errors, JSONL files and their line checks, training records, results, plots ===========
 BAD_INPUTS = [
