@@ -1040,7 +1040,7 @@ def _close(s, i, opening="{", closing="}", escaped=False):
 
 
 def _boxes(text):
-    """The content of each \\boxed{...} / \\fbox{...} (braces matched) or `\\boxed 5`, in order; None if empty or cut."""
+    """Each \\boxed{...} / \\fbox{...}'s content (braces matched) or `\\boxed 5`'s, in order; None if empty or cut."""
     for box in re.split(r"(?=\\boxed|\\fbox)", text or "")[1:]:  # cut at the next box: in a box, the inner one counts
         i = 6 if box.startswith("\\boxed") else 5
         m = re.match(r" \s*([^\s$]+)", box[i:])  # \boxed 5: up to the next space or $
@@ -1135,8 +1135,7 @@ _NUMBERS = [  # a number's forms; their groups (Fractions, 1 when empty) -> (c, 
 
 def _as_number(s):
     """A normalized number as (c, n), its exact value c*sqrt(n) with n square-free (1 for a rational), else None."""
-    sign = -1 if s.startswith("-") else 1
-    s = s[1:] if s[:1] in "+-" else s
+    sign, s = (-1, s[1:]) if s.startswith("-") else (1, s.removeprefix("+"))
     s = re.sub(r"^(?:(\d+)\x00)?(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s)  # a/b, 4 4/9 as \frac
     c_n = next((value(*(Fraction(g or 1) for g in m.groups())) for form, value in _NUMBERS
                 if (m := re.fullmatch(form, s))), None)
@@ -1151,7 +1150,7 @@ def _as_number(s):
 
 
 def _parse(s):
-    """A normalized answer as a tree (kind, key, children): ("list", None, ...) unordered (a, b / \\{a, b\\} / a \\cup b),
+    """A normalized answer as a tree (kind, key, children): ("list", None, ...) unordered (a, b; \\{a, b\\}; a \\cup b),
     ("seq", brackets, ...) ordered (tuples, intervals, matrix rows), ("eq", "x", [v]) for x = v or x \\in v,
     ("choice", "C", [v]) for an AoPS "(C) v", ("val", a number's (c, n) or the text, [])."""
     for sep in (",", "\\cup"):  # x = 1, 2 is a list (x = 1 and 2); x \in A \cup B is x \in (A \cup B)
@@ -1274,8 +1273,8 @@ def load_problems(path, need_solution, need_answer):
         where, solution, prompt = f"{path}:{lineno}", rec.get("solution"), rec.get("prompt")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{where}: field 'solution': expected a string")
-        chat = isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
+        chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                           and isinstance(m.get("content"), str) for m in prompt)
         if not (prompt is None or chat or isinstance(prompt, str) and prompt.strip()):
             raise DailError(f"{where}: field 'prompt': expected a non-empty string or a non-empty list of chat "
                             f"messages {{\"role\": string, \"content\": string}}")
