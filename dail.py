@@ -1212,8 +1212,7 @@ def make_grader(name):
     math-verify's version and timeouts: parse/verify calls that ran out of time, counted wrong)."""
     if name == "builtin":
         def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
-            found = [None, *_boxes(response)]  # as extract_boxed: the last one
-            pred, boxes = found[-1], [box for box in found if box]
+            pred, boxes = extract_boxed(response), [box for box in _boxes(response) if box]
             if (ok := is_equiv(pred, reference)) or len(boxes) < 2 or reference is None \
                     or _parse(normalize_answer(reference))[0] != "list":
                 return pred, ok
