@@ -1275,11 +1275,10 @@ def load_problems(path, need_solution, need_answer):
         if not (prompt is None or chat or isinstance(prompt, str) and prompt.strip()):
             raise DailError(f"{where}: field 'prompt': expected a non-empty string or a non-empty list of chat "
                             f"messages {{\"role\": string, \"content\": string}}")
-        if type(pid := rec.get("id", lineno)) not in (str, int):
-            raise DailError(f"{where}: field 'id': expected a string or an integer")
-        if (first := seen.setdefault(str(pid), lineno)) != lineno:
-            raise DailError(f"{where}: field 'id': duplicate id {str(pid)!r} (first on line {first})")
-        problems.append(dict(id=str(pid), index=len(problems), where=where, problem=rec["problem"],
+        pid = str(require(path, lineno, rec, "id", (str, int)) if "id" in rec else lineno)
+        if (first := seen.setdefault(pid, lineno)) != lineno:
+            raise DailError(f"{where}: field 'id': duplicate id {pid!r} (first on line {first})")
+        problems.append(dict(id=pid, index=len(problems), where=where, problem=rec["problem"],
                              solution=solution, answer=answer_of(path, lineno, rec, need_answer), prompt=prompt))
     return problems
 

@@ -1299,9 +1299,9 @@ def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, tok):
     assert dail.ANSWER_FORMAT.format() in seen[2] and "What is 7*6?" in seen[2]   # no prompt: the student's
     with pytest.raises(dail.DailError, match=r"d.jsonl:1: field 'prompt': the prompt is \d+ tokens, over .* of 3 "):
         dail.eval_prompt_ids(tok, problems[0], False, 3)
-    for bad in [3, "  ", [], [{"role": "user"}], ["hi"]]:
-        path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", "prompt": bad}])
-        with pytest.raises(dail.DailError, match="bad.jsonl:2: field 'prompt': expected"):
+    for field, bad in [*(("prompt", b) for b in (3, "  ", [], [{"role": "user"}], ["hi"])), ("id", True), ("id", "")]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", field: bad}])
+        with pytest.raises(dail.DailError, match=f"bad.jsonl:2: field '{field}': expected"):
             dail.load_problems(path, need_solution=False, need_answer=False)
 
 
