@@ -1261,8 +1261,7 @@ def grade(response, reference, grader="builtin"):
 
 def load_problems(path, need_solution, need_answer):
     """A problem file, checked before any model loads -> dicts: id (str), index, where, problem, solution (or None),
-    answer (`answer`, else the last \\boxed{} of `solution`, else None), prompt (None, or the record's own eval
-    prompt, as the released eval used each benchmark's: a user turn or a list of chat messages)."""
+    answer (`answer`, else the last \\boxed{} of `solution`, else None), prompt (None, or its own eval prompt)."""
     problems, seen = [], {}
     for lineno, rec in read_jsonl(path):
         for name in ("problem", "solution") if need_solution else ("problem",):
