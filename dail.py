@@ -805,9 +805,9 @@ def cmd_eval(args):
                                                                  config_of, out / "summary.json", out / "passk.png")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
+    # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
     max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
                                                          for p in problems))
-    # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
     prompts = {p["id"]: eval_prompt_ids(tok, p, args.thinking, max_prompt) for p in problems}
     written = {r["id"] for k in shards for r in done[k]}
     todo = {k: [p for p in shard_problems(problems, k, n) if p["id"] not in written] for k in shards}
@@ -872,19 +872,15 @@ def eval_line(tok, problem, samples, thinking):
 
 
 def grade_line(line, args):
-    """Grade one line of samples.jsonl (answer_part of each first pass + forced text): the one place eval grades."""
-    preds, correct = map(list, zip(*[grade(answer_part(t + (fo or ""), args.thinking), line["answer"], args.grader)
-                                     for t, fo in zip(line["responses"], line["forced"])]))
+    """Grade one line of samples.jsonl (the one place eval grades): each first pass + forced text, without the
+    inserted cue (its empty \\boxed{} is no answer; math-verify reads it); with --thinking only what follows the last
+    </think> ("" when none: a box inside the thinking is a guess)."""
+    texts = [(t + (fo or "")).replace(ANSWER_REQUEST, "") for t, fo in zip(line["responses"], line["forced"])]
+    if args.thinking:
+        texts = [t.rpartition("</think>")[2] if "</think>" in t else "" for t in texts]
+    preds, correct = map(list, zip(*[grade(t, line["answer"], args.grader) for t in texts]))
     line.update(preds=preds, correct=correct, n_correct=sum(correct), grader=args.grader)
     return line
-
-
-def answer_part(response, thinking):
-    """What is graded: with `thinking`, what follows the last </think> ("" if it never closed: a box inside the
-    thinking is a guess); else all. Never the inserted cue: its empty \\boxed{} is no answer (math-verify reads it)."""
-    response = response.replace(ANSWER_REQUEST, "")
-    _, closed, after = response.rpartition("</think>")
-    return response if not thinking else after if closed else ""
 
 
 def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
@@ -953,8 +949,7 @@ def _close(s, i, opening="{", closing="}", escaped=False):
 
 
 def _boxes(text):
-    """Each \\boxed{...} / \\fbox{...} of `text`, in order: its content, braces matched (\\boxed{\\frac{1}{2}} ->
-    \\frac{1}{2}) or the token of `\\boxed 5`; None for a box that is empty or never closes (truncated)."""
+    """Each \\boxed{...} / \\fbox{...}'s content (braces matched) or `\\boxed 5`'s, in order; None if empty or cut."""
     for box in re.split(r"(?=\\boxed|\\fbox)", text or "")[1:]:  # cut at the next box: in a box, the inner one counts
         i = 6 if box.startswith("\\boxed") else 5
         m = re.match(r" \s*([^\s$]+)", box[i:])  # \boxed 5: up to the next space or $
@@ -963,7 +958,7 @@ def _boxes(text):
 
 
 def extract_boxed(text):
-    """The last box's content (see `_boxes`); None when there is none or it is empty or truncated."""
+    """The last box's content (see `_boxes`), or None."""
     return [None, *_boxes(text)][-1]
 
 
@@ -1049,8 +1044,7 @@ _NUMBERS = [  # a number's forms; their groups (Fractions, 1 when empty) -> (c, 
 
 def _as_number(s):
     """A normalized number as (c, n), its exact value c*sqrt(n) with n square-free (1 for a rational), else None."""
-    sign = -1 if s.startswith("-") else 1
-    s = s[1:] if s[:1] in "+-" else s
+    sign, s = (-1, s[1:]) if s.startswith("-") else (1, s.removeprefix("+"))
     s = re.sub(r"^(?:(\d+)\x00)?(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s)  # a/b, 4 4/9 as \frac
     c_n = next((value(*(Fraction(g or 1) for g in m.groups())) for form, value in _NUMBERS
                 if (m := re.fullmatch(form, s))), None)
@@ -1065,9 +1059,9 @@ def _as_number(s):
 
 
 def _parse(s):
-    """A normalized answer as a tree of (kind, key, children) for `_same`: ("list", None, ...) unordered (a, b /
-    \\{a, b\\} / a \\cup b); ("seq", brackets, ...) ordered (tuples, intervals, a matrix of rows); ("eq", "x", [v])
-    for x = v or x \\in v; ("choice", "C", [v]) for an AoPS "(C) v"; ("val", a number's (c, n) or the text, [])."""
+    """A normalized answer as a tree (kind, key, children): ("list", None, ...) unordered (a, b; \\{a, b\\}; a \\cup b),
+    ("seq", brackets, ...) ordered (tuples, intervals, matrix rows), ("eq", "x", [v]) for x = v or x \\in v,
+    ("choice", "C", [v]) for an AoPS "(C) v", ("val", a number's (c, n) or the text, [])."""
     for sep in (",", "\\cup"):  # x = 1, 2 is a list (x = 1 and 2); x \in A \cup B is x \in (A \cup B)
         parts = _split_top(s, sep)
         if len(parts) > 1 and all(parts):
@@ -1123,20 +1117,17 @@ MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own def
 
 @functools.cache
 def make_grader(name):
-    """The function (response, reference) -> (the extracted answer or None, correct) of --grader `name`, with
-    `.info`: name; math-verify's version and timeouts (parse/verify calls that ran out of time, counted wrong)."""
+    """--grader `name`: (response, reference) -> (the extracted answer or None, correct), with `.info` (the name;
+    math-verify's version and timeouts: parse/verify calls that ran out of time, counted wrong)."""
     if name == "builtin":
         def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
-            found = [None, *_boxes(response)]  # as extract_boxed: the last one
-            pred, boxes = found[-1], [box for box in found if box]
+            pred, boxes = extract_boxed(response), [box for box in _boxes(response) if box]
             if (ok := is_equiv(pred, reference)) or len(boxes) < 2 or reference is None \
                     or _parse(normalize_answer(reference))[0] != "list":
                 return pred, ok
             return (", ".join(boxes), True) if is_equiv(", ".join(boxes), reference) else (pred, False)
         grade_builtin.info = dict(name="builtin")
         return grade_builtin
-    if name != "math-verify":
-        raise DailError(f"--grader {name}: expected one of builtin, math-verify")
     # Hugging Face's math-verify (an optional import) parses the whole response and the boxed reference and
     # verifies with sympy. Its time limit uses SIGALRM, which works only in the main thread: elsewhere, none.
     try:
@@ -1150,10 +1141,8 @@ def make_grader(name):
     def attempt(fn, *args, **kwargs):  # fn's result, or None: an error or a timeout (a BaseException) is wrong
         try:
             return fn(*args, raise_on_error=True, **kwargs)
-        except TimeoutException:
-            info["timeouts"] += 1
-        except Exception:
-            return None
+        except (TimeoutException, Exception) as e:
+            info["timeouts"] += isinstance(e, TimeoutException)
 
     def grade_math_verify(response, reference):
         limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
@@ -1175,35 +1164,30 @@ def grader_info(name):
 
 
 def grade(response, reference, grader="builtin"):
-    """(the extracted answer or None, correct) of one response: rewrite's filter and eval's pass@k both use it,
-    so a trace is kept by the very rule that scores a sample."""
+    """(the extracted answer or None, correct): rewrite's filter keeps a trace by the rule eval's pass@k scores by."""
     return make_grader(grader)(response, reference)
 
 
 def load_problems(path, need_solution, need_answer):
-    """A whole problem file, validated before any model loads: dicts with id (str), problem, solution (or None),
-    answer (the `answer` field, else the last \\boxed{} of `solution`, else None) and prompt (None, or the record's
-    own eval prompt as the released eval used each benchmark's: the user turn, or a list of chat messages)."""
+    """A problem file, checked before any model loads -> dicts: id (str), index, where, problem, solution (or None),
+    answer (`answer`, else the last \\boxed{} of `solution`, else None), prompt (None, or its own eval prompt)."""
     problems, seen = [], {}
     for lineno, rec in read_jsonl(path):
         for name in ("problem", "solution") if need_solution else ("problem",):
             require(path, lineno, rec, name)
-        if (solution := rec.get("solution")) is not None and not isinstance(solution, str):
-            raise DailError(f"{path}:{lineno}: field 'solution': expected a string")
-        answer, prompt = answer_of(path, lineno, rec, need_answer), rec.get("prompt")
-        if not (prompt is None or prompt and isinstance(prompt, list) or isinstance(prompt, str) and prompt.strip()):
-            raise DailError(f"{path}:{lineno}: field 'prompt': expected a non-empty string or a non-empty list "
-                            f"of chat messages {{\"role\": ..., \"content\": ...}}")
-        for i, m in enumerate(prompt if isinstance(prompt, list) else ()):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise DailError(f"{path}:{lineno}: field 'prompt[{i}]': expected a chat message "
-                                f"{{\"role\": string, \"content\": string}}")
-        if not isinstance(pid := rec.get("id", lineno), (str, int)) or isinstance(pid, bool):
-            raise DailError(f"{path}:{lineno}: field 'id': expected a string or an integer")
-        if (first := seen.setdefault(str(pid), lineno)) != lineno:
-            raise DailError(f"{path}:{lineno}: field 'id': duplicate id {str(pid)!r} (first on line {first})")
-        problems.append(dict(id=str(pid), index=len(problems), where=f"{path}:{lineno}", problem=rec["problem"],
-                             solution=solution, answer=answer, prompt=prompt))
+        where, solution, prompt = f"{path}:{lineno}", rec.get("solution"), rec.get("prompt")
+        if solution is not None and not isinstance(solution, str):
+            raise DailError(f"{where}: field 'solution': expected a string")
+        chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                           and isinstance(m.get("content"), str) for m in prompt)
+        if not (prompt is None or chat or isinstance(prompt, str) and prompt.strip()):
+            raise DailError(f"{where}: field 'prompt': expected a non-empty string or a non-empty list of chat "
+                            f"messages {{\"role\": string, \"content\": string}}")
+        pid = str(require(path, lineno, rec, "id", (str, int)) if "id" in rec else lineno)
+        if (first := seen.setdefault(pid, lineno)) != lineno:
+            raise DailError(f"{where}: field 'id': duplicate id {pid!r} (first on line {first})")
+        problems.append(dict(id=pid, index=len(problems), where=where, problem=rec["problem"],
+                             solution=solution, answer=answer_of(path, lineno, rec, need_answer), prompt=prompt))
     return problems
 
 

@@ -800,29 +800,29 @@ def test_train_resume_reproduces_steps(tmp_path, capsys, tiny, traces, monkeypat
 
 
 # ==== Evaluation: pass@k and eval (the unbiased estimator, the forced answer, the eval command) =======================
-def exact_pass_at_k(n, c, k):
-    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
-
-
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 128, 2000])
 def test_pass_at_k_matches_exact_fractions(n):
-    cs = sorted({0, 1, 2, n // 3, n // 2, n - 1, n} & set(range(n + 1)))
-    ks = sorted({1, 2, 10, n // 2, n - 1, n} & set(range(1, n + 1)))
-    for c in cs:
-        for k in ks:
-            want = float(exact_pass_at_k(n, c, k))
+    for c in {0, 1, 2, n // 3, n // 2, n - 1, n} & set(range(n + 1)):
+        for k in {1, 2, 10, n // 2, n - 1, n} & set(range(1, n + 1)):
+            want = float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
             assert dail.pass_at_k(n, c, k) == pytest.approx(want, rel=1e-12, abs=1e-14), (n, c, k)
 
 
-def test_pass_at_k_edge_cases():
-    assert dail.pass_at_k(10, 0, 1) == 0.0
-    assert dail.pass_at_k(10, 10, 3) == 1.0            # c = n
-    assert dail.pass_at_k(10, 3, 10) == 1.0            # k = n and c > 0
-    assert dail.pass_at_k(10, 1, 1) == pytest.approx(0.1)
+def test_pass_at_k_brute_force_and_edge_cases():
+    from itertools import combinations
+    for n, c, k in [(5, 2, 2), (6, 1, 3), (4, 3, 2), (7, 3, 1)]:  # the share of k-subsets holding a correct sample
+        subsets = list(combinations([True] * c + [False] * (n - c), k))
+        assert dail.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets), rel=1e-12)
+    assert dail.pass_at_k(10, 0, 1) == 0.0 and dail.pass_at_k(10, 1, 1) == pytest.approx(0.1)
+    assert dail.pass_at_k(10, 10, 3) == dail.pass_at_k(10, 3, 10) == 1.0      # c = n; k = n and c > 0
     assert dail.pass_at_k(2000, 1, 1) == pytest.approx(1 / 2000, rel=1e-12)
     for bad in [(4, 1, 5), (4, 5, 1), (4, -1, 1), (0, 0, 1), (4, 1, 0)]:
         with pytest.raises(ValueError):
             dail.pass_at_k(*bad)
+
+
+EVAL_LINE = {"id", "problem", "answer", "responses", "forced", "n_tokens", "n_thinking_tokens", "n_answer_tokens",
+             "n_forced_tokens", "finish_reasons", "preds", "correct", "n_correct", "grader"}
 
 
 def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
@@ -830,139 +830,20 @@ def test_eval_end_to_end_and_resume(tmp_path, capsys, expert, tiny):
     argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 4, "--max-new-tokens", 8,
             "--batch-size", 6, "--engine", "hf"]
     assert run_cli(argv, capsys)[0] == 0
-    lines = read_lines(out / "samples.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
     assert (out / "passk.png").exists() or not _has_matplotlib()
-    assert [r["id"] for r in lines] == ["add", "half", "7"]
+    assert json.loads((out / "eval_config.json").read_text())
+    assert [r["id"] for r in lines] == ["add", "half", "7"] and all(set(r) == EVAL_LINE for r in lines)
     for r in lines:
         assert len(r["responses"]) == len(r["preds"]) == len(r["correct"]) == len(r["n_tokens"]) == 4
         assert all(0 < t - f <= 8 for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))   # first pass
-    assert set(summary["pass_at_k"]) == {"1", "2", "4"}
-    for k in (1, 2, 4):
-        want = np.mean([dail.pass_at_k(4, sum(r["correct"]), k) for r in lines])
-        assert summary["pass_at_k"][str(k)] == pytest.approx(want)
+    assert summary["pass_at_k"] == pytest.approx(
+        {str(k): np.mean([dail.pass_at_k(4, sum(r["correct"]), k) for r in lines]) for k in (1, 2, 4)})
     assert summary["samples_no_answer"] == sum(p is None for r in lines for p in r["preds"])
     assert summary["mean_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_tokens"]]))
-    # rerun: nothing duplicated
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(out / "samples.jsonl") == lines
-
-
-def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, monkeypatch):
-    """Force the sampler to write a known response: grading, pass@k and token counts follow the flags."""
-    tok_ = make_tokenizer()
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}, {"problem": "p2", "answer": "7"}])
-    answers = {0: ["\\boxed{5}", "\\boxed{6}", "none"], 1: ["\\boxed{8}", "\\boxed{8}", "x"]}
-
-    def fake_sampler(engine, args, tok, stop_ids):
-        def sample(prompts, seeds, pids=None):
-            return [[dict(ids=tok(a, add_special_tokens=False)["input_ids"], finish_reason="stop")
-                     for a in answers[s - args.seed]] for s in seeds]
-        sample.close = lambda: None
-        return sample
-
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
-    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
-                         "--max-new-tokens", 8], capsys)
-    assert code == 0, err
-    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["pass_at_k"]["1"] == pytest.approx((1 / 3 + 0) / 2)
-    assert summary["pass_at_k"]["3"] == pytest.approx(0.5)
-    assert summary["mean_tokens_correct"] == len(tok_("\\boxed{5}", add_special_tokens=False)["input_ids"])
-    assert summary["samples_no_answer"] == 2 and summary["problems_no_answer"] == 0
-
-
-def _has_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def test_answer_part_grades_only_after_thinking():
-    assert dail.answer_part("guess \\boxed{5} hmm </think> so \\boxed{6}", True) == " so \\boxed{6}"
-    assert dail.answer_part("a </think> b </think> \\boxed{7}", True) == " \\boxed{7}"      # the last one
-    assert dail.answer_part("never closed \\boxed{5}", True) == ""
-    assert dail.answer_part("plain \\boxed{5}", False) == "plain \\boxed{5}"
-    assert dail.grade(dail.answer_part("guess \\boxed{5}", True), "5")[1] is False
-    cue = dail.ANSWER_REQUEST
-    assert dail.answer_part("a</think>" + cue + "\\boxed{7}", True) == "\\boxed{7}"     # the cue is not graded
-    assert dail.answer_part("so 7" + cue + "\\boxed{7}", False) == "so 7\\boxed{7}"
-
-
-def test_forced_answer_rows_and_suffixes(tiny, tok, monkeypatch):
-    """--thinking: every sample's second pass continues from </think> then the cue, outside the thinking,
-    whether the thinking closed by itself or was cut (the released protocol); without: only samples with
-    no box, after the cue."""
-    think_end = tok.convert_tokens_to_ids("</think>")
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt = [1, 2, 3]
-    request = ids(dail.ANSWER_REQUEST)
-    assert "\\boxed{}" in dail.ANSWER_REQUEST and "</think>" not in dail.ANSWER_REQUEST
-    first, rows_seen = [], []
-
-    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
-        if first:
-            return [dict(s) for s in first.pop()]
-        rows_seen.extend(c[0] for c in contexts)
-        return [dict(ids=ids(" \\boxed{4}"), finish_reason="stop", stop_id=eos) for _ in contexts]
-    monkeypatch.setattr(dail, "decode", fake_decode)
-    first.append([dict(ids=ids("think a"), finish_reason="stop", stop_id=think_end),     # closed by itself
-                  dict(ids=ids("think b"), finish_reason="length", stop_id=None),        # cut by the budget
-                  dict(ids=ids("think c"), finish_reason="stop", stop_id=eos)])          # end of turn inside
-    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=3, thinking=True, device="cpu")
-    thinking = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
-    assert rows_seen == [prompt + ids(t) + [think_end] + request for t in ("think a", "think b", "think c")]
-    assert [s["forced_ids"] for s in thinking] == [[think_end] + request + ids(" \\boxed{4}")] * 3
-    assert all(s["n_forced"] == len(ids(" \\boxed{4}")) for s in thinking)
-    rows_seen.clear()
-    first.append([dict(ids=ids("so \\boxed{3}"), finish_reason="stop", stop_id=eos),
-                  dict(ids=ids("so it is 3"), finish_reason="length", stop_id=None)])
-    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, device="cpu")
-    plain = dail.make_sampler("hf", args, tok, [eos])([prompt], [0], ["p"])[0]
-    assert rows_seen == [prompt + ids("so it is 3") + request]          # only the sample without a box
-    assert "forced_ids" not in plain[0] and "n_forced" not in plain[0]
-    assert plain[1]["forced_ids"] == request + ids(" \\boxed{4}")
-
-
-def test_hf_sampler_thinking_budget_then_forced_pass(tiny, tok, monkeypatch):
-    """The hf engine's wiring: the first pass stops at </think> or --max-new-tokens, the second pass at an
-    end of turn or --answer-tokens, both with the presence penalty; --no-force-answer: one pass."""
-    think_end = tok.convert_tokens_to_ids("</think>")
-    stop_ids = [tok.convert_tokens_to_ids("<|im_end|>")]
-    calls = []
-
-    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
-        calls.append(dict(rows=[c[0] for c in contexts], max_new_tokens=max_new_tokens, stops=list(stops),
-                          presence_penalty=presence_penalty))
-        if len(calls) == 1:
-            return [dict(ids=[70, 71], finish_reason="stop", stop_id=think_end, n_accepted=0, n_fallback=2),
-                    dict(ids=[72] * 6, finish_reason="length", stop_id=None, n_accepted=0, n_fallback=6)]
-        return [dict(ids=[73], finish_reason="stop", stop_id=stop_ids[0], n_accepted=0, n_fallback=1)
-                for _ in contexts]
-    monkeypatch.setattr(dail, "decode", fake_decode)
-    args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=2, max_new_tokens=6, answer_tokens=5, thinking=True,
-                         device="cpu")
-    sampler = dail.make_sampler("hf", args, tok, stop_ids)
-    out = sampler([[1, 2]], [0], ["p"])[0]
-    first, second = calls
-    assert first["max_new_tokens"] == 6 and set(first["stops"]) == {think_end, *stop_ids}
-    assert second["max_new_tokens"] == 5 and second["stops"] == stop_ids
-    assert first["presence_penalty"] == second["presence_penalty"] == 1.5
-    cue = [think_end] + tok(dail.ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
-    assert second["rows"] == [[1, 2, 70, 71] + cue, [1, 2] + [72] * 6 + cue]      # closed itself; cut: the same cue
-    assert out[0]["forced_ids"] == cue + [73] and out[1]["forced_ids"] == cue + [73]
-    calls.clear()
-    sampler = dail.make_sampler("hf", dataclasses_replace(args, no_force_answer=True), tok, stop_ids)
-    out = sampler([[1, 2]], [0], ["p"])[0]
-    assert len(calls) == 1 and calls[0]["stops"] == stop_ids and "forced_ids" not in out[0]
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-    return dataclasses.replace(obj, **kw)
+    assert {"problems", "mean_tokens_correct", "mean_thinking_tokens_correct", "mean_answer_tokens", "samples_forced",
+            "problems_no_answer", "truncated", "engine", "grader", "settings"} <= set(summary)
+    assert run_cli(argv, capsys)[0] == 0 and read_lines(out / "samples.jsonl") == lines   # rerun: nothing duplicated
 
 
 def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
@@ -974,137 +855,149 @@ def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
                          "--answer-tokens", 5, "--batch-size", 8, "--engine", "hf", "--thinking"], capsys)
     assert code == 0, err
     assert "--thinking is set but the chat template has no thinking support" in err
-    lines = read_lines(out / "samples.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
     for r in lines:
         for text, forced, n, nt, na, nf in zip(r["responses"], r["forced"], r["n_tokens"], r["n_thinking_tokens"],
                                                r["n_answer_tokens"], r["n_forced_tokens"]):
             assert forced is not None and forced.startswith("</think>" + dail.ANSWER_REQUEST)
             assert "</think>" not in text and nt <= 6 and na == nf <= 5 and n == nt + na
     assert summary["samples_forced"] == 6
-    assert summary["mean_thinking_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_thinking_tokens"]]))
-    assert summary["mean_answer_tokens"] == pytest.approx(np.mean([t for r in lines for t in r["n_answer_tokens"]]))
+    for part in ("thinking", "answer"):
+        want = np.mean([t for r in lines for t in r[f"n_{part}_tokens"]])
+        assert summary[f"mean_{part}_tokens"] == pytest.approx(want)
 
 
-def test_eval_grades_only_the_answer_after_thinking(tmp_path, capsys, tiny, monkeypatch):
-    """A box inside the thinking is a guess: only the text after </think> (here: the forced part) counts."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}])
+def test_eval_grades_a_model_that_answers(tmp_path, capsys, tiny, tok, monkeypatch):
+    """A sampler that writes known responses: grading, pass@k and the token counts follow them."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}, {"problem": "p2", "answer": "7"}])
+    answers = {0: ["\\boxed{5}", "\\boxed{6}", "none"], 1: ["\\boxed{8}", "\\boxed{8}", "x"]}
+    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for(answers))
+    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
+                         "--max-new-tokens", 8], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["pass_at_k"] == pytest.approx({"1": (1 / 3 + 0) / 2, "2": (2 / 3 + 0) / 2, "3": 0.5})
+    assert summary["mean_tokens_correct"] == len(tok("\\boxed{5}", add_special_tokens=False)["input_ids"])
+    assert summary["samples_no_answer"] == 2 and summary["problems_no_answer"] == 0
+
+
+def _has_matplotlib():
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def test_eval_grades_only_the_answer_after_thinking(tok):
+    """With --thinking only what follows the last </think> counts (here the forced part): a box inside the
+    thinking is a guess, and a sample whose thinking never closed has no answer. The cue is never graded."""
+    enc = lambda t: None if t is None else tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     plan = [("maybe \\boxed{5}", "</think>\n\n\\boxed{6}"),        # right guess inside, wrong answer: wrong
             ("hmm \\boxed{6}", "</think>\n\n\\boxed{5}"),          # the answer after thinking: right
-            ("maybe \\boxed{5}", None)]                           # never closed, no forced pass: no answer
-
-    def fake_sampler(engine, args, tok, stop_ids):
-        def sample(prompts, seeds, pids=None):
-            enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-            return [[dict(ids=enc(a), finish_reason="length", forced_ids=None if b is None else enc(b),
-                          n_forced=0 if b is None else len(enc(b)) - 1) for a, b in plan]]
-        sample.close = lambda: None
-        return sample
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
-    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3,
-                         "--max-new-tokens", 20, "--thinking"], capsys)
-    assert code == 0, err
-    line = read_lines(tmp_path / "e" / "samples.jsonl")[0]
-    assert line["correct"] == [False, True, False] and line["preds"] == ["6", "5", None]
-    assert line["forced"] == [b for _, b in plan]
+            ("maybe \\boxed{5}", None),                           # never closed, no forced pass: no answer
+            ("x </think> \\boxed{5} </think> so", None)]          # the last </think> counts
+    samples = [dict(ids=enc(a), forced_ids=enc(b), n_forced=len(enc(b) or ()), finish_reason="length") for a, b in plan]
+    args = dail.EvalArgs(model="-", data="-", out="-", thinking=True)
+    line = dail.grade_line(dail.eval_line(tok, dict(id="p", problem="p", answer="5"), samples, True), args)
+    assert line["correct"] == [False, True, False, False] and line["preds"] == ["6", "5", None, None]
+    assert line["forced"] == [b for _, b in plan] and line["n_correct"] == 1
+    plain = dict(responses=["plain \\boxed{5}", "so 7"], forced=[None, dail.ANSWER_REQUEST + "\\boxed{5}"], answer="5")
+    assert dail.grade_line(plain, dail.EvalArgs(model="-", data="-", out="-"))["correct"] == [True, True]
 
 
-def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, capsys, tiny, tok, monkeypatch):
+def test_forced_answer_rows_stops_and_budgets(tiny, tok, monkeypatch):
+    """The released protocol, hf engine: with --thinking the first pass stops at </think> or --max-new-tokens
+    and every sample (closed, cut, or ended inside) continues after </think> + the cue up to --answer-tokens;
+    without, only a sample with no box, after the cue; --no-force-answer: one pass. Both take the penalty."""
+    think_end, eos = tok.convert_tokens_to_ids("</think>"), tok.convert_tokens_to_ids("<|im_end|>")
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    request, answer, first, calls = ids(dail.ANSWER_REQUEST), ids(" \\boxed{4}"), [], []
+    assert "\\boxed{}" in dail.ANSWER_REQUEST and "</think>" not in dail.ANSWER_REQUEST
+
+    def fake_decode(model, contexts, choose, max_new_tokens, stops, pad_id, banned_ids=(), presence_penalty=0.0):
+        calls.append(([c[0] for c in contexts], max_new_tokens, set(stops), presence_penalty))
+        return first.pop() if first else [dict(ids=answer, finish_reason="stop", stop_id=eos) for _ in contexts]
+    monkeypatch.setattr(dail, "decode", fake_decode)
+
+    def sample(texts, **flags):
+        calls.clear()
+        first.append([dict(ids=ids(t), finish_reason=f, stop_id=s) for t, f, s in texts])
+        args = dail.EvalArgs(model=str(tiny), data="-", out="-", n=len(texts), max_new_tokens=6, answer_tokens=5,
+                             device="cpu", **flags)
+        return dail.make_sampler("hf", args, tok, [eos])([[1, 2]], [0], ["p"])[0]
+    out = sample([("think a", "stop", think_end), ("think b", "length", None), ("think c", "stop", eos)], thinking=True)
+    assert [c[1:] for c in calls] == [(6, {think_end, eos}, 1.5), (5, {eos}, 1.5)]
+    assert calls[1][0] == [[1, 2] + ids(t) + [think_end] + request for t in ("think a", "think b", "think c")]
+    assert [(s["forced_ids"], s["n_forced"]) for s in out] == [([think_end] + request + answer, len(answer))] * 3
+    out = sample([("so \\boxed{3}", "stop", eos), ("so it is 3", "length", None)])
+    assert calls[1][0] == [[1, 2] + ids("so it is 3") + request]          # only the sample without a box
+    assert "forced_ids" not in out[0] and out[1]["forced_ids"] == request + answer
+    out = sample([("think a", "length", None)], thinking=True, no_force_answer=True)
+    assert [c[1:] for c in calls] == [(6, {eos}, 1.5)] and "forced_ids" not in out[0]
+
+
+def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, tok):
     data = write_jsonl(tmp_path / "d.jsonl", [
         {"id": "s", "problem": "What is 2+3?", "answer": "5", "prompt": "Benchmark style: 2+3 = ?"},
         {"id": "m", "problem": "What is 1+1?", "answer": "2",
          "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]},
         {"id": "d", "problem": "What is 7*6?", "answer": "42"}])
-    seen = []
-
-    def fake_sampler(engine, args, tok_, stop_ids):
-        def sample(prompts, seeds, pids=None):
-            seen.extend(tok_.decode(p) for p in prompts)
-            return [[dict(ids=tok_("\\boxed{5}", add_special_tokens=False)["input_ids"], finish_reason="stop")]
-                    for _ in prompts]
-        sample.close = lambda: None
-        return sample
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler)
-    code, err = run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 1,
-                         "--max-new-tokens", 8, "--batch-size", 1], capsys)
-    assert code == 0, err
+    problems = dail.load_problems(data, need_solution=False, need_answer=True)
+    seen = [tok.decode(dail.eval_prompt_ids(tok, p, False, None)) for p in problems]
     assert seen[0] == "<|im_start|>user\nBenchmark style: 2+3 = ?<|im_end|>\n<|im_start|>assistant\n"
     assert seen[1] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
                        "<|im_start|>assistant\n")
     assert dail.ANSWER_FORMAT.format() in seen[2] and "What is 7*6?" in seen[2]   # no prompt: the student's
-    for bad, field in [(3, "'prompt'"), ("  ", "'prompt'"), ([], "'prompt'"), ([{"role": "user"}], "'prompt[0]'"),
-                       (["hi"], "'prompt[0]'")]:
-        path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", "answer": "2",
-                                                                                       "prompt": bad}])
-        code, err = run_cli(["eval", "--model", tiny, "--data", path, "--out", tmp_path / "b", "--n", 1], capsys)
-        assert code == 2 and f"bad.jsonl:2: field {field}" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(dail.DailError, match=r"d.jsonl:1: field 'prompt': the prompt is \d+ tokens, over .* of 3 "):
+        dail.eval_prompt_ids(tok, problems[0], False, 3)
+    for field, bad in [*(("prompt", b) for b in (3, "  ", [], [{"role": "user"}], ["hi"])), ("id", True), ("id", "")]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", field: bad}])
+        with pytest.raises(dail.DailError, match=f"bad.jsonl:2: field '{field}': expected"):
+            dail.load_problems(path, need_solution=False, need_answer=False)
 
 
 # ==== Appendix A: grading -- boxed answers, the grader (built-in and math-verify), problems ===========================
 @pytest.mark.parametrize("text,want", [
-    ("so \\boxed{5}", "5"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                       # nested braces kept whole
-    ("first \\boxed{1} then \\boxed{2}", "2"),                       # the last box
-    ("\\boxed{\\sqrt{\\frac{a}{b}}} end", "\\sqrt{\\frac{a}{b}}"),
-    ("\\fbox{7}", "7"),
+    ("so \\boxed{5}", "5"), ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{\\sqrt{\\frac{a}{b}}} end", "\\sqrt{\\frac{a}{b}}"), ("\\fbox{7}", "7"),
     ("\\boxed{3} and \\fbox{4}", "4"),
-    ("the answer is \\boxed 5$.", "5"),                               # space form
-    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),                              # escaped braces do not count
-    ("\\boxed{ 12 }", "12"),
-    ("\\boxed{x^{2}+1}", "x^{2}+1"),
-    ("no box here", None),
-    ("", None),
-    (None, None),
-    ("\\boxed{\\frac{1}{2}", None),                                   # truncated: unbalanced
-    ("\\boxed{}", None),                                              # empty
-    ("\\boxed{1} \\boxed{\\frac{1", None),                            # the last box is truncated
+    ("the answer is \\boxed 5$.", "5"), ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # the space form; \{ \} do not count
+    ("\\boxed{ 12 }", "12"), ("\\boxed{x^{2}+1}", "x^{2}+1"), ("no box here", None), ("", None), (None, None),
+    ("\\boxed{\\frac{1}{2}", None), ("\\boxed{}", None), ("\\boxed{1} \\boxed{\\frac{1", None),  # cut, empty, cut last
     ("\\boxed", None),
 ])
 def test_extract_boxed(text, want):
     assert dail.extract_boxed(text) == want
 
 
-@pytest.mark.parametrize("pred,ref", [
-    ("5", "5"), (" 5 ", "5"), ("$5$", "5"), ("5.", "5"), ("x=5", "5"), ("x = 5", "5"),
+@pytest.mark.parametrize("pred,ref,want", [(a, b, True) for a, b in [
+    ("5", "5"), (" 5 ", "5"), ("$5$", "5"), ("5.", "5"), ("x=5", "5"), ("x = 5", "5"), ("4", "4.0"), ("\\pi", "\\pi"),
     ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\tfrac12", "\\frac{1}{2}"), ("\\frac12", "\\frac{1}{2}"),
     ("1/2", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}"), ("0.5", "1/2"), (".5", "0.5"), ("2.50", "2.5"),
-    ("1,000", "1000"), ("1{,}000", "1000"), ("12,345,678", "12345678"),
-    ("\\sqrt2", "\\sqrt{2}"), ("2\\sqrt3", "2\\sqrt{3}"),
-    ("\\left(1,2\\right)", "(1,2)"), ("10\\text{ cm}", "10"), ("\\text{(B)}", "(B)"),
+    ("1,000", "1000"), ("1{,}000", "1000"), ("12,345,678", "12345678"), ("\\sqrt2", "\\sqrt{2}"),
+    ("2\\sqrt3", "2\\sqrt{3}"), ("\\left(1,2\\right)", "(1,2)"), ("10\\text{ cm}", "10"), ("\\text{(B)}", "(B)"),
     ("30^\\circ", "30"), ("50\\%", "50"), ("-\\frac{3}{4}", "-0.75"), ("\\frac{6}{8}", "\\frac{3}{4}"),
-    ("4", "4.0"), ("\\pi", "\\pi"),
-])
-def test_is_equiv_positive(pred, ref):
-    assert dail.is_equiv(pred, ref)
-    assert dail.is_equiv(ref, pred)
-
-
-@pytest.mark.parametrize("pred,ref", [
+]] + [(a, b, False) for a, b in [
     ("5", "6"), ("0.333", "\\frac{1}{3}"), ("0.33", "1/3"), ("1,2", "12"), ("\\frac{1}{2}", "\\frac{2}{1}"),
-    ("-5", "5"), ("\\sqrt{2}", "2"), ("x^2", "x^3"), ("(1,2)", "(2,1)"), ("5", ""), ("10", "100"),
-    (None, "5"), ("5", None), (None, None),
-])
-def test_is_equiv_negative(pred, ref):
-    assert not dail.is_equiv(pred, ref)
+    ("-5", "5"), ("\\sqrt{2}", "2"), ("x^2", "x^3"), ("(1,2)", "(2,1)"), ("5", ""), ("10", "100"), (None, "5"),
+    ("5", None), (None, None),
+]])
+def test_is_equiv(pred, ref, want):
+    assert dail.is_equiv(pred, ref) is want
+    assert dail.is_equiv(ref, pred) is want or not want  # an equality holds both ways
 
 
 def test_numeric_answers_are_the_text_written_and_a_trace_needs_an_answer(tmp_path, capsys):
-    lines = ['{"id": %d, "problem": "p", "answer": %s}' % (i, a) for i, a in
-             enumerate(["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"])]
+    written = ["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"]
     path = tmp_path / "numbers.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join('{"id": %d, "problem": "p", "answer": %s}\n' % (i, a) for i, a in enumerate(written)))
     answers = [p["answer"] for p in dail.load_problems(path, need_solution=False, need_answer=True)]
-    assert answers == ["0.00001", "1e20", "1e400", "42", "-0.50", "123456789012345678901234567890", "2.5E-3"]
-    assert dail.grade("so \\boxed{0.00001}", answers[0]) == ("0.00001", True)          # str(float) gave 1e-05
+    assert answers == written and dail.grade("so \\boxed{0.00001}", answers[0]) == ("0.00001", True)  # not 1e-05
     # a kept trace with no answer and no boxed solution: train would say "the final answer is None"
     trace = dict(id="a", problem="p", solution="no box", response_ids=[1, 2], finish_reason="stop", kept=True)
-    data = write_jsonl(tmp_path / "t.jsonl", [trace])
-    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and err.strip() == (f"dail.py train: error: {data}:1: field 'answer': missing, and 'solution' "
-                                         f"has no \\boxed{{}} answer")
-    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", write_jsonl(data, [dict(trace, answer="")]),
-                         "--out", tmp_path / "o"], capsys)
-    assert code == 2 and f"{data}:1: field 'answer': expected a non-empty string or a number" in err
+    for record, want in [(trace, "missing, and 'solution' has no \\boxed{} answer"),
+                         (dict(trace, answer=""), "expected a non-empty string or a number")]:
+        data = write_jsonl(tmp_path / "t.jsonl", [record])
+        code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and err.strip() == f"dail.py train: error: {data}:1: field 'answer': {want}", err
 
 
 def test_builtin_grader_square_root_of_a_large_prime_is_fast():
@@ -1112,9 +1005,8 @@ def test_builtin_grader_square_root_of_a_large_prime_is_fast():
     p, signal_handler = 10 ** 29 + 319, signal.signal(signal.SIGALRM, lambda *_: pytest.fail("too slow"))
     signal.alarm(5)
     try:
-        assert dail.is_equiv(f"2\\sqrt{{{p}}}", f"\\sqrt{{{4 * p}}}")
+        assert dail.is_equiv(f"2\\sqrt{{{p}}}", f"\\sqrt{{{4 * p}}}") and dail.is_equiv("\\sqrt{9800}", "70\\sqrt{2}")
         assert dail.is_equiv(f"\\sqrt{{{p * p}}}", str(p)) and not dail.is_equiv(f"\\sqrt{{{p}}}", "1")
-        assert dail.is_equiv("\\sqrt{9800}", "70\\sqrt{2}")
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, signal_handler)
@@ -1135,9 +1027,8 @@ def test_math_verify_timeout_counts_as_wrong(monkeypatch):
     import threading
     import math_verify
     from math_verify.errors import TimeoutException
-    grader = dail.make_grader("math-verify")
+    grader, limits, box = dail.make_grader("math-verify"), [], []
     before = grader.info["timeouts"]
-    limits = []
 
     def slow_verify(gold, pred, timeout_seconds=None, raise_on_error=False, **kw):
         limits.append(timeout_seconds)
@@ -1147,7 +1038,6 @@ def test_math_verify_timeout_counts_as_wrong(monkeypatch):
     assert grader.info["timeouts"] > before and limits[0] == dail.MATH_VERIFY_TIMEOUT_S
     monkeypatch.setattr(math_verify, "verify",
                         lambda g, p, timeout_seconds=None, **kw: limits.append(timeout_seconds) or True)
-    box = []
     t = threading.Thread(target=lambda: box.append(grader("\\boxed{1}", "1")))
     t.start()
     t.join()
@@ -1168,9 +1058,9 @@ def test_grader_math_verify_missing_is_one_line(tmp_path, capsys, expert, tiny, 
 def test_forced_answer_cue_is_not_graded_by_math_verify():
     """math-verify reads every box: the cue's empty \\boxed{} made a forced \\boxed{5} read as ",5" (wrong)."""
     for thinking, first in [(True, "hmm</think>"), (False, "so it is")]:
-        text = first + dail.ANSWER_REQUEST + "\\boxed{5}"
-        assert dail.grade(dail.answer_part(text, thinking), "5", "math-verify") == ("5", True)
-
+        line = dict(responses=[first], forced=[dail.ANSWER_REQUEST + "\\boxed{5}"], answer="5")
+        args = dail.EvalArgs(model="-", data="-", out="-", thinking=thinking, grader="math-verify")
+        assert dail.grade_line(line, args)["preds"] == ["5"] and line["correct"] == [True]
 
 # ==== Appendix B.1, running it: errors, JSONL files and their line checks, training records, results, plots ===========
 BAD_INPUTS = [
@@ -3153,305 +3043,176 @@ def test_probe_teacher_against_one_full_forward(tmp_path):
 
 
 # ==== Grading cases: the built-in grader and math-verify against public grading facts =================================
-# (response, reference, the right verdict). A response without \boxed is graded as "... \boxed{response}".
-# Facts (answer formats and verdicts), not code, from: the Hendrycks MATH equivalence tests (HM), Math-Verify's
-# test suite (MV), NeMo-Skills' math grader tests (NS), verl's math reward tests (VR), Qwen2.5-Math's grader
-# (QM), open-r1's accuracy reward tests (OR), and MATH-500 / AIME reference answers (M5, AI).
+# (response, reference, the right verdict); a response without a box is graded as "\boxed{response}". Facts
+# (answer formats and verdicts), not code, from: the Hendrycks MATH equivalence tests (HM), Math-Verify's test suite
+# (MV), NeMo-Skills' math grader tests (NS), verl's math reward tests (VR), Qwen2.5-Math's grader (QM), open-r1's
+# accuracy reward tests (OR), MATH-500 / AIME reference answers (M5, AI) and AoPS solutions; each line names its
+# source. A line without one holds variants built here (a changed digit, sign, order, bracket or variable).
 FORMAT_CASES = [
-    # -- plain integers and signs (M5, AI: three-digit AIME answers)
-    ("\\boxed{113}", "113", True),                                   # AI
-    ("\\boxed{025}", "25", True),                                    # AI: leading zeros of a 3-digit answer
-    ("\\boxed{112}", "113", False),                                  # AI
-    ("\\boxed{-5}", "5", False),                                     # HM
-    ("\\boxed{+5}", "5", True),                                      # NS: a leading +
-    ("\\boxed{+7}", "-7", False),                                    # NS
-    ("\\boxed{10}", "100", False),                                   # HM
-    ("\\boxed{0}", "0", True),                                       # MV
-    ("\\boxed{-0}", "0", True),                                      # MV
-    ("\\boxed{5.}", "5", True),                                      # HM: trailing period
-    ("\\boxed{ 9 }", "9", True),                                     # MV: notations
-    ("\\boxed{$9$}", "9", True),                                     # MV: inline math inside the box
-    ("\\boxed{\\(9\\)}", "9", True),                                 # MV
-    ("\\boxed{}", "9", False),                                       # OR: an empty box is no answer
-    ("\\boxed{odd}", "\\text{odd}", True),                             # NS
-    ("\\boxed{\\text{oddd}}", "odd", False),                           # NS
-    ("\\boxed{9", "9", False),                                       # VR: a truncated box is no answer
-    # -- thousands separators vs lists (HM, MV, M5)
-    ("\\boxed{1,000}", "1000", True),                                # HM
-    ("\\boxed{10,\\!000}", "10000", True),                           # M5: MATH writes 10,\!000
-    ("\\boxed{14{,}916}", "14916", True),                            # MV
-    ("\\boxed{1,000,000}", "1000000", True),                         # HM
-    ("\\boxed{1000.99}", "1,000.99", True),                          # MV
-    ("\\boxed{32, 349}", "32349", False),                            # FP class: digits merged across ", "
-    ("\\boxed{32349}", "32, 349", False),                            # same, the other way round
-    ("\\boxed{1, 000}", "1000", False),                              # a list of 1 and 0 is not 1000
-    ("\\boxed{1,2}", "12", False),                                   # HM
-    ("\\boxed{12,345,678}", "12345678", True),                       # HM
-    # -- exact numbers: fractions, decimals (HM, MV, QM)
-    ("\\boxed{\\frac{1}{2}}", "1/2", True),                          # HM
-    ("\\boxed{\\dfrac{1}{2}}", "\\frac12", True),                    # HM
-    ("\\boxed{\\tfrac{1}{3}}", "1/3", True),                         # MV: frac variants
-    ("\\boxed{\\frac13}", "1/3", True),                              # MV: malformed fraction
-    ("\\boxed{0.5}", "\\frac{1}{2}", True),                          # QM
-    ("\\boxed{.4}", "0.4", True),                                    # MV: no leading zero
-    ("\\boxed{2.50}", "2.5", True),                                  # QM
-    ("\\boxed{18.90}", "18.9", True),                                # M5
-    ("\\boxed{0.333}", "\\frac{1}{3}", False),                       # convention: exact, no tolerance
-    ("\\boxed{0.33}", "1/3", False),                                 # same
-    ("\\boxed{\\frac{10}{9}}", "10/9", True),                        # MV: simple fraction notation
-    ("\\boxed{-\\frac{10}{9}}", "-10/9", True),                      # MV
-    ("\\boxed{\\frac{-10}{9}}", "-\\frac{10}{9}", True),             # QM
-    ("\\boxed{\\frac{6}{8}}", "\\frac{3}{4}", True),                 # QM: unreduced fraction is the same number
-    ("\\boxed{\\frac{1}{2}}", "\\frac{2}{1}", False),                # HM
-    ("\\boxed{\\frac{14}{3}}", "\\frac{14}{3}", True),               # MV: from a MATH solution
-    ("\\boxed{\\frac{3}{56}}", "\\frac{3}{56}", True),               # MV
-    ("\\boxed{\\frac{3}{56}}", "\\frac{3}{65}", False),              # MV, changed digits
-    ("\\boxed{4.0}", "4", True),                                     # QM
-    ("\\boxed{0.75}", "-\\frac{3}{4}", False),                       # sign
-    ("\\boxed{\\frac{1}{0}}", "0", False),                           # no number divides by zero
-    # -- mixed numbers (M5; FP class "4 4/9 read as 44/9")
-    ("\\boxed{1\\frac{4}{5}}", "\\frac{9}{5}", True),                # M5: mixed number
-    ("\\boxed{1\\frac{4}{5}}", "1.8", True),                         # M5
-    ("\\boxed{2\\frac{1}{4}}", "\\frac{9}{4}", True),                # M5
-    ("\\boxed{4 4/9}", "44/9", False),                               # FP class
-    ("\\boxed{4 4/9}", "\\frac{40}{9}", True),                       # a mixed number written with a space
-    ("\\boxed{6\\frac{1}{4}}", "\\frac{61}{4}", False),              # 6 1/4 is 25/4, not 61/4
-    ("\\boxed{6\\frac{1}{4}}", "\\frac{25}{4}", True),               # M5
-    # -- digits glued across text (FP class "6 \text{ and } 8 read as 68")
-    ("\\boxed{6 \\text{ and } 8}", "68", False),                     # FP class
-    ("\\boxed{6 \\text{ and } 8}", "6, 8", True),                    # M5: "and" lists
-    ("\\boxed{12\\text{ and }13}", "12 \\text{ and } 13", True),     # MV: from a MATH solution
-    ("\\boxed{6 8}", "68", False),                                   # a gap between digits is no number
-    ("\\boxed{2 \\text{ or } 3}", "23", False),                      # same with "or"
-    # -- a leading v= (FP class "x = -47/8 equal to y = -47/8")
-    ("\\boxed{x = -47/8}", "y = -47/8", False),                      # FP class
-    ("\\boxed{x = -47/8}", "x=-\\frac{47}{8}", True),                # same variable
-    ("\\boxed{x=5}", "5", True),                                     # HM: a leading x= dropped
-    ("\\boxed{5}", "x = 5", True),                                   # HM
-    ("\\boxed{k = \\frac{1}{3}}", "1/3", True),                      # MV: the last = is the answer
-    ("\\boxed{a=2}", "b=2", False),                                  # the variable differs
-    ("\\boxed{y = 2x + 3}", "y=2x+3", True),                         # M5: an equation as the answer
-    ("\\boxed{y=2x+3}", "y=2x+4", False),                            # same, wrong intercept
-    ("\\boxed{n=1, 2, 3}", "n=1, 2, 3", True),                       # MV
-    ("\\boxed{n=2, 3, 4}", "n=1, 2, 3", False),                      # MV
-    ("\\boxed{D = (0, 1)}", "D = (0, 1)", True),                     # MV
-    ("\\boxed{D = (0, 1.5)}", "D = (0, 1)", False),                  # MV
-    ("\\boxed{x = 1, y = 2}", "x=1,y=2", True),                      # NS: several assignments
-    ("\\boxed{x = 2, y = 1}", "x=1,y=2", False),                     # NS: swapped values
-    # -- matrices and vectors (M5: every matrix answer uses "\\ " row separators)
-    ("\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),                       # M5
-    ("\\boxed{\\begin{pmatrix} -\\frac{1}{3} \\\\ \\frac{2}{3} \\\\ \\frac{5}{3} \\end{pmatrix}}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),                       # M5
-    ("\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/4 \\end{pmatrix}}",
-     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", False),                      # one entry wrong
-    ("\\boxed{\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),                            # MV
-    ("\\boxed{\\begin{bmatrix} 0 & 3 \\\\ 0 & -1 \\end{bmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),                            # bmatrix vs pmatrix
-    ("\\boxed{\\begin{pmatrix} 0 & 3 \\\\ -1 & 0 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),                           # entries moved
-    ("\\boxed{\\begin{pmatrix} 0 & 3 & 0 & -1 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),                           # shape differs
-    ("\\boxed{\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}}",
-     "\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}", True),                             # MV
-    ("\\boxed{\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}}",
-     "\\begin{pmatrix} 32 \\\\ -6 \\end{pmatrix}", False),                                  # rows glued
-    ("\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True),  # M5
-    ("\\boxed{\\begin{pmatrix} 1/2 & 0 \\\\ 0 & 1 \\end{pmatrix}}",
-     "\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}", True),                           # exact entries
+    # -- plain integers and signs (AI: three-digit answers, leading zeros; MV: notations; OR, VR: an empty or cut box)
+    ("113", "113", True), ("025", "25", True), ("112", "113", False),  # AI
+    ("-5", "5", False), ("10", "100", False), ("5.", "5", True),  # HM
+    ("+5", "5", True), ("+7", "-7", False), ("odd", "\\text{odd}", True), ("\\text{oddd}", "odd", False),  # NS
+    ("0", "0", True), ("-0", "0", True), (" 9 ", "9", True), ("$9$", "9", True), ("\\(9\\)", "9", True),  # MV
+    ("", "9", False),  # OR
+    ("\\boxed{9", "9", False),  # VR
+    # -- thousands separators vs lists (M5: MATH writes 10,\!000; `32, 349` and `1, 000` are lists of two numbers)
+    ("1,000", "1000", True), ("1,000,000", "1000000", True), ("1,2", "12", False),  # HM
+    ("12,345,678", "12345678", True),  # HM
+    ("10,\\!000", "10000", True),  # M5
+    ("14{,}916", "14916", True), ("1000.99", "1,000.99", True),  # MV
+    ("32, 349", "32349", False),  # FP class
+    ("32349", "32, 349", False), ("1, 000", "1000", False),
+    # -- exact numbers: fractions, decimals (convention: exact, no tolerance; no number divides by zero)
+    ("\\frac{1}{2}", "1/2", True), ("\\dfrac{1}{2}", "\\frac12", True), ("\\frac{1}{2}", "\\frac{2}{1}", False),  # HM
+    ("\\tfrac{1}{3}", "1/3", True), ("\\frac13", "1/3", True), (".4", "0.4", True),  # MV
+    ("\\frac{10}{9}", "10/9", True), ("-\\frac{10}{9}", "-10/9", True), ("\\frac{14}{3}", "\\frac{14}{3}", True),  # MV
+    ("\\frac{3}{56}", "\\frac{3}{56}", True), ("\\frac{3}{56}", "\\frac{3}{65}", False),  # MV
+    ("0.5", "\\frac{1}{2}", True), ("2.50", "2.5", True), ("\\frac{-10}{9}", "-\\frac{10}{9}", True),  # QM
+    ("\\frac{6}{8}", "\\frac{3}{4}", True), ("4.0", "4", True),  # QM
+    ("18.90", "18.9", True),  # M5
+    ("0.333", "\\frac{1}{3}", False), ("0.33", "1/3", False), ("0.75", "-\\frac{3}{4}", False),
+    ("\\frac{1}{0}", "0", False),
+    # -- mixed numbers (M5; FP class "4 4/9 read as 44/9"; 6 1/4 is 25/4, not 61/4)
+    ("1\\frac{4}{5}", "\\frac{9}{5}", True), ("1\\frac{4}{5}", "1.8", True),  # M5
+    ("2\\frac{1}{4}", "\\frac{9}{4}", True), ("6\\frac{1}{4}", "\\frac{25}{4}", True),  # M5
+    ("4 4/9", "44/9", False),  # FP class
+    ("4 4/9", "\\frac{40}{9}", True), ("6\\frac{1}{4}", "\\frac{61}{4}", False),
+    # -- digits glued across text (FP class "6 \text{ and } 8 read as 68"; "and"/"or" lists; a gap is no number)
+    ("6 \\text{ and } 8", "68", False),  # FP class
+    ("6 \\text{ and } 8", "6, 8", True),  # M5
+    ("12\\text{ and }13", "12 \\text{ and } 13", True),  # MV
+    ("6 8", "68", False), ("2 \\text{ or } 3", "23", False),
+    # -- a leading v= (FP class "x = -47/8 equal to y = -47/8"; x = v matches v, never y = v)
+    ("x = -47/8", "y = -47/8", False),  # FP class
+    ("x = -47/8", "x=-\\frac{47}{8}", True), ("a=2", "b=2", False), ("y=2x+3", "y=2x+4", False),
+    ("x=5", "5", True), ("5", "x = 5", True),  # HM
+    ("k = \\frac{1}{3}", "1/3", True), ("n=1, 2, 3", "n=1, 2, 3", True), ("n=2, 3, 4", "n=1, 2, 3", False),  # MV
+    ("D = (0, 1)", "D = (0, 1)", True), ("D = (0, 1.5)", "D = (0, 1)", False),  # MV
+    ("y = 2x + 3", "y=2x+3", True),  # M5
+    ("x = 1, y = 2", "x=1,y=2", True), ("x = 2, y = 1", "x=1,y=2", False),  # NS
+    # -- matrices and vectors (M5: every matrix answer uses "\\ " row separators; entries exact, shapes must match)
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),  # M5
+    ("\\begin{pmatrix} -\\frac{1}{3} \\\\ \\frac{2}{3} \\\\ \\frac{5}{3} \\end{pmatrix}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),  # M5
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True),  # M5
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/4 \\end{pmatrix}",
+     "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", False),
+    ("\\begin{bmatrix} 0 & 3 \\\\ 0 & -1 \\end{bmatrix}", "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),
+    ("\\begin{pmatrix} 0 & 3 \\\\ -1 & 0 \\end{pmatrix}", "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 0 & 3 & 0 & -1 \\end{pmatrix}", "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}", "\\begin{pmatrix} 32 \\\\ -6 \\end{pmatrix}", False),
+    ("\\begin{pmatrix} 1/2 & 0 \\\\ 0 & 1 \\end{pmatrix}", "\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}", True),
+    ("\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}",
+     "\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", True),  # MV
+    ("\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}",
+     "\\begin{pmatrix} 3 \\\\ 2 \\\\ -6 \\end{pmatrix}", True),  # MV
     # -- money, units, degrees, percent (M5, MV, HM)
-    ("\\boxed{\\$18.90}", "18.90", True),                            # M5
-    ("\\boxed{\\$18.90}", "\\$18.90", True),                         # M5
-    ("\\boxed{\\$18.09}", "\\$18.90", False),                        # M5, digits swapped
-    ("\\boxed{\\$1,000.99}", "1000.99", True),                       # MV: currency units
-    ("\\boxed{10\\text{ cm}}", "10", True),                          # HM
-    ("\\boxed{15\\mbox{ cm}^2}", "15", True),                        # MV: a unit with ^2
-    ("\\boxed{15}", "15\\mbox{ cm}^2", True),                        # MV
-    ("\\boxed{15\\text{ cm}^2}", "16\\text{ cm}^2", False),          # wrong value, same unit
-    ("\\boxed{\\frac{1}{3} \\text{meters}}", "1/3", True),           # MV
-    ("\\boxed{40 \\text{ inches}}", "40", True),                     # M5
-    ("\\boxed{90^\\circ}", "90", True),                              # MV
-    ("\\boxed{90^{\\circ}}", "90^\\circ", True),                     # M5
-    ("\\boxed{90°}", "90", True),                                    # NS: the degree sign
-    ("\\boxed{80^\\circ}", "90^\\circ", False),                      # wrong angle
-    ("\\boxed{28\\%}", "28", True),                                  # MV: percent notation
-    ("\\boxed{28 \\%}", "28\\%", True),                              # MV
-    ("\\boxed{29\\%}", "28\\%", False),                              # wrong percent
-    # -- text answers and multiple choice (M5, MV, AoPS references)
-    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),             # MV
-    ("\\boxed{Evelyn}", "\\text{Evelyn}", True),                     # M5
-    ("\\boxed{\\text{Briana}}", "\\text{Evelyn}", False),            # MV, another name
-    ("\\boxed{\\text{(C)}}", "C", True),                             # M5: choice letters
-    ("\\boxed{C}", "\\text{(C)}", True),                             # M5
-    ("\\boxed{(C)}", "\\text{(C)}", True),                           # M5
-    ("\\boxed{\\text{(B)}}", "\\text{(C)}", False),                  # another choice
-    ("\\boxed{\\textbf{(C)}}", "C", True),                           # AoPS solutions box bold letters
-    ("\\boxed{\\textbf{(113)}}", "113", True),                       # AoPS: bold AIME answer
-    ("\\boxed{113}", "\\textbf{(113)}", True),                       # AoPS reference from a solution
-    ("\\boxed{\\mathbf{127}}", "127", True),                         # AoPS
-    ("\\boxed{\\mathbf{127}}", "128", False),                        # AoPS, wrong
-    ("\\boxed{\\textbf{(112)}}", "113", False),                      # AoPS, wrong
-    ("\\boxed{25}", "\\textbf{(C)}\\ 25", True),                      # AoPS: an AMC answer boxed with its letter
-    ("\\boxed{C}", "\\textbf{(C)}\\ 25", True),                       # AoPS
-    ("\\boxed{\\textbf{(C) }25}", "C", True),                          # AoPS
-    ("\\boxed{26}", "\\textbf{(C)}\\ 25", False),                     # AoPS, wrong value
-    ("\\boxed{D}", "\\textbf{(C)}\\ 25", False),                      # AoPS, wrong letter
-    ("\\boxed{\\text{odd}}", "\\text{even}", False),                 # M5: odd/even answers
-    ("\\boxed{\\text{even}}", "\\text{even}", True),                 # M5
-    # -- unordered lists of solutions (M5 "enter all solutions, separated by commas", MV)
-    ("\\boxed{-2,1}", "-2,1", True),                                 # MV
-    ("\\boxed{1,-2}", "-2, 1", True),                                # order of a solution list is free
-    ("\\boxed{1, -2}", "-2,1", True),                                # spaces
-    ("\\boxed{1, 2}", "-2,1", False),                                # a sign
-    ("\\boxed{-2}", "-2,1", False),                                  # one of two solutions
-    ("\\boxed{-2,1,3}", "-2,1", False),                              # an extra solution
-    ("\\boxed{1,1,-2}", "1,-2", False),                              # a repeated one is not the same list
-    ("\\boxed{\\frac{1}{2}, -3}", "-3, 0.5", True),                  # exact elements
-    ("\\boxed{3, 5, 7}", "7, 5, 3", True),                           # M5
-    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", True),                       # sets are unordered
-    ("\\boxed{\\{1,2\\}}", "\\{1,3\\}", False),                      # MV: sets
-    # -- several boxes (M5-style responses; convention: all boxes as one unordered list)
-    ("so \\boxed{-2} and \\boxed{1}", "-2, 1", True),                # several boxes, list reference
-    ("so \\boxed{1} and \\boxed{-2}", "-2, 1", True),                # same, other order
-    ("so \\boxed{1} and \\boxed{-3}", "-2, 1", False),               # one box wrong
-    ("first \\boxed{1}, finally \\boxed{5}", "5", True),             # the last box answers
-    ("first \\boxed{5}, finally \\boxed{1}", "5", False),            # the last box answers
-    ("\\boxed{-2} \\boxed{1} \\boxed{7}", "-2, 1", False),           # an extra box
-    # -- tuples and intervals, element-wise (MV, M5)
-    ("\\boxed{(1,2)}", "(1,2)", True),                               # HM
-    ("\\boxed{(2,1)}", "(1,2)", False),                              # HM: order matters in a tuple
-    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3, \\frac{\\pi}{2})", True),  # MV: polar coordinates
-    ("\\boxed{(3, \\pi/2)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),          # M5
-    ("\\boxed{(3, \\frac{\\pi}{3})}", "(3, \\frac{\\pi}{2})", False),                # wrong angle
-    ("\\boxed{(1, 0.5)}", "\\left(1,\\frac{1}{2}\\right)", True),   # exact elements
-    ("\\boxed{[0,1)}", "[0,1)", True),                               # MV: sets handling
-    ("\\boxed{[0,1)}", "[0,9)", False),                              # MV
-    ("\\boxed{[0,9)}", "(0,9)", False),                              # MV: brackets differ
-    ("\\boxed{[-2,7]}", "[-2,7]", True),                             # M5
-    ("\\boxed{x \\in [-2,7]}", "[-2,7]", True),                      # M5: x \in
-    ("\\boxed{x \\in [-2,7]}", "[-2,7)", False),                     # one end open
-    ("\\boxed{[-2, 7]}", "[-7,2]", False),                           # wrong ends
-    ("\\boxed{(-\\infty, 3)}", "(-\\infty,3)", True),                # M5
-    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3)", False),               # closed end
-    ("\\boxed{(-\\infty,-2)\\cup(3,\\infty)}", "(-\\infty, -2) \\cup (3, \\infty)", True),  # M5
-    ("\\boxed{(3,\\infty)\\cup(-\\infty,-2)}", "(-\\infty, -2) \\cup (3, \\infty)", True),  # a union is unordered
-    ("\\boxed{(-\\infty,-2]\\cup(3,\\infty)}", "(-\\infty, -2) \\cup (3, \\infty)", False),
-    ("\\boxed{(1,2)}", "1,2", False),                                # a tuple is not a solution list
+    ("\\$18.90", "18.90", True), ("\\$18.90", "\\$18.90", True), ("\\$18.09", "\\$18.90", False),  # M5
+    ("40 \\text{ inches}", "40", True), ("90^{\\circ}", "90^\\circ", True),  # M5
+    ("\\$1,000.99", "1000.99", True), ("15\\mbox{ cm}^2", "15", True), ("15", "15\\mbox{ cm}^2", True),  # MV
+    ("\\frac{1}{3} \\text{meters}", "1/3", True), ("90^\\circ", "90", True), ("28\\%", "28", True),  # MV
+    ("28 \\%", "28\\%", True),  # MV
+    ("10\\text{ cm}", "10", True),  # HM
+    ("15\\text{ cm}^2", "16\\text{ cm}^2", False), ("80^\\circ", "90^\\circ", False), ("29\\%", "28\\%", False),
+    ("90°", "90", True),  # NS
+    # -- text answers and multiple choice (M5, MV; AoPS: solutions box bold letters, AMC answers with their letter)
+    ("\\text{Evelyn}", "\\text{Evelyn}", True), ("\\text{Briana}", "\\text{Evelyn}", False),  # MV
+    ("Evelyn", "\\text{Evelyn}", True), ("\\text{(C)}", "C", True), ("C", "\\text{(C)}", True),  # M5
+    ("(C)", "\\text{(C)}", True), ("\\text{odd}", "\\text{even}", False), ("\\text{even}", "\\text{even}", True),  # M5
+    ("\\text{(B)}", "\\text{(C)}", False),
+    ("\\textbf{(C)}", "C", True), ("\\textbf{(113)}", "113", True), ("113", "\\textbf{(113)}", True),  # AoPS
+    ("\\mathbf{127}", "127", True), ("\\mathbf{127}", "128", False), ("\\textbf{(112)}", "113", False),  # AoPS
+    ("25", "\\textbf{(C)}\\ 25", True), ("C", "\\textbf{(C)}\\ 25", True), ("\\textbf{(C) }25", "C", True),  # AoPS
+    ("26", "\\textbf{(C)}\\ 25", False), ("D", "\\textbf{(C)}\\ 25", False),  # AoPS
+    # -- unordered lists of solutions (M5 "enter all solutions, separated by commas", MV; a repeat counts)
+    ("-2,1", "-2,1", True), ("\\{1,2\\}", "\\{1,3\\}", False),  # MV
+    ("1,-2", "-2, 1", True), ("1, -2", "-2,1", True), ("1, 2", "-2,1", False), ("-2", "-2,1", False),
+    ("-2,1,3", "-2,1", False), ("1,1,-2", "1,-2", False), ("\\frac{1}{2}, -3", "-3, 0.5", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("3, 5, 7", "7, 5, 3", True),  # M5
+    # -- several boxes (M5-style responses; convention: the last box, or all boxes as one unordered list)
+    ("so \\boxed{-2} and \\boxed{1}", "-2, 1", True), ("so \\boxed{1} and \\boxed{-2}", "-2, 1", True),
+    ("so \\boxed{1} and \\boxed{-3}", "-2, 1", False), ("first \\boxed{1}, finally \\boxed{5}", "5", True),
+    ("first \\boxed{5}, finally \\boxed{1}", "5", False), ("\\boxed{-2} \\boxed{1} \\boxed{7}", "-2, 1", False),
+    # -- tuples and intervals, element-wise (MV, M5; brackets must match; a tuple is not a solution list)
+    ("(1,2)", "(1,2)", True), ("(2,1)", "(1,2)", False),  # HM
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", True), ("[0,1)", "[0,1)", True),  # MV
+    ("[0,1)", "[0,9)", False), ("[0,9)", "(0,9)", False),  # MV
+    ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", True), ("[-2,7]", "[-2,7]", True),  # M5
+    ("x \\in [-2,7]", "[-2,7]", True), ("(-\\infty, 3)", "(-\\infty,3)", True),  # M5
+    ("(-\\infty,-2)\\cup(3,\\infty)", "(-\\infty, -2) \\cup (3, \\infty)", True),  # M5
+    ("(3, \\frac{\\pi}{3})", "(3, \\frac{\\pi}{2})", False), ("(1, 0.5)", "\\left(1,\\frac{1}{2}\\right)", True),
+    ("x \\in [-2,7]", "[-2,7)", False), ("[-2, 7]", "[-7,2]", False), ("(-\\infty, 3]", "(-\\infty,3)", False),
+    ("(3,\\infty)\\cup(-\\infty,-2)", "(-\\infty, -2) \\cup (3, \\infty)", True),
+    ("(-\\infty,-2]\\cup(3,\\infty)", "(-\\infty, -2) \\cup (3, \\infty)", False), ("(1,2)", "1,2", False),
     # -- \pi, roots and other symbolic forms (MV, HM; convention: text match after normalization)
-    ("\\boxed{\\pi/2}", "\\frac{\\pi}{2}", True),                    # M5
-    ("\\boxed{\\frac{\\pi}{2}}", "\\pi/2", True),                    # M5
-    ("\\boxed{\\pi/3}", "\\frac{\\pi}{2}", False),                   # wrong
-    ("\\boxed{2\\pi}", "2\\pi", True),                               # M5
-    ("\\boxed{\\pi}", "\\pi", True),                                 # HM
-    ("\\boxed{\\sqrt2}", "\\sqrt{2}", True),                         # HM
-    ("\\boxed{\\sqrt3}", "\\sqrt{3}", True),                         # MV: malformed sqrt
-    ("\\boxed{2\\sqrt3}", "2\\sqrt{3}", True),                       # HM
-    ("\\boxed{3\\sqrt{13}}", "3\\sqrt{13}", True),                   # MV
-    ("\\boxed{3\\sqrt{31}}", "3\\sqrt{13}", False),                  # digits swapped
-    ("\\boxed{\\sqrt{2}}", "2", False),                              # HM
-    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True), # M5
-    ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),# M5
-    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{3}}{2}", False),
-    ("\\boxed{x^2}", "x^{2}", True),                                 # braces on a one-character power
-    ("\\boxed{x^2}", "x^3", False),                                  # HM
-    ("\\boxed{2-2p}", "2-2p", True),                                 # MV
-    ("\\boxed{2-2p}", "2+2p", False),                                # sign
-    ("\\boxed{2x+3}", "2x+3", True),                                 # same text
-    ("\\boxed{2x+3}", "2x-3", False),                                # sign
-    ("\\boxed{\\left(\\frac{1}{2}\\right)}", "\\frac{1}{2}", True),  # MV: styling removed
-    ("\\boxed{\\displaystyle \\frac{1}{2}}", "\\frac{1}{2}", True),  # NS
-    ("\\boxed{\\infty}", "\\infty", True),                           # M5
-    ("\\boxed{-\\infty}", "\\infty", False),                         # sign
-    ("\\boxed{x \\leq 3}", "x \\le 3", True),                        # NS: \leq is \le
-    ("\\boxed{x \\geq 3}", "x \\le 3", False),                       # the other direction
-    # -- bases and subscripts (M5: answers like 52_8, 1010_2)
-    ("\\boxed{52_{8}}", "52_8", True),                               # M5
-    ("\\boxed{52_8}", "52_{8}", True),                               # M5
-    ("\\boxed{52_9}", "52_8", False),                                # another base
-    ("\\boxed{25_8}", "52_8", False),                                # digits swapped
-    ("\\boxed{1010_2}", "1010_{2}", True),                           # M5
-    ("\\boxed{52}", "52_8", False),                                  # base dropped: unsure, a miss
-    # -- whole responses (OR, VR, MV: a box inside a longer response)
-    ("We get $x=2$. Thus $\\boxed{\\frac{14}{3}}$.", "\\frac{14}{3}", True),       # MV
-    ("Therefore, there are $\\boxed{2}$ distinct possible values.", "2", True),    # MV
-    ("Then $129^{34}+96^{38} \\equiv \\boxed{9} \\pmod{11}.$", "9", True),          # MV
-    ("The area is $\\boxed{15\\mbox{ cm}^2}.$", "15\\mbox{ cm}^2", True),           # MV
+    ("\\pi/2", "\\frac{\\pi}{2}", True), ("\\frac{\\pi}{2}", "\\pi/2", True), ("2\\pi", "2\\pi", True),  # M5
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", True),  # M5
+    ("\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", True), ("\\infty", "\\infty", True),  # M5
+    ("\\pi/3", "\\frac{\\pi}{2}", False), ("3\\sqrt{31}", "3\\sqrt{13}", False),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{\\sqrt{3}}{2}", False), ("x^2", "x^{2}", True), ("2-2p", "2+2p", False),
+    ("2x+3", "2x+3", True), ("2x+3", "2x-3", False), ("-\\infty", "\\infty", False), ("x \\geq 3", "x \\le 3", False),
+    ("\\pi", "\\pi", True), ("\\sqrt2", "\\sqrt{2}", True), ("2\\sqrt3", "2\\sqrt{3}", True),  # HM
+    ("\\sqrt{2}", "2", False), ("x^2", "x^3", False),  # HM
+    ("\\sqrt3", "\\sqrt{3}", True), ("3\\sqrt{13}", "3\\sqrt{13}", True), ("2-2p", "2-2p", True),  # MV
+    ("\\left(\\frac{1}{2}\\right)", "\\frac{1}{2}", True),  # MV
+    ("\\displaystyle \\frac{1}{2}", "\\frac{1}{2}", True), ("x \\leq 3", "x \\le 3", True),  # NS
+    # -- bases and subscripts (M5: answers like 52_8, 1010_2; a dropped base is unsure: a miss)
+    ("52_{8}", "52_8", True), ("52_8", "52_{8}", True), ("1010_2", "1010_{2}", True),  # M5
+    ("52_9", "52_8", False), ("25_8", "52_8", False), ("52", "52_8", False),
+    # -- whole responses (OR, VR, MV: a box inside a longer response, a box in a box, fbox, the space form)
+    ("We get $x=2$. Thus $\\boxed{\\frac{14}{3}}$.", "\\frac{14}{3}", True),  # MV
+    ("Therefore, there are $\\boxed{2}$ distinct possible values.", "2", True),  # MV
+    ("Then $129^{34}+96^{38} \\equiv \\boxed{9} \\pmod{11}.$", "9", True),  # MV
+    ("The area is $\\boxed{15\\mbox{ cm}^2}.$", "15\\mbox{ cm}^2", True),  # MV
     ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$", "\\left( 3, \\frac{\\pi}{2} \\right)", True),  # MV
-    ("The only integer roots are $\\boxed{-2,1}.$", "-2,1", True),                 # MV
-    ("Final answer: \\boxed{\\boxed{7}}", "7", True),                              # a box inside a box
-    ("Hence \\fbox{42}.", "42", True),                               # fbox
-    ("Hence \\boxed 42$.", "42", True),                              # the space form
-    ("Hence \\boxed{41}.", "42", False),                             # wrong
+    ("The only integer roots are $\\boxed{-2,1}.$", "-2,1", True),  # MV
+    ("Final answer: \\boxed{\\boxed{7}}", "7", True), ("Hence \\fbox{42}.", "42", True),
+    ("Hence \\boxed 42$.", "42", True), ("Hence \\boxed{41}.", "42", False),
     ("\\boxed{\\frac{1}{2}} is wrong, the answer is \\boxed{\\frac{1}{3}}", "\\frac{1}{2}", False),
-    ("Answer: \\boxed{\\text{no solution}}", "\\text{no solution}", True),         # M5
+    ("Answer: \\boxed{\\text{no solution}}", "\\text{no solution}", True),  # M5
     # -- more published facts (NS: NeMo-Skills' math_equal tests; HM: the Hendrycks MATH is_equiv tests)
-    ("\\boxed{918\\frac{1}{2}}", "918.5", True),                     # NS: mixed number
-    ("\\boxed{185\\\\}", "185", True),                               # NS: a stray \\ after the answer
-    ("\\boxed{\\frac {1}{2}}", "0.5", True),                         # NS
-    ("\\boxed{17\\text{ any text}}", "17", True),                    # NS
-    ("\\boxed{10%}", "10", True),                                    # NS
-    ("\\boxed{5.001}", "5", False),                                  # NS: no tolerance
-    ("\\boxed{\\sqrt{67},-\\sqrt{85}}", "\\sqrt{67}", False),        # NS: an extra solution
-    ("\\boxed{\\mathrm{E}}", "E", True),                             # NS
-    ("\\boxed{\\textbf{A}}", "A", True),                             # NS
-    ("\\boxed{\\mathrm{E}*2}", "E", False),                          # NS
-    ("\\boxed{\\frac{1}{3}}", "\\dfrac{1}{3}", True),                # NS
-    ("\\boxed{\\begin{pmatrix}0&0&0\\\\0&1&0\\\\0&0&1\\end{pmatrix}}",
-     "\\begin{bmatrix} 0 & 0 & 0 \\\\ 0 & 1 & 0 \\\\ 0 & 0 & 1 \\end{bmatrix}", True),     # NS
-    ("\\boxed{10\\text{ units}}", "10 ", True),                      # HM
-    ("\\boxed{10\\text{ units}}", "100 ", False),                    # HM
-    ("\\boxed{58 square units}", "58", True),                        # HM
-    ("\\boxed{\\left(x-2\\right)\\left(x+2\\right)}", "(x-2)(x+2)", True),  # HM
-    ("\\boxed{10\\sqrt{3} + \\sqrt4}", "10\\sqrt3 + \\sqrt{4}", True),       # HM
-    ("\\boxed{\\frac34i}", "\\frac{3}{4}i", True),                   # HM
-    ("\\boxed{\\tfrac83}", "\\frac{8}{3}", True),                    # HM
-    ("\\boxed{5x - 7y + 11z + 4 = 0}", "x + y - z + 2 = 0", False),  # HM
-    ("\\boxed{10, 4, 2}", "4, 12, 2", False),                        # HM
-    ("\\boxed{0.1, 4, 2}", "4, .1, 2", True),                        # HM's format; verdict: lists are unordered here
-    ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", True),                     # one exact term c*sqrt(n)
-    ("\\boxed{\\sqrt{8}}", "2\\sqrt{3}", False),                     # 2 sqrt 2 is not 2 sqrt 3
-    ("\\boxed{\\frac{\\pi}{2}}", "pi/2", True),                      # pi written as a word
+    ("918\\frac{1}{2}", "918.5", True), ("185\\\\", "185", True), ("\\frac {1}{2}", "0.5", True),  # NS
+    ("17\\text{ any text}", "17", True), ("10%", "10", True), ("5.001", "5", False),  # NS
+    ("\\sqrt{67},-\\sqrt{85}", "\\sqrt{67}", False), ("\\mathrm{E}", "E", True), ("\\textbf{A}", "A", True),  # NS
+    ("\\mathrm{E}*2", "E", False), ("\\frac{1}{3}", "\\dfrac{1}{3}", True),  # NS
+    ("\\begin{pmatrix}0&0&0\\\\0&1&0\\\\0&0&1\\end{pmatrix}",
+     "\\begin{bmatrix} 0 & 0 & 0 \\\\ 0 & 1 & 0 \\\\ 0 & 0 & 1 \\end{bmatrix}", True),  # NS
+    ("10\\text{ units}", "10 ", True), ("10\\text{ units}", "100 ", False), ("58 square units", "58", True),  # HM
+    ("\\left(x-2\\right)\\left(x+2\\right)", "(x-2)(x+2)", True),  # HM
+    ("10\\sqrt{3} + \\sqrt4", "10\\sqrt3 + \\sqrt{4}", True), ("\\frac34i", "\\frac{3}{4}i", True),  # HM
+    ("\\tfrac83", "\\frac{8}{3}", True), ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", False),  # HM
+    ("10, 4, 2", "4, 12, 2", False), ("0.1, 4, 2", "4, .1, 2", True),  # HM
+    ("2\\sqrt{3}", "\\sqrt{12}", True), ("\\sqrt{8}", "2\\sqrt{3}", False), ("\\frac{\\pi}{2}", "pi/2", True),
 ]
 
 # Symbolic equivalence (math-verify's sympy finds these; the built-in grader may miss them, never invent).
 SYMBOLIC_CASES = [
-    ("\\boxed{3+2x}", "2x+3", True),                                 # MV handles, builtin misses
-    ("\\boxed{(x+1)^2}", "x^2+2x+1", True),                          # MV handles, builtin misses
-    ("\\boxed{\\frac{1}{2}\\pi}", "\\frac{\\pi}{2}", True),          # MV handles, builtin misses
-    ("\\boxed{2+2}", "4", True),                                     # MV handles, builtin misses
-    ("\\boxed{\\frac{\\sqrt{3}}{3}}", "\\frac{1}{\\sqrt{3}}", True), # both: one exact term c*sqrt(n)
-    ("\\boxed{x+1}", "x+2", False),
-    ("\\boxed{(x+1)^2}", "x^2+1", False),
+    ("3+2x", "2x+3", True), ("(x+1)^2", "x^2+2x+1", True), ("\\frac{1}{2}\\pi", "\\frac{\\pi}{2}", True),  # MV
+    ("2+2", "4", True),  # MV
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True), ("x+1", "x+2", False), ("(x+1)^2", "x^2+1", False),
 ]
 GRADING_CASES = FORMAT_CASES + SYMBOLIC_CASES
 
-
 def as_response(text):
-    """A case's response: the text itself when it holds a box, else the text boxed at the end of a sentence."""
-    return text if ("\\boxed" in text or "\\fbox" in text) else f"The answer is \\boxed{{{text}}}."
+    """A case's response: the text itself when it holds a box, else the text boxed."""
+    return text if "\\boxed" in text or "\\fbox" in text else f"\\boxed{{{text}}}"
 
 
-def test_grading_cases_are_many_and_both_ways():
-    assert len(GRADING_CASES) >= 150
-    assert sum(w for _, _, w in GRADING_CASES) >= 60 and sum(not w for _, _, w in GRADING_CASES) >= 60
-    assert len({(r, ref) for r, ref, _ in GRADING_CASES}) == len(GRADING_CASES)  # no duplicates
-
-
-@pytest.mark.parametrize("response,reference,want", FORMAT_CASES)
-def test_builtin_grader_formats(response, reference, want):
-    assert dail.grade(as_response(response), reference)[1] is want
-
-
-@pytest.mark.parametrize("response,reference,want", SYMBOLIC_CASES)
-def test_builtin_grader_never_invents(response, reference, want):
-    """Symbolic equivalence is out of the built-in grader's scope: it may miss a right answer, never
-    call a wrong one right."""
-    assert not dail.grade(as_response(response), reference)[1] or want
+@pytest.mark.parametrize("response,reference,want,exact", [(*c, True) for c in FORMAT_CASES] +
+                         [(*c, False) for c in SYMBOLIC_CASES])
+def test_builtin_grader_on_the_cases(response, reference, want, exact):
+    """Every format case exactly; symbolic equivalence is out of scope: missed maybe, never invented."""
+    got = dail.grade(as_response(response), reference)[1]
+    assert got is want if exact else not got or want
 
 
 def test_builtin_grader_figures():
-    """The README's figures: zero false positives, >= 90% agreement on the whole table."""
+    """The README's figures: zero false positives, >= 90% agreement on a table of many cases, both ways."""
+    assert len(GRADING_CASES) >= 150 and len({(r, ref) for r, ref, _ in GRADING_CASES}) == len(GRADING_CASES)
+    assert sum(w for _, _, w in GRADING_CASES) >= 60 and sum(not w for _, _, w in GRADING_CASES) >= 60
     verdicts = [(dail.grade(as_response(r), ref)[1], w) for r, ref, w in GRADING_CASES]
     assert sum(got and not w for got, w in verdicts) == 0
     assert sum(got == w for got, w in verdicts) / len(verdicts) >= 0.9
@@ -3514,7 +3275,7 @@ def test_builtin_grader_against_exact_fractions():
 def test_math_verify_grader_on_the_cases():
     """math-verify through --grader: sympy finds the symbolic cases; its agreement on the table is >= 90%."""
     verdicts = [(dail.grade(as_response(r), ref, "math-verify")[1], w) for r, ref, w in GRADING_CASES]
-    assert all(got for got, _ in verdicts[len(FORMAT_CASES):][:5])  # the symbolic positives
+    assert all(got for got, w in verdicts[len(FORMAT_CASES):] if w)  # the symbolic positives
     assert sum(got == w for got, w in verdicts) / len(verdicts) >= 0.9
     info = dail.grader_info("math-verify")
     assert info["name"] == "math-verify" and info["version"] and info["timeouts"] == 0
