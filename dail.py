@@ -1316,13 +1316,14 @@ class Interrupted(Exception):
 
 
 def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=False):
-    """[(line number, record)], each vetted by check(record) -> fault or None; a fault is a DailError naming the
-    line. resume: an earlier run's output (maybe absent); peek: one another process may be appending to."""
+    """[(line number, record)] of a JSONL file; a bad line (or check(record) -> fault) is a DailError naming it."""
     if not (p := Path(path)).is_file() and not resume:
         raise DailError(f"{flag} {path}: no such file")
     data = p.read_bytes() if p.is_file() else b""
-    if resume and data and not data.endswith(b"\n"):     # records are appended one write each: only the last
-        data = data[:data.rfind(b"\n") + 1]              # can be cut short, by an interruption (or, peek, a writer)
+    # resume: an earlier run's output (maybe absent), appended one record a write, so only its last line can be
+    # half-written (peek: by a process still writing it)
+    if resume and data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
         if not peek:
             os.truncate(p, len(data))
             print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
@@ -1431,15 +1432,13 @@ def load_training_records(args):
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
     fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
     hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
-    records = []
     for lineno, r in rows:
         for name, kind in fields.items():
             require(args.data, lineno, r, name, kind, hint)
         if not expert:
             check_token_ids(args.data, lineno, r["response_ids"], args.model)
-        if expert or r["kept"]:
-            records.append(dict(r, where=f"{args.data}:{lineno}",
-                                answer=answer_of(args.data, lineno, r, needed=args.objective == "dail")))
+    records = [dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, args.objective == "dail"))
+               for lineno, r in rows if expert or r["kept"]]
     if not records:
         raise DailError(f"{args.data}: no trace has kept=true ({len(rows)} rejected by the filter)")
     return records, len(rows) - len(records)
@@ -1465,9 +1464,8 @@ def save_result(out, model, tok, args, summary):
     # the trained model answers in its trained format only from the student prompt: say which, beside it
     write_atomic(out / "dail_prompt.json", json.dumps(dict(user_prompt=STUDENT_PROMPT, thinking=args.thinking, usage=(
         "text = tok.apply_chat_template([{'role': 'user', 'content': user_prompt.format(problem=...)}], "
-        "tokenize=False, add_generation_prompt=True, enable_thinking=thinking), then + '<think>\\n' if thinking and "
-        "it does not end so; ids = tok(text, add_special_tokens=False).input_ids: the ids eval feeds the model")),
-        indent=2))
+        "tokenize=False, add_generation_prompt=True, enable_thinking=thinking), + '<think>\\n' if thinking and it "
+        "does not end so; ids = tok(text, add_special_tokens=False).input_ids: eval's ids")), indent=2))
     metrics = resume_jsonl(out / "metrics.jsonl")
     save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
               {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in LOGGED[args.objective]})
