@@ -1320,8 +1320,7 @@ def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=F
     if not (p := Path(path)).is_file() and not resume:
         raise DailError(f"{flag} {path}: no such file")
     data = p.read_bytes() if p.is_file() else b""
-    # resume: an earlier run's output (maybe absent), appended one record a write, so only its last line can be
-    # half-written (peek: by a process still writing it)
+    # resume: an earlier run's output (maybe absent), written a record a write: only its last line can be cut short
     if resume and data and not data.endswith(b"\n"):
         data = data[:data.rfind(b"\n") + 1]
         if not peek:

@@ -1524,30 +1524,30 @@ def test_forced_answer_cue_is_not_graded_by_math_verify():
 
 
 # ==== Appendix B.1, running it: errors, JSONL files and their line checks, training records, results, plots ===========
-BOX = '"solution": "\\\\boxed{1}"'
-TRACE = '"id": "a", "problem": "p", "solution": "s", "answer": "1", "finish_reason": "stop"'
-ALL = "rewrite train eval"
-BAD_INPUTS = [  # a --data file's text (None: no file), its one-line error, the commands that read the field
+S, ALL = "\\boxed{1}", "rewrite train eval"
+TRACE = dict(id="a", problem="p", solution="s", answer="1", finish_reason="stop", kept=True)
+BAD_INPUTS = [  # a --data file (None: no file; text, or a list of records), its one-line error, who reads it
     (None, "no such file", ALL),
     ("", "empty file", ALL),
-    ('{"problem": "a", %s}\n{not json}\n' % BOX, ":2: not valid JSON", ALL),
-    ('[1, 2]\n', ":1: expected a JSON object", ALL),
-    ('{"problem": "p", %s}\n{"problem": "\udcff"}\n' % BOX, ":2: not UTF-8 text", ALL),   # \udcff: the byte 0xff
-    ('{%s}\n' % BOX, ":1: field 'problem': missing", ALL),
-    ('{"problem": 3, %s}\n' % BOX, ":1: field 'problem': expected a non-empty string", ALL),
-    ('{"problem": "p"}\n', ":1: field 'solution': missing", "rewrite train"),
-    ('{"problem": "p", "solution": "no box"}\n', ":1: field 'answer': missing, and 'solution' has no \\boxed{} answer",
+    ("{}\n{not json}\n", ":2: not valid JSON", ALL),
+    ("[1, 2]\n", ":1: expected a JSON object", ALL),
+    ('{}\n{"problem": "\udcff"}\n', ":2: not UTF-8 text", ALL),                       # \udcff: the byte 0xff
+    ([{"solution": S}], ":1: field 'problem': missing", ALL),
+    ([{"problem": 3, "solution": S}], ":1: field 'problem': expected a non-empty string", ALL),
+    ([{"problem": "p"}], ":1: field 'solution': missing", "rewrite train"),
+    ([{"problem": "p", "solution": "s"}], ":1: field 'answer': missing, and 'solution' has no \\boxed{} answer",
      "rewrite eval"),
-    ('{"id": 1, "problem": "p", %s}\n{"id": 1, "problem": "q", %s}\n' % (BOX, BOX),
+    ([{"id": 1, "problem": "p", "solution": S}, {"id": 1, "problem": "q", "solution": S}],
      ":2: field 'id': duplicate id '1' (first on line 1)", "rewrite eval"),
-    *[('{"problem": "p", %s, "answer": %s}\n' % (BOX, answer), ":1: field 'answer': expected a non-empty string or a "
-       "number", "rewrite eval") for answer in ('[1]', '" "', 'true')],
-    ('{"problem": "p", %s}\n' % BOX, ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
+    *[([{"problem": "p", "solution": S, "answer": answer}], ":1: field 'answer': expected a non-empty string or a "
+       "number", "rewrite eval") for answer in ([1], " ", True)],
+    ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
      "`rewrite`)", "train"),
-    ('{%s, "response_ids": [1, 2], "kept": false}\n' % TRACE, "no trace has kept=true (1 rejected by the filter)",
-     "train"),
-    *[('{%s, "response_ids": %s, "kept": true}\n' % (TRACE, ids), f":1: field 'response_ids': {item}, not a token id",
-       "train") for ids, item in [("[1, -3]", "item 1 is -3"), ("[2, true]", "item 1 is True")]],
+    ([dict(TRACE, response_ids=[1, 2], kept=False)], "no trace has kept=true (1 rejected by the filter)", "train"),
+    ([dict(TRACE, response_ids=[1, -3])], ":1: field 'response_ids': item 1 is -3, not a token id", "train"),
+    ([dict(TRACE, response_ids=[2, True])], ":1: field 'response_ids': item 1 is True, not a token id", "train"),
+    ([dict(TRACE, response_ids=[99, 100])], ":1: field 'response_ids': item 1 is 100, not a token id (an integer in "
+     "[0, 100) for --model", "train"),                                      # the vocabulary of --model's config.json
 ]
 
 
@@ -1556,15 +1556,19 @@ BAD_INPUTS = [  # a --data file's text (None: no file), its one-line error, the 
                           for command in commands.split()])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, command, content, message):
     path = tmp_path / "data.jsonl"
-    if content is not None:
+    if isinstance(content, list):
+        write_jsonl(path, content)
+    elif content is not None:
         path.write_bytes(content.encode("utf-8", "surrogateescape"))
-    # a model folder that does not exist: the data must be rejected before any model is touched
-    code, err = run_cli([command, "--model", tmp_path / "no-model", "--data", path, "--out", tmp_path / "o"], capsys)
+    # a model folder without a model (its config.json only): the data is rejected before any model is touched
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"vocab_size": 100}')
+    code, err = run_cli([command, "--model", tmp_path / "m", "--data", path, "--out", tmp_path / "o"], capsys)
     assert code == 2 and err.startswith(f"dail.py {command}: error: ") and "\n" not in err.strip(), err
-    assert message in err and str(path) in err
+    assert message in err and str(path) in err and not (tmp_path / "o").exists()
 
 
-def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, tiny, monkeypatch):
+def test_eval_checks_samples_against_data_and_plots_pass_at_k(tmp_path, capsys, tiny, monkeypatch):
     """A duplicated, foreign or corrupt line of samples.jsonl (or a list for eval_config.json) is one line naming
     the file and line, exit 2: never counted into pass@k (a duplicate once gave "problems": 7 for 6)."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": "p0", "problem": "p0", "answer": "5"},
@@ -1586,20 +1590,20 @@ def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, t
                                              f"move the file away (or --overwrite) to start over"), err
         assert json.loads((out / "summary.json").read_text())["problems"] == 2    # the summary was not rewritten
     samples.write_bytes(good)
+    config = (out / "eval_config.json").read_bytes()
     (out / "eval_config.json").write_text("[1, 2]")
     code, err = run_cli(argv, capsys)
     assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: not a JSON object of "
                                          f"settings but a list; use another --out, or --overwrite to start over")
+    (out / "eval_config.json").write_bytes(config)
+    Figure = pytest.importorskip("matplotlib.figure").Figure      # a rerun plots pass@k on a fixed scale, 0..1
+    seen, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.append(fig.axes[0].get_ylim()),
+                                                                 real(fig, *a, **k)))
+    assert run_cli(argv, capsys)[0] == 0 and seen == [(-0.02, 1.02)] and (out / "passk.png").exists()
 
 
-def test_train_token_ids_and_eval_prompt_roles_name_their_line(tmp_path, capsys, tiny):
-    vocab = json.loads((tiny / "config.json").read_text())["vocab_size"]
-    trace = dict(id="a", problem="p", solution="s \\boxed{1}", finish_reason="stop", kept=True, response_ids=[1])
-    data = write_jsonl(tmp_path / "t.jsonl", [trace, dict(trace, id="b", response_ids=[vocab])])
-    code, err = run_cli(["train", "--model", tiny, "--data", data, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and err.strip() == (f"dail.py train: error: {data}:2: field 'response_ids': item 0 is {vocab}, "
-                                         f"not a token id (an integer in [0, {vocab}) for --model {tiny})"), err
-    assert not (tmp_path / "o").exists()                                     # before any model loads or --out
+def test_eval_prompt_roles_name_their_line(tmp_path, capsys, tiny):
     shutil.copytree(tiny, tmp_path / "m")
     (tmp_path / "m" / "chat_template.jinja").write_text("{% for m in messages %}{% if m['role'] == 'robot' %}{{ "
                                                         "raise_exception('Unexpected message role.') }}{% endif %}"
@@ -1610,17 +1614,6 @@ def test_train_token_ids_and_eval_prompt_roles_name_their_line(tmp_path, capsys,
                          "--max-new-tokens", 8], capsys)
     assert code == 2 and err.strip().endswith(f"eval: error: {data}:2: field 'prompt': the chat template of the "
                                               f"model rejects it (Unexpected message role.)"), err
-
-
-def test_eval_plot_shows_pass_at_k_on_0_to_1(tmp_path, capsys, tiny, monkeypatch):
-    Figure = pytest.importorskip("matplotlib.figure").Figure
-    seen, real = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.append(fig.axes[0].get_ylim()),
-                                                                 real(fig, *a, **k)))
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}])
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{5}", "no"]}))
-    assert run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 2], capsys)[0] == 0
-    assert seen == [(-0.02, 1.02)] and (tmp_path / "e" / "passk.png").exists()
 
 
 def test_resume_jsonl_cuts_a_half_written_tail_and_keeps_unicode_line_breaks(tmp_path):
@@ -1657,9 +1650,9 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, expe
             m.setattr(dail, "open", lambda p, *a, **k: (Full if Path(p).name.startswith(victim.name + ".") else open)(
                 p, *a, **k), raising=False)
             code, err = run_cli(argv, capsys)
-        assert code == 2 and err.strip().splitlines()[-1] == (
-            f"dail.py {argv[0]}: error: {victim}: could not write it (the disk is full) (No space left on device); "
-            f"nothing was replaced; free space and rerun the same command"), err
+        assert code == 2 and err.endswith(f"dail.py {argv[0]}: error: {victim}: could not write it (the disk is full) "
+                                          f"(No space left on device); nothing was replaced; free space and rerun the "
+                                          f"same command\n"), err
         assert not victim.exists() and not list(victim.parent.glob("*.tmp"))
         if argv[0] != "train":                                     # the rerun resumes and writes the summary
             assert run_cli(argv, capsys)[0] == 0 and json.loads(victim.read_text())["problems"] == 3
@@ -1673,7 +1666,7 @@ def test_full_disk_on_a_small_file_system(tmp_path, capsys, expert, tiny, traces
         pytest.skip("mounting a small file system is not allowed here")
     try:
         code, err = run_cli(train_argv(tiny, traces[1], mnt / "tr", "--max-steps", 1, "--lora-rank", 32), capsys)
-        assert code == 2 and "checkpoint.pt: could not write it (the disk is full)" in err and "Traceback" not in err
+        assert code == 2 and "checkpoint.pt: could not write it (the disk is full)" in err, err
         assert not list((mnt / "tr").glob("*.tmp"))
         shutil.rmtree(mnt / "tr")
         ev = mnt / "ev"
@@ -1685,7 +1678,7 @@ def test_full_disk_on_a_small_file_system(tmp_path, capsys, expert, tiny, traces
         # a rerun always rewrites summary.json; with another grader it re-grades, rewriting samples.jsonl first
         grader = "math-verify" if math_verify_importable() else "builtin"
         code, err = run_cli(eval_argv(tiny, expert, ev, "--n", 2, "--grader", grader), capsys)
-        assert code == 2 and "could not write it (the disk is full)" in err and "Traceback" not in err, err
+        assert code == 2 and "could not write it (the disk is full)" in err, err
         assert {f: (ev / f).read_bytes() for f in before} == before and not list(ev.glob("*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(mnt)])   # -l: even while a failed run still holds a file there
