@@ -1327,7 +1327,7 @@ def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=F
             os.truncate(p, len(data))
             print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
     records = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):   # not splitlines(): a response may hold U+0085 or U+2028
+    for lineno, raw in enumerate(data.split(b"\n"), 1):   # "\n" only: str.splitlines() also splits at U+2028
         if not raw.strip():
             continue
         try:  # an input's number with a fraction stays the text written: 0.00001, not float's 1e-05
