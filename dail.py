@@ -1208,69 +1208,58 @@ class Interrupted(Exception):
         self.code = code
 
 
-def read_jsonl(path, flag="--data", resume=False, check=None, peek=False):
-    """[(line number, record)] of a JSONL file; a defect is a DailError naming the file and the line. resume: an
-    earlier run's output ([] when absent), each record vetted by check(record) -> fault or None; its half-written
-    last line (records are appended one write each) is cut off, with a note, so the rerun appends cleanly.
-    peek: a file another process may be appending to: its last line is left out, a bad line skipped."""
-    if not (p := Path(path)).is_file():
-        if resume:
-            return []
+def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=False):
+    """[(line number, record)] of a JSONL file; a bad line (or check(record) -> fault) is a DailError naming it."""
+    if not (p := Path(path)).is_file() and not resume:
         raise DailError(f"{flag} {path}: no such file")
-    data = p.read_bytes()
+    data = p.read_bytes() if p.is_file() else b""
+    # resume: an earlier run's output (maybe absent), written a record a write: only its last line can be cut short
     if resume and data and not data.endswith(b"\n"):
         data = data[:data.rfind(b"\n") + 1]
         if not peek:
-            with open(p, "r+b") as f:
-                f.truncate(len(data))
+            os.truncate(p, len(data))
             print(f"note: {path}: dropped a half-written last line from an interrupted run", file=sys.stderr)
     records = []
-    # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which json.dumps
-    # (ensure_ascii=False) leaves unescaped inside a model's response
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    for lineno, raw in enumerate(data.split(b"\n"), 1):   # "\n" only: str.splitlines() also splits at U+2028
         if not raw.strip():
             continue
         try:  # an input's number with a fraction stays the text written: 0.00001, not float's 1e-05
             rec = json.loads(raw.decode("utf-8"), parse_float=None if resume else str)
-            fault = ((check and check(rec)) if isinstance(rec, dict) else
-                     f"expected a JSON object, got {type(rec).__name__}")
+            fault = check(rec) if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
         except UnicodeDecodeError as e:
             fault = f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
         except json.JSONDecodeError as e:
             fault = f"not valid JSON ({e.msg} at column {e.colno})"
-        if fault and not peek:
-            raise DailError(f"{path}:{lineno}: {fault}" + (" in an earlier run's output; move the file away (or "
-                                                           "--overwrite) to start over" if resume else ""))
         if not fault:
             records.append((lineno, rec))
+        elif not peek:                                   # peek: a bad line is skipped, never an error
+            raise DailError(f"{path}:{lineno}: {fault}" + (" in an earlier run's output; move the file away (or "
+                                                           "--overwrite) to start over" if resume else ""))
     if not (records or resume):
         raise DailError(f"{path}: empty file, no JSON lines")
     return records
 
 
-def resume_jsonl(path, check=None, peek=False):
+def resume_jsonl(path, check=lambda rec: None, peek=False):
     """The records an earlier run wrote to the output `path` (read_jsonl's resume mode)."""
     return [rec for _, rec in read_jsonl(path, resume=True, check=check, peek=peek)]
 
 
-KINDS = {str: "a non-empty string", list: "a list", bool: "true or false", (str, int): "a non-empty string or a number"}
-
-
 def require(path, lineno, rec, name, kind=str, hint=""):
-    """rec[name], or a DailError naming file, line and field when it is missing or not `kind` (a string must
-    hold more than spaces; true/false is no number)."""
+    """rec[name], or a DailError naming file, line and field when it is missing, not a `kind` or blank text."""
     if name not in rec:
         raise DailError(f"{path}:{lineno}: field '{name}': missing{hint}")
     value = rec[name]
-    if (not isinstance(value, kind) or isinstance(value, str) and not value.strip()
-            or isinstance(value, bool) and kind is not bool):
-        raise DailError(f"{path}:{lineno}: field '{name}': expected {KINDS[kind]}{hint}")
+    if (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool    # JSON's true is no number
+            or isinstance(value, str) and not value.strip()):
+        what = {str: "a non-empty string", list: "a list", bool: "true or false",
+                (str, int): "a non-empty string or a number"}[kind]
+        raise DailError(f"{path}:{lineno}: field '{name}': expected {what}{hint}")
     return value
 
 
 def answer_of(path, lineno, rec, needed=True):
-    """A record's reference answer as text: its `answer` (a number as written in the file), else the last
-    \\boxed{} of its `solution`, else None: a DailError when `needed` (prompts state it; eval grades by it)."""
+    """rec's reference answer as text: `answer` (as written), else the last \\boxed{} of `solution`, else None."""
     if rec.get("answer") is not None:
         return str(require(path, lineno, rec, "answer", (str, int)))
     if (answer := extract_boxed(rec.get("solution"))) is None and needed:
@@ -1278,15 +1267,8 @@ def answer_of(path, lineno, rec, needed=True):
     return answer
 
 
-# The fields eval and rewrite read back from their own output lines (resume, merge, summary): name -> type.
-EVAL_FIELDS = dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list)
-TRACE_FIELDS = dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int,
-                    kept=bool, reject_reason=(str, type(None)))
-
-
-def line_check(fields, key, expected=None, n=None):
-    """read_jsonl's `check`: a record holds `fields` ({name: type}; lists of n items when n is given) and
-    key(record) is one of `expected` (None: any), once; a duplicated or foreign line is an error, never counted."""
+def line_check(fields, key, expected):
+    """read_jsonl's `check` of output lines: each holds `fields` ({name: type}) and key(line) in `expected`, once."""
     seen = set()
 
     def check(rec):
@@ -1294,24 +1276,20 @@ def line_check(fields, key, expected=None, n=None):
             value = rec.get(name)
             if name not in rec or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
                 return f"field '{name}': missing or of the wrong type"
-            if n is not None and kind is list and len(value) != n:
-                return f"field '{name}': {len(value)} items where this run has --n {n}"
-        k = key(rec)
-        if expected is not None and k not in expected:
-            return f"record {k!r} is not one of this run's --data"
-        if k in seen:
-            return f"record {k!r} a second time"
+        if (k := key(rec)) in seen or k not in expected:
+            return f"record {k!r} " + ("a second time" if k in seen else "is not one of this run's --data")
         seen.add(k)
     return check
 
 
 def output_checks(command, problems, args, n):
-    """k -> the line_check of shard k of n's output (n = 1: the whole file): eval, one line per problem of the
-    shard with --n samples each; rewrite, one line per (problem id, sample < --samples)."""
+    """k -> line_check of shard k of n's lines: eval's, one per problem with --n samples; rewrite's, per sample."""
     if command == "eval":
-        return lambda k: line_check(EVAL_FIELDS, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)},
-                                    args.n)
-    return lambda k: line_check(TRACE_FIELDS, lambda t: (t["id"], t["sample"]),
+        fields = dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list)
+        return lambda k: line_check(fields, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)})
+    fields = dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int, kept=bool,
+                  reject_reason=(str, type(None)))
+    return lambda k: line_check(fields, lambda t: (t["id"], t["sample"]),
                                 {(p["id"], s) for p in shard_problems(problems, k, n) for s in range(args.samples)})
 
 
@@ -1322,10 +1300,8 @@ def append_jsonl(f, record):
 
 
 def write_atomic(path, content):
-    """Every whole file dail.py writes: `content` (text, bytes, or a function writing to a binary file) goes to
-    a temporary file that then replaces `path`, so an interruption or a full disk never leaves half a result."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # the pid: processes never share a temp file
+    """Every whole file dail.py writes (text, bytes, or a function writing to a file): complete, or not replaced."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")                    # the pid: processes never share a temp file
     try:
         with open(tmp, "wb") as f:
             content(f) if callable(content) else f.write(content.encode() if isinstance(content, str) else content)
@@ -1341,63 +1317,47 @@ def write_atomic(path, content):
 
 
 def load_training_records(args):
-    """(the examples train learns from, traces not kept): kept traces, or expert solutions with --objective sft
-    --sft-target expert (an expert JSONL, or a traces file's first line of each problem)."""
+    """(the records train learns from, the number not kept): kept traces, or --sft-target expert's solutions."""
     rows, expert = read_jsonl(args.data), args.objective == "sft" and args.sft_target == "expert"
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
     fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
-    records, not_kept = [], 0
+    hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
     for lineno, r in rows:
         for name, kind in fields.items():
-            require(args.data, lineno, r, name, kind, " (train reads the traces.jsonl written by `rewrite`)"
-                    if name == "response_ids" else "")
+            require(args.data, lineno, r, name, kind, hint)
         if not expert:
             check_token_ids(args.data, lineno, r["response_ids"], args.model)
-        if expert or r["kept"]:
-            records.append(dict(r, where=f"{args.data}:{lineno}",
-                                answer=answer_of(args.data, lineno, r, needed=args.objective == "dail")))
-        else:
-            not_kept += 1
+    records = [dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, args.objective == "dail"))
+               for lineno, r in rows if expert or r["kept"]]
     if not records:
-        raise DailError(f"{args.data}: no trace has kept=true ({not_kept} rejected by the filter)")
-    return records, not_kept
-
-
-def save_peft_adapters(model, folder, args):
-    """The LoRA adapters in PEFT's format, which PeftModel.from_pretrained and vLLM (--enable-lora) load: keys
-    base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]; PEFT's scale alpha / r is ours."""
-    from safetensors.torch import save
-    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    tensors = {f"base_model.model.{name}.{ab}.weight": getattr(m, ab).detach().float().cpu().contiguous()
-               for name, m in loras.items() for ab in ("lora_A", "lora_B")}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
-    write_atomic(folder / "adapter_config.json", json.dumps(dict(
-        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=normalized_model(args.model), bias="none",
-        r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=sorted({name.rsplit(".", 1)[-1] for name in loras}), inference_mode=True), indent=2))
+        raise DailError(f"{args.data}: no trace has kept=true ({len(rows)} rejected by the filter)")
+    return records, len(rows) - len(records)
 
 
 def save_result(out, model, tok, args, summary):
-    """OUT/: adapters/ (PEFT format), then the merged model + tokenizer that from_pretrained and vLLM load,
-    dail_prompt.json (the prompt to use it with), metrics.png and train_summary.json."""
-    if args.lora_rank:
-        save_peft_adapters(model, out / "adapters", args)
+    """OUT/: adapters/, the merged model + tokenizer, dail_prompt.json, metrics.png and train_summary.json."""
+    if args.lora_rank:    # PEFT's format, which PeftModel.from_pretrained and vLLM (--enable-lora) load: keys
+        from safetensors.torch import save    # base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r]
+        loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+        (out / "adapters").mkdir(exist_ok=True)
+        write_atomic(out / "adapters" / "adapter_model.safetensors", save(
+            {f"base_model.model.{name}.{ab}.weight": getattr(m, ab).detach().float().cpu().contiguous()
+             for name, m in loras.items() for ab in ("lora_A", "lora_B")}, metadata={"format": "pt"}))
+        write_atomic(out / "adapters" / "adapter_config.json", json.dumps(dict(   # PEFT's scale alpha / r is ours
+            peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=normalized_model(args.model), bias="none",
+            r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules=sorted({name.rsplit(".", 1)[-1] for name in loras}), inference_mode=True), indent=2))
         merge_lora(model)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_disable()
-        model.config.use_cache = True
-    model.save_pretrained(out, safe_serialization=True)
+    model.config.use_cache = True                               # (train turned it off for gradient checkpointing)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     # the trained model answers in its trained format only from the student prompt: say which, beside it
-    write_atomic(out / "dail_prompt.json", json.dumps(dict(
-        user_prompt=STUDENT_PROMPT, thinking=args.thinking,
-        usage="text = tok.apply_chat_template([{'role': 'user', 'content': user_prompt.format(problem=...)}], "
-              "tokenize=False, add_generation_prompt=True, enable_thinking=thinking); with thinking, append "
-              "'<think>\\n' unless text ends with <think>; ids = tok(text, add_special_tokens=False).input_ids "
-              "(the ids dail.py eval feeds the model)"), indent=2))
+    write_atomic(out / "dail_prompt.json", json.dumps(dict(user_prompt=STUDENT_PROMPT, thinking=args.thinking, usage=(
+        "text = tok.apply_chat_template([{'role': 'user', 'content': user_prompt.format(problem=...)}], "
+        "tokenize=False, add_generation_prompt=True, enable_thinking=thinking), + '<think>\\n' if thinking and it "
+        "does not end so; ids = tok(text, add_special_tokens=False).input_ids: eval's ids")), indent=2))
     metrics = resume_jsonl(out / "metrics.jsonl")
     save_plot(out / "metrics.png", f"train --objective {args.objective}", "step", "per-token value",
               {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in LOGGED[args.objective]})
@@ -1408,12 +1368,10 @@ def save_result(out, model, tok, args, summary):
 
 def write_rewrite_summary(out, args, problems, traces, skipped, shortened):
     """OUT's .summary.json (counts, reject reasons, acceptance, the settings), and its short form on stderr."""
-    tokens = sum(len(t["response_ids"]) for t in traces)
-    reasons = [t["reject_reason"] for t in traces if t["reject_reason"]]
+    tokens, kept = sum(len(t["response_ids"]) for t in traces), [t for t in traces if t["kept"]]
     summary = dict(problems=len(problems), problems_skipped_too_long=skipped, solutions_shortened=shortened,
-                   traces=len(traces), kept=sum(t["kept"] for t in traces),
-                   problems_with_kept=len({t["id"] for t in traces if t["kept"]}),
-                   reject_reasons={r: reasons.count(r) for r in dict.fromkeys(reasons)},
+                   traces=len(traces), kept=len(kept), problems_with_kept=len({t["id"] for t in kept}),
+                   reject_reasons=dict(Counter(t["reject_reason"] for t in traces if t["reject_reason"])),
                    acceptance_rate=sum(t["n_accepted"] for t in traces) / max(tokens, 1),
                    mean_tokens=tokens / max(len(traces), 1), finished=sum(t["finish_reason"] == "stop" for t in traces),
                    grader=grader_info(args.grader),
@@ -1428,8 +1386,7 @@ def progress(iterable=None, **kw):
 
 
 def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
-    """A PNG of {label: (xs, ys)} when matplotlib is importable (else nothing); ylim: a fixed scale (pass@k:
-    0..1), so a flat 0.2 does not look like a slope."""
+    """A PNG of {label: (xs, ys)} when matplotlib is importable; ylim fixes the scale (a flat 0.2 is no slope)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:

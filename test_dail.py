@@ -1063,59 +1063,51 @@ def test_forced_answer_cue_is_not_graded_by_math_verify():
         assert dail.grade_line(line, args)["preds"] == ["5"] and line["correct"] == [True]
 
 # ==== Appendix B.1, running it: errors, JSONL files and their line checks, training records, results, plots ===========
-BAD_INPUTS = [
-    ("missing.jsonl", None, "no such file"),
-    ("empty.jsonl", "", "empty file"),
-    ("badjson.jsonl", '{"problem": "a", "solution": "\\\\boxed{1}"}\n{not json}\n', ":2: not valid JSON"),
-    ("array.jsonl", '[1, 2]\n', ":1: expected a JSON object"),
-    ("noproblem.jsonl", '{"solution": "\\\\boxed{1}"}\n', ":1: field 'problem': missing"),
-    ("nonstring.jsonl", '{"problem": 3, "solution": "\\\\boxed{1}"}\n', ":1: field 'problem': expected a non-empty string"),
-    ("nosolution.jsonl", '{"problem": "p"}\n', ":1: field 'solution': missing"),
-    ("noanswer.jsonl", '{"problem": "p", "solution": "no box"}\n', ":1: field 'answer': missing, and 'solution' has no \\boxed{} answer"),
-    ("dupid.jsonl", '{"id": 1, "problem": "p", "solution": "\\\\boxed{1}"}\n{"id": 1, "problem": "q", "solution": "\\\\boxed{2}"}\n',
-     ":2: field 'id': duplicate id '1' (first on line 1)"),
-    ("badanswer.jsonl", '{"problem": "p", "solution": "s", "answer": [1]}\n',
-     ":1: field 'answer': expected a non-empty string or a number"),
-    ("emptyanswer.jsonl", '{"problem": "p", "solution": "s \\\\boxed{1}", "answer": " "}\n',
-     ":1: field 'answer': expected a non-empty string or a number"),
-    ("boolanswer.jsonl", '{"problem": "p", "solution": "s", "answer": true}\n',
-     ":1: field 'answer': expected a non-empty string or a number"),
-    ("notutf8.jsonl", '{"problem": "p", "solution": "\\\\boxed{1}"}\n{"problem": "\udcff"}\n', ":2: not UTF-8 text"),
+S, ALL = "\\boxed{1}", "rewrite train eval"
+TRACE = dict(id="a", problem="p", solution="s", answer="1", finish_reason="stop", kept=True)
+BAD_INPUTS = [  # a --data file (None: no file; text, or a list of records), its one-line error, who reads it
+    (None, "no such file", ALL),
+    ("", "empty file", ALL),
+    ("{}\n{not json}\n", ":2: not valid JSON", ALL),
+    ("[1, 2]\n", ":1: expected a JSON object", ALL),
+    ('{}\n{"problem": "\udcff"}\n', ":2: not UTF-8 text", ALL),                       # \udcff: the byte 0xff
+    ([{"solution": S}], ":1: field 'problem': missing", ALL),
+    ([{"problem": 3, "solution": S}], ":1: field 'problem': expected a non-empty string", ALL),
+    ([{"problem": "p"}], ":1: field 'solution': missing", "rewrite train"),
+    ([{"problem": "p", "solution": "s"}], ":1: field 'answer': missing, and 'solution' has no \\boxed{} answer",
+     "rewrite eval"),
+    ([{"id": 1, "problem": "p", "solution": S}, {"id": 1, "problem": "q", "solution": S}],
+     ":2: field 'id': duplicate id '1' (first on line 1)", "rewrite eval"),
+    *[([{"problem": "p", "solution": S, "answer": answer}], ":1: field 'answer': expected a non-empty string or a "
+       "number", "rewrite eval") for answer in ([1], " ", True)],
+    ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
+     "`rewrite`)", "train"),
+    ([dict(TRACE, response_ids=[1, 2], kept=False)], "no trace has kept=true (1 rejected by the filter)", "train"),
+    ([dict(TRACE, response_ids=[1, -3])], ":1: field 'response_ids': item 1 is -3, not a token id", "train"),
+    ([dict(TRACE, response_ids=[2, True])], ":1: field 'response_ids': item 1 is True, not a token id", "train"),
+    ([dict(TRACE, response_ids=[99, 100])], ":1: field 'response_ids': item 1 is 100, not a token id (an integer in "
+     "[0, 100) for --model", "train"),                                      # the vocabulary of --model's config.json
 ]
 
 
-@pytest.mark.parametrize("command", ["rewrite", "train", "eval"])
-@pytest.mark.parametrize("name,content,message", BAD_INPUTS)
-def test_bad_input_is_one_clear_line(tmp_path, capsys, command, name, content, message):
-    if command == "eval" and name == "nosolution.jsonl":
-        pytest.skip("eval data needs no solution")
-    if command == "train" and name in ("noanswer.jsonl", "badanswer.jsonl", "dupid.jsonl", "emptyanswer.jsonl",
-                                       "boolanswer.jsonl"):
-        pytest.skip("train reads traces; its own field checks are tested below")
-    path = tmp_path / name
-    if content is not None:
-        path.write_bytes(content.encode("utf-8", "surrogateescape"))            # \udcff: the byte 0xff
-    # a model folder that does not exist: the data must be rejected before any model is touched
-    code, err = run_cli([command, "--model", tmp_path / "no-model", "--data", path, "--out", tmp_path / "o"], capsys)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"dail.py {command}: error: ")
-    assert message in lines[0]
-    if content is not None:
-        assert str(path) in lines[0]
+@pytest.mark.parametrize("command,content,message",
+                         [(command, content, message) for content, message, commands in BAD_INPUTS
+                          for command in commands.split()])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, command, content, message):
+    path = tmp_path / "data.jsonl"
+    if isinstance(content, list):
+        write_jsonl(path, content)
+    elif content is not None:
+        path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    # a model folder without a model (its config.json only): the data is rejected before any model is touched
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"vocab_size": 100}')
+    code, err = run_cli([command, "--model", tmp_path / "m", "--data", path, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.startswith(f"dail.py {command}: error: ") and "\n" not in err.strip(), err
+    assert message in err and str(path) in err and not (tmp_path / "o").exists()
 
 
-def test_train_rejects_expert_file_and_unkept_traces(tmp_path, capsys, expert):
-    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", expert, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "field 'response_ids'" in err and "traces.jsonl written by `rewrite`" in err
-    trace = dict(id="a", problem="p", solution="s \\boxed{1}", answer="1", response_ids=[1, 2],
-                 finish_reason="stop", kept=False)
-    data = write_jsonl(tmp_path / "t.jsonl", [trace])
-    code, err = run_cli(["train", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "no trace has kept=true (1 rejected by the filter)" in err
-
-
-def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, tiny, monkeypatch):
+def test_eval_checks_samples_against_data_and_plots_pass_at_k(tmp_path, capsys, tiny, monkeypatch):
     """A duplicated, foreign or corrupt line of samples.jsonl (or a list for eval_config.json) is one line naming
     the file and line, exit 2: never counted into pass@k (a duplicate once gave "problems": 7 for 6)."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": "p0", "problem": "p0", "answer": "5"},
@@ -1125,137 +1117,81 @@ def test_eval_checks_samples_against_data_before_any_summary(tmp_path, capsys, t
     argv = ["eval", "--model", tiny, "--data", data, "--out", out, "--n", 2, "--max-new-tokens", 8]
     assert run_cli(argv, capsys)[0] == 0
     samples = out / "samples.jsonl"
-    good = samples.read_bytes()
-    first, second = read_lines(samples)
-    cases = [
-        (json.dumps(first), 3, "record 'p0' a second time"),
-        (json.dumps(dict(first, id="zz")), 3, "record 'zz' is not one of this run's --data"),
-        ("[1, 2]", 3, "expected a JSON object, got list"),
-        ('{"id": "\xff"}', 3, "not UTF-8 text (invalid start byte at byte 8 of the line)"),
-        (json.dumps({k: v for k, v in first.items() if k != "correct"}), 3, "field 'correct': missing or of the wrong type"),
-        (json.dumps(dict(second, correct=[True] * 3)), 2, "field 'correct': 3 items where this run has --n 2"),
-    ]
-    for line, lineno, fault in cases:
-        body = good + line.encode("latin-1") + b"\n" if lineno == 3 else good.split(b"\n")[0] + b"\n" + line.encode() + b"\n"
-        samples.write_bytes(body)
+    good, first = samples.read_bytes(), read_lines(samples)[0]
+    for line, fault in [(json.dumps(first), "record 'p0' a second time"),
+                        (json.dumps(dict(first, id="zz")), "record 'zz' is not one of this run's --data"),
+                        ("[1, 2]", "expected a JSON object, got list"),
+                        ('{"id": "\xff"}', "not UTF-8 text (invalid start byte at byte 8 of the line)"),
+                        (json.dumps(dict(first, correct=None)), "field 'correct': missing or of the wrong type")]:
+        samples.write_bytes(good + line.encode("latin-1") + b"\n")
         code, err = run_cli(argv, capsys)
-        assert code == 2 and err.strip() == (f"dail.py eval: error: {samples}:{lineno}: {fault} in an earlier run's "
-                                             f"output; move the file away (or --overwrite) to start over"), err
+        assert code == 2 and err.strip() == (f"dail.py eval: error: {samples}:3: {fault} in an earlier run's output; "
+                                             f"move the file away (or --overwrite) to start over"), err
         assert json.loads((out / "summary.json").read_text())["problems"] == 2    # the summary was not rewritten
     samples.write_bytes(good)
+    config = (out / "eval_config.json").read_bytes()
     (out / "eval_config.json").write_text("[1, 2]")
     code, err = run_cli(argv, capsys)
     assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: not a JSON object of "
                                          f"settings but a list; use another --out, or --overwrite to start over")
-
-
-def test_train_token_ids_and_eval_prompt_roles_name_their_line(tmp_path, capsys, tiny):
-    vocab = json.loads((tiny / "config.json").read_text())["vocab_size"]
-    trace = dict(id="a", problem="p", solution="s \\boxed{1}", answer="1", finish_reason="stop", kept=True)
-    for ids, item in [([1, -3], "item 1 is -3"), ([vocab], f"item 0 is {vocab}"), ([2, True], "item 1 is True")]:
-        data = write_jsonl(tmp_path / "t.jsonl", [trace, dict(trace, id="b", response_ids=ids)])
-        data.write_text(data.read_text().replace('"finish_reason"', '"response_ids": [1], "finish_reason"', 1))
-        code, err = run_cli(["train", "--model", tiny, "--data", data, "--out", tmp_path / "o"], capsys)
-        assert code == 2 and err.strip() == (f"dail.py train: error: {data}:2: field 'response_ids': {item}, not a "
-                                             f"token id (an integer in [0, {vocab}) for --model {tiny})"), err
-        assert not (tmp_path / "o").exists()                                 # before any model loads or --out
-    import shutil
-    folder = tmp_path / "m"
-    shutil.copytree(tiny, folder)
-    (folder / "chat_template.jinja").write_text(
-        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-        "{{ raise_exception('Unexpected message role.') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": "1"},
-                                              {"problem": "q", "answer": "2", "prompt": [{"role": "robot", "content": "q"}]}])
-    code, err = run_cli(["eval", "--model", folder, "--data", data, "--out", tmp_path / "e", "--n", 1, "--max-new-tokens", 8],
-                        capsys)
-    assert code == 2 and err.strip().splitlines()[-1] == (f"dail.py eval: error: {data}:2: field 'prompt': the chat "
-                                                          f"template of the model rejects it (Unexpected message role.)")
-
-
-def test_eval_plot_shows_pass_at_k_on_0_to_1(tmp_path, capsys, tiny, monkeypatch):
-    pytest.importorskip("matplotlib")
-    from matplotlib.figure import Figure
+    (out / "eval_config.json").write_bytes(config)
+    Figure = pytest.importorskip("matplotlib.figure").Figure      # a rerun plots pass@k on a fixed scale, 0..1
     seen, real = [], Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.append(fig.axes[0].get_ylim()),
                                                                  real(fig, *a, **k)))
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "5"}])
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{5}", "no"]}))   # a flat pass@k
-    assert run_cli(["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 2], capsys)[0] == 0
-    assert seen == [(-0.02, 1.02)] and (tmp_path / "e" / "passk.png").exists()
+    assert run_cli(argv, capsys)[0] == 0 and seen == [(-0.02, 1.02)] and (out / "passk.png").exists()
 
 
-def test_resume_jsonl_drops_half_written_tail(tmp_path):
-    p = tmp_path / "x.jsonl"
-    p.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
-    assert dail.resume_jsonl(p) == [{"a": 1}, {"a": 2}]
-    assert p.read_text() == '{"a": 1}\n{"a": 2}\n'
-    p.write_text('{"a": 1}\n{oops}\n{"a": 3}\n')
-    with pytest.raises(dail.DailError, match=":2: not valid JSON"):
-        dail.resume_jsonl(p)
-    assert dail.resume_jsonl(p, peek=True) == [{"a": 1}, {"a": 3}]          # peek: a bad line is skipped, never an error
-    p.write_text('{"a": 1}\n{"a": ')
-    assert dail.resume_jsonl(p, peek=True) == [{"a": 1}] and p.read_text() == '{"a": 1}\n{"a": '   # peek cuts nothing
+def test_eval_prompt_roles_name_their_line(tmp_path, capsys, tiny):
+    shutil.copytree(tiny, tmp_path / "m")
+    (tmp_path / "m" / "chat_template.jinja").write_text("{% for m in messages %}{% if m['role'] == 'robot' %}{{ "
+                                                        "raise_exception('Unexpected message role.') }}{% endif %}"
+                                                        "{{ m['content'] }}{% endfor %}")
+    robot = {"problem": "q", "answer": "2", "prompt": [{"role": "robot", "content": "q"}]}
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p", "answer": "1"}, robot])
+    code, err = run_cli(["eval", "--model", tmp_path / "m", "--data", data, "--out", tmp_path / "e", "--n", 1,
+                         "--max-new-tokens", 8], capsys)
+    assert code == 2 and err.strip().endswith(f"eval: error: {data}:2: field 'prompt': the chat template of the "
+                                              f"model rejects it (Unexpected message role.)"), err
 
 
-def test_jsonl_keeps_responses_with_unicode_line_breaks(tmp_path):
+def test_resume_jsonl_cuts_a_half_written_tail_and_keeps_unicode_line_breaks(tmp_path):
     """A sampled response may hold U+0085, U+2028 or U+2029 (a tiny random model wrote U+0085 in a CI run);
     json.dumps(ensure_ascii=False) leaves them raw, and str.splitlines() would split the record there."""
-    records = [{"responses": [f"a{c}b", "plain"], "i": i} for i, c in enumerate("\x85\u2028\u2029\x0b\x0c\x1c")]
-    p = tmp_path / "samples.jsonl"
+    p, records = tmp_path / "x.jsonl", [{"r": [f"a{c}b"], "i": i} for i, c in enumerate("\x85\u2028\u2029\x0b\x0c\x1c")]
     with open(p, "w", encoding="utf-8") as f:
         for r in records:
             dail.append_jsonl(f, r)
     assert len(p.read_text(encoding="utf-8").splitlines()) > len(records)      # the trap is really there
-    assert dail.resume_jsonl(p) == records
-    assert dail.resume_jsonl(p, peek=True) == records
-    assert read_lines(p) == records
-
-
-def full_disk(monkeypatch, name):
-    """dail's own open() of a file whose name starts with `name` hits a full disk (ENOSPC) after 100 bytes."""
-    import builtins
-    import errno
-
-    class Full:
-        def __init__(self, f):
-            self.f, self.n = f, 0
-
-        def write(self, b):
-            self.n += len(b)
-            if self.n > 100:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.f.write(b)
-
-        def __getattr__(self, k):
-            return getattr(self.f, k)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-    def fake(path, *a, **k):
-        f = builtins.open(path, *a, **k)
-        return Full(f) if Path(path).name.startswith(name) else f
-    monkeypatch.setattr(dail, "open", fake, raising=False)
+    assert dail.resume_jsonl(p) == dail.resume_jsonl(p, peek=True) == read_lines(p) == records
+    p.write_text('{"a": 1}\n{oops}\n{"a": 3}\n{"a": ')
+    assert dail.resume_jsonl(p, peek=True) == [{"a": 1}, {"a": 3}]            # peek: skips a bad line, cuts nothing
+    with pytest.raises(dail.DailError, match=":2: not valid JSON"):
+        dail.resume_jsonl(p)
+    p.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert dail.resume_jsonl(p) == [{"a": 1}, {"a": 2}] and p.read_text() == '{"a": 1}\n{"a": 2}\n'
 
 
 def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, expert, tiny, traces, monkeypatch):
+    import errno
+    import io
+
+    class Full(io.FileIO):                              # a file on a disk that is full after 100 bytes
+        def write(self, b):
+            if self.tell() + len(b) > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
     ev, rw, tr = tmp_path / "ev", tmp_path / "rw.jsonl", tmp_path / "tr"
-    cases = [(eval_argv(tiny, expert, ev), ev / "summary.json"),
-             (rewrite_argv(tiny, expert, rw, "--samples", 1), tmp_path / "rw.summary.json"),
-             (train_argv(tiny, traces[1], tr, "--max-steps", 2, "--save-every", 1), tr / "checkpoint.pt")]
-    for argv, victim in cases:
-        with monkeypatch.context() as m:
-            full_disk(m, victim.name + ".")
+    for argv, victim in [(eval_argv(tiny, expert, ev), ev / "summary.json"),
+                         (rewrite_argv(tiny, expert, rw, "--samples", 1), tmp_path / "rw.summary.json"),
+                         (train_argv(tiny, traces[1], tr, "--max-steps", 2, "--save-every", 1), tr / "checkpoint.pt")]:
+        with monkeypatch.context() as m:                # dail's own open() of the victim's temporary file
+            m.setattr(dail, "open", lambda p, *a, **k: (Full if Path(p).name.startswith(victim.name + ".") else open)(
+                p, *a, **k), raising=False)
             code, err = run_cli(argv, capsys)
-        assert code == 2 and "Traceback" not in err, err
-        assert err.strip().splitlines()[-1] == (f"dail.py {argv[0]}: error: {victim}: could not write it (the disk is "
-                                                f"full) (No space left on device); nothing was replaced; free space "
-                                                f"and rerun the same command")
+        assert code == 2 and err.endswith(f"dail.py {argv[0]}: error: {victim}: could not write it (the disk is full) "
+                                          f"(No space left on device); nothing was replaced; free space and rerun the "
+                                          f"same command\n"), err
         assert not victim.exists() and not list(victim.parent.glob("*.tmp"))
         if argv[0] != "train":                                     # the rerun resumes and writes the summary
             assert run_cli(argv, capsys)[0] == 0 and json.loads(victim.read_text())["problems"] == 3
@@ -1263,54 +1199,49 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, expe
 
 def test_full_disk_on_a_small_file_system(tmp_path, capsys, expert, tiny, traces):
     """The same on a real full disk: a 256 KiB tmpfs, where this machine lets the tests mount one (root)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
+    (mnt := tmp_path / "small").mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
                                            capture_output=True).returncode:
         pytest.skip("mounting a small file system is not allowed here")
     try:
         code, err = run_cli(train_argv(tiny, traces[1], mnt / "tr", "--max-steps", 1, "--lora-rank", 32), capsys)
-        assert code == 2 and "checkpoint.pt: could not write it (the disk is full)" in err and "Traceback" not in err, err
+        assert code == 2 and "checkpoint.pt: could not write it (the disk is full)" in err, err
         assert not list((mnt / "tr").glob("*.tmp"))
         shutil.rmtree(mnt / "tr")
         ev = mnt / "ev"
         assert run_cli(eval_argv(tiny, expert, ev, "--n", 2), capsys)[0] == 0
         before = {f: (ev / f).read_bytes() for f in ("samples.jsonl", "summary.json")}
-        with open(mnt / "filler", "wb", buffering=0) as f:        # fill the disk to the last byte
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"x" * 512)
+        with open(mnt / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):   # fill it to the last byte
+            while True:
+                f.write(b"x" * 512)
         # a rerun always rewrites summary.json; with another grader it re-grades, rewriting samples.jsonl first
         grader = "math-verify" if math_verify_importable() else "builtin"
         code, err = run_cli(eval_argv(tiny, expert, ev, "--n", 2, "--grader", grader), capsys)
-        assert code == 2 and "could not write it (the disk is full)" in err and "Traceback" not in err, err
+        assert code == 2 and "could not write it (the disk is full)" in err, err
         assert {f: (ev / f).read_bytes() for f in before} == before and not list(ev.glob("*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(mnt)])   # -l: even while a failed run still holds a file there
 
 
 def test_adapters_load_with_peft(tmp_path, capsys, tiny, traces):
-    _, data = traces
     out = tmp_path / "p"
-    assert run_cli(train_argv(tiny, data, out, "--max-steps", 3), capsys)[0] == 0
+    assert run_cli(train_argv(tiny, traces[1], out, "--max-steps", 3), capsys)[0] == 0
     config = json.loads((out / "adapters" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
-    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 32.0, 0.0)
-    assert sorted(config["target_modules"]) == sorted("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(","))
+    assert {k: config[k] for k in ("peft_type", "task_type", "bias", "r", "lora_alpha", "lora_dropout")} == dict(
+        peft_type="LORA", task_type="CAUSAL_LM", bias="none", r=8, lora_alpha=32.0, lora_dropout=0.0)
+    assert sorted(config["target_modules"]) == sorted("q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split())
     assert Path(config["base_model_name_or_path"]) == Path(tiny).resolve()
     from safetensors.torch import load_file
     keys = load_file(str(out / "adapters" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
-    peft = pytest.importorskip("peft", reason="peft not installed: the format is checked above against its documented keys")
+    peft = pytest.importorskip("peft", reason="peft not installed: the format is checked above against its keys")
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
-    with_adapters = peft.PeftModel.from_pretrained(base, str(out / "adapters")).eval()
-    merged = dail.load_model(str(out), torch.device("cpu"), torch.float32).eval()
-    plain = dail.load_model(str(tiny), torch.device("cpu"), torch.float32).eval()
-    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 40, 41]])
+    models = [peft.PeftModel.from_pretrained(base, str(out / "adapters")),
+              *(dail.load_model(str(folder), torch.device("cpu"), torch.float32) for folder in (out, tiny))]
     with torch.no_grad():
-        got, want, before = with_adapters(input_ids=ids).logits, merged(input_ids=ids).logits, plain(input_ids=ids).logits
+        got, want, before = [m.eval()(input_ids=torch.tensor([[1, 5, 9, 33, 70, 2, 40, 41]])).logits for m in models]
     assert float((want - before).abs().max()) > 1e-3                   # the adapters learned something
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
