@@ -1779,9 +1779,8 @@ def planned_steps(args, num_examples, say=True, few=20):
     """ceil(examples x epochs / --batch-size), at most --max-steps; a warning line when few or within the warm-up."""
     steps = min(math.ceil(num_examples * args.epochs / args.batch_size), args.max_steps or math.inf)
     if say and (steps < few or steps <= args.warmup_steps):
-        print(f"warning: train: {steps} optimizer steps ({num_examples} examples x {args.epochs} epochs / batch "
-              f"{args.batch_size}, --max-steps {args.max_steps}), under {few} or within --warmup-steps "
-              f"{args.warmup_steps}: the model will barely train", file=sys.stderr)
+        print(f"warning: train: only {steps} optimizer steps ({num_examples} examples x {args.epochs} epochs / batch "
+              f"{args.batch_size}; --warmup-steps {args.warmup_steps}): the model will barely train", file=sys.stderr)
     return steps
 
 
