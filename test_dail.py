@@ -1831,24 +1831,6 @@ def test_train_out_needs_resume_with_its_settings_and_checkpoint(tmp_path, capsy
     assert [m["step"] for m in read_lines(out / "metrics.jsonl")] == [1] and (out / "stale.txt").exists()
 
 
-def test_rewrite_resume_refuses_duplicated_or_foreign_traces(tmp_path, capsys, tiny, traces):
-    expert, done = traces
-    out, records = tmp_path / "traces.jsonl", read_lines(done)
-    first = records[0]
-    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 12,
-            "--no-filter", "--threshold", 0]
-    (tmp_path / "traces.config.json").write_bytes(done.with_suffix(".config.json").read_bytes())
-    for extra, fault in [(first, f"record {(first['id'], 0)!r} a second time"),
-                         (dict(first, sample=1), f"record {(first['id'], 1)!r} is not one of this run's --data"),
-                         (dict(first, kept=None), "field 'kept': missing or of the wrong type")]:
-        write_jsonl(out, records + [extra])
-        code, err = run_cli(argv, capsys)
-        assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
-                                             f"run's output; move the file away (or --overwrite) to start over"), err
-    write_jsonl(out, records)
-    assert run_cli(argv, capsys)[0] == 0                                    # the run's own file resumes as before
-
-
 def test_checkpoints_at_epoch_ends_and_few_steps_warn(tmp_path, capsys, tiny, traces, monkeypatch):
     saved, real_save = [], dail.save_checkpoint
     monkeypatch.setattr(dail, "save_checkpoint", lambda path, step, *a: (saved.append(step), real_save(path, step, *a)))
@@ -1916,27 +1898,27 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(dail, "load_tokenizer", forbidden)
 
 
-BAD_VALUES = [  # (command, flags, the error line's start; "": the flag's name)
-    ("rewrite", "--temperature -1", "--temperature -1.0: must be a number >= 0"), ("rewrite", "--temperature nan", ""),
-    ("rewrite", "--top-p 0", "--top-p 0.0: must be a number in (0, 1]"), ("rewrite", "--top-k -1", ""),
-    ("rewrite", "--keep-per-problem 0", "--keep-per-problem 0: must be an integer >= 1"), ("eval", "--n 0", ""),
-    ("rewrite", "--threshold -1", ""), ("rewrite", "--retries 0", ""), ("rewrite", "--max-new-tokens 0", ""),
-    ("rewrite", "--max-prompt-len 0", ""), ("rewrite", "--gpu-memory-utilization 0", ""), ("eval", "--top-p 1.5", ""),
-    ("rewrite", "--device tpu", "--device tpu: must be auto, cpu, cuda, cuda:N or mps"), ("train", "--device tpu", ""),
-    ("rewrite", "--seed -1", "--seed -1: must be an integer in 0..4294967295"), ("rewrite", f"--seed {2 ** 32}", ""),
+NAMED_ONLY = dict(  # command: flags whose bad value is refused naming the flag (the message: as below)
+    rewrite="--temperature nan,--top-k -1,--threshold -1,--samples 0,--retries 0,--max-new-tokens 0,--max-prompt-len 0,"
+            f"--seed {2 ** 32},--gpu-memory-utilization 0",
+    train="--device tpu,--epochs 0,--lr -1,--max-steps 0,--lam -5,--save-every -1,--max-len 0,--micro-batch-size 0",
+    eval=f"--seed {2 ** 70},--top-p 1.5,--temperature -1,--n 0,--device tpu,--max-new-tokens -3")
+BAD_VALUES = [(c, flags, "") for c, named in NAMED_ONLY.items() for flags in named.split(",")] + [
+    ("rewrite", "--temperature -1", "--temperature -1.0: must be a number >= 0"),
+    ("rewrite", "--top-p 0", "--top-p 0.0: must be a number in (0, 1]"),
+    ("rewrite", "--keep-per-problem 0", "--keep-per-problem 0: must be an integer >= 1"),
+    ("rewrite", "--device tpu", "--device tpu: must be auto, cpu, cuda, cuda:N or mps"),
+    ("rewrite", "--seed -1", "--seed -1: must be an integer in 0..4294967295"),
     ("train", f"--seed {2 ** 64}", f"--seed {2 ** 64}: must be an integer in 0..4294967295"),
-    ("rewrite", "--samples 0", ""),
     *[(c, "--device mps", "--device mps: Apple's MPS is not available on this machine")
       for c in ("rewrite", "train", "eval") if not torch.backends.mps.is_available()],
     *[(c, "--device cuda:0", "--device cuda:0: this machine has 0 CUDA device(s)")
       for c in ("rewrite", "eval") if not torch.cuda.is_available()],
-    ("train", "--lora-rank -1", "--lora-rank -1: must be an integer >= 0"), ("train", "--epochs 0", ""),
-    ("train", "--lr -1", "--lr -1.0: must be a number > 0"), ("train", "--lr 0", ""), ("train", "--max-steps 0", ""),
-    ("train", "--lam -5", ""), ("train", "--save-every -1", ""), ("train", "--micro-batch-size 0", ""),
-    ("train", "--lora-dropout 1", "--lora-dropout 1.0: must be a number in [0, 1)"), ("train", "--max-len 0", ""),
+    ("train", "--lora-rank -1", "--lora-rank -1: must be an integer >= 0"),
+    ("train", "--lr 0", "--lr 0.0: must be a number > 0"),
+    ("train", "--lora-dropout 1", "--lora-dropout 1.0: must be a number in [0, 1)"),
     ("train", "--max-prompt-len 100", "--max-prompt-len: not used by train (train's length limit is --max-len)"),
-    ("eval", f"--seed {2 ** 70}", ""), ("eval", "--temperature -1", ""), ("eval", "--max-new-tokens -3", ""),
-    ("eval", "--threads -1", "--threads -1: must be an integer >= 0"), ("eval", "--device tpu", ""),
+    ("eval", "--threads -1", "--threads -1: must be an integer >= 0"),
     ("eval", "--n 4 --k 1,8", "--k 1,8: expected comma-separated integers in 1..n (n = 4; pass@k needs n >= k)"),
 ]
 
@@ -2031,11 +2013,22 @@ def test_model_fingerprint_covers_weights_config_and_tokenizer_only(tmp_path):
     assert dail.model_fingerprint("nobody/no-such-model").startswith("nobody/no-such-model")
 
 
-def test_rewrite_resume_checks_settings_grader_and_data(tmp_path, capsys, expert, tiny):
+def test_rewrite_resume_refuses_other_settings_data_or_records(tmp_path, capsys, expert, tiny):
     out = tmp_path / "r" / "traces.jsonl"
     argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 3,
             "--threshold", 0]
     assert run_cli(argv, capsys)[0] == 0
+    records = read_lines(out)
+    first = records[0]
+    for extra, fault in [(first, f"record {(first['id'], 0)!r} a second time"),
+                         (dict(first, sample=1), f"record {(first['id'], 1)!r} is not one of this run's --data"),
+                         (dict(first, kept=None), "field 'kept': missing or of the wrong type")]:
+        write_jsonl(out, records + [extra])
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
+                                             f"run's output; move the file away (or --overwrite) to start over"), err
+    write_jsonl(out, records)
+    assert run_cli(argv, capsys)[0] == 0 and read_lines(out) == records     # the run's own file resumes as before
     grader = "math-verify" if math_verify_importable() else "builtin"
     changes = [(["--seed", 3], "seed=0"), (["--leak-phrases", "the hint"], "leak_phrases=")]
     changes += [(["--grader", grader], "grader='builtin'")] if grader != "builtin" else []
@@ -2102,9 +2095,8 @@ def test_eval_grader_recorded_and_never_mixed(tmp_path, capsys, tiny, monkeypatc
 
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) ================
 def train_succeeded(r):
-    """A torchrun train run that worked. Known, not ours: under load on this CPU a gloo worker thread sometimes
-    aborts a rank at exit ("terminate called without an active exception") after the run has finished and saved;
-    the tests then check the outputs themselves."""
+    """A torchrun train run that worked; known, not ours: under load a gloo thread may abort a rank at exit ("terminate
+    called without an active exception") after the run finished and saved; the tests check the outputs."""
     return r.returncode == 0 or "train: done:" in r.stderr and "terminate called without an active" in r.stderr
 
 
@@ -2145,9 +2137,10 @@ def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch)
         monkeypatch.setattr(dail, "available_ram", lambda: ram)
         monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
         cache, line = dail.setup_reference_cache(dail.TrainArgs(), exs, model, torch.float32, tmp_path)
-        assert cache["mode"] == want and f"{size / 1e9:.3g} GB" in line and "auto" in line, line
-    cache, line = dail.setup_reference_cache(dail.TrainArgs(reference_cache="disk"), exs, model, torch.float32, tmp_path)
-    assert cache["mode"] == "disk" and "(auto: " not in line           # a chosen mode is taken as it is
+        assert cache["mode"] == want and f"(auto: {size / 1e9:.3g} GB)" in line, line
+    chosen = dail.TrainArgs(reference_cache="disk")                    # a chosen mode is taken as it is
+    cache, line = dail.setup_reference_cache(chosen, exs, model, torch.float32, tmp_path)
+    assert cache["mode"] == "disk" and "(auto: " not in line
 
 
 def count_reference_forwards(monkeypatch):
@@ -2162,9 +2155,8 @@ def count_reference_forwards(monkeypatch):
 
 
 def assert_same_run(a, b, exact=False):
-    """Same metrics.jsonl and final weights; exact: bit for bit (micro-batches of 1: a cached state is the very
-    forward the uncached run repeats), else within float rounding (a state cached in epoch 1 was padded to that
-    micro-batch's width, which changes the last bits of KLs of ~3e-4)."""
+    """Same metrics.jsonl and weights; exact: bit for bit (micro-batches of 1), else to float rounding (a state cached
+    in epoch 1 was padded to that micro-batch's width: the last bits of KLs of ~3e-4)."""
     ma, mb = read_lines(a / "metrics.jsonl"), read_lines(b / "metrics.jsonl")
     assert [m["step"] for m in ma] == [m["step"] for m in mb] and len(ma) == 6
     for x, y in zip(ma, mb):
