@@ -2048,16 +2048,16 @@ def test_rewrite_resume_refuses_other_settings_data_or_records(tmp_path, capsys,
 def test_eval_rerun_regrades_without_sampling(tmp_path, capsys, tiny, monkeypatch):
     """The summary is always graded from samples.jsonl: a line another grader graded (here: verdicts of an older
     grader, which did not record its name) is graded again, the file rewritten, and no model is loaded."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "-2, 1"},
-                                              {"problem": "p2", "answer": "\\$18.90"}])
+    data = write_jsonl(tmp_path / "d.jsonl", [dict(problem=p, answer=a) for p, a in
+                                              [("p1", "-2, 1"), ("p2", "\\$18.90"), ("p3", "2x+3")]])
     answers = {0: ["\\boxed{1,-2}", "\\boxed{-2} and \\boxed{1}", "\\boxed{-21}"],
-               1: ["\\boxed{18.9}", "\\boxed{18.09}", "none"]}
+               1: ["\\boxed{18.9}", "\\boxed{18.09}", "none"], 2: ["\\boxed{3+2x}", "\\boxed{2x+3}", "none"]}
     monkeypatch.setattr(dail, "make_sampler", fake_sampler_for(answers))
     argv = ["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3, "--max-new-tokens", 8]
     assert run_cli(argv, capsys)[0] == 0
-    samples = tmp_path / "e" / "samples.jsonl"
+    samples, summary = tmp_path / "e" / "samples.jsonl", tmp_path / "e" / "summary.json"
     lines = read_lines(samples)
-    assert [r["correct"] for r in lines] == [[True, True, False], [True, False, False]]
+    assert [r["correct"] for r in lines] == [[True, True, False], [True, False, False], [False, True, False]]
     assert {r["grader"] for r in lines} == {"builtin"}
     code, err = run_cli(argv, capsys)                                     # graded by this grader: left as is
     assert code == 0 and "again" not in err and read_lines(samples) == lines
@@ -2066,31 +2066,19 @@ def test_eval_rerun_regrades_without_sampling(tmp_path, capsys, tiny, monkeypatc
     monkeypatch.setattr(dail, "make_sampler", None)                       # nothing is sampled, no model loads
     monkeypatch.setattr(dail, "load_model", None)
     code, err = run_cli(argv, capsys)
-    assert code == 0 and "graded the samples of 2 problems again with --grader builtin" in err, err
+    assert code == 0 and "graded the samples of 3 problems again with --grader builtin" in err, err
     assert read_lines(samples) == lines and not list((tmp_path / "e").glob("*.tmp"))
-    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["pass_at_k"]["1"] == pytest.approx((2 / 3 + 1 / 3) / 2) and summary["grader"] == {"name": "builtin"}
+    assert json.loads(summary.read_text())["pass_at_k"]["1"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert json.loads(summary.read_text())["grader"] == {"name": "builtin"}
+    for _ in range(2 if math_verify_importable() else 0):       # another grader re-grades every line, then resumes
+        assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0
+        lines, recorded = read_lines(samples), json.loads(summary.read_text())
+        assert lines[2]["correct"] == [True, True, False] and {r["grader"] for r in lines} == {"math-verify"}
+        assert recorded["grader"]["name"] == recorded["settings"]["grader"] == "math-verify"
+        assert recorded["grader"]["version"]
     with pytest.raises(SystemExit) as e:   # --model and --data are required, as argparse says it
         dail.main(["eval", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "required: --model, --data" in capsys.readouterr().err
-
-
-@needs_math_verify
-def test_eval_grader_recorded_and_never_mixed(tmp_path, capsys, tiny, monkeypatch):
-    """summary.json names the grader (math-verify with its version); a rerun with another grader re-grades every
-    line (samples.jsonl and the summary never mix two graders)."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "2x+3"}])
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{3+2x}", "\\boxed{2x+3}"]}))
-    argv = ["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 2, "--max-new-tokens", 8]
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(tmp_path / "e" / "samples.jsonl")[0]["correct"] == [False, True]
-    monkeypatch.setattr(dail, "make_sampler", None)                      # nothing is sampled again
-    for _ in range(2):                                                   # re-graded, then resumed with that grader
-        assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0
-        line = read_lines(tmp_path / "e" / "samples.jsonl")[0]
-        assert line["correct"] == [True, True] and line["grader"] == "math-verify"
-    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["grader"]["name"] == summary["settings"]["grader"] == "math-verify" and summary["grader"]["version"]
 
 
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) ================
