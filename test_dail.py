@@ -1788,11 +1788,6 @@ def fake_sampler_for(answers):
 
 
 # ==== Appendix B.2, running it: safe reruns -- fingerprints, resume, checkpoints, output locks, flag checks ===========
-def test_missing_model_folder_is_one_line(tmp_path, capsys, expert):
-    code, err = run_cli(["eval", "--model", "./no/such/model", "--data", expert, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "--model ./no/such/model: no such model folder" in err
-
-
 def test_train_out_needs_resume_with_its_settings_and_checkpoint(tmp_path, capsys, tiny, traces):
     out = tmp_path / "t"
     argv = train_argv(tiny, traces[1], out, "--max-steps", 3, "--save-every", 1)
@@ -1968,6 +1963,8 @@ def test_eval_rerun_checks_model_data_and_settings(tmp_path, capsys, expert, mon
     save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
     flags = ["--out", out, "--n", 2, "--max-new-tokens", 4, "--answer-tokens", 3, "--engine", "hf"]
     argv = ["eval", "--model", model, "--data", expert, *flags]
+    code, err = run_cli(["eval", "--model", "./no/such/model", "--data", expert, *flags], capsys)
+    assert code == 2 and err.strip() == "dail.py eval: error: --model ./no/such/model: no such model folder"
     assert run_cli(argv, capsys)[0] == 0
     first, config = read_lines(out / "samples.jsonl"), json.loads((out / "eval_config.json").read_text())
     assert config["presence_penalty"] == 1.5 and config["answer_tokens"] == 3 and config["no_force_answer"] is False
