@@ -1893,7 +1893,7 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(dail, "load_tokenizer", forbidden)
 
 
-NAMED_ONLY = dict(  # command: flags whose bad value is refused naming the flag (the message: as below)
+NAMED_ONLY = dict(  # command: flags whose bad value is refused by one line that starts with the flag
     rewrite="--temperature nan,--top-k -1,--threshold -1,--samples 0,--retries 0,--max-new-tokens 0,--max-prompt-len 0,"
             f"--seed {2 ** 32},--gpu-memory-utilization 0",
     train="--device tpu,--epochs 0,--lr -1,--max-steps 0,--lam -5,--save-every -1,--max-len 0,--micro-batch-size 0",
