@@ -1569,9 +1569,10 @@ MODEL_FILES = tuple("config.json generation_config.json tokenizer.json tokenizer
                     "added_tokens.json vocab.json merges.txt tokenizer.model chat_template.jinja chat_template.json "
                     "*.safetensors *.safetensors.index.json pytorch_model*.bin pytorch_model.bin.index.json".split())
 
-# What train writes into --out besides the model: --overwrite removes them; any other file means an earlier run.
+# What train (besides the model) and eval write into --out: no input may be one; train's --overwrite clears its own.
 TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "adapters",
                  "train_config.json", "reference_cache", "dail_prompt.json")
+EVAL_RESULTS = ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")
 
 
 def run_config(args, command):
@@ -1653,13 +1654,13 @@ def check_own_inputs(out, outputs, inputs, model=None, folder=None):
 
 
 def check_out(args, command):
-    """--out -> Path (rewrite: a file, else a folder), created, not holding an input as an output (check_own_inputs)."""
+    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
     if command == "rewrite":
         outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
     else:
-        names = TRAIN_RESULTS + MODEL_FILES if command == "train" else ("samples.jsonl", "summary.json", "passk.png")
-        outputs = [p / name for name in names] + [p / "eval_config.json", *p.glob("samples.part*")]
+        names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
+        outputs = [p / name for name in names] + [*p.glob("samples.part*")]
     check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
     try:                                        # (an existing file or folder of the wrong kind fails here too)
         (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
