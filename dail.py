@@ -1773,7 +1773,6 @@ def validate_args(args):
             kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
             raise DailError(f"--{name.replace('_', '-')} {value}: must be {kind}{must}")
     resolve_device(args.device)                # a device this machine lacks: refused before any model loads
-    return args
 
 
 def planned_steps(args, num_examples, say=True, few=20):
