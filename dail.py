@@ -373,7 +373,7 @@ def cmd_rewrite(args):
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), rewrite_engine(args, True)
-    check_out_file(args)
+    check_out(args, "rewrite")
     n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
                                                              out.with_suffix(".summary.json"))
     tok = load_tokenizer(args.model, args.trust_remote_code)
@@ -796,7 +796,7 @@ def cmd_eval(args):
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
-    check_out_folder(args)
+    check_out(args, "eval")
     out, samples_path = Path(args.out), Path(args.out) / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
@@ -1414,17 +1414,19 @@ RESULT_SETTINGS = {command: names.split() for command, names in dict(
     eval="n temperature top_p top_k max_new_tokens thinking seed dtype presence_penalty answer_tokens no_force_answer",
 ).items()}
 
-# The files of a model folder that decide its outputs (weights, config, tokenizer): its fingerprint, and inputs
-# no run may write over. Metrics, checkpoints or an eval folder inside it are not the model.
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-               "chat_template.jinja", "chat_template.json", "*.safetensors", "*.safetensors.index.json",
-               "pytorch_model*.bin", "pytorch_model.bin.index.json")
+# A model folder's files that decide its outputs: its fingerprint, and inputs no run may write over.
+MODEL_FILES = tuple("config.json generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json "
+                    "added_tokens.json vocab.json merges.txt tokenizer.model chat_template.jinja chat_template.json "
+                    "*.safetensors *.safetensors.index.json pytorch_model*.bin pytorch_model.bin.index.json".split())
+
+# What train (besides the model) and eval write into --out: no input may be one; train's --overwrite clears its own.
+TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "adapters",
+                 "train_config.json", "reference_cache", "dail_prompt.json")
+EVAL_RESULTS = ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")
 
 
 def run_config(args, command):
-    """What proves that results in --out are this run's: fingerprints of the model (one retrained in the same
-    folder differs) and of the data, RESULT_SETTINGS[command], and the paths (for the reader, never compared)."""
+    """Proof that results in --out are this run's: model and data fingerprints, settings (paths: never compared)."""
     return dict(model_fingerprint=model_fingerprint(args.model), data_fingerprint=file_fingerprint(args.data, True),
                 **{k: getattr(args, k) for k in RESULT_SETTINGS[command]},
                 paths=dict(model=normalized_model(args.model), data=str(Path(args.data).resolve())))
@@ -1436,8 +1438,7 @@ def normalized_model(name):
 
 
 def file_fingerprint(path, whole=False, edge=1 << 20):
-    """'size:sha256[:16]' of a file; of one over 64 MiB (a weight file), unless `whole`, of its first and last
-    `edge` bytes only: the safetensors header holds every tensor's name, shape and offset."""
+    """'size:sha256[:16]'; over 64 MiB, unless `whole`, of the first and last `edge` bytes (the safetensors header)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(-1 if whole or size < 64 << 20 else edge)
@@ -1446,8 +1447,7 @@ def file_fingerprint(path, whole=False, edge=1 << 20):
 
 
 def model_fingerprint(name):
-    """A model folder: a hash of its MODEL_FILES (file_fingerprint: cheap for a 16 GB folder). A hub id:
-    'id@commit' when the hub or its cache names the commit (hub_commit), else the id alone."""
+    """A hash of a model folder's MODEL_FILES (file_fingerprint: cheap at 16 GB); a hub id: 'id@commit', or the id."""
     if not (folder := Path(name).expanduser()).is_dir():
         return f"{name}@{commit}" if (commit := hub_commit(name)) else name
     files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
@@ -1459,11 +1459,8 @@ def read_config(path):
     """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
     try:
         old = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DailError(f"{Path(path).parent}: holds results of an earlier run but no {Path(path).name} recording "
-                        f"how they were made; {START_OVER}") from None
-    except (OSError, ValueError) as e:
-        raise DailError(f"{path}: unreadable ({e}); {START_OVER}") from None
+    except (OSError, ValueError) as e:          # missing (results without their config), unreadable, not JSON
+        old = e
     if not isinstance(old, dict):
         raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; {START_OVER}")
     return old
@@ -1475,8 +1472,7 @@ def differing_setting(old, config):
 
 
 def check_resume_config(path, config, resuming):
-    """Only the run that wrote results resumes them: when `resuming`, the config saved at `path` must equal
-    `config` (run_config), else one line names the first difference. Then (re)write it."""
+    """When `resuming`, the config saved at `path` must equal `config` (else one line names a difference); write it."""
     if resuming and (k := differing_setting(old := read_config(path), config)) is not None:
         raise DailError(f"{Path(path).parent}: an earlier run wrote these results with "
                         f"{k}={old.get(k, '(not recorded)')!r}, this run asks for {k}={config[k]!r}; {START_OVER}")
@@ -1493,15 +1489,12 @@ def clear_results(*paths):
 
 
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
-    """No run writes over its own inputs, whatever the flags (--overwrite would delete them): no path of `outputs`
-    is, by any spelling or link, an input ({flag: path}) or a MODEL_FILES of --model, and an output `folder` is
-    not and does not hold the model's folder."""
+    """Whatever the flags, no path of `outputs` is (by any link) an input or a model file, nor `folder` the model's."""
     files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
     if model and (model_dir := Path(model).expanduser()).is_dir():
         real, here = os.path.realpath(model_dir), folder and os.path.realpath(folder)
         if here and os.path.commonpath([real, here]) == here:
-            raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder {model}; writing "
-                            f"there would destroy the model; use another --out")
+            raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder; use another --out")
         files |= {f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
     for path in outputs:
         for what, source in files.items():
@@ -1510,16 +1503,16 @@ def check_own_inputs(out, outputs, inputs, model=None, folder=None):
                     raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
 
 
-def check_out(args, outputs, folder=True):
-    """--out before any model loads -> Path: not an input (check_own_inputs; `outputs`: what the run writes or
-    clears there), a folder (folder=False: a file) that can be created."""
-    p = Path(args.out).expanduser()
+def check_out(args, command):
+    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input."""
+    p, folder = Path(args.out).expanduser(), command != "rewrite"
+    if command == "rewrite":
+        outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
+    else:
+        names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
+        outputs = [p / name for name in names] + [*p.glob("samples.part*")]
     check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
-    if p.exists() and p.is_dir() != folder:
-        raise DailError(f"--out {args.out}: " + ("exists and is not a folder; eval and train write a folder" if folder
-                                                 else f"is a folder; rewrite writes a JSONL file (e.g. "
-                                                      f"{Path(args.out) / 'traces.jsonl'})"))
-    try:
+    try:                                        # (an existing file or folder of the wrong kind fails here too)
         (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
         if not folder:
             open(p, "a").close()
@@ -1528,56 +1521,29 @@ def check_out(args, outputs, folder=True):
     return p
 
 
-def check_out_file(args):
-    """rewrite's --out: a JSONL file, with its summary, config and part files beside it."""
-    p = Path(args.out).expanduser()
-    check_out(args, [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"),
-                     *p.parent.glob(f"{p.stem}.part*")], folder=False)
-
-
-def check_out_folder(args):
-    """eval's --out: a folder."""
-    p = Path(args.out).expanduser()
-    check_out(args, [p / f for f in ("samples.jsonl", "summary.json", "passk.png", "eval_config.json")] +
-              list(p.glob("samples.part*")))
-
-
-_LOCKS = []  # the output locks this command holds (lock_output); main() releases them when the command ends
+_LOCKS = []  # the output locks this command holds; main() releases them when the command ends
 
 
 def lock_output(path, out):
-    """An exclusive flock of one output (a hidden file beside `path`, or in train's folder) until the command
-    ends (or dies, kill -9 too): two runs appending to one file would interleave their records."""
+    """Flock `path` (via a hidden file) till the command ends or dies: two runs on one file interleave records."""
     p = Path(path)
     lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise DailError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _LOCKS.append(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
+        fcntl.flock(_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        raise DailError(f"--out {out}: another run is writing {p} now (it holds {lock.name}); let it finish, "
-                        f"or use another --out") from None
-    except OSError as e:                     # a file system without locks (some NFS): run, but say so
-        print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
-    _LOCKS.append(fd)
-
-
-# What train writes into --out besides the model: --overwrite removes them; any other file means an earlier run.
-TRAIN_RESULTS = ("metrics.jsonl", "metrics.png", "train_summary.json", "checkpoint.pt", "adapters",
-                 "train_config.json", "reference_cache", "dail_prompt.json")
+        raise DailError(f"--out {out}: another run is writing {p} now; let it finish, or use another --out") from None
+    except OSError as e:                        # no permission, or a file system without locks
+        raise DailError(f"--out {out}: cannot lock {lock} ({e.strerror or e})") from None
 
 
 def guard_train_out(args):
-    """train's --out (check_out): a folder holding anything only with --resume (and the settings recorded in
-    train_config.json) or --overwrite (clears TRAIN_RESULTS). Under torchrun rank 0 alone checks and writes."""
+    """train's --out (rank 0): a folder holding anything only with --resume (same settings) or --overwrite."""
     if args.resume and args.overwrite:
-        raise DailError("--resume and --overwrite: choose one (continue the earlier run, or start over)")
+        raise DailError("--resume and --overwrite: choose one")
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    out = check_out(args, [Path(args.out).expanduser() / name for name in TRAIN_RESULTS + MODEL_FILES])
+    out = check_out(args, "train")
     lock_output(out, args.out)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
@@ -1604,46 +1570,35 @@ def save_checkpoint(path, step, model, optimizer, args, device):
 
 
 def load_checkpoint(path, model, optimizer, args, device, total_steps):
-    """Restore save_checkpoint's state -> the completed steps. Strictly: a file that is not a checkpoint of this
-    run (garbage; weights missing, extra or misshaped; a step past the end) is one line, never a fresh start."""
-    def refuse(why):
-        raise DailError(f"{path}: {why}; not a checkpoint of this run: move it away, or --overwrite to start over")
+    """Restore save_checkpoint's state -> its step; any other file is one line with the cause, never a fresh start."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
-        step, trainable, rng = ckpt["step"], dict(ckpt["trainable"]), ckpt["rng"]
-    except Exception as e:          # a truncated zip, garbage bytes, another pickle: whatever torch says
-        refuse(f"unreadable ({first_line(e, 120)})")
-    want = trainable_state(model, args).keys()
-    missing, extra = sorted(want - trainable.keys()), sorted(trainable.keys() - want)
-    if missing or extra:
-        refuse(f"{len(missing)} trainable weights missing ({(missing or ['none'])[0]}), {len(extra)} not of this "
-               f"model ({(extra or ['none'])[0]})")
-    if not isinstance(step, int) or not 0 <= step <= total_steps:
-        refuse(f"step {step!r}, outside this run's 0..{total_steps} steps")
-    try:
+        step, trainable, rng = ckpt["step"], ckpt["trainable"], ckpt["rng"]
+        if diff := sorted(trainable.keys() ^ trainable_state(model, args).keys()):
+            raise ValueError(f"{len(diff)} trainable weights missing or not of this model ({diff[0]})")
+        if not 0 <= step <= total_steps:
+            raise ValueError(f"step {step}, outside this run's 0..{total_steps} steps")
         model.load_state_dict(trainable, strict=False)          # strict over the trainable weights: checked above
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(rng["torch"].cpu())
-        if rng.get("cuda") is not None and device.type == "cuda":
+        if rng["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a shape, the optimizer's groups, an RNG state
-        refuse(f"does not fit ({first_line(e, 120)})")
+    except Exception as e:          # a truncated zip, garbage bytes, another run's weights: whatever torch says
+        raise DailError(f"{path}: not a checkpoint of this run ({first_line(e, 120)}); move it away, or --overwrite "
+                        f"to start over") from None
     return step
 
 
 def check_finite(step, values, checkpoint, args):
-    """Stop before the update of a step whose loss terms or gradient norm are not finite (a NaN model would be
-    saved with exit 0); nothing is written for it, so the last checkpoint (of a finite step) stands."""
+    """Stop before the update of a step with a non-finite loss or gradient norm: the last checkpoint stands."""
     if bad := [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]:
-        kept = f"{checkpoint} keeps the last checkpoint" if checkpoint.exists() else "no checkpoint was written"
-        raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before this step's update "
-                        f"({kept}); lower --lr (now {args.lr:g}) or raise --warmup-steps")
+        raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before its update ({checkpoint} "
+                        f"holds the last checkpoint, if any); lower --lr (now {args.lr:g}) or raise --warmup-steps")
 
 
-# The flag checks (validate_args): flags -> (test, what a value must be); the message says "an integer" or "a
-# number" by the value's type. None is a flag left unset (or to its released default).
+# The flag checks (validate_args): flags -> (test, what a value must be); None is a flag left unset.
 VALID = {name: check for names, check in {
     "threads top_k lora_rank warmup_steps save_every temperature threshold presence_penalty lam weight_decay grad_clip":
         (lambda v: 0 <= v < math.inf, ">= 0"),
@@ -1668,27 +1623,14 @@ def validate_args(args):
             kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
             raise DailError(f"--{name.replace('_', '-')} {value}: must be {kind}{must}")
     resolve_device(args.device)                # a device this machine lacks: refused before any model loads
-    # eval holds all --n samples of a problem until its line is written: ~512 bytes of records each, and per
-    # token of both passes an 8-byte list slot and a 28-byte int (--n 30000000 grew past 4 GB before a line)
-    need = args.n * (512 + (args.max_new_tokens + args.answer_tokens) * 36) if isinstance(args, EvalArgs) else 0
-    if need and need > (have := available_ram()):
-        raise DailError(f"--n {args.n}: the {args.n} samples of one problem are held together until its line is "
-                        f"written, up to {need / 2**30:.3g} GiB at --max-new-tokens {args.max_new_tokens} + "
-                        f"--answer-tokens {args.answer_tokens}, and {have / 2**30:.3g} GiB are available; lower --n")
-    return args
 
 
 def planned_steps(args, num_examples, say=True, few=20):
-    """train's optimizer steps: ceil(examples x epochs / --batch-size), at most --max-steps; a warning line when
-    they end inside the warm-up or are under `few` (else a few traces would silently be an untrained model)."""
+    """ceil(examples x epochs / --batch-size), at most --max-steps; a warning line when few or within the warm-up."""
     steps = min(math.ceil(num_examples * args.epochs / args.batch_size), args.max_steps or math.inf)
-    if say and ((ramp := steps <= args.warmup_steps) or steps < few):
-        why = (f"no more than the {args.warmup_steps} warm-up steps (--warmup-steps), so the learning rate never "
-               f"gets past its ramp" if ramp else f"fewer than {few}")
-        print(f"warning: train: {num_examples} examples x {args.epochs} epochs / batch {args.batch_size} = {steps} "
-              f"optimizer steps{f' (--max-steps {args.max_steps})' if steps == args.max_steps else ''}, {why}: the "
-              f"model will barely train; use more traces, more --epochs or a smaller --batch-size"
-              f"{', or fewer --warmup-steps' if ramp else ''}", file=sys.stderr)
+    if say and (steps < few or steps <= args.warmup_steps):
+        print(f"warning: train: only {steps} optimizer steps ({num_examples} examples x {args.epochs} epochs / batch "
+              f"{args.batch_size}; --warmup-steps {args.warmup_steps}): the model will barely train", file=sys.stderr)
     return steps
 
 
@@ -1713,8 +1655,7 @@ def states_digest(tensors):
 
 
 def load_states(cache, ex):
-    """An example's cached (teacher [n, H], shortcut [n, H]), or None: compute them. A disk entry whose header lacks
-    its key or checksum (the run's config pins model and dtype) is counted and recomputed."""
+    """Cached (teacher [n, H], shortcut [n, H]) or None; a disk file failing its key or checksum counts as bad."""
     key = example_key(ex)
     states = cache["states"].get(key)                  # memory ('off' and a disk cache hold none here)
     if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
@@ -1752,20 +1693,13 @@ def available_ram():
 
 
 def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
-    """--reference-cache -> (new_reference_cache, a line saying what was picked). auto: memory if the copies of the
-    ranks on this machine take at most half the available RAM, else disk if OUT has twice the size free, else off."""
+    """-> (cache, a line); auto: memory if ranks_here copies fit half the RAM, else disk if 2x fits OUT, else off."""
     hidden, tokens = model.get_input_embeddings().weight.shape[1], sum(len(ex["privileged"][1]) for ex in examples)
     size = tokens * 2 * hidden * dtype.itemsize                       # response tokens x 2 contexts x H x bytes
-    ram, disk = available_ram(), shutil.disk_usage(out).free
-    fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= disk, off=True)
-    mode = next(m for m in fits if fits[m]) if args.reference_cache == "auto" else args.reference_cache
-    if not fits[mode]:
-        raise DailError(f"--reference-cache {mode}: the cache would take {size / 1e9:.2f} GB (x {ranks_here} ranks "
-                        f"here in memory): more than half the available RAM ({ram / 1e9:.2f} GB) or of the free space "
-                        f"at {out} ({disk / 1e9:.2f} GB); use --reference-cache auto or off")
+    fits = dict(memory=size * ranks_here <= available_ram() // 2, disk=size * 2 <= shutil.disk_usage(out).free)
+    mode = next((m for m in fits if fits[m]), "off") if args.reference_cache == "auto" else args.reference_cache
     where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
-    line = (f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
-            f"GB = {tokens} response tokens x 2 contexts x hidden {hidden} x {dtype.itemsize} bytes)")
+    line = f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} GB)"
     return new_reference_cache(mode, out / "reference_cache", hidden), line
 
 

@@ -1258,73 +1258,64 @@ def fake_sampler_for(answers):
 
 
 # ==== Appendix B.2, running it: safe reruns -- fingerprints, resume, checkpoints, output locks, flag checks ===========
-def test_missing_model_dir_and_n_below_k(tmp_path, capsys, expert, tiny):
-    code, err = run_cli(["eval", "--model", "./no/such/model", "--data", expert, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "--model ./no/such/model: no such model folder" in err
-    code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "o", "--n", 4,
-                         "--k", "1,8"], capsys)
-    assert code == 2 and "n >= k" in err
-
-
-def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys, tiny, traces):
-    _, data = traces
+def test_train_out_needs_resume_with_its_settings_and_checkpoint(tmp_path, capsys, tiny, traces):
     out = tmp_path / "t"
-    argv = train_argv(tiny, data, out, "--max-steps", 3, "--save-every", 1)
+    argv = train_argv(tiny, traces[1], out, "--max-steps", 3, "--save-every", 1)
     assert run_cli(argv, capsys)[0] == 0
-    path = out / "checkpoint.pt"
-    good, ckpt = path.read_bytes(), torch.load(path, weights_only=False)
-    first = next(iter(ckpt["trainable"]))
-    cases = [(dict(ckpt, trainable={}), f"{len(ckpt['trainable'])} trainable weights missing"),
-             (dict(ckpt, trainable={k: v for k, v in ckpt["trainable"].items() if k != first}),
-              f"1 trainable weights missing ({first})"),
-             (dict(ckpt, trainable={**ckpt["trainable"], "x.lora_A": torch.zeros(1)}), "1 not of this model (x.lora_A)"),
-             (dict(ckpt, trainable={**ckpt["trainable"], first: torch.zeros(1)}), "does not fit (Error(s) in loading"),
-             (dict(ckpt, step=40), "step 40, outside this run's 0..3 steps"),
-             (good[:len(good) // 2], "unreadable ("), (b"garbage" * 100, "unreadable (")]
-    for content, message in cases:
-        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
-        code, err = run_cli(argv + ["--resume"], capsys)
+    metrics, path = (out / "metrics.jsonl").read_text(), out / "checkpoint.pt"
+
+
+    def refused(extra, *fragments, one_line=True):       # one line, and nothing of the earlier run is touched
+        code, err = run_cli(argv + extra, capsys)
         last = err.strip().splitlines()[-1]
-        assert code == 2 and "Traceback" not in err and last.startswith(f"dail.py train: error: {path}: "), err
-        assert message in last and last.endswith("move it away, or --overwrite to start over"), last
+        assert code == 2 and "Traceback" not in err and last.startswith("dail.py train: error: "), err
+        assert all(f in last for f in fragments) and (err.count("\n") == 1 or not one_line), err
+        assert (out / "metrics.jsonl").read_text() == metrics
+
+    refused([], "holds an earlier run (", "--resume", "--overwrite")
+    refused(["--resume", "--overwrite"], "choose one")
+    for flags, name in ((["--lr", 1e-4], "lr"), (["--objective", "sft"], "objective"),
+                        (["--lora-rank", 4], "lora_rank"), (["--seed", 1], "seed")):
+        refused(flags + ["--resume"], f"with {name}=")
+    # a checkpoint that is not this run's: one line with the cause, never a fresh start
+    good, ckpt = path.read_bytes(), torch.load(path, weights_only=False)
+    weights, first = ckpt["trainable"], next(iter(ckpt["trainable"]))
+    for content, cause in [(dict(ckpt, trainable={}), f"({len(weights)} trainable weights missing"),
+                           (dict(ckpt, trainable={k: v for k, v in weights.items() if k != first}), f"({first})"),
+                           (dict(ckpt, trainable={**weights, "x.lora_A": torch.zeros(1)}), "(x.lora_A)"),
+                           (dict(ckpt, trainable={**weights, first: torch.zeros(1)}), "(Error(s) in loading"),
+                           (dict(ckpt, step=40), "(step 40, outside this run's 0..3 steps)"),
+                           (good[:len(good) // 2], "("), (b"garbage" * 100, "(")]:
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        refused(["--resume"], f"{path}: not a checkpoint of this run ", cause, "move it away, or --overwrite",
+                one_line=False)
     path.write_bytes(good)
     assert run_cli(argv + ["--resume"], capsys)[0] == 0
+    (out / "stale.txt").write_text("not ours")                 # --overwrite starts over, clearing train's files only
+    assert run_cli(argv[:-4] + ["--max-steps", 1, "--overwrite"], capsys)[0] == 0
+    assert [m["step"] for m in read_lines(out / "metrics.jsonl")] == [1] and (out / "stale.txt").exists()
 
 
-def test_rewrite_resume_refuses_duplicated_or_foreign_traces(tmp_path, capsys, tiny, traces):
-    expert, done = traces
-    out = tmp_path / "traces.jsonl"
-    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 12,
-            "--no-filter", "--threshold", 0]
-    (tmp_path / "traces.config.json").write_bytes(done.with_suffix(".config.json").read_bytes())
-    records = read_lines(done)
-    for extra, fault in [(records[0], f"record {(records[0]['id'], 0)!r} a second time"),
-                         (dict(records[0], sample=1), f"record {(records[0]['id'], 1)!r} is not one of this run's --data"),
-                         ({k: v for k, v in records[0].items() if k != "kept"}, "field 'kept': missing or of the wrong type")]:
-        write_jsonl(out, records + [extra])
-        code, err = run_cli(argv, capsys)
-        assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
-                                             f"run's output; move the file away (or --overwrite) to start over"), err
-    write_jsonl(out, records)
-    assert run_cli(argv, capsys)[0] == 0                                    # the run's own file resumes as before
-
-
-def test_few_steps_are_warned_with_the_numbers(tmp_path, capsys, tiny, traces):
-    _, data = traces
-    five = write_jsonl(tmp_path / "five.jsonl", read_lines(data)[:5])
-    # the issue's case: 5 traces at the released batch, epochs and warm-up are 2 steps, inside the warm-up
-    code, err = run_cli(train_argv(tiny, five, tmp_path / "o", "--batch-size", 16, "--epochs", 5, "--warmup-steps", 5),
+def test_checkpoints_at_epoch_ends_and_few_steps_warn(tmp_path, capsys, tiny, traces, monkeypatch):
+    saved, real_save = [], dail.save_checkpoint
+    monkeypatch.setattr(dail, "save_checkpoint", lambda path, step, *a: (saved.append(step), real_save(path, step, *a)))
+    out = tmp_path / "c"
+    code, err = run_cli(train_argv(tiny, traces[1], out, "--max-steps", 5, "--batch-size", 3, "--save-every", 0),
                         capsys)
     assert code == 0, err
-    assert ("warning: train: 5 examples x 5 epochs / batch 16 = 2 optimizer steps, no more than the 5 warm-up steps "
-            "(--warmup-steps), so the learning rate never gets past its ramp: the model will barely train; use more "
-            "traces, more --epochs or a smaller --batch-size, or fewer --warmup-steps") in err.splitlines()
+    n = int(err.split("train: ")[1].split(" examples")[0])          # 8 traces, 3 a step: epochs end in steps 3, 6
+    assert saved == sorted({s + 1 for s in range(5) if (s + 1) * 3 // n > s * 3 // n} | {5}) == [3, 5]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
+    help_ = {f.name: f.metadata["help"] for f in dail.dataclasses.fields(dail.TrainArgs)}["save_every"]
+    assert dail.TrainArgs().save_every == 50 and "epoch end" in help_ and "SIGTERM" in help_
+    assert (f"warning: train: only 5 optimizer steps ({n} examples x 100 epochs / batch 3; --warmup-steps 2): the "
+            f"model will barely train") in err.splitlines()
     args = dail.resolve_released(dail.TrainArgs(model="m", data="d", out="o", warmup_steps=2, epochs=5, batch_size=1))
-    assert dail.planned_steps(args, 3) == 15 and "fewer than 20: the model will barely train" in capsys.readouterr().err
-    assert dail.planned_steps(args, 4) == 20 and capsys.readouterr().err == ""          # enough steps: no warning
-    args.max_steps = 2
-    assert dail.planned_steps(args, 4) == 2 and "= 2 optimizer steps (--max-steps 2), no more than the 2 warm-up" in \
-        capsys.readouterr().err
+    for examples, max_steps, warmup, steps, warned in ((3, None, 2, 15, True), (4, None, 2, 20, False),
+                                                        (4, 2, 2, 2, True), (4, None, 20, 20, True)):
+        args.max_steps, args.warmup_steps = max_steps, warmup
+        assert dail.planned_steps(args, examples) == steps
+        assert (f"only {steps} optimizer steps" in capsys.readouterr().err) == warned
 
 
 def read_text_or_empty(path):
@@ -1332,13 +1323,18 @@ def read_text_or_empty(path):
     return Path(path).read_text() if Path(path).exists() else ""
 
 
+@contextlib.contextmanager
 def hold_lock(path):
-    """Another process that holds dail's lock on `path` (an output file, or train's folder) until it is killed."""
+    """Another process holding dail's lock on `path` (an output file, or train's folder), killed (-9) at the end."""
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import dail; "
             f"dail.lock_output({str(path)!r}, 'x'); print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "held"
-    return p
+    try:
+        assert p.stdout.readline().strip() == "held"
+        yield
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, traces, single_process):
@@ -1348,25 +1344,14 @@ def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, 
     runs = [(ev / "samples.jsonl", eval_argv(tiny, shard_data, ev)), (rw, rewrite_argv(tiny, shard_data, rw)),
             (tr, train_argv(tiny, traces[1], tr, "--max-steps", 1))]
     for held, argv in runs:
-        other = hold_lock(held)
-        try:
+        with hold_lock(held):
             code, err = run_cli(argv, capsys)
-            lines = err.strip().splitlines()
-            assert code == 2 and len(lines) == 1 and f"another run is writing {held} now" in lines[0], err
-            assert not read_text_or_empty(held if held.suffix else held / "metrics.jsonl")     # nothing written
-        finally:
-            other.kill()                                       # kill -9: the OS drops its lock ...
-            other.wait()
-        code, err = run_cli(argv, capsys)                     # ... so the same command runs
-        assert code == 0, err
-    # shards of one job lock their own part files: shard 1 runs while another process holds part 0
-    other = hold_lock(dail.shard_path(ev / "s" / "samples.jsonl", 0, 2))
-    try:
+        assert code == 2 and err.count("\n") == 1 and f"another run is writing {held} now" in err, err
+        assert not read_text_or_empty(held if held.suffix else held / "metrics.jsonl")     # nothing written
+        assert run_cli(argv, capsys)[0] == 0                   # the OS dropped the lock of the killed process
+    with hold_lock(dail.shard_path(ev / "s" / "samples.jsonl", 0, 2)):   # shards of one job lock their own parts
         code, err = run_cli(eval_argv(tiny, shard_data, ev / "s", "--shard", "1/2"), capsys)
-        assert code == 0 and "parts 0 of 2 are not complete" in err, err
-    finally:
-        other.kill()
-        other.wait()
+    assert code == 0 and "parts 0 of 2 are not complete" in err, err
 
 
 @pytest.fixture
@@ -1378,135 +1363,112 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(dail, "load_tokenizer", forbidden)
 
 
-BAD_VALUES = [
-    ("rewrite", ["--temperature", -1], "--temperature -1.0: must be a number >= 0"),
-    ("rewrite", ["--temperature", "nan"], "--temperature nan: must be"),
-    ("rewrite", ["--top-p", 0], "--top-p 0.0: must be a number in (0, 1]"),
-    ("rewrite", ["--top-k", -1], "--top-k -1: must be"),
-    ("rewrite", ["--threshold", -1], "--threshold -1.0: must be a number >= 0"),
-    ("rewrite", ["--keep-per-problem", 0], "--keep-per-problem 0: must be an integer >= 1"),
-    ("rewrite", ["--samples", 0], "--samples 0: must be"),
-    ("rewrite", ["--retries", 0], "--retries 0: must be"),
-    ("rewrite", ["--max-new-tokens", 0], "--max-new-tokens 0: must be"),
-    ("rewrite", ["--max-prompt-len", 0], "--max-prompt-len 0: must be"),
-    ("rewrite", ["--device", "tpu"], "--device tpu: must be auto, cpu, cuda, cuda:N or mps"),
-    ("rewrite", ["--seed", -1], "--seed -1: must be an integer in 0..4294967295"),
-    ("rewrite", ["--seed", 2 ** 32], "--seed 4294967296: must be an integer in 0..4294967295"),
-    ("train", ["--seed", 2 ** 64], "--seed 18446744073709551616: must be an integer in 0..4294967295"),
-    ("eval", ["--seed", 2 ** 70], "--seed 1180591620717411303424: must be"),
-    *[(c, ["--device", "mps"], "--device mps: Apple's MPS is not available on this machine")
+NAMED_ONLY = dict(  # command: flags whose bad value is refused by one line that starts with the flag
+    rewrite="--temperature nan,--top-k -1,--threshold -1,--samples 0,--retries 0,--max-new-tokens 0,--max-prompt-len 0,"
+            f"--seed {2 ** 32},--gpu-memory-utilization 0",
+    train="--device tpu,--epochs 0,--lr -1,--max-steps 0,--lam -5,--save-every -1,--max-len 0,--micro-batch-size 0",
+    eval=f"--seed {2 ** 70},--top-p 1.5,--temperature -1,--n 0,--device tpu,--max-new-tokens -3")
+BAD_VALUES = [(c, flags, "") for c, named in NAMED_ONLY.items() for flags in named.split(",")] + [
+    ("rewrite", "--temperature -1", "--temperature -1.0: must be a number >= 0"),
+    ("rewrite", "--top-p 0", "--top-p 0.0: must be a number in (0, 1]"),
+    ("rewrite", "--keep-per-problem 0", "--keep-per-problem 0: must be an integer >= 1"),
+    ("rewrite", "--device tpu", "--device tpu: must be auto, cpu, cuda, cuda:N or mps"),
+    ("rewrite", "--seed -1", "--seed -1: must be an integer in 0..4294967295"),
+    ("train", f"--seed {2 ** 64}", f"--seed {2 ** 64}: must be an integer in 0..4294967295"),
+    *[(c, "--device mps", "--device mps: Apple's MPS is not available on this machine")
       for c in ("rewrite", "train", "eval") if not torch.backends.mps.is_available()],
-    *[(c, ["--device", "cuda:0"], "--device cuda:0: this machine has 0 CUDA device(s)")
+    *[(c, "--device cuda:0", "--device cuda:0: this machine has 0 CUDA device(s)")
       for c in ("rewrite", "eval") if not torch.cuda.is_available()],
-    ("rewrite", ["--gpu-memory-utilization", 0], "--gpu-memory-utilization 0.0: must be"),
-    ("train", ["--epochs", 0], "--epochs 0: must be an integer >= 1"),
-    ("train", ["--lora-rank", -1], "--lora-rank -1: must be an integer >= 0"),
-    ("train", ["--lr", -1], "--lr -1.0: must be a number > 0"),
-    ("train", ["--lr", 0], "--lr 0.0: must be a number > 0"),
-    ("train", ["--max-steps", 0], "--max-steps 0: must be an integer >= 1"),
-    ("train", ["--lam", -5], "--lam -5.0: must be a number >= 0"),
-    ("train", ["--save-every", -1], "--save-every -1: must be an integer >= 0"),
-    ("train", ["--lora-dropout", 1], "--lora-dropout 1.0: must be a number in [0, 1)"),
-    ("train", ["--max-len", 0], "--max-len 0: must be"),
-    ("train", ["--micro-batch-size", 0], "--micro-batch-size 0: must be"),
-    ("train", ["--device", "tpu"], "--device tpu: must be"),
-    ("train", ["--max-prompt-len", 100], "--max-prompt-len: not used by train (train's length limit is --max-len)"),
-    ("eval", ["--top-p", 0], "--top-p 0.0: must be a number in (0, 1]"),
-    ("eval", ["--top-p", 1.5], "--top-p 1.5: must be"),
-    ("eval", ["--temperature", -1], "--temperature -1.0: must be"),
-    ("eval", ["--n", 0], "--n 0: must be an integer >= 1"),
-    ("eval", ["--device", "tpu"], "--device tpu: must be"),
-    ("eval", ["--max-new-tokens", -3], "--max-new-tokens -3: must be"),
-    ("eval", ["--n", 30000000], "--n 30000000: the 30000000 samples of one problem are held together until its "
-                                "line is written, up to 4.23e+03 GiB at --max-new-tokens 4096 + --answer-tokens 100"),
-    ("eval", ["--threads", -1], "--threads -1: must be an integer >= 0"),
+    ("train", "--lora-rank -1", "--lora-rank -1: must be an integer >= 0"),
+    ("train", "--lr 0", "--lr 0.0: must be a number > 0"),
+    ("train", "--lora-dropout 1", "--lora-dropout 1.0: must be a number in [0, 1)"),
+    ("train", "--max-prompt-len 100", "--max-prompt-len: not used by train (train's length limit is --max-len)"),
+    ("eval", "--threads -1", "--threads -1: must be an integer >= 0"),
+    ("eval", "--n 4 --k 1,8", "--k 1,8: expected comma-separated integers in 1..n (n = 4; pass@k needs n >= k)"),
 ]
 
 
 @pytest.mark.parametrize("command,flags,message", BAD_VALUES)
 def test_bad_value_is_one_line_before_any_model_loads(tmp_path, capsys, expert, tiny, traces, no_model_load,
                                                       command, flags, message):
-    data = traces[1] if command == "train" else expert
     out = tmp_path / ("t.jsonl" if command == "rewrite" else "o")
-    code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out, *flags], capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0] == f"dail.py {command}: error: {message}" or lines[0].startswith(f"dail.py {command}: error: {message}")
-    assert not out.exists()
+    argv = [command, "--model", tiny, "--data", traces[1] if command == "train" else expert, "--out", out]
+    code, err = run_cli(argv + flags.split(), capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"dail.py {command}: error: {message or flags.split()[0] + ' '}") and not out.exists()
 
 
-@pytest.mark.parametrize("command,kind", [("rewrite", "dir"), ("train", "file"), ("eval", "file"),
-                                          ("rewrite", "proc"), ("train", "proc"), ("eval", "proc")])
-def test_unwritable_out_is_one_line_before_any_model_loads(tmp_path, capsys, expert, tiny, traces, no_model_load,
-                                                           command, kind):
-    data = traces[1] if command == "train" else expert
-    if kind == "dir":
-        out = tmp_path / "adir"
-        out.mkdir()
-    elif kind == "file":
-        out = tmp_path / "afile"
-        out.write_text("x")
-    else:
-        out = Path("/proc/no-such-dir/out")
-    code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out], capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"dail.py {command}: error: --out {out}: ")
+def test_no_run_writes_over_its_inputs_or_where_it_cannot(tmp_path, capsys, expert, tiny, traces, no_model_load):
+    before, tokenizer = expert.read_bytes(), (tiny / "tokenizer.json").read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(expert)
+    os.link(expert, tmp_path / "hard.jsonl")
+    ev, adir, afile, proc = tmp_path / "ev", tmp_path / "adir", tmp_path / "afile", Path("/proc/no-such-dir/out")
+    for folder in (ev, adir):
+        folder.mkdir()
+    (ev / "samples.jsonl").write_bytes(before)
+    afile.write_text("x")
+    cases = [("rewrite", expert, out, "--data") for out in (expert, tmp_path / "link.jsonl", tmp_path / "hard.jsonl")]
+    cases += [("rewrite", expert, tiny / "tokenizer.json", "tokenizer.json"),
+              ("eval", ev / "samples.jsonl", ev, "--data"), ("eval", expert, tiny, "is the --model folder"),
+              ("eval", expert, tiny.parent, "holds the --model folder"),
+              ("train", traces[1], tiny, "is the --model folder"), ("train", traces[1], f"{tiny}/", "is the --model"),
+              ("train", traces[1], tiny.parent, "holds the --model folder")]
+    cases += [(c, traces[1] if c == "train" else expert, out, "cannot write there")
+              for c, out in (("rewrite", adir), ("train", afile), ("eval", afile), ("rewrite", proc), ("train", proc),
+                             ("eval", proc))]
+    for command, data, out, what in cases:
+        for extra in ([], ["--overwrite"]):                    # no flag lets a run destroy its input
+            code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out, *extra], capsys)
+            assert code == 2 and err.count("\n") == 1 and err.startswith(f"dail.py {command}: error: --out {out}: ")
+            assert what in err and "--overwrite" not in err, (command, out, err)
+    assert expert.read_bytes() == before and (ev / "samples.jsonl").read_bytes() == before
+    assert (tiny / "tokenizer.json").read_bytes() == tokenizer
+    r = subprocess.run([sys.executable, ROOT / "examples" / "probe_teacher.py", "--traces", expert, "--model", tiny,
+                        "--out", tmp_path / "hard.jsonl"], capture_output=True, text=True)
+    assert r.returncode == 2 and "an input of this run" in r.stderr and expert.read_bytes() == before
 
 
-def test_eval_rerun_after_retraining_is_refused_then_recomputed(tmp_path, capsys, expert, monkeypatch):
-    model = tmp_path / "m"
+def test_eval_rerun_checks_model_data_and_settings(tmp_path, capsys, expert, monkeypatch):
+    model, out = tmp_path / "m", tmp_path / "e"
     save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
-    out = tmp_path / "e"
-    argv = ["eval", "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 4, "--engine", "hf"]
-    assert run_cli(argv[:1] + ["--model", model] + argv[1:], capsys)[0] == 0
-    first = read_lines(out / "samples.jsonl")
-    import shutil
-    shutil.copytree(model, tmp_path / "m0")                       # (a re-saved tiny tokenizer numbers bytes anew)
-    # the same model and data named another way (relative, trailing slash): the same run, nothing recomputed
-    monkeypatch.chdir(tmp_path)
-    code, err = run_cli(["eval", "--model", "m/", "--data", Path(expert).name] + argv[3:], capsys)
-    assert code == 0, err
-    assert read_lines(out / "samples.jsonl") == first
-    # "retrain" into the same folder: other weights, same path -> refused, one line, naming the difference
-    save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=1)
-    code, err = run_cli(argv[:1] + ["--model", model] + argv[1:], capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1
-    assert "model_fingerprint=" in lines[0] and lines[0].endswith("use another --out, or --overwrite to start over")
-    # another seed: refused too (it would record one seed for samples drawn with two)
-    shutil.rmtree(model)
-    shutil.copytree(tmp_path / "m0", model)
-    code, err = run_cli(argv[:1] + ["--model", model] + argv[1:] + ["--seed", 1], capsys)
-    assert code == 2 and "seed=0" in err and "seed=1" in err
-    # --overwrite: the samples are recomputed from the model that is there now
-    save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=1)
-    assert run_cli(argv[:1] + ["--model", model] + argv[1:] + ["--overwrite"], capsys)[0] == 0
+    flags = ["--out", out, "--n", 2, "--max-new-tokens", 4, "--answer-tokens", 3, "--engine", "hf"]
+    argv = ["eval", "--model", model, "--data", expert, *flags]
+    code, err = run_cli(["eval", "--model", "./no/such/model", "--data", expert, *flags], capsys)
+    assert code == 2 and err.strip() == "dail.py eval: error: --model ./no/such/model: no such model folder"
+    assert run_cli(argv, capsys)[0] == 0
+    first, config = read_lines(out / "samples.jsonl"), json.loads((out / "eval_config.json").read_text())
+    assert config["presence_penalty"] == 1.5 and config["answer_tokens"] == 3 and config["no_force_answer"] is False
+    monkeypatch.chdir(tmp_path)            # the same model and data named another way: the same run, nothing redone
+    code, err = run_cli(["eval", "--model", "m/", "--data", Path(expert).name, *flags], capsys)
+    assert code == 0 and read_lines(out / "samples.jsonl") == first, err
+    for extra, refused in ((["--seed", 1], "with seed=0, this run asks for seed=1"),
+                           (["--presence-penalty", 0], "presence_penalty=1.5")):
+        code, err = run_cli(argv + extra, capsys)
+        assert code == 2 and refused in err, err
+    save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=1)      # "retrained": other weights, same path
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "model_fingerprint=" in err, err
+    assert err.strip().endswith("use another --out, or --overwrite to start over")
+    assert run_cli(argv + ["--overwrite"], capsys)[0] == 0                  # recomputed from the model there now
     again = read_lines(out / "samples.jsonl")
     assert len(again) == len(first) and again != first
-    config = json.loads((out / "eval_config.json").read_text())
-    assert config["model_fingerprint"] == dail.model_fingerprint(str(model)) and config["seed"] == 0
+    assert json.loads((out / "eval_config.json").read_text())["model_fingerprint"] == dail.model_fingerprint(str(model))
 
 
 def test_model_fingerprint_covers_weights_config_and_tokenizer_only(tmp_path):
     model = tmp_path / "m"
     save_tiny(model, hidden=64, layers=2, heads=2, kv_heads=1, seed=0)
     fp = dail.model_fingerprint(str(model))
-    assert dail.model_fingerprint(str(model) + "/") == fp
-    (model / "metrics.jsonl").write_text("{}\n")                    # train's bookkeeping: not the model
-    (model / "eval").mkdir()
-    (model / "eval" / "samples.jsonl").write_text("{}\n")
-    assert dail.model_fingerprint(str(model)) == fp
-    for name in ("config.json", "tokenizer.json"):
-        saved = (model / name).read_text()
-        (model / name).write_text(saved.replace("}", " }", 1))
+    (model / "eval").mkdir()                                       # train's bookkeeping, an eval: not the model
+    for name in ("metrics.jsonl", "eval/samples.jsonl"):
+        (model / name).write_text("{}\n")
+    assert dail.model_fingerprint(str(model)) == dail.model_fingerprint(str(model) + "/") == fp
+    for name, edit in (("config.json", lambda b: b.replace(b"}", b" }", 1)), ("tokenizer.json", lambda b: b + b" "),
+                       ("model.safetensors", lambda b: b[:-1] + bytes([b[-1] ^ 1]))):   # one bit of the last tensor
+        saved = (model / name).read_bytes()
+        (model / name).write_bytes(edit(saved))
         assert dail.model_fingerprint(str(model)) != fp, name
-        (model / name).write_text(saved)
-    weights = model / "model.safetensors"
-    blob = bytearray(weights.read_bytes())
-    blob[-1] ^= 1                                                  # one bit of the last tensor
-    weights.write_bytes(bytes(blob))
-    assert dail.model_fingerprint(str(model)) != fp
+        (model / name).write_bytes(saved)
     big = tmp_path / "big.bin"                                     # over 64 MiB: size + first and last MiB
     with open(big, "wb") as f:
         f.truncate(65 << 20)
@@ -1518,226 +1480,122 @@ def test_model_fingerprint_covers_weights_config_and_tokenizer_only(tmp_path):
     assert dail.model_fingerprint("nobody/no-such-model").startswith("nobody/no-such-model")
 
 
-def test_rewrite_resume_checks_seed_leak_phrases_and_data(tmp_path, capsys, expert, tiny):
+def test_rewrite_resume_refuses_other_settings_data_or_records(tmp_path, capsys, expert, tiny):
     out = tmp_path / "r" / "traces.jsonl"
     argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 3,
             "--threshold", 0]
     assert run_cli(argv, capsys)[0] == 0
-    for extra, name in ([["--seed", 3], "seed"], [["--leak-phrases", "the hint"], "leak_phrases"]):
+    records = read_lines(out)
+    first = records[0]
+    for extra, fault in [(first, f"record {(first['id'], 0)!r} a second time"),
+                         (dict(first, sample=1), f"record {(first['id'], 1)!r} is not one of this run's --data"),
+                         (dict(first, kept=None), "field 'kept': missing or of the wrong type")]:
+        write_jsonl(out, records + [extra])
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
+                                             f"run's output; move the file away (or --overwrite) to start over"), err
+    write_jsonl(out, records)
+    assert run_cli(argv, capsys)[0] == 0 and read_lines(out) == records     # the run's own file resumes as before
+    grader = "math-verify" if math_verify_importable() else "builtin"
+    changes = [(["--seed", 3], "seed=0"), (["--leak-phrases", "the hint"], "leak_phrases=")]
+    changes += [(["--grader", grader], "grader='builtin'")] if grader != "builtin" else []
+    for extra, refused in changes:                 # traces kept by one grader never mix with another's
         code, err = run_cli(argv + extra, capsys)
-        assert code == 2 and f"with {name}=" in err and "--overwrite" in err, err
+        assert code == 2 and f"with {refused}" in err and "--overwrite" in err, err
     write_jsonl(expert, PROBLEMS[:2] + [dict(PROBLEMS[2], problem="What is 7*7?", answer=49)])  # data edited
     code, err = run_cli(argv, capsys)
     assert code == 2 and "data_fingerprint=" in err
-    code, err = run_cli(argv + ["--overwrite"], capsys)
+    code, err = run_cli(argv + ["--overwrite", "--grader", grader], capsys)
     assert code == 0, err
     assert [t["problem"] for t in read_lines(out)][-1] == "What is 7*7?" and len(read_lines(out)) == 3
-
-
-def test_train_guards_its_out_folder(tmp_path, capsys, tiny, traces):
-    _, data = traces
-    out = tmp_path / "t"
-    argv = train_argv(tiny, data, out, "--max-steps", 2, "--save-every", 1)
-    assert run_cli(argv, capsys)[0] == 0
-    metrics = (out / "metrics.jsonl").read_text()
-    # a rerun without --resume: refused, nothing truncated
-    code, err = run_cli(argv, capsys)
-    assert code == 2 and "holds an earlier run" in err and "--resume" in err and "--overwrite" in err
-    assert (out / "metrics.jsonl").read_text() == metrics
-    # --resume with settings that did not write the checkpoint: one line naming the setting
-    for flags, name in ([["--lr", 1e-4], "lr"], [["--objective", "sft"], "objective"],
-                        [["--lora-rank", 4], "lora_rank"], [["--seed", 1], "seed"]):
-        code, err = run_cli(argv + flags + ["--resume"], capsys)
-        lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and f"with {name}=" in lines[0], err
-    assert (out / "metrics.jsonl").read_text() == metrics
-    # --resume with the same settings goes on; --overwrite starts over
-    assert run_cli(argv + ["--resume"], capsys)[0] == 0
-    (out / "stale.txt").write_text("not ours")
-    assert run_cli(argv[:-4] + ["--max-steps", 1, "--overwrite"], capsys)[0] == 0
-    assert [m["step"] for m in read_lines(out / "metrics.jsonl")] == [1]
-    assert (out / "stale.txt").exists()                        # only train's own files are cleared
-    # --out = --model, however it is spelled: refused before anything is written
-    for spelled in (tiny, str(tiny) + "/"):
-        code, err = run_cli(train_argv(tiny, data, spelled, "--max-steps", 1), capsys)
-        assert code == 2 and "is the --model folder" in err
-
-
-def test_no_command_writes_over_its_own_inputs(tmp_path, capsys, expert, tiny, traces, no_model_load):
-    before, tokenizer = expert.read_bytes(), (tiny / "tokenizer.json").read_bytes()
-    (tmp_path / "link.jsonl").symlink_to(expert)
-    os.link(expert, tmp_path / "hard.jsonl")
-    eval_out = tmp_path / "ev"
-    eval_out.mkdir()
-    (eval_out / "samples.jsonl").write_bytes(before)
-    cases = [("rewrite", expert, out, "--data") for out in (expert, tmp_path / "link.jsonl", tmp_path / "hard.jsonl")]
-    cases += [("rewrite", expert, tiny / "tokenizer.json", "tokenizer.json"),
-              ("eval", eval_out / "samples.jsonl", eval_out, "--data"),
-              ("eval", expert, tiny, "is the --model folder"), ("eval", expert, tiny.parent, "holds the --model folder"),
-              ("train", traces[1], tiny, "is the --model folder"), ("train", traces[1], tiny.parent, "holds the --model")]
-    for command, data, out, what in cases:
-        for extra in ([], ["--overwrite"]):                    # no flag lets a run destroy its input
-            code, err = run_cli([command, "--model", tiny, "--data", data, "--out", out, *extra], capsys)
-            lines = err.strip().splitlines()
-            assert code == 2 and len(lines) == 1 and what in err and "--overwrite" not in err, (command, out, err)
-    assert expert.read_bytes() == before and (eval_out / "samples.jsonl").read_bytes() == before
-    assert (tiny / "tokenizer.json").read_bytes() == tokenizer
-    r = subprocess.run([sys.executable, ROOT / "examples" / "probe_teacher.py", "--traces", expert, "--model", tiny,
-                        "--out", tmp_path / "hard.jsonl"], capture_output=True, text=True)
-    assert r.returncode == 2 and "an input of this run" in r.stderr and expert.read_bytes() == before
-
-
-def test_checkpoints_at_epoch_ends_by_default(tmp_path, capsys, tiny, traces, monkeypatch):
-    _, data = traces
-    saved, real_save = [], dail.save_checkpoint
-    monkeypatch.setattr(dail, "save_checkpoint", lambda path, step, *a: (saved.append(step), real_save(path, step, *a)))
-    out = tmp_path / "c"
-    code, err = run_cli(train_argv(tiny, data, out, "--max-steps", 5, "--batch-size", 3, "--save-every", 0), capsys)
-    assert code == 0, err
-    n = int(err.split("train: ")[1].split(" examples")[0])          # 8 traces, 3 a step: epochs end in steps 3, 6
-    assert saved == sorted({s + 1 for s in range(5) if (s + 1) * 3 // n > s * 3 // n} | {5}) == [3, 5]
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
-    help_ = {f.name: f.metadata["help"] for f in dail.dataclasses.fields(dail.TrainArgs)}["save_every"]
-    assert dail.TrainArgs().save_every == 50 and "epoch end" in help_ and "SIGTERM" in help_
+    recorded = json.loads((out.with_suffix(".summary.json")).read_text())["grader"]
+    assert recorded["name"] == grader and bool(recorded.get("version")) == (grader != "builtin")
 
 
 def test_eval_rerun_regrades_without_sampling(tmp_path, capsys, tiny, monkeypatch):
     """The summary is always graded from samples.jsonl: a line another grader graded (here: verdicts of an older
     grader, which did not record its name) is graded again, the file rewritten, and no model is loaded."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "-2, 1"},
-                                              {"problem": "p2", "answer": "\\$18.90"}])
+    data = write_jsonl(tmp_path / "d.jsonl", [dict(problem=p, answer=a) for p, a in
+                                              [("p1", "-2, 1"), ("p2", "\\$18.90"), ("p3", "2x+3")]])
     answers = {0: ["\\boxed{1,-2}", "\\boxed{-2} and \\boxed{1}", "\\boxed{-21}"],
-               1: ["\\boxed{18.9}", "\\boxed{18.09}", "none"]}
+               1: ["\\boxed{18.9}", "\\boxed{18.09}", "none"], 2: ["\\boxed{3+2x}", "\\boxed{2x+3}", "none"]}
     monkeypatch.setattr(dail, "make_sampler", fake_sampler_for(answers))
     argv = ["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 3, "--max-new-tokens", 8]
     assert run_cli(argv, capsys)[0] == 0
-    samples = tmp_path / "e" / "samples.jsonl"
+    samples, summary = tmp_path / "e" / "samples.jsonl", tmp_path / "e" / "summary.json"
     lines = read_lines(samples)
-    assert [r["correct"] for r in lines] == [[True, True, False], [True, False, False]]
+    assert [r["correct"] for r in lines] == [[True, True, False], [True, False, False], [False, True, False]]
     assert {r["grader"] for r in lines} == {"builtin"}
     code, err = run_cli(argv, capsys)                                     # graded by this grader: left as is
     assert code == 0 and "again" not in err and read_lines(samples) == lines
-    samples.write_text("".join(json.dumps({k: v for k, v in dict(r, correct=[False] * 3, n_correct=0).items()
-                                           if k != "grader"}) + "\n" for r in lines))
-
-    def no_model(*a, **k):
-        raise AssertionError("re-grading must not load a model")
-    monkeypatch.setattr(dail, "make_sampler", no_model)
-    monkeypatch.setattr(dail, "load_model", no_model)
+    write_jsonl(samples, [{k: v for k, v in dict(r, correct=[False] * 3, n_correct=0).items() if k != "grader"}
+                          for r in lines])
+    monkeypatch.setattr(dail, "make_sampler", None)                       # nothing is sampled, no model loads
+    monkeypatch.setattr(dail, "load_model", None)
     code, err = run_cli(argv, capsys)
-    assert code == 0 and "graded the samples of 2 problems again with --grader builtin" in err, err
+    assert code == 0 and "graded the samples of 3 problems again with --grader builtin" in err, err
     assert read_lines(samples) == lines and not list((tmp_path / "e").glob("*.tmp"))
-    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["pass_at_k"]["1"] == pytest.approx((2 / 3 + 1 / 3) / 2) and summary["grader"] == {"name": "builtin"}
+    assert json.loads(summary.read_text())["pass_at_k"]["1"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert json.loads(summary.read_text())["grader"] == {"name": "builtin"}
+    for _ in range(2 if math_verify_importable() else 0):       # another grader re-grades every line, then resumes
+        assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0
+        lines, recorded = read_lines(samples), json.loads(summary.read_text())
+        assert lines[2]["correct"] == [True, True, False] and {r["grader"] for r in lines} == {"math-verify"}
+        assert recorded["grader"]["name"] == recorded["settings"]["grader"] == "math-verify"
+        assert recorded["grader"]["version"]
     with pytest.raises(SystemExit) as e:   # --model and --data are required, as argparse says it
         dail.main(["eval", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "required: --model, --data" in capsys.readouterr().err
 
 
-@needs_math_verify
-def test_eval_grader_recorded_and_never_mixed(tmp_path, capsys, tiny, monkeypatch):
-    """summary.json names the grader (math-verify with its version); a rerun with another grader re-grades every
-    line (samples.jsonl and the summary never mix two graders)."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "p1", "answer": "2x+3"}])
-    monkeypatch.setattr(dail, "make_sampler", fake_sampler_for({0: ["\\boxed{3+2x}", "\\boxed{2x+3}"]}))
-    argv = ["eval", "--model", tiny, "--data", data, "--out", tmp_path / "e", "--n", 2, "--max-new-tokens", 8]
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(tmp_path / "e" / "samples.jsonl")[0]["correct"] == [False, True]
-    monkeypatch.setattr(dail, "make_sampler", None)                      # nothing is sampled again
-    assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0
-    line = read_lines(tmp_path / "e" / "samples.jsonl")[0]
-    assert line["correct"] == [True, True] and line["grader"] == "math-verify"
-    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["grader"]["name"] == "math-verify" and summary["grader"]["version"]
-    assert summary["settings"]["grader"] == "math-verify"
-    assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0  # resumes with the grader it now has
-
-
-@needs_math_verify
-def test_rewrite_resume_refuses_another_grader(tmp_path, capsys, expert, tiny):
-    """Traces kept by one grader are never mixed with traces kept by another."""
-    out = tmp_path / "r" / "traces.jsonl"
-    argv = ["rewrite", "--model", tiny, "--data", expert, "--out", out, "--samples", 1, "--max-new-tokens", 3,
-            "--threshold", 0]
-    assert run_cli(argv, capsys)[0] == 0
-    code, err = run_cli(argv + ["--grader", "math-verify"], capsys)
-    assert code == 2 and "grader='builtin'" in err, err
-    out.unlink()  # a fresh run with math-verify records it
-    assert run_cli(argv + ["--grader", "math-verify"], capsys)[0] == 0
-    summary = json.loads((out.with_suffix(".summary.json")).read_text())
-    assert summary["grader"]["name"] == "math-verify" and summary["grader"]["version"]
-
-
-def test_eval_resume_refuses_other_protocol_settings(tmp_path, capsys, expert, tiny):
-    out = tmp_path / "e"
-    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 1, "--max-new-tokens", 4,
-            "--answer-tokens", 3, "--engine", "hf"]
-    assert run_cli(argv, capsys)[0] == 0
-    config = json.loads((out / "eval_config.json").read_text())
-    assert config["presence_penalty"] == 1.5 and config["answer_tokens"] == 3 and config["no_force_answer"] is False
-    code, err = run_cli(argv + ["--presence-penalty", 0], capsys)
-    assert code == 2 and "presence_penalty" in err
-
-
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) ================
 def train_succeeded(r):
-    """A torchrun train run that worked. Known, not ours: on this CPU, under load, a gloo worker thread
-    sometimes aborts a rank at process exit ("terminate called without an active exception") after the run
-    has finished and saved (seen in ~1 of 3 loaded runs, never on a quiet machine); the tests then check the
-    outputs themselves, which must be complete and right."""
-    if r.returncode == 0:
-        return True
-    return "train: done:" in r.stderr and "terminate called without an active exception" in r.stderr
+    """A torchrun train run that worked; known, not ours: under load a gloo thread may abort a rank at exit ("terminate
+    called without an active exception") after the run finished and saved; the tests check the outputs."""
+    return r.returncode == 0 or "train: done:" in r.stderr and "terminate called without an active" in r.stderr
 
 
 def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
-    m = lora_model(tiny)
-    exs = make_examples(tok, n=3, seed=2)
-    cpu, pad = torch.device("cpu"), tok.pad_token_id
+    m, exs, cpu, pad = lora_model(tiny), make_examples(tok, n=3, seed=2), torch.device("cpu"), tok.pad_token_id
     with torch.no_grad(), dail.adapters_off(m):                    # independent: each example alone, unpadded
         want = [torch.cat([dail.response_hidden(m, dail.collate([ex[c]], pad), cpu)[0] for ex in exs])
                 for c in ("privileged", "shortcut")]
+
+    def states(cache, counts):                                     # (computed, reused, bad_files) after one call
+        for g, w in zip(dail.reference_states(m, exs, cache, pad, cpu), want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert (cache["computed"], cache["reused"], cache["bad_files"]) == counts
+
     for mode in ("off", "memory", "disk"):
         cache = dail.new_reference_cache(mode, tmp_path / mode, hidden=64)
-        for _ in range(2):
-            got = dail.reference_states(m, exs, cache, pad, cpu)
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-        assert cache["computed"] == (6 if mode == "off" else 3) and cache["reused"] == (0 if mode == "off" else 3)
+        states(cache, (3, 0, 0))
+        states(cache, (6, 0, 0) if mode == "off" else (3, 3, 0))
         assert len(cache["states"]) == (3 if mode == "memory" else 0)      # disk: nothing held between steps
     # disk: a truncated file and a file with another example's shape are recomputed, never read as data
-    cache = dail.new_reference_cache("disk", tmp_path / "disk", hidden=64)
     files = [tmp_path / "disk" / f"{dail.example_key(ex)}.safetensors" for ex in exs]
-    data = files[0].read_bytes()
-    files[0].write_bytes(data[:len(data) // 2])
+    files[0].write_bytes(files[0].read_bytes()[:files[0].stat().st_size // 2])
     from safetensors.torch import save_file
     save_file({"teacher": torch.zeros(2, 64), "shortcut": torch.zeros(2, 64)}, str(files[1]))
-    got = dail.reference_states(m, exs, cache, pad, cpu)
-    assert (cache["bad_files"], cache["computed"], cache["reused"]) == (2, 2, 1)
+    states(dail.new_reference_cache("disk", tmp_path / "disk"), (2, 1, 2))
     assert capsys.readouterr().err.count("recomputed") == 2
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    again = dail.new_reference_cache("disk", tmp_path / "disk", hidden=64)        # rewritten whole
-    dail.reference_states(m, exs, again, pad, cpu)
-    assert (again["bad_files"], again["computed"], again["reused"]) == (0, 0, 3)
+    states(dail.new_reference_cache("disk", tmp_path / "disk"), (0, 3, 0))       # rewritten whole
     assert not list((tmp_path / "disk").glob("*.tmp"))
-    # the key is the example's token ids: another response is another entry
     other = dict(exs[0], privileged=(exs[0]["privileged"][0], exs[0]["privileged"][1] + [1]))
-    assert dail.example_key(other) != dail.example_key(exs[0])
+    assert dail.example_key(other) != dail.example_key(exs[0])        # the key: the token ids, response included
 
 
 def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch):
     from types import SimpleNamespace
     exs = make_examples(tok, n=3)
     size = sum(len(ex["student"][1]) for ex in exs) * 2 * 64 * 4
-    args = dail.TrainArgs()
     for ram, disk, want in ((4 * size, 0, "memory"), (size, 2 * size, "disk"), (size, size, "off")):
         monkeypatch.setattr(dail, "available_ram", lambda: ram)
         monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
-        cache, line = dail.setup_reference_cache(args, exs, model, torch.float32, tmp_path)
-        assert cache["mode"] == want and f"{size / 1e9:.3g} GB" in line and "auto" in line, line
-    with pytest.raises(dail.DailError, match="--reference-cache disk: the cache would take"):
-        dail.setup_reference_cache(dail.TrainArgs(reference_cache="disk"), exs, model, torch.float32, tmp_path)
+        cache, line = dail.setup_reference_cache(dail.TrainArgs(), exs, model, torch.float32, tmp_path)
+        assert cache["mode"] == want and f"(auto: {size / 1e9:.3g} GB)" in line, line
+    chosen = dail.TrainArgs(reference_cache="disk")                    # a chosen mode is taken as it is
+    cache, line = dail.setup_reference_cache(chosen, exs, model, torch.float32, tmp_path)
+    assert cache["mode"] == "disk" and "(auto: " not in line
 
 
 def count_reference_forwards(monkeypatch):
@@ -1752,17 +1610,14 @@ def count_reference_forwards(monkeypatch):
 
 
 def assert_same_run(a, b, exact=False):
-    """Same metrics.jsonl values and final weights. exact: bit for bit (micro-batches of 1: a cached state is
-    the very forward the uncached run repeats); else within float rounding (a state cached in epoch 1 was
-    padded to the width of that epoch's micro-batch, which changes the last bits; the per-token KLs here are
-    ~3e-4, so their rounding is ~1e-8 absolute)."""
+    """Same metrics.jsonl and weights; exact: bit for bit (micro-batches of 1), else to float rounding (a state cached
+    in epoch 1 was padded to that micro-batch's width: the last bits of KLs of ~3e-4)."""
     ma, mb = read_lines(a / "metrics.jsonl"), read_lines(b / "metrics.jsonl")
     assert [m["step"] for m in ma] == [m["step"] for m in mb] and len(ma) == 6
     for x, y in zip(ma, mb):
         for k in ("loss", "kl_teacher", "kl_shortcut", "grad_norm"):
             assert y[k] == (x[k] if exact else pytest.approx(x[k], rel=1e-5, abs=1e-7)), k
-    wa = dail.load_model(str(a), torch.device("cpu"), torch.float32).state_dict()
-    wb = dail.load_model(str(b), torch.device("cpu"), torch.float32).state_dict()
+    wa, wb = (dail.load_model(str(f), torch.device("cpu"), torch.float32).state_dict() for f in (a, b))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=0 if exact else 1e-6, rtol=0 if exact else 1e-5)
 
@@ -1771,15 +1626,12 @@ CACHE_RUN = ["--epochs", 3, "--batch-size", 4, "--micro-batch-size", 2, "--save-
 
 
 def test_reference_cache_equals_off_over_three_epochs(tmp_path, capsys, tiny, traces, monkeypatch):
-    _, data = traces
-    forwards = count_reference_forwards(monkeypatch)
-    runs = {}
+    forwards, runs = count_reference_forwards(monkeypatch), {}
     for mode, micro in (("off", 1), ("memory", 1), ("off", 2), ("disk", 2)):
         before, out = forwards(), tmp_path / f"{mode}{micro}"
-        code, err = run_cli(train_argv(tiny, data, out, *CACHE_RUN, "--micro-batch-size", micro,
+        code, err = run_cli(train_argv(tiny, traces[1], out, *CACHE_RUN, "--micro-batch-size", micro,
                                        "--reference-cache", mode), capsys)
-        assert code == 0, err
-        assert f"train: reference cache {'off' if mode == 'off' else 'in ' if mode == 'memory' else 'on disk'}" in err
+        assert code == 0 and f"train: reference cache {dict(off='off', memory='in ', disk='on disk')[mode]}" in err, err
         runs[out.name] = (forwards() - before, json.loads((out / "train_summary.json").read_text()))
     # 8 examples x 3 epochs: off runs theta0 on 24 examples (2 forwards a micro-batch), the caches on 8
     assert [runs[k][0] for k in ("off1", "memory1", "off2", "disk2")] == [48, 16, 24, 8]
@@ -1788,75 +1640,46 @@ def test_reference_cache_equals_off_over_three_epochs(tmp_path, capsys, tiny, tr
     assert len(list((tmp_path / "disk2" / "reference_cache").glob("*.safetensors"))) == 8
     assert_same_run(tmp_path / "off1", tmp_path / "memory1", exact=True)
     assert_same_run(tmp_path / "off2", tmp_path / "disk2")
-    # --overwrite clears the cache with the rest of the run
-    assert run_cli(train_argv(tiny, data, tmp_path / "disk2", "--max-steps", 1, "--reference-cache", "off",
+    assert run_cli(train_argv(tiny, traces[1], tmp_path / "disk2", "--max-steps", 1, "--reference-cache", "off",
                               "--overwrite"), capsys)[0] == 0
-    assert not (tmp_path / "disk2" / "reference_cache").exists()
+    assert not (tmp_path / "disk2" / "reference_cache").exists()     # --overwrite clears it with the rest
 
 
-def test_reference_cache_reused_after_resume(tmp_path, capsys, tiny, traces, monkeypatch):
-    _, data = traces
-    forwards = count_reference_forwards(monkeypatch)
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli(train_argv(tiny, data, full, *CACHE_RUN, "--reference-cache", "off"), capsys)[0] == 0
-    real_lr = dail.lr_at
-
-    def interrupt_at_the_end_of_epoch_1(step, *a):     # 8 examples, 4 a step: step 2 ends epoch 1
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr(step, *a)
-
-    monkeypatch.setattr(dail, "lr_at", interrupt_at_the_end_of_epoch_1)
-    before = forwards()
-    code, err = run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk"), capsys)
-    assert code == 130 and forwards() - before == 8, err     # 8 examples, 2 a micro-batch, 2 contexts each
-    (part / "reference_cache" / "junk.safetensors.123.tmp").write_bytes(b"half")  # an interrupted write
-    monkeypatch.setattr(dail, "lr_at", real_lr)
-    before = forwards()
-    code, err = run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk", "--resume"), capsys)
-    assert code == 0, err
-    assert forwards() == before                                            # epochs 2 and 3: no theta0 forward
-    summary = json.loads((part / "train_summary.json").read_text())
-    assert summary["reference_cache"] == dict(mode="disk", computed=0, reused=16, bad_files=0)
-    assert not list((part / "reference_cache").glob("*.tmp"))
-    assert_same_run(full, part)
-
-
-def test_reference_cache_detects_flipped_bits_and_copied_files(tmp_path, capsys, tiny, traces, monkeypatch):
-    _, data = traces
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli(train_argv(tiny, data, full, *CACHE_RUN, "--reference-cache", "off"), capsys)[0] == 0
-    real_lr = dail.lr_at
+def test_reference_cache_resumes_and_detects_flipped_bits_and_copied_files(tmp_path, capsys, tiny, traces, monkeypatch):
+    forwards, full, part = count_reference_forwards(monkeypatch), tmp_path / "full", tmp_path / "part"
+    assert run_cli(train_argv(tiny, traces[1], full, *CACHE_RUN, "--reference-cache", "off"), capsys)[0] == 0
+    real_lr, before = dail.lr_at, forwards()
     monkeypatch.setattr(dail, "lr_at", lambda step, *a: (step != 1 or os.kill(os.getpid(), signal.SIGINT) or 1) and
                         real_lr(step, *a))                  # SIGINT in step 2, the end of epoch 1: 8 entries written
-    assert run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk"), capsys)[0] == 130
+    code, err = run_cli(train_argv(tiny, traces[1], part, *CACHE_RUN, "--reference-cache", "disk"), capsys)
+    assert code == 130 and forwards() - before == 8, err     # 8 examples, 2 a micro-batch, 2 contexts each
     monkeypatch.setattr(dail, "lr_at", real_lr)
     files = sorted((part / "reference_cache").glob("*.safetensors"), key=lambda f: f.stat().st_size)
     a, b = next((a, b) for a, b in zip(files, files[1:]) if a.stat().st_size == b.stat().st_size)
     b.write_bytes(a.read_bytes())                           # another example's entry, the same length, copied over
     c = next(f for f in files if f not in (a, b))
-    flipped = bytearray(c.read_bytes())
-    flipped[-1] ^= 0x40                                     # an exponent bit of the last float
-    c.write_bytes(bytes(flipped))
-    code, err = run_cli(train_argv(tiny, data, part, *CACHE_RUN, "--reference-cache", "disk", "--resume"), capsys)
+    c.write_bytes(c.read_bytes()[:-1] + bytes([c.read_bytes()[-1] ^ 0x40]))   # an exponent bit of the last float
+    (part / "reference_cache" / "junk.safetensors.123.tmp").write_bytes(b"half")  # an interrupted write
+    before = forwards()
+    code, err = run_cli(train_argv(tiny, traces[1], part, *CACHE_RUN, "--reference-cache", "disk", "--resume"), capsys)
     assert code == 0 and err.count("fails its checksum; recomputed") == 2, err
+    assert forwards() - before <= 4                     # epochs 2 and 3: theta0 only for the 2 bad entries
     summary = json.loads((part / "train_summary.json").read_text())
     assert summary["reference_cache"] == dict(mode="disk", computed=2, reused=14, bad_files=2)
+    assert not list((part / "reference_cache").glob("*.tmp"))
     assert_same_run(full, part)                             # the weights of a clean run
 
 
-@pytest.mark.parametrize("mode", ["disk", "memory"])
-def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces, mode):
-    _, data = traces
-    for name in ("off", mode):
-        argv = train_argv(tiny, data, tmp_path / name, *CACHE_RUN, "--device", "cpu", "--reference-cache", name)
-        r = torchrun(argv)
+def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces):
+    for mode in ("off", "disk", "memory"):
+        r = torchrun(train_argv(tiny, traces[1], tmp_path / mode, *CACHE_RUN, "--device", "cpu", "--reference-cache",
+                                mode))
         assert train_succeeded(r), r.stderr[-3000:]
-    summary = json.loads((tmp_path / mode / "train_summary.json").read_text())["reference_cache"]
-    assert summary["computed"] + summary["reused"] == 12 and summary["computed"] < 12   # rank 0: half of 24
-    if mode == "disk":
-        assert len(list((tmp_path / mode / "reference_cache").glob("*.safetensors"))) == 8
-    assert_same_run(tmp_path / "off", tmp_path / mode)
+    for mode in ("disk", "memory"):
+        summary = json.loads((tmp_path / mode / "train_summary.json").read_text())["reference_cache"]
+        assert summary["computed"] + summary["reused"] == 12 and summary["computed"] < 12   # rank 0: half of 24
+        assert_same_run(tmp_path / "off", tmp_path / mode)
+    assert len(list((tmp_path / "disk" / "reference_cache").glob("*.safetensors"))) == 8
 
 
 # ==== Appendix B.4, running it: torchrun, stop signals and --shard part files =========================================
