@@ -2106,10 +2106,9 @@ def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
     return solution
 
 
-def fit_prompts(tok, problems, args):
+def fit_prompts(tok, problems, args, roles=("student", "privileged")):
     """rewrite's prompts within prompt_budget -> ({id: {role: ids}}, skipped, shortened): a problem that cannot fit
     is skipped with a line and counted; none fitting is a DailError."""
-    roles = ("student", "privileged")
     max_prompt = prompt_budget(args, "rewrite", lambda: max(
         len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
     contexts, skipped = {}, 0
@@ -2224,8 +2223,9 @@ def check_thinking_flag(tok, args):
     """-> whether the chat template (any named one) supports thinking; a warning when --thinking disagrees."""
     text = " ".join(t.values()) if isinstance(t := tok.chat_template, dict) else str(t or "")
     if (supports := "enable_thinking" in text or "<think>" in text) != args.thinking:
-        print(f"warning: --model {args.model}: the chat template {'has' if supports else 'lacks'} thinking (<think>) "
-              f"but --thinking is {'not ' if supports else ''}set", file=sys.stderr)
+        print(f"warning: --model {args.model}: " + ("the chat template supports thinking (<think>) but --thinking is "
+              "not set" if supports else "--thinking is set but the chat template has no thinking support"),
+              file=sys.stderr)
     return supports
 
 

@@ -2865,9 +2865,9 @@ def test_thinking_flag_matches_the_template(capsys):
     thinking.chat_template = plain.chat_template + "{% if enable_thinking is false %}<think>\n\n</think>{% endif %}"
     args = lambda t: dail.EvalArgs(model="m", data="-", out="-", thinking=t)  # noqa: E731
     assert dail.check_thinking_flag(thinking, args(False))      # -> whether the template supports thinking
-    assert "the chat template has thinking (<think>) but --thinking is not set" in capsys.readouterr().err
+    assert "the chat template supports thinking (<think>) but --thinking is not set" in capsys.readouterr().err
     assert not dail.check_thinking_flag(plain, args(True))
-    assert "the chat template lacks thinking (<think>) but --thinking is set" in capsys.readouterr().err
+    assert "--thinking is set but the chat template has no thinking support" in capsys.readouterr().err
     assert dail.check_thinking_flag(thinking, args(True)) and not dail.check_thinking_flag(plain, args(False))
     assert capsys.readouterr().err == ""
     thinking.chat_template = {"default": thinking.chat_template, "tool_use": "x"}      # named templates
