@@ -2180,8 +2180,7 @@ def hub_commit(name):
         except HfHubHTTPError:  # the hub answered (no such repo, gated, ...): the cache may know it
             pass
         except Exception:       # connection refused, DNS failure, timeout, proxy error: out of reach
-            print(f"note: the hub ({endpoint}) is unreachable; looking for {name} in the local cache only",
-                  file=sys.stderr)
+            print(f"note: the hub ({endpoint}) is unreachable; using the local cache only", file=sys.stderr)
             os.environ["HF_HUB_OFFLINE"] = "1"
             constants.HF_HUB_OFFLINE = True
     with contextlib.suppress(Exception):  # (a malformed id: None)
