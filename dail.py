@@ -1961,8 +1961,8 @@ def stop_signals():
     state = {"signal": None}
 
     def handler(signum, frame):
-        if state["signal"] is None:
-            state["signal"] = signum           # print() is not reentrant
+        if state["signal"] is None:           # os.write: print() is not reentrant
+            state["signal"] = signum
             os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint\n")
 
     on_main = threading.current_thread() is threading.main_thread()      # signals reach the main thread only

@@ -2408,7 +2408,7 @@ def test_torchrun_two_processes_match_single(tmp_path, capsys, tiny, traces, nor
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, monkeypatch, sig, code):
-    argv = ["eval", "--model", tiny, "--data", expert, "--out", tmp_path, "--n", 2, "--max-new-tokens", 4,
+    argv = ["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 2, "--max-new-tokens", 4,
             "--batch-size", 2, "--engine", "hf"]
     real, calls = dail.grade_line, []
 
@@ -2429,9 +2429,9 @@ def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, mon
     finally:
         signal.signal(signal.SIGTERM, before)
     assert got == code and "dail.py eval: interrupted; rerun the same command to resume\n" in err, err
-    assert len(read_lines(tmp_path / "samples.jsonl")) == 1
+    assert len(read_lines(tmp_path / "e" / "samples.jsonl")) == 1
     monkeypatch.setattr(dail, "grade_line", real)
-    assert run_cli(argv, capsys)[0] == 0 and len(read_lines(tmp_path / "samples.jsonl")) == 3
+    assert run_cli(argv, capsys)[0] == 0 and len(read_lines(tmp_path / "e" / "samples.jsonl")) == 3
 
 
 def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
