@@ -2721,30 +2721,22 @@ def test_default_budget_over_the_context_is_clipped_with_one_line(tmp_path, caps
         "room for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
 
 
-def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny):
-    calls = []
-
-    class Spy:                                      # the tokenizer, recording how much text it is given
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def __call__(self, text, **kw):
-            calls.append(len(text))
-            return tok(text, **kw)
-
+def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny, monkeypatch):
+    calls, real = [], dail.chat_prompt_ids              # how much text is tokenized at once
+    monkeypatch.setattr(dail, "chat_prompt_ids", lambda tok, text, thinking: calls.append(len(text))
+                        or real(tok, text, thinking))
     solution = "Step: 12 + 30 = 42. " * 100_000 + "\\boxed{42}"         # 2 MB
     problem = dict(id="big", where="big.jsonl:1", problem="What is 12+30?", solution=solution, answer="42")
-    fitted = dail.fit_privileged_solution(Spy(), problem, False, 700)
-    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 + 1000 and len(fitted) < len(solution)
+    fitted = dail.fit_privileged_solution(tok, problem, False, 700)
+    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 and len(fitted) < len(solution)
     plain = solution                                # the same text as tokenizing everything at every step
-    while len(dail.chat_prompt_ids(tok, dail.PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=plain),
-                                   False)) > 700:
+    while len(real(tok, dail.PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=plain), False)) > 700:
         plain = dail.shorten_solution(plain)
     assert fitted == plain
     calls.clear()                                   # eval: a huge problem is refused after tokenizing a head of it
     with pytest.raises(dail.DailError, match="the student prompt is over .* tokens, over the prompt budget of 700"):
-        dail.build_contexts(Spy(), dict(problem, problem=solution), False, 700, ("student",))
-    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 + 1000
+        dail.build_contexts(tok, dict(problem, problem=solution), False, 700, ("student",))
+    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701
     # rewrite counts the shortening in its summary
     data = write_jsonl(tmp_path / "x.jsonl", [dict(id="big", problem="What is 12+30?", solution=solution), PROBLEMS[0]])
     code, err = run_cli(["rewrite", "--model", tiny, "--data", data, "--out", tmp_path / "r.jsonl", "--samples", 1,
