@@ -2645,19 +2645,6 @@ def test_signals_stop_after_the_step_and_resume_equals_uninterrupted(tmp_path, c
 
 
 # ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths ==============================
-def test_too_long_prompt(tmp_path, capsys, expert, tiny):
-    # eval: every problem counts in pass@k, so an over-long prompt is an error naming file and line
-    code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
-                         "--max-prompt-len", 20], capsys)
-    assert code == 2 and f"{expert}:1: field 'problem'" in err and "over the prompt budget of 20" in err
-    # rewrite: a counted skip, reported per line; nothing fitting at all is an error, not an empty success
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "r" / "t.jsonl",
-                         "--samples", 1, "--max-new-tokens", 2, "--max-prompt-len", 20], capsys)
-    assert code == 2 and err.count("skip: ") == 3
-    assert err.strip().splitlines()[-1].endswith("no problem fits the prompt budget of 20 tokens (all 3 skipped); "
-                                                 "raise --max-prompt-len, or lower --max-new-tokens")
-
-
 def test_remote_code_never_runs_without_the_flag(tmp_path, tiny):
     """A folder whose config maps to its own Python file (auto_map) is refused without --trust-remote-code, with
     stdin closed (transformers must not ask), and the file never runs."""
@@ -2698,27 +2685,39 @@ def test_threads_flag_sets_torch_threads_before_the_run(tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("command,budget", [("rewrite", 2048), ("eval", 4096)])
-def test_default_budget_over_the_context_is_clipped_with_one_line(tmp_path, capsys, expert, tiny, tok, monkeypatch,
-                                                                  command, budget):
+def test_prompt_budget_clips_the_default_and_refuses_what_cannot_fit(tmp_path, capsys, expert, tiny, tok, monkeypatch,
+                                                                     command, budget):
+    def run(data, *flags):
+        code, err = run_cli([command, "--model", tiny, "--data", data, "--out", tmp_path / "o.jsonl", *flags], capsys)
+        return code, err.strip().splitlines()
+
     def stop(*a, **k):
         raise dail.DailError("stopped before the model loads")
 
     monkeypatch.setattr(dail, "load_model", stop)
     # the tiny model's context is 2048 tokens; the defaults (rewrite 2048, eval 4096) leave no room for a prompt
-    code, err = run_cli([command, "--model", tiny, "--data", expert, "--out", tmp_path / "o.jsonl"], capsys)
     prompts = [dail.STUDENT_PROMPT.format(problem=p["problem"]) for p in PROBLEMS]
     if command == "rewrite":
         prompts += [dail.PRIVILEGED_PROMPT.format(problem=p["problem"], solution=p["solution"]) for p in PROBLEMS]
     longest = max(len(dail.chat_prompt_ids(tok, t, False)) for t in prompts)
+    code, err = run(expert)
+    assert code == 2 and err[-1].endswith("stopped before the model loads")
     assert f"{command}: --max-new-tokens {budget} does not fit the model's 2048-token context; using " \
-           f"{2048 - longest} (the context minus the longest prompt, {longest} tokens)" in err.splitlines()
-    assert code == 2 and err.strip().splitlines()[-1].endswith("stopped before the model loads")
-    # a prompt longer than the whole context: still the one-line error, before any model loads
-    huge = write_jsonl(tmp_path / "huge.jsonl", [dict(PROBLEMS[0], problem="very " * 500)])
-    code, err = run_cli([command, "--model", tiny, "--data", huge, "--out", tmp_path / "h.jsonl"], capsys)
-    assert code == 2 and err.strip().splitlines() == [
+           f"{2048 - longest} (the context minus the longest prompt, {longest} tokens)" in err
+    # a prompt longer than the whole context: one line, before any model loads
+    assert run(write_jsonl(tmp_path / "huge.jsonl", [dict(PROBLEMS[0], problem="very " * 500)])) == (2, [
         f"dail.py {command}: error: --max-new-tokens {budget}: the model's context is 2048 tokens, which leaves no "
-        "room for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
+        "room for a prompt; lower --max-new-tokens (or set --max-prompt-len)"])
+    # over --max-prompt-len: eval counts every problem in pass@k, so one is an error naming its line; rewrite skips
+    # and counts each, and none fitting is an error, not an empty success
+    code, err = run(expert, "--max-prompt-len", 20, "--max-new-tokens", 2)
+    assert code == 2
+    if command == "eval":
+        assert f"{expert}:1: field 'problem'" in err[-1] and "over the prompt budget of 20" in err[-1]
+    else:
+        assert sum(line.startswith("skip: ") for line in err) == 3 and err[-1].endswith(
+            "no problem fits the prompt budget of 20 tokens (all 3 skipped); raise --max-prompt-len, or lower "
+            "--max-new-tokens")
 
 
 def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny, monkeypatch):
