@@ -2092,8 +2092,7 @@ def shorten_solution(solution):
 
 
 def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
-    """The solution, shortened until the privileged prompt fits (recorded as privileged_solution: what train's
-    teacher reads is what rewrite's validator saw)."""
+    """The solution shortened until the privileged prompt fits: privileged_solution, what validator and teacher see."""
     solution = problem["solution"]
     while max_prompt_len is not None:
         text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
@@ -2229,8 +2228,7 @@ def check_thinking_flag(tok, args):
 
 
 def check_token_ids(path, lineno, ids, model):
-    """Refuse, before any model loads, a response_ids item that is not a token id of --model (an id out of range
-    fails deep inside the embedding): below config.json's vocab_size, read as plain JSON."""
+    """Each response_ids item must be a token id of --model (< config.json's vocab_size), checked before it loads."""
     vocab = None
     with contextlib.suppress(Exception):  # no config.json (a hub id): any id >= 0
         vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
