@@ -1705,7 +1705,7 @@ def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
 
 # ==== Appendix B.4, running it: torchrun (process group, all-reduce, stop signals) and --shard part files ==============
 def shard_device(args):
-    """This process's torch device: under torchrun, a CUDA --device (or auto) is each rank's own, cuda:LOCAL_RANK."""
+    """This process's torch device: under torchrun a CUDA --device (or auto) is the rank's own, cuda:LOCAL_RANK."""
     if "LOCAL_RANK" in os.environ and args.device.split(":")[0] in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return resolve_device(args.device)
@@ -1740,21 +1740,17 @@ def all_reduce_step(params, logged, device):
 
 @contextlib.contextmanager
 def stop_signals():
-    """In the block SIGTERM and SIGINT only set state["signal"]: the loop stops after the step in flight, with a
-    checkpoint. A second signal a second or more later (torchrun repeats the first Ctrl-C at once) abandons it."""
-    state = {"signal": None, "at": 0.0}
+    """In the block SIGTERM and SIGINT only set state["signal"] (the first; torchrun repeats a Ctrl-C): the loop
+    stops after the step in flight, with a checkpoint. Ctrl-\\ (SIGQUIT) abandons the step."""
+    state = {"signal": None}
 
     def handler(signum, frame):
-        if state["signal"] is None:
-            state["signal"], state["at"] = signum, time.time()
-            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint "  # print() is not
-                        b"(signal again to abandon the step)\n")                              # reentrant
-        elif time.time() - state["at"] >= 1.0:
-            raise Interrupted("interrupted again: the step in flight is abandoned; rerun with --resume to "
-                              "continue from the last checkpoint", 128 + signum)
+        if state["signal"] is None:           # os.write: print() is not reentrant
+            state["signal"] = signum
+            os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint\n")
 
-    main = threading.current_thread() is threading.main_thread()      # signals reach the main thread only
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    on_main = threading.current_thread() is threading.main_thread()      # signals reach the main thread only
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
     try:
         yield state
     finally:
@@ -1771,8 +1767,7 @@ def agreed_signal(signum, ddp, device):
 
 
 def shard_problems(problems, k, n):
-    """Shard k of n of a rewrite or eval (torchrun's ranks and --shard K/N runs alike) takes problems k, k + n, ...:
-    equal counts (to one), and no shard gets all the long problems of a file sorted by length."""
+    """Shard k of n (a torchrun rank or --shard K/N) takes problems k, k + n, ...: equal counts, lengths mixed."""
     return problems[k::n]
 
 
@@ -1782,8 +1777,8 @@ def shard_path(out_file, k, n):
 
 
 def shard_of(args, engine):
-    """-> (k, n, follower): --shard K/N, else torchrun's RANK of WORLD_SIZE, else (0, 1). vLLM under torchrun: an
-    engine per --tensor-parallel-size (tp) ranks is shard rank // tp of WORLD_SIZE / tp; followers decode in step."""
+    """-> (k, n, follower): --shard K/N, else RANK of WORLD_SIZE (torchrun), else (0, 1). vLLM under torchrun: one
+    engine per --tensor-parallel-size (tp) ranks, shard rank // tp of WORLD_SIZE / tp; followers decode in step."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if args.shard:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.shard)
@@ -1799,9 +1794,9 @@ def shard_of(args, engine):
 
 
 def start_job(command, out_file, args, engine, problems, config_of, *results):
-    """The one start of rewrite and eval -> (n, ks, merge, follower, config, checks, done): the split into n, the
-    shards k this process decodes, each into its own part file that resumes alone (done[k]), how they merge. A plain
-    run that finds an earlier split's parts finishes them, then merges; --overwrite clears them and `results`."""
+    """rewrite's and eval's start -> (n, ks, merge, follower, config, checks, done): the split into n, the shards ks
+    this process decodes (each its own part file, resumed alone: done[k]) and how they merge. A plain run finishes
+    an earlier split's parts, then merges; --overwrite clears them and `results`."""
     k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
@@ -1811,7 +1806,7 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
         raise DailError(f"{out_file.parent}: holds the part files of a split into {sizes} shards"
                         f"{f', this run splits into {n}' if n > 1 else ''}; keep one split, or --overwrite")
     if args.merge and (n > 1 or not splits):
-        raise DailError(f"--merge: merges the part files of {out_file} from an earlier split in one process "
+        raise DailError(f"--merge: merges an earlier split's part files of {out_file} in one process "
                         f"({'drop --shard (or torchrun)' if n > 1 else 'none found: run the shards first'})")
     if n == 1 and splits:
         n, ks, merge = max(splits), [] if args.merge else list(range(max(splits))), "now"
@@ -1833,9 +1828,8 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
 
 
 def gather_parts(out_file, n, merge, config, config_of, expected, key, order, checks):
-    """The whole job's records: out_file's own (n = 1), None (merge None: a vLLM follower), or, once every part k
-    holds all of expected[k] (by key(record)), written with this `config`, the parts merged into out_file in input
-    order (order(record)). While parts are incomplete: merge 'ready' says which -> None, 'now' fails."""
+    """The job's records: out_file's (n = 1); None for a vLLM follower (merge None) or while a part lacks some of
+    expected[k] (by key; merge 'now': a DailError); else the parts (of `config`) merged into out_file by order."""
     if merge is None:
         return resume_jsonl(out_file, checks(0)) if n == 1 else None
     parts = [shard_path(out_file, k, n) for k in range(n)]
@@ -1843,14 +1837,14 @@ def gather_parts(out_file, n, merge, config, config_of, expected, key, order, ch
     for k, old in saved.items():
         if (diff := differing_setting(old, config)) is not None:
             raise DailError(f"{parts[k]}: written with {diff}={old.get(diff, '(not recorded)')!r}, unlike this run; "
-                            f"parts of one file must come from one command (rerun that shard, or --overwrite)")
+                            f"rerun that shard, or --overwrite")
     missing = [k for k, p in enumerate(parts) if k not in saved        # peek: a part may be being written
                or not expected[k] <= {key(r) for r in resume_jsonl(p, checks(k), peek=True)}]
     if missing and merge == "now":
         raise DailError(f"{out_file}: {len(missing)} of {n} parts are incomplete; run them (--shard K/{n})")
     if missing:
-        print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; the shard "
-              f"that completes the last one merges them (or a run without --shard, or with --merge)", file=sys.stderr)
+        print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; the shard that "
+              f"completes the last one merges them (or --merge)", file=sys.stderr)
         return None
     # each part's line_check refuses another shard's record, so none is merged twice; two shards that finish
     # together may both merge, each through its own temporary file (write_atomic)
@@ -1862,50 +1856,42 @@ def gather_parts(out_file, n, merge, config, config_of, expected, key, order, ch
 
 
 # ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths and stop tokens ===============
-# The prompt-length guards (build_contexts, rewrite and train call them). No tokenizer averages this many
-# characters per token on real text (English: about 4), so a text this long per token of a budget is over it.
+# The prompt-length guards: no tokenizer averages this many characters per token on real text (English: about 4).
 MAX_CHARS_PER_TOKEN = 32
 
 
 def bounded_ids(encode, text, budget):
-    """(ids, whole): encode(text), but a text over MAX_CHARS_PER_TOKEN * budget characters is first encoded only
-    up to there, and when that head is clearly over `budget` tokens its ids come back with whole=False (a head
-    never has more than a few tokens more than the whole). A 50 MB solution costs a budget's worth of tokenizing."""
+    """(ids, whole): encode(text), or the ids of a head of MAX_CHARS_PER_TOKEN * budget characters already clearly
+    over `budget` tokens, whole=False: a 50 MB solution costs a budget's worth of tokenizing."""
     limit = MAX_CHARS_PER_TOKEN * (max(budget, 0) + 1) if budget is not None else len(text)
-    if len(text) > limit:
-        head = encode(text[:limit])
-        if len(head) > budget + 8:
-            return head, False
+    if len(text) > limit and len(head := encode(text[:limit])) > budget + 8:   # a head has at most a few more
+        return head, False
     return encode(text), True
 
 
 def shorten_solution(solution):
-    """One shortening step: cut before the last "Solution N:" marker (keep the first solutions of a
-    multi-solution write-up), else keep the first half."""
+    """One step: cut before the last "Solution N:" (keep a write-up's first solutions), else keep the first half."""
     marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
     return solution[:marks[-1]].rstrip() if marks and marks[-1] > 0 else solution[:len(solution) // 2]
 
 
 def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
-    """The expert solution as the privileged prompt holds it: shortened (shorten_solution) until the prompt fits
-    max_prompt_len. rewrite records it in each trace (`privileged_solution`) and train's teacher reads exactly
-    it, so the teacher sees what the validator saw."""
+    """The solution shortened until the privileged prompt fits: privileged_solution, what validator and teacher see."""
     solution = problem["solution"]
     while max_prompt_len is not None:
         text = PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=solution)
         if len(bounded_ids(lambda t: chat_prompt_ids(tok, t, thinking), text, max_prompt_len)[0]) <= max_prompt_len:
             break
         if not solution:
-            raise DailError(f"{problem['where']}: field 'problem': the privileged prompt does not fit the prompt "
-                            f"budget of {max_prompt_len} tokens even without the solution")
+            raise DailError(f"{problem['where']}: field 'problem': the privileged prompt is over the prompt budget "
+                            f"of {max_prompt_len} tokens even without the solution")
         solution = shorten_solution(solution)
     return solution
 
 
 def fit_prompts(tok, problems, args, roles=("student", "privileged")):
-    """rewrite's contexts {id: {role: ids}} within the prompt budget (prompt_budget), each expert solution shortened
-    to fit (fit_privileged_solution) -> (contexts, skipped, shortened): a problem that cannot fit is skipped and
-    counted, never silently dropped; none fitting is a DailError."""
+    """rewrite's prompts within prompt_budget -> ({id: {role: ids}}, skipped, shortened): a problem that cannot fit
+    is skipped with a line and counted; none fitting is a DailError."""
     max_prompt = prompt_budget(args, "rewrite", lambda: max(
         len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
     contexts, skipped = {}, 0
@@ -1916,14 +1902,34 @@ def fit_prompts(tok, problems, args, roles=("student", "privileged")):
         except DailError as e:
             skipped += 1
             print(f"skip: {e}", file=sys.stderr)
-    shortened = sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems)
-    if shortened:
+    if shortened := sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems):
         print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
-              f"(each trace records the text the validator saw in privileged_solution)", file=sys.stderr)
+              f"(each trace's privileged_solution)", file=sys.stderr)
     if not contexts:
-        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all "
-                        f"{skipped} skipped); raise --max-prompt-len, or lower --max-new-tokens")
+        raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all {skipped} "
+                        f"skipped); raise --max-prompt-len, or lower --max-new-tokens")
     return contexts, skipped, shortened
+
+
+def prompt_budget(args, command, longest_prompt):
+    """--max-prompt-len, else the model's context minus --max-new-tokens, else None. A --max-new-tokens that fills
+    the context is clipped (one line) to the context minus longest_prompt() tokens: a rerun clips alike, resumes."""
+    if args.max_prompt_len is not None:
+        return args.max_prompt_len
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        n = int(config.max_position_embeddings)
+    except Exception:  # no readable config, or no context length in it: no limit
+        return None
+    if n - args.max_new_tokens < 1:
+        if n - (longest := longest_prompt()) < 1:
+            raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
+                            f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
+        print(f"{command}: --max-new-tokens {args.max_new_tokens} does not fit the model's {n}-token context; "
+              f"using {n - longest} (the context minus the longest prompt, {longest} tokens)", file=sys.stderr)
+        args.max_new_tokens = n - longest
+    return n - args.max_new_tokens
 
 
 def resolve_device(name):
@@ -1942,9 +1948,8 @@ def resolve_dtype(name, device):  # auto: bfloat16 on CUDA, else float32; or flo
 
 @functools.lru_cache(maxsize=None)   # asked once per process
 def hub_commit(name):
-    """The commit hub id `name` resolves to, or None; a path-shaped name is a missing folder (DailError). One 5 s
-    HEAD request for config.json through the hub client (HF_ENDPOINT, proxies and the token count); a hub out of
-    reach switches to the local cache at once, with a note, not after a minute of retries. Else the cache's commit."""
+    """The commit of hub id `name` (one 5 s HEAD through the hub client: HF_ENDPOINT, proxies, token), else the
+    cache's, else None; a path is a missing folder. A hub out of reach: the local cache at once, with a note."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -1958,8 +1963,7 @@ def hub_commit(name):
         except HfHubHTTPError:  # the hub answered (no such repo, gated, ...): the cache may know it
             pass
         except Exception:       # connection refused, DNS failure, timeout, proxy error: out of reach
-            print(f"note: the Hugging Face hub ({endpoint}) is unreachable; looking for {name} in the local "
-                  f"cache only", file=sys.stderr)
+            print(f"note: the hub ({endpoint}) is unreachable; using the local cache only", file=sys.stderr)
             os.environ["HF_HUB_OFFLINE"] = "1"
             constants.HF_HUB_OFFLINE = True
     with contextlib.suppress(Exception):  # (a malformed id: None)
@@ -1968,8 +1972,7 @@ def hub_commit(name):
 
 
 def from_pretrained(auto, what, name, trust_remote_code, **kw):
-    """auto.from_pretrained(name), or a one-line DailError. Without --trust-remote-code a folder with its own code
-    (auto_map) is refused: transformers neither runs it nor asks on stdin."""
+    """auto.from_pretrained(name), or a one-line DailError; a folder's own code (auto_map) runs only with the flag."""
     try:
         return auto.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
     except Exception as e:
@@ -1981,22 +1984,13 @@ def from_pretrained(auto, what, name, trust_remote_code, **kw):
 
 
 def load_tokenizer(name, trust_remote_code=False):
-    """The tokenizer, with a pad token. Warns when it encodes differently from the folder's own tokenizer.json:
-    transformers 5 may reload a saved tokenizer as the architecture's class (Qwen2Tokenizer for a qwen2 config),
-    whose pre-tokenizer changes ids."""
+    """The tokenizer, with a pad token; one without a chat template is a DailError (DAIL prompts are chat turns)."""
     from transformers import AutoTokenizer
     if not Path(name).exists():
         hub_commit(name)  # a missing folder fails here; a hub out of reach: the local cache, at once
     tok = from_pretrained(AutoTokenizer, "tokenizer", name, trust_remote_code)
     if not getattr(tok, "chat_template", None):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
-    if (path := Path(name) / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        probe = "Find 17^83 mod 10:  12+345 = \\boxed{357}.\n\tCaf\u00e9, 'quotes' and   spaces"
-        if Tokenizer.from_file(str(path)).encode(probe, add_special_tokens=False).ids != \
-                tok(probe, add_special_tokens=False)["input_ids"]:
-            print(f"warning: --model {name}: the loaded tokenizer ({type(tok).__name__}) encodes text differently "
-                  f"from {path}; check the tokenizer class and pre-tokenizer", file=sys.stderr)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -2008,30 +2002,20 @@ def load_model(name, device, dtype, trust_remote_code=False):
 
 
 def check_thinking_flag(tok, args):
-    """-> whether the chat template supports thinking (Qwen3-style: `enable_thinking` or <think>, in any named
-    template); a warning when --thinking disagrees (a reasoning model would be prompted and graded as a plain one)."""
+    """-> whether the chat template (any named one) supports thinking; a warning when --thinking disagrees."""
     text = " ".join(t.values()) if isinstance(t := tok.chat_template, dict) else str(t or "")
-    supports = "enable_thinking" in text or "<think>" in text
-    if supports != args.thinking:
-        print(f"warning: --model {args.model}: " + (
-            "the chat template supports thinking (<think>) but --thinking is not set; a reasoning model needs "
-            "--thinking for its prompts, budgets and grading" if supports else
-            "--thinking is set but the chat template has no thinking support; dail.py will open <think> itself"),
-            file=sys.stderr)
+    if (supports := "enable_thinking" in text or "<think>" in text) != args.thinking:
+        print(f"warning: --model {args.model}: " + ("the chat template supports thinking (<think>) but --thinking is "
+              "not set" if supports else "--thinking is set but the chat template has no thinking support"),
+              file=sys.stderr)
     return supports
 
 
-@functools.lru_cache(maxsize=None)
-def vocab_size(name):  # a model folder's config.json vocab_size, as plain JSON (no code runs, no network), or None
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        size = json.loads((Path(name) / "config.json").read_text()).get("vocab_size")
-        return size if type(size) is int else None
-
-
 def check_token_ids(path, lineno, ids, model):
-    """A trace's response_ids must be token ids of --model, checked before any model loads (an id out of range
-    fails deep inside the embedding, far from the line that holds it)."""
-    vocab = vocab_size(model)
+    """Each response_ids item must be a token id of --model (< config.json's vocab_size), checked before it loads."""
+    vocab = None
+    with contextlib.suppress(Exception):  # no config.json (a hub id): any id >= 0
+        vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab), None)
     if bad is not None:
         raise DailError(f"{path}:{lineno}: field 'response_ids': item {bad} is {ids[bad]!r}, not a token id "
@@ -2039,7 +2023,7 @@ def check_token_ids(path, lineno, ids, model):
 
 
 def record_prompt_ids(tok, problem, thinking):
-    """chat_prompt_ids of an eval record's own `prompt`, or a DailError naming its file and line (jinja2's does not)."""
+    """chat_prompt_ids of an eval record's own `prompt`, or a DailError naming its file and line."""
     try:
         return chat_prompt_ids(tok, problem["prompt"], thinking)
     except Exception as e:
@@ -2052,28 +2036,6 @@ def cache_kwarg(model, cache):
     import inspect
     forward = getattr(model, "get_base_model", lambda: model)().forward
     return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
-
-
-def prompt_budget(args, command, longest_prompt):
-    """--max-prompt-len, else the model's context (config) minus --max-new-tokens, else None. A --max-new-tokens that
-    fills the context (the defaults on a small model) is clipped, in one line, to the context minus the longest
-    prompt (longest_prompt(): its tokens), so a rerun clips alike and resumes."""
-    if args.max_prompt_len is not None:
-        return args.max_prompt_len
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        n = int(config.max_position_embeddings)
-    except Exception:  # no readable config, or no context length in it: no limit
-        return None
-    if n - args.max_new_tokens < 1:
-        if n - (longest := longest_prompt()) < 1:
-            raise DailError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {n} tokens, which "
-                            f"leaves no room for a prompt; lower --max-new-tokens (or set --max-prompt-len)")
-        print(f"{command}: --max-new-tokens {args.max_new_tokens} does not fit the model's {n}-token context; "
-              f"using {n - longest} (the context minus the longest prompt, {longest} tokens)", file=sys.stderr)
-        args.max_new_tokens = n - longest
-    return n - args.max_new_tokens
 
 
 def end_of_turn_id(tok):

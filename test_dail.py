@@ -1685,28 +1685,23 @@ def test_reference_cache_torchrun_two_processes(tmp_path, tiny, traces):
 # ==== Appendix B.4, running it: torchrun, stop signals and --shard part files =========================================
 @pytest.mark.parametrize("norm", ["sequence", "token"])
 def test_torchrun_two_processes_match_single(tmp_path, capsys, tiny, traces, norm):
-    _, data = traces
-    single = tmp_path / "single"
-    assert run_cli(train_argv(tiny, data, single, "--max-steps", 3, "--batch-size", 5, "--loss-norm", norm), capsys)[0] == 0
-    ddp = tmp_path / "ddp"
-    r = torchrun(train_argv(tiny, data, ddp, "--max-steps", 3, "--batch-size", 5, "--device", "cpu", "--loss-norm", norm))
+    flags = ["--max-steps", 3, "--batch-size", 5, "--device", "cpu", "--loss-norm", norm]
+    assert run_cli(train_argv(tiny, traces[1], tmp_path / "single", *flags), capsys)[0] == 0
+    r = torchrun(train_argv(tiny, traces[1], tmp_path / "ddp", *flags))
     assert train_succeeded(r), r.stderr[-3000:]
-    a, b = read_lines(single / "metrics.jsonl"), read_lines(ddp / "metrics.jsonl")
-    assert len(a) == len(b) == 3
+    a, b = read_lines(tmp_path / "single" / "metrics.jsonl"), read_lines(tmp_path / "ddp" / "metrics.jsonl")
+    assert len(a) == len(b) == 3 and b[0]["tokens"] == a[0]["tokens"]
     # step 1 starts from the same weights: equal up to float summation order
     assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6)
     assert b[0]["grad_norm"] == pytest.approx(a[0]["grad_norm"], rel=1e-5)
-    assert b[0]["tokens"] == a[0]["tokens"]
     # later steps: Adam normalizes each gradient element, so float-order differences in near-zero elements
     # become visible update differences; the runs stay together, but only loosely
-    for x, y in zip(a[1:], b[1:]):
-        assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
+    assert [y["loss"] for y in b[1:]] == pytest.approx([x["loss"] for x in a[1:]], rel=2e-2)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, monkeypatch, sig, code):
-    out = tmp_path / "eval"
-    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 4,
+    argv = ["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 2, "--max-new-tokens", 4,
             "--batch-size", 2, "--engine", "hf"]
     real, calls = dail.grade_line, []
 
@@ -1727,15 +1722,13 @@ def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, mon
     finally:
         signal.signal(signal.SIGTERM, before)
     assert got == code and "dail.py eval: interrupted; rerun the same command to resume\n" in err, err
-    assert len(read_lines(out / "samples.jsonl")) == 1
+    assert len(read_lines(tmp_path / "e" / "samples.jsonl")) == 1
     monkeypatch.setattr(dail, "grade_line", real)
-    assert run_cli(argv, capsys)[0] == 0 and len(read_lines(out / "samples.jsonl")) == 3
+    assert run_cli(argv, capsys)[0] == 0 and len(read_lines(tmp_path / "e" / "samples.jsonl")) == 3
 
 
-def test_shards_split_and_merge(tmp_path, monkeypatch):
+def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
     from types import SimpleNamespace
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.delenv("RANK", raising=False)
     flags = lambda shard=None, tp=1, **kw: SimpleNamespace(shard=shard, tensor_parallel_size=tp, **kw)  # noqa: E731
     assert dail.shard_of(flags(), "hf") == (0, 1, False) and dail.shard_of(flags("2/3"), "hf") == (2, 3, False)
     assert dail.shard_of(flags(tp=2), "vllm") == (0, 1, False)                  # one process: no data parallelism
@@ -1746,45 +1739,33 @@ def test_shards_split_and_merge(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert dail.shard_of(flags(), "hf") == (3, 4, False)
     assert dail.shard_of(flags(tp=2), "vllm") == (1, 2, True)                # one engine per 2 ranks: a follower
-    with pytest.raises(dail.DailError, match="under torchrun"):
-        dail.shard_of(flags("0/2"), "hf")
-    with pytest.raises(dail.DailError, match="not a multiple"):
-        dail.shard_of(flags(tp=3), "vllm")
+    for shard, tp, refusal in [("0/2", 1, "under torchrun"), (None, 3, "not a multiple")]:
+        with pytest.raises(dail.DailError, match=refusal):
+            dail.shard_of(flags(shard, tp), "vllm")
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("RANK")
-    problems = list(range(10))
-    parts = [dail.shard_problems(problems, k, 3) for k in range(3)]
-    assert sorted(sum(parts, [])) == problems and [len(p) for p in parts] == [4, 3, 3]
+    assert not {"shard", "merge"} & set(dail.RESULT_SETTINGS["rewrite"] + dail.RESULT_SETTINGS["eval"])  # any split
+    assert [dail.shard_problems(list(range(10)), k, 3) for k in range(3)] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     out = tmp_path / "traces.jsonl"
     assert dail.shard_path(out, 1, 3) == tmp_path / "traces.part1-of-3.jsonl" and dail.shard_path(out, 0, 1) == out
-    # merge: input order, nothing lost; a part incomplete, or written with other settings, is not merged
+    # merge: input order, nothing lost, the config written; a record of another shard is refused (incomplete parts
+    # and parts of other settings: test_rewrite_traces_equal_over_batch_size_resume_and_shards)
     records = [dict(index=i, sample=s) for i in range(5) for s in range(2)]
     config_of = lambda p: p.with_suffix(".config.json")  # noqa: E731
     key = lambda r: (r["index"], r["sample"])  # noqa: E731
     expected = {k: {key(r) for r in records if r["index"] % 3 == k} for k in range(3)}
     checks = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])  # noqa: E731
-
-    def gather(merge):
-        return dail.gather_parts(out, 3, merge, dict(seed=0), config_of, expected, key, key, checks)
-
-    for k in range(3):
-        write_jsonl(dail.shard_path(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1][:-1 if k else None])
-        config_of(dail.shard_path(out, k, 3)).write_text(json.dumps(dict(seed=0)))
-    assert gather("ready") is None                                              # parts 1 and 2 lack a record
-    with pytest.raises(dail.DailError, match="2 of 3 parts are incomplete"):
-        gather("now")
+    gather = lambda: dail.gather_parts(out, 3, "now", dict(seed=0), config_of, expected, key, key, checks)  # noqa: E731
     for k in range(3):
         write_jsonl(dail.shard_path(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1])
-    assert gather("ready") == records and read_lines(out) == records
+        config_of(dail.shard_path(out, k, 3)).write_text(json.dumps(dict(seed=0)))
+    assert gather() == records and read_lines(out) == records
     assert json.loads(config_of(out).read_text()) == dict(seed=0)
-    write_jsonl(dail.shard_path(out, 2, 3), [r for r in records if r["index"] % 3 == 2] + [records[0]])
-    with pytest.raises(dail.DailError, match="is not one of this run"):           # a record of another shard
-        gather("now")
-    config_of(dail.shard_path(out, 1, 3)).write_text(json.dumps(dict(seed=1)))
-    with pytest.raises(dail.DailError, match="traces.part1-of-3.jsonl: written with seed=1"):
-        gather("now")
-    # start_job's refusals come before anything is read or written
+    with open(dail.shard_path(out, 2, 3), "a") as f:
+        f.write(json.dumps(records[0]) + "\n")
+    with pytest.raises(dail.DailError, match="is not one of this run"):
+        gather()
 
+    # start_job's refusals come before anything is read or written
     def job(shard=None, merge=False, out=out):
         return dail.start_job("rewrite", out, flags(shard, overwrite=False, merge=merge), "hf", [], config_of)
 
@@ -1800,14 +1781,17 @@ def test_shards_split_and_merge(tmp_path, monkeypatch):
 
 
 # How often floating-point differences between batch compositions flip a sampled token, measured on this
-# CPU (float32, the tiny model, 8 problems x 4 samples x 40 tokens): batch 1 vs 8 and vs 32, 0 flips in
-# 1,168 rewrite tokens (threshold 0.0045, 61% accepted) and 0 of 32 eval samples (about 1,200 tokens). A flip
-# needs a uniform within ~1e-6 of a CDF boundary; a test allows one flipped trace in case one ever does.
+# CPU (float32, the tiny model, 8 problems x 4 samples x 40 tokens): 0 flips in 1,168 rewrite tokens and 0 of
+# 32 eval samples. A flip needs a uniform within ~1e-6 of a CDF boundary; a test allows one flipped trace.
 FLIPS_ALLOWED = 1
 
 
 def trace_ids(path):
     return [((t["id"], t["sample"]), t["response_ids"]) for t in read_lines(path)]
+
+
+def eval_ids(path):
+    return [(r["id"], (r["responses"], r["forced"])) for r in read_lines(path)]
 
 
 def differing(a, b):
@@ -1816,119 +1800,74 @@ def differing(a, b):
     return sum(x != y for (_, x), (_, y) in zip(a, b))
 
 
-def eval_ids(path):
-    return [(r["id"], (r["responses"], r["forced"])) for r in read_lines(path)]
+def same_run(a, b, summary_a, summary_b):
+    """Two runs (trace_ids or eval_ids) agree up to FLIPS_ALLOWED, and so do their summaries' counts."""
+    assert differing(a, b) <= FLIPS_ALLOWED
+    a, b = json.loads(Path(summary_a).read_text()), json.loads(Path(summary_b).read_text())
+    keys = ("problems", "traces", "kept", "reject_reasons", "acceptance_rate", "mean_tokens", "finished",
+            "pass_at_k", "samples_forced", "truncated")
+    assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
 
 
-def same_summary(a, b, keys):
-    a, b = json.loads(Path(a).read_text()), json.loads(Path(b).read_text())
-    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+def test_rewrite_traces_equal_over_batch_size_resume_and_shards(tmp_path, capsys, tiny, shard_data, single_process,
+                                                                 monkeypatch):
+    def rewrite(out, *extra):
+        code, err = run_cli(rewrite_argv(tiny, shard_data, tmp_path / out / "traces.jsonl", *extra), capsys)
+        return code, err, tmp_path / out / "traces.jsonl"
 
-
-REWRITE_SUMMARY = ("problems", "traces", "kept", "reject_reasons", "acceptance_rate", "mean_tokens", "finished")
-EVAL_SUMMARY = ("problems", "pass_at_k", "mean_tokens", "samples_forced", "truncated")
-
-
-def test_rewrite_traces_do_not_depend_on_batch_size_or_resume(tmp_path, capsys, tiny, shard_data, single_process):
-    runs = {}
-    for bs in (1, 8):
-        out = tmp_path / f"b{bs}" / "traces.jsonl"
-        code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", bs), capsys)
-        assert code == 0, err
-        runs[bs] = trace_ids(out)
-    assert len(runs[1]) == len(SHARD_PROBLEMS) * 3
-    assert differing(runs[1], runs[8]) <= FLIPS_ALLOWED
-    assert len({tuple(ids) for _, ids in runs[8]}) > len(runs[8]) // 2         # the samples do differ
-    # interrupted after 7 traces (half of the 8th line on disk), then resumed with another batch size
-    out = tmp_path / "resumed" / "traces.jsonl"
-    assert run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", 8), capsys)[0] == 0
-    lines = out.read_text().splitlines(keepends=True)
-    out.write_text("".join(lines[:7]) + lines[7][:20])
-    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", 5), capsys)
-    assert code == 0 and "14 traces to decode" in err, err
-    assert differing(runs[8], trace_ids(out)) <= FLIPS_ALLOWED
-
-
-def test_rewrite_keys_the_randomness_by_the_trace(tmp_path, capsys, tiny, shard_data, single_process, monkeypatch):
-    """The old code drew from one generator per run: the negative control is that a batch-order-dependent
-    generator makes batch size matter; with counter_uniforms keyed by (seed, id, sample) it does not."""
-    seen = []
-    real = dail.counter_uniforms
+    one = rewrite("one")[2]                                             # one batch of all 21 traces
+    assert len(trace_ids(one)) == len(SHARD_PROBLEMS) * 3
+    assert len({tuple(ids) for _, ids in trace_ids(one)}) > len(SHARD_PROBLEMS) * 3 // 2   # the samples do differ
+    summary = lambda path: path.with_suffix(".summary.json")  # noqa: E731
+    # the random numbers are keyed by (seed, id, sample), not drawn in batch order
+    seen, real = [], dail.counter_uniforms
     monkeypatch.setattr(dail, "counter_uniforms", lambda keys, step, n: seen.append(keys) or real(keys, step, n))
-    out = tmp_path / "r" / "traces.jsonl"
-    assert run_cli(rewrite_argv(tiny, shard_data, out, "--batch-size", 4, "--seed", 3), capsys)[0] == 0
-    first = seen[0]                                                   # step 0 of the first batch of 4 traces
-    want = dail.trace_keys(3, ["add", "add", "add", "half"], [0, 1, 2, 0])
-    assert torch.equal(first, want)
-    summary = json.loads(out.with_suffix(".summary.json").read_text())
-    assert 0.2 < summary["acceptance_rate"] < 0.9                  # proposals and fallbacks both drawn
-
-
-def test_eval_samples_do_not_depend_on_batch_size(tmp_path, capsys, tiny, shard_data, single_process):
-    runs = {}
-    for bs in (1, 8):
-        out = tmp_path / f"e{bs}"
-        code, err = run_cli(eval_argv(tiny, shard_data, out, "--batch-size", bs), capsys)
-        assert code == 0, err
-        runs[bs] = eval_ids(out / "samples.jsonl")
-    assert differing(runs[1], runs[8]) <= FLIPS_ALLOWED
-    forced = [f for _, (_, fs) in runs[8] for f in fs if f is not None]
-    assert forced                                                     # the second pass ran (its own keys)
-
-
-def test_shard_runs_then_merge_equal_one_process(tmp_path, capsys, tiny, shard_data, single_process):
-    one = tmp_path / "one" / "traces.jsonl"
-    assert run_cli(rewrite_argv(tiny, shard_data, one), capsys)[0] == 0
-    out = tmp_path / "sharded" / "traces.jsonl"
-    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--shard", "1/2"), capsys)
+    assert differing(trace_ids(one), trace_ids(rewrite("b4", "--batch-size", 4)[2])) <= FLIPS_ALLOWED
+    assert torch.equal(seen[0], dail.trace_keys(0, ["add", "add", "add", "half"], [0, 1, 2, 0]))
+    monkeypatch.setattr(dail, "counter_uniforms", real)
+    assert 0.2 < json.loads(summary(one).read_text())["acceptance_rate"] < 0.9    # proposals and fallbacks drawn
+    # interrupted after 7 traces (half of the 8th line on disk), then resumed with another batch size
+    lines = one.read_text().splitlines(keepends=True)
+    shutil.copytree(one.parent, tmp_path / "resumed")
+    (tmp_path / "resumed" / "traces.jsonl").write_text("".join(lines[:7]) + lines[7][:20])
+    code, err, out = rewrite("resumed", "--batch-size", 5)
+    assert code == 0 and "14 traces to decode" in err, err
+    assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
+    # --shard: the shard that completes the last part merges; --merge before that is refused, after it the same
+    code, err, out = rewrite("sharded", "--shard", "1/2")
     assert code == 0 and "parts 0 of 2 are not complete" in err and not read_text_or_empty(out), err
     assert dail.shard_path(out, 1, 2).exists() and dail.shard_path(out, 1, 2).with_suffix(".config.json").exists()
-    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--merge"), capsys)
-    assert code == 2 and "incomplete" in err
-    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--shard", "0/2"), capsys)
-    assert code == 0 and "merged 2 parts" in err, err                      # the last shard merges
-    assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
-    same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
-    code, err = run_cli(rewrite_argv(tiny, shard_data, out, "--merge"), capsys)   # merging again: the same
-    assert code == 0 and differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
+    code, err, _ = rewrite("sharded", "--merge")
+    assert code == 2 and "incomplete" in err, err
+    code, err, out = rewrite("sharded", "--shard", "0/2")
+    assert code == 0 and "merged 2 parts" in err, err
+    same_run(trace_ids(one), trace_ids(out), summary(one), summary(out))
+    assert rewrite("sharded", "--merge")[0] == 0 and differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
     # a part written with other settings is refused, by --merge and by a plain rerun
-    other = tmp_path / "other" / "traces.jsonl"
-    assert run_cli(rewrite_argv(tiny, shard_data, other, "--shard", "0/2"), capsys)[0] == 0
-    code, err = run_cli(rewrite_argv(tiny, shard_data, other, "--shard", "1/2", "--seed", 1), capsys)
+    assert rewrite("other", "--shard", "0/2")[0] == 0
+    code, err, _ = rewrite("other", "--shard", "1/2", "--seed", 1)
     assert code == 2 and "traces.part0-of-2.jsonl: written with seed=0" in err, err    # its part is written
-    code, err = run_cli(rewrite_argv(tiny, shard_data, other, "--merge"), capsys)
+    code, err, _ = rewrite("other", "--merge")
     assert code == 2 and "traces.part1-of-2.jsonl: written with seed=1" in err, err
-    code, err = run_cli(rewrite_argv(tiny, shard_data, other), capsys)
-    assert code == 2 and "seed=1" in err and not read_text_or_empty(other), err
+    code, err, out = rewrite("other")
+    assert code == 2 and "seed=1" in err and not read_text_or_empty(out), err
 
 
-def test_eval_shards_then_plain_rerun_merge(tmp_path, capsys, tiny, shard_data, single_process):
-    one = tmp_path / "one"
-    assert run_cli(eval_argv(tiny, shard_data, one), capsys)[0] == 0
-    out = tmp_path / "sharded"
-    assert run_cli(eval_argv(tiny, shard_data, out, "--shard", "0/3"), capsys)[0] == 0
-    assert run_cli(eval_argv(tiny, shard_data, out, "--shard", "2/3"), capsys)[0] == 0
-    code, err = run_cli(eval_argv(tiny, shard_data, out), capsys)          # finishes part 1 itself, merges
-    assert code == 0 and "merged 3 parts" in err, err
-    assert differing(eval_ids(one / "samples.jsonl"), eval_ids(out / "samples.jsonl")) <= FLIPS_ALLOWED
-    same_summary(one / "summary.json", out / "summary.json", EVAL_SUMMARY)
+def test_eval_samples_equal_over_batch_size_and_shards(tmp_path, capsys, tiny, shard_data, single_process):
+    def run(out, *extra):
+        code, err = run_cli(eval_argv(tiny, shard_data, tmp_path / out, *extra), capsys)
+        assert code == 0, err
+        return err
 
-
-def test_torchrun_rewrite_and_eval_match_one_process(tmp_path, capsys, tiny, shard_data, single_process):
-    one = tmp_path / "one" / "traces.jsonl"
-    assert run_cli(rewrite_argv(tiny, shard_data, one), capsys)[0] == 0
-    out = tmp_path / "ddp" / "traces.jsonl"
-    r = torchrun(rewrite_argv(tiny, shard_data, out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED
-    same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
-    assert dail.shard_path(out, 0, 2).exists() and dail.shard_path(out, 1, 2).exists()
-    e_one, e_ddp = tmp_path / "e_one", tmp_path / "e_ddp"
-    assert run_cli(eval_argv(tiny, shard_data, e_one), capsys)[0] == 0
-    r = torchrun(eval_argv(tiny, shard_data, e_ddp))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert differing(eval_ids(e_one / "samples.jsonl"), eval_ids(e_ddp / "samples.jsonl")) <= FLIPS_ALLOWED
-    same_summary(e_one / "summary.json", e_ddp / "summary.json", EVAL_SUMMARY)
+    ids = lambda out: eval_ids(tmp_path / out / "samples.jsonl")  # noqa: E731
+    run("one")
+    run("b1", "--batch-size", 1)
+    assert [f for _, (_, fs) in ids("one") for f in fs if f is not None]     # the second pass ran (its own keys)
+    assert differing(ids("one"), ids("b1")) <= FLIPS_ALLOWED
+    run("sharded", "--shard", "0/3")
+    run("sharded", "--shard", "2/3")
+    assert "merged 3 parts" in run("sharded")                                # finishes part 1 itself, then merges
+    same_run(ids("one"), ids("sharded"), tmp_path / "one" / "summary.json", tmp_path / "sharded" / "summary.json")
 
 
 KILL_RANK_1 = """
@@ -1947,48 +1886,47 @@ sys.exit(dail.main(sys.argv[1:]))
 """
 
 
-def test_torchrun_rank_killed_then_rerun_resumes_every_part(tmp_path, capsys, tiny, shard_data, single_process):
-    one = tmp_path / "one" / "traces.jsonl"
+def test_torchrun_rewrite_and_eval_match_one_process(tmp_path, capsys, tiny, shard_data, single_process):
+    """A rank killed mid-line; the same command again resumes every part and equals one process."""
+    one, out = tmp_path / "one" / "traces.jsonl", tmp_path / "ddp" / "traces.jsonl"
     assert run_cli(rewrite_argv(tiny, shard_data, one), capsys)[0] == 0
-    script = tmp_path / "dying.py"
-    script.write_text(KILL_RANK_1.format(root=str(ROOT)))
-    out = tmp_path / "ddp" / "traces.jsonl"
+    (script := tmp_path / "dying.py").write_text(KILL_RANK_1.format(root=str(ROOT)))
     r = torchrun(rewrite_argv(tiny, shard_data, out), script=script)
     assert r.returncode != 0 and not read_text_or_empty(out)
     assert len(dail.shard_path(out, 1, 2).read_text().splitlines()) == 3          # 2 traces + the half line
-    r = torchrun(rewrite_argv(tiny, shard_data, out))                            # the same command again
+    r = torchrun(rewrite_argv(tiny, shard_data, out))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert differing(trace_ids(one), trace_ids(out)) <= FLIPS_ALLOWED           # nothing lost or duplicated
-    same_summary(one.with_suffix(".summary.json"), out.with_suffix(".summary.json"), REWRITE_SUMMARY)
+    same_run(trace_ids(one), trace_ids(out), one.with_suffix(".summary.json"), out.with_suffix(".summary.json"))
+    assert dail.shard_path(out, 0, 2).exists()
+    assert run_cli(eval_argv(tiny, shard_data, tmp_path / "e_one"), capsys)[0] == 0
+    r = torchrun(eval_argv(tiny, shard_data, tmp_path / "e_ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_run(eval_ids(tmp_path / "e_one" / "samples.jsonl"), eval_ids(tmp_path / "e_ddp" / "samples.jsonl"),
+             tmp_path / "e_one" / "summary.json", tmp_path / "e_ddp" / "summary.json")
 
 
-def test_shard_flags_in_the_readme_and_not_result_settings():
-    readme = (ROOT / "README.md").read_text()
-    assert "`--shard`" in readme and "`--merge`" in readme
-    assert not {"shard", "merge"} & set(dail.RESULT_SETTINGS["rewrite"] + dail.RESULT_SETTINGS["eval"])
+def test_signals_stop_after_the_step_and_resume_equals_uninterrupted(tmp_path, capsys, tiny, traces, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    argv = lambda out, *extra: train_argv(tiny, traces[1], out, "--max-steps", 12, "--batch-size", 2,  # noqa: E731
+                                          "--save-every", 0, *extra)
+    assert run_cli(argv(full), capsys)[0] == 0
+    real_lr = dail.lr_at
 
+    def signals_in_step_4(step, *a):           # a preemption, then a Ctrl-C (torchrun repeats signals to its ranks)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, *a)
 
-def test_sigterm_then_resume_equals_uninterrupted(tmp_path, capsys, tiny, traces):
-    _, data = traces
-    argv = ["--max-steps", 12, "--batch-size", 2, "--save-every", 0]
-    full = tmp_path / "full"
-    assert run_cli(train_argv(tiny, data, full, *argv), capsys)[0] == 0
-    part = tmp_path / "part"
-    cmd = [sys.executable, str(ROOT / "dail.py"), *map(str, train_argv(tiny, data, part, *argv))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:          # as soon as step 1 is logged
-        if (part / "metrics.jsonl").exists() and (part / "metrics.jsonl").read_text().strip():
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.005)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    stopped = torch.load(part / "checkpoint.pt", weights_only=False)["step"]
-    assert 1 <= stopped < 12 and f"interrupted at step {stopped}; rerun with --resume to continue" in err
-    assert len(read_lines(part / "metrics.jsonl")) == stopped and not (part / "model.safetensors").exists()
-    code, err = run_cli(train_argv(tiny, data, part, *argv, "--resume"), capsys)
+    monkeypatch.setattr(dail, "lr_at", signals_in_step_4)
+    before = signal.getsignal(signal.SIGINT)   # Python's default, or SIG_IGN when pytest runs in the background
+    code, err = run_cli(argv(part), capsys)
+    assert code == 143 and "interrupted at step 4; rerun with --resume to continue" in err, err
+    assert signal.getsignal(signal.SIGINT) is before                              # handlers restored
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 4   # the step in flight finished
+    assert len(read_lines(part / "metrics.jsonl")) == 4 and not (part / "model.safetensors").exists()
+    monkeypatch.setattr(dail, "lr_at", real_lr)
+    code, err = run_cli(argv(part, "--resume"), capsys)
     assert code == 0, err
     a, b = read_lines(full / "metrics.jsonl"), read_lines(part / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(1, 13))
@@ -2001,79 +1939,10 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, capsys, tiny, traces
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
 
 
-def test_second_signal_abandons_the_step_in_flight(tmp_path, capsys, tiny, traces, monkeypatch):
-    _, data = traces
-    real_lr = dail.lr_at
-
-    def two_ctrl_c_in_step_4(step, *a):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)     # first: finish this step, then stop
-            time.sleep(1.1)
-            os.kill(os.getpid(), signal.SIGINT)     # second, a second later: abandon it
-        return real_lr(step, *a)
-
-    monkeypatch.setattr(dail, "lr_at", two_ctrl_c_in_step_4)
-    out = tmp_path / "a"
-    before = signal.getsignal(signal.SIGINT)   # Python's default, or SIG_IGN when pytest runs in the background
-    code, err = run_cli(train_argv(tiny, data, out, "--max-steps", 10, "--batch-size", 4, "--save-every", 0), capsys)
-    assert code == 130 and "the step in flight is abandoned; rerun with --resume" in err
-    assert len(read_lines(out / "metrics.jsonl")) == 3
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2        # the epoch end before it
-    assert signal.getsignal(signal.SIGINT) is before                              # handlers restored
-
-
 # ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths ==============================
-def test_too_long_prompt(tmp_path, capsys, expert, tiny):
-    # eval: every problem counts in pass@k, so an over-long prompt is an error naming file and line
-    code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
-                         "--max-prompt-len", 20], capsys)
-    assert code == 2 and f"{expert}:1: field 'problem'" in err and "over the prompt budget of 20" in err
-    # rewrite: a counted skip, reported per line; nothing fitting at all is an error, not an empty success
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--out", tmp_path / "r" / "t.jsonl",
-                         "--samples", 1, "--max-new-tokens", 2, "--max-prompt-len", 20], capsys)
-    assert code == 2 and err.count("skip: ") == 3
-    assert err.strip().splitlines()[-1].endswith("no problem fits the prompt budget of 20 tokens (all 3 skipped); "
-                                                 "raise --max-prompt-len, or lower --max-new-tokens")
-
-
-def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, expert, monkeypatch, capsys):
-    import socket
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-    def unreachable(*a, **k):
-        raise OSError("no route")
-
-    monkeypatch.setattr(socket, "create_connection", unreachable)
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    dail.hub_commit.cache_clear()
-    assert dail.hub_commit("nobody/no-such-model") is None
-    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
-    code, err = run_cli(["eval", "--model", "nobody/no-such-model", "--data", expert, "--out", tmp_path / "o"], capsys)
-    assert code == 2
-    assert err.strip().splitlines()[-1].startswith("dail.py eval: error: --model nobody/no-such-model: could not load")
-
-
-def test_tokenizer_reload_check(tmp_path, tiny, capsys, monkeypatch):
-    import shutil
-    folder = tmp_path / "m"
-    shutil.copytree(tiny, folder)
-    dail.load_tokenizer(str(folder))
-    assert "encodes text differently" not in capsys.readouterr().err        # the tiny recipe round-trips
-    saved = json.loads((folder / "tokenizer.json").read_text())
-    vocab = saved["model"]["vocab"]
-    a, b = vocab["a"], vocab["b"]
-    vocab["a"], vocab["b"] = b, a                                          # a tokenizer.json that disagrees
-    (folder / "tokenizer.json").write_text(json.dumps(saved))
-    monkeypatch.setattr(dail, "from_pretrained", lambda *a, **k: make_tokenizer())   # the folder's own, unswapped
-    dail.load_tokenizer(str(folder))
-    assert "encodes text differently" in capsys.readouterr().err
-
-
 def test_remote_code_never_runs_without_the_flag(tmp_path, tiny):
-    """A model folder whose config maps to its own Python file (auto_map) is refused without
-    --trust-remote-code, with stdin closed (transformers must not ask), and the file never runs."""
-    import shutil
+    """A folder whose config maps to its own Python file (auto_map) is refused without --trust-remote-code, with
+    stdin closed (transformers must not ask), and the file never runs."""
     folder, marker = tmp_path / "m", tmp_path / "RAN"
     shutil.copytree(tiny, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -2084,21 +1953,20 @@ def test_remote_code_never_runs_without_the_flag(tmp_path, tiny):
                                    "class OwnConfig(Qwen2Config):\n    model_type = 'ownqwen'\n"
                                    "class Own(Qwen2ForCausalLM):\n    config_class = OwnConfig\n")
     data = write_jsonl(tmp_path / "d.jsonl", PROBLEMS[:1])
-    argv = [sys.executable, str(ROOT / "dail.py"), "eval", "--model", str(folder), "--data", str(data), "--n", "1",
-            "--max-new-tokens", "2", "--engine", "hf"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(argv + ["--out", str(tmp_path / "e")], input="", capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "[y/N]" not in r.stderr and "Traceback" not in r.stderr
+
+    def run(out, *flags):
+        return subprocess.run([sys.executable, str(ROOT / "dail.py"), "eval", "--model", str(folder), "--data",
+                               str(data), "--n", "1", "--max-new-tokens", "2", "--engine", "hf", "--out",
+                               str(tmp_path / out), *flags], input="", capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    r = run("e")
+    assert r.returncode == 2 and "[y/N]" not in r.stderr and "Traceback" not in r.stderr and not marker.exists()
     assert r.stderr.strip().splitlines()[-1] == (f"dail.py eval: error: --model {folder}: ships its own Python code "
                                                  f"(auto_map), which runs only with --trust-remote-code; pass it "
                                                  f"only for a model whose code you trust")
-    assert not marker.exists()
-    r = subprocess.run(argv + ["--out", str(tmp_path / "e2"), "--trust-remote-code"], input="", capture_output=True,
-                       text=True, env=env)
-    assert r.returncode == 0 and marker.exists()                            # the flag is what lets it run
-    for command in ("rewrite", "train", "eval"):
-        sub = dail.build_parser()._subparsers._group_actions[0].choices[command].format_help()
-        assert "--trust-remote-code" in sub and "runs with your rights" in " ".join(sub.split())
+    assert run("e2", "--trust-remote-code").returncode == 0 and marker.exists()    # the flag is what lets it run
+    assert "runs with your rights" in dail.CommonArgs.__dataclass_fields__["trust_remote_code"].metadata["help"]
 
 
 @pytest.mark.parametrize("command", ["rewrite", "train", "eval"])
@@ -2112,62 +1980,60 @@ def test_threads_flag_sets_torch_threads_before_the_run(tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("command,budget", [("rewrite", 2048), ("eval", 4096)])
-def test_default_budget_over_the_context_is_clipped_with_one_line(tmp_path, capsys, expert, tiny, tok, monkeypatch,
-                                                                  command, budget):
+def test_prompt_budget_clips_the_default_and_refuses_what_cannot_fit(tmp_path, capsys, expert, tiny, tok, monkeypatch,
+                                                                     command, budget):
+    def run(data, *flags):
+        code, err = run_cli([command, "--model", tiny, "--data", data, "--out", tmp_path / "o.jsonl", *flags], capsys)
+        return code, err.strip().splitlines()
+
     def stop(*a, **k):
         raise dail.DailError("stopped before the model loads")
+
     monkeypatch.setattr(dail, "load_model", stop)
     # the tiny model's context is 2048 tokens; the defaults (rewrite 2048, eval 4096) leave no room for a prompt
-    out = tmp_path / ("t.jsonl" if command == "rewrite" else "e")
-    code, err = run_cli([command, "--model", tiny, "--data", expert, "--out", out], capsys)
     prompts = [dail.STUDENT_PROMPT.format(problem=p["problem"]) for p in PROBLEMS]
     if command == "rewrite":
         prompts += [dail.PRIVILEGED_PROMPT.format(problem=p["problem"], solution=p["solution"]) for p in PROBLEMS]
-    longest = max(len(tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False)["input_ids"])
-                  for t in prompts)
+    longest = max(len(dail.chat_prompt_ids(tok, t, False)) for t in prompts)
+    code, err = run(expert)
+    assert code == 2 and err[-1].endswith("stopped before the model loads")
     assert f"{command}: --max-new-tokens {budget} does not fit the model's 2048-token context; using " \
-           f"{2048 - longest} (the context minus the longest prompt, {longest} tokens)" in err.splitlines()
-    assert code == 2 and err.strip().splitlines()[-1].endswith("stopped before the model loads")
-    # a prompt longer than the whole context: still the one-line error, before any model loads
-    huge = write_jsonl(tmp_path / "huge.jsonl", [dict(PROBLEMS[0], problem="very " * 500)])
-    code, err = run_cli([command, "--model", tiny, "--data", huge, "--out", tmp_path / "h.jsonl"], capsys)
-    assert code == 2 and err.strip().splitlines() == [
+           f"{2048 - longest} (the context minus the longest prompt, {longest} tokens)" in err
+    # a prompt longer than the whole context: one line, before any model loads
+    assert run(write_jsonl(tmp_path / "huge.jsonl", [dict(PROBLEMS[0], problem="very " * 500)])) == (2, [
         f"dail.py {command}: error: --max-new-tokens {budget}: the model's context is 2048 tokens, which leaves no "
-        "room for a prompt; lower --max-new-tokens (or set --max-prompt-len)"]
+        "room for a prompt; lower --max-new-tokens (or set --max-prompt-len)"])
+    # over --max-prompt-len: eval counts every problem in pass@k, so one is an error naming its line; rewrite skips
+    # and counts each, and none fitting is an error, not an empty success
+    code, err = run(expert, "--max-prompt-len", 20, "--max-new-tokens", 2)
+    assert code == 2
+    if command == "eval":
+        assert f"{expert}:1: field 'problem'" in err[-1] and "over the prompt budget of 20" in err[-1]
+    else:
+        assert sum(line.startswith("skip: ") for line in err) == 3 and err[-1].endswith(
+            "no problem fits the prompt budget of 20 tokens (all 3 skipped); raise --max-prompt-len, or lower "
+            "--max-new-tokens")
 
 
-def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny):
-    calls = []
-
-    class Spy:                                      # the tokenizer, recording how much text it is given
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def __call__(self, text, **kw):
-            calls.append(len(text))
-            return tok(text, **kw)
-
+def test_huge_solution_is_never_tokenized_whole(tmp_path, capsys, tok, tiny, monkeypatch):
+    calls, real = [], dail.chat_prompt_ids              # how much text is tokenized at once
+    monkeypatch.setattr(dail, "chat_prompt_ids", lambda tok, text, thinking: calls.append(len(text))
+                        or real(tok, text, thinking))
     solution = "Step: 12 + 30 = 42. " * 100_000 + "\\boxed{42}"         # 2 MB
     problem = dict(id="big", where="big.jsonl:1", problem="What is 12+30?", solution=solution, answer="42")
-    fitted = dail.fit_privileged_solution(Spy(), problem, False, 700)
-    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 + 1000 and len(fitted) < len(solution)
-    # the same text as tokenizing everything at every step (the plain path)
-    plain = solution
-    while len(dail.chat_prompt_ids(tok, dail.PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=plain),
-                                   False)) > 700:
+    fitted = dail.fit_privileged_solution(tok, problem, False, 700)
+    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 and len(fitted) < len(solution)
+    plain = solution                                # the same text as tokenizing everything at every step
+    while len(real(tok, dail.PRIVILEGED_PROMPT.format(problem=problem["problem"], solution=plain), False)) > 700:
         plain = dail.shorten_solution(plain)
     assert fitted == plain
-    # eval: a huge problem is refused after tokenizing a head of it only
-    calls.clear()
+    calls.clear()                                   # eval: a huge problem is refused after tokenizing a head of it
     with pytest.raises(dail.DailError, match="the student prompt is over .* tokens, over the prompt budget of 700"):
-        dail.build_contexts(Spy(), dict(problem, problem=solution), False, 700, ("student",))
-    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701 + 1000
+        dail.build_contexts(tok, dict(problem, problem=solution), False, 700, ("student",))
+    assert max(calls) <= dail.MAX_CHARS_PER_TOKEN * 701
     # rewrite counts the shortening in its summary
-    data = write_jsonl(tmp_path / "x.jsonl", [dict(id="big", problem="What is 12+30?", solution=solution),
-                                              PROBLEMS[0]])
-    out = tmp_path / "r.jsonl"
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", data, "--out", out, "--samples", 1,
+    data = write_jsonl(tmp_path / "x.jsonl", [dict(id="big", problem="What is 12+30?", solution=solution), PROBLEMS[0]])
+    code, err = run_cli(["rewrite", "--model", tiny, "--data", data, "--out", tmp_path / "r.jsonl", "--samples", 1,
                          "--max-new-tokens", 2, "--max-prompt-len", 700, "--threshold", 0], capsys)
     assert code == 0 and "1 expert solutions shortened" in err
     assert json.loads((tmp_path / "r.summary.json").read_text())["solutions_shortened"] == 1
@@ -2192,41 +2058,38 @@ class _Hub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def local_hub(monkeypatch):
+    """The URL of a _Hub; the hub client online, with no proxy and a fresh session (it reads proxies when made)."""
     import threading
-    import huggingface_hub
     import huggingface_hub.constants
+    from huggingface_hub.utils import _http
+    new_client = getattr(huggingface_hub, "close_session", None) or _http.reset_sessions    # hub >= 1.0, or 0.36
     server = HTTPServer(("127.0.0.1", 0), _Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     dail.hub_commit.cache_clear()             # asked once per process: forget what earlier tests asked
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY",
-                 "no_proxy"):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    new_hub_client()                          # the client reads proxy settings when it is created
+        monkeypatch.delenv(name.lower(), raising=False)
+    new_client()
     _Hub.seen.clear()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-    new_hub_client()
+    new_client()
 
 
-def new_hub_client():
-    """Drop huggingface_hub's cached HTTP client: close_session on hub >= 1.0 (httpx), reset_sessions before
-    (requests; transformers 4.57 comes with hub 0.36)."""
-    import huggingface_hub
-    from huggingface_hub.utils import _http
-    (getattr(huggingface_hub, "close_session", None) or _http.reset_sessions)()
-
-
-def test_hub_check_honours_hf_endpoint(local_hub, monkeypatch, capsys):
+def test_hub_check_honours_hf_endpoint_and_fails_fast(tmp_path, local_hub, monkeypatch, capsys, expert):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_ENDPOINT", local_hub)                 # a mirror that answers: online
     assert dail.hub_commit("nobody/model") is None and dail.hub_commit("nobody/model") is None
     assert not huggingface_hub.constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ   # the hub answered
     assert len(_Hub.seen) == 1 and _Hub.seen[0].startswith("/nobody/model/resolve/")          # asked once
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # a mirror that is down: offline, said so
-    assert dail.hub_commit("nobody/other") is None
-    assert huggingface_hub.constants.HF_HUB_OFFLINE and "http://127.0.0.1:9) is unreachable" in capsys.readouterr().err
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # a mirror that is down: offline at once, said so
+    t0 = time.time()
+    code, err = run_cli(["eval", "--model", "nobody/no-such-model", "--data", expert, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and time.time() - t0 < 30 and "http://127.0.0.1:9) is unreachable" in err
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
+    assert err.strip().splitlines()[-1].startswith("dail.py eval: error: --model nobody/no-such-model: could not load")
 
 
 def test_hub_check_goes_through_a_proxy(local_hub, monkeypatch):
@@ -2239,31 +2102,25 @@ def test_hub_check_goes_through_a_proxy(local_hub, monkeypatch):
 def test_hub_id_fingerprint_is_its_cached_commit(tmp_path, monkeypatch):
     import huggingface_hub.constants
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "models--nobody--cached"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (tmp_path / "models--nobody--cached" / "refs").mkdir(parents=True)
+    (tmp_path / "models--nobody--cached" / "refs" / "main").write_text(commit)
+    (snapshot := tmp_path / "models--nobody--cached" / "snapshots" / commit).mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert dail.model_fingerprint("nobody/cached") == f"nobody/cached@{commit}"
     assert dail.model_fingerprint("nobody/not-cached") == "nobody/not-cached"
 
 
-def test_thinking_flag_matches_the_template(tok, capsys):
-    plain = make_tokenizer()
-    thinking = make_tokenizer()
-    thinking.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                              "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-                              "{% endif %}{% endif %}")
+def test_thinking_flag_matches_the_template(capsys):
+    plain, thinking = make_tokenizer(), make_tokenizer()
+    thinking.chat_template = plain.chat_template + "{% if enable_thinking is false %}<think>\n\n</think>{% endif %}"
     args = lambda t: dail.EvalArgs(model="m", data="-", out="-", thinking=t)  # noqa: E731
     assert dail.check_thinking_flag(thinking, args(False))      # -> whether the template supports thinking
-    assert "supports thinking (<think>) but --thinking is not set" in capsys.readouterr().err
+    assert "the chat template supports thinking (<think>) but --thinking is not set" in capsys.readouterr().err
     assert not dail.check_thinking_flag(plain, args(True))
     assert "--thinking is set but the chat template has no thinking support" in capsys.readouterr().err
-    dail.check_thinking_flag(thinking, args(True))
-    dail.check_thinking_flag(plain, args(False))
+    assert dail.check_thinking_flag(thinking, args(True)) and not dail.check_thinking_flag(plain, args(False))
     assert capsys.readouterr().err == ""
     thinking.chat_template = {"default": thinking.chat_template, "tool_use": "x"}      # named templates
     assert dail.check_thinking_flag(thinking, args(True))
