@@ -2980,121 +2980,89 @@ def test_thinking_flag_matches_the_template(tok, capsys):
 for _k, _v in dict(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1",
                    VLLM_HOST_IP="127.0.0.1").items():
     os.environ.setdefault(_k, _v)
-try:  # register the marker without a config file (the layout has none); private API, harmless if it moves
+with contextlib.suppress(Exception):  # register the marker without a config file (the layout has none); private API
     pytest.mark._config.addinivalue_line("markers", "vllm: needs vLLM (vllm on a GPU, or vllm-cpu)")
-except Exception:
-    pass
-needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not dail.vllm_available(), reason="vllm is not installed")]
 
 
-def vllm_args(tiny, **kw):
-    return dail.EvalArgs(**dict(dict(model=str(tiny), data="-", out="-", dtype="float32", max_model_len=512,
-                                     temperature=0.0, max_new_tokens=8, n=1), **kw))
+def needs_vllm(f):
+    return pytest.mark.vllm(pytest.mark.skipif(not dail.vllm_available(), reason="vllm is not installed")(f))
 
 
-@pytest.fixture
-def llm(tiny):
-    engine = dail.load_vllm(vllm_args(tiny))
-    yield engine
-    dail.close_vllm(engine)
+def vllm_args(model):
+    return dail.EvalArgs(model=str(model), data="-", out="-", dtype="float32", max_model_len=512, temperature=0.0,
+                         max_new_tokens=8, n=1)
 
 
-def _vllm(f):
-    for m in needs_vllm:
-        f = m(f)
-    return f
-
-
-@_vllm
-def test_vllm_same_prompt_ids_and_logprobs(llm, tok, model):
+@needs_vllm
+def test_vllm_loads_a_trained_model_and_agrees_with_transformers(tmp_path, capsys, tiny, traces):
+    """A model saved by train, in vLLM: its chat template gives dail.py's prompt ids (dail.py passes ids, so both
+    engines see the same prompt), its prompt log-probs are transformers' within 1e-3, its greedy sample decode's."""
     from vllm import SamplingParams
-    ids = dail.chat_prompt_ids(tok, dail.STUDENT_PROMPT.format(problem="What is 2+3?"), False)
-    # vLLM's own chat templating gives the ids dail.py builds (and dail.py passes ids, so both engines agree)
-    theirs = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": dail.STUDENT_PROMPT.format(
-        problem="What is 2+3?")}], add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert theirs == ids
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    assert list(out.prompt_token_ids) == ids
+    out = tmp_path / "trained"
+    assert run_cli(train_argv(tiny, traces[1], out, "--max-steps", 2), capsys)[0] == 0
+    llm, tok_ = dail.load_vllm(vllm_args(out)), dail.load_tokenizer(str(out))
+    prompt = dail.STUDENT_PROMPT.format(problem="What is 2+3?")
+    ids = dail.chat_prompt_ids(tok_, prompt, False)
+    assert llm.get_tokenizer().apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False) == ids
+    lps = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    greedy = dail.vllm_sample(llm, [ids], 1, vllm_args(out), [tok_.eos_token_id], [0])[0][0]
+    dail.close_vllm(llm)
+    hf = dail.load_model(str(out), torch.device("cpu"), torch.float32).eval()
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
-    worst = 0.0
-    for pos in range(1, len(ids)):
-        vllm_lp = out.prompt_logprobs[pos][ids[pos]].logprob
-        worst = max(worst, abs(vllm_lp - float(logp[pos - 1, ids[pos]])))
-    assert worst < 1e-3
+        logp = torch.log_softmax(hf(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    assert max(abs(lps[0].prompt_logprobs[i][t].logprob - float(logp[i - 1, t])) for i, t in enumerate(ids) if i) < 1e-3
+    want = dail.decode(hf, [[ids]], lambda lg, *_: (lg[0].argmax(-1), None), 8, [tok_.eos_token_id], tok_.pad_token_id)
+    assert greedy["ids"] == want[0]["ids"] and greedy["finish_reason"] == want[0]["finish_reason"]
 
 
-def eval_both_engines(tmp_path, capsys, expert, tiny, *flags):
-    """The same greedy eval through the hf and the vllm engine: {engine: (samples.jsonl lines, summary.json)}."""
-    runs = {}
+@needs_vllm
+@pytest.mark.parametrize("flags", [("--n", 2, "--max-new-tokens", 12),
+                                   ("--n", 1, "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking")])
+def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny, flags):
+    """Both engines, greedy: the same samples and summary (--thinking: the same thinking budget, presence penalty and
+    forced-answer pass)."""
     for engine in ("hf", "vllm"):
-        out = tmp_path / engine
-        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--temperature", 0,
+        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / engine, "--temperature", 0,
                              "--engine", engine, "--max-model-len", 512, *flags], capsys)
         assert code == 0, err
-        runs[engine] = (read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text()))
-    return runs
+    assert read_lines(tmp_path / "hf" / "samples.jsonl") == read_lines(tmp_path / "vllm" / "samples.jsonl")
+    same_summary(tmp_path / "hf" / "summary.json", tmp_path / "vllm" / "summary.json",
+                 ("pass_at_k", "mean_tokens", "mean_tokens_correct", "samples_no_answer", "truncated"))
+    assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["engine"] == "vllm"
+    forced = [f for r in read_lines(tmp_path / "vllm" / "samples.jsonl") for f in r["forced"]]
+    assert "--thinking" not in flags or forced and all(f.startswith("</think>" + dail.ANSWER_REQUEST) for f in forced)
 
 
-@_vllm
-def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny):
-    runs = eval_both_engines(tmp_path, capsys, expert, tiny, "--n", 2, "--max-new-tokens", 12)
-    (hf_lines, hf_sum), (v_lines, v_sum) = runs["hf"], runs["vllm"]
-    assert [r["responses"] for r in hf_lines] == [r["responses"] for r in v_lines]
-    assert [r["n_tokens"] for r in hf_lines] == [r["n_tokens"] for r in v_lines]
-    for key in ("pass_at_k", "mean_tokens", "mean_tokens_correct", "samples_no_answer", "truncated"):
-        assert hf_sum[key] == v_sum[key], key
-    assert v_sum["engine"] == "vllm"
-
-
-@_vllm
+@needs_vllm
 def test_vllm_sampled_eval_and_resume(tmp_path, capsys, expert, tiny):
     out = tmp_path / "v"
     argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 8, "--max-new-tokens", 10,
             "--engine", "vllm", "--max-model-len", 512]
     assert run_cli(argv, capsys)[0] == 0
-    lines = read_lines(out / "samples.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
     assert len(lines) == 3 and all(len(r["responses"]) == 8 for r in lines)
     assert all(0 < t - f <= 10 for r in lines for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))
     for k in (1, 2, 4, 8):
         want = np.mean([dail.pass_at_k(8, sum(r["correct"]), k) for r in lines])
         assert summary["pass_at_k"][str(k)] == pytest.approx(want)
     assert len({tuple(r["responses"]) for r in lines}) == 3 and len(set(lines[0]["responses"])) > 1  # sampled
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(out / "samples.jsonl") == lines
+    assert run_cli(argv, capsys)[0] == 0 and read_lines(out / "samples.jsonl") == lines       # resumed: nothing to do
 
 
-@_vllm
+@needs_vllm
 def test_vllm_rewrite_pure_validator(tmp_path, capsys, expert, tiny):
-    hf_out, v_out = tmp_path / "hf" / "t.jsonl", tmp_path / "v" / "t.jsonl"
-    common = ["--model", tiny, "--data", expert, "--samples", 2, "--max-new-tokens", 6, "--threshold", 2]
-    assert run_cli(["rewrite", *common, "--out", hf_out, "--engine", "hf"], capsys)[0] == 0
-    code, err = run_cli(["rewrite", *common, "--out", v_out, "--engine", "vllm", "--max-model-len", 1024], capsys)
+    common = ["rewrite", "--model", tiny, "--data", expert, "--samples", 2, "--max-new-tokens", 6, "--threshold", 2]
+    assert run_cli([*common, "--out", tmp_path / "hf.jsonl", "--engine", "hf"], capsys)[0] == 0
+    code, err = run_cli([*common, "--out", tmp_path / "v.jsonl", "--engine", "vllm", "--max-model-len", 1024], capsys)
     assert code == 0, err
-    hf_traces, v_traces = read_lines(hf_out), read_lines(v_out)
-    assert len(v_traces) == 6 and all(t["n_accepted"] == 0 for t in v_traces)
-    assert all(t["n_fallback"] == len(t["response_ids"]) for t in v_traces)
-    assert [set(t) for t in v_traces] == [set(t) for t in hf_traces]
+    hf_traces, v_traces = read_lines(tmp_path / "hf.jsonl"), read_lines(tmp_path / "v.jsonl")
+    assert len(v_traces) == 6 and [set(t) for t in v_traces] == [set(t) for t in hf_traces]
+    assert all(t["n_accepted"] == 0 and t["n_fallback"] == len(t["response_ids"]) for t in v_traces)
     # a mixing threshold is refused by vLLM and runs on the transformers engine, with a note
     code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--samples", 1, "--max-new-tokens", 2,
-                         "--threshold", 0.5, "--out", tmp_path / "m" / "t.jsonl", "--engine", "vllm"], capsys)
+                         "--threshold", 0.5, "--out", tmp_path / "m.jsonl", "--engine", "vllm"], capsys)
     assert code == 0 and "using the transformers engine" in err
-
-
-@_vllm
-def test_vllm_loads_a_trained_model(tmp_path, capsys, tiny, traces):
-    _, data = traces
-    out = tmp_path / "trained"
-    assert run_cli(train_argv(tiny, data, out, "--max-steps", 2), capsys)[0] == 0
-    trained = dail.load_vllm(vllm_args(out))
-    hf = dail.load_model(str(out), torch.device("cpu"), torch.float32).eval()
-    tok_ = dail.load_tokenizer(str(out))
-    ids = dail.chat_prompt_ids(tok_, "What is 2+3?", False)
-    res = dail.vllm_sample(trained, [ids], 1, vllm_args(out), [tok_.eos_token_id], [0])[0][0]
-    greedy = dail.decode(hf, [[ids]], lambda lg, *_: (lg[0].argmax(-1), None), 8, [tok_.eos_token_id], tok_.pad_token_id)
-    dail.close_vllm(trained)
-    assert res["ids"] == greedy[0]["ids"]
 
 
 @pytest.mark.skipif(dail.vllm_available(), reason="checks the message shown when vLLM is absent")
@@ -3105,38 +3073,25 @@ def test_engine_vllm_without_vllm_is_one_line(tmp_path, capsys, expert, tiny):
                                               "(GPU), or use --engine hf")
 
 
-@_vllm
+@needs_vllm
 def test_vllm_under_torchrun_and_sharded_equals_one_process(tmp_path, capsys, tiny, shard_data, single_process):
     """vLLM's data parallelism for external launchers: one engine per rank (distributed_executor_backend=
     "external_launcher", data_parallel_size=2); and --shard K/N one at a time. Per-problem seeds: equal."""
     flags = ["--engine", "vllm", "--dtype", "float32"]
-    one, ddp = tmp_path / "one", tmp_path / "ddp"
-    assert run_cli(eval_argv(tiny, shard_data, one, *flags), capsys)[0] == 0
-    r = torchrun(eval_argv(tiny, shard_data, ddp, *flags))
+    assert run_cli(eval_argv(tiny, shard_data, tmp_path / "one", *flags), capsys)[0] == 0
+    r = torchrun(eval_argv(tiny, shard_data, tmp_path / "ddp", *flags))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert differing(eval_ids(one / "samples.jsonl"), eval_ids(ddp / "samples.jsonl")) == 0
-    rewrite = ["--samples", 3, "--keep-per-problem", 3, "--no-filter", "--max-new-tokens", 12, "--threshold", 1,
-               "--device", "cpu", *flags]
+    assert differing(eval_ids(tmp_path / "one" / "samples.jsonl"), eval_ids(tmp_path / "ddp" / "samples.jsonl")) == 0
     # short prompts: vLLM-CPU 0.32 fails a seeded request whose prompt it prefills in chunks ("CPU Generator
     # does not use offset"), which the privileged prompts of SHARD_PROBLEMS (~600 tokens) trigger
-    short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "problem": f"{i}+{i}?", "solution": f"\\boxed{{{2 * i}}}"}
-                                                   for i in range(4)])
-    argv = lambda out, *x: ["rewrite", "--model", tiny, "--data", short, "--out", out, *rewrite, *x]  # noqa: E731
-    r_one, r_shard = tmp_path / "r1" / "t.jsonl", tmp_path / "r2" / "t.jsonl"
-    assert run_cli(argv(r_one), capsys)[0] == 0
+    short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "problem": f"{i}+{i}?",
+                                                    "solution": f"\\boxed{{{2 * i}}}"} for i in range(4)])
+    argv = ["rewrite", "--model", tiny, "--data", short, "--samples", 3, "--keep-per-problem", 3, "--no-filter",
+            "--max-new-tokens", 12, "--threshold", 1, "--device", "cpu", *flags, "--out"]
+    assert run_cli([*argv, tmp_path / "r1.jsonl"], capsys)[0] == 0
     for k in range(2):
-        assert run_cli(argv(r_shard, "--shard", f"{k}/2"), capsys)[0] == 0
-    assert differing(trace_ids(r_one), trace_ids(r_shard)) == 0
-
-
-@_vllm
-def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
-    """Both engines, greedy, --thinking: the same thinking budget, presence penalty and forced-answer pass."""
-    runs = {engine: lines for engine, (lines, _) in eval_both_engines(
-        tmp_path, capsys, expert, tiny, "--n", 1, "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking").items()}
-    for key in ("responses", "forced", "n_thinking_tokens", "n_answer_tokens", "n_forced_tokens", "preds"):
-        assert [r[key] for r in runs["hf"]] == [r[key] for r in runs["vllm"]], key
-    assert all(f.startswith("</think>" + dail.ANSWER_REQUEST) for r in runs["vllm"] for f in r["forced"])
+        assert run_cli([*argv, tmp_path / "r2.jsonl", "--shard", f"{k}/2"], capsys)[0] == 0
+    assert differing(trace_ids(tmp_path / "r1.jsonl"), trace_ids(tmp_path / "r2.jsonl")) == 0
 
 
 # ==== Appendix B.7, running it: the command line (--help, the README, exit codes) =====================================
