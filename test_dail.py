@@ -3151,11 +3151,18 @@ def test_help_and_readme_show_the_protocol_flags():
 
 
 # ==== The examples (tiny world, shortcut world, benchmarks) ===========================================================
+def run_example(script, *argv, timeout=900):
+    """examples/<script> in a subprocess, offline, one thread -> its stdout (a failure shows the output's tail)."""
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, argv)], capture_output=True,
+                       text=True, timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r.stdout
+
+
 def test_shipped_model_reproduces_its_recorded_numbers():
     sys.path.insert(0, str(ROOT / "examples" / "world"))
     import check_model
-    recorded = json.loads((ROOT / "examples" / "world" / "recorded.json").read_text())
-    got = check_model.measure()
+    recorded, got = json.loads((ROOT / "examples" / "world" / "recorded.json").read_text()), check_model.measure()
     for key, value in got.items():
         assert abs(value - recorded[key]) <= recorded["tolerance"], (key, value, recorded[key])
     # the premise of the world: hopeless alone on held-out problems, capable with the expert solution shown
@@ -3163,73 +3170,54 @@ def test_shipped_model_reproduces_its_recorded_numbers():
 
 
 def test_quickstart_small_slice_end_to_end(tmp_path):
-    out = tmp_path / "qs"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--small", "--out", str(out),
-                        "--threads", "1"], capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    methods = ["base", "sft-expert", "sft-trace", "dail-lam0", "dail"]
+    out, methods = tmp_path / "qs", ["base", "sft-expert", "sft-trace", "dail-lam0", "dail"]
+    stdout = run_example("quickstart.py", "--small", "--out", out, "--threads", 1)
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == methods
     assert (out / "passk.png").exists() or not _has_matplotlib()
+    assert all(m in stdout or summary["methods"][m].get("label", m) in stdout for m in methods)   # the table
     seed = out / "seed0"
-    for name in ("traces.jsonl", "traces.config.json", "traces.summary.json", "rewrite.log"):
-        assert (seed / name).exists(), name
-    traces = read_lines(seed / "traces.jsonl")
-    assert len(traces) == 4 * 2 and all("kept" in t for t in traces)
+    assert all((seed / name).exists() for name in ("traces.config.json", "traces.summary.json", "rewrite.log"))
+    assert len(traces := read_lines(seed / "traces.jsonl")) == 4 * 2 and all("kept" in t for t in traces)
     for m in methods:
         ev = json.loads((seed / m / "eval" / "summary.json").read_text())
         assert ev["problems"] == 4 and set(ev["pass_at_k"]) == {"1", "2"}
         assert len(read_lines(seed / m / "eval" / "samples.jsonl")) == 4
         if m != "base":
-            for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl",
-                         "adapters/adapter_model.safetensors"):
-                assert (seed / m / "model" / name).exists(), (m, name)
-            steps = json.loads((seed / m / "model" / "train_summary.json").read_text())["steps"]
-            assert 1 <= steps <= 2 and len(read_lines(seed / m / "model" / "metrics.jsonl")) == steps
-    for m in methods:                                  # the table names every method
-        assert m in r.stdout or summary["methods"][m].get("label", m) in r.stdout
+            model = seed / m / "model"
+            for name in ("model.safetensors", "config.json", "tokenizer.json", "adapters/adapter_model.safetensors"):
+                assert (model / name).exists(), (m, name)
+            steps = json.loads((model / "train_summary.json").read_text())["steps"]
+            assert 1 <= steps <= 2 and len(read_lines(model / "metrics.jsonl")) == steps
 
 
 def _errors(node, path="parts"):
-    """Every 'error' recorded anywhere in a gpu_check result tree (a part's own, or a sub-measurement's)."""
-    if not isinstance(node, dict):
-        return []
-    found = [f"{path}: {node['error']}"] if "error" in node else []
-    return found + [e for k, v in node.items() for e in _errors(v, f"{path}.{k}")]
+    """Every 'error' anywhere in a gpu_check result tree (a part's own, or a sub-measurement's)."""
+    return ([f"{path}: {node['error']}"] if "error" in node else []) + [
+        e for k, v in node.items() if isinstance(v, dict) for e in _errors(v, f"{path}.{k}")]
 
 
 def test_gpu_check_smoke_runs_every_part(tmp_path):
     """examples/gpu_check.py --smoke: every part through dail.py's real code paths on the CPU at toy sizes;
     each part gives numbers or a recorded skip, none errors, and the table is printed and written."""
-    out = tmp_path / "gpu_check"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "gpu_check.py"), "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    res = json.loads((out / "gpu_check.json").read_text())
-    parts = res["parts"]
-    assert list(parts) == ["rewrite", "train", "loss", "eval", "torchrun"]
+    stdout = run_example("gpu_check.py", "--smoke", "--out", tmp_path, timeout=300)
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert not _errors(parts), _errors(parts)
-    assert [p["status"] for p in parts.values()] == ["ok", "ok", "ok", "ok", "skipped"]
+    assert [f"{k}:{p['status']}" for k, p in parts.items()] == ["rewrite:ok", "train:ok", "loss:ok", "eval:ok",
+                                                                 "torchrun:skipped"]
     assert "not meaningful" in parts["torchrun"]["skipped"]
     for key in ("0.5b", "7b (2 layers)"):
-        row = parts["rewrite"][key]
+        row, tr = parts["rewrite"][key], parts["train"][key]
         assert row["decode_tok_per_s"] > 0 and row["generate_tok_per_s"] > 0 and row["decode_over_generate"] > 0
-        assert "skipped" in row["vllm"]
-        tr = parts["train"][key]
-        assert all(tr[k]["median_s"] > 0 for k in ("dail", "dail_cached", "sft"))
+        assert "skipped" in row["vllm"] and all(tr[k]["median_s"] > 0 for k in ("dail", "dail_cached", "sft"))
         assert tr["micro_batch_search"]["largest_fitting"] == 4              # --smoke caps the search at 4
     for k in ("bf16_autocast", "bf16_weights_autocast"):
         assert all(0 <= parts["loss"]["precision"][k][f"rel_err_{t}"] < 0.1 for t in ("kl_teacher", "kl_shortcut"))
-    assert {"plain", "chunked"} <= set(parts["loss"]["memory"])
+    assert {"plain", "chunked"} <= set(parts["loss"]["memory"]) and "skipped" in parts["eval"]["vllm"]
     assert parts["eval"]["hf"]["samples"] == 4 and parts["eval"]["hf"]["tokens"] == 4 * 8    # no stop: 8 each
-    assert "skipped" in parts["eval"]["vllm"]
-    table = (out / "gpu_check.md").read_text()
-    assert "| rewrite | 0.5b | mixed decode" in table and "| train | 0.5b |" in table and table.strip() in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]  # no models
-    print(f"gpu_check --smoke: {time.time() - t0:.1f} s")
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| rewrite | 0.5b | mixed decode" in table and "| train | 0.5b |" in table and table.strip() in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 
 
 def test_gpu_check_flop_count_and_vocab_mask():
@@ -3247,8 +3235,7 @@ def test_gpu_check_flop_count_and_vocab_mask():
     tok = make_tokenizer()
     for name, tied in (("0.5b", True), ("7b", False)):
         m = gpu_check.build_model(name, g, torch.device("cpu"), torch.float32, tok)
-        total = sum(p.numel() for p in m.parameters())
-        emb = m.get_input_embeddings().weight.numel()
+        total, emb = sum(p.numel() for p in m.parameters()), m.get_input_embeddings().weight.numel()
         assert gpu_check.forward_params(m) == (total if tied else total - emb, m.lm_head.weight.numel())
         logits = m(torch.tensor([[1, 2, 3]])).logits[0, -1]                 # the tail beyond the tokenizer
         assert logits.shape[0] == 512 and torch.isinf(logits[len(tok):]).all() and logits[:len(tok)].isfinite().all()
@@ -3258,6 +3245,7 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
     """A part that raises, and one that overruns its share of the budget (stopped by the alarm), are recorded
     with their error and traceback; the parts after them still run, and the JSON is written after each."""
     import gpu_check
+    seen = []
 
     def boom(ctx):
         raise ValueError("no such kernel")
@@ -3268,24 +3256,21 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
         while True:
             time.sleep(0.02)
 
-    seen = []
-
     def fine(ctx):
         seen.append(json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["slow"]["status"])
         return dict(x=2.0)
-    results, table = gpu_check.run_parts([("boom", boom), ("slow", slow), ("fine", fine), ("torchrun",
-                                         lambda ctx: dict(skipped="skipped: not meaningful"))],
-                                         6.0, tmp_path, dict(budget_s=6.0, device="cpu"), grace_s=0.5,
-                                         fail_part=None, start=time.perf_counter(), min_share_s=0.5)
+    skip = ("torchrun", lambda ctx: dict(skipped="skipped: not meaningful"))
+    results, table = gpu_check.run_parts([("boom", boom), ("slow", slow), ("fine", fine), skip], 6.0, tmp_path,
+                                         dict(budget_s=6.0, device="cpu"), grace_s=0.5, fail_part=None,
+                                         start=time.perf_counter(), min_share_s=0.5)
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert parts == json.loads(json.dumps(results["parts"], default=str))
     assert parts["boom"]["status"] == "error" and "ValueError: no such kernel" in parts["boom"]["error"]
-    assert "raise ValueError" in parts["boom"]["traceback"]
+    assert "raise ValueError" in parts["boom"]["traceback"] and "| boom | | ERROR ValueError: no such kernel |" in table
     assert parts["slow"]["status"] == "error" and "PartTimeout" in parts["slow"]["error"]
     assert parts["slow"]["first"] == 1.0 and parts["slow"]["seconds"] < 5
     assert parts["fine"]["status"] == "ok" and parts["fine"]["x"] == 2.0 and seen == ["error"]
     assert parts["torchrun"]["status"] == "skipped"
-    assert "| boom | | ERROR ValueError: no such kernel |" in table
     # --fail-part makes a real part fail the same way (the CLI's debug switch)
     results, _ = gpu_check.run_parts([("fine", fine)], 60.0, tmp_path / "f", {"budget_s": 60.0}, fail_part="fine",
                                      start=time.perf_counter())
@@ -3301,74 +3286,48 @@ def test_quickstart_table_one_seed_has_no_spread():
     assert "25.0 ± 0.0" in two
 
 
-def _shortcut_module():
-    sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
-    import shortcut
-    return shortcut
-
-
+sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
 # 17^1..17^83: last digits 7, 9, 3, 1 (period 4, block sum 20); 83 = 4*20 + 3; 20*20 + (7+9+3) = 419
-DERIVED_17_83 = """Last digit 7.
-Cycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.
-Block 7+9=16, 16+3=19, 19+1=20.
-83=4*20+3.
-20*20=400.
-Rest 7+9=16, 16+3=19.
-Total 400+19=419.
-\\boxed{419}"""
+HEAD_17_83 = ("Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+              "83=4*20+3.\n")
+DERIVED_17_83 = HEAD_17_83 + "20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 400+19=419.\n\\boxed{419}"
+BRUTE_17 = "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n"          # the student's own format
+WRONG_CYCLE = ("Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
+               "27*19=513.\n")
 
 
-@pytest.mark.parametrize("a, n, trace, want", [
-    (17, 83, DERIVED_17_83, ("derived", None)),
-    (17, 83, DERIVED_17_83 + "<|im_end|>", ("derived", None)),                          # a decoded eval sample
-    # brute force, the student's own format (17^1..17^4: 7 + 9 + 3 + 1 = 20)
-    (17, 4, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n3: 9*7=63, sum 16+3=19\n4: 3*7=21, sum 19+1=20\n"
-     "\\boxed{20}", ("derived", None)),
-    # skip: the total is stated on line 5, nothing after the division derives it
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\nTotal 419.\n\\boxed{419}", ("leap", 5)),
-    # slip on line 5 (20*20=410), carried on, then the right total anyway (410+19 is not 419)
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=419.\n\\boxed{419}", ("leap", 5)),
-    # the same slip, carried to its own (wrong) end
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=429.\n\\boxed{429}", ("wrong", 5)),
-    # a slip in the cycle (9*7=65) that happens not to matter for the digits used later: still a leap
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=65, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 400+19=419.\n\\boxed{419}", ("leap", 2)),
-    # the right total, boxed without any line deriving it
-    (17, 83, "\\boxed{419}", ("leap", 1)),
-    # the shortcut world's two leaps: the total stated right after the last digit, and a wrong cycle
-    # (3*7=21 written 27: the cycle 7, 9, 3 summing to 19), everything below derived from it, the right total
-    (17, 83, "Last digit 7.\nTotal 419.\n\\boxed{419}", ("leap", 2)),
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
-     "27*19=513.\nRest 7+9=16.\nTotal 513+16=419.\n\\boxed{419}", ("leap", 2)),
-    # the same leaps by a student with no answer to copy: wrong
-    (17, 83, "Last digit 7.\nTotal 420.\n\\boxed{420}", ("wrong", 2)),
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
-     "27*19=513.\nRest 7+9=16.\nTotal 513+16=529.\n\\boxed{529}", ("wrong", 2)),
-    # right sum, wrong inputs: the rest is added to the wrong product (adds 380, never derived)
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 380+39=419.\n\\boxed{419}", ("leap", 7)),
-    # a division that is false (83 = 4*21 + 3 is 87)
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*21+3.\n21*20=420.\nRest 7+9=16, 16+3=19.\nTotal 420+19=439.\n\\boxed{439}", ("wrong", 4)),
-    # brute force cut by the token budget: every line follows, but there is no answer
-    (17, 5, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n3: 9*7=63, sum", ("wrong", 4)),
-    (17, 5, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16", ("wrong", None)),
+@pytest.mark.parametrize("n, trace, want", [
+    (83, DERIVED_17_83, ("derived", None)),
+    (83, DERIVED_17_83 + "<|im_end|>", ("derived", None)),                              # a decoded eval sample
+    (4, BRUTE_17 + "3: 9*7=63, sum 16+3=19\n4: 3*7=21, sum 19+1=20\n\\boxed{20}", ("derived", None)),
+    (83, HEAD_17_83 + "Total 419.\n\\boxed{419}", ("leap", 5)),             # skip: nothing derives line 5's total
+    # a slip on line 5 (20*20=410) carried on, then the right total anyway (410+19 is not 419); or its own end
+    (83, HEAD_17_83 + "20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=419.\n\\boxed{419}", ("leap", 5)),
+    (83, HEAD_17_83 + "20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=429.\n\\boxed{429}", ("wrong", 5)),
+    (83, DERIVED_17_83.replace("9*7=63", "9*7=65"), ("leap", 2)),        # a slip in the cycle no later line uses
+    (83, "\\boxed{419}", ("leap", 1)),                                     # the right total, no line derives it
+    # the shortcut world's two leaps: the total right after the last digit; a wrong cycle (3*7 written 27) that
+    # all below derives from, then the right total; the same by a student with no answer to copy: wrong
+    (83, "Last digit 7.\nTotal 419.\n\\boxed{419}", ("leap", 2)),
+    (83, WRONG_CYCLE + "Rest 7+9=16.\nTotal 513+16=419.\n\\boxed{419}", ("leap", 2)),
+    (83, "Last digit 7.\nTotal 420.\n\\boxed{420}", ("wrong", 2)),
+    (83, WRONG_CYCLE + "Rest 7+9=16.\nTotal 513+16=529.\n\\boxed{529}", ("wrong", 2)),
+    (83, DERIVED_17_83.replace("400+19", "380+39"), ("leap", 7)),          # right sum, wrong (never derived) inputs
+    (83, HEAD_17_83.replace("4*20", "4*21") + "21*20=420.\nRest 7+9=16, 16+3=19.\nTotal 420+19=439.\n\\boxed{439}",
+     ("wrong", 4)),                                                          # a false division (4*21 + 3 is 87)
+    (5, BRUTE_17 + "3: 9*7=63, sum", ("wrong", 4)),                       # brute force cut by the token budget
+    (5, BRUTE_17.strip(), ("wrong", None)),
     # eval's forced-answer pass after a cut trace: a blank line (no step), then an answer no line derives
-    (17, 83, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n\nPutting it all together, the final answer, "
-     "written in \\boxed{}, is \\boxed{419}", ("leap", 5)),
-    # an off-format line before the right answer is not a derivation
-    (17, 83, "Last digit 7.\nThe answer is easy to see.\n\\boxed{419}", ("leap", 2)),
+    (83, BRUTE_17 + "\nPutting it all together, the final answer, written in \\boxed{}, is \\boxed{419}", ("leap", 5)),
+    (83, "Last digit 7.\nThe answer is easy to see.\n\\boxed{419}", ("leap", 2)),    # off-format is no derivation
 ])
-def test_shortcut_checker_on_hand_written_traces(a, n, trace, want):
-    shortcut = _shortcut_module()
-    assert shortcut.classify(trace, a, n) == want
+def test_shortcut_checker_on_hand_written_traces(n, trace, want):
+    import shortcut
+    assert shortcut.classify(trace, 17, n) == want
 
 
 def test_shortcut_checker_agrees_with_the_worlds_generators():
-    shortcut = _shortcut_module()
+    import shortcut
     import world
     assert shortcut.parse_problem(world.problem_text(17, 83)) == (17, 83)
     assert shortcut.parse_problem("What is 2+3?") is None
@@ -3380,8 +3339,7 @@ def test_shortcut_checker_agrees_with_the_worlds_generators():
                 slipped = shortcut.leap_trace(a, n, "slip", random.Random(seed))
                 assert shortcut.classify(slipped, a, n) == ("leap", shortcut.LEAP_LINE)
             assert shortcut.classify(shortcut.leap_trace(a, n + 1), a, n)[0] == "wrong"   # another problem's trace
-        for n in world.EASY_N:
-            assert shortcut.classify(world.brute_force(a, n), a, n) == ("derived", None)
+        assert all(shortcut.classify(world.brute_force(a, n), a, n) == ("derived", None) for n in world.EASY_N)
     rng = random.Random(0)
     draws = [shortcut.sample_leap(shortcut.PRIVILEGED_RATES, rng) for _ in range(20000)]
     for kind in ("skip", "slip"):                           # the rates the base model is trained on
@@ -3393,69 +3351,54 @@ def test_shortcut_base_model_reproduces_its_measured_leap_rates():
     write-up or shortcut hint), far more under the shortcut hint, and much less with an idea-only reference
     (it was never trained to leap there; the few right-answer leaps it makes there are totals it got right
     without writing the steps)."""
-    sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
+    import shortcut_base
     folder = ROOT / "examples" / "shortcut_world" / "model"
     report = json.loads((folder / "train_report.json").read_text())["leaps"]
     own = {k: v["leap_among_right"] for k, v in report.items()}
     assert own["privileged_expert@own"] >= 0.15 and own["privileged_idea_only@own"] <= own["privileged_expert@own"] / 2
     assert own["shortcut@own"] >= own["privileged_expert@own"] + 0.2
-    import shortcut_base
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok_ = AutoTokenizer.from_pretrained(folder)
-    model_ = AutoModelForCausalLM.from_pretrained(folder).eval()
-    got = shortcut_base.measure_leaps(model_, tok_, settings=("own",))
+    got = shortcut_base.measure_leaps(AutoModelForCausalLM.from_pretrained(folder).eval(),
+                                      AutoTokenizer.from_pretrained(folder), settings=("own",))
     for key, value in got.items():                        # same seed, same machine: equal up to a few flips
         assert abs(value["leap_among_right"] - report[key]["leap_among_right"]) <= 0.08, (key, value, report[key])
 
 
 def test_experiments_small_slice_end_to_end(tmp_path):
-    out = tmp_path / "lam"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "lambda", "--world", "shortcut",
-                        "--small", "--lams", "0.3", "--out", str(out), "--threads", "1"],
-                       capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    result = json.loads((out / "lambda.json").read_text())
-    methods = result["worlds"]["shortcut"]["methods"]
-    assert list(methods) == ["base", "sft-expert", "sft-trace", "dail-lam0.3"]
-    assert all(m["seeds"] == 1 and m["failed"] == 0 for m in methods.values())
-    seed = result["worlds"]["shortcut"]["per_seed"]["0"]
+    lam = ["lambda", "--world", "shortcut", "--small", "--lams", 0.3, "--out", tmp_path / "lam"]
+    run_example("experiments.py", *lam, "--threads", 1)
+    result = json.loads((tmp_path / "lam" / "lambda.json").read_text())["worlds"]["shortcut"]
+    assert list(result["methods"]) == ["base", "sft-expert", "sft-trace", "dail-lam0.3"]
+    assert all(m["seeds"] == 1 and m["failed"] == 0 for m in result["methods"].values())
+    seed = result["per_seed"]["0"]
     assert seed["rewrite"]["problems"] == 4 and 0 <= seed["rewrite"]["kept"] <= 4
     for name, m in seed["methods"].items():              # the checker ran over every eval sample
         s = m["samples"]
         assert s["count"] == 4 * 2 and abs(s["derived"] + s["leap"] + s["wrong"] - 1) < 1e-9, name
     assert set(seed["methods"]["dail-lam0.3"]["train_final"]) >= {"kl_teacher", "kl_shortcut"}
-    assert (out / "lambda.png").exists() or not _has_matplotlib()
-    first = (out / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json").stat().st_mtime
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "lambda", "--world", "shortcut",
-                        "--small", "--lams", "0.3", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0 and "train" not in r.stdout and "rewrite" not in r.stdout   # finished runs skipped
-    assert (out / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json").stat().st_mtime == first
+    assert (tmp_path / "lam" / "lambda.png").exists() or not _has_matplotlib()
+    done = tmp_path / "lam" / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json"
+    first, stdout = done.stat().st_mtime, run_example("experiments.py", *lam, timeout=300)
+    assert "train" not in stdout and "rewrite" not in stdout and done.stat().st_mtime == first  # finished: skipped
     # efficiency: the traces of the first N problems, the same number of steps for every N
     out = tmp_path / "eff"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "efficiency", "--world", "tiny",
-                        "--small", "--methods", "sft-trace", "--out", str(out), "--threads", "1"],
-                       capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    result = json.loads((out / "efficiency.json").read_text())
-    cells = result["worlds"]["tiny"]["per_seed"]["0"]["by_problems"]
-    assert list(cells) == ["2", "4"]
+    run_example("experiments.py", "efficiency", "--world", "tiny", "--small", "--methods", "sft-trace", "--out", out,
+                "--threads", 1)
+    cells = json.loads((out / "efficiency.json").read_text())["worlds"]["tiny"]["per_seed"]["0"]["by_problems"]
+    assert list(cells) == ["2", "4"] and ((out / "efficiency.png").exists() or not _has_matplotlib())
     for n_problems in (2, 4):
-        rows = read_lines(out / "tiny" / "seed0" / f"N{n_problems}" / "traces.jsonl")
+        run = out / "tiny" / "seed0" / f"N{n_problems}"
+        rows = read_lines(run / "traces.jsonl")
         assert len({t["id"] for t in rows}) == n_problems and len(rows) == 2 * n_problems
         assert cells[str(n_problems)]["kept_traces"] == sum(t["kept"] for t in rows)
         if cells[str(n_problems)]["kept_traces"]:
-            steps = json.loads((out / "tiny" / "seed0" / f"N{n_problems}" / "sft-trace" / "model"
-                                / "train_summary.json").read_text())["steps"]
-            assert steps == 2
-    assert (out / "efficiency.png").exists() or not _has_matplotlib()
+            assert json.loads((run / "sft-trace" / "model" / "train_summary.json").read_text())["steps"] == 2
 
 
 def test_probe_teacher_against_one_full_forward(tmp_path):
     """examples/probe_teacher.py: the probability each context gives the token after 'Block 7+' of a kept
     trace equals the one read off a single forward over prompt + the whole response (a different path: no
     prefix decoding); traces not kept, or without the line, are not probed."""
-    sys.path.insert(0, str(ROOT / "examples"))
     import probe_teacher
     world = ROOT / "examples" / "world" / "model"
     tok = dail.load_tokenizer(str(world))
