@@ -3177,18 +3177,11 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
             assert 1 <= steps <= 2 and len(read_lines(model / "metrics.jsonl")) == steps
 
 
-def _errors(node, path="parts"):
-    """Every 'error' anywhere in a gpu_check result tree (a part's own, or a sub-measurement's)."""
-    return ([f"{path}: {node['error']}"] if "error" in node else []) + [
-        e for k, v in node.items() if isinstance(v, dict) for e in _errors(v, f"{path}.{k}")]
-
-
 def test_gpu_check_smoke_runs_every_part(tmp_path):
-    """examples/gpu_check.py --smoke: every part through dail.py's real code paths on the CPU at toy sizes;
-    each part gives numbers or a recorded skip, none errors, and the table is printed and written."""
+    """gpu_check --smoke (dail.py's real code paths, CPU, toy sizes): numbers or a recorded skip, no error anywhere."""
     stdout = run_example("gpu_check.py", "--smoke", "--out", tmp_path, timeout=300)
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
-    assert not _errors(parts), _errors(parts)
+    assert '"error":' not in json.dumps(parts), parts                # a part's own, or a sub-measurement's
     assert [f"{k}:{p['status']}" for k, p in parts.items()] == ["rewrite:ok", "train:ok", "loss:ok", "eval:ok",
                                                                  "torchrun:skipped"]
     assert "not meaningful" in parts["torchrun"]["skipped"]
@@ -3251,12 +3244,10 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
                                          start=time.perf_counter(), min_share_s=0.5)
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert parts == json.loads(json.dumps(results["parts"], default=str))
-    assert parts["boom"]["status"] == "error" and "ValueError: no such kernel" in parts["boom"]["error"]
-    assert "raise ValueError" in parts["boom"]["traceback"] and "| boom | | ERROR ValueError: no such kernel |" in table
-    assert parts["slow"]["status"] == "error" and "PartTimeout" in parts["slow"]["error"]
-    assert parts["slow"]["first"] == 1.0 and parts["slow"]["seconds"] < 5
-    assert parts["fine"]["status"] == "ok" and parts["fine"]["x"] == 2.0 and seen == ["error"]
-    assert parts["torchrun"]["status"] == "skipped"
+    assert {k: p["status"] for k, p in parts.items()} == dict(boom="error", slow="error", fine="ok", torchrun="skipped")
+    assert "ValueError: no such kernel" in parts["boom"]["error"] and "raise ValueError" in parts["boom"]["traceback"]
+    assert "| boom | | ERROR ValueError: no such kernel |" in table and parts["fine"]["x"] == 2.0 and seen == ["error"]
+    assert "PartTimeout" in parts["slow"]["error"] and parts["slow"]["first"] == 1.0 and parts["slow"]["seconds"] < 5
     # --fail-part makes a real part fail the same way (the CLI's debug switch)
     results, _ = gpu_check.run_parts([("fine", fine)], 60.0, tmp_path / "f", {"budget_s": 60.0}, fail_part="fine",
                                      start=time.perf_counter())
@@ -3333,10 +3324,8 @@ def test_shortcut_checker_agrees_with_the_worlds_generators():
 
 
 def test_shortcut_base_model_reproduces_its_measured_leap_rates():
-    """The premise is measured, not assumed: the shipped model leaps when the answer is visible (expert
-    write-up or shortcut hint), far more under the shortcut hint, and much less with an idea-only reference
-    (it was never trained to leap there; the few right-answer leaps it makes there are totals it got right
-    without writing the steps)."""
+    """The premise, measured: the shipped model leaps when the answer is visible (expert write-up), far more under
+    the shortcut hint, much less with an idea-only reference (never trained to leap there)."""
     import shortcut_base
     folder = ROOT / "examples" / "shortcut_world" / "model"
     report = json.loads((folder / "train_report.json").read_text())["leaps"]
@@ -3382,9 +3371,8 @@ def test_experiments_small_slice_end_to_end(tmp_path):
 
 
 def test_probe_teacher_against_one_full_forward(tmp_path):
-    """examples/probe_teacher.py: the probability each context gives the token after 'Block 7+' of a kept
-    trace equals the one read off a single forward over prompt + the whole response (a different path: no
-    prefix decoding); traces not kept, or without the line, are not probed."""
+    """probe_teacher: each context's probability of the token after 'Block 7+' of a kept trace is a single forward's
+    over prompt + the whole response (no prefix decoding); traces not kept, or without the line, are not probed."""
     import probe_teacher
     world = ROOT / "examples" / "world" / "model"
     tok = dail.load_tokenizer(str(world))
