@@ -3164,7 +3164,8 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
     assert all(m in stdout or summary["methods"][m].get("label", m) in stdout for m in methods)   # the table
     seed = out / "seed0"
     assert all((seed / name).exists() for name in ("traces.config.json", "traces.summary.json", "rewrite.log"))
-    assert len(traces := read_lines(seed / "traces.jsonl")) == 4 * 2 and all("kept" in t for t in traces)
+    traces = read_lines(seed / "traces.jsonl")
+    assert len(traces) == 4 * 2 and all("kept" in t for t in traces)
     for m in methods:
         ev = json.loads((seed / m / "eval" / "summary.json").read_text())
         assert ev["problems"] == 4 and set(ev["pass_at_k"]) == {"1", "2"}
