@@ -2316,8 +2316,7 @@ def eval_engine(args):
 def rewrite_engine(args, say=False):
     """As eval_engine, but hf where the token rule mixes two contexts per token (0 < threshold < 1: vLLM cannot)."""
     if say and args.engine != "hf" and 0 < args.threshold < 1:
-        print(f"note: --threshold {args.threshold} mixes two contexts per token; using the transformers engine",
-              file=sys.stderr)
+        print(f"note: --threshold {args.threshold} mixes the contexts: using the transformers engine", file=sys.stderr)
     return "hf" if 0 < args.threshold < 1 else eval_engine(args)
 
 
