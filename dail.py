@@ -64,6 +64,10 @@ class CommonArgs:
     threads: int = arg(0, "torch's CPU threads (0: its default, one per core; 1 suits tiny models on a shared CPU)")
     max_prompt_len: int = arg(None, "rewrite, eval: max prompt tokens [default: the context length - --max-new-tokens]")
 
+    def __post_init__(self):  # flags left at None: the released default of the model kind (Qwen2.5-Instruct; Qwen3)
+        released = dict(threshold=(0.8, 1.0), max_new_tokens=(2048, 256), epochs=(5, 3), max_len=(12288, 2048))
+        vars(self).update({k: v[self.thinking] for k, v in released.items() if getattr(self, k, 0) is None})
+
 
 @dataclasses.dataclass
 class SamplingArgs(CommonArgs):  # the flags rewrite and eval share; the defaults are eval's
@@ -365,14 +369,14 @@ def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phras
 
 def cmd_rewrite(args):
     """OUT (traces.jsonl: a line per (problem, sample) of --data), .summary.json, .config.json; parts merge into OUT."""
-    validate_args(resolve_released(args))
+    validate_args(args)
     problems = load_problems(args.data, need_solution=True, need_answer=True)
     if (args.thinking or args.no_filter) and args.samples > args.keep_per_problem:   # nothing is graded away
         print(f"note: {'--thinking' if args.thinking else '--no-filter'}: decoding only the --keep-per-problem "
               f"{args.keep_per_problem} traces per problem it keeps, not --samples {args.samples}", file=sys.stderr)
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), rewrite_engine(args, True)
+    out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), pick_engine(args)
     check_out(args, "rewrite")
     n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
                                                              out.with_suffix(".summary.json"))
@@ -690,7 +694,7 @@ def build_models(args, device, examples, master):
 
 def cmd_train(args):
     """Write OUT/: the merged model, adapters/ (PEFT), dail_prompt.json, metrics, train_summary.json, checkpoint.pt."""
-    validate_args(resolve_released(args))
+    validate_args(args)
     records, not_kept = load_training_records(args)            # all input checks before any model loads
     guard_train_out(args)                                      # --out: not the model, not an unrelated run
     out, t_start = Path(args.out), time.time()
@@ -800,7 +804,7 @@ def cmd_eval(args):
     out, samples_path = Path(args.out), Path(args.out) / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
-    engine = eval_engine(args)
+    engine = pick_engine(args)
     n, shards, merge, follower, config, checks, done = start_job("eval", samples_path, args, engine, problems,
                                                                  config_of, out / "summary.json", out / "passk.png")
     tok = load_tokenizer(args.model, args.trust_remote_code)
@@ -1871,12 +1875,6 @@ def bounded_ids(encode, text, budget):
     return encode(text), True
 
 
-def shorten_solution(solution):
-    """One step: cut before the last "Solution N:" (keep a write-up's first solutions), else keep the first half."""
-    marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
-    return solution[:marks[-1]].rstrip() if marks and marks[-1] > 0 else solution[:len(solution) // 2]
-
-
 def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
     """The solution shortened until the privileged prompt fits: privileged_solution, what validator and teacher see."""
     solution = problem["solution"]
@@ -1887,7 +1885,9 @@ def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
         if not solution:
             raise DailError(f"{problem['where']}: field 'problem': the privileged prompt is over the prompt budget "
                             f"of {max_prompt_len} tokens even without the solution")
-        solution = shorten_solution(solution)
+        # one step: cut before the last "Solution N:" (keep a write-up's first solutions), else keep the first half
+        marks = [m.start() for m in re.finditer(r"Solution\s*\d+\s*:", solution)]
+        solution = solution[:marks[-1]].rstrip() if marks and marks[-1] > 0 else solution[:len(solution) // 2]
     return solution
 
 
@@ -2056,16 +2056,13 @@ def stop_token_ids(tok, name):
 
 
 # ==== Appendix B.6, running it: the vLLM engine (an optional import) ===================================================
-def eval_engine(args):
-    """--engine, where auto is vLLM when it is importable and a GPU is present, else hf."""
+def pick_engine(args):
+    """--engine; auto: vLLM when importable and on a GPU, else hf. A mixing threshold (0 < tau < 1) needs hf."""
+    if 0 < getattr(args, "threshold", 0) < 1:                  # rewrite mixes two contexts per token: vLLM cannot
+        if args.engine != "hf":
+            print(f"note: --threshold {args.threshold} mixes the contexts: using the hf engine", file=sys.stderr)
+        return "hf"
     return args.engine if args.engine != "auto" else "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
-
-
-def rewrite_engine(args, say=False):
-    """As eval_engine, but hf where the token rule mixes two contexts per token (0 < threshold < 1: vLLM cannot)."""
-    if say and args.engine != "hf" and 0 < args.threshold < 1:
-        print(f"note: --threshold {args.threshold} mixes the contexts: using the transformers engine", file=sys.stderr)
-    return "hf" if 0 < args.threshold < 1 else eval_engine(args)
 
 
 def vllm_available():
@@ -2143,13 +2140,6 @@ COMMANDS = {
     "eval": (EvalArgs, cmd_eval, "Sample n responses per problem from the student prompt, grade the boxed "
                                  "answers, report the unbiased pass@k. OUT is a folder."),
 }
-
-
-def resolve_released(args):
-    """Fill the flags left at None with the released defaults, (Qwen2.5-Instruct's, Qwen3's with --thinking)."""
-    released = dict(threshold=(0.8, 1.0), max_new_tokens=(2048, 256), epochs=(5, 3), max_len=(12288, 2048))
-    vars(args).update({name: v[args.thinking] for name, v in released.items() if getattr(args, name, 0) is None})
-    return args
 
 
 def build_parser():
