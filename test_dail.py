@@ -1753,8 +1753,10 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
     config_of = lambda p: p.with_suffix(".config.json")  # noqa: E731
     key = lambda r: (r["index"], r["sample"])  # noqa: E731
     expected = {k: {key(r) for r in records if r["index"] % 3 == k} for k in range(3)}
-    checks = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])  # noqa: E731
-    gather = lambda: dail.gather_parts(out, 3, "now", dict(seed=0), config_of, expected, key, key, checks)  # noqa: E731
+    job = SimpleNamespace(out_file=out, n=3, follower=False, earlier=True, config=dict(seed=0), config_of=config_of,
+                          key=key, order=key, expected=expected)
+    job.check = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])
+    gather = lambda: dail.gather_parts(job)  # noqa: E731
     for k in range(3):
         write_jsonl(dail.shard_path(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1])
         config_of(dail.shard_path(out, k, 3)).write_text(json.dumps(dict(seed=0)))
@@ -1767,7 +1769,7 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
 
     # start_job's refusals come before anything is read or written
     def job(shard=None, merge=False, out=out):
-        return dail.start_job("rewrite", out, flags(shard, overwrite=False, merge=merge), "hf", [], config_of)
+        return dail.start_job("rewrite", out, flags(shard, overwrite=False, merge=merge), "hf", [])
 
     with pytest.raises(dail.DailError, match="split into 3 shards, this run splits into 2"):
         job("0/2")
@@ -1846,9 +1848,9 @@ def test_rewrite_traces_equal_over_batch_size_resume_and_shards(tmp_path, capsys
     # a part written with other settings is refused, by --merge and by a plain rerun
     assert rewrite("other", "--shard", "0/2")[0] == 0
     code, err, _ = rewrite("other", "--shard", "1/2", "--seed", 1)
-    assert code == 2 and "traces.part0-of-2.jsonl: written with seed=0" in err, err    # its part is written
+    assert code == 2 and "traces.part0-of-2.config.json: written with seed=0" in err, err    # its part is written
     code, err, _ = rewrite("other", "--merge")
-    assert code == 2 and "traces.part1-of-2.jsonl: written with seed=1" in err, err
+    assert code == 2 and "traces.part1-of-2.config.json: written with seed=1" in err, err
     code, err, out = rewrite("other")
     assert code == 2 and "seed=1" in err and not read_text_or_empty(out), err
 
