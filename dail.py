@@ -377,9 +377,8 @@ def cmd_rewrite(args):
               f"{args.keep_per_problem} traces per problem it keeps, not --samples {args.samples}", file=sys.stderr)
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    out, engine = Path(args.out), pick_engine(args)
-    check_out(args, "rewrite")
-    job = start_job("rewrite", out, args, engine, problems, out.with_suffix(".summary.json"))
+    job = start_job("rewrite", args, problems)
+    out, engine = job.out_file, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     contexts, skipped, shortened = fit_prompts(tok, problems, args)
@@ -796,9 +795,8 @@ def cmd_eval(args):
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
-    check_out(args, "eval")
-    out, samples_path, engine = Path(args.out), Path(args.out) / "samples.jsonl", pick_engine(args)
-    job = start_job("eval", samples_path, args, engine, problems, out / "summary.json", out / "passk.png")
+    job = start_job("eval", args, problems)
+    out, samples_path, engine = job.out_file.parent, job.out_file, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
@@ -1745,11 +1743,6 @@ def agreed_signal(signum, ddp, device):
     return int(flag.item())
 
 
-def shard_problems(problems, k, n):
-    """Shard k of n (a torchrun rank or --shard K/N) takes problems k, k + n, ...: equal counts, lengths mixed."""
-    return problems[k::n]
-
-
 def shard_path(out_file, k, n):
     """The file shard k of n writes: out_file itself when n = 1, else traces.jsonl -> traces.part0-of-4.jsonl."""
     return out_file if n == 1 else out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
@@ -1772,10 +1765,12 @@ def shard_of(args, engine):
     return rank // tp, world // tp, rank % tp != 0
 
 
-def start_job(command, out_file, args, engine, problems, *results):
-    """rewrite's and eval's start -> job: the split into n, the shards ks this process decodes, each into paths[k]
-    (os.devnull for a vLLM follower) and resumed alone (done[k]); expected[k]: the keys of shard k's records. A plain
-    run finishes an earlier split's parts, then merges (gather_parts); --overwrite clears them and `results`."""
+def start_job(command, args, problems):
+    """rewrite's and eval's setup -> job: the engine, out_file (records), the split into n, the shards ks this process
+    decodes, each into paths[k] (os.devnull for a vLLM follower) and resumed alone (done[k]); expected[k]: the keys of
+    shard k's records. A plain run finishes an earlier split's parts, then merges (gather_parts)."""
+    out, engine, rewrite = check_out(args, command), pick_engine(args), command == "rewrite"
+    out_file = out if rewrite else out / "samples.jsonl"
     k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
@@ -1789,17 +1784,16 @@ def start_job(command, out_file, args, engine, problems, *results):
                         f"({'drop --shard (or torchrun)' if n > 1 else 'none found: run the shards first'})")
     earlier = n == 1 and bool(splits)              # this plain run decodes what the split left, then merges
     n, ks = (max(splits), [] if args.merge else range(max(splits))) if earlier else (n, [k])
-    rewrite, index = command == "rewrite", {p["id"]: p["index"] for p in problems}
+    index = {p["id"]: p["index"] for p in problems}
     fields = (dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int, kept=bool,
                    reject_reason=(str, type(None))) if rewrite else
               dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list))
     job = SimpleNamespace(
-        out_file=out_file, n=n, ks=ks, follower=follower, earlier=earlier, config=run_config(args, command),
-        config_of=lambda p: out_file.parent / "eval_config.json" if p == out_file and not rewrite
-        else p.with_suffix(".config.json"),
-        key=(lambda r: (r["id"], r["sample"])) if rewrite else lambda r: r["id"],
+        engine=engine, out_file=out_file, n=n, ks=ks, follower=follower, earlier=earlier,
+        config=run_config(args, command), key=(lambda r: (r["id"], r["sample"])) if rewrite else lambda r: r["id"],
+        config_of=lambda p: p.with_suffix(".config.json") if rewrite or p != out_file else out / "eval_config.json",
         order=lambda r: (index[r["id"]], r.get("sample", 0)),                      # input order
-        expected={j: {(p["id"], s) if rewrite else p["id"] for p in shard_problems(problems, j, n)
+        expected={j: {(p["id"], s) if rewrite else p["id"] for p in problems[j::n]  # equal counts, lengths mixed
                       for s in range(args.samples if rewrite else 1)} for j in range(n)},
         paths={j: os.devnull if follower else shard_path(out_file, j, n) for j in ks})
     job.check = lambda j: line_check(fields, job.key, job.expected[j])   # a record of another shard: an error
@@ -1809,8 +1803,9 @@ def start_job(command, out_file, args, engine, problems, *results):
     for path in job.paths.values():
         lock_output(path, args.out)
     if args.overwrite:
-        clear_results(*job.paths.values(), *map(job.config_of, job.paths.values()), out_file, *results,
-                      *(p for p, m in found.items() if m != n))
+        results = [out.with_suffix(".summary.json")] if rewrite else [out / name for name in EVAL_RESULTS]
+        clear_results(*job.paths.values(), *map(job.config_of, job.paths.values()), out_file, job.config_of(out_file),
+                      *results, *(p for p, m in found.items() if m != n))
     job.done = {j: resume_jsonl(path, job.check(j)) for j, path in job.paths.items()}
     for j, path in job.paths.items():
         check_resume_config(job.config_of(path), job.config, resuming=bool(job.done[j]))

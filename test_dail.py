@@ -1744,7 +1744,6 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
             dail.shard_of(flags(shard, tp), "vllm")
     monkeypatch.delenv("WORLD_SIZE")
     assert not {"shard", "merge"} & set(dail.RESULT_SETTINGS["rewrite"] + dail.RESULT_SETTINGS["eval"])  # any split
-    assert [dail.shard_problems(list(range(10)), k, 3) for k in range(3)] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     out = tmp_path / "traces.jsonl"
     assert dail.shard_path(out, 1, 3) == tmp_path / "traces.part1-of-3.jsonl" and dail.shard_path(out, 0, 1) == out
     # merge: input order, nothing lost, the config written; a record of another shard is refused (incomplete parts
@@ -1767,9 +1766,14 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
     with pytest.raises(dail.DailError, match="is not one of this run"):
         gather()
 
-    # start_job's refusals come before anything is read or written
-    def job(shard=None, merge=False, out=out):
-        return dail.start_job("rewrite", out, flags(shard, overwrite=False, merge=merge), "hf", [])
+    # start_job: shard k of n takes problems k, k + n, ...; its refusals come before anything is read or written
+    def job(shard=None, merge=False, out=out, command="rewrite"):
+        args = flags(shard, overwrite=False, merge=merge, out=str(out), data=None, model=None, engine="hf", samples=1)
+        return dail.start_job(command, args, [dict(id=f"p{i}", index=i) for i in range(10)])
+
+    monkeypatch.setattr(dail, "run_config", lambda args, command: dict(seed=0))
+    third = job("2/3", command="eval", out=tmp_path / "e")
+    assert third.ks == [2] and third.expected == {k: {f"p{i}" for i in range(k, 10, 3)} for k in range(3)}
 
     with pytest.raises(dail.DailError, match="split into 3 shards, this run splits into 2"):
         job("0/2")
