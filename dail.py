@@ -1743,11 +1743,6 @@ def agreed_signal(signum, ddp, device):
     return int(flag.item())
 
 
-def shard_path(out_file, k, n):
-    """The file shard k of n writes: out_file itself when n = 1, else traces.jsonl -> traces.part0-of-4.jsonl."""
-    return out_file if n == 1 else out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
-
-
 def shard_of(args, engine):
     """-> (k, n, follower): --shard K/N, else RANK of WORLD_SIZE (torchrun), else (0, 1). vLLM under torchrun: one
     engine per --tensor-parallel-size (tp) ranks, shard rank // tp of WORLD_SIZE / tp; followers decode in step."""
@@ -1784,6 +1779,8 @@ def start_job(command, args, problems):
                         f"({'drop --shard (or torchrun)' if n > 1 else 'none found: run the shards first'})")
     earlier = n == 1 and bool(splits)              # this plain run decodes what the split left, then merges
     n, ks = (max(splits), [] if args.merge else range(max(splits))) if earlier else (n, [k])
+    parts = [out_file] if n == 1 else [  # the file shard j of n writes: traces.jsonl -> traces.part0-of-4.jsonl
+        out_file.with_name(f"{out_file.stem}.part{j}-of-{n}{out_file.suffix}") for j in range(n)]
     index = {p["id"]: p["index"] for p in problems}
     fields = (dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int, kept=bool,
                    reject_reason=(str, type(None))) if rewrite else
@@ -1795,10 +1792,10 @@ def start_job(command, args, problems):
         order=lambda r: (index[r["id"]], r.get("sample", 0)),                      # input order
         expected={j: {(p["id"], s) if rewrite else p["id"] for p in problems[j::n]  # equal counts, lengths mixed
                       for s in range(args.samples if rewrite else 1)} for j in range(n)},
-        paths={j: os.devnull if follower else shard_path(out_file, j, n) for j in ks})
+        parts=parts, paths={j: os.devnull if follower else parts[j] for j in ks})
     job.check = lambda j: line_check(fields, job.key, job.expected[j])   # a record of another shard: an error
     if follower:                                 # decodes in step with its group's first rank, which writes
-        job.done = {j: resume_jsonl(shard_path(out_file, j, n), peek=True) for j in ks}
+        job.done = {j: resume_jsonl(parts[j], peek=True) for j in ks}
         return job
     for path in job.paths.values():
         lock_output(path, args.out)
@@ -1817,11 +1814,10 @@ def gather_parts(job):
     expected[k] (a DailError when finishing an earlier split); else the parts merged into out_file in input order."""
     if job.follower or job.n == 1:
         return None if job.follower else resume_jsonl(job.out_file, job.check(0))
-    parts = [shard_path(job.out_file, k, job.n) for k in range(job.n)]
-    begun = [k for k, p in enumerate(parts) if job.config_of(p).exists()]
+    begun = [k for k, p in enumerate(job.parts) if job.config_of(p).exists()]
     for k in begun:
-        check_config(job.config_of(parts[k]), job.config, "rerun that shard, or --overwrite")
-    missing = [k for k, p in enumerate(parts) if k not in begun            # peek: a part may be being written
+        check_config(job.config_of(job.parts[k]), job.config, "rerun that shard, or --overwrite")
+    missing = [k for k, p in enumerate(job.parts) if k not in begun            # peek: a part may be being written
                or not job.expected[k] <= set(map(job.key, resume_jsonl(p, job.check(k), peek=True)))]
     if missing and job.earlier:
         raise DailError(f"{job.out_file}: {len(missing)} of {job.n} parts are incomplete; run them (--shard K/{job.n})")
@@ -1831,7 +1827,7 @@ def gather_parts(job):
         return None
     # each part's check refuses another shard's record, so none is merged twice; two shards that finish together
     # may both merge, each through its own temporary file (write_atomic)
-    records = sorted((r for k, p in enumerate(parts) for r in resume_jsonl(p, job.check(k))), key=job.order)
+    records = sorted((r for k, p in enumerate(job.parts) for r in resume_jsonl(p, job.check(k))), key=job.order)
     write_atomic(job.out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     check_resume_config(job.config_of(job.out_file), job.config, resuming=False)
     print(f"merged {job.n} parts into {job.out_file}", file=sys.stderr)
