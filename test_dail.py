@@ -1756,20 +1756,19 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
     job = SimpleNamespace(out_file=out, n=3, parts=parts, follower=False, earlier=True, config=dict(seed=0),
                           config_of=config_of, key=key, order=key, expected=expected)
     job.check = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])
-    gather = lambda: dail.gather_parts(job)  # noqa: E731
     for k in range(3):
         write_jsonl(parts[k], [r for r in records if r["index"] % 3 == k][::-1])
         config_of(parts[k]).write_text(json.dumps(dict(seed=0)))
-    assert gather() == records and read_lines(out) == records
+    assert dail.gather_parts(job) == records and read_lines(out) == records
     assert json.loads(config_of(out).read_text()) == dict(seed=0)
     with open(parts[2], "a") as f:
         f.write(json.dumps(records[0]) + "\n")
     with pytest.raises(dail.DailError, match="is not one of this run"):
-        gather()
+        dail.gather_parts(job)
 
-    # start_job: shard k of n takes problems k, k + n, ...; its refusals come before anything is read or written
+    # start_job: shard k of n takes problems k, k + n, ...; its refusals come before any record is read or written
     def job(shard=None, merge=False, out=out, command="rewrite"):
-        args = flags(shard, overwrite=False, merge=merge, out=str(out), data=None, model=None, engine="hf", samples=1)
+        args = flags(shard, overwrite=False, merge=merge, out=str(out), data=None, model=None, engine="hf")
         return dail.start_job(command, args, [dict(id=f"p{i}", index=i) for i in range(10)])
 
     monkeypatch.setattr(dail, "run_config", lambda args, command: dict(seed=0))
