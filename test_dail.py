@@ -1767,8 +1767,8 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
         dail.gather_parts(job)
 
     # start_job: shard k of n takes problems k, k + n, ...; its refusals come before any record is read or written
-    def job(shard=None, merge=False, out=out, command="rewrite"):
-        args = flags(shard, overwrite=False, merge=merge, out=str(out), data=None, model=None, engine="hf")
+    def job(shard=None, merge=False, out=out, command="rewrite", engine="hf", tp=1):
+        args = flags(shard, tp, overwrite=False, merge=merge, out=str(out), data=None, model=None, engine=engine)
         return dail.start_job(command, args, [dict(id=f"p{i}", index=i) for i in range(10)])
 
     monkeypatch.setattr(dail, "run_config", lambda args, command: dict(seed=0))
@@ -1776,6 +1776,11 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
     assert third.ks == [2] and third.expected == {k: {f"p{i}" for i in range(k, 10, 3)} for k in range(3)}
     assert third.parts == [tmp_path / "e" / f"samples.part{k}-of-3.jsonl" for k in range(3)]
     assert job(command="eval", out=tmp_path / "e1").parts == [tmp_path / "e1" / "samples.jsonl"]
+    with monkeypatch.context() as env:          # a vLLM follower decodes in step, writes nothing and never merges
+        env.setenv("RANK", "1")
+        env.setenv("WORLD_SIZE", "2")
+        follower = job(command="eval", out=tmp_path / "e1", engine="vllm", tp=2)
+        assert follower.paths == {0: os.devnull} and dail.gather_parts(follower) is None
 
     with pytest.raises(dail.DailError, match="split into 3 shards, this run splits into 2"):
         job("0/2")
