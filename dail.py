@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -376,31 +377,25 @@ def cmd_rewrite(args):
               f"{args.keep_per_problem} traces per problem it keeps, not --samples {args.samples}", file=sys.stderr)
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
-    out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), pick_engine(args)
-    check_out(args, "rewrite")
-    n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
-                                                             out.with_suffix(".summary.json"))
+    job = start_job("rewrite", args, problems)
+    out, engine = job.out_file, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     contexts, skipped, shortened = fit_prompts(tok, problems, args)
-    expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
-                    for s in range(args.samples)} for k in range(n)}
+    job.expected = {k: {key for key in keys if key[0] in contexts} for k, keys in job.expected.items()}  # no skipped
     leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
     rollout, stop_ids = rewrite_vllm if engine == "vllm" else rewrite_hf, stop_token_ids(tok, args.model)
-    kept_count = Counter(t["id"] for k in ks for t in done[k] if t["kept"])   # --keep-per-problem counts these too
-    for k in ks:
-        missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
+    kept_count = Counter(t["id"] for k in job.ks for t in job.done[k] if t["kept"])  # --keep-per-problem counts these
+    for k in job.ks:
+        missing = job.expected[k] - set(map(job.key, job.done[k]))
         if todo := [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]:  # input order
-            path = os.devnull if follower else shard_path(out, k, n)
-            print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(done[k])} done in {path})", file=sys.stderr)
-            with open(path, "a", encoding="utf-8") as f:
+            print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(job.done[k])} done in {job.paths[k]})",
+                  file=sys.stderr)
+            with open(job.paths[k], "a", encoding="utf-8") as f:
                 rollout(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases)
-    index = {p["id"]: p["index"] for p in problems}
-    traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
-                          lambda t: (index[t["id"]], t["sample"]), checks)
-    if traces is not None:           # None: a vLLM follower, or parts still missing (the last to finish merges)
+    if (traces := gather_parts(job)) is not None:  # None: a vLLM follower, or parts still missing (the last merges)
         write_rewrite_summary(out, args, problems, traces, skipped, shortened)
 
 
@@ -800,28 +795,23 @@ def cmd_eval(args):
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
-    check_out(args, "eval")
-    out, samples_path = Path(args.out), Path(args.out) / "samples.jsonl"
-    def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
-        return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
-    engine = pick_engine(args)
-    n, shards, merge, follower, config, checks, done = start_job("eval", samples_path, args, engine, problems,
-                                                                 config_of, out / "summary.json", out / "passk.png")
+    job = start_job("eval", args, problems)
+    out, samples_path, engine = job.out_file.parent, job.out_file, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code)
     check_thinking_flag(tok, args)
     # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
     max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
                                                          for p in problems))
     prompts = {p["id"]: eval_prompt_ids(tok, p, args.thinking, max_prompt) for p in problems}
-    written = {r["id"] for k in shards for r in done[k]}
-    todo = {k: [p for p in shard_problems(problems, k, n) if p["id"] not in written] for k in shards}
+    missing = {k: job.expected[k] - set(map(job.key, job.done[k])) for k in job.ks}
+    todo = {k: [p for p in problems if p["id"] in missing[k]] for k in job.ks}
     sampler = make_sampler(engine, args, tok, stop_token_ids(tok, args.model)) if any(todo.values()) else None
     # problems per call: the hf engine decodes --batch-size rows at a time; vLLM batches on its own
     per_call = max(1, (args.batch_size if engine == "hf" else 8192) // args.n)
     for k, mine in ((k, mine) for k, mine in todo.items() if mine):
-        path = os.devnull if follower else shard_path(samples_path, k, n)
-        print(f"eval: {len(mine)} problems x {args.n} samples, {engine} ({len(done[k])} in {path})", file=sys.stderr)
-        with open(path, "a", encoding="utf-8") as f, progress(total=len(mine), desc="eval") as bar:
+        print(f"eval: {len(mine)} problems x {args.n} samples, {engine} ({len(job.done[k])} in {job.paths[k]})",
+              file=sys.stderr)
+        with open(job.paths[k], "a", encoding="utf-8") as f, progress(total=len(mine), desc="eval") as bar:
             for chunk in (mine[i:i + per_call] for i in range(0, len(mine), per_call)):
                 outputs = sampler([prompts[p["id"]] for p in chunk], [args.seed + p["index"] for p in chunk],
                                   [p["id"] for p in chunk])
@@ -830,11 +820,7 @@ def cmd_eval(args):
                 bar.update(len(chunk))
     if sampler:
         sampler.close()
-    index = {p["id"]: p["index"] for p in problems}
-    expected = {k: {p["id"] for p in shard_problems(problems, k, n)} for k in range(n)}
-    lines = None if follower else gather_parts(samples_path, n, merge, config, config_of, expected,
-                                               lambda r: r["id"], lambda r: index[r["id"]], checks)
-    if lines is None:
+    if (lines := gather_parts(job)) is None:
         return None                  # a vLLM follower, or parts still missing (the last to finish merges)
     if stale := [grade_line(r, args) for r in lines if r.get("grader") != args.grader]:
         write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
@@ -1288,17 +1274,6 @@ def line_check(fields, key, expected):
     return check
 
 
-def output_checks(command, problems, args, n):
-    """k -> line_check of shard k of n's lines: eval's, one per problem with --n samples; rewrite's, per sample."""
-    if command == "eval":
-        fields = dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list)
-        return lambda k: line_check(fields, lambda r: r["id"], {p["id"] for p in shard_problems(problems, k, n)})
-    fields = dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int, kept=bool,
-                  reject_reason=(str, type(None)))
-    return lambda k: line_check(fields, lambda t: (t["id"], t["sample"]),
-                                {(p["id"], s) for p in shard_problems(problems, k, n) for s in range(args.samples)})
-
-
 def append_jsonl(f, record):
     """One record, one write, flushed: an interruption never leaves a record half on disk but for the last."""
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -1461,27 +1436,23 @@ def model_fingerprint(name):
     return f"{len(files)} files:{h.hexdigest()[:16]}"
 
 
-def read_config(path):
-    """The settings an earlier run recorded at `path` (a JSON object); anything else is a one-line DailError."""
+def check_config(path, config, fix=START_OVER):
+    """The settings saved at `path` (a JSON object) equal `config`, paths aside; else a one-line DailError."""
     try:
         old = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:          # missing (results without their config), unreadable, not JSON
-        raise DailError(f"{path}: unreadable ({first_line(e, 120)}); {START_OVER}") from None
+        raise DailError(f"{path}: unreadable ({first_line(e, 120)}); {fix}") from None
     if not isinstance(old, dict):
-        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; {START_OVER}")
-    return old
-
-
-def differing_setting(old, config):
-    """The first setting (paths aside) where saved settings `old` differ from `config`, or None."""
-    return next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)
+        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; {fix}")
+    if (k := next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)):
+        raise DailError(f"{path}: written with {k}={old.get(k, '(not recorded)')!r}, this run asks for "
+                        f"{k}={config[k]!r}; {fix}")
 
 
 def check_resume_config(path, config, resuming):
-    """When `resuming`, the config saved at `path` must equal `config` (else one line names a difference); write it."""
-    if resuming and (k := differing_setting(old := read_config(path), config)) is not None:
-        raise DailError(f"{Path(path).parent}: an earlier run wrote these results with "
-                        f"{k}={old.get(k, '(not recorded)')!r}, this run asks for {k}={config[k]!r}; {START_OVER}")
+    """When `resuming`, the config saved at `path` must equal `config` (check_config); then write it."""
+    if resuming:
+        check_config(path, config)
     write_atomic(path, json.dumps(config, indent=2))
 
 
@@ -1772,16 +1743,6 @@ def agreed_signal(signum, ddp, device):
     return int(flag.item())
 
 
-def shard_problems(problems, k, n):
-    """Shard k of n (a torchrun rank or --shard K/N) takes problems k, k + n, ...: equal counts, lengths mixed."""
-    return problems[k::n]
-
-
-def shard_path(out_file, k, n):
-    """The file shard k of n writes: out_file itself when n = 1, else traces.jsonl -> traces.part0-of-4.jsonl."""
-    return out_file if n == 1 else out_file.with_name(f"{out_file.stem}.part{k}-of-{n}{out_file.suffix}")
-
-
 def shard_of(args, engine):
     """-> (k, n, follower): --shard K/N, else RANK of WORLD_SIZE (torchrun), else (0, 1). vLLM under torchrun: one
     engine per --tensor-parallel-size (tp) ranks, shard rank // tp of WORLD_SIZE / tp; followers decode in step."""
@@ -1799,10 +1760,12 @@ def shard_of(args, engine):
     return rank // tp, world // tp, rank % tp != 0
 
 
-def start_job(command, out_file, args, engine, problems, config_of, *results):
-    """rewrite's and eval's start -> (n, ks, merge, follower, config, checks, done): the split into n, the shards ks
-    this process decodes (each its own part file, resumed alone: done[k]) and how they merge. A plain run finishes
-    an earlier split's parts, then merges; --overwrite clears them and `results`."""
+def start_job(command, args, problems):
+    """rewrite's and eval's setup -> job: the engine, out_file (records), the split into n, the shards ks this process
+    decodes, each into paths[k] (os.devnull for a vLLM follower) and resumed alone (done[k]); expected[k]: the keys of
+    shard k's records. A plain run finishes an earlier split's parts, then merges (gather_parts)."""
+    out, engine, rewrite = check_out(args, command), pick_engine(args), command == "rewrite"
+    out_file = out if rewrite else out / "samples.jsonl"
     k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
@@ -1814,50 +1777,60 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     if args.merge and (n > 1 or not splits):
         raise DailError(f"--merge: merges an earlier split's part files of {out_file} in one process "
                         f"({'drop --shard (or torchrun)' if n > 1 else 'none found: run the shards first'})")
-    if n == 1 and splits:
-        n, ks, merge = max(splits), [] if args.merge else list(range(max(splits))), "now"
-    else:
-        ks, merge = [k], None if follower or n == 1 else "ready"
-    paths = {j: shard_path(out_file, j, n) for j in ks}
-    config, checks = run_config(args, command), output_checks(command, problems, args, n)
+    earlier = n == 1 and bool(splits)              # this plain run decodes what the split left, then merges
+    n, ks = (max(splits), [] if args.merge else range(max(splits))) if earlier else (n, [k])
+    parts = [out_file] if n == 1 else [  # the file shard j of n writes: traces.jsonl -> traces.part0-of-4.jsonl
+        out_file.with_name(f"{out_file.stem}.part{j}-of-{n}{out_file.suffix}") for j in range(n)]
+    index = {p["id"]: p["index"] for p in problems}
+    fields = (dict(id=str, sample=int, response=str, response_ids=list, finish_reason=str, n_accepted=int, kept=bool,
+                   reject_reason=(str, type(None))) if rewrite else
+              dict(id=str, answer=str, responses=list, preds=list, correct=list, n_tokens=list, finish_reasons=list))
+    job = SimpleNamespace(
+        engine=engine, out_file=out_file, n=n, ks=ks, follower=follower, earlier=earlier,
+        config=run_config(args, command), key=(lambda r: (r["id"], r["sample"])) if rewrite else lambda r: r["id"],
+        config_of=lambda p: p.with_suffix(".config.json") if rewrite or p != out_file else out / "eval_config.json",
+        order=lambda r: (index[r["id"]], r.get("sample", 0)),                      # input order
+        expected={j: {(p["id"], s) if rewrite else p["id"] for p in problems[j::n]  # equal counts, lengths mixed
+                      for s in range(args.samples if rewrite else 1)} for j in range(n)},
+        parts=parts, paths={j: os.devnull if follower else parts[j] for j in ks})
+    job.check = lambda j: line_check(fields, job.key, job.expected[j])   # a record of another shard: an error
     if follower:                                 # decodes in step with its group's first rank, which writes
-        return n, ks, merge, follower, config, checks, {j: resume_jsonl(p, peek=True) for j, p in paths.items()}
-    for path in paths.values():
+        job.done = {j: resume_jsonl(parts[j], peek=True) for j in ks}
+        return job
+    for path in job.paths.values():
         lock_output(path, args.out)
     if args.overwrite:
-        clear_results(*paths.values(), *map(config_of, paths.values()), out_file, *results,
-                      *(p for p, m in found.items() if m != n))
-    done = {j: resume_jsonl(path, checks(j)) for j, path in paths.items()}
-    for j, path in paths.items():
-        check_resume_config(config_of(path), config, resuming=bool(done[j]))
-    return n, ks, merge, follower, config, checks, done
+        results = [out.with_suffix(".summary.json")] if rewrite else [out / name for name in EVAL_RESULTS]
+        clear_results(*job.paths.values(), *map(job.config_of, job.paths.values()), out_file, job.config_of(out_file),
+                      *results, *(p for p, m in found.items() if m != n))
+    job.done = {j: resume_jsonl(path, job.check(j)) for j, path in job.paths.items()}
+    for j, path in job.paths.items():
+        check_resume_config(job.config_of(path), job.config, resuming=bool(job.done[j]))
+    return job
 
 
-def gather_parts(out_file, n, merge, config, config_of, expected, key, order, checks):
-    """The job's records: out_file's (n = 1); None for a vLLM follower (merge None) or while a part lacks some of
-    expected[k] (by key; merge 'now': a DailError); else the parts (of `config`) merged into out_file by order."""
-    if merge is None:
-        return resume_jsonl(out_file, checks(0)) if n == 1 else None
-    parts = [shard_path(out_file, k, n) for k in range(n)]
-    saved = {k: read_config(config_of(p)) for k, p in enumerate(parts) if config_of(p).exists()}  # none: not begun
-    for k, old in saved.items():
-        if (diff := differing_setting(old, config)) is not None:
-            raise DailError(f"{parts[k]}: written with {diff}={old.get(diff, '(not recorded)')!r}, unlike this run; "
-                            f"rerun that shard, or --overwrite")
-    missing = [k for k, p in enumerate(parts) if k not in saved        # peek: a part may be being written
-               or not expected[k] <= {key(r) for r in resume_jsonl(p, checks(k), peek=True)}]
-    if missing and merge == "now":
-        raise DailError(f"{out_file}: {len(missing)} of {n} parts are incomplete; run them (--shard K/{n})")
+def gather_parts(job):
+    """start_job's job's records: out_file's (n = 1); None for a vLLM follower, or while a part lacks some of
+    expected[k] (a DailError when finishing an earlier split); else the parts merged into out_file in input order."""
+    if job.follower or job.n == 1:
+        return None if job.follower else resume_jsonl(job.out_file, job.check(0))
+    begun = [k for k, p in enumerate(job.parts) if job.config_of(p).exists()]
+    for k in begun:
+        check_config(job.config_of(job.parts[k]), job.config, "rerun that shard, or --overwrite")
+    missing = [k for k, p in enumerate(job.parts) if k not in begun            # peek: a part may be being written
+               or not job.expected[k] <= set(map(job.key, resume_jsonl(p, job.check(k), peek=True)))]
+    if missing and job.earlier:
+        raise DailError(f"{job.out_file}: {len(missing)} of {job.n} parts are incomplete; run them (--shard K/{job.n})")
     if missing:
-        print(f"note: {out_file}: parts {', '.join(map(str, missing))} of {n} are not complete yet; the shard that "
-              f"completes the last one merges them (or --merge)", file=sys.stderr)
+        print(f"note: {job.out_file}: parts {', '.join(map(str, missing))} of {job.n} are not complete yet; the shard "
+              f"that completes the last one merges them (or --merge)", file=sys.stderr)
         return None
-    # each part's line_check refuses another shard's record, so none is merged twice; two shards that finish
-    # together may both merge, each through its own temporary file (write_atomic)
-    records = sorted((r for k, p in enumerate(parts) for r in resume_jsonl(p, checks(k))), key=order)
-    write_atomic(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    check_resume_config(config_of(out_file), config, resuming=False)
-    print(f"merged {n} parts into {out_file}", file=sys.stderr)
+    # each part's check refuses another shard's record, so none is merged twice; two shards that finish together
+    # may both merge, each through its own temporary file (write_atomic)
+    records = sorted((r for k, p in enumerate(job.parts) for r in resume_jsonl(p, job.check(k))), key=job.order)
+    write_atomic(job.out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    check_resume_config(job.config_of(job.out_file), job.config, resuming=False)
+    print(f"merged {job.n} parts into {job.out_file}", file=sys.stderr)
     return records
 
 

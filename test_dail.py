@@ -1349,7 +1349,7 @@ def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, 
         assert code == 2 and err.count("\n") == 1 and f"another run is writing {held} now" in err, err
         assert not read_text_or_empty(held if held.suffix else held / "metrics.jsonl")     # nothing written
         assert run_cli(argv, capsys)[0] == 0                   # the OS dropped the lock of the killed process
-    with hold_lock(dail.shard_path(ev / "s" / "samples.jsonl", 0, 2)):   # shards of one job lock their own parts
+    with hold_lock(ev / "s" / "samples.part0-of-2.jsonl"):   # shards of one job lock their own parts
         code, err = run_cli(eval_argv(tiny, shard_data, ev / "s", "--shard", "1/2"), capsys)
     assert code == 0 and "parts 0 of 2 are not complete" in err, err
 
@@ -1743,31 +1743,44 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
         with pytest.raises(dail.DailError, match=refusal):
             dail.shard_of(flags(shard, tp), "vllm")
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
     assert not {"shard", "merge"} & set(dail.RESULT_SETTINGS["rewrite"] + dail.RESULT_SETTINGS["eval"])  # any split
-    assert [dail.shard_problems(list(range(10)), k, 3) for k in range(3)] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     out = tmp_path / "traces.jsonl"
-    assert dail.shard_path(out, 1, 3) == tmp_path / "traces.part1-of-3.jsonl" and dail.shard_path(out, 0, 1) == out
     # merge: input order, nothing lost, the config written; a record of another shard is refused (incomplete parts
     # and parts of other settings: test_rewrite_traces_equal_over_batch_size_resume_and_shards)
     records = [dict(index=i, sample=s) for i in range(5) for s in range(2)]
     config_of = lambda p: p.with_suffix(".config.json")  # noqa: E731
     key = lambda r: (r["index"], r["sample"])  # noqa: E731
     expected = {k: {key(r) for r in records if r["index"] % 3 == k} for k in range(3)}
-    checks = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])  # noqa: E731
-    gather = lambda: dail.gather_parts(out, 3, "now", dict(seed=0), config_of, expected, key, key, checks)  # noqa: E731
+    parts = [tmp_path / f"traces.part{k}-of-3.jsonl" for k in range(3)]
+    job = SimpleNamespace(out_file=out, n=3, parts=parts, follower=False, earlier=True, config=dict(seed=0),
+                          config_of=config_of, key=key, order=key, expected=expected)
+    job.check = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])
     for k in range(3):
-        write_jsonl(dail.shard_path(out, k, 3), [r for r in records if r["index"] % 3 == k][::-1])
-        config_of(dail.shard_path(out, k, 3)).write_text(json.dumps(dict(seed=0)))
-    assert gather() == records and read_lines(out) == records
+        write_jsonl(parts[k], [r for r in records if r["index"] % 3 == k][::-1])
+        config_of(parts[k]).write_text(json.dumps(dict(seed=0)))
+    assert dail.gather_parts(job) == records and read_lines(out) == records
     assert json.loads(config_of(out).read_text()) == dict(seed=0)
-    with open(dail.shard_path(out, 2, 3), "a") as f:
+    with open(parts[2], "a") as f:
         f.write(json.dumps(records[0]) + "\n")
     with pytest.raises(dail.DailError, match="is not one of this run"):
-        gather()
+        dail.gather_parts(job)
 
-    # start_job's refusals come before anything is read or written
-    def job(shard=None, merge=False, out=out):
-        return dail.start_job("rewrite", out, flags(shard, overwrite=False, merge=merge), "hf", [], config_of)
+    # start_job: shard k of n takes problems k, k + n, ...; its refusals come before any record is read or written
+    def job(shard=None, merge=False, out=out, command="rewrite", engine="hf", tp=1):
+        args = flags(shard, tp, overwrite=False, merge=merge, out=str(out), data=None, model=None, engine=engine)
+        return dail.start_job(command, args, [dict(id=f"p{i}", index=i) for i in range(10)])
+
+    monkeypatch.setattr(dail, "run_config", lambda args, command: dict(seed=0))
+    third = job("2/3", command="eval", out=tmp_path / "e")
+    assert third.ks == [2] and third.expected == {k: {f"p{i}" for i in range(k, 10, 3)} for k in range(3)}
+    assert third.parts == [tmp_path / "e" / f"samples.part{k}-of-3.jsonl" for k in range(3)]
+    assert job(command="eval", out=tmp_path / "e1").parts == [tmp_path / "e1" / "samples.jsonl"]
+    with monkeypatch.context() as env:          # a vLLM follower decodes in step, writes nothing and never merges
+        env.setenv("RANK", "1")
+        env.setenv("WORLD_SIZE", "2")
+        follower = job(command="eval", out=tmp_path / "e1", engine="vllm", tp=2)
+        assert follower.paths == {0: os.devnull} and dail.gather_parts(follower) is None
 
     with pytest.raises(dail.DailError, match="split into 3 shards, this run splits into 2"):
         job("0/2")
@@ -1836,7 +1849,7 @@ def test_rewrite_traces_equal_over_batch_size_resume_and_shards(tmp_path, capsys
     # --shard: the shard that completes the last part merges; --merge before that is refused, after it the same
     code, err, out = rewrite("sharded", "--shard", "1/2")
     assert code == 0 and "parts 0 of 2 are not complete" in err and not read_text_or_empty(out), err
-    assert dail.shard_path(out, 1, 2).exists() and dail.shard_path(out, 1, 2).with_suffix(".config.json").exists()
+    assert all((tmp_path / "sharded" / f"traces.part1-of-2.{end}").exists() for end in ("jsonl", "config.json"))
     code, err, _ = rewrite("sharded", "--merge")
     assert code == 2 and "incomplete" in err, err
     code, err, out = rewrite("sharded", "--shard", "0/2")
@@ -1846,9 +1859,9 @@ def test_rewrite_traces_equal_over_batch_size_resume_and_shards(tmp_path, capsys
     # a part written with other settings is refused, by --merge and by a plain rerun
     assert rewrite("other", "--shard", "0/2")[0] == 0
     code, err, _ = rewrite("other", "--shard", "1/2", "--seed", 1)
-    assert code == 2 and "traces.part0-of-2.jsonl: written with seed=0" in err, err    # its part is written
+    assert code == 2 and "traces.part0-of-2.config.json: written with seed=0" in err, err    # its part is written
     code, err, _ = rewrite("other", "--merge")
-    assert code == 2 and "traces.part1-of-2.jsonl: written with seed=1" in err, err
+    assert code == 2 and "traces.part1-of-2.config.json: written with seed=1" in err, err
     code, err, out = rewrite("other")
     assert code == 2 and "seed=1" in err and not read_text_or_empty(out), err
 
@@ -1893,11 +1906,11 @@ def test_torchrun_rewrite_and_eval_match_one_process(tmp_path, capsys, tiny, sha
     (script := tmp_path / "dying.py").write_text(KILL_RANK_1.format(root=str(ROOT)))
     r = torchrun(rewrite_argv(tiny, shard_data, out), script=script)
     assert r.returncode != 0 and not read_text_or_empty(out)
-    assert len(dail.shard_path(out, 1, 2).read_text().splitlines()) == 3          # 2 traces + the half line
+    assert len((tmp_path / "ddp" / "traces.part1-of-2.jsonl").read_text().splitlines()) == 3   # 2 traces + a half line
     r = torchrun(rewrite_argv(tiny, shard_data, out))
     assert r.returncode == 0, r.stderr[-3000:]
     same_run(trace_ids(one), trace_ids(out), one.with_suffix(".summary.json"), out.with_suffix(".summary.json"))
-    assert dail.shard_path(out, 0, 2).exists()
+    assert (tmp_path / "ddp" / "traces.part0-of-2.jsonl").exists()
     assert run_cli(eval_argv(tiny, shard_data, tmp_path / "e_one"), capsys)[0] == 0
     r = torchrun(eval_argv(tiny, shard_data, tmp_path / "e_ddp"))
     assert r.returncode == 0, r.stderr[-3000:]
