@@ -643,7 +643,7 @@ def build_examples(args, records, not_kept, master):
     student's alone); one over --max-len is dropped."""
     tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking if master else None)
     which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
-    eot, examples = end_of_turn_id(tok), []
+    eot, examples = tok.get_vocab().get("<|im_end|>", tok.eos_token_id), []   # what a trace learns to stop on
     for r in records:
         if args.objective == "sft" and args.sft_target == "expert":    # a huge solution: just enough to be dropped
             response = bounded_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"], r["solution"],
@@ -1928,8 +1928,7 @@ def prompt_budget(args, command, longest_prompt):
 
 
 def device_dtype(args):
-    """(device, dtype) of this process: --device (under torchrun a CUDA one is the rank's own, cuda:LOCAL_RANK) and
-    --dtype (auto: bfloat16 on CUDA, else float32). A device this machine lacks is a DailError."""
+    """(device, dtype): --device (under torchrun CUDA is the rank's own), --dtype; a device not here: DailError."""
     name, cuda = args.device, torch.cuda.is_available()
     if "LOCAL_RANK" in os.environ and name.split(":")[0] in ("auto", "cuda") and cuda:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -1938,14 +1937,13 @@ def device_dtype(args):
         raise DailError(f"--device {name}: this machine has {n_cuda} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DailError("--device mps: Apple's MPS is not available on this machine")
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32               # --dtype auto
     return device, auto if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 @functools.lru_cache(maxsize=None)   # asked once per process
 def hub_commit(name):
-    """The commit of hub id `name` (one 5 s HEAD through the hub client: HF_ENDPOINT, proxies, token), else the
-    cache's, else None; a path is a missing folder. A hub out of reach: the local cache at once, with a note."""
+    """Hub id `name`'s commit (a 5 s HEAD; a hub out of reach: the local cache's, with a note) or None; a path: none."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -1980,8 +1978,7 @@ def from_pretrained(auto, what, name, trust_remote_code, **kw):
 
 
 def load_tokenizer(name, trust_remote_code=False, thinking=None):
-    """The tokenizer, with a pad token; no chat template is a DailError (DAIL prompts are chat turns). Given
-    `thinking` (--thinking), a warning when it disagrees with the template's (any named one's) thinking support."""
+    """The tokenizer (a pad token set; no chat template: a DailError); a warning if --thinking disagrees with it."""
     from transformers import AutoTokenizer
     if not Path(name).exists():
         hub_commit(name)  # a missing folder fails here; a hub out of reach: the local cache, at once
@@ -2014,18 +2011,13 @@ def check_token_ids(path, lineno, ids, model):
                         f"(an integer in [0, {vocab or 'the vocabulary size'}) for --model {model})")
 
 
-def end_of_turn_id(tok):
-    """The token that closes an assistant turn (ChatML's <|im_end|>, else EOS): what a trace learns to stop on."""
-    return tok.get_vocab().get("<|im_end|>", tok.eos_token_id)
-
-
 def stop_token_ids(tok, name):
-    """Tokens that end a response: the tokenizer's and the generation config's EOS, and the end of a turn."""
+    """Tokens that end a response: the tokenizer's and the generation config's EOS, and ChatML's end of turn."""
     from transformers import GenerationConfig
     eos = None
     with contextlib.suppress(Exception):  # no generation_config.json: the tokenizer's EOS is enough
         eos = GenerationConfig.from_pretrained(name).eos_token_id
-    ids = {tok.eos_token_id, end_of_turn_id(tok)} | set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids = {tok.eos_token_id, tok.get_vocab().get("<|im_end|>")} | set(eos if isinstance(eos, (list, tuple)) else [eos])
     return sorted(ids - {None})
 
 

