@@ -1986,10 +1986,9 @@ def load_tokenizer(name, trust_remote_code=False, thinking=None):
     if not (template := getattr(tok, "chat_template", None)):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
     text = " ".join(template.values()) if isinstance(template, dict) else template
-    if thinking is not None and ("enable_thinking" in text or "<think>" in text) != thinking:
-        print(f"warning: --model {name}: " + ("--thinking is set but the chat template has no thinking support"
-              if thinking else "the chat template supports thinking (<think>) but --thinking is not set"),
-              file=sys.stderr)
+    if thinking is not None and (has := "enable_thinking" in text or "<think>" in text) != thinking:
+        print(f"warning: --model {name}: the chat template {'has' if has else 'has no'} thinking support (<think>) "
+              f"but --thinking is {'not set' if has else 'set'}", file=sys.stderr)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

