@@ -2111,6 +2111,22 @@ def test_hub_id_fingerprint_is_its_cached_commit(tmp_path, monkeypatch):
     assert dail.model_fingerprint("nobody/not-cached") == "nobody/not-cached"
 
 
+def test_each_torchrun_rank_gets_its_own_gpu_and_auto_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    def args(device, dtype="auto"):
+        return dail.EvalArgs(model="m", data="-", out="-", device=device, dtype=dtype)
+    rank_1 = (torch.device("cuda:1"), torch.bfloat16)                         # --dtype auto: bfloat16 on CUDA
+    assert dail.device_dtype(args("auto")) == dail.device_dtype(args("cuda")) == rank_1
+    assert dail.device_dtype(args("cpu")) == (torch.device("cpu"), torch.float32)
+    assert dail.device_dtype(args("cpu", "float16")) == (torch.device("cpu"), torch.float16)
+    monkeypatch.setenv("LOCAL_RANK", "2")                                 # more ranks than GPUs: one line
+    with pytest.raises(dail.DailError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\)"):
+        dail.device_dtype(args("auto"))
+
+
 def test_thinking_flag_matches_the_template(tmp_path, capsys, monkeypatch):
     plain, thinking = make_tokenizer(), make_tokenizer()
     thinking.chat_template = plain.chat_template + "{% if enable_thinking is false %}<think>\n\n</think>{% endif %}"
