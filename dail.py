@@ -306,10 +306,12 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
     finish_reason 'stop'|'length', stop_id, n_accepted, n_fallback). choose(logits [G, b, V], step, rows [b]: the live
     traces' indices in contexts) -> (tokens [b], accepted [b] or None). The G*B rows share one KV cache; a stop token
     ends a trace (not kept); banned_ids get -inf; presence_penalty (eval, as vLLM) lowers the response's tokens."""
+    import inspect
     from transformers import DynamicCache
     device, B, G = next(model.parameters()).device, len(contexts), len(contexts[0])
     ids, mask, pos = left_pad([c[g] for g in range(G) for c in contexts], pad_id, device)  # [G*B, L], context-major
-    kv = cache_kwarg(model, cache := DynamicCache())                          # {its keyword: the KV cache}
+    forward = getattr(model, "get_base_model", lambda: model)().forward      # 4.x calls the KV cache past_key_values
+    kv = {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": (cache := DynamicCache())}
     active = list(range(B))                                                   # traces still decoding
     results = [dict(ids=[], finish_reason="length", stop_id=None, n_accepted=0, n_fallback=0) for _ in range(B)]
     for step in range(max_new_tokens):
@@ -379,8 +381,7 @@ def cmd_rewrite(args):
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     job = start_job("rewrite", args, problems)
     out, engine = job.out_file, job.engine
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    check_thinking_flag(tok, args)
+    tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking)
     contexts, skipped, shortened = fit_prompts(tok, problems, args)
     job.expected = {k: {key for key in keys if key[0] in contexts} for k, keys in job.expected.items()}  # no skipped
     leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
@@ -402,8 +403,7 @@ def cmd_rewrite(args):
 def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
     """The token-by-token rollout: decode steps a batch's two contexts together, the token rule picks each token. A
     pure policy decodes one context: threshold <= 0 the proposer (mix_step with a = 1), >= 1 the validator."""
-    device = shard_device(args)
-    model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
+    model = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
     names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
@@ -636,11 +636,9 @@ def lr_at(step, total_steps, peak, warmup):
 def build_examples(args, records, not_kept, master):
     """(tok, examples, counts): per trace each context's (prompt ids, response ids), the response shared (SFT: the
     student's alone); one over --max-len is dropped."""
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    if master:
-        check_thinking_flag(tok, args)
+    tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking if master else None)
     which = ("student",) if args.objective == "sft" else ("student", "privileged", "shortcut")
-    eot, examples = end_of_turn_id(tok), []
+    eot, examples = tok.get_vocab().get("<|im_end|>", tok.eos_token_id), []   # what a trace learns to stop on
     for r in records:
         if args.objective == "sft" and args.sft_target == "expert":    # a huge solution: just enough to be dropped
             response = bounded_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"], r["solution"],
@@ -664,7 +662,7 @@ def build_examples(args, records, not_kept, master):
 def build_models(args, device, examples, master):
     """theta (trainable: the LoRA adapters, or every weight with --lora-rank 0), theta0 (theta with adapters
     off, or a frozen copy; None for SFT with full FT), AdamW, the cache of theta0's states, the autocast."""
-    dtype, full_ft = resolve_dtype(args.dtype, device), args.lora_rank == 0         # full FT: fp32 master weights
+    dtype, full_ft = device_dtype(args)[1], args.lora_rank == 0                 # full FT: fp32 master weights
     model = load_model(args.model, device, torch.float32 if full_ft else dtype, args.trust_remote_code)
     if full_ft:
         reference = copy.deepcopy(model).eval().requires_grad_(False) if args.objective == "dail" else None
@@ -797,8 +795,7 @@ def cmd_eval(args):
     ks = parse_ks(args.k, args.n)
     job = start_job("eval", args, problems)
     out, samples_path, engine = job.out_file.parent, job.out_file, job.engine
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    check_thinking_flag(tok, args)
+    tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking)
     # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
     max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
                                                          for p in problems))
@@ -877,7 +874,11 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
     """Prompt ids of one eval problem: its own `prompt` (a user turn, or chat messages), else the student prompt."""
     if problem.get("prompt") is None:
         return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
-    ids = record_prompt_ids(tok, problem, thinking)
+    try:
+        ids = chat_prompt_ids(tok, problem["prompt"], thinking)
+    except Exception as e:      # a template may refuse a role or a message order
+        raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
+                        f"({first_line(e)})") from None
     if max_prompt_len is not None and len(ids) > max_prompt_len:
         raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt budget "
                         f"of {max_prompt_len} (--max-prompt-len, or the context length minus --max-new-tokens)")
@@ -899,8 +900,7 @@ def make_sampler(engine, args, tok, stop_ids):
             return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
                                presence_penalty=args.presence_penalty)
     else:
-        device = shard_device(args)
-        model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
+        model = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
 
         def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, sample) per row
             rows, b, results = [[p] for p in prompts for _ in range(n)], args.batch_size, []
@@ -1599,7 +1599,7 @@ def validate_args(args):
         if (value := getattr(args, name, None)) is not None and not ok(value):   # None: unset, or not this command's
             kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
             raise DailError(f"--{name.replace('_', '-')} {value}: must be {kind}{must}")
-    resolve_device(args.device)                # a device this machine lacks: refused before any model loads
+    device_dtype(args)                         # a device this machine lacks: refused before any model loads
 
 
 def planned_steps(args, num_examples, say=True, few=20):
@@ -1681,16 +1681,9 @@ def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
 
 
 # ==== Appendix B.4, running it: torchrun (process group, all-reduce, stop signals) and --shard part files ==============
-def shard_device(args):
-    """This process's torch device: under torchrun a CUDA --device (or auto) is the rank's own, cuda:LOCAL_RANK."""
-    if "LOCAL_RANK" in os.environ and args.device.split(":")[0] in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return resolve_device(args.device)
-
-
 def setup_distributed(args):
     """train under torchrun (a process per device, each its share of every step) -> (ddp, rank, world_size, device)."""
-    device = shard_device(args)
+    device = device_dtype(args)[0]
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False, 0, 1, device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -1907,24 +1900,23 @@ def prompt_budget(args, command, longest_prompt):
     return n - args.max_new_tokens
 
 
-def resolve_device(name):
-    """--device as a torch.device; one this machine cannot use is a DailError (validate_args asks first)."""
-    device = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+def device_dtype(args):
+    """(device, dtype): --device (under torchrun CUDA is the rank's own), --dtype; a device not here: DailError."""
+    name, cuda = args.device, torch.cuda.is_available()
+    if "LOCAL_RANK" in os.environ and name.split(":")[0] in ("auto", "cuda") and cuda:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device = torch.device(name if name != "auto" else "cuda" if cuda else "cpu")
     if device.type == "cuda" and (device.index or 0) >= (n_cuda := torch.cuda.device_count()):
         raise DailError(f"--device {name}: this machine has {n_cuda} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DailError("--device mps: Apple's MPS is not available on this machine")
-    return device
-
-
-def resolve_dtype(name, device):  # auto: bfloat16 on CUDA, else float32; or float32, bfloat16, float16 (choices)
-    return getattr(torch, name) if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32               # --dtype auto
+    return device, auto if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 @functools.lru_cache(maxsize=None)   # asked once per process
 def hub_commit(name):
-    """The commit of hub id `name` (one 5 s HEAD through the hub client: HF_ENDPOINT, proxies, token), else the
-    cache's, else None; a path is a missing folder. A hub out of reach: the local cache at once, with a note."""
+    """Hub id `name`'s commit (a 5 s HEAD; a hub out of reach: the local cache's, with a note) or None; a path: none."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -1958,14 +1950,18 @@ def from_pretrained(auto, what, name, trust_remote_code, **kw):
         raise DailError(f"--model {name}: could not load the {what} ({first_line(e)}){hint}") from None
 
 
-def load_tokenizer(name, trust_remote_code=False):
-    """The tokenizer, with a pad token; one without a chat template is a DailError (DAIL prompts are chat turns)."""
+def load_tokenizer(name, trust_remote_code=False, thinking=None):
+    """The tokenizer (a pad token set; no chat template: a DailError); a warning if --thinking disagrees with it."""
     from transformers import AutoTokenizer
     if not Path(name).exists():
         hub_commit(name)  # a missing folder fails here; a hub out of reach: the local cache, at once
     tok = from_pretrained(AutoTokenizer, "tokenizer", name, trust_remote_code)
-    if not getattr(tok, "chat_template", None):
+    if not (template := getattr(tok, "chat_template", None)):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
+    text = " ".join(template.values()) if isinstance(template, dict) else template
+    if thinking is not None and (has := "enable_thinking" in text or "<think>" in text) != thinking:
+        print(f"warning: --model {name}: the chat template {'has' if has else 'has no'} thinking support (<think>) "
+              f"but --thinking is {'not set' if has else 'set'}", file=sys.stderr)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -1974,16 +1970,6 @@ def load_tokenizer(name, trust_remote_code=False):
 def load_model(name, device, dtype, trust_remote_code=False):
     from transformers import AutoModelForCausalLM
     return from_pretrained(AutoModelForCausalLM, "model", name, trust_remote_code, dtype=dtype).to(device)
-
-
-def check_thinking_flag(tok, args):
-    """-> whether the chat template (any named one) supports thinking; a warning when --thinking disagrees."""
-    text = " ".join(t.values()) if isinstance(t := tok.chat_template, dict) else str(t or "")
-    if (supports := "enable_thinking" in text or "<think>" in text) != args.thinking:
-        print(f"warning: --model {args.model}: " + ("the chat template supports thinking (<think>) but --thinking is "
-              "not set" if supports else "--thinking is set but the chat template has no thinking support"),
-              file=sys.stderr)
-    return supports
 
 
 def check_token_ids(path, lineno, ids, model):
@@ -1997,34 +1983,13 @@ def check_token_ids(path, lineno, ids, model):
                         f"(an integer in [0, {vocab or 'the vocabulary size'}) for --model {model})")
 
 
-def record_prompt_ids(tok, problem, thinking):
-    """chat_prompt_ids of an eval record's own `prompt`, or a DailError naming its file and line."""
-    try:
-        return chat_prompt_ids(tok, problem["prompt"], thinking)
-    except Exception as e:
-        raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
-                        f"({first_line(e)})") from None
-
-
-def cache_kwarg(model, cache):
-    """{keyword: cache} for forward: 5.x's `cache` (`past_key_values` goes in 5.40), else 4.x's `past_key_values`."""
-    import inspect
-    forward = getattr(model, "get_base_model", lambda: model)().forward
-    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
-
-
-def end_of_turn_id(tok):
-    """The token that closes an assistant turn (ChatML's <|im_end|>, else EOS): what a trace learns to stop on."""
-    return tok.get_vocab().get("<|im_end|>", tok.eos_token_id)
-
-
 def stop_token_ids(tok, name):
-    """Tokens that end a response: the tokenizer's and the generation config's EOS, and the end of a turn."""
+    """Tokens that end a response: the tokenizer's and the generation config's EOS, and ChatML's end of turn."""
     from transformers import GenerationConfig
     eos = None
     with contextlib.suppress(Exception):  # no generation_config.json: the tokenizer's EOS is enough
         eos = GenerationConfig.from_pretrained(name).eos_token_id
-    ids = {tok.eos_token_id, end_of_turn_id(tok)} | set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids = {tok.eos_token_id, tok.get_vocab().get("<|im_end|>")} | set(eos if isinstance(eos, (list, tuple)) else [eos])
     return sorted(ids - {None})
 
 

