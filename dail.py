@@ -684,10 +684,7 @@ def build_models(args, device, examples, master):
     use_amp, cache = device.type == "cuda" and dtype != torch.float32, None
     if args.objective == "dail":
         states_dtype = dtype if use_amp else model.get_input_embeddings().weight.dtype     # what forwards give
-        cache, line = setup_reference_cache(args, examples, model, states_dtype, Path(args.out),
-                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if master:
-            print(line, file=sys.stderr)
+        cache = setup_reference_cache(args, examples, model, states_dtype, say=master)
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=use_amp)
     return model, reference, optimizer, cache, autocast
 
@@ -1641,11 +1638,11 @@ def planned_steps(args, num_examples, say=True, few=20):
 
 
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) =================
-def new_reference_cache(mode, folder=None, hidden=None):
+def new_reference_cache(mode, folder=None):
     """A store for reference_states: 'memory' (host RAM), 'disk' (a file per example in `folder`) or 'off'."""
     if mode == "disk":
         folder.mkdir(parents=True, exist_ok=True)
-    return dict(mode=mode, folder=folder, hidden=hidden, states={}, computed=0, reused=0, bad_files=0)
+    return dict(mode=mode, folder=folder, states={}, computed=0, reused=0, bad_files=0)
 
 
 def example_key(ex):
@@ -1692,21 +1689,22 @@ def store_states(cache, ex, teacher, shortcut):
     return teacher, shortcut
 
 
-def available_ram():
-    """Bytes of host memory available to new allocations (Linux MemAvailable; else free pages)."""
-    m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    return int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
-    """-> (cache, a line); auto: memory if ranks_here copies fit half the RAM, else disk if 2x fits OUT, else off."""
+def setup_reference_cache(args, examples, model, dtype, say=True, ram=None):
+    """The cache train uses, said in a line; auto: memory if this machine's ranks' copies fit half the `ram` (default:
+    Linux MemAvailable, else free pages), else disk if 2x fits OUT, else off."""
+    if ram is None:
+        m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        ram = int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     hidden, tokens = model.get_input_embeddings().weight.shape[1], sum(len(ex["privileged"][1]) for ex in examples)
     size = tokens * 2 * hidden * dtype.itemsize                       # response tokens x 2 contexts x H x bytes
-    fits = dict(memory=size * ranks_here <= available_ram() // 2, disk=size * 2 <= shutil.disk_usage(out).free)
+    out, ranks_here = Path(args.out), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= shutil.disk_usage(out).free)
     mode = next((m for m in fits if fits[m]), "off") if args.reference_cache == "auto" else args.reference_cache
-    where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
-    line = f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} GB)"
-    return new_reference_cache(mode, out / "reference_cache", hidden), line
+    if say:
+        where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
+        print(f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
+              f"GB)", file=sys.stderr)
+    return new_reference_cache(mode, out / "reference_cache")
 
 
 # ==== Appendix B.4, running it: torchrun (process group, all-reduce, stop signals) and --shard part files ==============

@@ -1567,7 +1567,7 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
         assert (cache["computed"], cache["reused"], cache["bad_files"]) == counts
 
     for mode in ("off", "memory", "disk"):
-        cache = dail.new_reference_cache(mode, tmp_path / mode, hidden=64)
+        cache = dail.new_reference_cache(mode, tmp_path / mode)
         states(cache, (3, 0, 0))
         states(cache, (6, 0, 0) if mode == "off" else (3, 3, 0))
         assert len(cache["states"]) == (3 if mode == "memory" else 0)      # disk: nothing held between steps
@@ -1584,18 +1584,20 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
     assert dail.example_key(other) != dail.example_key(exs[0])        # the key: the token ids, response included
 
 
-def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch):
+def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch, capsys):
     from types import SimpleNamespace
     exs = make_examples(tok, n=3)
     size = sum(len(ex["student"][1]) for ex in exs) * 2 * 64 * 4
     for ram, disk, want in ((4 * size, 0, "memory"), (size, 2 * size, "disk"), (size, size, "off")):
-        monkeypatch.setattr(dail, "available_ram", lambda: ram)
         monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
-        cache, line = dail.setup_reference_cache(dail.TrainArgs(), exs, model, torch.float32, tmp_path)
+        cache = dail.setup_reference_cache(dail.TrainArgs(out=str(tmp_path)), exs, model, torch.float32, ram=ram)
+        line = capsys.readouterr().err
         assert cache["mode"] == want and f"(auto: {size / 1e9:.3g} GB)" in line, line
-    chosen = dail.TrainArgs(reference_cache="disk")                    # a chosen mode is taken as it is
-    cache, line = dail.setup_reference_cache(chosen, exs, model, torch.float32, tmp_path)
-    assert cache["mode"] == "disk" and "(auto: " not in line
+    chosen = dail.TrainArgs(out=str(tmp_path), reference_cache="disk")         # a chosen mode is taken as it is
+    cache = dail.setup_reference_cache(chosen, exs, model, torch.float32)
+    assert cache["mode"] == "disk" and "(auto: " not in capsys.readouterr().err
+    assert dail.setup_reference_cache(dail.TrainArgs(out=str(tmp_path)), exs, model, torch.float32, say=False)
+    assert capsys.readouterr().err == ""                                           # the real RAM: read, said by rank 0
 
 
 def count_reference_forwards(monkeypatch):
