@@ -1572,7 +1572,7 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
         states(cache, (6, 0, 0) if mode == "off" else (3, 3, 0))
         assert len(cache["states"]) == (3 if mode == "memory" else 0)      # disk: nothing held between steps
     # disk: a truncated file and a file with another example's shape are recomputed, never read as data
-    files = [tmp_path / "disk" / f"{dail.example_key(ex)}.safetensors" for ex in exs]
+    files = sorted((tmp_path / "disk").glob("*.safetensors"))
     files[0].write_bytes(files[0].read_bytes()[:files[0].stat().st_size // 2])
     from safetensors.torch import save_file
     save_file({"teacher": torch.zeros(2, 64), "shortcut": torch.zeros(2, 64)}, str(files[1]))
@@ -1581,7 +1581,9 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
     states(dail.new_reference_cache("disk", tmp_path / "disk"), (0, 3, 0))       # rewritten whole
     assert not list((tmp_path / "disk").glob("*.tmp"))
     other = dict(exs[0], privileged=(exs[0]["privileged"][0], exs[0]["privileged"][1] + [1]))
-    assert dail.example_key(other) != dail.example_key(exs[0])        # the key: the token ids, response included
+    cache = dail.new_reference_cache("disk", tmp_path / "disk")   # the key: the token ids, response included
+    dail.cached_states(cache, [other], lambda missing: [(torch.zeros(1, 64), torch.zeros(1, 64))])
+    assert (cache["computed"], cache["reused"]) == (1, 0)
 
 
 def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch, capsys):
