@@ -732,7 +732,8 @@ def cmd_train(args):
             grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))   # 3. clip (0: off)
             if bad := [f"{k} {v}" for k, v in dict(logged, grad_norm=grad_norm).items() if not math.isfinite(v)]:
                 raise DailError(f"step {step + 1}: {', '.join(bad)}: training diverged; stopped before its update "
-                                f"({checkpoint}: the last checkpoint, if any); lower --lr or raise --warmup-steps")
+                                f"({checkpoint}: the last checkpoint, if any); lower --lr (now {args.lr:g}) or raise "
+                                f"--warmup-steps")
             optimizer.step()                                                    # 4. the update
             optimizer.zero_grad(set_to_none=True)
             if master:                        # 5. log: metrics.jsonl every step, a line every --log-every steps
