@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -1565,9 +1564,8 @@ def trainable_state(model, args):
 
 
 def save_checkpoint(path, step, model, optimizer, args, device):
-    """OUT/checkpoint.pt after `step` optimizer steps: trainable weights, AdamW's state and every RNG."""
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    """OUT/checkpoint.pt after `step` optimizer steps: trainable weights, AdamW's state, torch's RNGs (dropout's)."""
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     write_atomic(path, lambda f: torch.save(dict(step=step, trainable=trainable_state(model, args), rng=rng,
                                                  optimizer=optimizer.state_dict(), args=dataclasses.asdict(args)), f))
 
@@ -1586,8 +1584,6 @@ def load_checkpoint(path, model, optimizer, args, device, total_steps):
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
     except Exception as e:          # a truncated zip, garbage bytes, another run's weights: whatever torch says
         raise DailError(f"{path}: not a checkpoint of this run ({first_line(e, 120)}); move it away, or --overwrite "
                         f"to start over") from None
