@@ -1629,8 +1629,6 @@ def planned_steps(args, num_examples, say=True, few=20):
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) =================
 def new_reference_cache(mode, folder=None):
     """A store for reference_states: 'memory' (host RAM), 'disk' (a file per example in `folder`) or 'off'."""
-    if mode == "disk":
-        folder.mkdir(parents=True, exist_ok=True)
     return dict(mode=mode, folder=folder, states={}, computed=0, reused=0, bad_files=0)
 
 
@@ -1669,6 +1667,7 @@ def cached_states(cache, examples, compute):
             cache["states"][keys[i]] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
         elif cache["mode"] == "disk":
             from safetensors.torch import save
+            cache["folder"].mkdir(parents=True, exist_ok=True)
             tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
             meta = dict(key=keys[i], sha256=states_digest(tensors.values()))
             write_atomic(cache["folder"] / f"{keys[i]}.safetensors", save(tensors, metadata=meta))
@@ -1730,9 +1729,8 @@ def all_reduce_step(params, logged, device):
 
 @contextlib.contextmanager
 def stop_signals(ddp, device):
-    """In the block SIGTERM and SIGINT only note the first signal (torchrun repeats a Ctrl-C); the block's stopped()
-    -> it as every rank sees it (0: none), so all ranks stop after the same step, with a checkpoint. Ctrl-\\ (SIGQUIT)
-    abandons the step."""
+    """In the block SIGTERM and SIGINT only note the first signal (torchrun repeats a Ctrl-C); stopped() -> it as
+    every rank sees it (0: none): all stop after the same step, with a checkpoint. Ctrl-\\ (SIGQUIT): at once."""
     first = [0]
 
     def handler(signum, frame):
