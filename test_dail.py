@@ -1588,18 +1588,16 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
 
 def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch, capsys):
     from types import SimpleNamespace
-    exs = make_examples(tok, n=3)
+    exs, auto = make_examples(tok, n=3), dail.TrainArgs(out=str(tmp_path))
     size = sum(len(ex["student"][1]) for ex in exs) * 2 * 64 * 4
+    assert dail.setup_reference_cache(auto, exs, model, torch.float32, say=False) and not capsys.readouterr().err
     for ram, disk, want in ((4 * size, 0, "memory"), (size, 2 * size, "disk"), (size, size, "off")):
         monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
-        cache = dail.setup_reference_cache(dail.TrainArgs(out=str(tmp_path)), exs, model, torch.float32, ram=ram)
-        line = capsys.readouterr().err
+        cache, line = dail.setup_reference_cache(auto, exs, model, torch.float32, ram=ram), capsys.readouterr().err
         assert cache["mode"] == want and f"(auto: {size / 1e9:.3g} GB)" in line, line
     chosen = dail.TrainArgs(out=str(tmp_path), reference_cache="disk")         # a chosen mode is taken as it is
     cache = dail.setup_reference_cache(chosen, exs, model, torch.float32)
     assert cache["mode"] == "disk" and "(auto: " not in capsys.readouterr().err
-    assert dail.setup_reference_cache(dail.TrainArgs(out=str(tmp_path)), exs, model, torch.float32, say=False)
-    assert capsys.readouterr().err == ""                                           # the real RAM: read, said by rank 0
 
 
 def count_reference_forwards(monkeypatch):
