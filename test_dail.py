@@ -779,7 +779,7 @@ def test_train_baselines_run(tmp_path, capsys, tiny, traces, objective):
 
 def test_train_resume_reproduces_steps(tmp_path, capsys, tiny, traces, monkeypatch):
     full, part, real_lr = tmp_path / "full", tmp_path / "part", dail.lr_at
-    argv = ["--max-steps", 20, "--batch-size", 4, "--save-every", 5]
+    argv = ["--max-steps", 20, "--batch-size", 4, "--save-every", 5, "--lora-dropout", 0.3]   # dropout: RNG restored
     assert run_cli(train_argv(tiny, traces[1], full, *argv), capsys)[0] == 0
 
     def interrupt_in_step_11(step, *a):           # Ctrl-C during step 11: it finishes, is saved, train stops
