@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -590,18 +589,15 @@ def response_hidden(model, batch, device):
 
 def reference_states(reference, examples, cache, pad_id, device):
     """theta0's (h_teacher, h_shortcut) [N, H] in response_hidden's order: constants of the run, so with a cache
-    (Appendix B.3) only the examples missing from it go through theta0, in one batch, each stored as made."""
-    cache = cache if cache is not None else new_reference_cache("off")
-    found = [load_states(cache, ex) for ex in examples]
-    missing = [ex for ex, states in zip(examples, found) if states is None]
-    if missing:
+    (Appendix B.3) only the examples missing from it go through theta0, in one batch."""
+    def compute(missing):
         with torch.no_grad(), adapters_off(reference):
             h_teacher, _ = response_hidden(reference, collate([ex["privileged"] for ex in missing], pad_id), device)
             h_shortcut, _ = response_hidden(reference, collate([ex["shortcut"] for ex in missing], pad_id), device)
-        cache["computed"] += len(missing)
         sizes = [len(ex["privileged"][1]) for ex in missing]             # n_i rows per example, in row order
-        fresh = iter(zip(h_teacher.split(sizes), h_shortcut.split(sizes)))
-        found = [states or store_states(cache, ex, *next(fresh)) for ex, states in zip(examples, found)]
+        return zip(h_teacher.split(sizes), h_shortcut.split(sizes))
+
+    found = cached_states(cache if cache is not None else new_reference_cache("off"), examples, compute)
     return tuple(torch.cat([states[i].to(device) for states in found]) for i in (0, 1))  # cached ones: on the host
 
 
@@ -674,13 +670,9 @@ def build_models(args, device, examples, master):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW([p for p in model.train().parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    use_amp, cache = device.type == "cuda" and dtype != torch.float32, None
-    if args.objective == "dail":
-        states_dtype = dtype if use_amp else model.get_input_embeddings().weight.dtype     # what forwards give
-        cache, line = setup_reference_cache(args, examples, model, states_dtype, Path(args.out),
-                                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if master:
-            print(line, file=sys.stderr)
+    use_amp = device.type == "cuda" and dtype != torch.float32
+    states_dtype = dtype if use_amp else model.get_input_embeddings().weight.dtype         # what forwards give
+    cache = setup_reference_cache(args, examples, model, states_dtype, master) if args.objective == "dail" else None
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=use_amp)
     return model, reference, optimizer, cache, autocast
 
@@ -689,11 +681,9 @@ def cmd_train(args):
     """Write OUT/: the merged model, adapters/ (PEFT), dail_prompt.json, metrics, train_summary.json, checkpoint.pt."""
     validate_args(args)
     records, not_kept = load_training_records(args)            # all input checks before any model loads
-    guard_train_out(args)                                      # --out: not the model, not an unrelated run
+    guard_train_out(args)                          # --out: not the model, not an unrelated run, has --resume's file
     out, t_start = Path(args.out), time.time()
     checkpoint, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
-    if args.resume and not checkpoint.exists():
-        raise DailError(f"--resume: {checkpoint} does not exist")
     ddp, rank, world_size, device = setup_distributed(args)
     master = rank == 0                                         # it logs and saves; every rank trains
     torch.manual_seed(args.seed)
@@ -708,8 +698,9 @@ def cmd_train(args):
     # data order: a permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
-    with stop_signals() as signals, progress(total=total_steps, initial=start, desc=f"train {args.objective}",
-                                             unit="step", disable=not master or not sys.stderr.isatty()) as bar:
+    with stop_signals(ddp, device) as stopped, progress(total=total_steps, initial=start, unit="step",
+                                                        desc=f"train {args.objective}",
+                                                        disable=not master or not sys.stderr.isatty()) as bar:
         for step in range(start, total_steps):
             t0 = time.time()
             lr = lr_at(step, total_steps, args.lr, args.warmup_steps)          # 1. this step's learning rate
@@ -731,7 +722,10 @@ def cmd_train(args):
             if ddp:                                         # data parallel: sum the gradients once per step
                 logged = all_reduce_step(params, logged, device)
             grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))   # 3. clip (0: off)
-            check_finite(step + 1, dict(logged, grad_norm=grad_norm), checkpoint, args)   # not finite: stop, no update
+            if bad := [f"{k} {v}" for k, v in dict(logged, grad_norm=grad_norm).items() if not math.isfinite(v)]:
+                raise DailError(f"step {step + 1}: {', '.join(bad)}: training diverged; stopped before its update "
+                                f"({checkpoint}: the last checkpoint, if any); lower --lr (now {args.lr:g}) or raise "
+                                f"--warmup-steps")
             optimizer.step()                                                    # 4. the update
             optimizer.zero_grad(set_to_none=True)
             if master:                        # 5. log: metrics.jsonl every step, a line every --log-every steps
@@ -745,7 +739,7 @@ def cmd_train(args):
                     bar.write(f"step {step + 1}/{total_steps} {terms} lr {lr:.3g} grad_norm {grad_norm:.3g} "
                               f"tok/s {rec['tok_per_s']:.0f}", file=sys.stderr)     # above the bar on a terminal
             # 6. checkpoint: every --save-every steps, at each epoch's end, after the last step, on SIGTERM/SIGINT
-            stop = agreed_signal(signals["signal"], ddp, device)
+            stop = stopped()
             ends_epoch = (step + 1) * args.batch_size // len(examples) > step * args.batch_size // len(examples)
             if master and (stop or ends_epoch or step + 1 == total_steps
                            or args.save_every and (step + 1) % args.save_every == 0):
@@ -1518,6 +1512,8 @@ def guard_train_out(args):
     """train's --out (rank 0): a folder holding anything only with --resume (same settings) or --overwrite."""
     if args.resume and args.overwrite:
         raise DailError("--resume and --overwrite: choose one")
+    if args.resume and not (Path(args.out) / "checkpoint.pt").exists():
+        raise DailError(f"--resume: {Path(args.out) / 'checkpoint.pt'} does not exist")
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = check_out(args, "train")
@@ -1539,9 +1535,8 @@ def trainable_state(model, args):
 
 
 def save_checkpoint(path, step, model, optimizer, args, device):
-    """OUT/checkpoint.pt after `step` optimizer steps: trainable weights, AdamW's state and every RNG."""
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    """OUT/checkpoint.pt after `step` optimizer steps: trainable weights, AdamW's state, torch's RNGs (dropout's)."""
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     write_atomic(path, lambda f: torch.save(dict(step=step, trainable=trainable_state(model, args), rng=rng,
                                                  optimizer=optimizer.state_dict(), args=dataclasses.asdict(args)), f))
 
@@ -1560,19 +1555,10 @@ def load_checkpoint(path, model, optimizer, args, device, total_steps):
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
     except Exception as e:          # a truncated zip, garbage bytes, another run's weights: whatever torch says
         raise DailError(f"{path}: not a checkpoint of this run ({first_line(e, 120)}); move it away, or --overwrite "
                         f"to start over") from None
     return step
-
-
-def check_finite(step, values, checkpoint, args):
-    """Stop before the update of a step with a non-finite loss or gradient norm: the last checkpoint stands."""
-    if bad := [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]:
-        raise DailError(f"step {step}: {', '.join(bad)}: training diverged; stopped before its update ({checkpoint} "
-                        f"holds the last checkpoint, if any); lower --lr (now {args.lr:g}) or raise --warmup-steps")
 
 
 # The flag checks (validate_args): flags -> (test, what a value must be); None is a flag left unset.
@@ -1612,17 +1598,9 @@ def planned_steps(args, num_examples, say=True, few=20):
 
 
 # ==== Appendix B.3, running it: the reference cache (teacher and shortcut states in memory or on disk) =================
-def new_reference_cache(mode, folder=None, hidden=None):
+def new_reference_cache(mode, folder=None):
     """A store for reference_states: 'memory' (host RAM), 'disk' (a file per example in `folder`) or 'off'."""
-    if mode == "disk":
-        folder.mkdir(parents=True, exist_ok=True)
-    return dict(mode=mode, folder=folder, hidden=hidden, states={}, computed=0, reused=0, bad_files=0)
-
-
-def example_key(ex):
-    """An entry's name: a hash of the example's token ids, so it serves only the example it was computed for."""
-    ids = [ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:32]
+    return dict(mode=mode, folder=folder, states={}, computed=0, reused=0, bad_files=0)
 
 
 def states_digest(tensors):
@@ -1631,53 +1609,58 @@ def states_digest(tensors):
                                    .numpy().tobytes() for t in tensors)).hexdigest()
 
 
-def load_states(cache, ex):
-    """Cached (teacher [n, H], shortcut [n, H]) or None; a disk file failing its key or checksum counts as bad."""
-    key = example_key(ex)
-    states = cache["states"].get(key)                  # memory ('off' and a disk cache hold none here)
-    if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
-            ok = (meta.get("key"), meta.get("sha256")) == (key, states_digest(states))
-        except Exception:
-            ok = False
-        if not ok:
-            cache["bad_files"] += 1
-            print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
-            return None
-    cache["reused"] += states is not None
-    return states
+def cached_states(cache, examples, compute):
+    """Each example's (teacher [n, H], shortcut [n, H]): cached, else from one compute(missing examples) and stored
+    (disk: a whole file, key and checksum in its header; one failing them counts as bad and is recomputed)."""
+    keys = [hashlib.sha256(json.dumps([ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]).encode())
+            .hexdigest()[:32] for ex in examples]        # the token ids: an entry serves only its own example
+    found = []
+    for key in keys:
+        states = cache["states"].get(key)                  # memory ('off' and a disk cache hold none here)
+        if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
+            from safetensors import safe_open
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
+                ok = (meta.get("key"), meta.get("sha256")) == (key, states_digest(states))
+            except Exception:
+                ok = False
+            if not ok:
+                cache["bad_files"], states = cache["bad_files"] + 1, None
+                print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
+        cache["reused"] += states is not None
+        found.append(states)
+    missing = [i for i, states in enumerate(found) if states is None]
+    cache["computed"] += len(missing)
+    for i, (teacher, shortcut) in zip(missing, compute([examples[i] for i in missing]) if missing else ()):
+        found[i] = teacher, shortcut
+        if cache["mode"] == "memory":
+            cache["states"][keys[i]] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
+        elif cache["mode"] == "disk":
+            from safetensors.torch import save
+            cache["folder"].mkdir(parents=True, exist_ok=True)
+            tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
+            meta = dict(key=keys[i], sha256=states_digest(tensors.values()))
+            write_atomic(cache["folder"] / f"{keys[i]}.safetensors", save(tensors, metadata=meta))
+    return found
 
 
-def store_states(cache, ex, teacher, shortcut):
-    """Keep one example's fresh states and return them; on disk whole (write_atomic), key and checksum in the header."""
-    if cache["mode"] == "memory":
-        cache["states"][example_key(ex)] = (teacher.to("cpu", copy=True), shortcut.to("cpu", copy=True))
-    elif cache["mode"] == "disk":
-        from safetensors.torch import save
-        tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
-        meta = dict(key=example_key(ex), sha256=states_digest(tensors.values()))
-        write_atomic(cache["folder"] / f"{meta['key']}.safetensors", save(tensors, metadata=meta))
-    return teacher, shortcut
-
-
-def available_ram():
-    """Bytes of host memory available to new allocations (Linux MemAvailable; else free pages)."""
-    m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    return int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def setup_reference_cache(args, examples, model, dtype, out, ranks_here=1):
-    """-> (cache, a line); auto: memory if ranks_here copies fit half the RAM, else disk if 2x fits OUT, else off."""
+def setup_reference_cache(args, examples, model, dtype, say=True, ram=None):
+    """The cache train uses, said in a line; auto: memory if this machine's ranks' copies fit half the `ram` (default:
+    Linux MemAvailable, else free pages), else disk if 2x fits OUT, else off."""
+    if ram is None:
+        m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        ram = int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     hidden, tokens = model.get_input_embeddings().weight.shape[1], sum(len(ex["privileged"][1]) for ex in examples)
     size = tokens * 2 * hidden * dtype.itemsize                       # response tokens x 2 contexts x H x bytes
-    fits = dict(memory=size * ranks_here <= available_ram() // 2, disk=size * 2 <= shutil.disk_usage(out).free)
+    out, ranks_here = Path(args.out), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    fits = dict(memory=size * ranks_here <= ram // 2, disk=size * 2 <= shutil.disk_usage(out).free)
     mode = next((m for m in fits if fits[m]), "off") if args.reference_cache == "auto" else args.reference_cache
-    where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
-    line = f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} GB)"
-    return new_reference_cache(mode, out / "reference_cache", hidden), line
+    if say:
+        where = {"memory": "in memory", "disk": f"on disk in {out / 'reference_cache'}", "off": "off"}[mode]
+        print(f"train: reference cache {where} ({'auto: ' if args.reference_cache == 'auto' else ''}{size / 1e9:.3g} "
+              f"GB)", file=sys.stderr)
+    return new_reference_cache(mode, out / "reference_cache")
 
 
 # ==== Appendix B.4, running it: torchrun (process group, all-reduce, stop signals) and --shard part files ==============
@@ -1709,31 +1692,29 @@ def all_reduce_step(params, logged, device):
 
 
 @contextlib.contextmanager
-def stop_signals():
-    """In the block SIGTERM and SIGINT only set state["signal"] (the first; torchrun repeats a Ctrl-C): the loop
-    stops after the step in flight, with a checkpoint. Ctrl-\\ (SIGQUIT) abandons the step."""
-    state = {"signal": None}
+def stop_signals(ddp, device):
+    """In the block SIGTERM and SIGINT only note the first signal (torchrun repeats a Ctrl-C); stopped() -> it as
+    every rank sees it (0: none): all stop after the same step, with a checkpoint. Ctrl-\\ (SIGQUIT): at once."""
+    first = [0]
 
     def handler(signum, frame):
-        if state["signal"] is None:           # os.write: print() is not reentrant
-            state["signal"] = signum
+        if not first[0]:                      # os.write: print() is not reentrant
+            first[0] = signum
             os.write(2, b"dail.py train: stopping after the step in flight, with a checkpoint\n")
+
+    def stopped():
+        flag = torch.tensor(first, dtype=torch.float32, device=device)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     on_main = threading.current_thread() is threading.main_thread()      # signals reach the main thread only
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
     try:
-        yield state
+        yield stopped
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def agreed_signal(signum, ddp, device):
-    """The stop signal as every rank sees it (0: none): all ranks stop after the same step."""
-    flag = torch.tensor([float(signum or 0)], device=device)
-    if ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
 
 
 def shard_of(args, engine):

@@ -778,7 +778,7 @@ def test_train_baselines_run(tmp_path, capsys, tiny, traces, objective):
 
 def test_train_resume_reproduces_steps(tmp_path, capsys, tiny, traces, monkeypatch):
     full, part, real_lr = tmp_path / "full", tmp_path / "part", dail.lr_at
-    argv = ["--max-steps", 20, "--batch-size", 4, "--save-every", 5]
+    argv = ["--max-steps", 20, "--batch-size", 4, "--save-every", 5, "--lora-dropout", 0.3]   # dropout: RNG restored
     assert run_cli(train_argv(tiny, traces[1], full, *argv), capsys)[0] == 0
 
     def interrupt_in_step_11(step, *a):           # Ctrl-C during step 11: it finishes, is saved, train stops
@@ -1566,12 +1566,12 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
         assert (cache["computed"], cache["reused"], cache["bad_files"]) == counts
 
     for mode in ("off", "memory", "disk"):
-        cache = dail.new_reference_cache(mode, tmp_path / mode, hidden=64)
+        cache = dail.new_reference_cache(mode, tmp_path / mode)
         states(cache, (3, 0, 0))
         states(cache, (6, 0, 0) if mode == "off" else (3, 3, 0))
         assert len(cache["states"]) == (3 if mode == "memory" else 0)      # disk: nothing held between steps
     # disk: a truncated file and a file with another example's shape are recomputed, never read as data
-    files = [tmp_path / "disk" / f"{dail.example_key(ex)}.safetensors" for ex in exs]
+    files = sorted((tmp_path / "disk").glob("*.safetensors"))
     files[0].write_bytes(files[0].read_bytes()[:files[0].stat().st_size // 2])
     from safetensors.torch import save_file
     save_file({"teacher": torch.zeros(2, 64), "shortcut": torch.zeros(2, 64)}, str(files[1]))
@@ -1580,21 +1580,23 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
     states(dail.new_reference_cache("disk", tmp_path / "disk"), (0, 3, 0))       # rewritten whole
     assert not list((tmp_path / "disk").glob("*.tmp"))
     other = dict(exs[0], privileged=(exs[0]["privileged"][0], exs[0]["privileged"][1] + [1]))
-    assert dail.example_key(other) != dail.example_key(exs[0])        # the key: the token ids, response included
+    cache = dail.new_reference_cache("disk", tmp_path / "disk")   # the key: the token ids, response included
+    dail.cached_states(cache, [other], lambda missing: [(torch.zeros(1, 64), torch.zeros(1, 64))])
+    assert (cache["computed"], cache["reused"]) == (1, 0)
 
 
-def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch):
+def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch, capsys):
     from types import SimpleNamespace
-    exs = make_examples(tok, n=3)
+    exs, auto = make_examples(tok, n=3), dail.TrainArgs(out=str(tmp_path))
     size = sum(len(ex["student"][1]) for ex in exs) * 2 * 64 * 4
+    assert dail.setup_reference_cache(auto, exs, model, torch.float32, say=False) and not capsys.readouterr().err
     for ram, disk, want in ((4 * size, 0, "memory"), (size, 2 * size, "disk"), (size, size, "off")):
-        monkeypatch.setattr(dail, "available_ram", lambda: ram)
         monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
-        cache, line = dail.setup_reference_cache(dail.TrainArgs(), exs, model, torch.float32, tmp_path)
+        cache, line = dail.setup_reference_cache(auto, exs, model, torch.float32, ram=ram), capsys.readouterr().err
         assert cache["mode"] == want and f"(auto: {size / 1e9:.3g} GB)" in line, line
-    chosen = dail.TrainArgs(reference_cache="disk")                    # a chosen mode is taken as it is
-    cache, line = dail.setup_reference_cache(chosen, exs, model, torch.float32, tmp_path)
-    assert cache["mode"] == "disk" and "(auto: " not in line
+    chosen = dail.TrainArgs(out=str(tmp_path), reference_cache="disk")         # a chosen mode is taken as it is
+    cache = dail.setup_reference_cache(chosen, exs, model, torch.float32)
+    assert cache["mode"] == "disk" and "(auto: " not in capsys.readouterr().err
 
 
 def count_reference_forwards(monkeypatch):
