@@ -385,10 +385,6 @@ def cmd_rewrite(args):
     contexts, skipped, shortened = fit_prompts(tok, problems, args)
     expected = {k: {(p["id"], s) for p in shard_problems(problems, k, n) if p["id"] in contexts
                     for s in range(args.samples)} for k in range(n)}
-    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
-    banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
-    proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
-    rollout, stop_ids = rewrite_vllm if engine == "vllm" else rewrite_hf, stop_token_ids(tok, args.model)
     kept_count = Counter(t["id"] for k in ks for t in done[k] if t["kept"])   # --keep-per-problem counts these too
     for k in ks:
         missing = expected[k] - {(t["id"], t["sample"]) for t in done[k]}
@@ -396,7 +392,7 @@ def cmd_rewrite(args):
             path = os.devnull if follower else shard_path(out, k, n)
             print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(done[k])} done in {path})", file=sys.stderr)
             with open(path, "a", encoding="utf-8") as f:
-                rollout(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases)
+                rollout(f, tok, args, engine, todo, contexts, kept_count)
     index = {p["id"]: p["index"] for p in problems}
     traces = gather_parts(out, n, merge, config, config_of, expected, lambda t: (t["id"], t["sample"]),
                           lambda t: (index[t["id"]], t["sample"]), checks)
@@ -404,12 +400,21 @@ def cmd_rewrite(args):
         write_rewrite_summary(out, args, problems, traces, skipped, shortened)
 
 
-def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """The token-by-token rollout: decode steps a batch's two contexts together, the token rule picks each token. A
-    pure policy decodes one context: threshold <= 0 the proposer (mix_step with a = 1), >= 1 the validator."""
-    device = shard_device(args)
-    model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
+def rollout(f, tok, args, engine, todo, contexts, kept_count):
+    """Decode rewrite's (problem, sample) pairs a batch at a time; write_traces grades and writes each. hf: decode steps
+    a batch's two contexts together and the token rule picks each token; a pure policy decodes one context (threshold
+    <= 0 the proposer: mix_step with a = 1; >= 1 the validator: every token a fallback), as does vLLM (pure only)."""
+    proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
+    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
+    banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
+    stop_ids = stop_token_ids(tok, args.model)
     names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
+    if engine == "vllm":                                                         # vLLM batches a call's requests
+        llm, size = load_vllm(args), 8192
+        args = dataclasses.replace(args, temperature=0.0) if names == [proposer] and args.greedy_proposer else args
+    else:
+        device, size = shard_device(args), args.batch_size
+        model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
         probs = [sampling_probs(lg, 0 if args.greedy_proposer and name == proposer else args.temperature,
@@ -419,13 +424,21 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
             return sample_with(probs[0], u[:, :1]).squeeze(1), None
         return mix_step(probs[0], probs[-1], model_probs(logits[-1]), args.threshold, args.retries, u)
     with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
-        for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
-            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
-            results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
-                             args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
+        for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
+            rows = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
+            if engine == "vllm":
+                seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in batch]  # by (--seed, problem, sample)
+                outs = vllm_sample(llm, [c for [c] in rows], 1, args, stop_ids, seeds, banned)
+                results = [dict(r, n_accepted=0, n_fallback=len(r["ids"])) if names == [validator] else
+                           dict(r, n_accepted=len(r["ids"]), n_fallback=0) for [r] in outs]
+            else:
+                keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
+                results = decode(model, rows, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
                 write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
             bar.update(len(batch))
+    if engine == "vllm":
+        close_vllm(llm)
 
 
 # ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========
@@ -891,7 +904,11 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
     """Prompt ids of one eval problem: its own `prompt` (a user turn, or chat messages), else the student prompt."""
     if problem.get("prompt") is None:
         return build_contexts(tok, problem, thinking, max_prompt_len, ("student",))["student"]
-    ids = record_prompt_ids(tok, problem, thinking)
+    try:
+        ids = chat_prompt_ids(tok, problem["prompt"], thinking)
+    except Exception as e:
+        raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
+                        f"({first_line(e)})") from None
     if max_prompt_len is not None and len(ids) > max_prompt_len:
         raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt budget "
                         f"of {max_prompt_len} (--max-prompt-len, or the context length minus --max-new-tokens)")
@@ -2024,15 +2041,6 @@ def check_token_ids(path, lineno, ids, model):
                         f"(an integer in [0, {vocab or 'the vocabulary size'}) for --model {model})")
 
 
-def record_prompt_ids(tok, problem, thinking):
-    """chat_prompt_ids of an eval record's own `prompt`, or a DailError naming its file and line."""
-    try:
-        return chat_prompt_ids(tok, problem["prompt"], thinking)
-    except Exception as e:
-        raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
-                        f"({first_line(e)})") from None
-
-
 def cache_kwarg(model, cache):
     """{keyword: cache} for forward: 5.x's `cache` (`past_key_values` goes in 5.40), else 4.x's `past_key_values`."""
     import inspect
@@ -2113,22 +2121,6 @@ def close_vllm(llm):
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     gc.collect()
     cleanup_dist_env_and_memory()
-
-
-def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """rewrite at a pure-policy threshold: >= 1 samples the validator (all fallbacks), 0 the proposer (all accepted)."""
-    name = validator if args.threshold >= 1 else proposer
-    args = dataclasses.replace(args, temperature=0.0) if name == proposer and args.greedy_proposer else args
-    llm = load_vllm(args)
-    with progress(total=len(todo), desc="rewrite (vLLM)", unit="trace") as bar:
-        for chunk in (todo[i:i + 8192] for i in range(0, len(todo), 8192)):  # vLLM batches a call's requests
-            seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk]    # by (--seed, problem, sample)
-            outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids, seeds, banned)
-            for (p, s), [r] in zip(chunk, outs):
-                r["n_accepted"], r["n_fallback"] = (0, len(r["ids"])) if name == validator else (len(r["ids"]), 0)
-                write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-            bar.update(len(chunk))
-    close_vllm(llm)
 
 
 # ==== Appendix B.7, running it: the command line =======================================================================
