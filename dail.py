@@ -889,9 +889,8 @@ def eval_line(tok, problem, samples, thinking):
 
 
 def grade_line(line, args):
-    """Grade one line of samples.jsonl (the one place eval grades): each first pass + forced text, without the
-    inserted cue (its empty \\boxed{} is no answer; math-verify reads it); with --thinking only what follows the last
-    </think> ("" when none: a box inside the thinking is a guess)."""
+    """Grade a samples.jsonl line (eval's one place): first pass + forced text without the cue (math-verify reads its
+    empty \\boxed{}); with --thinking only what follows the last </think> ("" if none: a box in thinking is a guess)."""
     texts = [(t + (fo or "")).replace(ANSWER_REQUEST, "") for t, fo in zip(line["responses"], line["forced"])]
     if args.thinking:
         texts = [t.rpartition("</think>")[2] if "</think>" in t else "" for t in texts]
@@ -910,17 +909,17 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
         raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
                         f"({first_line(e)})") from None
     if max_prompt_len is not None and len(ids) > max_prompt_len:
-        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt budget "
-                        f"of {max_prompt_len} (--max-prompt-len, or the context length minus --max-new-tokens)")
+        raise DailError(f"{problem['where']}: field 'prompt': {len(ids)} tokens, over the prompt budget of "
+                        f"{max_prompt_len} (--max-prompt-len)")
     return ids
 
 
 def make_sampler(engine, args, tok, stop_ids):
     """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, forced_ids,
     n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): with --thinking the
-    first pass stops at </think> too and every sample continues after </think> + ANSWER_REQUEST; without, a sample
-    with no \\boxed{ continues after ANSWER_REQUEST. Seeds: vLLM's per problem (--seed + index); hf keys a sample's
-    random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
+    first pass stops at </think> too and every sample continues after </think> + ANSWER_REQUEST; without, one with
+    no \\boxed{ continues after ANSWER_REQUEST. vLLM seeds per problem (--seed + index); hf keys a sample's random
+    numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
     force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
     first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]

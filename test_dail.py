@@ -946,7 +946,7 @@ def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, tok):
     assert seen[1] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
                        "<|im_start|>assistant\n")
     assert dail.ANSWER_FORMAT.format() in seen[2] and "What is 7*6?" in seen[2]   # no prompt: the student's
-    with pytest.raises(dail.DailError, match=r"d.jsonl:1: field 'prompt': the prompt is \d+ tokens, over .* of 3 "):
+    with pytest.raises(dail.DailError, match=r"d.jsonl:1: field 'prompt': \d+ tokens, over .* of 3 "):
         dail.eval_prompt_ids(tok, problems[0], False, 3)
     for field, bad in [*(("prompt", b) for b in (3, "  ", [], [{"role": "user"}], ["hi"])), ("id", True), ("id", "")]:
         path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", field: bad}])
