@@ -925,23 +925,23 @@ def make_sampler(engine, args, tok, stop_ids):
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
     if engine == "vllm":
         llm = load_vllm(args)
-        def generate(prompts, n, max_tokens, stops, seeds, names):
-            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
-                               presence_penalty=args.presence_penalty)
     else:
         device = shard_device(args)
         model = load_model(args.model, device, resolve_dtype(args.dtype, device), args.trust_remote_code).eval()
 
-        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, sample) per row
-            rows, b, results = [[p] for p in prompts for _ in range(n)], args.batch_size, []
-            keys = trace_keys(args.seed, [pid for pid, _ in names], [j for _, j in names])
-            for i in range(0, len(rows), b):
-                def choose(logits, step, active, keys=keys[i:i + b]):  # logits [1, b, V], penalized already
-                    probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
-                    return sample_with(probs, counter_uniforms(keys[active], step, 1)).squeeze(1), None
-                results += decode(model, rows[i:i + b], choose, max_tokens, stops, tok.pad_token_id,
-                                  presence_penalty=args.presence_penalty)
-            return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
+    def generate(prompts, n, max_tokens, stops, seeds, names):  # seeds: per prompt (vLLM); names: (id, sample) per row
+        if engine == "vllm":
+            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
+                               presence_penalty=args.presence_penalty)
+        rows, b, results = [[p] for p in prompts for _ in range(n)], args.batch_size, []
+        keys = trace_keys(args.seed, [pid for pid, _ in names], [j for _, j in names])
+        for i in range(0, len(rows), b):
+            def choose(logits, step, active, keys=keys[i:i + b]):  # logits [1, b, V], penalized already
+                probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
+                return sample_with(probs, counter_uniforms(keys[active], step, 1)).squeeze(1), None
+            results += decode(model, rows[i:i + b], choose, max_tokens, stops, tok.pad_token_id,
+                              presence_penalty=args.presence_penalty)
+        return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
 
     def sample(prompts, seeds, pids):
         outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds,
@@ -950,7 +950,7 @@ def make_sampler(engine, args, tok, stop_ids):
                 for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids) for i, s in enumerate(samples)
                 if force and (args.thinking or "\\boxed{" not in tok.decode(s["ids"], skip_special_tokens=False))]
         if todo:
-            targets, rows, row_seeds, names = map(list, zip(*todo))  # seeds: vLLM's; names: hf's trace keys
+            targets, rows, row_seeds, names = map(list, zip(*todo))
             for s, r in zip(targets, generate(rows, 1, args.answer_tokens, stop_ids, row_seeds, names)):
                 s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
         return outputs
@@ -1106,8 +1106,7 @@ def _parse(s):
 
 
 def _same(a, b):
-    """Trees equal: kind and key, children in order (a list's in any order, as multisets); x = v and (C) v also
-    match a bare v, (C) v the letter C; x = v matches y = v only when x is y."""
+    """Trees equal: kind, key, children in order (a list's as multisets); x = v, (C) v match v, (C) v also C."""
     if a[0] != b[0]:
         if "choice" in (a[0], b[0]):
             (_, letter, (value,)), other = (a, b) if a[0] == "choice" else (b, a)
