@@ -1136,8 +1136,7 @@ MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own def
 
 @functools.cache
 def make_grader(name):
-    """--grader `name`: (response, reference) -> (the extracted answer or None, correct), with `.info` (the name;
-    math-verify's version and timeouts: parse/verify calls that ran out of time, counted wrong)."""
+    """--grader `name` -> fn(response, reference) = (answer or None, correct); fn.info: name, version, timeouts."""
     if name == "builtin":
         def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
             pred, boxes = extract_boxed(response), [box for box in _boxes(response) if box]
