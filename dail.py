@@ -383,10 +383,6 @@ def cmd_rewrite(args):
     tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking)
     contexts, skipped, shortened = fit_prompts(tok, problems, args)
     job.expected = {k: {key for key in keys if key[0] in contexts} for k, keys in job.expected.items()}  # no skipped
-    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
-    banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
-    proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
-    rollout, stop_ids = rewrite_vllm if engine == "vllm" else rewrite_hf, stop_token_ids(tok, args.model)
     kept_count = Counter(t["id"] for k in job.ks for t in job.done[k] if t["kept"])  # --keep-per-problem counts these
     for k in job.ks:
         missing = job.expected[k] - set(map(job.key, job.done[k]))
@@ -394,16 +390,25 @@ def cmd_rewrite(args):
             print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(job.done[k])} done in {job.paths[k]})",
                   file=sys.stderr)
             with open(job.paths[k], "a", encoding="utf-8") as f:
-                rollout(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases)
+                rollout(f, tok, args, engine, todo, contexts, kept_count)
     if (traces := gather_parts(job)) is not None:  # None: a vLLM follower, or parts still missing (the last merges)
         write_rewrite_summary(out, args, problems, traces, skipped, shortened)
 
 
-def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """The token-by-token rollout: decode steps a batch's two contexts together, the token rule picks each token. A
-    pure policy decodes one context: threshold <= 0 the proposer (mix_step with a = 1), >= 1 the validator."""
-    model = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
+def rollout(f, tok, args, engine, todo, contexts, kept_count):
+    """Decode rewrite's (problem, sample) pairs a batch at a time; write_traces grades and writes each. hf: decode steps
+    a batch's two contexts together and the token rule picks each token; a pure policy decodes one context (threshold
+    <= 0 the proposer: mix_step with a = 1; >= 1 the validator: every token a fallback), as does vLLM (pure only)."""
+    proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
+    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
+    banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
+    stop_ids = stop_token_ids(tok, args.model)
     names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
+    if engine == "vllm":                                                         # vLLM batches a call's requests
+        llm, size = load_vllm(args), 8192
+        args = dataclasses.replace(args, temperature=0.0) if names == [proposer] and args.greedy_proposer else args
+    else:
+        model, size = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval(), args.batch_size
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
         probs = [sampling_probs(lg, 0 if args.greedy_proposer and name == proposer else args.temperature,
@@ -413,13 +418,21 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
             return sample_with(probs[0], u[:, :1]).squeeze(1), None
         return mix_step(probs[0], probs[-1], model_probs(logits[-1]), args.threshold, args.retries, u)
     with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
-        for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
-            keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
-            results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
-                             args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
+        for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
+            rows = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
+            if engine == "vllm":
+                seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in batch]  # by (--seed, problem, sample)
+                outs = vllm_sample(llm, [c for [c] in rows], 1, args, stop_ids, seeds, banned)
+                results = [dict(r, n_accepted=0, n_fallback=len(r["ids"])) if names == [validator] else
+                           dict(r, n_accepted=len(r["ids"]), n_fallback=0) for [r] in outs]
+            else:
+                keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
+                results = decode(model, rows, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
                 write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
             bar.update(len(batch))
+    if engine == "vllm":
+        close_vllm(llm)
 
 
 # ==== Step 2, the contrastive self-distillation loss (dail_loss: the reference; the chunked path bounds memory) ========
@@ -853,9 +866,8 @@ def eval_line(tok, problem, samples, thinking):
 
 
 def grade_line(line, args):
-    """Grade one line of samples.jsonl (the one place eval grades): each first pass + forced text, without the
-    inserted cue (its empty \\boxed{} is no answer; math-verify reads it); with --thinking only what follows the last
-    </think> ("" when none: a box inside the thinking is a guess)."""
+    """Grade a samples.jsonl line (eval's one place): first pass + forced text without the cue (math-verify reads its
+    empty \\boxed{}); with --thinking only what follows the last </think> ("" if none: a box in thinking is a guess)."""
     texts = [(t + (fo or "")).replace(ANSWER_REQUEST, "") for t, fo in zip(line["responses"], line["forced"])]
     if args.thinking:
         texts = [t.rpartition("</think>")[2] if "</think>" in t else "" for t in texts]
@@ -874,38 +886,38 @@ def eval_prompt_ids(tok, problem, thinking, max_prompt_len):
         raise DailError(f"{problem['where']}: field 'prompt': the chat template of the model rejects it "
                         f"({first_line(e)})") from None
     if max_prompt_len is not None and len(ids) > max_prompt_len:
-        raise DailError(f"{problem['where']}: field 'prompt': the prompt is {len(ids)} tokens, over the prompt budget "
-                        f"of {max_prompt_len} (--max-prompt-len, or the context length minus --max-new-tokens)")
+        raise DailError(f"{problem['where']}: field 'prompt': {len(ids)} tokens, over the prompt budget of "
+                        f"{max_prompt_len} (--max-prompt-len)")
     return ids
 
 
 def make_sampler(engine, args, tok, stop_ids):
     """sampler(prompt id lists, seeds, problem ids) -> per prompt, args.n dicts (ids, finish_reason, forced_ids,
     n_forced); .close() frees the engine. The released forced answer (unless --no-force-answer): with --thinking the
-    first pass stops at </think> too and every sample continues after </think> + ANSWER_REQUEST; without, a sample
-    with no \\boxed{ continues after ANSWER_REQUEST. Seeds: vLLM's per problem (--seed + index); hf keys a sample's
-    random numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
+    first pass stops at </think> too and every sample continues after </think> + ANSWER_REQUEST; without, one with
+    no \\boxed{ continues after ANSWER_REQUEST. vLLM seeds per problem (--seed + index); hf keys a sample's random
+    numbers by (--seed, problem id, sample index or "forced:<i>"), never by batch or shard."""
     force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
     first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
     if engine == "vllm":
         llm = load_vllm(args)
-        def generate(prompts, n, max_tokens, stops, seeds, names):
-            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
-                               presence_penalty=args.presence_penalty)
     else:
         model = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
 
-        def generate(prompts, n, max_tokens, stops, seeds, names):  # names: (problem id, sample) per row
-            rows, b, results = [[p] for p in prompts for _ in range(n)], args.batch_size, []
-            keys = trace_keys(args.seed, [pid for pid, _ in names], [j for _, j in names])
-            for i in range(0, len(rows), b):
-                def choose(logits, step, active, keys=keys[i:i + b]):  # logits [1, b, V], penalized already
-                    probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
-                    return sample_with(probs, counter_uniforms(keys[active], step, 1)).squeeze(1), None
-                results += decode(model, rows[i:i + b], choose, max_tokens, stops, tok.pad_token_id,
-                                  presence_penalty=args.presence_penalty)
-            return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
+    def generate(prompts, n, max_tokens, stops, seeds, names):  # seeds: per prompt (vLLM); names: (id, sample) per row
+        if engine == "vllm":
+            return vllm_sample(llm, prompts, n, args, stops, seeds, max_tokens=max_tokens,
+                               presence_penalty=args.presence_penalty)
+        rows, b, results = [[p] for p in prompts for _ in range(n)], args.batch_size, []
+        keys = trace_keys(args.seed, [pid for pid, _ in names], [j for _, j in names])
+        for i in range(0, len(rows), b):
+            def choose(logits, step, active, keys=keys[i:i + b]):  # logits [1, b, V], penalized already
+                probs = sampling_probs(logits[0], args.temperature, args.top_p, args.top_k)
+                return sample_with(probs, counter_uniforms(keys[active], step, 1)).squeeze(1), None
+            results += decode(model, rows[i:i + b], choose, max_tokens, stops, tok.pad_token_id,
+                              presence_penalty=args.presence_penalty)
+        return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
 
     def sample(prompts, seeds, pids):
         outputs = generate(prompts, args.n, args.max_new_tokens, first_stops, seeds,
@@ -914,7 +926,7 @@ def make_sampler(engine, args, tok, stop_ids):
                 for prompt, samples, seed, pid in zip(prompts, outputs, seeds, pids) for i, s in enumerate(samples)
                 if force and (args.thinking or "\\boxed{" not in tok.decode(s["ids"], skip_special_tokens=False))]
         if todo:
-            targets, rows, row_seeds, names = map(list, zip(*todo))  # seeds: vLLM's; names: hf's trace keys
+            targets, rows, row_seeds, names = map(list, zip(*todo))
             for s, r in zip(targets, generate(rows, 1, args.answer_tokens, stop_ids, row_seeds, names)):
                 s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
         return outputs
@@ -1070,8 +1082,7 @@ def _parse(s):
 
 
 def _same(a, b):
-    """Trees equal: kind and key, children in order (a list's in any order, as multisets); x = v and (C) v also
-    match a bare v, (C) v the letter C; x = v matches y = v only when x is y."""
+    """Trees equal: kind, key, children in order (a list's as multisets); x = v, (C) v match v, (C) v also C."""
     if a[0] != b[0]:
         if "choice" in (a[0], b[0]):
             (_, letter, (value,)), other = (a, b) if a[0] == "choice" else (b, a)
@@ -1101,8 +1112,7 @@ MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own def
 
 @functools.cache
 def make_grader(name):
-    """--grader `name`: (response, reference) -> (the extracted answer or None, correct), with `.info` (the name;
-    math-verify's version and timeouts: parse/verify calls that ran out of time, counted wrong)."""
+    """--grader `name` -> fn(response, reference) = (answer or None, correct); fn.info: name, version, timeouts."""
     if name == "builtin":
         def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
             pred, boxes = extract_boxed(response), [box for box in _boxes(response) if box]
@@ -2032,22 +2042,6 @@ def close_vllm(llm):
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     gc.collect()
     cleanup_dist_env_and_memory()
-
-
-def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, banned, kept_count, leak_phrases):
-    """rewrite at a pure-policy threshold: >= 1 samples the validator (all fallbacks), 0 the proposer (all accepted)."""
-    name = validator if args.threshold >= 1 else proposer
-    args = dataclasses.replace(args, temperature=0.0) if name == proposer and args.greedy_proposer else args
-    llm = load_vllm(args)
-    with progress(total=len(todo), desc="rewrite (vLLM)", unit="trace") as bar:
-        for chunk in (todo[i:i + 8192] for i in range(0, len(todo), 8192)):  # vLLM batches a call's requests
-            seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk]    # by (--seed, problem, sample)
-            outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids, seeds, banned)
-            for (p, s), [r] in zip(chunk, outs):
-                r["n_accepted"], r["n_fallback"] = (0, len(r["ids"])) if name == validator else (len(r["ids"]), 0)
-                write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
-            bar.update(len(chunk))
-    close_vllm(llm)
 
 
 # ==== Appendix B.7, running it: the command line =======================================================================

@@ -945,7 +945,7 @@ def test_eval_record_prompt_replaces_the_student_prompt(tmp_path, tok):
     assert seen[1] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
                        "<|im_start|>assistant\n")
     assert dail.ANSWER_FORMAT.format() in seen[2] and "What is 7*6?" in seen[2]   # no prompt: the student's
-    with pytest.raises(dail.DailError, match=r"d.jsonl:1: field 'prompt': the prompt is \d+ tokens, over .* of 3 "):
+    with pytest.raises(dail.DailError, match=r"d.jsonl:1: field 'prompt': \d+ tokens, over .* of 3 "):
         dail.eval_prompt_ids(tok, problems[0], False, 3)
     for field, bad in [*(("prompt", b) for b in (3, "  ", [], [{"role": "user"}], ["hi"])), ("id", True), ("id", "")]:
         path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", field: bad}])
@@ -2208,9 +2208,10 @@ def test_vllm_greedy_eval_equals_hf(tmp_path, capsys, expert, tiny, flags):
                              "--engine", engine, "--max-model-len", 512, *flags], capsys)
         assert code == 0, err
     assert read_lines(tmp_path / "hf" / "samples.jsonl") == read_lines(tmp_path / "vllm" / "samples.jsonl")
-    same_summary(tmp_path / "hf" / "summary.json", tmp_path / "vllm" / "summary.json",
-                 ("pass_at_k", "mean_tokens", "mean_tokens_correct", "samples_no_answer", "truncated"))
-    assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["engine"] == "vllm"
+    hf, vllm = (json.loads((tmp_path / engine / "summary.json").read_text()) for engine in ("hf", "vllm"))
+    for k in ("pass_at_k", "mean_tokens", "mean_tokens_correct", "samples_no_answer", "truncated"):
+        assert hf[k] == vllm[k], k
+    assert vllm["engine"] == "vllm"
     forced = [f for r in read_lines(tmp_path / "vllm" / "samples.jsonl") for f in r["forced"]]
     assert "--thinking" not in flags or forced and all(f.startswith("</think>" + dail.ANSWER_REQUEST) for f in forced)
 

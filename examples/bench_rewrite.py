@@ -3,7 +3,7 @@
 
 Side by side in one run, on the same model, the same B traces and the same number of new tokens (stop
 tokens banned, so every variant decodes exactly N tokens per sequence):
-  (a) dail.decode with the `choose` of dail.rewrite_hf (dail.sampling_probs for both contexts, then
+  (a) dail.decode with the `choose` of dail.rollout (dail.sampling_probs for both contexts, then
       dail.mix_step): B traces, two contexts each (a student-length and a privileged-length prompt), i.e.
       2B rows per forward, one KV cache.
   (b) model.generate sampling 2B independent sequences from the same 2B prompts (the same compute: two
@@ -111,7 +111,7 @@ def make_contexts(B, ls, lp, seed):
 
 
 def make_choose(a, device, seed, n_traces):
-    """Exactly dail.rewrite_hf's choose: sampling_probs on both contexts, the validator's model probability,
+    """Exactly dail.rollout's choose: sampling_probs on both contexts, the validator's model probability,
     per-trace counter-based uniforms, then mix_step."""
     keys = dail.trace_keys(seed, [str(i) for i in range(n_traces)], [0] * n_traces).to(device)
 

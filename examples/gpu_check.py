@@ -11,7 +11,7 @@ vocabulary tail beyond it is masked (logits -inf, a forward hook on the LM head)
 Every part calls the functions `dail.py rewrite|train|eval` call (and the benchmarks' own timing helpers),
 never copies of them:
 
-  1. rewrite: dail.decode + mix_step through rewrite_hf's `choose` (bench_rewrite.run_a) against
+  1. rewrite: dail.decode + mix_step through rollout's `choose` (bench_rewrite.run_a) against
      model.generate sampling the same 2B rows and N tokens (bench_rewrite.run_b), tokens/s and the ratio;
      vLLM sampling of the same rows and tokens when vLLM is importable.
   2. train: a DAIL step (dail.micro_batch_loss + backward; uncached, and with the reference cache) against
