@@ -1178,9 +1178,7 @@ def load_problems(path, need_solution, need_answer):
     """A problem file, checked before any model loads -> dicts: id (str), index, where, problem, solution (or None),
     answer (`answer`, else the last \\boxed{} of `solution`, else None), prompt (None, or its own eval prompt)."""
     problems, seen = [], {}
-    for lineno, rec in read_jsonl(path):
-        for name in ("problem", "solution") if need_solution else ("problem",):
-            require(path, lineno, rec, name)
+    for lineno, rec in read_jsonl(path, dict(problem=str, solution=str) if need_solution else dict(problem=str)):
         where, solution, prompt = f"{path}:{lineno}", rec.get("solution"), rec.get("prompt")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{where}: field 'solution': expected a string")
@@ -1208,18 +1206,16 @@ def first_line(e, width=200):
 
 
 class Interrupted(Exception):
-    """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
+    """Interrupted(message, 128 + signal): a run stopped by SIGTERM/SIGINT after saving what --resume needs."""
 
 
-def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=False):
-    """[(line number, record)] of a JSONL file; a bad line (or check(record) -> fault) is a DailError naming it."""
+def read_jsonl(path, fields=None, hint="", resume=False, check=lambda rec: None, peek=False):
+    """[(line number, record)] of a JSONL file; a bad line, a record without `fields` ({name: type}: require) or
+    check(record) -> fault is a DailError naming it. resume: an earlier run's output (maybe absent)."""
     if not (p := Path(path)).is_file() and not resume:
-        raise DailError(f"{flag} {path}: no such file")
+        raise DailError(f"--data {path}: no such file")
     data = p.read_bytes() if p.is_file() else b""
-    # resume: an earlier run's output (maybe absent), written a record a write: only its last line can be cut short
+    # an output is written a record a write: only its last line can be cut short
     if resume and data and not data.endswith(b"\n"):
         data = data[:data.rfind(b"\n") + 1]
         if not peek:
@@ -1238,6 +1234,8 @@ def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=F
             fault = f"not valid JSON ({e.msg} at column {e.colno})"
         if not fault:
             records.append((lineno, rec))
+            for name, kind in (fields or {}).items():
+                require(path, lineno, rec, name, kind, hint)
         elif not peek:                                   # peek: a bad line is skipped, never an error
             raise DailError(f"{path}:{lineno}: {fault}" + (" in an earlier run's output; move the file away (or "
                                                            "--overwrite) to start over" if resume else ""))
@@ -1324,17 +1322,20 @@ def write_atomic(path, content):
 
 def load_training_records(args):
     """(the records train learns from, the number not kept): kept traces, or --sft-target expert's solutions."""
-    rows, expert = read_jsonl(args.data), args.objective == "sft" and args.sft_target == "expert"
+    expert = args.objective == "sft" and args.sft_target == "expert"
+    fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
+    rows = read_jsonl(args.data, fields, "" if expert else " (train reads the traces.jsonl written by `rewrite`)")
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
-    fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
-    hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
-    for lineno, r in rows:
-        for name, kind in fields.items():
-            require(args.data, lineno, r, name, kind, hint)
-        if not expert:
-            check_token_ids(args.data, lineno, r["response_ids"], args.model)
+    vocab = None
+    with contextlib.suppress(Exception):                      # no config.json (a hub id): any id >= 0
+        vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
+    for lineno, r in [] if expert else rows:                 # token ids of --model, checked before it loads
+        ids = r["response_ids"]
+        if bad := [(i, t) for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab]:
+            raise DailError(f"{args.data}:{lineno}: field 'response_ids': item {bad[0][0]} is {bad[0][1]!r}, not a "
+                            f"token id (an integer in [0, {vocab or 'the vocabulary size'}) for --model {args.model})")
     records = [dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, args.objective == "dail"))
                for lineno, r in rows if expert or r["kept"]]
     if not records:
@@ -1485,39 +1486,28 @@ def check_resume_config(path, config, resuming):
     write_atomic(path, json.dumps(config, indent=2))
 
 
-def clear_results(*paths):
-    """--overwrite: remove what an earlier run left (files or folders); what is not there is skipped."""
-    for p in map(Path, paths):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def check_own_inputs(out, outputs, inputs, model=None, folder=None):
-    """Whatever the flags, no path of `outputs` is (by any link) an input or a model file, nor `folder` the model's."""
-    files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
-    if model and (model_dir := Path(model).expanduser()).is_dir():
-        real, here = os.path.realpath(model_dir), folder and os.path.realpath(folder)
-        if here and os.path.commonpath([real, here]) == here:
-            raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder; use another --out")
-        files |= {f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
-    for path in outputs:
-        for what, source in files.items():
-            with contextlib.suppress(OSError):
-                if os.path.samefile(path, source):
-                    raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
-
-
 def check_out(args, command):
-    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input."""
+    """--out -> Path (rewrite: a file, else a folder), created; whatever the flags, nothing the run writes there is
+    (by any link) --data or a model file, nor --out the --model folder."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
     if command == "rewrite":
         outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
     else:
         names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
         outputs = [p / name for name in names] + [*p.glob("samples.part*")]
-    check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
+    inputs = {f"--data {args.data}": args.data}
+    if (model_dir := Path(args.model).expanduser()).is_dir():
+        real, here = os.path.realpath(model_dir), os.path.realpath(p)
+        if folder and os.path.commonpath([real, here]) == here:
+            raise DailError(f"--out {args.out}: {'is' if real == here else 'holds'} the --model folder; use another "
+                            f"--out")
+        inputs |= {f"--model {args.model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
+    for path in outputs:
+        for what, source in inputs.items():
+            with contextlib.suppress(OSError):
+                if os.path.samefile(path, source):
+                    raise DailError(f"--out {args.out}: would write over {what}, an input of this run; use "
+                                    f"another --out")
     try:                                        # (an existing file or folder of the wrong kind fails here too)
         (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
         if not folder:
@@ -1530,17 +1520,24 @@ def check_out(args, command):
 _LOCKS = []  # the output locks this command holds; main() releases them when the command ends
 
 
-def lock_output(path, out):
-    """Flock `path` (via a hidden file) till the command ends or dies: two runs on one file interleave records."""
-    p = Path(path)
-    lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
-    try:
-        _LOCKS.append(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
-        fcntl.flock(_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise DailError(f"--out {out}: another run is writing {p} now; let it finish, or use another --out") from None
-    except OSError as e:                        # a file system without locks (some NFS): run, but say so
-        print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
+def lock_output(paths, out, clear=()):
+    """Flock each of `paths` (via a hidden file) till the command ends or dies, as two runs on one file interleave
+    records; then remove `clear` (--overwrite: what an earlier run left, files or folders)."""
+    for p in map(Path, paths):
+        lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
+        try:
+            _LOCKS.append(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
+            fcntl.flock(_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DailError(f"--out {out}: another run is writing {p} now; let it finish, or use another "
+                            f"--out") from None
+        except OSError as e:                    # a file system without locks (some NFS): run, but say so
+            print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
+    for p in map(Path, clear):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def guard_train_out(args):
@@ -1550,13 +1547,11 @@ def guard_train_out(args):
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = check_out(args, "train")
-    lock_output(out, args.out)
+    lock_output([out], args.out, [out / name for name in TRAIN_RESULTS] if args.overwrite else ())
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "
                         f"use another --out, --resume to continue it, or --overwrite to start over")
-    if args.overwrite:
-        clear_results(*(out / name for name in TRAIN_RESULTS))
     for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
         stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
@@ -1822,11 +1817,8 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     config, checks = run_config(args, command), output_checks(command, problems, args, n)
     if follower:                                 # decodes in step with its group's first rank, which writes
         return n, ks, merge, follower, config, checks, {j: resume_jsonl(p, peek=True) for j, p in paths.items()}
-    for path in paths.values():
-        lock_output(path, args.out)
-    if args.overwrite:
-        clear_results(*paths.values(), *map(config_of, paths.values()), out_file, *results,
-                      *(p for p, m in found.items() if m != n))
+    lock_output(paths.values(), args.out, [*paths.values(), *map(config_of, paths.values()), out_file, *results,
+                                           *(p for p, m in found.items() if m != n)] if args.overwrite else ())
     done = {j: resume_jsonl(path, checks(j)) for j, path in paths.items()}
     for j, path in paths.items():
         check_resume_config(config_of(path), config, resuming=bool(done[j]))
@@ -2013,17 +2005,6 @@ def check_thinking_flag(tok, args):
     return supports
 
 
-def check_token_ids(path, lineno, ids, model):
-    """Each response_ids item must be a token id of --model (< config.json's vocab_size), checked before it loads."""
-    vocab = None
-    with contextlib.suppress(Exception):  # no config.json (a hub id): any id >= 0
-        vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
-    bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab), None)
-    if bad is not None:
-        raise DailError(f"{path}:{lineno}: field 'response_ids': item {bad} is {ids[bad]!r}, not a token id "
-                        f"(an integer in [0, {vocab or 'the vocabulary size'}) for --model {model})")
-
-
 def record_prompt_ids(tok, problem, thinking):
     """chat_prompt_ids of an eval record's own `prompt`, or a DailError naming its file and line."""
     try:
@@ -2169,24 +2150,22 @@ def main(argv=None):
     hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)" if args.command ==
             "train" else "rerun the same command to resume")            # rewrite and eval skip what is written
 
-    def terminate(signum, frame):   # SIGTERM (preemption, `kill`) ends a command as Ctrl-C does (train saves first)
+    def terminate(signum, frame):   # SIGTERM (preemption, `kill`) and Ctrl-C end a command (train saves first)
         raise Interrupted(f"interrupted; {hint}", 128 + signum)
     on_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
-    previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
+    previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
     try:
         run(config)
         return 0
     except (DailError, Interrupted) as e:    # (Interrupted without a message: a torchrun rank whose master says it)
-        message, code = (str(e), e.code) if isinstance(e, Interrupted) else (f"error: {e}", 2)
-    except KeyboardInterrupt:
-        message, code = f"interrupted; {hint}", 130
+        message, code = e.args if isinstance(e, Interrupted) else (f"error: {e}", 2)
     except OSError as e:                     # a full disk while appending records: each line is whole or cut off
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         message, code = f"error: {e.filename or '--out'}: the disk is full; free space and {hint}", 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
             os.close(_LOCKS.pop())
     if message:

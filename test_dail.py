@@ -1327,7 +1327,7 @@ def read_text_or_empty(path):
 def hold_lock(path):
     """Another process holding dail's lock on `path` (an output file, or train's folder), killed (-9) at the end."""
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import dail; "
-            f"dail.lock_output({str(path)!r}, 'x'); print('held', flush=True); time.sleep(600)")
+            f"dail.lock_output([{str(path)!r}], 'x'); print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
