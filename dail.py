@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")        # an unreachable hub id fails fast with our message, not
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")    # after retries (set here, before huggingface_hub reads them)
@@ -418,7 +419,7 @@ def rewrite_hf(f, tok, args, todo, contexts, proposer, validator, stop_ids, bann
         if names == [validator]:                                                 # every token a fallback
             return sample_with(probs[0], u[:, :1]).squeeze(1), None
         return mix_step(probs[0], probs[-1], model_probs(logits[-1]), args.threshold, args.retries, u)
-    with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
+    with tqdm(total=len(todo), desc="rewrite", unit="trace") as bar:
         for batch in (todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)):
             keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
             results = decode(model, [[contexts[p["id"]][name] for name in names] for p, _ in batch], choose,
@@ -715,8 +716,8 @@ def cmd_train(args):
     # data order: a permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
-    with stop_signals() as signals, progress(total=total_steps, initial=start, desc=f"train {args.objective}",
-                                             unit="step", disable=not master or not sys.stderr.isatty()) as bar:
+    with stop_signals() as signals, tqdm(total=total_steps, initial=start, desc=f"train {args.objective}",
+                                         unit="step", disable=not master or not sys.stderr.isatty()) as bar:
         for step in range(start, total_steps):
             t0 = time.time()
             lr = lr_at(step, total_steps, args.lr, args.warmup_steps)          # 1. this step's learning rate
@@ -821,7 +822,7 @@ def cmd_eval(args):
     for k, mine in ((k, mine) for k, mine in todo.items() if mine):
         path = os.devnull if follower else shard_path(samples_path, k, n)
         print(f"eval: {len(mine)} problems x {args.n} samples, {engine} ({len(done[k])} in {path})", file=sys.stderr)
-        with open(path, "a", encoding="utf-8") as f, progress(total=len(mine), desc="eval") as bar:
+        with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc="eval") as bar:
             for chunk in (mine[i:i + per_call] for i in range(0, len(mine), per_call)):
                 outputs = sampler([prompts[p["id"]] for p in chunk], [args.seed + p["index"] for p in chunk],
                                   [p["id"] for p in chunk])
@@ -1178,7 +1179,7 @@ def load_problems(path, need_solution, need_answer):
     """A problem file, checked before any model loads -> dicts: id (str), index, where, problem, solution (or None),
     answer (`answer`, else the last \\boxed{} of `solution`, else None), prompt (None, or its own eval prompt)."""
     problems, seen = [], {}
-    for lineno, rec in read_jsonl(path, dict(problem=str, solution=str) if need_solution else dict(problem=str)):
+    for lineno, rec in read_jsonl(path, fields=dict(problem=str, solution=str) if need_solution else dict(problem=str)):
         where, solution, prompt = f"{path}:{lineno}", rec.get("solution"), rec.get("prompt")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{where}: field 'solution': expected a string")
@@ -1209,11 +1210,11 @@ class Interrupted(Exception):
     """Interrupted(message, 128 + signal): a run stopped by SIGTERM/SIGINT after saving what --resume needs."""
 
 
-def read_jsonl(path, fields=None, hint="", resume=False, check=lambda rec: None, peek=False):
+def read_jsonl(path, flag="--data", fields=None, hint="", resume=False, check=lambda rec: None, peek=False):
     """[(line number, record)] of a JSONL file; a bad line, a record without `fields` ({name: type}: require) or
     check(record) -> fault is a DailError naming it. resume: an earlier run's output (maybe absent)."""
     if not (p := Path(path)).is_file() and not resume:
-        raise DailError(f"--data {path}: no such file")
+        raise DailError(f"{flag} {path}: no such file")
     data = p.read_bytes() if p.is_file() else b""
     # an output is written a record a write: only its last line can be cut short
     if resume and data and not data.endswith(b"\n"):
@@ -1234,13 +1235,13 @@ def read_jsonl(path, fields=None, hint="", resume=False, check=lambda rec: None,
             fault = f"not valid JSON ({e.msg} at column {e.colno})"
         if not fault:
             records.append((lineno, rec))
-            for name, kind in (fields or {}).items():
-                require(path, lineno, rec, name, kind, hint)
         elif not peek:                                   # peek: a bad line is skipped, never an error
-            raise DailError(f"{path}:{lineno}: {fault}" + (" in an earlier run's output; move the file away (or "
-                                                           "--overwrite) to start over" if resume else ""))
+            raise DailError(f"{path}:{lineno}: {fault}" + (f" in an earlier run's output; {START_OVER}" * resume))
     if not (records or resume):
         raise DailError(f"{path}: empty file, no JSON lines")
+    for lineno, rec in records:                           # fields: once every line parses
+        for name, kind in (fields or {}).items():
+            require(path, lineno, rec, name, kind, hint)
     return records
 
 
@@ -1324,7 +1325,8 @@ def load_training_records(args):
     """(the records train learns from, the number not kept): kept traces, or --sft-target expert's solutions."""
     expert = args.objective == "sft" and args.sft_target == "expert"
     fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
-    rows = read_jsonl(args.data, fields, "" if expert else " (train reads the traces.jsonl written by `rewrite`)")
+    hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
+    rows = read_jsonl(args.data, fields=fields, hint=hint)
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
@@ -1385,11 +1387,6 @@ def write_rewrite_summary(out, args, problems, traces, skipped, shortened):
                    settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
     write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
-
-
-def progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(iterable, dynamic_ncols=True, **kw)
 
 
 def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
@@ -1486,28 +1483,30 @@ def check_resume_config(path, config, resuming):
     write_atomic(path, json.dumps(config, indent=2))
 
 
+def check_own_inputs(out, outputs, inputs, model=None, folder=None):
+    """Whatever the flags, no path of `outputs` is (by any link) an input or a model file, nor `folder` the model's."""
+    files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
+    if model and (model_dir := Path(model).expanduser()).is_dir():
+        real, here = os.path.realpath(model_dir), folder and os.path.realpath(folder)
+        if here and os.path.commonpath([real, here]) == here:
+            raise DailError(f"--out {out}: {'is' if real == here else 'holds'} the --model folder; use another --out")
+        files |= {f"--model {model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
+    for path in outputs:
+        for what, source in files.items():
+            with contextlib.suppress(OSError):
+                if os.path.samefile(path, source):
+                    raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
+
+
 def check_out(args, command):
-    """--out -> Path (rewrite: a file, else a folder), created; whatever the flags, nothing the run writes there is
-    (by any link) --data or a model file, nor --out the --model folder."""
+    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
     if command == "rewrite":
         outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
     else:
         names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
         outputs = [p / name for name in names] + [*p.glob("samples.part*")]
-    inputs = {f"--data {args.data}": args.data}
-    if (model_dir := Path(args.model).expanduser()).is_dir():
-        real, here = os.path.realpath(model_dir), os.path.realpath(p)
-        if folder and os.path.commonpath([real, here]) == here:
-            raise DailError(f"--out {args.out}: {'is' if real == here else 'holds'} the --model folder; use another "
-                            f"--out")
-        inputs |= {f"--model {args.model}'s {f.name}": f for pattern in MODEL_FILES for f in model_dir.glob(pattern)}
-    for path in outputs:
-        for what, source in inputs.items():
-            with contextlib.suppress(OSError):
-                if os.path.samefile(path, source):
-                    raise DailError(f"--out {args.out}: would write over {what}, an input of this run; use "
-                                    f"another --out")
+    check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
     try:                                        # (an existing file or folder of the wrong kind fails here too)
         (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
         if not folder:
@@ -1534,10 +1533,7 @@ def lock_output(paths, out, clear=()):
         except OSError as e:                    # a file system without locks (some NFS): run, but say so
             print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
     for p in map(Path, clear):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def guard_train_out(args):
@@ -2101,7 +2097,7 @@ def rewrite_vllm(f, tok, args, todo, contexts, proposer, validator, stop_ids, ba
     name = validator if args.threshold >= 1 else proposer
     args = dataclasses.replace(args, temperature=0.0) if name == proposer and args.greedy_proposer else args
     llm = load_vllm(args)
-    with progress(total=len(todo), desc="rewrite (vLLM)", unit="trace") as bar:
+    with tqdm(total=len(todo), desc="rewrite (vLLM)", unit="trace") as bar:
         for chunk in (todo[i:i + 8192] for i in range(0, len(todo), 8192)):  # vLLM batches a call's requests
             seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in chunk]    # by (--seed, problem, sample)
             outs = vllm_sample(llm, [contexts[p["id"]][name] for p, _ in chunk], 1, args, stop_ids, seeds, banned)

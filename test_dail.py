@@ -1126,7 +1126,7 @@ def test_eval_checks_samples_against_data_and_plots_pass_at_k(tmp_path, capsys, 
         samples.write_bytes(good + line.encode("latin-1") + b"\n")
         code, err = run_cli(argv, capsys)
         assert code == 2 and err.strip() == (f"dail.py eval: error: {samples}:3: {fault} in an earlier run's output; "
-                                             f"move the file away (or --overwrite) to start over"), err
+                                             f"use another --out, or --overwrite to start over"), err
         assert json.loads((out / "summary.json").read_text())["problems"] == 2    # the summary was not rewritten
     samples.write_bytes(good)
     config = (out / "eval_config.json").read_bytes()
@@ -1493,7 +1493,7 @@ def test_rewrite_resume_refuses_other_settings_data_or_records(tmp_path, capsys,
         write_jsonl(out, records + [extra])
         code, err = run_cli(argv, capsys)
         assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
-                                             f"run's output; move the file away (or --overwrite) to start over"), err
+                                             f"run's output; use another --out, or --overwrite to start over"), err
     write_jsonl(out, records)
     assert run_cli(argv, capsys)[0] == 0 and read_lines(out) == records     # the run's own file resumes as before
     grader = "math-verify" if math_verify_importable() else "builtin"
