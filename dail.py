@@ -378,7 +378,6 @@ def cmd_rewrite(args):
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     out, config_of, engine = Path(args.out), lambda path: path.with_suffix(".config.json"), pick_engine(args)
-    check_out(args, "rewrite")
     n, ks, merge, follower, config, checks, done = start_job("rewrite", out, args, engine, problems, config_of,
                                                              out.with_suffix(".summary.json"))
     tok = load_tokenizer(args.model, args.trust_remote_code)
@@ -801,7 +800,6 @@ def cmd_eval(args):
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
-    check_out(args, "eval")
     out, samples_path = Path(args.out), Path(args.out) / "samples.jsonl"
     def config_of(path):  # samples.jsonl's is eval_config.json; a part's is beside it
         return out / "eval_config.json" if path == samples_path else path.with_suffix(".config.json")
@@ -1186,8 +1184,7 @@ def load_problems(path, need_solution, need_answer):
         chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                            and isinstance(m.get("content"), str) for m in prompt)
         if not (prompt is None or chat or isinstance(prompt, str) and prompt.strip()):
-            raise DailError(f"{where}: field 'prompt': expected a non-empty string or a non-empty list of chat "
-                            f"messages {{\"role\": string, \"content\": string}}")
+            raise DailError(f"{where}: field 'prompt': expected non-empty text or chat messages (role, content)")
         pid = str(require(path, lineno, rec, "id", (str, int)) if "id" in rec else lineno)
         if (first := seen.setdefault(pid, lineno)) != lineno:
             raise DailError(f"{where}: field 'id': duplicate id {pid!r} (first on line {first})")
@@ -1794,6 +1791,7 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     """rewrite's and eval's start -> (n, ks, merge, follower, config, checks, done): the split into n, the shards ks
     this process decodes (each its own part file, resumed alone: done[k]) and how they merge. A plain run finishes
     an earlier split's parts, then merges; --overwrite clears them and `results`."""
+    check_out(args, command)
     k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}

@@ -1078,12 +1078,14 @@ BAD_INPUTS = [  # a --data file (None: no file; text, or a list of records), its
      "rewrite eval"),
     ([{"id": 1, "problem": "p", "solution": S}, {"id": 1, "problem": "q", "solution": S}],
      ":2: field 'id': duplicate id '1' (first on line 1)", "rewrite eval"),
+    ([{"problem": "p", "answer": "1", "solution": 3}], ":1: field 'solution': expected a string", "eval"),
+    ([{"problem": "p", "answer": "1", "prompt": []}], ":1: field 'prompt': expected non-empty text or chat messages", "eval"),
     *[([{"problem": "p", "solution": S, "answer": answer}], ":1: field 'answer': expected a non-empty string or a "
        "number", "rewrite eval") for answer in ([1], " ", True)],
     ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
      "`rewrite`)", "train"),
     ([dict(TRACE, response_ids=[1, 2], kept=False)], "no trace has kept=true (1 rejected by the filter)", "train"),
-    ([dict(TRACE, response_ids=[1, -3])], ":1: field 'response_ids': item 1 is -3, not a token id", "train"),
+    ([dict(TRACE, response_ids=[-3, 1])], ":1: field 'response_ids': item 0 is -3, not a token id", "train"),
     ([dict(TRACE, response_ids=[2, True])], ":1: field 'response_ids': item 1 is True, not a token id", "train"),
     ([dict(TRACE, response_ids=[99, 100])], ":1: field 'response_ids': item 1 is 100, not a token id (an integer in "
      "[0, 100) for --model", "train"),                                      # the vocabulary of --model's config.json
