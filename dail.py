@@ -2127,10 +2127,9 @@ def build_parser():
         p = sub.add_parser(name, help=doc, description=doc)
         for f in dataclasses.fields(cls):
             kind = dict(action="store_true") if f.type is bool else dict(type=f.type)   # parsed by the annotation
-            kw = dict(kind, default=f.default, **f.metadata)
-            if f.default is not None and f.type is not bool:
-                kw["help"] += f" (default: {f.default})"
-            p.add_argument("--" + f.name.replace("_", "-"), **kw)
+            shown = "" if f.default is None or f.type is bool else f" (default: {f.default})"
+            p.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                           **kind, **dict(f.metadata, help=f.metadata["help"] + shown))
     return parser
 
 
