@@ -1516,7 +1516,7 @@ def check_out(args, command):
 _LOCKS = []  # the output locks this command holds; main() releases them when the command ends
 
 
-def lock_output(paths, out, clear=()):
+def lock_output(paths, clear=()):
     """Flock each of `paths` (via a hidden file) till the command ends or dies, as two runs on one file interleave
     records; then remove `clear` (--overwrite: what an earlier run left, files or folders)."""
     for p in map(Path, paths):
@@ -1525,8 +1525,7 @@ def lock_output(paths, out, clear=()):
             _LOCKS.append(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
             fcntl.flock(_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DailError(f"--out {out}: another run is writing {p} now; let it finish, or use another "
-                            f"--out") from None
+            raise DailError(f"{p}: another run is writing it now; let it finish, or use another --out") from None
         except OSError as e:                    # a file system without locks (some NFS): run, but say so
             print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
     for p in map(Path, clear):
@@ -1540,7 +1539,7 @@ def guard_train_out(args):
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = check_out(args, "train")
-    lock_output([out], args.out, [out / name for name in TRAIN_RESULTS] if args.overwrite else ())
+    lock_output([out], [out / name for name in TRAIN_RESULTS] if args.overwrite else ())
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "
@@ -1811,8 +1810,8 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     config, checks = run_config(args, command), output_checks(command, problems, args, n)
     if follower:                                 # decodes in step with its group's first rank, which writes
         return n, ks, merge, follower, config, checks, {j: resume_jsonl(p, peek=True) for j, p in paths.items()}
-    lock_output(paths.values(), args.out, [*paths.values(), *map(config_of, paths.values()), out_file, *results,
-                                           *(p for p, m in found.items() if m != n)] if args.overwrite else ())
+    lock_output(paths.values(), [*paths.values(), *map(config_of, paths.values()), out_file, *results,
+                                 *(p for p, m in found.items() if m != n)] if args.overwrite else ())
     done = {j: resume_jsonl(path, checks(j)) for j, path in paths.items()}
     for j, path in paths.items():
         check_resume_config(config_of(path), config, resuming=bool(done[j]))

@@ -1079,7 +1079,7 @@ BAD_INPUTS = [  # a --data file (None: no file; text, or a list of records), its
     ([{"id": 1, "problem": "p", "solution": S}, {"id": 1, "problem": "q", "solution": S}],
      ":2: field 'id': duplicate id '1' (first on line 1)", "rewrite eval"),
     ([{"problem": "p", "answer": "1", "solution": 3}], ":1: field 'solution': expected a string", "eval"),
-    ([{"problem": "p", "answer": "1", "prompt": []}], ":1: field 'prompt': expected non-empty text or chat messages", "eval"),
+    ([{"problem": "p", "answer": "1", "prompt": []}], ":1: field 'prompt': expected non-empty text or chat", "eval"),
     *[([{"problem": "p", "solution": S, "answer": answer}], ":1: field 'answer': expected a non-empty string or a "
        "number", "rewrite eval") for answer in ([1], " ", True)],
     ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
@@ -1329,7 +1329,7 @@ def read_text_or_empty(path):
 def hold_lock(path):
     """Another process holding dail's lock on `path` (an output file, or train's folder), killed (-9) at the end."""
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import dail; "
-            f"dail.lock_output([{str(path)!r}], 'x'); print('held', flush=True); time.sleep(600)")
+            f"dail.lock_output([{str(path)!r}]); print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
@@ -1348,7 +1348,7 @@ def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, 
     for held, argv in runs:
         with hold_lock(held):
             code, err = run_cli(argv, capsys)
-        assert code == 2 and err.count("\n") == 1 and f"another run is writing {held} now" in err, err
+        assert code == 2 and err.count("\n") == 1 and f"{held}: another run is writing it now" in err, err
         assert not read_text_or_empty(held if held.suffix else held / "metrics.jsonl")     # nothing written
         assert run_cli(argv, capsys)[0] == 0                   # the OS dropped the lock of the killed process
     with hold_lock(dail.shard_path(ev / "s" / "samples.jsonl", 0, 2)):   # shards of one job lock their own parts
