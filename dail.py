@@ -1495,8 +1495,13 @@ def check_own_inputs(out, outputs, inputs, model=None, folder=None):
                     raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
 
 
-def check_out(args, command):
-    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input."""
+_LOCKS = []  # the output locks this command holds; main() releases them when the command ends
+
+
+def check_out(args, command, lock=None, clear=()):
+    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input. Flocks each
+    of `lock` (default: --out) till the command ends or dies (two runs on one file interleave records), via a hidden
+    file; then removes `clear` (--overwrite: what an earlier run left, files or folders)."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
     if command == "rewrite":
         outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
@@ -1510,26 +1515,19 @@ def check_out(args, command):
             open(p, "a").close()
     except OSError as e:
         raise DailError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    return p
-
-
-_LOCKS = []  # the output locks this command holds; main() releases them when the command ends
-
-
-def lock_output(paths, clear=()):
-    """Flock each of `paths` (via a hidden file) till the command ends or dies, as two runs on one file interleave
-    records; then remove `clear` (--overwrite: what an earlier run left, files or folders)."""
-    for p in map(Path, paths):
-        lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
+    for path in [p] if lock is None else map(Path, lock):
+        file = path / ".dail.lock" if path.is_dir() else path.with_name(f".{path.name}.lock")
         try:
-            _LOCKS.append(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
+            _LOCKS.append(os.open(file, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
             fcntl.flock(_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DailError(f"{p}: another run is writing it now; let it finish, or use another --out") from None
+            raise DailError(f"{path}: another run is writing it now; let it finish, or use another --out") from None
         except OSError as e:                    # a file system without locks (some NFS): run, but say so
-            print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
-    for p in map(Path, clear):
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            print(f"note: {file}: cannot be locked ({e.strerror}); make sure no other run writes {path}",
+                  file=sys.stderr)
+    for path in map(Path, clear):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    return p
 
 
 def guard_train_out(args):
@@ -1538,8 +1536,8 @@ def guard_train_out(args):
         raise DailError("--resume and --overwrite: choose one")
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    out = check_out(args, "train")
-    lock_output([out], [out / name for name in TRAIN_RESULTS] if args.overwrite else ())
+    clear = [Path(args.out).expanduser() / name for name in TRAIN_RESULTS] if args.overwrite else ()
+    out = check_out(args, "train", clear=clear)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "
@@ -1790,7 +1788,6 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     """rewrite's and eval's start -> (n, ks, merge, follower, config, checks, done): the split into n, the shards ks
     this process decodes (each its own part file, resumed alone: done[k]) and how they merge. A plain run finishes
     an earlier split's parts, then merges; --overwrite clears them and `results`."""
-    check_out(args, command)
     k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
@@ -1810,8 +1807,8 @@ def start_job(command, out_file, args, engine, problems, config_of, *results):
     config, checks = run_config(args, command), output_checks(command, problems, args, n)
     if follower:                                 # decodes in step with its group's first rank, which writes
         return n, ks, merge, follower, config, checks, {j: resume_jsonl(p, peek=True) for j, p in paths.items()}
-    lock_output(paths.values(), [*paths.values(), *map(config_of, paths.values()), out_file, *results,
-                                 *(p for p, m in found.items() if m != n)] if args.overwrite else ())
+    check_out(args, command, paths.values(), [*paths.values(), *map(config_of, paths.values()), out_file, *results,
+                                              *(p for p, m in found.items() if m != n)] if args.overwrite else ())
     done = {j: resume_jsonl(path, checks(j)) for j, path in paths.items()}
     for j, path in paths.items():
         check_resume_config(config_of(path), config, resuming=bool(done[j]))

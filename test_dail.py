@@ -1328,8 +1328,9 @@ def read_text_or_empty(path):
 @contextlib.contextmanager
 def hold_lock(path):
     """Another process holding dail's lock on `path` (an output file, or train's folder), killed (-9) at the end."""
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import dail; "
-            f"dail.lock_output([{str(path)!r}]); print('held', flush=True); time.sleep(600)")
+    lock = path / ".dail.lock" if path.is_dir() else path.with_name(f".{path.name}.lock")     # dail.py's lock file
+    code = (f"import fcntl, os, time; fcntl.flock(os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX); "
+            f"print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
