@@ -1203,7 +1203,7 @@ def first_line(e, width=200):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:width]
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):  # (so that no `except Exception` turns a signal into an error)
     """Interrupted(message, 128 + signal): a run stopped by SIGTERM/SIGINT after saving what --resume needs."""
 
 
