@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")        # an unreachable hub id fails fast with our message, not
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")    # after retries (set here, before huggingface_hub reads them)
@@ -417,7 +418,7 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
         if names == [validator]:                                                 # every token a fallback
             return sample_with(probs[0], u[:, :1]).squeeze(1), None
         return mix_step(probs[0], probs[-1], model_probs(logits[-1]), args.threshold, args.retries, u)
-    with progress(total=len(todo), desc="rewrite", unit="trace") as bar:
+    with tqdm(total=len(todo), desc="rewrite", unit="trace") as bar:
         for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
             rows = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
             if engine == "vllm":
@@ -711,7 +712,7 @@ def cmd_train(args):
     # data order: a permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
-    with stop_signals(ddp, device) as stopped, progress(total=total_steps, initial=start, unit="step",
+    with stop_signals(ddp, device) as stopped, tqdm(total=total_steps, initial=start, unit="step",
                                                         desc=f"train {args.objective}",
                                                         disable=not master or not sys.stderr.isatty()) as bar:
         for step in range(start, total_steps):
@@ -815,7 +816,7 @@ def cmd_eval(args):
     for k, mine in ((k, mine) for k, mine in todo.items() if mine):
         print(f"eval: {len(mine)} problems x {args.n} samples, {engine} ({len(job.done[k])} in {job.paths[k]})",
               file=sys.stderr)
-        with open(job.paths[k], "a", encoding="utf-8") as f, progress(total=len(mine), desc="eval") as bar:
+        with open(job.paths[k], "a", encoding="utf-8") as f, tqdm(total=len(mine), desc="eval") as bar:
             for chunk in (mine[i:i + per_call] for i in range(0, len(mine), per_call)):
                 outputs = sampler([prompts[p["id"]] for p in chunk], [args.seed + p["index"] for p in chunk],
                                   [p["id"] for p in chunk])
@@ -1168,17 +1169,14 @@ def load_problems(path, need_solution, need_answer):
     """A problem file, checked before any model loads -> dicts: id (str), index, where, problem, solution (or None),
     answer (`answer`, else the last \\boxed{} of `solution`, else None), prompt (None, or its own eval prompt)."""
     problems, seen = [], {}
-    for lineno, rec in read_jsonl(path):
-        for name in ("problem", "solution") if need_solution else ("problem",):
-            require(path, lineno, rec, name)
+    for lineno, rec in read_jsonl(path, fields=dict(problem=str, solution=str) if need_solution else dict(problem=str)):
         where, solution, prompt = f"{path}:{lineno}", rec.get("solution"), rec.get("prompt")
         if solution is not None and not isinstance(solution, str):
             raise DailError(f"{where}: field 'solution': expected a string")
         chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                            and isinstance(m.get("content"), str) for m in prompt)
         if not (prompt is None or chat or isinstance(prompt, str) and prompt.strip()):
-            raise DailError(f"{where}: field 'prompt': expected a non-empty string or a non-empty list of chat "
-                            f"messages {{\"role\": string, \"content\": string}}")
+            raise DailError(f"{where}: field 'prompt': expected non-empty text or chat messages (role, content)")
         pid = str(require(path, lineno, rec, "id", (str, int)) if "id" in rec else lineno)
         if (first := seen.setdefault(pid, lineno)) != lineno:
             raise DailError(f"{where}: field 'id': duplicate id {pid!r} (first on line {first})")
@@ -1197,19 +1195,17 @@ def first_line(e, width=200):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:width]
 
 
-class Interrupted(Exception):
-    """A run stopped by SIGTERM/SIGINT after saving what --resume needs: one line, exit code 128 + signal."""
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
+class Interrupted(KeyboardInterrupt):  # (so that no `except Exception` turns a signal into an error)
+    """Interrupted(message, 128 + signal): a run stopped by SIGTERM/SIGINT after saving what --resume needs."""
 
 
-def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=False):
-    """[(line number, record)] of a JSONL file; a bad line (or check(record) -> fault) is a DailError naming it."""
+def read_jsonl(path, flag="--data", fields=None, hint="", resume=False, check=lambda rec: None, peek=False):
+    """[(line number, record)] of a JSONL file; a bad line, a record without `fields` ({name: type}: require) or
+    check(record) -> fault is a DailError naming it. resume: an earlier run's output (maybe absent)."""
     if not (p := Path(path)).is_file() and not resume:
         raise DailError(f"{flag} {path}: no such file")
     data = p.read_bytes() if p.is_file() else b""
-    # resume: an earlier run's output (maybe absent), written a record a write: only its last line can be cut short
+    # an output is written a record a write: only its last line can be cut short
     if resume and data and not data.endswith(b"\n"):
         data = data[:data.rfind(b"\n") + 1]
         if not peek:
@@ -1229,10 +1225,12 @@ def read_jsonl(path, flag="--data", resume=False, check=lambda rec: None, peek=F
         if not fault:
             records.append((lineno, rec))
         elif not peek:                                   # peek: a bad line is skipped, never an error
-            raise DailError(f"{path}:{lineno}: {fault}" + (" in an earlier run's output; move the file away (or "
-                                                           "--overwrite) to start over" if resume else ""))
+            raise DailError(f"{path}:{lineno}: {fault}" + (f" in an earlier run's output; {START_OVER}" * resume))
     if not (records or resume):
         raise DailError(f"{path}: empty file, no JSON lines")
+    for lineno, rec in records:                           # fields: once every line parses
+        for name, kind in (fields or {}).items():
+            require(path, lineno, rec, name, kind, hint)
     return records
 
 
@@ -1303,17 +1301,21 @@ def write_atomic(path, content):
 
 def load_training_records(args):
     """(the records train learns from, the number not kept): kept traces, or --sft-target expert's solutions."""
-    rows, expert = read_jsonl(args.data), args.objective == "sft" and args.sft_target == "expert"
+    expert = args.objective == "sft" and args.sft_target == "expert"
+    fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
+    hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
+    rows = read_jsonl(args.data, fields=fields, hint=hint)
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
-    fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
-    hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
-    for lineno, r in rows:
-        for name, kind in fields.items():
-            require(args.data, lineno, r, name, kind, hint)
-        if not expert:
-            check_token_ids(args.data, lineno, r["response_ids"], args.model)
+    vocab = None
+    with contextlib.suppress(Exception):                      # no config.json (a hub id): any id >= 0
+        vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
+    for lineno, r in [] if expert else rows:                 # token ids of --model, checked before it loads
+        ids = r["response_ids"]
+        if bad := [(i, t) for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab]:
+            raise DailError(f"{args.data}:{lineno}: field 'response_ids': item {bad[0][0]} is {bad[0][1]!r}, not a "
+                            f"token id (an integer in [0, {vocab or 'the vocabulary size'}) for --model {args.model})")
     records = [dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, args.objective == "dail"))
                for lineno, r in rows if expert or r["kept"]]
     if not records:
@@ -1363,11 +1365,6 @@ def write_rewrite_summary(out, args, problems, traces, skipped, shortened):
                    settings={k: v for k, v in dataclasses.asdict(args).items() if k != "leak_phrases"})
     write_atomic(out.with_suffix(".summary.json"), json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("problems", "traces", "kept", "reject_reasons")}), file=sys.stderr)
-
-
-def progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(iterable, dynamic_ncols=True, **kw)
 
 
 def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
@@ -1460,15 +1457,6 @@ def check_resume_config(path, config, resuming):
     write_atomic(path, json.dumps(config, indent=2))
 
 
-def clear_results(*paths):
-    """--overwrite: remove what an earlier run left (files or folders); what is not there is skipped."""
-    for p in map(Path, paths):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-
-
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
     """Whatever the flags, no path of `outputs` is (by any link) an input or a model file, nor `folder` the model's."""
     files = {f"{flag} {path}": path for flag, path in inputs.items() if path}
@@ -1484,8 +1472,13 @@ def check_own_inputs(out, outputs, inputs, model=None, folder=None):
                     raise DailError(f"--out {out}: would write over {what}, an input of this run; use another --out")
 
 
-def check_out(args, command):
-    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input."""
+_LOCKS = []  # the output locks this command holds; main() releases them when the command ends
+
+
+def check_out(args, command, lock=None, clear=()):
+    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input. Flocks each
+    of `lock` (default: --out) till the command ends or dies (two runs on one file interleave records), via a hidden
+    file; then removes `clear` (--overwrite: what an earlier run left, files or folders)."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
     if command == "rewrite":
         outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
@@ -1499,23 +1492,19 @@ def check_out(args, command):
             open(p, "a").close()
     except OSError as e:
         raise DailError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+    for path in [p] if lock is None else map(Path, lock):
+        file = path / ".dail.lock" if path.is_dir() else path.with_name(f".{path.name}.lock")
+        try:
+            _LOCKS.append(os.open(file, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
+            fcntl.flock(_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DailError(f"{path}: another run is writing it now; let it finish, or use another --out") from None
+        except OSError as e:                    # a file system without locks (some NFS): run, but say so
+            print(f"note: {file}: cannot be locked ({e.strerror}); make sure no other run writes {path}",
+                  file=sys.stderr)
+    for path in map(Path, clear):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
     return p
-
-
-_LOCKS = []  # the output locks this command holds; main() releases them when the command ends
-
-
-def lock_output(path, out):
-    """Flock `path` (via a hidden file) till the command ends or dies: two runs on one file interleave records."""
-    p = Path(path)
-    lock = p / ".dail.lock" if p.is_dir() else p.with_name(f".{p.name}.lock")
-    try:
-        _LOCKS.append(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))       # main() closes it, locked or not
-        fcntl.flock(_LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise DailError(f"--out {out}: another run is writing {p} now; let it finish, or use another --out") from None
-    except OSError as e:                        # a file system without locks (some NFS): run, but say so
-        print(f"note: {lock}: cannot be locked ({e.strerror}); make sure no other run writes {p}", file=sys.stderr)
 
 
 def guard_train_out(args):
@@ -1526,14 +1515,12 @@ def guard_train_out(args):
         raise DailError(f"--resume: {Path(args.out) / 'checkpoint.pt'} does not exist")
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    out = check_out(args, "train")
-    lock_output(out, args.out)
+    clear = [Path(args.out).expanduser() / name for name in TRAIN_RESULTS] if args.overwrite else ()
+    out = check_out(args, "train", clear=clear)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "
                         f"use another --out, --resume to continue it, or --overwrite to start over")
-    if args.overwrite:
-        clear_results(*(out / name for name in TRAIN_RESULTS))
     for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
         stale.unlink()
     check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
@@ -1748,7 +1735,7 @@ def start_job(command, args, problems):
     """rewrite's and eval's setup -> job: the engine, out_file (records), the split into n, the shards ks this process
     decodes, each into paths[k] (os.devnull for a vLLM follower) and resumed alone (done[k]); expected[k]: the keys of
     shard k's records. A plain run finishes an earlier split's parts, then merges (gather_parts)."""
-    out, engine, rewrite = check_out(args, command), pick_engine(args), command == "rewrite"
+    out, engine, rewrite = Path(args.out).expanduser(), pick_engine(args), command == "rewrite"
     out_file = out if rewrite else out / "samples.jsonl"
     k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
@@ -1781,12 +1768,10 @@ def start_job(command, args, problems):
     if follower:                                 # decodes in step with its group's first rank, which writes
         job.done = {j: resume_jsonl(parts[j], peek=True) for j in ks}
         return job
-    for path in job.paths.values():
-        lock_output(path, args.out)
-    if args.overwrite:
-        results = [out.with_suffix(".summary.json")] if rewrite else [out / name for name in EVAL_RESULTS]
-        clear_results(*job.paths.values(), *map(job.config_of, job.paths.values()), out_file, job.config_of(out_file),
-                      *results, *(p for p, m in found.items() if m != n))
+    results = [out.with_suffix(".summary.json")] if rewrite else [out / name for name in EVAL_RESULTS]
+    check_out(args, command, job.paths.values(), [  # --overwrite: what an earlier run of this job left
+        *job.paths.values(), *map(job.config_of, job.paths.values()), out_file, job.config_of(out_file), *results,
+        *(p for p, m in found.items() if m != n)] if args.overwrite else ())
     job.done = {j: resume_jsonl(path, job.check(j)) for j, path in job.paths.items()}
     for j, path in job.paths.items():
         check_resume_config(job.config_of(path), job.config, resuming=bool(job.done[j]))
@@ -1963,17 +1948,6 @@ def load_model(name, device, dtype, trust_remote_code=False):
     return from_pretrained(AutoModelForCausalLM, "model", name, trust_remote_code, dtype=dtype).to(device)
 
 
-def check_token_ids(path, lineno, ids, model):
-    """Each response_ids item must be a token id of --model (< config.json's vocab_size), checked before it loads."""
-    vocab = None
-    with contextlib.suppress(Exception):  # no config.json (a hub id): any id >= 0
-        vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
-    bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab), None)
-    if bad is not None:
-        raise DailError(f"{path}:{lineno}: field 'response_ids': item {bad} is {ids[bad]!r}, not a token id "
-                        f"(an integer in [0, {vocab or 'the vocabulary size'}) for --model {model})")
-
-
 def stop_token_ids(tok, name):
     """Tokens that end a response: the tokenizer's and the generation config's EOS, and ChatML's end of turn."""
     from transformers import GenerationConfig
@@ -2065,10 +2039,9 @@ def build_parser():
         p = sub.add_parser(name, help=doc, description=doc)
         for f in dataclasses.fields(cls):
             kind = dict(action="store_true") if f.type is bool else dict(type=f.type)   # parsed by the annotation
-            kw = dict(kind, default=f.default, **f.metadata)
-            if f.default is not None and f.type is not bool:
-                kw["help"] += f" (default: {f.default})"
-            p.add_argument("--" + f.name.replace("_", "-"), **kw)
+            shown = "" if f.default is None or f.type is bool else f" (default: {f.default})"
+            p.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                           **kind, **dict(f.metadata, help=f.metadata["help"] + shown))
     return parser
 
 
@@ -2082,24 +2055,22 @@ def main(argv=None):
     hint = ("rerun with --resume to continue (or --overwrite when no checkpoint.pt was written)" if args.command ==
             "train" else "rerun the same command to resume")            # rewrite and eval skip what is written
 
-    def terminate(signum, frame):   # SIGTERM (preemption, `kill`) ends a command as Ctrl-C does (train saves first)
+    def terminate(signum, frame):   # SIGTERM (preemption, `kill`) and Ctrl-C end a command (train saves first)
         raise Interrupted(f"interrupted; {hint}", 128 + signum)
     on_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
-    previous = signal.signal(signal.SIGTERM, terminate) if on_main else None
+    previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
     try:
         run(config)
         return 0
     except (DailError, Interrupted) as e:    # (Interrupted without a message: a torchrun rank whose master says it)
-        message, code = (str(e), e.code) if isinstance(e, Interrupted) else (f"error: {e}", 2)
-    except KeyboardInterrupt:
-        message, code = f"interrupted; {hint}", 130
+        message, code = e.args if isinstance(e, Interrupted) else (f"error: {e}", 2)
     except OSError as e:                     # a full disk while appending records: each line is whole or cut off
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         message, code = f"error: {e.filename or '--out'}: the disk is full; free space and {hint}", 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         while _LOCKS:                        # the output locks end with the command (a test runs many in one process)
             os.close(_LOCKS.pop())
     if message:

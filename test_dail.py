@@ -1077,12 +1077,14 @@ BAD_INPUTS = [  # a --data file (None: no file; text, or a list of records), its
      "rewrite eval"),
     ([{"id": 1, "problem": "p", "solution": S}, {"id": 1, "problem": "q", "solution": S}],
      ":2: field 'id': duplicate id '1' (first on line 1)", "rewrite eval"),
+    ([{"problem": "p", "answer": "1", "solution": 3}], ":1: field 'solution': expected a string", "eval"),
+    ([{"problem": "p", "answer": "1", "prompt": []}], ":1: field 'prompt': expected non-empty text or chat", "eval"),
     *[([{"problem": "p", "solution": S, "answer": answer}], ":1: field 'answer': expected a non-empty string or a "
        "number", "rewrite eval") for answer in ([1], " ", True)],
     ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
      "`rewrite`)", "train"),
     ([dict(TRACE, response_ids=[1, 2], kept=False)], "no trace has kept=true (1 rejected by the filter)", "train"),
-    ([dict(TRACE, response_ids=[1, -3])], ":1: field 'response_ids': item 1 is -3, not a token id", "train"),
+    ([dict(TRACE, response_ids=[-3, 1])], ":1: field 'response_ids': item 0 is -3, not a token id", "train"),
     ([dict(TRACE, response_ids=[2, True])], ":1: field 'response_ids': item 1 is True, not a token id", "train"),
     ([dict(TRACE, response_ids=[99, 100])], ":1: field 'response_ids': item 1 is 100, not a token id (an integer in "
      "[0, 100) for --model", "train"),                                      # the vocabulary of --model's config.json
@@ -1125,7 +1127,7 @@ def test_eval_checks_samples_against_data_and_plots_pass_at_k(tmp_path, capsys, 
         samples.write_bytes(good + line.encode("latin-1") + b"\n")
         code, err = run_cli(argv, capsys)
         assert code == 2 and err.strip() == (f"dail.py eval: error: {samples}:3: {fault} in an earlier run's output; "
-                                             f"move the file away (or --overwrite) to start over"), err
+                                             f"use another --out, or --overwrite to start over"), err
         assert json.loads((out / "summary.json").read_text())["problems"] == 2    # the summary was not rewritten
     samples.write_bytes(good)
     config = (out / "eval_config.json").read_bytes()
@@ -1325,8 +1327,9 @@ def read_text_or_empty(path):
 @contextlib.contextmanager
 def hold_lock(path):
     """Another process holding dail's lock on `path` (an output file, or train's folder), killed (-9) at the end."""
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import dail; "
-            f"dail.lock_output({str(path)!r}, 'x'); print('held', flush=True); time.sleep(600)")
+    lock = path / ".dail.lock" if path.is_dir() else path.with_name(f".{path.name}.lock")     # dail.py's lock file
+    code = (f"import fcntl, os, time; fcntl.flock(os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX); "
+            f"print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
@@ -1345,7 +1348,7 @@ def test_a_second_run_on_one_out_is_refused(tmp_path, capsys, tiny, shard_data, 
     for held, argv in runs:
         with hold_lock(held):
             code, err = run_cli(argv, capsys)
-        assert code == 2 and err.count("\n") == 1 and f"another run is writing {held} now" in err, err
+        assert code == 2 and err.count("\n") == 1 and f"{held}: another run is writing it now" in err, err
         assert not read_text_or_empty(held if held.suffix else held / "metrics.jsonl")     # nothing written
         assert run_cli(argv, capsys)[0] == 0                   # the OS dropped the lock of the killed process
     with hold_lock(ev / "s" / "samples.part0-of-2.jsonl"):   # shards of one job lock their own parts
@@ -1492,7 +1495,7 @@ def test_rewrite_resume_refuses_other_settings_data_or_records(tmp_path, capsys,
         write_jsonl(out, records + [extra])
         code, err = run_cli(argv, capsys)
         assert code == 2 and err.strip() == (f"dail.py rewrite: error: {out}:{len(records) + 1}: {fault} in an earlier "
-                                             f"run's output; move the file away (or --overwrite) to start over"), err
+                                             f"run's output; use another --out, or --overwrite to start over"), err
     write_jsonl(out, records)
     assert run_cli(argv, capsys)[0] == 0 and read_lines(out) == records     # the run's own file resumes as before
     grader = "math-verify" if math_verify_importable() else "builtin"
