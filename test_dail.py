@@ -278,16 +278,11 @@ def test_mix_step_exact_enumeration(monkeypatch):
 
 
 def test_threshold_uses_the_raw_probability_issue_example():
-    """Issue 9: at temperature 0.6, top-p 0.95, top-k 20, a raw 0.6 becomes 0.87 in the sampling
-    distribution; τ = 0.8 must reject it. And the resulting token distribution moves by a large TV."""
+    """Issue 9: at temperature 0.6, top-p 0.95, top-k 20, a raw 0.6 becomes 0.87 in the sampling distribution;
+    τ = 0.8 must reject it (mix_step tests the raw q: P5/PV5/Q5 above). The token distribution moves by a large TV."""
     raw = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64).log()
     sampled, model = dail.sampling_probs(raw, 0.6, 0.95, 20)[0], dail.model_probs(raw)[0]
     assert float(sampled[0]) == pytest.approx(0.868, abs=0.001) and float(model[0]) == pytest.approx(0.6)
-    proposer = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]]).expand(1000, 5)       # always proposes token 0
-    u = torch.rand(1000, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for tested, passes in [(model, False), (sampled, True)]:   # the released rule rejects it, the tempered check not
-        _, accepted = dail.mix_step(proposer, *(x.float().expand(1000, 5) for x in (sampled, tested)), 0.8, 5, u)
-        assert bool(accepted.all()) == passes and bool(accepted.any()) == passes
     # one step's token distribution, student raw [0.7, 0.2, ...] proposing to this validator, R = 5:
     student = torch.tensor([[0.7, 0.2, 0.05, 0.03, 0.02]], dtype=torch.float64).log()
     tv = lambda a, b: 0.5 * float((a - b).abs().sum())  # noqa: E731
@@ -321,9 +316,7 @@ def test_sampling_probs_and_model_probs_against_direct_computation():
     np.testing.assert_allclose(dail.model_probs(logits).numpy(), torch.softmax(logits, -1).numpy(), atol=1e-6)
     banned = logits.clone()
     banned[:, 3] = float("-inf")                                        # what decode does to </think>
-    q, keep = dail.model_probs(banned), [i for i in range(50) if i != 3]
-    assert torch.all(q[:, 3] == 0)
-    np.testing.assert_allclose(q[:, keep].numpy(), torch.softmax(logits[:, keep], -1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(dail.model_probs(banned).numpy(), torch.softmax(banned, -1).numpy(), atol=1e-6)
 
 
 def test_counter_uniforms_are_the_hash_of_the_trace():
@@ -365,11 +358,10 @@ def unpadded_logits(model, ids):
 
 
 @pytest.mark.parametrize("penalty", [0.0, 1.5])
-def test_decode_equals_each_context_alone(model, tok, penalty):
+def test_decode_equals_each_context_alone(model, tok, penalty, recwarn):
     """Every step's logits [G, b, V] (3 traces x 2 contexts of other lengths, one KV cache) = that context's alone,
     unpadded, minus the penalty on the tokens the trace generated (not the prompt's); finished traces leave the
     batch (trace 1 stops at step 2, trace 0 at step 4); and no transformers deprecation warning (the cache keyword)."""
-    import warnings
     rng = np.random.default_rng(0)
     contexts = [[[int(t) for t in rng.integers(0, 256, n)] for n in lengths] for lengths in [(5, 17), (12, 9), (3, 30)]]
     stop, plan, seen = model.config.vocab_size - 1, {1: 2, 0: 4}, []
@@ -379,10 +371,8 @@ def test_decode_equals_each_context_alone(model, tok, penalty):
         toks = logits[0, :, :-1].argmax(-1)
         toks[torch.tensor([plan.get(i) == step for i in rows.tolist()])] = stop
         return toks, rows == 2                                     # trace 2's tokens count as accepted
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = dail.decode(model, contexts, choose, 8, [stop], tok.pad_token_id, presence_penalty=penalty)
-    bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+    out = dail.decode(model, contexts, choose, 8, [stop], tok.pad_token_id, presence_penalty=penalty)
+    bad = [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))
            and ("transformers" in w.filename or "past_key_values" in str(w.message) or "cache" in str(w.message))]
     assert not bad, bad
     assert [(len(r["ids"]), r["finish_reason"], r["stop_id"]) for r in out] == [(4, "stop", stop), (2, "stop", stop),
@@ -455,9 +445,7 @@ def test_rewrite_end_to_end_resume_and_grader(tmp_path, capsys, expert, tiny, mo
     assert read_lines(out) == traces
     out.write_text(out.read_text()[:-20])
     code, err = run_cli(argv, capsys)
-    assert code == 0 and "half-written" in err
-    again = read_lines(out)
-    assert len(again) == 9 and again[:8] == traces[:8] and again[8]["sample"] == traces[8]["sample"]
+    assert code == 0 and "half-written" in err and read_lines(out) == traces    # the same trace again
     code, err = run_cli(argv[:-1] + [0.9], capsys)            # a resume with other settings is refused
     assert code == 2 and "threshold=0.5" in err
 
@@ -981,8 +969,7 @@ def test_extract_boxed(text, want):
     ("5", None), (None, None),
 ]])
 def test_is_equiv(pred, ref, want):
-    assert dail.is_equiv(pred, ref) is want
-    assert dail.is_equiv(ref, pred) is want or not want  # an equality holds both ways
+    assert dail.is_equiv(pred, ref) is want and dail.is_equiv(ref, pred) is want   # both ways
 
 
 def test_numeric_answers_are_the_text_written_and_a_trace_needs_an_answer(tmp_path, capsys):
