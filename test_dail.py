@@ -316,7 +316,9 @@ def test_sampling_probs_and_model_probs_against_direct_computation():
     np.testing.assert_allclose(dail.model_probs(logits).numpy(), torch.softmax(logits, -1).numpy(), atol=1e-6)
     banned = logits.clone()
     banned[:, 3] = float("-inf")                                        # what decode does to </think>
-    np.testing.assert_allclose(dail.model_probs(banned).numpy(), torch.softmax(banned, -1).numpy(), atol=1e-6)
+    q = dail.model_probs(banned)
+    assert torch.all(q[:, 3] == 0)
+    np.testing.assert_allclose(q.numpy(), torch.softmax(banned, -1).numpy(), atol=1e-6)
 
 
 def test_counter_uniforms_are_the_hash_of_the_trace():
