@@ -423,7 +423,7 @@ def test_rewrite_greedy_is_the_contexts_own_greedy_decode(tmp_path, capsys, expe
 # ==== Step 1, filtering the traces, and the rewrite command ===========================================================
 def test_rewrite_end_to_end_resume_and_grader(tmp_path, capsys, expert, tiny, monkeypatch):
     """Every field of traces.jsonl; the filter grades with --grader, recorded in the summary and the resume config;
-    a resume adds nothing, writes a half-written last line again, and refuses other settings."""
+    a resume writes a half-written last line again (its refusals: Appendix B.2)."""
     seen, real = [], dail.grade
     monkeypatch.setattr(dail, "grade", lambda text, ref, grader: seen.append(grader) or real(text, ref, grader))
     out = tmp_path / "r" / "traces.jsonl"
@@ -442,14 +442,9 @@ def test_rewrite_end_to_end_resume_and_grader(tmp_path, capsys, expert, tiny, mo
     assert summary["traces"] == 9 and summary["kept"] + sum(summary["reject_reasons"].values()) == 9
     assert summary["grader"] == {"name": "builtin"}
     assert json.loads(out.with_suffix(".config.json").read_text())["grader"] == "builtin"
-    # resume: nothing added, nothing lost; a half-written last line is cut and written again
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(out) == traces
     out.write_text(out.read_text()[:-20])
     code, err = run_cli(argv, capsys)
     assert code == 0 and "half-written" in err and read_lines(out) == traces    # the same trace again
-    code, err = run_cli(argv[:-1] + [0.9], capsys)            # a resume with other settings is refused
-    assert code == 2 and "threshold=0.5" in err
 
 
 def test_filter_reasons_and_keep_limit(tok):
@@ -2418,8 +2413,7 @@ def test_shortcut_checker_on_hand_written_traces(n, trace, want):
 def test_shortcut_checker_agrees_with_the_worlds_generators():
     import shortcut
     import world
-    assert shortcut.parse_problem(world.problem_text(17, 83)) == (17, 83)
-    assert shortcut.parse_problem("What is 2+3?") is None
+    assert shortcut.parse_problem(world.problem_text(17, 83)) == (17, 83) and not shortcut.parse_problem("What is 2+3?")
     for a in world.BASES:
         for n in (20, 21, 22, 23, 57, 99):                    # every remainder of both periods
             assert shortcut.classify(shortcut.leap_trace(a, n), a, n) == ("derived", None)
