@@ -254,8 +254,7 @@ def test_mix_step_distribution(p, pv, q, threshold, retries):
 
 
 def test_mix_step_exact_enumeration(monkeypatch):
-    """Every outcome of the R proposer draws and the fallback draw, weighed with exact fractions, run
-    through mix_step itself (sample_with replaced by the enumerated draws): the closed form, exactly."""
+    """Every outcome of the R proposals and the fallback, in exact fractions, through mix_step: the closed form."""
     import itertools
     V, R, threshold = 4, 3, Fraction(1, 4)
     p = [Fraction(1, 2), Fraction(1, 4), Fraction(1, 8), Fraction(1, 8)]
@@ -2364,10 +2363,9 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
 def test_quickstart_table_one_seed_has_no_spread():
     import quickstart
     run = dict(pass_at_k={"1": 0.25, "8": 0.5}, mean_tokens=100.0, mean_tokens_correct=90.0, truncated=0.0)
-    one = quickstart.table(quickstart.aggregate({0: {m: run for m, _, _ in quickstart.METHODS}}), 8)
-    assert "±" not in one and "25.0" in one
-    two = quickstart.table(quickstart.aggregate({s: {m: run for m, _, _ in quickstart.METHODS} for s in (0, 1)}), 8)
-    assert "25.0 ± 0.0" in two
+    one, two = (quickstart.table(quickstart.aggregate({s: {m: run for m, *_ in quickstart.METHODS} for s in seeds}), 8)
+                for seeds in ((0,), (0, 1)))
+    assert "±" not in one and "25.0" in one and "25.0 ± 0.0" in two
 
 
 sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
@@ -2675,8 +2673,7 @@ def as_response(text):
 @pytest.mark.parametrize("response,reference,want,exact", [(*c, True) for c in FORMAT_CASES] +
                          [(*c, False) for c in SYMBOLIC_CASES] + [(a, b, False, True) for a, b in NEVER_EQUAL])
 def test_builtin_grader_on_the_cases(response, reference, want, exact):
-    """Every format case and NEVER_EQUAL exactly (both ways round when the response has no box); symbolic
-    equivalence is out of scope: missed maybe, never invented."""
+    """Each case exactly, both ways round when unboxed; symbolic equivalence: missed maybe, never invented."""
     got = dail.grade(as_response(response), reference)[1]
     assert got is want if exact else not got or want
     if exact and as_response(response) != response:
