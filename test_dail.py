@@ -253,8 +253,7 @@ def test_mix_step_distribution(p, pv, q, threshold, retries):
 
 
 def test_mix_step_exact_enumeration(monkeypatch):
-    """Every outcome of the R proposer draws and the fallback draw, weighed with exact fractions, run
-    through mix_step itself (sample_with replaced by the enumerated draws): the closed form, exactly."""
+    """Every outcome of the R proposals and the fallback, in exact fractions, through mix_step: the closed form."""
     import itertools
     V, R, threshold = 4, 3, Fraction(1, 4)
     p = [Fraction(1, 2), Fraction(1, 4), Fraction(1, 8), Fraction(1, 8)]
@@ -277,16 +276,11 @@ def test_mix_step_exact_enumeration(monkeypatch):
 
 
 def test_threshold_uses_the_raw_probability_issue_example():
-    """Issue 9: at temperature 0.6, top-p 0.95, top-k 20, a raw 0.6 becomes 0.87 in the sampling
-    distribution; τ = 0.8 must reject it. And the resulting token distribution moves by a large TV."""
+    """Issue 9: at temperature 0.6, top-p 0.95, top-k 20, a raw 0.6 becomes 0.87 in the sampling distribution;
+    τ = 0.8 must reject it (mix_step tests the raw q: P5/PV5/Q5 above). The token distribution moves by a large TV."""
     raw = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64).log()
     sampled, model = dail.sampling_probs(raw, 0.6, 0.95, 20)[0], dail.model_probs(raw)[0]
     assert float(sampled[0]) == pytest.approx(0.868, abs=0.001) and float(model[0]) == pytest.approx(0.6)
-    proposer = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]]).expand(1000, 5)       # always proposes token 0
-    u = torch.rand(1000, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for tested, passes in [(model, False), (sampled, True)]:   # the released rule rejects it, the tempered check not
-        _, accepted = dail.mix_step(proposer, *(x.float().expand(1000, 5) for x in (sampled, tested)), 0.8, 5, u)
-        assert bool(accepted.all()) == passes and bool(accepted.any()) == passes
     # one step's token distribution, student raw [0.7, 0.2, ...] proposing to this validator, R = 5:
     student = torch.tensor([[0.7, 0.2, 0.05, 0.03, 0.02]], dtype=torch.float64).log()
     tv = lambda a, b: 0.5 * float((a - b).abs().sum())  # noqa: E731
@@ -320,9 +314,9 @@ def test_sampling_probs_and_model_probs_against_direct_computation():
     np.testing.assert_allclose(dail.model_probs(logits).numpy(), torch.softmax(logits, -1).numpy(), atol=1e-6)
     banned = logits.clone()
     banned[:, 3] = float("-inf")                                        # what decode does to </think>
-    q, keep = dail.model_probs(banned), [i for i in range(50) if i != 3]
+    q = dail.model_probs(banned)
     assert torch.all(q[:, 3] == 0)
-    np.testing.assert_allclose(q[:, keep].numpy(), torch.softmax(logits[:, keep], -1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(q.numpy(), torch.softmax(banned, -1).numpy(), atol=1e-6)
 
 
 def test_counter_uniforms_are_the_hash_of_the_trace():
@@ -364,11 +358,10 @@ def unpadded_logits(model, ids):
 
 
 @pytest.mark.parametrize("penalty", [0.0, 1.5])
-def test_decode_equals_each_context_alone(model, tok, penalty):
+def test_decode_equals_each_context_alone(model, tok, penalty, recwarn):
     """Every step's logits [G, b, V] (3 traces x 2 contexts of other lengths, one KV cache) = that context's alone,
     unpadded, minus the penalty on the tokens the trace generated (not the prompt's); finished traces leave the
     batch (trace 1 stops at step 2, trace 0 at step 4); and no transformers deprecation warning (the cache keyword)."""
-    import warnings
     rng = np.random.default_rng(0)
     contexts = [[[int(t) for t in rng.integers(0, 256, n)] for n in lengths] for lengths in [(5, 17), (12, 9), (3, 30)]]
     stop, plan, seen = model.config.vocab_size - 1, {1: 2, 0: 4}, []
@@ -378,10 +371,8 @@ def test_decode_equals_each_context_alone(model, tok, penalty):
         toks = logits[0, :, :-1].argmax(-1)
         toks[torch.tensor([plan.get(i) == step for i in rows.tolist()])] = stop
         return toks, rows == 2                                     # trace 2's tokens count as accepted
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = dail.decode(model, contexts, choose, 8, [stop], tok.pad_token_id, presence_penalty=penalty)
-    bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+    out = dail.decode(model, contexts, choose, 8, [stop], tok.pad_token_id, presence_penalty=penalty)
+    bad = [str(w.message) for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))
            and ("transformers" in w.filename or "past_key_values" in str(w.message) or "cache" in str(w.message))]
     assert not bad, bad
     assert [(len(r["ids"]), r["finish_reason"], r["stop_id"]) for r in out] == [(4, "stop", stop), (2, "stop", stop),
@@ -430,7 +421,7 @@ def test_rewrite_greedy_is_the_contexts_own_greedy_decode(tmp_path, capsys, expe
 # ==== Step 1, filtering the traces, and the rewrite command ===========================================================
 def test_rewrite_end_to_end_resume_and_grader(tmp_path, capsys, expert, tiny, monkeypatch):
     """Every field of traces.jsonl; the filter grades with --grader, recorded in the summary and the resume config;
-    a resume adds nothing, writes a half-written last line again, and refuses other settings."""
+    a resume writes a half-written last line again (its refusals: Appendix B.2)."""
     seen, real = [], dail.grade
     monkeypatch.setattr(dail, "grade", lambda text, ref, grader: seen.append(grader) or real(text, ref, grader))
     out = tmp_path / "r" / "traces.jsonl"
@@ -449,16 +440,9 @@ def test_rewrite_end_to_end_resume_and_grader(tmp_path, capsys, expert, tiny, mo
     assert summary["traces"] == 9 and summary["kept"] + sum(summary["reject_reasons"].values()) == 9
     assert summary["grader"] == {"name": "builtin"}
     assert json.loads(out.with_suffix(".config.json").read_text())["grader"] == "builtin"
-    # resume: nothing added, nothing lost; a half-written last line is cut and written again
-    assert run_cli(argv, capsys)[0] == 0
-    assert read_lines(out) == traces
     out.write_text(out.read_text()[:-20])
     code, err = run_cli(argv, capsys)
-    assert code == 0 and "half-written" in err
-    again = read_lines(out)
-    assert len(again) == 9 and again[:8] == traces[:8] and again[8]["sample"] == traces[8]["sample"]
-    code, err = run_cli(argv[:-1] + [0.9], capsys)            # a resume with other settings is refused
-    assert code == 2 and "threshold=0.5" in err
+    assert code == 0 and "half-written" in err and read_lines(out) == traces    # the same trace again
 
 
 def test_filter_reasons_and_keep_limit(tok):
@@ -473,17 +457,14 @@ def test_filter_reasons_and_keep_limit(tok):
             (dict(pred=None, correct=False), False, "no_answer"), (wrong, False, "wrong_answer"),
             (dict(response="By the Reference Solution, \\boxed{5}"), False, "mentions_reference")]:
         assert dail.filter_reason(dict(base, **change), leak, keep_truncated) == want, change
-    args = dict(no_filter=False, keep_per_problem=1, keep_truncated=False, grader="builtin")
-    problem = dict(id="p", problem="q", solution="s", answer="5")
-    good = dict(ids=tok("ok \\boxed{5}", add_special_tokens=False)["input_ids"], finish_reason="stop", n_accepted=1,
-                n_fallback=0)
     # --thinking: a prefix is neither graded nor filtered, even unfinished and unboxed (the keep limit still holds)
-    prefix = dict(ids=tok("no box", add_special_tokens=False)["input_ids"], finish_reason="length", n_accepted=0,
-                  n_fallback=1)
-    for thinking, result in [(False, good), (True, prefix)]:
-        sink = StringIO()
-        dail.write_traces(sink, tok, SimpleNamespace(**args, thinking=thinking), problem, [0, 1, 2], [result] * 3,
-                          Counter(), leak)
+    for thinking, text, finish_reason in [(False, "ok \\boxed{5}", "stop"), (True, "no box", "length")]:
+        sink, args = StringIO(), SimpleNamespace(no_filter=False, keep_per_problem=1, keep_truncated=False,
+                                                 grader="builtin", thinking=thinking)
+        result = dict(ids=tok(text, add_special_tokens=False)["input_ids"], finish_reason=finish_reason, n_accepted=1,
+                      n_fallback=0)
+        dail.write_traces(sink, tok, args, dict(id="p", problem="q", solution="s", answer="5"), [0, 1, 2],
+                          [result] * 3, Counter(), leak)
         lines = [json.loads(line) for line in sink.getvalue().splitlines()]
         assert [(t["kept"], t["reject_reason"]) for t in lines] == [(True, None)] + [(False, "per_problem_limit")] * 2
         assert [t["pred"] for t in lines] == [None if thinking else "5"] * 3
@@ -967,21 +948,14 @@ def test_extract_boxed(text, want):
     assert dail.extract_boxed(text) == want
 
 
+# beside the grading-cases table at the end (graded both ways there): other spellings, and None
 @pytest.mark.parametrize("pred,ref,want", [(a, b, True) for a, b in [
-    ("5", "5"), (" 5 ", "5"), ("$5$", "5"), ("5.", "5"), ("x=5", "5"), ("x = 5", "5"), ("4", "4.0"), ("\\pi", "\\pi"),
-    ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\tfrac12", "\\frac{1}{2}"), ("\\frac12", "\\frac{1}{2}"),
-    ("1/2", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}"), ("0.5", "1/2"), (".5", "0.5"), ("2.50", "2.5"),
-    ("1,000", "1000"), ("1{,}000", "1000"), ("12,345,678", "12345678"), ("\\sqrt2", "\\sqrt{2}"),
-    ("2\\sqrt3", "2\\sqrt{3}"), ("\\left(1,2\\right)", "(1,2)"), ("10\\text{ cm}", "10"), ("\\text{(B)}", "(B)"),
-    ("30^\\circ", "30"), ("50\\%", "50"), ("-\\frac{3}{4}", "-0.75"), ("\\frac{6}{8}", "\\frac{3}{4}"),
-]] + [(a, b, False) for a, b in [
-    ("5", "6"), ("0.333", "\\frac{1}{3}"), ("0.33", "1/3"), ("1,2", "12"), ("\\frac{1}{2}", "\\frac{2}{1}"),
-    ("-5", "5"), ("\\sqrt{2}", "2"), ("x^2", "x^3"), ("(1,2)", "(2,1)"), ("5", ""), ("10", "100"), (None, "5"),
-    ("5", None), (None, None),
-]])
+    ("5", "5"), (" 5 ", "5"), ("$5$", "5"), ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\tfrac12", "\\frac{1}{2}"),
+    ("\\frac12", "\\frac{1}{2}"), ("0.5", "1/2"), (".5", "0.5"), ("1{,}000", "1000"), ("\\left(1,2\\right)", "(1,2)"),
+    ("\\text{(B)}", "(B)"), ("30^\\circ", "30"), ("50\\%", "50"), ("-\\frac{3}{4}", "-0.75"),
+]] + [("5", "6", False), ("5", "", False), (None, "5", False), ("5", None, False), (None, None, False)])
 def test_is_equiv(pred, ref, want):
-    assert dail.is_equiv(pred, ref) is want
-    assert dail.is_equiv(ref, pred) is want or not want  # an equality holds both ways
+    assert dail.is_equiv(pred, ref) is want and dail.is_equiv(ref, pred) is want   # both ways
 
 
 def test_numeric_answers_are_the_text_written_and_a_trace_needs_an_answer(tmp_path, capsys):
@@ -2424,10 +2398,9 @@ def test_gpu_check_records_a_failing_part_and_goes_on(tmp_path):
 def test_quickstart_table_one_seed_has_no_spread():
     import quickstart
     run = dict(pass_at_k={"1": 0.25, "8": 0.5}, mean_tokens=100.0, mean_tokens_correct=90.0, truncated=0.0)
-    one = quickstart.table(quickstart.aggregate({0: {m: run for m, _, _ in quickstart.METHODS}}), 8)
-    assert "±" not in one and "25.0" in one
-    two = quickstart.table(quickstart.aggregate({s: {m: run for m, _, _ in quickstart.METHODS} for s in (0, 1)}), 8)
-    assert "25.0 ± 0.0" in two
+    one, two = (quickstart.table(quickstart.aggregate({s: {m: run for m, *_ in quickstart.METHODS} for s in seeds}), 8)
+                for seeds in ((0,), (0, 1)))
+    assert "±" not in one and "25.0" in one and "25.0 ± 0.0" in two
 
 
 sys.path.insert(0, str(ROOT / "examples" / "shortcut_world"))
@@ -2473,8 +2446,7 @@ def test_shortcut_checker_on_hand_written_traces(n, trace, want):
 def test_shortcut_checker_agrees_with_the_worlds_generators():
     import shortcut
     import world
-    assert shortcut.parse_problem(world.problem_text(17, 83)) == (17, 83)
-    assert shortcut.parse_problem("What is 2+3?") is None
+    assert [shortcut.parse_problem(t) for t in (world.problem_text(17, 83), "What is 2+3?")] == [(17, 83), None]
     for a in world.BASES:
         for n in (20, 21, 22, 23, 57, 99):                    # every remainder of both periods
             assert shortcut.classify(shortcut.leap_trace(a, n), a, n) == ("derived", None)
@@ -2715,28 +2687,6 @@ SYMBOLIC_CASES = [
 ]
 GRADING_CASES = FORMAT_CASES + SYMBOLIC_CASES
 
-def as_response(text):
-    """A case's response: the text itself when it holds a box, else the text boxed."""
-    return text if "\\boxed" in text or "\\fbox" in text else f"\\boxed{{{text}}}"
-
-
-@pytest.mark.parametrize("response,reference,want,exact", [(*c, True) for c in FORMAT_CASES] +
-                         [(*c, False) for c in SYMBOLIC_CASES])
-def test_builtin_grader_on_the_cases(response, reference, want, exact):
-    """Every format case exactly; symbolic equivalence is out of scope: missed maybe, never invented."""
-    got = dail.grade(as_response(response), reference)[1]
-    assert got is want if exact else not got or want
-
-
-def test_builtin_grader_figures():
-    """The README's figures: zero false positives, >= 90% agreement on a table of many cases, both ways."""
-    assert len(GRADING_CASES) >= 150 and len({(r, ref) for r, ref, _ in GRADING_CASES}) == len(GRADING_CASES)
-    assert sum(w for _, _, w in GRADING_CASES) >= 60 and sum(not w for _, _, w in GRADING_CASES) >= 60
-    verdicts = [(dail.grade(as_response(r), ref)[1], w) for r, ref, w in GRADING_CASES]
-    assert sum(got and not w for got, w in verdicts) == 0
-    assert sum(got == w for got, w in verdicts) / len(verdicts) >= 0.9
-
-
 # Wrong answers built here (no public source) around what normalization drops or joins: it must drop
 # nothing that changes the value.
 NEVER_EQUAL = [
@@ -2750,9 +2700,26 @@ NEVER_EQUAL = [
 ]
 
 
-@pytest.mark.parametrize("a,b", NEVER_EQUAL)
-def test_builtin_grader_drops_nothing_that_matters(a, b):
-    assert not dail.is_equiv(a, b) and not dail.is_equiv(b, a)
+def as_response(text):
+    """A case's response: the text itself when it holds a box, else the text boxed."""
+    return text if "\\boxed" in text or "\\fbox" in text else f"\\boxed{{{text}}}"
+
+
+@pytest.mark.parametrize("response,reference,want,exact", [(*c, True) for c in FORMAT_CASES] +
+                         [(*c, False) for c in SYMBOLIC_CASES] + [(a, b, False, True) for a, b in NEVER_EQUAL])
+def test_builtin_grader_on_the_cases(response, reference, want, exact):
+    """Each case exactly, both ways round when unboxed; symbolic equivalence: missed maybe, never invented."""
+    got = dail.grade(as_response(response), reference)[1]
+    assert got is want if exact else not got or want
+    if exact and as_response(response) != response:
+        assert dail.grade(as_response(reference), response)[1] is want
+
+
+def test_builtin_grader_figures():
+    """The README's figures (no false positive, >= 90% agreement) follow from the case test on a table this big."""
+    assert len(GRADING_CASES) >= 150 and len({(r, ref) for r, ref, _ in GRADING_CASES}) == len(GRADING_CASES)
+    assert sum(w for _, _, w in GRADING_CASES) >= 60 and sum(not w for _, _, w in GRADING_CASES) >= 60
+    assert len(SYMBOLIC_CASES) <= 0.1 * len(GRADING_CASES)     # the only cases the built-in grader may miss
 
 
 def spellings(x):
