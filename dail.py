@@ -1503,7 +1503,10 @@ def check_out(args, command, lock=None, clear=()):
             print(f"note: {file}: cannot be locked ({e.strerror}); make sure no other run writes {path}",
                   file=sys.stderr)
     for path in map(Path, clear):
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     return p
 
 
