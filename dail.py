@@ -725,8 +725,7 @@ def cmd_train(args):
                     loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
                                                    divisor, tok.pad_token_id, device, cache)
                 loss.backward()
-                for k, v in dict(loss=float(loss.detach()), **stats).items():
-                    logged[k] += v
+                logged = {k: logged[k] + v for k, v in dict(loss=float(loss.detach()), **stats).items()}
             if ddp:                                         # data parallel: sum the gradients once per step
                 logged = all_reduce_step(params, logged, device)
             grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))   # 3. clip (0: off)
