@@ -482,11 +482,8 @@ def float32_head(head):
 
     def logits(h):
         with torch.autocast(h.device.type, enabled=False):
-            x = h.float()
-            out = F.linear(x, weight, bias)
-            if lora is not None:
-                out = out + (lora.dropout(x) @ lora.lora_A.float().T @ lora.lora_B.float().T) * lora.scale
-            return out
+            out = F.linear(x := h.float(), weight, bias)
+            return out if lora is None else out + (lora.dropout(x) @ lora.lora_A.T @ lora.lora_B.T) * lora.scale
     return logits
 
 
@@ -509,8 +506,6 @@ def chunked_dail_loss(h_student, h_teacher, h_shortcut, student_head, reference_
 def chunked_sum(terms, h, aligned, head, weights=None, chunk_size=1024):
     """sum_n w[n] * terms(h[n], *aligned[n]) for each output of terms (per-row, the loss first: the one sum with a
     gradient) over h [N, H], chunk_size rows at a time (peak memory ~ chunk_size x V, not N x V); w: weights or 1/N."""
-    if h.shape[0] == 0:
-        raise ValueError("chunked_sum needs at least one response position")
     w = (weights if weights is not None else torch.full(h.shape[:1], 1.0 / h.shape[0])).to(h.device, torch.float32)
     params = [p for p in head.parameters() if p.requires_grad]
     track = torch.is_grad_enabled() and (h.requires_grad or bool(params))
@@ -712,8 +707,7 @@ def cmd_train(args):
     # data order: a permutation per epoch, fixed by the seed, so step s always sees the same items
     order = np.concatenate([np.random.default_rng(args.seed + e).permutation(len(examples))
                             for e in range(args.epochs)])
-    with stop_signals(ddp, device) as stopped, tqdm(total=total_steps, initial=start, unit="step",
-                                                        desc=f"train {args.objective}",
+    with stop_signals(ddp, device) as stopped, tqdm(total=total_steps, initial=start, unit="step", desc="train",
                                                         disable=not master or not sys.stderr.isatty()) as bar:
         for step in range(start, total_steps):
             t0 = time.time()
@@ -731,15 +725,13 @@ def cmd_train(args):
                     loss, stats = micro_batch_loss(model, reference, mine[i:i + args.micro_batch_size], args,
                                                    divisor, tok.pad_token_id, device, cache)
                 loss.backward()
-                for k, v in dict(loss=float(loss.detach()), **stats).items():
-                    logged[k] += v
+                logged = {k: logged[k] + v for k, v in dict(loss=float(loss.detach()), **stats).items()}
             if ddp:                                         # data parallel: sum the gradients once per step
                 logged = all_reduce_step(params, logged, device)
             grad_norm = float(nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))   # 3. clip (0: off)
             if bad := [f"{k} {v}" for k, v in dict(logged, grad_norm=grad_norm).items() if not math.isfinite(v)]:
                 raise DailError(f"step {step + 1}: {', '.join(bad)}: training diverged; stopped before its update "
-                                f"({checkpoint}: the last checkpoint, if any); lower --lr (now {args.lr:g}) or raise "
-                                f"--warmup-steps")
+                                f"(last checkpoint, if any: {checkpoint}); lower --lr (now {args.lr:g})")
             optimizer.step()                                                    # 4. the update
             optimizer.zero_grad(set_to_none=True)
             if master:                        # 5. log: metrics.jsonl every step, a line every --log-every steps

@@ -490,11 +490,9 @@ def numpy_dail(s, e, c, mask, lam, direction, norm="token", divisor=None):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
-    def kl(p, q):
-        return (np.exp(p) * (p - q)).sum(-1)
-
     ls, le, lc = (logsoftmax(x.astype(np.float64)) for x in (s, e, c))
-    kl_e, kl_c = (kl(ls, le), kl(ls, lc)) if direction == "reverse" else (kl(le, ls), kl(lc, ls))
+    pairs = ((ls, le), (ls, lc)) if direction == "reverse" else ((le, ls), (lc, ls))     # (p, q) of KL(p || q)
+    kl_e, kl_c = ((np.exp(p) * (p - q)).sum(-1) for p, q in pairs)
     m = mask.astype(bool)
     if norm == "sequence":
         rows = [i for i in range(m.shape[0]) if m[i].any()]
