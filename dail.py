@@ -1200,8 +1200,7 @@ class Interrupted(KeyboardInterrupt):  # (so that no `except Exception` turns a 
 
 
 def read_jsonl(path, flag="--data", fields=None, hint="", resume=False, check=lambda rec: None, peek=False):
-    """[(line number, record)] of a JSONL file; a bad line, a record without `fields` ({name: type}: require) or
-    check(record) -> fault is a DailError naming it. resume: an earlier run's output (maybe absent)."""
+    """[(line number, record)]; a bad line, a lack of `fields` or a check(rec) fault is a DailError naming it."""
     if not (p := Path(path)).is_file() and not resume:
         raise DailError(f"{flag} {path}: no such file")
     data = p.read_bytes() if p.is_file() else b""
@@ -1387,7 +1386,7 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
 # ==== Appendix B.2, running it: safe reruns -- run fingerprints, resume, checkpoints, output locks, flag checks ========
 START_OVER = "use another --out, or --overwrite to start over"
 
-# The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
+# The settings that change what a command writes: a resumed run must match all of them (check_config).
 RESULT_SETTINGS = {command: names.split() for command, names in dict(
     rewrite="samples propose threshold retries temperature top_p top_k max_new_tokens thinking keep_per_problem "
             "no_filter keep_truncated leak_phrases max_prompt_len seed dtype grader greedy_proposer",
@@ -1437,24 +1436,18 @@ def model_fingerprint(name):
     return f"{len(files)} files:{h.hexdigest()[:16]}"
 
 
-def check_config(path, config, fix=START_OVER):
-    """The settings saved at `path` (a JSON object) equal `config`, paths aside; else a one-line DailError."""
-    try:
-        old = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:          # missing (results without their config), unreadable, not JSON
+def check_config(path, config, fix=START_OVER, resuming=True, write=False):
+    """When `resuming`, the settings saved at `path` equal `config` (paths aside), else one line; `write`: save it."""
+    try:                                        # missing (results without their config), unreadable, not JSON
+        if not isinstance(old := json.loads(Path(path).read_text()) if resuming else config, dict):
+            raise ValueError(f"not a JSON object of settings but a {type(old).__name__}")
+    except (OSError, ValueError) as e:
         raise DailError(f"{path}: unreadable ({first_line(e, 120)}); {fix}") from None
-    if not isinstance(old, dict):
-        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; {fix}")
     if (k := next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)):
         raise DailError(f"{path}: written with {k}={old.get(k, '(not recorded)')!r}, this run asks for "
                         f"{k}={config[k]!r}; {fix}")
-
-
-def check_resume_config(path, config, resuming):
-    """When `resuming`, the config saved at `path` must equal `config` (check_config); then write it."""
-    if resuming:
-        check_config(path, config)
-    write_atomic(path, json.dumps(config, indent=2))
+    if write:
+        write_atomic(path, json.dumps(config, indent=2))
 
 
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
@@ -1476,9 +1469,8 @@ _LOCKS = []  # the output locks this command holds; main() releases them when th
 
 
 def check_out(args, command, lock=None, clear=()):
-    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input. Flocks each
-    of `lock` (default: --out) till the command ends or dies (two runs on one file interleave records), via a hidden
-    file; then removes `clear` (--overwrite: what an earlier run left, files or folders)."""
+    """--out -> Path (rewrite: a file, else a folder), created, not an input; flocks `lock` (default --out), clears
+    `clear` (--overwrite: an earlier run's files or folders)."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
     if command == "rewrite":
         outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
@@ -1526,7 +1518,7 @@ def guard_train_out(args):
                         f"use another --out, --resume to continue it, or --overwrite to start over")
     for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
         stale.unlink()
-    check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+    check_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held), write=True)
 
 
 def trainable_state(model, args):
@@ -1610,8 +1602,7 @@ def states_digest(tensors):
 
 
 def cached_states(cache, examples, compute):
-    """Each example's (teacher [n, H], shortcut [n, H]): cached, else from one compute(missing examples) and stored
-    (disk: a whole file, key and checksum in its header; one failing them counts as bad and is recomputed)."""
+    """Each example's (teacher [n, H], shortcut [n, H]): cached (disk: key + sha256 checked), else computed, stored."""
     keys = [hashlib.sha256(json.dumps([ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]).encode())
             .hexdigest()[:32] for ex in examples]        # the token ids: an entry serves only its own example
     found = []
@@ -1646,8 +1637,7 @@ def cached_states(cache, examples, compute):
 
 
 def setup_reference_cache(args, examples, model, dtype, say=True, ram=None):
-    """The cache train uses, said in a line; auto: memory if this machine's ranks' copies fit half the `ram` (default:
-    Linux MemAvailable, else free pages), else disk if 2x fits OUT, else off."""
+    """train's cache; auto: memory if this machine's ranks' copies fit half the free `ram`, disk if 2x fits OUT."""
     if ram is None:
         m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
         ram = int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -1777,7 +1767,7 @@ def start_job(command, args, problems):
         *(p for p, m in found.items() if m != n)] if args.overwrite else ())
     job.done = {j: resume_jsonl(path, job.check(j)) for j, path in job.paths.items()}
     for j, path in job.paths.items():
-        check_resume_config(job.config_of(path), job.config, resuming=bool(job.done[j]))
+        check_config(job.config_of(path), job.config, resuming=bool(job.done[j]), write=True)
     return job
 
 
@@ -1801,7 +1791,7 @@ def gather_parts(job):
     # may both merge, each through its own temporary file (write_atomic)
     records = sorted((r for k, p in enumerate(job.parts) for r in resume_jsonl(p, job.check(k))), key=job.order)
     write_atomic(job.out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    check_resume_config(job.config_of(job.out_file), job.config, resuming=False)
+    check_config(job.config_of(job.out_file), job.config, resuming=False, write=True)
     print(f"merged {job.n} parts into {job.out_file}", file=sys.stderr)
     return records
 

@@ -1107,8 +1107,9 @@ def test_eval_checks_samples_against_data_and_plots_pass_at_k(tmp_path, capsys, 
     config = (out / "eval_config.json").read_bytes()
     (out / "eval_config.json").write_text("[1, 2]")
     code, err = run_cli(argv, capsys)
-    assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: not a JSON object of "
-                                         f"settings but a list; use another --out, or --overwrite to start over")
+    assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: unreadable (not a JSON "
+                                         f"object of settings but a list); use another --out, or --overwrite to "
+                                         f"start over")
     (out / "eval_config.json").write_bytes(config)
     Figure = pytest.importorskip("matplotlib.figure").Figure      # a rerun plots pass@k on a fixed scale, 0..1
     seen, real = [], Figure.savefig
