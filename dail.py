@@ -1266,8 +1266,7 @@ def line_check(fields, key, expected):
 
     def check(rec):
         for name, kind in fields.items():
-            value = rec.get(name)
-            if name not in rec or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            if name not in rec or not isinstance(v := rec[name], kind) or isinstance(v, bool) and kind is not bool:
                 return f"field '{name}': missing or of the wrong type"
         if (k := key(rec)) in seen or k not in expected:
             return f"record {k!r} " + ("a second time" if k in seen else "is not one of this run's --data")
@@ -1302,8 +1301,7 @@ def load_training_records(args):
     """(the records train learns from, the number not kept): kept traces, or --sft-target expert's solutions."""
     expert = args.objective == "sft" and args.sft_target == "expert"
     fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
-    hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
-    rows = read_jsonl(args.data, fields=fields, hint=hint)
+    rows = read_jsonl(args.data, fields=fields, hint="" if expert else " (train reads the traces.jsonl of `rewrite`)")
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
@@ -1472,11 +1470,9 @@ def check_out(args, command, lock=None, clear=()):
     """--out -> Path (rewrite: a file, else a folder), created, not an input; flocks `lock` (default --out), clears
     `clear` (--overwrite: an earlier run's files or folders)."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
-    if command == "rewrite":
-        outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
-    else:
-        names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
-        outputs = [p / name for name in names] + [*p.glob("samples.part*")]
+    names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
+    outputs = ([p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
+               if command == "rewrite" else [p / name for name in names] + [*p.glob("samples.part*")])
     check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
     try:                                        # (an existing file or folder of the wrong kind fails here too)
         (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
@@ -1571,8 +1567,6 @@ VALID = {name: check for names, check in {
 
 def validate_args(args):
     """Every flag against VALID before any file or model is touched: a bad value is one line, exit 2."""
-    if isinstance(args, TrainArgs) and args.max_prompt_len is not None:   # inherited, unused: refused, not ignored
-        raise DailError("--max-prompt-len: not used by train (train's length limit is --max-len)")
     for name, (ok, must) in VALID.items():
         if (value := getattr(args, name, None)) is not None and not ok(value):   # None: unset, or not this command's
             kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
@@ -1631,8 +1625,8 @@ def cached_states(cache, examples, compute):
             from safetensors.torch import save
             cache["folder"].mkdir(parents=True, exist_ok=True)
             tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
-            meta = dict(key=keys[i], sha256=states_digest(tensors.values()))
-            write_atomic(cache["folder"] / f"{keys[i]}.safetensors", save(tensors, metadata=meta))
+            write_atomic(cache["folder"] / f"{keys[i]}.safetensors",
+                         save(tensors, metadata=dict(key=keys[i], sha256=states_digest(tensors.values()))))
     return found
 
 

@@ -1359,7 +1359,6 @@ BAD_VALUES = [(c, flags, "") for c, named in NAMED_ONLY.items() for flags in nam
     ("train", "--lora-rank -1", "--lora-rank -1: must be an integer >= 0"),
     ("train", "--lr 0", "--lr 0.0: must be a number > 0"),
     ("train", "--lora-dropout 1", "--lora-dropout 1.0: must be a number in [0, 1)"),
-    ("train", "--max-prompt-len 100", "--max-prompt-len: not used by train (train's length limit is --max-len)"),
     ("eval", "--threads -1", "--threads -1: must be an integer >= 0"),
     ("eval", "--n 4 --k 1,8", "--k 1,8: expected comma-separated integers in 1..n (n = 4; pass@k needs n >= k)"),
 ]
