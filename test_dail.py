@@ -1055,8 +1055,8 @@ BAD_INPUTS = [  # a --data file (None: no file; text, or a list of records), its
     ([{"problem": "p", "answer": "1", "prompt": []}], ":1: field 'prompt': expected non-empty text or chat", "eval"),
     *[([{"problem": "p", "solution": S, "answer": answer}], ":1: field 'answer': expected a non-empty string or a "
        "number", "rewrite eval") for answer in ([1], " ", True)],
-    ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
-     "`rewrite`)", "train"),
+    ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl of `rewrite`)",
+     "train"),
     ([dict(TRACE, response_ids=[1, 2], kept=False)], "no trace has kept=true (1 rejected by the filter)", "train"),
     ([dict(TRACE, response_ids=[-3, 1])], ":1: field 'response_ids': item 0 is -3, not a token id", "train"),
     ([dict(TRACE, response_ids=[2, True])], ":1: field 'response_ids': item 1 is True, not a token id", "train"),
