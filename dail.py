@@ -1506,8 +1506,7 @@ def guard_train_out(args):
         raise DailError(f"--resume: {Path(args.out) / 'checkpoint.pt'} does not exist")
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    clear = [Path(args.out).expanduser() / name for name in TRAIN_RESULTS] if args.overwrite else ()
-    out = check_out(args, "train", clear=clear)
+    out = check_out(args, "train", clear=[Path(args.out).expanduser() / n for n in TRAIN_RESULTS] * args.overwrite)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "

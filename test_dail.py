@@ -1240,7 +1240,6 @@ def test_train_out_needs_resume_with_its_settings_and_checkpoint(tmp_path, capsy
     assert run_cli(argv, capsys)[0] == 0
     metrics, path = (out / "metrics.jsonl").read_text(), out / "checkpoint.pt"
 
-
     def refused(extra, *fragments, one_line=True):       # one line, and nothing of the earlier run is touched
         code, err = run_cli(argv + extra, capsys)
         last = err.strip().splitlines()[-1]
