@@ -1305,14 +1305,13 @@ def load_training_records(args):
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
-    vocab = None
+    vocab = math.inf
     with contextlib.suppress(Exception):                      # no config.json (a hub id): any id >= 0
         vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
     for lineno, r in [] if expert else rows:                 # token ids of --model, checked before it loads
-        ids = r["response_ids"]
-        if bad := [(i, t) for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab]:
+        if bad := [(i, t) for i, t in enumerate(r["response_ids"]) if type(t) is not int or not 0 <= t < vocab]:
             raise DailError(f"{args.data}:{lineno}: field 'response_ids': item {bad[0][0]} is {bad[0][1]!r}, not a "
-                            f"token id (an integer in [0, {vocab or 'the vocabulary size'}) for --model {args.model})")
+                            f"token id (an integer in [0, {vocab}) for --model {args.model})")
     records = [dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, args.objective == "dail"))
                for lineno, r in rows if expert or r["kept"]]
     if not records:

@@ -1149,13 +1149,12 @@ def test_resume_jsonl_cuts_a_half_written_tail_and_keeps_unicode_line_breaks(tmp
 
 
 def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, expert, tiny, traces, monkeypatch):
-    import errno
     import io
 
     class Full(io.FileIO):                              # a file on a disk that is full after 100 bytes
         def write(self, b):
             if self.tell() + len(b) > 100:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise OSError(dail.errno.ENOSPC, "No space left on device")
             return super().write(b)
     ev, rw, tr = tmp_path / "ev", tmp_path / "rw.jsonl", tmp_path / "tr"
     for argv, victim in [(eval_argv(tiny, expert, ev), ev / "summary.json"),
@@ -1562,12 +1561,11 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
 
 
 def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch, capsys):
-    from types import SimpleNamespace
     exs, auto = make_examples(tok, n=3), dail.TrainArgs(out=str(tmp_path))
     size = sum(len(ex["student"][1]) for ex in exs) * 2 * 64 * 4
     assert dail.setup_reference_cache(auto, exs, model, torch.float32, say=False) and not capsys.readouterr().err
     for ram, disk, want in ((4 * size, 0, "memory"), (size, 2 * size, "disk"), (size, size, "off")):
-        monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
+        monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: dail.SimpleNamespace(free=disk))
         cache, line = dail.setup_reference_cache(auto, exs, model, torch.float32, ram=ram), capsys.readouterr().err
         assert cache["mode"] == want and f"(auto: {size / 1e9:.3g} GB)" in line, line
     chosen = dail.TrainArgs(out=str(tmp_path), reference_cache="disk")         # a chosen mode is taken as it is
