@@ -1602,12 +1602,10 @@ def cached_states(cache, examples, compute):
         states = cache["states"].get(key)                  # memory ('off' and a disk cache hold none here)
         if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
             from safetensors import safe_open
-            try:
-                with safe_open(str(path), "pt") as f:
-                    meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
+            ok = False
+            with contextlib.suppress(Exception), safe_open(str(path), "pt") as f:    # (unreadable: not ok)
+                meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
                 ok = (meta.get("key"), meta.get("sha256")) == (key, states_digest(states))
-            except Exception:
-                ok = False
             if not ok:
                 cache["bad_files"], states = cache["bad_files"] + 1, None
                 print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
