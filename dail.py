@@ -1192,8 +1192,7 @@ class Interrupted(KeyboardInterrupt):  # (so that no `except Exception` turns a 
 
 
 def read_jsonl(path, flag="--data", fields=None, hint="", resume=False, check=lambda rec: None, peek=False):
-    """[(line number, record)] of a JSONL file; a bad line, a record without `fields` ({name: type}: require) or
-    check(record) -> fault is a DailError naming it. resume: an earlier run's output (maybe absent)."""
+    """[(line number, record)]; a bad line, a lack of `fields` or a check(rec) fault is a DailError naming it."""
     if not (p := Path(path)).is_file() and not resume:
         raise DailError(f"{flag} {path}: no such file")
     data = p.read_bytes() if p.is_file() else b""
@@ -1259,8 +1258,7 @@ def line_check(fields, key, expected):
 
     def check(rec):
         for name, kind in fields.items():
-            value = rec.get(name)
-            if name not in rec or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            if name not in rec or not isinstance(v := rec[name], kind) or isinstance(v, bool) and kind is not bool:
                 return f"field '{name}': missing or of the wrong type"
         if (k := key(rec)) in seen or k not in expected:
             return f"record {k!r} " + ("a second time" if k in seen else "is not one of this run's --data")
@@ -1295,19 +1293,17 @@ def load_training_records(args):
     """(the records train learns from, the number not kept): kept traces, or --sft-target expert's solutions."""
     expert = args.objective == "sft" and args.sft_target == "expert"
     fields = dict(problem=str, solution=str) | ({} if expert else dict(response_ids=list, finish_reason=str, kept=bool))
-    hint = "" if expert else " (train reads the traces.jsonl written by `rewrite`)"
-    rows = read_jsonl(args.data, fields=fields, hint=hint)
+    rows = read_jsonl(args.data, fields=fields, hint="" if expert else " (train reads the traces.jsonl of `rewrite`)")
     if expert and "response_ids" in rows[0][1]:               # a traces file: its first line of each problem
         first = {}
         rows = [row for row in rows if first.setdefault(str(row[1].get("id", row[0])), row) is row]
-    vocab = None
+    vocab = math.inf
     with contextlib.suppress(Exception):                      # no config.json (a hub id): any id >= 0
         vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
     for lineno, r in [] if expert else rows:                 # token ids of --model, checked before it loads
-        ids = r["response_ids"]
-        if bad := [(i, t) for i, t in enumerate(ids) if type(t) is not int or t < 0 or vocab and t >= vocab]:
+        if bad := [(i, t) for i, t in enumerate(r["response_ids"]) if type(t) is not int or not 0 <= t < vocab]:
             raise DailError(f"{args.data}:{lineno}: field 'response_ids': item {bad[0][0]} is {bad[0][1]!r}, not a "
-                            f"token id (an integer in [0, {vocab or 'the vocabulary size'}) for --model {args.model})")
+                            f"token id (an integer in [0, {vocab}) for --model {args.model})")
     records = [dict(r, where=f"{args.data}:{lineno}", answer=answer_of(args.data, lineno, r, args.objective == "dail"))
                for lineno, r in rows if expert or r["kept"]]
     if not records:
@@ -1379,7 +1375,7 @@ def save_plot(path, title, xlabel, ylabel, curves, logx=False, ylim=None):
 # ==== Appendix B.2, running it: safe reruns -- run fingerprints, resume, checkpoints, output locks, flag checks ========
 START_OVER = "use another --out, or --overwrite to start over"
 
-# The settings that change what a command writes: a resumed run must match all of them (check_resume_config).
+# The settings that change what a command writes: a resumed run must match all of them (check_config).
 RESULT_SETTINGS = {command: names.split() for command, names in dict(
     rewrite="samples propose threshold retries temperature top_p top_k max_new_tokens thinking keep_per_problem "
             "no_filter keep_truncated leak_phrases max_prompt_len seed dtype grader greedy_proposer",
@@ -1429,24 +1425,18 @@ def model_fingerprint(name):
     return f"{len(files)} files:{h.hexdigest()[:16]}"
 
 
-def check_config(path, config, fix=START_OVER):
-    """The settings saved at `path` (a JSON object) equal `config`, paths aside; else a one-line DailError."""
-    try:
-        old = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:          # missing (results without their config), unreadable, not JSON
+def check_config(path, config, fix=START_OVER, resuming=True, write=False):
+    """When `resuming`, the settings saved at `path` equal `config` (paths aside), else one line; `write`: save it."""
+    try:                                        # missing (results without their config), unreadable, not JSON
+        if not isinstance(old := json.loads(Path(path).read_text()) if resuming else config, dict):
+            raise ValueError(f"not a JSON object of settings but a {type(old).__name__}")
+    except (OSError, ValueError) as e:
         raise DailError(f"{path}: unreadable ({first_line(e, 120)}); {fix}") from None
-    if not isinstance(old, dict):
-        raise DailError(f"{path}: not a JSON object of settings but a {type(old).__name__}; {fix}")
     if (k := next((k for k in config if k != "paths" and old.get(k, "(not recorded)") != config[k]), None)):
         raise DailError(f"{path}: written with {k}={old.get(k, '(not recorded)')!r}, this run asks for "
                         f"{k}={config[k]!r}; {fix}")
-
-
-def check_resume_config(path, config, resuming):
-    """When `resuming`, the config saved at `path` must equal `config` (check_config); then write it."""
-    if resuming:
-        check_config(path, config)
-    write_atomic(path, json.dumps(config, indent=2))
+    if write:
+        write_atomic(path, json.dumps(config, indent=2))
 
 
 def check_own_inputs(out, outputs, inputs, model=None, folder=None):
@@ -1468,15 +1458,12 @@ _LOCKS = []  # the output locks this command holds; main() releases them when th
 
 
 def check_out(args, command, lock=None, clear=()):
-    """--out -> Path (rewrite: a file, else a folder), created; nothing the run writes there is an input. Flocks each
-    of `lock` (default: --out) till the command ends or dies (two runs on one file interleave records), via a hidden
-    file; then removes `clear` (--overwrite: what an earlier run left, files or folders)."""
+    """--out -> Path (rewrite: a file, else a folder), created, not an input; flocks `lock` (default --out), clears
+    `clear` (--overwrite: an earlier run's files or folders)."""
     p, folder = Path(args.out).expanduser(), command != "rewrite"
-    if command == "rewrite":
-        outputs = [p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
-    else:
-        names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
-        outputs = [p / name for name in names] + [*p.glob("samples.part*")]
+    names = TRAIN_RESULTS + MODEL_FILES if command == "train" else EVAL_RESULTS
+    outputs = ([p, p.with_suffix(".summary.json"), p.with_suffix(".config.json"), *p.parent.glob(f"{p.stem}.part*")]
+               if command == "rewrite" else [p / name for name in names] + [*p.glob("samples.part*")])
     check_own_inputs(args.out, outputs, {"--data": args.data}, args.model, folder=p if folder else None)
     try:                                        # (an existing file or folder of the wrong kind fails here too)
         (p if folder else p.parent).mkdir(parents=True, exist_ok=True)
@@ -1510,15 +1497,14 @@ def guard_train_out(args):
         raise DailError(f"--resume: {Path(args.out) / 'checkpoint.pt'} does not exist")
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    clear = [Path(args.out).expanduser() / name for name in TRAIN_RESULTS] if args.overwrite else ()
-    out = check_out(args, "train", clear=clear)
+    out = check_out(args, "train", clear=[Path(args.out).expanduser() / n for n in TRAIN_RESULTS] * args.overwrite)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "
                         f"use another --out, --resume to continue it, or --overwrite to start over")
     for stale in [*out.glob("*.tmp"), *(out / "reference_cache").glob("*.tmp")]:   # left by an interruption
         stale.unlink()
-    check_resume_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held))
+    check_config(out / "train_config.json", run_config(args, "train"), resuming=args.resume and bool(held), write=True)
 
 
 def trainable_state(model, args):
@@ -1571,8 +1557,6 @@ VALID = {name: check for names, check in {
 
 def validate_args(args):
     """Every flag against VALID before any file or model is touched: a bad value is one line, exit 2."""
-    if isinstance(args, TrainArgs) and args.max_prompt_len is not None:   # inherited, unused: refused, not ignored
-        raise DailError("--max-prompt-len: not used by train (train's length limit is --max-len)")
     for name, (ok, must) in VALID.items():
         if (value := getattr(args, name, None)) is not None and not ok(value):   # None: unset, or not this command's
             kind = "" if isinstance(value, str) else "an integer " if isinstance(value, int) else "a number "
@@ -1602,8 +1586,7 @@ def states_digest(tensors):
 
 
 def cached_states(cache, examples, compute):
-    """Each example's (teacher [n, H], shortcut [n, H]): cached, else from one compute(missing examples) and stored
-    (disk: a whole file, key and checksum in its header; one failing them counts as bad and is recomputed)."""
+    """Each example's (teacher [n, H], shortcut [n, H]): cached (disk: key + sha256 checked), else computed, stored."""
     keys = [hashlib.sha256(json.dumps([ex["privileged"][0], ex["shortcut"][0], ex["privileged"][1]]).encode())
             .hexdigest()[:32] for ex in examples]        # the token ids: an entry serves only its own example
     found = []
@@ -1611,12 +1594,10 @@ def cached_states(cache, examples, compute):
         states = cache["states"].get(key)                  # memory ('off' and a disk cache hold none here)
         if cache["mode"] == "disk" and (path := cache["folder"] / f"{key}.safetensors").exists():
             from safetensors import safe_open
-            try:
-                with safe_open(str(path), "pt") as f:
-                    meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
+            ok = False
+            with contextlib.suppress(Exception), safe_open(str(path), "pt") as f:    # (unreadable: not ok)
+                meta, states = f.metadata() or {}, (f.get_tensor("teacher"), f.get_tensor("shortcut"))
                 ok = (meta.get("key"), meta.get("sha256")) == (key, states_digest(states))
-            except Exception:
-                ok = False
             if not ok:
                 cache["bad_files"], states = cache["bad_files"] + 1, None
                 print(f"note: {path}: unreadable, another example's or fails its checksum; recomputed", file=sys.stderr)
@@ -1632,14 +1613,13 @@ def cached_states(cache, examples, compute):
             from safetensors.torch import save
             cache["folder"].mkdir(parents=True, exist_ok=True)
             tensors = {"teacher": teacher.contiguous().cpu(), "shortcut": shortcut.contiguous().cpu()}
-            meta = dict(key=keys[i], sha256=states_digest(tensors.values()))
-            write_atomic(cache["folder"] / f"{keys[i]}.safetensors", save(tensors, metadata=meta))
+            write_atomic(cache["folder"] / f"{keys[i]}.safetensors",
+                         save(tensors, metadata=dict(key=keys[i], sha256=states_digest(tensors.values()))))
     return found
 
 
 def setup_reference_cache(args, examples, model, dtype, say=True, ram=None):
-    """The cache train uses, said in a line; auto: memory if this machine's ranks' copies fit half the `ram` (default:
-    Linux MemAvailable, else free pages), else disk if 2x fits OUT, else off."""
+    """train's cache; auto: memory if this machine's ranks' copies fit half the free `ram`, disk if 2x fits OUT."""
     if ram is None:
         m = Path("/proc/meminfo").exists() and re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
         ram = int(m.group(1)) * 1024 if m else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -1769,7 +1749,7 @@ def start_job(command, args, problems):
         *(p for p, m in found.items() if m != n)] if args.overwrite else ())
     job.done = {j: resume_jsonl(path, job.check(j)) for j, path in job.paths.items()}
     for j, path in job.paths.items():
-        check_resume_config(job.config_of(path), job.config, resuming=bool(job.done[j]))
+        check_config(job.config_of(path), job.config, resuming=bool(job.done[j]), write=True)
     return job
 
 
@@ -1793,7 +1773,7 @@ def gather_parts(job):
     # may both merge, each through its own temporary file (write_atomic)
     records = sorted((r for k, p in enumerate(job.parts) for r in resume_jsonl(p, job.check(k))), key=job.order)
     write_atomic(job.out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    check_resume_config(job.config_of(job.out_file), job.config, resuming=False)
+    check_config(job.config_of(job.out_file), job.config, resuming=False, write=True)
     print(f"merged {job.n} parts into {job.out_file}", file=sys.stderr)
     return records
 

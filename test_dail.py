@@ -1053,8 +1053,8 @@ BAD_INPUTS = [  # a --data file (None: no file; text, or a list of records), its
     ([{"problem": "p", "answer": "1", "prompt": []}], ":1: field 'prompt': expected non-empty text or chat", "eval"),
     *[([{"problem": "p", "solution": S, "answer": answer}], ":1: field 'answer': expected a non-empty string or a "
        "number", "rewrite eval") for answer in ([1], " ", True)],
-    ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl written by "
-     "`rewrite`)", "train"),
+    ([{"problem": "p", "solution": S}], ":1: field 'response_ids': missing (train reads the traces.jsonl of `rewrite`)",
+     "train"),
     ([dict(TRACE, response_ids=[1, 2], kept=False)], "no trace has kept=true (1 rejected by the filter)", "train"),
     ([dict(TRACE, response_ids=[-3, 1])], ":1: field 'response_ids': item 0 is -3, not a token id", "train"),
     ([dict(TRACE, response_ids=[2, True])], ":1: field 'response_ids': item 1 is True, not a token id", "train"),
@@ -1105,8 +1105,9 @@ def test_eval_checks_samples_against_data_and_plots_pass_at_k(tmp_path, capsys, 
     config = (out / "eval_config.json").read_bytes()
     (out / "eval_config.json").write_text("[1, 2]")
     code, err = run_cli(argv, capsys)
-    assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: not a JSON object of "
-                                         f"settings but a list; use another --out, or --overwrite to start over")
+    assert code == 2 and err.strip() == (f"dail.py eval: error: {out / 'eval_config.json'}: unreadable (not a JSON "
+                                         f"object of settings but a list); use another --out, or --overwrite to "
+                                         f"start over")
     (out / "eval_config.json").write_bytes(config)
     Figure = pytest.importorskip("matplotlib.figure").Figure      # a rerun plots pass@k on a fixed scale, 0..1
     seen, real = [], Figure.savefig
@@ -1146,13 +1147,12 @@ def test_resume_jsonl_cuts_a_half_written_tail_and_keeps_unicode_line_breaks(tmp
 
 
 def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, expert, tiny, traces, monkeypatch):
-    import errno
     import io
 
     class Full(io.FileIO):                              # a file on a disk that is full after 100 bytes
         def write(self, b):
             if self.tell() + len(b) > 100:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise OSError(dail.errno.ENOSPC, "No space left on device")
             return super().write(b)
     ev, rw, tr = tmp_path / "ev", tmp_path / "rw.jsonl", tmp_path / "tr"
     for argv, victim in [(eval_argv(tiny, expert, ev), ev / "summary.json"),
@@ -1236,7 +1236,6 @@ def test_train_out_needs_resume_with_its_settings_and_checkpoint(tmp_path, capsy
     argv = train_argv(tiny, traces[1], out, "--max-steps", 3, "--save-every", 1)
     assert run_cli(argv, capsys)[0] == 0
     metrics, path = (out / "metrics.jsonl").read_text(), out / "checkpoint.pt"
-
 
     def refused(extra, *fragments, one_line=True):       # one line, and nothing of the earlier run is touched
         code, err = run_cli(argv + extra, capsys)
@@ -1356,7 +1355,6 @@ BAD_VALUES = [(c, flags, "") for c, named in NAMED_ONLY.items() for flags in nam
     ("train", "--lora-rank -1", "--lora-rank -1: must be an integer >= 0"),
     ("train", "--lr 0", "--lr 0.0: must be a number > 0"),
     ("train", "--lora-dropout 1", "--lora-dropout 1.0: must be a number in [0, 1)"),
-    ("train", "--max-prompt-len 100", "--max-prompt-len: not used by train (train's length limit is --max-len)"),
     ("eval", "--threads -1", "--threads -1: must be an integer >= 0"),
     ("eval", "--n 4 --k 1,8", "--k 1,8: expected comma-separated integers in 1..n (n = 4; pass@k needs n >= k)"),
 ]
@@ -1443,9 +1441,8 @@ def test_model_fingerprint_covers_weights_config_and_tokenizer_only(tmp_path):
         (model / name).write_bytes(edit(saved))
         assert dail.model_fingerprint(str(model)) != fp, name
         (model / name).write_bytes(saved)
-    big = tmp_path / "big.bin"                                     # over 64 MiB: size + first and last MiB
-    with open(big, "wb") as f:
-        f.truncate(65 << 20)
+    (big := tmp_path / "big.bin").touch()                          # over 64 MiB: size + first and last MiB
+    os.truncate(big, 65 << 20)
     a = dail.file_fingerprint(big)
     with open(big, "r+b") as f:
         f.seek((65 << 20) - 10)
@@ -1561,12 +1558,11 @@ def test_reference_states_cache_and_bad_files(tmp_path, tiny, tok, capsys):
 
 
 def test_reference_cache_auto_picks_what_fits(tmp_path, tok, model, monkeypatch, capsys):
-    from types import SimpleNamespace
     exs, auto = make_examples(tok, n=3), dail.TrainArgs(out=str(tmp_path))
     size = sum(len(ex["student"][1]) for ex in exs) * 2 * 64 * 4
     assert dail.setup_reference_cache(auto, exs, model, torch.float32, say=False) and not capsys.readouterr().err
     for ram, disk, want in ((4 * size, 0, "memory"), (size, 2 * size, "disk"), (size, size, "off")):
-        monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: SimpleNamespace(free=disk))
+        monkeypatch.setattr(dail.shutil, "disk_usage", lambda p: dail.SimpleNamespace(free=disk))
         cache, line = dail.setup_reference_cache(auto, exs, model, torch.float32, ram=ram), capsys.readouterr().err
         assert cache["mode"] == want and f"(auto: {size / 1e9:.3g} GB)" in line, line
     chosen = dail.TrainArgs(out=str(tmp_path), reference_cache="disk")         # a chosen mode is taken as it is
