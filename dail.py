@@ -346,28 +346,25 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
-def filter_reason(trace, leak_phrases, keep_truncated=False):
-    """The first reason that rejects a trace (None: kept); --keep-truncated (as released) grades unfinished ones too."""
-    failed = dict(truncated=trace["finish_reason"] != "stop" and not keep_truncated, no_answer=trace["pred"] is None,
-                  wrong_answer=not trace["correct"],
-                  mentions_reference=any(p in trace["response"].lower() for p in leak_phrases))
-    return next((reason for reason, yes in failed.items() if yes), None)
-
-
-def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter (--thinking prefixes: neither) and append a traces.jsonl line per result; kept_count (Counter:
-    id -> kept so far) enforces --keep-per-problem. privileged_solution: what the validator (and the teacher) saw."""
-    for s, r in zip(samples, results):
-        text = tok.decode(r["ids"], skip_special_tokens=False)
-        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
-        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
-                     privileged_solution=problem.get("privileged_solution", problem["solution"]),
-                     answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
-                     n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
-        reason = None if args.no_filter or args.thinking else filter_reason(trace, leak_phrases, args.keep_truncated)
-        reason = reason or ("per_problem_limit" if kept_count[problem["id"]] >= args.keep_per_problem else None)
-        kept_count[problem["id"]] += reason is None
-        append_jsonl(f, dict(trace, kept=reason is None, reject_reason=reason))
+def write_trace(f, tok, args, problem, sample, result, kept_count):
+    """Grade, filter and append one traces.jsonl line; reject_reason: the first that holds, the --keep-per-problem
+    limit last (kept_count: id -> kept so far). --no-filter and --thinking prefixes (ungraded) skip the filters;
+    --keep-truncated (as released) grades unfinished traces too. privileged_solution: what the validator saw."""
+    text = tok.decode(result["ids"], skip_special_tokens=False)
+    pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
+    leak = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
+    failed = {} if args.no_filter or args.thinking else dict(
+        truncated=result["finish_reason"] != "stop" and not args.keep_truncated, no_answer=pred is None,
+        wrong_answer=not correct, mentions_reference=any(x in text.lower() for x in leak))
+    reason = next((reason for reason, yes in failed.items() if yes), None)
+    reason = reason or ("per_problem_limit" if kept_count[problem["id"]] >= args.keep_per_problem else None)
+    kept_count[problem["id"]] += reason is None
+    append_jsonl(f, dict(id=problem["id"], sample=sample, problem=problem["problem"], solution=problem["solution"],
+                         privileged_solution=problem.get("privileged_solution", problem["solution"]),
+                         answer=problem["answer"], response=text, response_ids=result["ids"],
+                         finish_reason=result["finish_reason"], n_accepted=result["n_accepted"],
+                         n_fallback=result["n_fallback"], pred=pred, correct=correct, kept=reason is None,
+                         reject_reason=reason))
 
 
 def cmd_rewrite(args):
@@ -397,11 +394,10 @@ def cmd_rewrite(args):
 
 
 def rollout(f, tok, args, engine, todo, contexts, kept_count):
-    """Decode rewrite's (problem, sample) pairs a batch at a time; write_traces grades and writes each. hf: decode steps
+    """Decode rewrite's (problem, sample) pairs a batch at a time; write_trace grades and writes each. hf: decode steps
     a batch's two contexts together and the token rule picks each token; a pure policy decodes one context (threshold
     <= 0 the proposer: mix_step with a = 1; >= 1 the validator: every token a fallback), as does vLLM (pure only)."""
     proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
-    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     stop_ids = stop_token_ids(tok, args.model)
     names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
@@ -430,7 +426,7 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
                 keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
                 results = decode(model, rows, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
-                write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+                write_trace(f, tok, args, p, s, r, kept_count)
             bar.update(len(batch))
     if engine == "vllm":
         close_vllm(llm)
