@@ -324,13 +324,12 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             present = present.scatter(1, ids, True) if step else torch.zeros_like(logits, dtype=torch.bool)
             logits = logits - presence_penalty * present.to(logits.dtype)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
-        for j, (t, acc) in enumerate(zip(tokens.tolist(), accepted.tolist() if accepted is not None else [0] * b)):
-            r = results[active[j]]
+        for i, t, acc in zip(active, tokens.tolist(), [0] * b if accepted is None else accepted.tolist()):
             if t in stop_ids:
-                r["finish_reason"], r["stop_id"] = "stop", t
+                results[i].update(finish_reason="stop", stop_id=t)
             else:
-                r["ids"].append(t)
-                r["n_accepted" if acc else "n_fallback"] += 1
+                results[i]["ids"].append(t)
+                results[i]["n_accepted" if acc else "n_fallback"] += 1
         keep = [j for j, i in enumerate(active) if results[i]["stop_id"] is None]   # the traces still decoding
         if not keep or step == max_new_tokens - 1:
             break
@@ -377,7 +376,6 @@ def cmd_rewrite(args):
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     job = start_job("rewrite", args, problems)
-    out, engine = job.out_file, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking)
     contexts, skipped, shortened = fit_prompts(tok, problems, args)
     job.expected = {k: {key for key in keys if key[0] in contexts} for k, keys in job.expected.items()}  # no skipped
@@ -385,12 +383,12 @@ def cmd_rewrite(args):
     for k in job.ks:
         missing = job.expected[k] - set(map(job.key, job.done[k]))
         if todo := [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]:  # input order
-            print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(job.done[k])} done in {job.paths[k]})",
+            print(f"rewrite: {len(todo)} traces to decode, {job.engine} ({len(job.done[k])} done in {job.paths[k]})",
                   file=sys.stderr)
             with open(job.paths[k], "a", encoding="utf-8") as f:
-                rollout(f, tok, args, engine, todo, contexts, kept_count)
+                rollout(f, tok, args, job.engine, todo, contexts, kept_count)
     if (traces := gather_parts(job)) is not None:  # None: a vLLM follower, or parts still missing (the last merges)
-        write_rewrite_summary(out, args, problems, traces, skipped, shortened)
+        write_rewrite_summary(job.out_file, args, problems, traces, skipped, shortened)
 
 
 def rollout(f, tok, args, engine, todo, contexts, kept_count):
@@ -401,11 +399,10 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     stop_ids = stop_token_ids(tok, args.model)
     names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
-    if engine == "vllm":                                                         # vLLM batches a call's requests
-        llm, size = load_vllm(args), 8192
-        args = dataclasses.replace(args, temperature=0.0) if names == [proposer] and args.greedy_proposer else args
-    else:
-        model, size = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval(), args.batch_size
+    llm, size = (load_vllm(args), 8192) if engine == "vllm" else (None, args.batch_size)  # vLLM batches a call
+    model = None if llm else load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
+    if llm and names == [proposer] and args.greedy_proposer:                    # vLLM's greedy proposer
+        args = dataclasses.replace(args, temperature=0.0)
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
         probs = [sampling_probs(lg, 0 if args.greedy_proposer and name == proposer else args.temperature,
@@ -417,7 +414,7 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
     with tqdm(total=len(todo), desc="rewrite", unit="trace") as bar:
         for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
             rows = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
-            if engine == "vllm":
+            if llm:
                 seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in batch]  # by (--seed, problem, sample)
                 outs = vllm_sample(llm, [c for [c] in rows], 1, args, stop_ids, seeds, banned)
                 results = [dict(r, n_accepted=0, n_fallback=len(r["ids"])) if names == [validator] else
@@ -428,7 +425,7 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
             for (p, s), r in zip(batch, results):
                 write_trace(f, tok, args, p, s, r, kept_count)
             bar.update(len(batch))
-    if engine == "vllm":
+    if llm:
         close_vllm(llm)
 
 
@@ -897,10 +894,8 @@ def make_sampler(engine, args, tok, stop_ids):
     force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
     first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
-    if engine == "vllm":
-        llm = load_vllm(args)
-    else:
-        model = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
+    llm = load_vllm(args) if engine == "vllm" else None
+    model = None if llm else load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
 
     def generate(prompts, n, max_tokens, stops, seeds, names):  # seeds: per prompt (vLLM); names: (id, sample) per row
         if engine == "vllm":
@@ -927,7 +922,7 @@ def make_sampler(engine, args, tok, stop_ids):
             for s, r in zip(targets, generate(rows, 1, args.answer_tokens, stop_ids, row_seeds, names)):
                 s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
         return outputs
-    sample.close = (lambda: close_vllm(llm)) if engine == "vllm" else (lambda: None)
+    sample.close = (lambda: close_vllm(llm)) if llm else (lambda: None)
     return sample
 
 
