@@ -399,10 +399,11 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     stop_ids = stop_token_ids(tok, args.model)
     names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
-    llm, size = (load_vllm(args), 8192) if engine == "vllm" else (None, args.batch_size)  # vLLM batches a call
-    model = None if llm else load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
-    if llm and names == [proposer] and args.greedy_proposer:                    # vLLM's greedy proposer
-        args = dataclasses.replace(args, temperature=0.0)
+    if engine == "vllm":                                                         # vLLM batches a call's requests
+        llm, size = load_vllm(args), 8192
+        args = dataclasses.replace(args, temperature=0.0) if names == [proposer] and args.greedy_proposer else args
+    else:
+        model, size = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval(), args.batch_size
 
     def choose(logits, step, rows):  # [G, b, V]: the proposer's rows, then the validator's (G = 1: pure)
         probs = [sampling_probs(lg, 0 if args.greedy_proposer and name == proposer else args.temperature,
@@ -414,7 +415,7 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
     with tqdm(total=len(todo), desc="rewrite", unit="trace") as bar:
         for batch in (todo[i:i + size] for i in range(0, len(todo), size)):
             rows = [[contexts[p["id"]][name] for name in names] for p, _ in batch]
-            if llm:
+            if engine == "vllm":
                 seeds = [(args.seed + p["index"]) * 1_000_003 + s for p, s in batch]  # by (--seed, problem, sample)
                 outs = vllm_sample(llm, [c for [c] in rows], 1, args, stop_ids, seeds, banned)
                 results = [dict(r, n_accepted=0, n_fallback=len(r["ids"])) if names == [validator] else
@@ -425,7 +426,7 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
             for (p, s), r in zip(batch, results):
                 write_trace(f, tok, args, p, s, r, kept_count)
             bar.update(len(batch))
-    if llm:
+    if engine == "vllm":
         close_vllm(llm)
 
 
@@ -895,7 +896,7 @@ def make_sampler(engine, args, tok, stop_ids):
     first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
     llm = load_vllm(args) if engine == "vllm" else None
-    model = None if llm else load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
+    model = None if engine == "vllm" else load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
 
     def generate(prompts, n, max_tokens, stops, seeds, names):  # seeds: per prompt (vLLM); names: (id, sample) per row
         if engine == "vllm":
@@ -922,7 +923,7 @@ def make_sampler(engine, args, tok, stop_ids):
             for s, r in zip(targets, generate(rows, 1, args.answer_tokens, stop_ids, row_seeds, names)):
                 s["forced_ids"], s["n_forced"] = cue + r[0]["ids"], len(r[0]["ids"])
         return outputs
-    sample.close = (lambda: close_vllm(llm)) if llm else (lambda: None)
+    sample.close = (lambda: close_vllm(llm)) if engine == "vllm" else (lambda: None)
     return sample
 
 
