@@ -796,7 +796,7 @@ def cmd_eval(args):
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     job = start_job("eval", args, problems)
-    out, samples_path, engine = job.out_file.parent, job.out_file, job.engine
+    out, engine = job.out_file.parent, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking)
     # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
     max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
@@ -822,7 +822,7 @@ def cmd_eval(args):
     if (lines := gather_parts(job)) is None:
         return None                  # a vLLM follower, or parts still missing (the last to finish merges)
     if stale := [grade_line(r, args) for r in lines if r.get("grader") != args.grader]:
-        write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+        write_atomic(job.out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
         print(f"eval: graded the samples of {len(stale)} problems again with --grader {args.grader}", file=sys.stderr)
     def mean_of(field, only_correct):
         vals = [t for r in lines for t, ok in zip(r[field], r["correct"]) if ok or not only_correct]
