@@ -324,13 +324,12 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
             present = present.scatter(1, ids, True) if step else torch.zeros_like(logits, dtype=torch.bool)
             logits = logits - presence_penalty * present.to(logits.dtype)
         tokens, accepted = choose(logits.reshape(G, b, -1), step, torch.tensor(active))
-        for j, (t, acc) in enumerate(zip(tokens.tolist(), accepted.tolist() if accepted is not None else [0] * b)):
-            r = results[active[j]]
+        for i, t, acc in zip(active, tokens.tolist(), [0] * b if accepted is None else accepted.tolist()):
             if t in stop_ids:
-                r["finish_reason"], r["stop_id"] = "stop", t
+                results[i].update(finish_reason="stop", stop_id=t)
             else:
-                r["ids"].append(t)
-                r["n_accepted" if acc else "n_fallback"] += 1
+                results[i]["ids"].append(t)
+                results[i]["n_accepted" if acc else "n_fallback"] += 1
         keep = [j for j, i in enumerate(active) if results[i]["stop_id"] is None]   # the traces still decoding
         if not keep or step == max_new_tokens - 1:
             break
@@ -346,28 +345,25 @@ def decode(model, contexts, choose, max_new_tokens, stop_ids, pad_id, banned_ids
 
 
 # ==== Step 1, filtering the traces, and the rewrite command ============================================================
-def filter_reason(trace, leak_phrases, keep_truncated=False):
-    """The first reason that rejects a trace (None: kept); --keep-truncated (as released) grades unfinished ones too."""
-    failed = dict(truncated=trace["finish_reason"] != "stop" and not keep_truncated, no_answer=trace["pred"] is None,
-                  wrong_answer=not trace["correct"],
-                  mentions_reference=any(p in trace["response"].lower() for p in leak_phrases))
-    return next((reason for reason, yes in failed.items() if yes), None)
-
-
-def write_traces(f, tok, args, problem, samples, results, kept_count, leak_phrases):
-    """Grade, filter (--thinking prefixes: neither) and append a traces.jsonl line per result; kept_count (Counter:
-    id -> kept so far) enforces --keep-per-problem. privileged_solution: what the validator (and the teacher) saw."""
-    for s, r in zip(samples, results):
-        text = tok.decode(r["ids"], skip_special_tokens=False)
-        pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
-        trace = dict(id=problem["id"], sample=s, problem=problem["problem"], solution=problem["solution"],
-                     privileged_solution=problem.get("privileged_solution", problem["solution"]),
-                     answer=problem["answer"], response=text, response_ids=r["ids"], finish_reason=r["finish_reason"],
-                     n_accepted=r["n_accepted"], n_fallback=r["n_fallback"], pred=pred, correct=correct)
-        reason = None if args.no_filter or args.thinking else filter_reason(trace, leak_phrases, args.keep_truncated)
-        reason = reason or ("per_problem_limit" if kept_count[problem["id"]] >= args.keep_per_problem else None)
-        kept_count[problem["id"]] += reason is None
-        append_jsonl(f, dict(trace, kept=reason is None, reject_reason=reason))
+def write_trace(f, tok, args, problem, sample, result, kept_count):
+    """Grade, filter and append one traces.jsonl line; reject_reason: the first that holds, the --keep-per-problem
+    limit last (kept_count: id -> kept so far). --no-filter and --thinking prefixes (ungraded) skip the filters;
+    --keep-truncated (as released) grades unfinished traces too. privileged_solution: what the validator saw."""
+    text = tok.decode(result["ids"], skip_special_tokens=False)
+    pred, correct = (None, None) if args.thinking else grade(text, problem["answer"], args.grader)
+    leak = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
+    failed = {} if args.no_filter or args.thinking else dict(
+        truncated=result["finish_reason"] != "stop" and not args.keep_truncated, no_answer=pred is None,
+        wrong_answer=not correct, mentions_reference=any(x in text.lower() for x in leak))
+    reason = next((reason for reason, yes in failed.items() if yes), None)
+    reason = reason or ("per_problem_limit" if kept_count[problem["id"]] >= args.keep_per_problem else None)
+    kept_count[problem["id"]] += reason is None
+    append_jsonl(f, dict(id=problem["id"], sample=sample, problem=problem["problem"], solution=problem["solution"],
+                         privileged_solution=problem.get("privileged_solution", problem["solution"]),
+                         answer=problem["answer"], response=text, response_ids=result["ids"],
+                         finish_reason=result["finish_reason"], n_accepted=result["n_accepted"],
+                         n_fallback=result["n_fallback"], pred=pred, correct=correct, kept=reason is None,
+                         reject_reason=reason))
 
 
 def cmd_rewrite(args):
@@ -380,7 +376,6 @@ def cmd_rewrite(args):
         args.samples = args.keep_per_problem
     make_grader(args.grader)  # a missing optional grader fails here, before any model loads
     job = start_job("rewrite", args, problems)
-    out, engine = job.out_file, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking)
     contexts, skipped, shortened = fit_prompts(tok, problems, args)
     job.expected = {k: {key for key in keys if key[0] in contexts} for k, keys in job.expected.items()}  # no skipped
@@ -388,20 +383,19 @@ def cmd_rewrite(args):
     for k in job.ks:
         missing = job.expected[k] - set(map(job.key, job.done[k]))
         if todo := [(p, s) for p in problems for s in range(args.samples) if (p["id"], s) in missing]:  # input order
-            print(f"rewrite: {len(todo)} traces to decode, {engine} ({len(job.done[k])} done in {job.paths[k]})",
+            print(f"rewrite: {len(todo)} traces to decode, {job.engine} ({len(job.done[k])} done in {job.paths[k]})",
                   file=sys.stderr)
             with open(job.paths[k], "a", encoding="utf-8") as f:
-                rollout(f, tok, args, engine, todo, contexts, kept_count)
+                rollout(f, tok, args, job.engine, todo, contexts, kept_count)
     if (traces := gather_parts(job)) is not None:  # None: a vLLM follower, or parts still missing (the last merges)
-        write_rewrite_summary(out, args, problems, traces, skipped, shortened)
+        write_rewrite_summary(job.out_file, args, problems, traces, skipped, shortened)
 
 
 def rollout(f, tok, args, engine, todo, contexts, kept_count):
-    """Decode rewrite's (problem, sample) pairs a batch at a time; write_traces grades and writes each. hf: decode steps
+    """Decode rewrite's (problem, sample) pairs a batch at a time; write_trace grades and writes each. hf: decode steps
     a batch's two contexts together and the token rule picks each token; a pure policy decodes one context (threshold
     <= 0 the proposer: mix_step with a = 1; >= 1 the validator: every token a fallback), as does vLLM (pure only)."""
     proposer, validator = ("student", "privileged") if args.propose == "student" else ("privileged", "student")
-    leak_phrases = [x.strip().lower() for x in args.leak_phrases.split(",") if x.strip()]
     banned = [tok.get_vocab()["</think>"]] if args.thinking and "</think>" in tok.get_vocab() else []
     stop_ids = stop_token_ids(tok, args.model)
     names = [validator] if args.threshold >= 1 else [proposer] if args.threshold <= 0 else [proposer, validator]
@@ -430,7 +424,7 @@ def rollout(f, tok, args, engine, todo, contexts, kept_count):
                 keys = trace_keys(args.seed, [p["id"] for p, _ in batch], [s for _, s in batch])  # choose's, by trace
                 results = decode(model, rows, choose, args.max_new_tokens, stop_ids, tok.pad_token_id, banned)
             for (p, s), r in zip(batch, results):
-                write_traces(f, tok, args, p, [s], [r], kept_count, leak_phrases)
+                write_trace(f, tok, args, p, s, r, kept_count)
             bar.update(len(batch))
     if engine == "vllm":
         close_vllm(llm)
@@ -794,7 +788,7 @@ def cmd_eval(args):
     problems = load_problems(args.data, need_solution=False, need_answer=True)
     ks = parse_ks(args.k, args.n)
     job = start_job("eval", args, problems)
-    out, samples_path, engine = job.out_file.parent, job.out_file, job.engine
+    out, engine = job.out_file.parent, job.engine
     tok = load_tokenizer(args.model, args.trust_remote_code, args.thinking)
     # every problem counts in pass@k: a prompt that cannot fit is an error, not a skip
     max_prompt = prompt_budget(args, "eval", lambda: max(len(eval_prompt_ids(tok, p, args.thinking, None))
@@ -820,7 +814,7 @@ def cmd_eval(args):
     if (lines := gather_parts(job)) is None:
         return None                  # a vLLM follower, or parts still missing (the last to finish merges)
     if stale := [grade_line(r, args) for r in lines if r.get("grader") != args.grader]:
-        write_atomic(samples_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+        write_atomic(job.out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
         print(f"eval: graded the samples of {len(stale)} problems again with --grader {args.grader}", file=sys.stderr)
     def mean_of(field, only_correct):
         vals = [t for r in lines for t, ok in zip(r[field], r["correct"]) if ok or not only_correct]
@@ -893,10 +887,8 @@ def make_sampler(engine, args, tok, stop_ids):
     force, think_end = not args.no_force_answer, tok.get_vocab().get("</think>")
     first_stops = [*stop_ids, think_end] if args.thinking and force and think_end is not None else list(stop_ids)
     cue = tok(("</think>" if args.thinking else "") + ANSWER_REQUEST, add_special_tokens=False)["input_ids"]
-    if engine == "vllm":
-        llm = load_vllm(args)
-    else:
-        model = load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
+    llm = load_vllm(args) if engine == "vllm" else None
+    model = None if engine == "vllm" else load_model(args.model, *device_dtype(args), args.trust_remote_code).eval()
 
     def generate(prompts, n, max_tokens, stops, seeds, names):  # seeds: per prompt (vLLM); names: (id, sample) per row
         if engine == "vllm":

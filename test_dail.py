@@ -448,26 +448,27 @@ def test_rewrite_end_to_end_resume_and_grader(tmp_path, capsys, expert, tiny, mo
 def test_filter_reasons_and_keep_limit(tok):
     from collections import Counter
     from io import StringIO
-    from types import SimpleNamespace
-    leak = [p.lower() for p in dail.LEAK_PHRASES]
-    base = dict(finish_reason="stop", pred="5", correct=True, response="so \\boxed{5}")
-    cut, wrong = dict(finish_reason="length"), dict(pred="6", correct=False)
-    for change, keep_truncated, want in [
-            ({}, False, None), (cut, False, "truncated"), (cut, True, None), ({**cut, **wrong}, True, "wrong_answer"),
-            (dict(pred=None, correct=False), False, "no_answer"), (wrong, False, "wrong_answer"),
-            (dict(response="By the Reference Solution, \\boxed{5}"), False, "mentions_reference")]:
-        assert dail.filter_reason(dict(base, **change), leak, keep_truncated) == want, change
-    # --thinking: a prefix is neither graded nor filtered, even unfinished and unboxed (the keep limit still holds)
-    for thinking, text, finish_reason in [(False, "ok \\boxed{5}", "stop"), (True, "no box", "length")]:
-        sink, args = StringIO(), SimpleNamespace(no_filter=False, keep_per_problem=1, keep_truncated=False,
-                                                 grader="builtin", thinking=thinking)
+
+    def lines(text, finish_reason="stop", n=1, **flags):
+        sink, args = StringIO(), dail.RewriteArgs(model="m", data="d", out="o", keep_per_problem=1, **flags)
         result = dict(ids=tok(text, add_special_tokens=False)["input_ids"], finish_reason=finish_reason, n_accepted=1,
                       n_fallback=0)
-        dail.write_traces(sink, tok, args, dict(id="p", problem="q", solution="s", answer="5"), [0, 1, 2],
-                          [result] * 3, Counter(), leak)
-        lines = [json.loads(line) for line in sink.getvalue().splitlines()]
-        assert [(t["kept"], t["reject_reason"]) for t in lines] == [(True, None)] + [(False, "per_problem_limit")] * 2
-        assert [t["pred"] for t in lines] == [None if thinking else "5"] * 3
+        kept = Counter()
+        for s in range(n):
+            dail.write_trace(sink, tok, args, dict(id="p", problem="q", solution="s", answer="5"), s, result, kept)
+        return [json.loads(line) for line in sink.getvalue().splitlines()]
+    for text, finish_reason, flags, want in [
+            ("so \\boxed{5}", "stop", {}, None), ("so \\boxed{5}", "length", {}, "truncated"),
+            ("so \\boxed{5}", "length", dict(keep_truncated=True), None),
+            ("\\boxed{6}", "length", dict(keep_truncated=True), "wrong_answer"), ("no box", "stop", {}, "no_answer"),
+            ("\\boxed{6}", "stop", {}, "wrong_answer"), ("no box", "length", dict(no_filter=True), None),
+            ("By the Reference Solution, \\boxed{5}", "stop", {}, "mentions_reference")]:
+        assert lines(text, finish_reason, **flags)[0]["reject_reason"] == want, (text, finish_reason, flags)
+    # --thinking: a prefix is neither graded nor filtered, even unfinished and unboxed (the keep limit still holds)
+    for thinking, text, finish_reason in [(False, "ok \\boxed{5}", "stop"), (True, "no box", "length")]:
+        traces = lines(text, finish_reason, n=3, thinking=thinking)
+        assert [(t["kept"], t["reject_reason"]) for t in traces] == [(True, None)] + [(False, "per_problem_limit")] * 2
+        assert [t["pred"] for t in traces] == [None if thinking else "5"] * 3
 
 
 def test_thinking_rewrite_decodes_what_it_keeps_one_summary_per_file(tmp_path, capsys, expert, tiny):
