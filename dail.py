@@ -1717,28 +1717,25 @@ def stop_signals(ddp, device):
             signal.signal(s, h)
 
 
-def shard_of(args, engine):
-    """-> (k, n, follower): --shard K/N, else RANK of WORLD_SIZE, else (0, 1); vLLM: one engine per tp ranks."""
+def start_job(command, args, problems):
+    """rewrite's and eval's setup -> job: engine, out_file, the split into n, the shards ks this process decodes into
+    paths[k] (resumed: done[k]; expected[k]: shard k's keys). A plain run finishes an earlier split's parts."""
+    out, engine, rewrite = Path(args.out).expanduser(), pick_engine(args), command == "rewrite"
+    out_file = out if rewrite else out / "samples.jsonl"
+    # shard k of n: --shard K/N, else RANK of WORLD_SIZE (torchrun), else 0 of 1. vLLM under torchrun: one engine per
+    # --tensor-parallel-size (tp) ranks, shard rank // tp of WORLD_SIZE / tp; its followers decode in step
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    tp = args.tensor_parallel_size if engine == "vllm" and world > 1 else 1
+    k, n, follower = rank // tp, world // tp, rank % tp != 0
     if args.shard:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.shard)
         if not m or not int(m[1]) < int(m[2]):
             raise DailError(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
         if world > 1:
             raise DailError(f"--shard {args.shard}: under torchrun each rank already takes its own shard; drop --shard")
-        return int(m[1]), int(m[2]), False
-    tp = args.tensor_parallel_size if engine == "vllm" and world > 1 else 1
-    if world % tp:
+        k, n = int(m[1]), int(m[2])
+    elif world % tp:
         raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
-    return rank // tp, world // tp, rank % tp != 0
-
-
-def start_job(command, args, problems):
-    """rewrite's and eval's setup -> job: engine, out_file, the split into n, the shards ks this process decodes into
-    paths[k] (resumed: done[k]; expected[k]: shard k's keys). A plain run finishes an earlier split's parts."""
-    out, engine, rewrite = Path(args.out).expanduser(), pick_engine(args), command == "rewrite"
-    out_file = out if rewrite else out / "samples.jsonl"
-    k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
     splits = set() if args.overwrite else set(found.values())
@@ -1969,7 +1966,7 @@ def vllm_available():
 
 
 def load_vllm(args):
-    """vllm.LLM for --model; under torchrun one engine per --tensor-parallel-size ranks, data parallel (shard_of)."""
+    """vllm.LLM for --model; under torchrun one engine per --tensor-parallel-size ranks, data parallel (start_job)."""
     try:
         import vllm
     except ImportError:
