@@ -1840,7 +1840,7 @@ def fit_prompts(tok, problems, args, roles=("student", "privileged")):
             skipped += 1
             print(f"skip: {e}", file=sys.stderr)
     if shortened := sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems):
-        print(f"rewrite: {shortened} solutions shortened to the {max_prompt}-token prompt budget", file=sys.stderr)
+        print(f"rewrite: {shortened} expert solutions shortened to fit {max_prompt} tokens", file=sys.stderr)
     if not contexts:
         raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all {skipped} "
                         f"skipped); raise --max-prompt-len, or lower --max-new-tokens")
@@ -1894,12 +1894,11 @@ def hub_commit(name):
             url = hf_hub_url(name, "config.json", endpoint=endpoint)
             if commit := get_hf_file_metadata(url, timeout=5).commit_hash:
                 return commit
-        except HfHubHTTPError:  # the hub answered (no such repo, gated, ...): the cache may know it
-            pass
-        except Exception:       # connection refused, DNS failure, timeout, proxy error: out of reach
-            print(f"note: the hub ({endpoint}) is unreachable; using the local cache only", file=sys.stderr)
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            constants.HF_HUB_OFFLINE = True
+        except Exception as e:  # the hub answered (no such repo, gated, ...: the cache may know it), or is out of reach
+            if not isinstance(e, HfHubHTTPError):         # connection refused, DNS failure, timeout, proxy error
+                print(f"note: the hub ({endpoint}) is unreachable; using the local cache only", file=sys.stderr)
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                constants.HF_HUB_OFFLINE = True
     with contextlib.suppress(Exception):  # (a malformed id: None)
         cached = try_to_load_from_cache(name, "config.json")
         return Path(cached).parent.name if isinstance(cached, str) else None
