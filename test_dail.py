@@ -1720,8 +1720,7 @@ def test_start_job_and_gather_parts(tmp_path, monkeypatch, single_process):
         j = job(*a, out=tmp_path / name, **kw)
         return j.ks, j.n, j.follower
 
-    assert split("a.jsonl") == ([0], 1, False)
-    assert split("c.jsonl", engine="vllm", tp=2) == ([0], 1, False)       # one process: no data parallelism
+    assert split("a.jsonl") == split("c.jsonl", engine="vllm", tp=2) == ([0], 1, False)   # one process: no DP
     for bad in ("3/3", "1", "a/b", "-1/2"):
         with pytest.raises(dail.DailError, match="--shard"):
             job(bad)
