@@ -1657,8 +1657,8 @@ def all_reduce_step(params, logged, device):
 
 @contextlib.contextmanager
 def stop_signals(ddp, device):
-    """In the block SIGTERM and SIGINT only note the first signal (torchrun repeats a Ctrl-C); stopped() -> it as
-    every rank sees it (0: none): all stop after the same step, with a checkpoint. Ctrl-\\ (SIGQUIT): at once."""
+    """SIGTERM/SIGINT note the first signal; stopped() -> it as every rank sees it (0: none), so all stop after the
+    same step, with a checkpoint. Ctrl-\\ (SIGQUIT): at once."""
     first = [0]
 
     def handler(signum, frame):
@@ -1681,30 +1681,25 @@ def stop_signals(ddp, device):
             signal.signal(s, h)
 
 
-def shard_of(args, engine):
-    """-> (k, n, follower): --shard K/N, else RANK of WORLD_SIZE (torchrun), else (0, 1). vLLM under torchrun: one
-    engine per --tensor-parallel-size (tp) ranks, shard rank // tp of WORLD_SIZE / tp; followers decode in step."""
+def start_job(command, args, problems):
+    """rewrite's and eval's setup -> job: engine, out_file, the split into n, the shards ks this process decodes into
+    paths[k] (resumed: done[k]; expected[k]: shard k's keys). A plain run finishes an earlier split's parts."""
+    out, engine, rewrite = Path(args.out).expanduser(), pick_engine(args), command == "rewrite"
+    out_file = out if rewrite else out / "samples.jsonl"
+    # shard k of n: --shard K/N, else RANK of WORLD_SIZE (torchrun), else 0 of 1. vLLM under torchrun: one engine per
+    # --tensor-parallel-size (tp) ranks, shard rank // tp of WORLD_SIZE / tp; its followers decode in step
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    tp = args.tensor_parallel_size if engine == "vllm" and world > 1 else 1
+    k, n, follower = rank // tp, world // tp, rank % tp != 0
     if args.shard:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", args.shard)
         if not m or not int(m[1]) < int(m[2]):
             raise DailError(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/4")
         if world > 1:
             raise DailError(f"--shard {args.shard}: under torchrun each rank already takes its own shard; drop --shard")
-        return int(m[1]), int(m[2]), False
-    tp = args.tensor_parallel_size if engine == "vllm" and world > 1 else 1
-    if world % tp:
+        k, n = int(m[1]), int(m[2])
+    elif world % tp:
         raise DailError(f"--tensor-parallel-size {tp}: torchrun started {world} processes, not a multiple of it")
-    return rank // tp, world // tp, rank % tp != 0
-
-
-def start_job(command, args, problems):
-    """rewrite's and eval's setup -> job: the engine, out_file (records), the split into n, the shards ks this process
-    decodes, each into paths[k] (os.devnull for a vLLM follower) and resumed alone (done[k]); expected[k]: the keys of
-    shard k's records. A plain run finishes an earlier split's parts, then merges (gather_parts)."""
-    out, engine, rewrite = Path(args.out).expanduser(), pick_engine(args), command == "rewrite"
-    out_file = out if rewrite else out / "samples.jsonl"
-    k, n, follower = shard_of(args, engine)
     found = {p: int(m[1]) for p in out_file.parent.glob(f"{out_file.stem}.part*")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.part\d+-of-(\d+)\..+", p.name))}
     splits = set() if args.overwrite else set(found.values())
@@ -1746,8 +1741,7 @@ def start_job(command, args, problems):
 
 
 def gather_parts(job):
-    """start_job's job's records: out_file's (n = 1); None for a vLLM follower, or while a part lacks some of
-    expected[k] (a DailError when finishing an earlier split); else the parts merged into out_file in input order."""
+    """The job's records (merged into out_file in input order); None for a follower or while a part is incomplete."""
     if job.follower or job.n == 1:
         return None if job.follower else resume_jsonl(job.out_file, job.check(0))
     begun = [k for k, p in enumerate(job.parts) if job.config_of(p).exists()]
@@ -1761,8 +1755,7 @@ def gather_parts(job):
         print(f"note: {job.out_file}: parts {', '.join(map(str, missing))} of {job.n} are not complete yet; the shard "
               f"that completes the last one merges them (or --merge)", file=sys.stderr)
         return None
-    # each part's check refuses another shard's record, so none is merged twice; two shards that finish together
-    # may both merge, each through its own temporary file (write_atomic)
+    # check(k) refuses another shard's record, so none is merged twice; two shards finishing together both merge
     records = sorted((r for k, p in enumerate(job.parts) for r in resume_jsonl(p, job.check(k))), key=job.order)
     write_atomic(job.out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     check_config(job.config_of(job.out_file), job.config, resuming=False, write=True)
@@ -1771,13 +1764,11 @@ def gather_parts(job):
 
 
 # ==== Appendix B.5, running it: devices, models and the hub, tokenizers, context lengths and stop tokens ===============
-# The prompt-length guards: no tokenizer averages this many characters per token on real text (English: about 4).
-MAX_CHARS_PER_TOKEN = 32
+MAX_CHARS_PER_TOKEN = 32   # the prompt-length guards: no tokenizer averages that many on real text (English: ~4)
 
 
 def bounded_ids(encode, text, budget):
-    """(ids, whole): encode(text), or the ids of a head of MAX_CHARS_PER_TOKEN * budget characters already clearly
-    over `budget` tokens, whole=False: a 50 MB solution costs a budget's worth of tokenizing."""
+    """(ids, whole): encode(text), or (ids of a head already clearly over budget, False): a 50 MB text costs little."""
     limit = MAX_CHARS_PER_TOKEN * (max(budget, 0) + 1) if budget is not None else len(text)
     if len(text) > limit and len(head := encode(text[:limit])) > budget + 8:   # a head has at most a few more
         return head, False
@@ -1801,8 +1792,7 @@ def fit_privileged_solution(tok, problem, thinking, max_prompt_len):
 
 
 def fit_prompts(tok, problems, args, roles=("student", "privileged")):
-    """rewrite's prompts within prompt_budget -> ({id: {role: ids}}, skipped, shortened): a problem that cannot fit
-    is skipped with a line and counted; none fitting is a DailError."""
+    """rewrite's prompts -> ({id: {role: ids}}, skipped, shortened); a problem that cannot fit is skipped (one line)."""
     max_prompt = prompt_budget(args, "rewrite", lambda: max(
         len(ids) for p in problems for ids in build_contexts(tok, p, args.thinking, None, roles).values()))
     contexts, skipped = {}, 0
@@ -1814,8 +1804,7 @@ def fit_prompts(tok, problems, args, roles=("student", "privileged")):
             skipped += 1
             print(f"skip: {e}", file=sys.stderr)
     if shortened := sum(p.get("privileged_solution", p["solution"]) != p["solution"] for p in problems):
-        print(f"rewrite: {shortened} expert solutions shortened to fit the prompt budget of {max_prompt} tokens "
-              f"(each trace's privileged_solution)", file=sys.stderr)
+        print(f"rewrite: {shortened} expert solutions shortened to fit {max_prompt} tokens", file=sys.stderr)
     if not contexts:
         raise DailError(f"{args.data}: no problem fits the prompt budget of {max_prompt} tokens (all {skipped} "
                         f"skipped); raise --max-prompt-len, or lower --max-new-tokens")
@@ -1823,8 +1812,7 @@ def fit_prompts(tok, problems, args, roles=("student", "privileged")):
 
 
 def prompt_budget(args, command, longest_prompt):
-    """--max-prompt-len, else the model's context minus --max-new-tokens, else None. A --max-new-tokens that fills
-    the context is clipped (one line) to the context minus longest_prompt() tokens: a rerun clips alike, resumes."""
+    """--max-prompt-len, else the context minus --max-new-tokens (clipped, one line, to fit the longest prompt)."""
     if args.max_prompt_len is not None:
         return args.max_prompt_len
     from transformers import AutoConfig
@@ -1870,12 +1858,11 @@ def hub_commit(name):
             url = hf_hub_url(name, "config.json", endpoint=endpoint)
             if commit := get_hf_file_metadata(url, timeout=5).commit_hash:
                 return commit
-        except HfHubHTTPError:  # the hub answered (no such repo, gated, ...): the cache may know it
-            pass
-        except Exception:       # connection refused, DNS failure, timeout, proxy error: out of reach
-            print(f"note: the hub ({endpoint}) is unreachable; using the local cache only", file=sys.stderr)
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            constants.HF_HUB_OFFLINE = True
+        except Exception as e:  # the hub answered (no such repo, gated, ...: the cache may know it), or is out of reach
+            if not isinstance(e, HfHubHTTPError):         # connection refused, DNS failure, timeout, proxy error
+                print(f"note: the hub ({endpoint}) is unreachable; using the local cache only", file=sys.stderr)
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                constants.HF_HUB_OFFLINE = True
     with contextlib.suppress(Exception):  # (a malformed id: None)
         cached = try_to_load_from_cache(name, "config.json")
         return Path(cached).parent.name if isinstance(cached, str) else None
@@ -1889,8 +1876,8 @@ def from_pretrained(auto, what, name, trust_remote_code, **kw):
         if "trust_remote_code" in str(e):
             raise DailError(f"--model {name}: ships its own Python code (auto_map), which runs only with "
                             f"--trust-remote-code; pass it only for a model whose code you trust") from None
-        hint = "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache"
-        raise DailError(f"--model {name}: could not load the {what} ({first_line(e)}){hint}") from None
+        raise DailError(f"--model {name}: could not load the {what} ({first_line(e)})" + (
+            "" if Path(name).exists() else "; a hub id needs network access or a copy in the local cache")) from None
 
 
 def load_tokenizer(name, trust_remote_code=False, thinking=None):
@@ -1901,8 +1888,7 @@ def load_tokenizer(name, trust_remote_code=False, thinking=None):
     tok = from_pretrained(AutoTokenizer, "tokenizer", name, trust_remote_code)
     if not (template := getattr(tok, "chat_template", None)):
         raise DailError(f"--model {name}: the tokenizer has no chat template; DAIL prompts are chat turns")
-    text = " ".join(template.values()) if isinstance(template, dict) else template
-    if thinking is not None and (has := "enable_thinking" in text or "<think>" in text) != thinking:
+    if thinking is not None and (has := any(s in str(template) for s in ("enable_thinking", "<think>"))) != thinking:
         print(f"warning: --model {name}: the chat template {'has' if has else 'has no'} thinking support (<think>) "
               f"but --thinking is {'not set' if has else 'set'}", file=sys.stderr)
     if tok.pad_token_id is None:
@@ -1943,7 +1929,7 @@ def vllm_available():
 
 
 def load_vllm(args):
-    """vllm.LLM for --model; under torchrun one engine per --tensor-parallel-size ranks, data parallel (shard_of)."""
+    """vllm.LLM for --model; under torchrun one engine per --tensor-parallel-size ranks, data parallel (start_job)."""
     try:
         import vllm
     except ImportError:

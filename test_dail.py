@@ -1700,25 +1700,34 @@ def test_eval_signal_says_rerun_then_resumes(tmp_path, capsys, expert, tiny, mon
     assert run_cli(argv, capsys)[0] == 0 and len(read_lines(tmp_path / "e" / "samples.jsonl")) == 3
 
 
-def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
+def test_start_job_and_gather_parts(tmp_path, monkeypatch, single_process):
     from types import SimpleNamespace
-    flags = lambda shard=None, tp=1, **kw: SimpleNamespace(shard=shard, tensor_parallel_size=tp, **kw)  # noqa: E731
-    assert dail.shard_of(flags(), "hf") == (0, 1, False) and dail.shard_of(flags("2/3"), "hf") == (2, 3, False)
-    assert dail.shard_of(flags(tp=2), "vllm") == (0, 1, False)                  # one process: no data parallelism
+    out = tmp_path / "traces.jsonl"
+
+    def job(shard=None, merge=False, out=out, command="rewrite", engine="hf", tp=1):
+        args = SimpleNamespace(shard=shard, tensor_parallel_size=tp, overwrite=False, merge=merge, out=str(out),
+                               data=None, model=None, engine=engine, samples=1)
+        return dail.start_job(command, args, [dict(id=f"p{i}", index=i) for i in range(10)])
+
+    monkeypatch.setattr(dail, "run_config", lambda args, command: dict(seed=0))
+
+    def split(name, *a, **kw):   # shard k of n: --shard K/N, else RANK of WORLD_SIZE; vLLM: an engine per tp ranks
+        j = job(*a, out=tmp_path / name, **kw)
+        return j.ks, j.n, j.follower
+
+    assert split("a.jsonl") == split("c.jsonl", engine="vllm", tp=2) == ([0], 1, False)   # one process: no DP
     for bad in ("3/3", "1", "a/b", "-1/2"):
         with pytest.raises(dail.DailError, match="--shard"):
-            dail.shard_of(flags(bad), "hf")
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert dail.shard_of(flags(), "hf") == (3, 4, False)
-    assert dail.shard_of(flags(tp=2), "vllm") == (1, 2, True)                # one engine per 2 ranks: a follower
-    for shard, tp, refusal in [("0/2", 1, "under torchrun"), (None, 3, "not a multiple")]:
-        with pytest.raises(dail.DailError, match=refusal):
-            dail.shard_of(flags(shard, tp), "vllm")
-    monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("RANK")
+            job(bad)
+    with monkeypatch.context() as env:
+        env.setenv("RANK", "3")
+        env.setenv("WORLD_SIZE", "4")
+        assert split("d.jsonl") == ([3], 4, False)
+        assert split("e.jsonl", engine="vllm", tp=2) == ([1], 2, True)          # one engine per 2 ranks: a follower
+        for shard, tp, refusal in [("0/2", 1, "under torchrun"), (None, 3, "not a multiple")]:
+            with pytest.raises(dail.DailError, match=refusal):
+                job(shard, engine="vllm", tp=tp)
     assert not {"shard", "merge"} & set(dail.RESULT_SETTINGS["rewrite"] + dail.RESULT_SETTINGS["eval"])  # any split
-    out = tmp_path / "traces.jsonl"
     # merge: input order, nothing lost, the config written; a record of another shard is refused (incomplete parts
     # and parts of other settings: test_rewrite_traces_equal_over_batch_size_resume_and_shards)
     records = [dict(index=i, sample=s) for i in range(5) for s in range(2)]
@@ -1726,25 +1735,20 @@ def test_shard_of_and_gather_parts(tmp_path, monkeypatch, single_process):
     key = lambda r: (r["index"], r["sample"])  # noqa: E731
     expected = {k: {key(r) for r in records if r["index"] % 3 == k} for k in range(3)}
     parts = [tmp_path / f"traces.part{k}-of-3.jsonl" for k in range(3)]
-    job = SimpleNamespace(out_file=out, n=3, parts=parts, follower=False, earlier=True, config=dict(seed=0),
-                          config_of=config_of, key=key, order=key, expected=expected)
-    job.check = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])
+    merged = SimpleNamespace(out_file=out, n=3, parts=parts, follower=False, earlier=True, config=dict(seed=0),
+                             config_of=config_of, key=key, order=key, expected=expected)
+    merged.check = lambda k: dail.line_check(dict(index=int, sample=int), key, expected[k])
     for k in range(3):
         write_jsonl(parts[k], [r for r in records if r["index"] % 3 == k][::-1])
         config_of(parts[k]).write_text(json.dumps(dict(seed=0)))
-    assert dail.gather_parts(job) == records and read_lines(out) == records
+    assert dail.gather_parts(merged) == records and read_lines(out) == records
     assert json.loads(config_of(out).read_text()) == dict(seed=0)
     with open(parts[2], "a") as f:
         f.write(json.dumps(records[0]) + "\n")
     with pytest.raises(dail.DailError, match="is not one of this run"):
-        dail.gather_parts(job)
+        dail.gather_parts(merged)
 
     # start_job: shard k of n takes problems k, k + n, ...; its refusals come before any record is read or written
-    def job(shard=None, merge=False, out=out, command="rewrite", engine="hf", tp=1):
-        args = flags(shard, tp, overwrite=False, merge=merge, out=str(out), data=None, model=None, engine=engine)
-        return dail.start_job(command, args, [dict(id=f"p{i}", index=i) for i in range(10)])
-
-    monkeypatch.setattr(dail, "run_config", lambda args, command: dict(seed=0))
     third = job("2/3", command="eval", out=tmp_path / "e")
     assert third.ks == [2] and third.expected == {k: {f"p{i}" for i in range(k, 10, 3)} for k in range(3)}
     assert third.parts == [tmp_path / "e" / f"samples.part{k}-of-3.jsonl" for k in range(3)]
