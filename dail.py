@@ -63,7 +63,6 @@ class CommonArgs:
     overwrite: bool = arg(False, "replace results an earlier run left in --out instead of refusing to mix them")
     trust_remote_code: bool = arg(False, "run a model folder's own Python code (auto_map); it runs with your rights")
     threads: int = arg(0, "torch's CPU threads (0: its default, one per core; 1 suits tiny models on a shared CPU)")
-    max_prompt_len: int = arg(None, "rewrite, eval: max prompt tokens [default: the context length - --max-new-tokens]")
 
     def __post_init__(self):  # flags left at None: the released default of the model kind (Qwen2.5-Instruct; Qwen3)
         released = dict(threshold=(0.8, 1.0), max_new_tokens=(2048, 256), epochs=(5, 3), max_len=(12288, 2048))
@@ -72,6 +71,7 @@ class CommonArgs:
 
 @dataclasses.dataclass
 class SamplingArgs(CommonArgs):  # the flags rewrite and eval share; the defaults are eval's
+    max_prompt_len: int = arg(None, "max prompt tokens [default: the context length - --max-new-tokens]")
     temperature: float = arg(0.6, "sampling temperature of every context (0: greedy)")                # as released
     top_p: float = arg(0.95, "nucleus sampling mass of every context")                                # as released
     top_k: int = arg(0, "keep only the k most likely tokens of every context (0: all)")
