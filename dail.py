@@ -966,14 +966,7 @@ _NOT_UNIT = (r"(?!\s*(?:hundred|thousand|million|billion|trillion|dozen|half|hal
 _UNIT = (r"\\(?:text|mbox|mathrm|textrm)\{" + _NOT_UNIT + r"(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}"
          r"(?:\^\{?[23]\}?)?")
 _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide for a/b -> \frac{a}{b}
-
-
-def _unwrap(s):
-    """\\textbf{(113)} -> (113), repeatedly, while the wrapper's brace closes at the end (not \\text{a}+\\text{b})."""
-    wrapper = r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(.*)\}"
-    while (m := re.fullmatch(wrapper, s.strip())) and _close(m[0], m.start(1) - 1) == m.end() - 1:
-        s = m[1].strip()
-    return s
+_IN_BRACES = r"(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*"  # what a {...} holds (its braces nested two deep at most)
 
 
 _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or a function of the string
@@ -981,7 +974,8 @@ _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or 
     (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $ anywhere ($1$, $2$; \$ stays), \( \]
     (r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", ""), (r"\\displaystyle|\\!|\\\$", ""),
     (r"\\[dtc]frac", r"\\frac"), (r"\\\\", r"\\cr "),  # a row separator, kept from the spacing rules (the last rule)
-    (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"), _unwrap,                 # \leq -> \le; a whole-answer \text{...}
+    (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"),  # \leq -> \le; then \textbf{(113)} -> (113)
+    (r"^\s*\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(" + _IN_BRACES + r")\}\s*\Z", r"\1"),
     (r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ","),  # 6 \text{ and } 8: a list
     (r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", ""),          # a unit after a value (^2, ^3 too)
     (r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1"),  # unwrapped, never deleted
@@ -991,7 +985,7 @@ _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or 
     (r"^\s*([+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?)\s*\Z", lambda m: re.sub(r"[^\d.+-]", "", m[1])),
     (r"\\[,;: ]|~|\\q?quad", " "), str.strip, (r"(?<=\d)\s+(?=\d)", "\x00"), (r"\s+", ""),  # 4 4/9: a gap, not 44/9
     lambda s: s.rstrip("."), (r"^\+|(?<=[,(\[])\+", ""),
-    (r"\\frac([^{])", r"\\frac{\1}"), (r"(\\frac\{(?:[^{}]|\{[^{}]*\})*\})([^{])", r"\1{\2}"),  # \frac12, \frac{x}2
+    (r"\\frac([^{])", r"\\frac{\1}"), (r"(\\frac\{" + _IN_BRACES + r"\})([^{])", r"\1{\2}"),  # \frac12, \frac{x}2
     (r"\\sqrt(\w)", r"\\sqrt{\1}"), (r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi"),  # \sqrt2, pi/2 -> \pi/2
     (r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", ""),    # 2*x -> 2x, never 2\cdot 3 -> 23
     (r"([_^])(\w)", r"\1{\2}"),                                       # 52_8 -> 52_{8}
