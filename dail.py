@@ -970,8 +970,7 @@ _IN_BRACES = r"(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*"  # what a {...} holds (its 
 
 
 _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or a function of the string
-    str.strip, ("\u2212", "-"), ("\u03c0", r"\\pi "),                # Unicode minus and pi
-    (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $ anywhere ($1$, $2$; \$ stays), \( \]
+    ("\u2212", "-"), ("\u03c0", r"\\pi "), (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $1$, \(1\)
     (r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", ""), (r"\\displaystyle|\\!|\\\$", ""),
     (r"\\[dtc]frac", r"\\frac"), (r"\\\\", r"\\cr "),  # a row separator, kept from the spacing rules (the last rule)
     (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"),  # \leq -> \le; then \textbf{(113)} -> (113)
