@@ -970,7 +970,7 @@ _IN_BRACES = r"(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*"  # what a {...} holds (its 
 
 
 _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or a function of the string
-    ("\u2212", "-"), ("\u03c0", r"\\pi "), (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $1$, \(1\)
+    ("\u2212", "-"), ("\u03c0", r"\\pi "), (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,
     (r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", ""), (r"\\displaystyle|\\!|\\\$", ""),
     (r"\\[dtc]frac", r"\\frac"), (r"\\\\", r"\\cr "),  # a row separator, kept from the spacing rules (the last rule)
     (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"),  # \leq -> \le; then \textbf{(113)} -> (113)
