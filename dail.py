@@ -950,35 +950,15 @@ _NOT_UNIT = (r"(?!\s*(?:hundred|thousand|million|billion|trillion|dozen|half|hal
 _UNIT = (r"\\(?:text|mbox|mathrm|textrm)\{" + _NOT_UNIT + r"(?:\s+[a-zA-Z]|[a-zA-Z]{2})[a-zA-Z .]*\}"
          r"(?:\^\{?[23]\}?)?")
 _ATOM = r"(?:\d+|\d*\\pi|\d*\\sqrt\{\w+\}|[a-zA-Z])"  # what "a/b" may divide for a/b -> \frac{a}{b}
-
-
-def _unwrap(s):
-    """\\textbf{(113)} -> (113), repeatedly, while the wrapper's brace closes at the end (not \\text{a}+\\text{b})."""
-    wrapper = r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(.*)\}"
-    while (m := re.fullmatch(wrapper, s.strip())) and _close(m[0], m.start(1) - 1) == m.end() - 1:
-        s = m[1].strip()
-    return s
-
-
-def _braced_frac(s):
-    """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: both arguments of every \\frac braced."""
-    i = 0
-    while (j := s.find("\\frac", i)) >= 0:
-        i = j + 5
-        for _ in range(2):  # an argument: {...} kept as it is (to the end if it never closes), one character braced
-            if i < len(s) and s[i] != "{":
-                s, i = s[:i] + "{" + s[i] + "}" + s[i + 1:], i + 3
-            elif i < len(s):
-                i = (_close(s, i) or len(s) - 1) + 1
-    return s
+_IN_BRACES = r"(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*"  # what a {...} holds (its braces nested two deep at most)
 
 
 _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or a function of the string
-    str.strip, ("\u2212", "-"), ("\u03c0", r"\\pi "),                # Unicode minus and pi
-    (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,  # $ anywhere ($1$, $2$; \$ stays), \( \]
+    ("\u2212", "-"), ("\u03c0", r"\\pi "), (r"(?<!\\)\$", ""), str.strip, (r"^\\[(\[]|\\[)\]]$", ""), str.strip,
     (r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", ""), (r"\\displaystyle|\\!|\\\$", ""),
     (r"\\[dtc]frac", r"\\frac"), (r"\\\\", r"\\cr "),  # a row separator, kept from the spacing rules (the last rule)
-    (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"), _unwrap,                 # \leq -> \le; a whole-answer \text{...}
+    (r"\\(le|ge|ne)q(?![a-zA-Z])", r"\\\1"),  # \leq -> \le; then \textbf{(113)} -> (113)
+    (r"^\s*\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\{(" + _IN_BRACES + r")\}\s*\Z", r"\1"),
     (r"\\(?:text|mbox|textrm)\{\s*(?:and|or)\s*\}|(?<=\s)(?:and|or)(?=\s)", ","),  # 6 \text{ and } 8: a list
     (r"(?<=[\d}\s])\s*" + _UNIT + r"\s*(?=$|[,;)\]])", ""),          # a unit after a value (^2, ^3 too)
     (r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|textit|mathit)\{([^{}]*)\}", r"\1"),  # unwrapped, never deleted
@@ -987,8 +967,9 @@ _NORMALIZE = [  # normalize_answer's rules, in order: (pattern, replacement) or 
     # thousands separators only when the whole answer is one number (1,000 1{,}000 1\,000; "32, 349" is a list)
     (r"^\s*([+-]?\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?)\s*\Z", lambda m: re.sub(r"[^\d.+-]", "", m[1])),
     (r"\\[,;: ]|~|\\q?quad", " "), str.strip, (r"(?<=\d)\s+(?=\d)", "\x00"), (r"\s+", ""),  # 4 4/9: a gap, not 44/9
-    lambda s: s.rstrip("."), (r"^\+|(?<=[,(\[])\+", ""), _braced_frac, (r"\\sqrt(\w)", r"\\sqrt{\1}"),
-    (r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi"),                     # pi/2 -> \pi/2
+    lambda s: s.rstrip("."), (r"^\+|(?<=[,(\[])\+", ""),
+    (r"\\frac([^{])", r"\\frac{\1}"), (r"(\\frac\{" + _IN_BRACES + r"\})([^{])", r"\1{\2}"),  # \frac12, \frac{x}2
+    (r"\\sqrt(\w)", r"\\sqrt{\1}"), (r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi"),  # \sqrt2, pi/2 -> \pi/2
     (r"(?<=\d)(?:\*|\\cdot|\\times)(?=[a-zA-Z(]|\\(?!frac))", ""),    # 2*x -> 2x, never 2\cdot 3 -> 23
     (r"([_^])(\w)", r"\1{\2}"),                                       # 52_8 -> 52_{8}
     # a \\ outside a matrix is layout: dropped at the ends (185\\), a gap inside
@@ -1026,7 +1007,6 @@ _NUMBERS = [  # a number's forms; their groups (Fractions, 1 when empty) -> (c, 
 def _as_number(s):
     """A normalized number as (c, n), its exact value c*sqrt(n) with n square-free (1 for a rational), else None."""
     sign, s = (-1, s[1:]) if s.startswith("-") else (1, s.removeprefix("+"))
-    s = re.sub(r"^(?:(\d+)\x00)?(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s)  # a/b, 4 4/9 as \frac
     c_n = next((value(*(Fraction(g or 1) for g in m.groups())) for form, value in _NUMBERS
                 if (m := re.fullmatch(form, s))), None)
     if not c_n:  # no form fits, a zero denominator, or no mixed number (2\frac{3}{2}: unsure)
@@ -1041,8 +1021,7 @@ def _as_number(s):
 
 def _parse(s):
     """A normalized answer as a tree (kind, key, children): ("list", None, ...) unordered (a, b; \\{a, b\\}; a \\cup b),
-    ("seq", brackets, ...) ordered (tuples, intervals, matrix rows), ("eq", "x", [v]) for x = v or x \\in v,
-    ("choice", "C", [v]) for an AoPS "(C) v", ("val", a number's (c, n) or the text, [])."""
+    ("seq", brackets, ...), ("eq", "x", [v]) x = v or x \\in v, ("choice", "C", [v]), ("val", c_n or text, [])."""
     for sep in (",", "\\cup"):  # x = 1, 2 is a list (x = 1 and 2); x \in A \cup B is x \in (A \cup B)
         parts = _split_top(s, sep)
         if len(parts) > 1 and all(parts):
@@ -1063,7 +1042,8 @@ def _parse(s):
         if len(parts) == 1 and s[0] + s[-1] == "()":  # (113), (C): parentheses around one value are no tuple
             return _parse(parts[0])
         return ("seq", s[0] + s[-1], [_parse(p) for p in parts])
-    return ("val", _as_number(s) or re.sub(r"^(-?)(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\\frac{\2}{\3}", s), [])
+    s = re.sub(r"^([+-]?)(?:(\d+)\x00)?(" + _ATOM + r")/(" + _ATOM + r")$", r"\1\2\\frac{\3}{\4}", s)  # a/b, 4 4/9
+    return ("val", _as_number(s) or s, [])
 
 
 def _same(a, b):
@@ -1084,15 +1064,10 @@ def _same(a, b):
 
 
 def is_equiv(pred, ref):
-    """The built-in grader: the same value after `normalize_answer`. Numbers exact (0.5 == 1/2 == \\frac{1}{2}, 0.333 !=
-    \\frac13, 1\\frac{4}{5} == 9/5, 2\\sqrt{3} == \\sqrt{12} == 6/\\sqrt{3}); units, degrees, percent and dollar signs
-    ignored; comma lists and sets unordered (repeats count); tuples, intervals ([0,1) != (0,1)), matrices element-wise;
-    "x = 5" == "5" != "y = 5"; else normalized text (2x+3 vs 3+2x: missed, never invented). None equals nothing."""
+    """The built-in grader, after `normalize_answer`: the same exact number (0.5 == \\frac12, \\sqrt{12} == 2\\sqrt3),
+    list or set (unordered), tuple, interval or matrix, else text (2x+3 vs 3+2x: missed). None equals nothing."""
     a, b = ("", "") if pred is None or ref is None else (normalize_answer(pred), normalize_answer(ref))
     return bool(a and b) and (a == b or _same(_parse(a), _parse(b)))
-
-
-MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (math-verify's own default)
 
 
 @functools.cache
@@ -1101,14 +1076,11 @@ def make_grader(name):
     if name == "builtin":
         def grade_builtin(response, reference):  # the last box; for a list, all boxes (\boxed{-2} and \boxed{1})
             pred, boxes = extract_boxed(response), [box for box in _boxes(response) if box]
-            if (ok := is_equiv(pred, reference)) or len(boxes) < 2 or reference is None \
-                    or _parse(normalize_answer(reference))[0] != "list":
+            if (ok := is_equiv(pred, reference)) or len(boxes) < 2 or _parse(normalize_answer(reference))[0] != "list":
                 return pred, ok
             return (", ".join(boxes), True) if is_equiv(", ".join(boxes), reference) else (pred, False)
         grade_builtin.info = dict(name="builtin")
         return grade_builtin
-    if name != "math-verify":
-        raise ValueError(f"grader must be 'builtin' or 'math-verify', not {name!r}")
     # Hugging Face's math-verify (an optional import) parses the whole response and the boxed reference and
     # verifies with sympy. Its time limit uses SIGALRM, which works only in the main thread: elsewhere, none.
     try:
@@ -1126,7 +1098,7 @@ def make_grader(name):
             info["timeouts"] += isinstance(e, TimeoutException)
 
     def grade_math_verify(response, reference):
-        limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+        limit = 5 if threading.current_thread() is threading.main_thread() else None  # s, math-verify's default
         gold = (attempt(math_verify.parse, "\\boxed{" + str(reference) + "}", parsing_timeout=limit)
                 if response and reference is not None else None)
         pred = None if gold is None else attempt(math_verify.parse, response, parsing_timeout=limit)
