@@ -1182,7 +1182,8 @@ def read_jsonl(path, flag="--data", fields=None, hint="", resume=False, check=la
         if not fault:
             records.append((lineno, rec))
         elif not peek:                                   # peek: a bad line is skipped, never an error
-            raise DailError(f"{path}:{lineno}: {fault}" + (f" in an earlier run's output; {START_OVER}" * resume))
+            where = f" in an earlier run's output; {START_OVER}" if resume else ""
+            raise DailError(f"{path}:{lineno}: {fault}{where}")
     if not (records or resume):
         raise DailError(f"{path}: empty file, no JSON lines")
     for lineno, rec in records:                           # fields: once every line parses
@@ -1463,7 +1464,8 @@ def guard_train_out(args):
         raise DailError(f"--resume: {Path(args.out) / 'checkpoint.pt'} does not exist")
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    out = check_out(args, "train", clear=[Path(args.out).expanduser() / n for n in TRAIN_RESULTS] * args.overwrite)
+    clear = [Path(args.out).expanduser() / name for name in TRAIN_RESULTS] if args.overwrite else ()
+    out = check_out(args, "train", clear=clear)
     held = sorted(p.name for p in out.iterdir() if p.name not in ("train_config.json", ".dail.lock"))
     if held and not (args.resume or args.overwrite):
         raise DailError(f"--out {args.out}: holds an earlier run ({', '.join(held[:3] + ['...'] * (len(held) > 3))}); "
